@@ -1,0 +1,32 @@
+# Two commands matter: `make run` (the main job) and `make test` (the whole suite; .ci/run calls it).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint unit bootstrap bench bench-quick lab-up lab-down clean
+
+run:
+	@scripts/bootstrap.sh run
+	@scripts/run.sh
+
+test:
+	@scripts/bootstrap.sh test
+	@scripts/test.sh
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bootstrap:
+	scripts/bootstrap.sh test
+
+bench:
+	@scripts/bootstrap.sh bench
+	$(PY) -m bench
+
+bench-quick:
+	@scripts/bootstrap.sh bench
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,155 @@
+"""Types shared by every probe kind: the contract between the scheduler and a probe.
+
+A probe is ``async def run(target, opts, ctx) -> ProbeResult``. It never raises for a network
+outcome; it maps the outcome to a bounded ``reason`` declared in its ``ProbeKind``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from probes.icmp import IcmpEngines
+    from probes.resolve import Resolver
+
+IpFamily = Literal["auto", "ipv4", "ipv6"]
+
+# DSCP code points operators mark media with (RFC 4594): EF for voice/interactive, AF41 for video.
+DSCP_CODEPOINTS: dict[str, int] = {"": 0, "BE": 0, "CS0": 0, "EF": 46, "AF41": 34, "AF42": 36,
+                                   "AF43": 38, "CS4": 32, "CS5": 40}
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """Options every probe kind has. Kinds subclass this and add their own fields."""
+
+    interval: float = 1.0          # seconds between runs
+    timeout: float = 1.0           # seconds a single packet/exchange may take
+    packets: int = 1               # packets (or exchanges) per run
+    spacing: float = 0.02          # seconds between packets of one run
+    payload_size: int = 56         # bytes of payload where the kind sends a payload
+    ip_family: IpFamily = "auto"
+    source_address: str = ""       # bind to this local address ("" = kernel's choice)
+    dscp: str = ""                 # "", "EF", "AF41", ... (see DSCP_CODEPOINTS)
+
+    def run_time(self) -> float:
+        """Worst-case seconds one run takes: the last packet's send time plus its timeout."""
+        return (self.packets - 1) * self.spacing + self.timeout
+
+    def validate(self) -> list[str]:
+        """Problems with these options, each as 'key: message'. Empty when valid."""
+        errs: list[str] = []
+        if self.interval <= 0:
+            errs.append("interval: must be > 0")
+        if self.timeout <= 0:
+            errs.append("timeout: must be > 0")
+        if self.packets < 1:
+            errs.append("packets: must be >= 1")
+        if self.packets > 1000:
+            errs.append("packets: must be <= 1000")
+        if self.spacing < 0:
+            errs.append("spacing: must be >= 0")
+        if not 0 <= self.payload_size <= 65000:
+            errs.append("payload_size: must be between 0 and 65000")
+        if self.dscp.upper() not in DSCP_CODEPOINTS:
+            errs.append(f"dscp: unknown code point {self.dscp!r}; one of "
+                        + ", ".join(sorted(k for k in DSCP_CODEPOINTS if k)))
+        if self.interval > 0 and self.run_time() > self.interval:
+            errs.append(
+                f"interval: a run takes up to {self.run_time():g}s "
+                f"((packets-1)*spacing + timeout) which does not fit in the interval of "
+                f"{self.interval:g}s")
+        return errs
+
+    @property
+    def tos(self) -> int:
+        """The IP TOS / traffic class byte for ``dscp``."""
+        return DSCP_CODEPOINTS[self.dscp.upper()] << 2
+
+
+@dataclass(frozen=True)
+class Target:
+    """One edge node as a probe sees it."""
+
+    name: str                      # becomes the `edge` label
+    address: str                   # IP literal or hostname, as configured
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HopResult:
+    """One hop of a path probe. ``index`` is 1-based TTL; ``address`` is never a label."""
+
+    index: int
+    rtts: list[float | None]
+    address: str = ""
+
+
+@dataclass
+class ProbeResult:
+    success: bool
+    reason: str = "ok"
+    duration: float = 0.0
+    rtts: list[float | None] = field(default_factory=list)
+    # Protocol sequence numbers of the packets in ``rtts`` (same order), so tests and the
+    # one-shot CLI can match each packet with the lab's ground truth. Not exported.
+    packet_ids: list[int] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+    hops: list[HopResult] | None = None
+
+    @classmethod
+    def failure(cls, reason: str, duration: float = 0.0, **kw: Any) -> ProbeResult:
+        return cls(success=False, reason=reason, duration=duration, **kw)
+
+
+class Counters(Protocol):
+    """Agent-wide counters a probe may bump for packets that belong to no run."""
+
+    def stray(self, probe: str, reason: str, n: int = 1) -> None: ...
+
+
+class NullCounters:
+    def stray(self, probe: str, reason: str, n: int = 1) -> None:
+        return None
+
+
+@dataclass
+class ProbeContext:
+    """Shared resources handed to every probe run."""
+
+    icmp: IcmpEngines | None = None
+    resolver: Resolver | None = None
+    counters: Counters = field(default_factory=NullCounters)
+    budget: float = 0.6
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgeprobe.probe"))
+    # Free-form shared state a kind may need (e.g. TURN credentials from files); keyed by kind.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+O = TypeVar("O", bound=CommonOptions)
+ProbeFn = Callable[[Target, O, ProbeContext], Awaitable[ProbeResult]]
+
+# Reasons every kind may produce, beyond its own.
+COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "deadline", "exception")
+
+
+@dataclass(frozen=True)
+class ProbeKind(Generic[O]):
+    name: str
+    options: type[O]
+    run: ProbeFn[O]
+    packet_based: bool = False
+    phases: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    gauges: Mapping[str, str] = field(default_factory=dict)   # name -> HELP text
+    metric_prefix: str = "probe"
+
+    @property
+    def all_reasons(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*self.reasons, *COMMON_REASONS)))
