@@ -1,0 +1,600 @@
+"""``--web.config.file``: TLS, basic auth and response headers for the agent's HTTP server.
+
+The file format is the Prometheus exporter-toolkit one (``docs/web-configuration.md`` in
+prometheus/exporter-toolkit), so a Prometheus scrape config with ``basic_auth`` and
+``tls_config`` that works against node_exporter works unchanged against edgeprobe.
+
+Decoding is strict: an unknown key is an error (a typo such as ``basic_auth_user`` must not
+silently disable authentication). Secrets (``tls_server_config.key``, the bcrypt hashes) never
+appear in an error message, a ``repr`` or a log line.
+
+Differences from the Go implementation, all documented in ``docs/hardening.md``:
+
+* ``client_auth_type``: Python's ``ssl`` cannot ask for a client certificate without verifying
+  it, so ``RequestClientCert`` and ``RequireAnyClientCert`` are rejected (the toolkit itself
+  calls them insecure).
+* ``curve_preferences``: ``ssl`` sets one ECDH group, so the most preferred curve is used.
+* ``http2`` is accepted and ignored: aiohttp serves HTTP/1.1 only.
+* The file is read at start and on :meth:`WebGuard.reload`, not on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import yaml
+from aiohttp import web
+
+log = logging.getLogger("edgeprobe.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_FILE_BYTES = 1 << 20
+
+TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+
+CLIENT_AUTH_TYPES: dict[str, ssl.VerifyMode] = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+UNSUPPORTED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")
+
+# Go's crypto/tls names (what exporter-toolkit files contain) -> OpenSSL names. TLS 1.3 suites are
+# not configurable in Go either, so only the TLS <= 1.2 ones exist here.
+CIPHER_SUITES: dict[str, str] = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+}
+
+CURVES: dict[str, str] = {
+    "CurveP256": "prime256v1",
+    "CurveP384": "secp384r1",
+    "CurveP521": "secp521r1",
+    "X25519": "X25519",
+}
+
+# The headers the toolkit allows, with the values it accepts (None = any string).
+HEADERS: dict[str, tuple[str, ...] | None] = {
+    "Content-Security-Policy": None,
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-Content-Type-Options": ("nosniff",),
+    "X-XSS-Protection": None,
+    "Strict-Transport-Security": None,
+}
+
+_BCRYPT_RE = re.compile(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h|d|w|y)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+
+
+class WebConfigError(ValueError):
+    """A web config file that cannot be used. The message never contains a secret."""
+
+
+def parse_duration(value: object, where: str) -> float:
+    """A Prometheus duration (``1m30s``, ``500ms``) or a number of seconds, in seconds."""
+    if isinstance(value, bool):
+        raise WebConfigError(f"{where}: expected a duration, got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        pos, seconds = 0, 0.0
+        for m in _DURATION_RE.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if not text or pos != len(text):
+            raise WebConfigError(f"{where}: invalid duration {value[:40]!r} (e.g. 500ms, 1m30s)")
+    else:
+        raise WebConfigError(f"{where}: expected a duration, got {type(value).__name__}")
+    if not 0 <= seconds < 1e9:
+        raise WebConfigError(f"{where}: duration out of range")
+    return seconds
+
+
+@dataclass(frozen=True)
+class TLSServerConfig:
+    cert_file: str = ""
+    key_file: str = ""
+    cert: str = field(default="", repr=False)
+    key: str = field(default="", repr=False)
+    client_ca: str = field(default="", repr=False)
+    client_ca_file: str = ""
+    client_auth_type: str = "NoClientCert"
+    client_allowed_sans: tuple[str, ...] = ()
+    min_version: str = "TLS12"
+    max_version: str = "TLS13"
+    cipher_suites: tuple[str, ...] = ()
+    prefer_server_cipher_suites: bool = True
+    curve_preferences: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HTTPServerConfig:
+    http2: bool = True
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    interval: float = 0.0     # seconds between two requests; 0 disables the limiter
+    burst: int = 0
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    tls: TLSServerConfig | None = None
+    http: HTTPServerConfig = field(default_factory=HTTPServerConfig)
+    # user -> bcrypt hash. repr=False: a hash is a secret too (offline cracking).
+    basic_auth_users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+    base_dir: Path = Path(".")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server context for this config, or None when TLS is off."""
+        if self.tls is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._configure(ctx)
+        return ctx
+
+    def _configure(self, ctx: ssl.SSLContext) -> None:
+        """Load certificates and policy into ``ctx`` (also used to rotate certs in place)."""
+        t = self.tls
+        assert t is not None
+        ctx.minimum_version = TLS_VERSIONS[t.min_version]
+        ctx.maximum_version = TLS_VERSIONS[t.max_version]
+        if t.cipher_suites:
+            ctx.set_ciphers(":".join(CIPHER_SUITES[c] for c in t.cipher_suites))
+        if t.prefer_server_cipher_suites:
+            ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        else:
+            ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+        if t.curve_preferences:
+            ctx.set_ecdh_curve(CURVES[t.curve_preferences[0]])
+        try:
+            _load_cert_chain(ctx, self._path(t.cert_file), t.cert, self._path(t.key_file), t.key)
+        except (OSError, ssl.SSLError) as e:
+            # The OpenSSL message names no key material; errno text names the file at most.
+            raise WebConfigError(f"tls_server_config: cannot load certificate/key: "
+                                 f"{_describe(e)}") from None
+        ctx.verify_mode = CLIENT_AUTH_TYPES[t.client_auth_type]
+        if t.client_ca_file or t.client_ca:
+            try:
+                if t.client_ca_file:
+                    ctx.load_verify_locations(cafile=str(self._path(t.client_ca_file)))
+                if t.client_ca:
+                    ctx.load_verify_locations(cadata=t.client_ca)
+            except (OSError, ssl.SSLError) as e:
+                raise WebConfigError(f"tls_server_config: cannot load client CA: "
+                                     f"{_describe(e)}") from None
+
+    def _path(self, p: str) -> Path:
+        return self.base_dir / p if p and not Path(p).is_absolute() else Path(p)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    return type(e).__name__ + (f": {e.reason}" if isinstance(e, ssl.SSLError) and e.reason
+                               else "")
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert_file: Path, cert: str, key_file: Path,
+                     key: str) -> None:
+    if cert_file.name and key_file.name:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+        return
+    # Inline PEM: ssl only loads from files, so use a private temporary directory.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeprobe-tls-") as d:
+        cpath, kpath = str(cert_file) if cert_file.name else f"{d}/c.pem", \
+            str(key_file) if key_file.name else f"{d}/k.pem"
+        if not cert_file.name:
+            Path(cpath).write_text(cert)
+        if not key_file.name:
+            Path(kpath).write_text(key)
+            Path(kpath).chmod(0o600)
+        ctx.load_cert_chain(cpath, kpath)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict decoding
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WebConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    for k in value:
+        if not isinstance(k, str):
+            raise WebConfigError(f"{where}: keys must be strings")
+    return value
+
+
+def _check_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise WebConfigError(f"{where}: unknown key {k[:60]!r}; allowed: "
+                                 + ", ".join(allowed))
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise WebConfigError(f"{where}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise WebConfigError(f"{where}: expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _str_list(value: object, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise WebConfigError(f"{where}: expected a list, got {type(value).__name__}")
+    return tuple(_str(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _choice(value: str, choices: Mapping[str, object] | tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise WebConfigError(f"{where}: unknown value {value[:60]!r}; one of "
+                             + ", ".join(choices))
+    return value
+
+
+_TLS_KEYS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type",
+             "client_ca_file", "client_allowed_sans", "min_version", "max_version",
+             "cipher_suites", "prefer_server_cipher_suites", "curve_preferences")
+
+
+def _decode_tls(raw: object) -> TLSServerConfig:
+    w = "tls_server_config"
+    d = _mapping(raw, w)
+    _check_keys(d, _TLS_KEYS, w)
+    s = {k: _str(d[k], f"{w}.{k}") for k in ("cert", "key", "client_ca", "cert_file",
+                                              "key_file", "client_auth_type",
+                                              "client_ca_file", "min_version", "max_version")
+         if d.get(k) is not None}
+    t = TLSServerConfig(
+        **s,
+        client_allowed_sans=_str_list(d.get("client_allowed_sans"), f"{w}.client_allowed_sans"),
+        cipher_suites=_str_list(d.get("cipher_suites"), f"{w}.cipher_suites"),
+        curve_preferences=_str_list(d.get("curve_preferences"), f"{w}.curve_preferences"),
+        prefer_server_cipher_suites=_bool(d.get("prefer_server_cipher_suites", True),
+                                          f"{w}.prefer_server_cipher_suites"),
+    )
+    if bool(t.cert) == bool(t.cert_file):
+        raise WebConfigError(f"{w}: exactly one of cert_file and cert is required")
+    if bool(t.key) == bool(t.key_file):
+        raise WebConfigError(f"{w}: exactly one of key_file and key is required")
+    if t.client_ca and t.client_ca_file:
+        raise WebConfigError(f"{w}: at most one of client_ca_file and client_ca")
+    if t.client_auth_type in UNSUPPORTED_CLIENT_AUTH:
+        raise WebConfigError(
+            f"{w}.client_auth_type: {t.client_auth_type} accepts unverified client "
+            "certificates and is not supported; use RequireAndVerifyClientCert")
+    _choice(t.client_auth_type, CLIENT_AUTH_TYPES, f"{w}.client_auth_type")
+    if t.client_auth_type != "NoClientCert" and not (t.client_ca or t.client_ca_file):
+        raise WebConfigError(f"{w}: client_auth_type {t.client_auth_type} needs client_ca_file")
+    if t.client_allowed_sans and t.client_auth_type != "RequireAndVerifyClientCert":
+        raise WebConfigError(f"{w}.client_allowed_sans: needs client_auth_type "
+                             "RequireAndVerifyClientCert")
+    _choice(t.min_version, TLS_VERSIONS, f"{w}.min_version")
+    _choice(t.max_version, TLS_VERSIONS, f"{w}.max_version")
+    if TLS_VERSIONS[t.min_version] > TLS_VERSIONS[t.max_version]:
+        raise WebConfigError(f"{w}: min_version is above max_version")
+    for i, c in enumerate(t.cipher_suites):
+        _choice(c, CIPHER_SUITES, f"{w}.cipher_suites[{i}]")
+    for i, c in enumerate(t.curve_preferences):
+        _choice(c, CURVES, f"{w}.curve_preferences[{i}]")
+    return t
+
+
+def _decode_http(raw: object) -> HTTPServerConfig:
+    w = "http_server_config"
+    d = _mapping(raw, w)
+    _check_keys(d, ("http2", "headers"), w)
+    headers: dict[str, str] = {}
+    hd = _mapping(d.get("headers"), f"{w}.headers")
+    _check_keys(hd, tuple(HEADERS), f"{w}.headers")
+    for k, v in hd.items():
+        if v is None:
+            continue
+        val = _str(v, f"{w}.headers.{k}")
+        allowed = HEADERS[k]
+        if allowed is not None and val.lower() not in allowed:
+            raise WebConfigError(f"{w}.headers.{k}: one of " + ", ".join(allowed))
+        if "\n" in val or "\r" in val:
+            raise WebConfigError(f"{w}.headers.{k}: must be a single line")
+        if val:
+            headers[k] = val
+    return HTTPServerConfig(http2=_bool(d.get("http2", True), f"{w}.http2"), headers=headers)
+
+
+def _decode_users(raw: object) -> dict[str, bytes]:
+    w = "basic_auth_users"
+    d = _mapping(raw, w)
+    users: dict[str, bytes] = {}
+    for user, h in d.items():
+        if not user or ":" in user:
+            raise WebConfigError(f"{w}: a user name must be non-empty and contain no ':'")
+        if not isinstance(h, str) or not _BCRYPT_RE.match(h):
+            # Never echo the value: it is a secret even when malformed.
+            raise WebConfigError(f"{w}.{user[:60]}: not a bcrypt hash ($2a$/$2b$/$2y$...)")
+        users[user] = h.encode()
+    return users
+
+
+def _decode_rate_limit(raw: object) -> RateLimit:
+    w = "rate_limit"
+    d = _mapping(raw, w)
+    _check_keys(d, ("interval", "burst"), w)
+    interval = parse_duration(d.get("interval", 0), f"{w}.interval")
+    burst = d.get("burst", 0)
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 0 <= burst <= 1_000_000:
+        raise WebConfigError(f"{w}.burst: expected an integer between 0 and 1000000")
+    if interval > 0 and burst < 1:
+        raise WebConfigError(f"{w}.burst: must be >= 1 when interval is set")
+    return RateLimit(interval=interval, burst=burst)
+
+
+def parse_web_config(text: str, base_dir: Path = Path("."), source: str = "<web config>"
+                     ) -> WebConfig:
+    """Decode and validate a web config (without touching certificate files)."""
+    try:
+        raw = yaml.safe_load(text) if text.strip() else {}
+    except yaml.MarkedYAMLError as e:
+        # str(e) would quote the offending line, which may hold a key or a hash.
+        mark = e.problem_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise WebConfigError(f"{source}{at}: invalid YAML: {e.problem}") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise WebConfigError(f"{source}: invalid YAML ({type(e).__name__})") from None
+    d = _mapping(raw, source)
+    _check_keys(d, ("tls_server_config", "http_server_config", "basic_auth_users",
+                    "rate_limit"), source)
+    return WebConfig(
+        tls=_decode_tls(d["tls_server_config"]) if d.get("tls_server_config") else None,
+        http=_decode_http(d.get("http_server_config")),
+        basic_auth_users=_decode_users(d.get("basic_auth_users")),
+        rate_limit=_decode_rate_limit(d.get("rate_limit")),
+        base_dir=base_dir,
+    )
+
+
+def load_web_config(path: str | Path) -> WebConfig:
+    """Read, decode and fully validate ``path``, including loading the certificates once."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise WebConfigError(f"{path}: {_describe(e)}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise WebConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebConfigError(f"{path}: not UTF-8") from None
+    # Relative file names are relative to the config file, like the toolkit's.
+    cfg = parse_web_config(text, base_dir=p.parent, source=str(path))
+    cfg.ssl_context()   # proves cert, key and CA load; the context is rebuilt by the caller
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime: basic auth, headers, rate limit
+
+
+class _AuthCache:
+    """Recently verified credentials, so that bcrypt (tens of ms) runs once per scrape
+    interval, not once per scrape. Keys are HMACs under a per-process random key: the cache
+    holds neither a password nor anything an attacker with a memory dump could brute-force
+    faster than the bcrypt hash itself."""
+
+    def __init__(self, ttl: float = 60.0, size: int = 256) -> None:
+        self._key = secrets.token_bytes(32)
+        self._ttl = ttl
+        self._size = size
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+
+    def _k(self, user: str, password: bytes, hashed: bytes) -> bytes:
+        msg = b"\0".join((user.encode(), hashed, password))
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def hit(self, user: str, password: bytes, hashed: bytes, now: float) -> bool:
+        k = self._k(user, password, hashed)
+        exp = self._entries.get(k)
+        if exp is None:
+            return False
+        if exp < now:
+            del self._entries[k]
+            return False
+        self._entries.move_to_end(k)
+        return True
+
+    def add(self, user: str, password: bytes, hashed: bytes, now: float) -> None:
+        self._entries[self._k(user, password, hashed)] = now + self._ttl
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# A valid hash of a random password: checked for unknown users so that "no such user" takes as
+# long as "wrong password" (no user enumeration by timing).
+_DUMMY_HASH = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(10))
+
+
+class WebGuard:
+    """The live web security state: an SSL context whose certificates can be rotated in place,
+    and one aiohttp middleware doing headers, rate limit, client SANs and basic auth.
+
+    ``WebGuard(None)`` is a no-op guard (no ``--web.config.file``)."""
+
+    def __init__(self, path: str | Path | None, *, clock: Callable[[], float] = time.monotonic,
+                 max_concurrent_bcrypt: int = 4) -> None:
+        self.path = Path(path) if path is not None else None
+        self._clock = clock
+        self.config = load_web_config(self.path) if self.path is not None else WebConfig()
+        self._ssl = self.config.ssl_context()
+        self._cache = _AuthCache()
+        # bcrypt runs in threads so the event loop (and so probe timing) never blocks on it; the
+        # semaphore keeps a flood of wrong passwords from occupying every core.
+        self._bcrypt_slots = asyncio.Semaphore(max_concurrent_bcrypt)
+        self._tokens = float(self.config.rate_limit.burst)
+        self._tokens_at = clock()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl
+
+    def reload(self) -> None:
+        """Re-read the file. On any error the old state stays and WebConfigError is raised.
+
+        Certificates are swapped inside the existing context, so a listening socket picks
+        them up for new connections. Turning TLS on or off needs a restart."""
+        if self.path is None:
+            return
+        new = load_web_config(self.path)
+        if (new.tls is None) != (self.config.tls is None):
+            raise WebConfigError(f"{self.path}: turning TLS on or off needs a restart")
+        if new.tls is not None and self._ssl is not None:
+            # Validate fully on a scratch context first; only then touch the live one.
+            new.ssl_context()
+            new._configure(self._ssl)
+        self.config = new
+        self._cache.clear()
+        self._tokens = min(self._tokens, float(new.rate_limit.burst))
+
+    def middlewares(self) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
+        return [self.middleware]
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        cfg = self.config
+        resp: web.StreamResponse
+        if not self._take_token(cfg.rate_limit):
+            resp = web.Response(status=429, text="Too Many Requests\n")
+        elif not self._sans_ok(request, cfg):
+            resp = web.Response(status=403, text="Forbidden\n")
+        elif cfg.basic_auth_users and not await self._authorized(request, cfg):
+            resp = web.Response(status=401, text="Unauthorized\n",
+                                headers={"WWW-Authenticate": 'Basic realm="edgeprobe"'})
+        else:
+            try:
+                resp = await handler(request)
+            except web.HTTPException as e:
+                resp = e
+        for k, v in cfg.http.headers.items():
+            resp.headers.setdefault(k, v)
+        return resp
+
+    def _take_token(self, rl: RateLimit) -> bool:
+        if rl.interval <= 0:
+            return True
+        now = self._clock()
+        self._tokens = min(float(rl.burst), self._tokens + (now - self._tokens_at) / rl.interval)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    @staticmethod
+    def _sans_ok(request: web.Request, cfg: WebConfig) -> bool:
+        if cfg.tls is None or not cfg.tls.client_allowed_sans:
+            return True
+        transport = request.transport
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        if not cert:
+            return False
+        sans = {v for _, v in cert.get("subjectAltName", ())}
+        return bool(sans & set(cfg.tls.client_allowed_sans))
+
+    async def _authorized(self, request: web.Request, cfg: WebConfig) -> bool:
+        creds = _parse_basic(request.headers.get("Authorization", ""))
+        if creds is None:
+            return False
+        user, password = creds
+        hashed = cfg.basic_auth_users.get(user)
+        now = self._clock()
+        if hashed is not None and self._cache.hit(user, password, hashed, now):
+            return True
+        async with self._bcrypt_slots:
+            ok = await asyncio.to_thread(_checkpw, password, hashed or _DUMMY_HASH)
+        if ok and hashed is not None:
+            self._cache.add(user, password, hashed, now)
+            return True
+        log.info("basic auth failed", extra={"remote": request.remote or ""})
+        return False
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        # bcrypt >= 5 refuses passwords over 72 bytes instead of truncating them.
+        return False
+
+
+def _parse_basic(header: str) -> tuple[str, bytes] | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value or len(value) > 4096:
+        return None
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, password = raw.partition(b":")
+    if not sep:
+        return None
+    try:
+        return user.decode("utf-8"), password
+    except UnicodeDecodeError:
+        return None
