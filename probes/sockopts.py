@@ -1,0 +1,127 @@
+"""Helpers shared by the socket-level probe kinds: resolution, family, source address, DSCP.
+
+Every kind builds its own sockets through :func:`make_socket` so that ``ip_family``,
+``source_address`` and ``dscp`` mean the same thing everywhere, and maps socket errors to the
+same bounded reasons through :func:`os_error_reason`.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from probes.base import CommonOptions, ProbeContext
+from probes.resolve import ResolvedAddress, ResolveError, Resolver, literal
+
+# Reasons the helpers below can produce; kinds include them in their declared vocabulary.
+RESOLVE_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty")
+
+
+class ProbeFailed(Exception):
+    """Internal control flow: the run ends with this bounded reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    family: int
+    address: str
+
+    def sockaddr(self, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+        if self.family == socket.AF_INET6:
+            return (self.address, port, 0, 0)
+        return (self.address, port)
+
+
+async def resolve(host: str, opts: CommonOptions, ctx: ProbeContext) -> Endpoint:
+    """The address to probe. IP literals skip resolution; names use the shared resolver."""
+    lit = literal(host)
+    try:
+        if lit is not None:
+            res: ResolvedAddress = await Resolver().resolve(host, opts.ip_family)
+        elif ctx.resolver is not None:
+            res = await ctx.resolver.resolve(host, opts.ip_family)
+        else:
+            # One-shot use (CLI, tests) without a shared cache: a private resolver, no caching.
+            res = await Resolver(ttl=0.0).resolve(host, opts.ip_family)
+    except ResolveError as e:
+        raise ProbeFailed(e.reason) from None
+    return Endpoint(res.family, res.address)
+
+
+def check_source(opts: CommonOptions) -> list[str]:
+    """Validation shared by all kinds: the source address must be an IP literal."""
+    if not opts.source_address:
+        return []
+    try:
+        ip = ipaddress.ip_address(opts.source_address)
+    except ValueError:
+        return [f"source_address: not an IP address: {opts.source_address!r}"]
+    want = {"ipv4": 4, "ipv6": 6}.get(opts.ip_family, ip.version)
+    if ip.version != want:
+        return ["source_address: does not match ip_family"]
+    return []
+
+
+def set_tos(sock: socket.socket, family: int, tos: int) -> None:
+    """DSCP marking: IP_TOS for IPv4, IPV6_TCLASS for IPv6 (same byte layout)."""
+    if not tos:
+        return
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+
+
+def make_socket(ep: Endpoint, kind: int, opts: CommonOptions) -> socket.socket:
+    """A non-blocking socket of ``ep``'s family, DSCP-marked and bound to the source address."""
+    sock = socket.socket(ep.family, kind)
+    try:
+        sock.setblocking(False)
+        set_tos(sock, ep.family, opts.tos)
+        if opts.source_address:
+            src = ipaddress.ip_address(opts.source_address)
+            if (src.version == 6) != (ep.family == socket.AF_INET6):
+                raise ProbeFailed("source_family_mismatch")
+            sock.bind((opts.source_address, 0))
+    except ProbeFailed:
+        sock.close()
+        raise
+    except OSError:
+        sock.close()
+        raise ProbeFailed("source_bind_failed") from None
+    return sock
+
+
+SOCKET_REASONS: tuple[str, ...] = ("source_bind_failed", "source_family_mismatch")
+
+
+def os_error_reason(e: OSError, prefix: str) -> str:
+    """Map a connect/send error to ``<prefix>_refused|_unreachable|_timeout|_error``."""
+    if isinstance(e, ConnectionRefusedError) or e.errno == errno.ECONNREFUSED:
+        return f"{prefix}_refused"
+    if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
+                   errno.ENETDOWN, errno.EHOSTDOWN):
+        return f"{prefix}_unreachable"
+    if isinstance(e, TimeoutError) or e.errno == errno.ETIMEDOUT:
+        return f"{prefix}_timeout"
+    if isinstance(e, ConnectionResetError):
+        return f"{prefix}_reset"
+    return f"{prefix}_error"
+
+
+def os_reasons(prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}_{s}" for s in ("refused", "unreachable", "timeout", "reset", "error"))
+
+
+def read_secret(password: str, password_file: str) -> str:
+    """The secret from the option or the file (first line). Never logged."""
+    if password_file:
+        with open(password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    return password

@@ -1,0 +1,126 @@
+"""A paced train of request/response datagrams over one connected UDP socket.
+
+Shared by the ``udp`` echo and ``stun`` kinds. Each packet is sent once (no retransmission: a
+miss is a loss, RFC 7680), ``spacing`` apart, with at most ``max_inflight`` unanswered packets
+outstanding (RFC 8489 §6.2 allows 10 to one server). A packet is lost when no matching reply
+arrived within ``timeout`` of its own send time; a reply after that is ``late``. Receive times
+are taken when the datagram is read, with the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from probes.base import ProbeContext
+
+# match(data) -> the packet's index in the train, or a bounded stray reason.
+Matcher = Callable[[bytes], "int | str"]
+
+
+@dataclass
+class TrainResult:
+    rtts: list[float | None]
+    refused: int = 0                       # ICMP port unreachable seen on the socket
+    duplicates: int = 0
+    reordered: int = 0
+    strays: dict[str, int] = field(default_factory=dict)
+
+
+async def run_train(sock: socket.socket, packets: list[bytes], spacing: float, timeout: float,
+                    match: Matcher, kind: str, ctx: ProbeContext,
+                    max_inflight: int = 10) -> TrainResult:
+    loop = asyncio.get_running_loop()
+    n = len(packets)
+    sent_ns: list[int | None] = [None] * n
+    rtts: list[float | None] = [None] * n
+    res = TrainResult(rtts)
+    highest = -1                           # highest index answered so far (reordering)
+    changed = asyncio.Event()
+    timeout_ns = int(timeout * 1e9)
+
+    def stray(reason: str) -> None:
+        res.strays[reason] = res.strays.get(reason, 0) + 1
+        ctx.counters.stray(kind, reason)
+
+    def readable() -> None:
+        nonlocal highest
+        for _ in range(256):               # bounded per wake-up; the loop calls again
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                res.refused += 1
+                changed.set()
+                continue
+            except OSError:
+                return
+            now = time.perf_counter_ns()
+            m = match(data)
+            if isinstance(m, str):
+                stray(m)
+                continue
+            if not 0 <= m < n or sent_ns[m] is None:
+                stray("unknown")
+                continue
+            sent = sent_ns[m]
+            assert sent is not None
+            if rtts[m] is not None:
+                res.duplicates += 1
+                stray("duplicate")
+                continue
+            if now - sent > timeout_ns:
+                stray("late")
+                continue
+            rtts[m] = (now - sent) / 1e9
+            if m < highest:
+                res.reordered += 1
+            highest = max(highest, m)
+            changed.set()
+
+    def inflight(now: int) -> int:
+        return sum(1 for i in range(n) if sent_ns[i] is not None and rtts[i] is None
+                   and now - (sent_ns[i] or 0) <= timeout_ns)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        start = time.perf_counter_ns()
+        for i, pkt in enumerate(packets):
+            due = start + int(i * spacing * 1e9)
+            while True:
+                now = time.perf_counter_ns()
+                if now >= due and inflight(now) < max_inflight:
+                    break
+                changed.clear()
+                wait = max(due - now, 0) / 1e9 if now < due else 0.005
+                try:
+                    async with asyncio.timeout(wait):
+                        await changed.wait()
+                except TimeoutError:
+                    pass
+            sent_ns[i] = time.perf_counter_ns()
+            try:
+                sock.send(pkt)
+            except ConnectionRefusedError:
+                res.refused += 1
+            except OSError:
+                pass  # counted as a loss, like a drop on the wire
+        last = max(s for s in sent_ns if s is not None)
+        end = last + timeout_ns
+        while any(r is None for r in rtts):
+            now = time.perf_counter_ns()
+            if now >= end:
+                break
+            changed.clear()
+            try:
+                async with asyncio.timeout((end - now) / 1e9):
+                    await changed.wait()
+            except TimeoutError:
+                break
+    finally:
+        loop.remove_reader(sock.fileno())
+    return res
