@@ -1,0 +1,577 @@
+"""``GET /probe?target=…&module=…``: blackbox_exporter's multi-target pattern, without the SSRF.
+
+blackbox_exporter's ``/probe`` lets anyone who reaches it make the exporter connect anywhere
+(CVE-2020-16248). Here a request is refused unless:
+
+1. the target's name matches ``allow_names`` (exact or ``*.suffix``), or its IP literal is
+   inside ``allow_cidrs``;
+2. the name is resolved **once**, by this module, and **every** address it returns passes the
+   special-range check below; the probe then runs against that exact address (an IP literal),
+   so a DNS rebind between the check and the probe cannot switch it;
+3. no address is loopback, link-local, a cloud metadata address, private (RFC 1918, ULA),
+   CGNAT, multicast, documentation, reserved, or an IPv6 form that embeds one of those
+   (``::ffff:127.0.0.1``, NAT64, 6to4), unless its category is in ``allow_special`` or an
+   ``allow_cidrs`` entry inside that category's range covers it (allowing ``10.1.0.0/16``
+   allows those private addresses; allowing ``0.0.0.0/0`` allows no special address);
+4. the client is within its token bucket (per client address, bounded memory) and the number
+   of probes in flight is below ``max_concurrent``.
+
+Every refusal is an HTTP error with a short, fixed message: the client learns nothing about
+internal DNS. A probe outcome (including an unresolvable name) is a 200 with
+``probe_success 0``, from a fresh ``CollectorRegistry`` per request, as blackbox does.
+
+Mount with one call: ``add_probe_route(app, config, PROBES, module_lookup, ctx)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import math
+import socket
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+
+log = logging.getLogger("edgeprobe.probe_endpoint")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Most specific first: the first matching range names the category.
+SPECIAL_RANGES: tuple[tuple[str, str], ...] = (
+    ("metadata", "169.254.169.254/32"),      # AWS, GCP, Azure, OpenStack, ...
+    ("metadata", "169.254.170.2/32"),        # AWS ECS task metadata
+    ("metadata", "100.100.100.200/32"),      # Alibaba Cloud
+    ("metadata", "fd00:ec2::254/128"),       # AWS IMDS over IPv6
+    ("unspecified", "0.0.0.0/8"),
+    ("unspecified", "::/128"),
+    ("loopback", "127.0.0.0/8"),
+    ("loopback", "::1/128"),
+    ("link_local", "169.254.0.0/16"),
+    ("link_local", "fe80::/10"),
+    ("private", "10.0.0.0/8"),
+    ("private", "172.16.0.0/12"),
+    ("private", "192.168.0.0/16"),
+    ("private", "fc00::/7"),
+    ("private", "fec0::/10"),                # deprecated site-local
+    ("private", "64:ff9b:1::/48"),           # local-use NAT64
+    ("cgnat", "100.64.0.0/10"),
+    ("multicast", "224.0.0.0/4"),
+    ("multicast", "ff00::/8"),
+    ("documentation", "192.0.2.0/24"),
+    ("documentation", "198.51.100.0/24"),
+    ("documentation", "203.0.113.0/24"),
+    ("documentation", "2001:db8::/32"),
+    ("documentation", "3fff::/20"),
+    ("reserved", "192.0.0.0/24"),            # IETF protocol assignments
+    ("reserved", "198.18.0.0/15"),           # benchmarking
+    ("reserved", "240.0.0.0/4"),             # includes 255.255.255.255
+    ("reserved", "100::/64"),                # discard-only
+    ("reserved", "2001::/23"),               # IETF protocol assignments, incl. Teredo
+    ("reserved", "::/96"),                   # IPv4-compatible (deprecated)
+)
+CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(c for c, _ in SPECIAL_RANGES))
+_RANGES: tuple[tuple[str, IPNetwork], ...] = tuple(
+    (c, ipaddress.ip_network(n)) for c, n in SPECIAL_RANGES)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
+
+
+def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries and a kernel or NAT would deliver to."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return None
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    return None
+
+
+def special_category(addr: IPAddress) -> tuple[str, IPNetwork] | None:
+    """The special category and range of ``addr`` (or of the IPv4 address it embeds)."""
+    v4 = embedded_ipv4(addr)
+    for a in (addr, v4) if v4 is not None else (addr,):
+        for cat, net in _RANGES:
+            if a.version == net.version and a in net:
+                return cat, net
+    return None
+
+
+@dataclass(frozen=True)
+class ProbeEndpointConfig:
+    enabled: bool = False
+    allow_names: tuple[str, ...] = ()              # "edge-sg-1.example.net", "*.example.net"
+    allow_cidrs: tuple[IPNetwork, ...] = ()
+    allow_special: frozenset[str] = frozenset()    # categories from CATEGORIES
+    rate: float = 1.0                              # requests per second per client
+    burst: int = 5
+    max_clients: int = 4096                        # bucket table size (memory bound)
+    max_concurrent: int = 16                       # probes in flight, all clients together
+    timeout: float = 10.0                          # upper bound for one request
+    timeout_offset: float = 0.5                    # kept free of the scrape timeout (blackbox)
+
+    def validate(self) -> list[str]:
+        errs: list[str] = []
+        for c in self.allow_special:
+            if c not in CATEGORIES:
+                errs.append(f"allow_special: unknown category {c!r}; one of "
+                            + ", ".join(CATEGORIES))
+        for n in self.allow_names:
+            bare = n[2:] if n.startswith("*.") else n
+            if not bare or "*" in bare or not _valid_hostname(bare):
+                errs.append(f"allow_names: invalid name pattern {n!r}")
+        if not (self.rate > 0 and math.isfinite(self.rate)):
+            errs.append("rate: must be > 0")
+        if not 1 <= self.burst <= 10_000:
+            errs.append("burst: must be between 1 and 10000")
+        if not 1 <= self.max_clients <= 1_000_000:
+            errs.append("max_clients: must be between 1 and 1000000")
+        if not 1 <= self.max_concurrent <= 10_000:
+            errs.append("max_concurrent: must be between 1 and 10000")
+        if not 0 < self.timeout <= 300:
+            errs.append("timeout: must be > 0 and <= 300s")
+        if not 0 <= self.timeout_offset < self.timeout:
+            errs.append("timeout_offset: must be >= 0 and below timeout")
+        if self.enabled and not (self.allow_names or self.allow_cidrs):
+            errs.append("allow_names/allow_cidrs: an enabled /probe needs an allowlist")
+        return errs
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ProbeEndpointConfig:
+        """Build from plain YAML values; raises ValueError with every problem listed.
+
+        Durations are numbers of seconds here; agent.config converts YAML durations first."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError("unknown key(s): " + ", ".join(map(str, unknown)))
+        kw: dict[str, Any] = dict(raw)
+        try:
+            if "allow_names" in kw:
+                kw["allow_names"] = tuple(_strs(kw["allow_names"], "allow_names"))
+            if "allow_cidrs" in kw:
+                kw["allow_cidrs"] = tuple(ipaddress.ip_network(c, strict=True)
+                                          for c in _strs(kw["allow_cidrs"], "allow_cidrs"))
+            if "allow_special" in kw:
+                kw["allow_special"] = frozenset(_strs(kw["allow_special"], "allow_special"))
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        for k, typ in (("enabled", bool), ("burst", int), ("max_clients", int),
+                       ("max_concurrent", int), ("rate", float), ("timeout", float),
+                       ("timeout_offset", float)):
+            if k in kw:
+                v = kw[k]
+                ok = isinstance(v, typ) if typ is bool else (
+                    not isinstance(v, bool) and isinstance(v, int | float if typ is float else int))
+                if not ok:
+                    raise ValueError(f"{k}: expected {typ.__name__}, got {type(v).__name__}")
+                if typ is float:
+                    kw[k] = float(v)
+        cfg = cls(**kw)
+        errs = cfg.validate()
+        if errs:
+            raise ValueError("; ".join(errs))
+        return cfg
+
+
+def _strs(v: object, where: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{where}: expected a list of strings")
+    return list(v)
+
+
+def _valid_hostname(name: str) -> bool:
+    if len(name) > 253:
+        return False
+    labels = name.rstrip(".").split(".")
+    return all(0 < len(lb) <= 63 and not lb.startswith("-") and not lb.endswith("-")
+               and all(c.isascii() and (c.isalnum() or c in "-_") for c in lb)
+               for lb in labels)
+
+
+class Resolver(Protocol):
+    async def __call__(self, host: str, family: int) -> list[str]:
+        """Addresses of ``host`` (family AF_INET, AF_INET6 or AF_UNSPEC), may raise OSError."""
+
+
+async def system_resolver(host: str, family: int) -> list[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
+    return list(dict.fromkeys(str(i[4][0]) for i in infos))
+
+
+# module name -> (probe kind name, options), or None for an unknown module.
+ModuleLookup = Callable[[str], "tuple[str, CommonOptions] | None"]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str, why: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.why = status, message, why
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass
+class ClientLimiter:
+    """One token bucket per client address, in an LRU table of at most ``max_clients``.
+
+    Eviction forgets a client's debt, so a client that rotates through more than
+    ``max_clients`` source addresses can exceed its rate; ``max_concurrent`` still bounds the
+    work the agent does for all of them together."""
+
+    rate: float
+    burst: int
+    max_clients: int
+    clock: Callable[[], float] = time.monotonic
+    _buckets: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict)
+
+    def allow(self, client: str) -> bool:
+        now = self.clock()
+        b = self._buckets.get(client)
+        if b is None:
+            b = self._buckets[client] = _Bucket(float(self.burst), now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+            b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
+            b.at = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def parse_target(raw: str) -> tuple[str, int | None, str | None]:
+    """``host``, ``host:port``, ``[v6]:port``, a bare IPv6 literal or a URL ->
+    (host, port or None, URL path or None)."""
+    raw = raw.strip()
+    if not raw or len(raw) > 2048 or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw):
+        raise Refused(400, "invalid target", "invalid")
+    path: str | None = None
+    if "://" in raw:
+        try:
+            u = urlsplit(raw)
+            host, port = u.hostname or "", u.port
+        except ValueError:
+            raise Refused(400, "invalid target", "invalid") from None
+        if u.username is not None or u.password is not None:
+            raise Refused(400, "invalid target: credentials in URL", "invalid")
+        path = u.path or "/"
+        if u.query:
+            path += "?" + u.query
+    else:
+        try:
+            ipaddress.IPv6Address(raw)
+            return raw, None, None
+        except ValueError:
+            pass
+        try:
+            u = urlsplit("//" + raw)
+            host, port = u.hostname or "", u.port
+        except ValueError:
+            raise Refused(400, "invalid target", "invalid") from None
+        if u.path or u.query or u.fragment or u.username is not None:
+            raise Refused(400, "invalid target", "invalid")
+    if not host:
+        raise Refused(400, "invalid target", "invalid")
+    return host, port, path
+
+
+def _ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0] if "%" in host else host)
+    except ValueError:
+        return None
+
+
+class TargetPolicy:
+    """The allowlist and the special-range rules; pure, so each refusal is unit-testable."""
+
+    def __init__(self, cfg: ProbeEndpointConfig) -> None:
+        self.cfg = cfg
+
+    def name_allowed(self, host: str) -> bool:
+        h = host.lower().rstrip(".")
+        for pat in self.cfg.allow_names:
+            p = pat.lower().rstrip(".")
+            if p.startswith("*."):
+                if h.endswith(p[1:]) and len(h) > len(p) - 1:
+                    return True
+            elif h == p:
+                return True
+        return False
+
+    def check_address(self, addr: IPAddress, literal: bool) -> None:
+        """Raise Refused unless ``addr`` may be probed. ``literal``: the client gave an IP."""
+        in_cidrs = [n for n in self.cfg.allow_cidrs if n.version == addr.version and addr in n]
+        if literal and not in_cidrs:
+            raise Refused(403, "target refused: not in the allowlist", "allowlist")
+        special = special_category(addr)
+        if special is None:
+            return
+        cat, rng = special
+        if cat in self.cfg.allow_special:
+            return
+        # A CIDR the operator wrote inside the special range is an explicit allowance of it.
+        v4 = embedded_ipv4(addr)
+        probe_addr: IPAddress = v4 if v4 is not None and rng.version == 4 else addr
+        if any(n.version == rng.version and n.subnet_of(rng)  # type: ignore[arg-type]
+               and probe_addr in n for n in self.cfg.allow_cidrs):
+            return
+        raise Refused(403, f"target refused: {cat.replace('_', '-')} address", "special")
+
+
+@dataclass
+class ProbeEndpointStats:
+    """Counts for the agent's own /metrics (bounded labels: outcome only)."""
+
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("ok", "invalid", "unknown_module", "allowlist", "special", "rate_limited",
+         "busy"), 0))
+
+
+class ProbeEndpoint:
+    def __init__(self, cfg: ProbeEndpointConfig, probes: Mapping[str, ProbeKind[Any]],
+                 modules: ModuleLookup, ctx: ProbeContext, *,
+                 resolver: Resolver = system_resolver,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.probes = probes
+        self.modules = modules
+        self.ctx = ctx
+        self.resolver = resolver
+        self.policy = TargetPolicy(cfg)
+        self.limiter = ClientLimiter(cfg.rate, cfg.burst, cfg.max_clients, clock)
+        self.in_flight = 0
+        self.stats = ProbeEndpointStats()
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        """Register the endpoint on the agent's registry for request counts by outcome."""
+        c = CounterMetricFamily("edgeprobe_probe_endpoint_requests",
+                                "Requests to /probe by outcome (ok or the refusal reason)",
+                                labels=["outcome"])
+        for outcome, n in self.stats.requests.items():
+            c.add_metric([outcome], n)
+        yield c
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._handle(request)
+        except Refused as r:
+            self.stats.requests[r.why] += 1
+            log.debug("probe refused", extra={"why": r.why, "remote": request.remote or ""})
+            headers = {"Retry-After": str(max(1, math.ceil(1 / self.cfg.rate)))} \
+                if r.status == 429 else None
+            return web.Response(status=r.status, text=r.message + "\n", headers=headers)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        # Rate limit first: even an invalid request costs the client a token.
+        if not self.limiter.allow(request.remote or "unknown"):
+            raise Refused(429, "rate limited", "rate_limited")
+        q = request.query
+        raw_target = q.get("target", "")
+        module_name = q.get("module", "")
+        if not raw_target:
+            raise Refused(400, "target parameter is missing", "invalid")
+        if not module_name:
+            raise Refused(400, "module parameter is missing", "invalid")
+        found = self.modules(module_name)
+        if found is None or found[0] not in self.probes:
+            raise Refused(400, "unknown module", "unknown_module")
+        kind_name, opts = found
+        kind = self.probes[kind_name]
+        deadline = self._deadline(request.headers.get("X-Prometheus-Scrape-Timeout-Seconds"))
+
+        host, port, path = parse_target(raw_target)
+        literal = _ip(host)
+        if literal is None and not self.policy.name_allowed(host):
+            raise Refused(403, "target refused: not in the allowlist", "allowlist")
+        if self.in_flight >= self.cfg.max_concurrent:
+            raise Refused(503, "too many probes in flight", "busy")
+        self.in_flight += 1
+        try:
+            return await self._run(kind, opts, raw_target, host, literal, port, path, deadline)
+        finally:
+            self.in_flight -= 1
+
+    def _deadline(self, header: str | None) -> float:
+        limit = self.cfg.timeout
+        if header is not None:
+            try:
+                scrape = float(header)
+            except ValueError:
+                raise Refused(400, "invalid X-Prometheus-Scrape-Timeout-Seconds",
+                              "invalid") from None
+            if not (math.isfinite(scrape) and scrape > 0):
+                raise Refused(400, "invalid X-Prometheus-Scrape-Timeout-Seconds", "invalid")
+            # Leave the offset for the response to travel back; never go below half the
+            # scrape timeout, or a short scrape timeout would leave no time to probe at all.
+            limit = min(limit, max(scrape - self.cfg.timeout_offset, scrape / 2))
+        return limit
+
+    async def _run(self, kind: ProbeKind[Any], opts: CommonOptions, raw_target: str,
+                   host: str, literal: IPAddress | None, port: int | None, path: str | None,
+                   deadline: float) -> web.Response:
+        start = time.perf_counter()
+        registry = CollectorRegistry(auto_describe=True)
+        g_success = Gauge("probe_success", "Whether the probe succeeded", registry=registry)
+        g_duration = Gauge("probe_duration_seconds", "Seconds the probe took",
+                           registry=registry)
+        g_dns = Gauge("probe_dns_lookup_time_seconds", "Seconds the name resolution took",
+                      registry=registry)
+        g_proto = Gauge("probe_ip_protocol", "IP protocol version of the probed address",
+                        registry=registry)
+        g_hash = Gauge("probe_ip_addr_hash", "CRC32 of the probed address (changes on flips)",
+                       registry=registry)
+
+        family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(opts.ip_family,
+                                                                        socket.AF_UNSPEC)
+        result: ProbeResult
+        addr: IPAddress | None = None
+        if literal is not None:
+            self.policy.check_address(literal, literal=True)
+            addr = literal
+        else:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(deadline):
+                    addrs = await self.resolver(host, family)
+            except (OSError, TimeoutError, UnicodeError):
+                addrs = []
+            g_dns.set(time.perf_counter() - t0)
+            parsed = [a for a in (_ip(x) for x in addrs) if a is not None]
+            # Every address is checked, not just the one we would pick: a rebinding name
+            # answering [public, 127.0.0.1] is refused as a whole.
+            for a in parsed:
+                self.policy.check_address(a, literal=False)
+            if parsed:
+                addr = parsed[0]
+        if addr is None:
+            result = ProbeResult.failure("resolve_failed")
+        else:
+            g_proto.set(addr.version)
+            g_hash.set(zlib.crc32(addr.packed))
+            run_opts = _fit(opts, deadline, port, path)
+            target = Target(name=host, address=str(addr))
+            remaining = max(0.001, deadline - (time.perf_counter() - start))
+            try:
+                async with asyncio.timeout(remaining):
+                    result = await kind.run(target, run_opts, self.ctx)
+            except TimeoutError:
+                result = ProbeResult.failure("deadline")
+            except Exception:
+                log.exception("probe raised", extra={"probe": kind.name})
+                result = ProbeResult.failure("exception")
+        g_success.set(1 if result.success else 0)
+        g_duration.set(time.perf_counter() - start)
+        _export_result(registry, kind, result)
+        self.stats.requests["ok"] += 1
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _fit(opts: CommonOptions, deadline: float, port: int | None, path: str | None
+         ) -> CommonOptions:
+    """The module's options with the target's port/path, and a timeout that fits the deadline."""
+    names = {f.name for f in dataclasses.fields(opts)}
+    changes: dict[str, Any] = {}
+    if port is not None and "port" in names:
+        changes["port"] = port
+    if path is not None and "path" in names:
+        changes["path"] = path
+    fixed = max(0, opts.packets - 1) * opts.spacing
+    if opts.run_time() > deadline and deadline - fixed > 0.01:
+        changes["timeout"] = deadline - fixed
+    return dataclasses.replace(opts, **changes) if changes else opts
+
+
+def _export_result(registry: CollectorRegistry, kind: ProbeKind[Any], r: ProbeResult) -> None:
+    if kind.packet_based or r.rtts:
+        answered = [x for x in r.rtts if x is not None]
+        Gauge("probe_packets_sent", "Packets sent", registry=registry).set(len(r.rtts))
+        Gauge("probe_packets_received", "Packets answered", registry=registry).set(
+            len(answered))
+        rtt = Gauge("probe_rtt_seconds", "Round-trip times of this run", ["stat"],
+                    registry=registry)
+        if answered:
+            mean = sum(answered) / len(answered)
+            rtt.labels("min").set(min(answered))
+            rtt.labels("mean").set(mean)
+            rtt.labels("max").set(max(answered))
+    if r.phases or kind.phases:
+        ph = Gauge("probe_phase_duration_seconds", "Seconds per phase", ["phase"],
+                   registry=registry)
+        for name in dict.fromkeys((*kind.phases, *r.phases)):
+            ph.labels(name).set(r.phases.get(name, 0.0))
+    fail = Gauge("probe_failed_due_to", "1 for the reason the probe failed", ["reason"],
+                 registry=registry)
+    for reason in kind.all_reasons:
+        fail.labels(reason).set(1 if (not r.success and r.reason == reason) else 0)
+    if r.errors:
+        errs = Gauge("probe_errors", "Per-packet errors of this run", ["reason"],
+                     registry=registry)
+        for reason, n in r.errors.items():
+            if reason in kind.all_reasons or reason in ("stray", "malformed"):
+                errs.labels(reason).set(n)
+    for name, value in r.gauges.items():
+        if name in kind.gauges:
+            Gauge(f"edgeprobe_{name}", kind.gauges[name], registry=registry).set(value)
+    if r.info:
+        keys = sorted(r.info)
+        Gauge("edgeprobe_probe_info", "Facts about the probed endpoint", keys,
+              registry=registry).labels(*(r.info[k] for k in keys)).set(1)
+
+
+def add_probe_route(app: web.Application, cfg: ProbeEndpointConfig,
+                    probes: Mapping[str, ProbeKind[Any]], modules: ModuleLookup,
+                    ctx: ProbeContext, **kw: Any) -> ProbeEndpoint | None:
+    """Mount ``GET /probe`` when ``cfg.enabled``; returns the endpoint (for its stats)."""
+    if not cfg.enabled:
+        return None
+    errs = cfg.validate()
+    if errs:
+        raise ValueError("; ".join(errs))
+    ep = ProbeEndpoint(cfg, probes, modules, ctx, **kw)
+    app.router.add_get("/probe", ep.handle)
+    return ep
+
+
+def modules_from_defaults(defaults: Mapping[str, CommonOptions],
+                          extra: Mapping[str, tuple[str, CommonOptions]] | None = None
+                          ) -> ModuleLookup:
+    """A lookup where each probe kind is a module of its own name (``module=icmp``) with the
+    agent's defaults, plus named modules (``module=tcp_443``)."""
+    table: dict[str, tuple[str, CommonOptions]] = {k: (k, v) for k, v in defaults.items()}
+    table.update(extra or {})
+    return table.get
+
+
