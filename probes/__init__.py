@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from probes import icmp
+from probes import connect, dns, http, icmp, path, stun, tcp, tls, turn, udp
 from probes.base import ProbeKind
 
 PROBES: dict[str, ProbeKind[Any]] = {
     "icmp": icmp.KIND,
+    "tcp": tcp.KIND,
+    "tls": tls.KIND,
+    "http": http.KIND,
+    "dns": dns.KIND,
+    "udp": udp.KIND,
+    "stun": stun.KIND,
+    "turn": turn.KIND,
+    "path": path.KIND,
+    "connect": connect.KIND,
 }
 
 __all__ = ["PROBES"]

@@ -1,0 +1,226 @@
+"""Path probe (MTR-style): per-hop RTT and loss with UDP datagrams of rising TTL.
+
+Each probe is one UDP datagram from its own socket with ``IP_RECVERR``/``IPV6_RECVERR`` set:
+the kernel queues the ICMP Time Exceeded (from a router) or Port Unreachable (from the
+destination) on that socket's error queue together with the offender's address, so no raw
+socket, no capability and no parsing of quoted headers is needed, and a reply can only belong to
+the socket's own probe. ``packets`` rounds are sent, each round TTL 1..``max_hops``, ``spacing``
+apart; hops after the first one where the destination answered are dropped.
+
+Bounded by design: at most ``max_hops`` series per target, labelled by hop index, never by
+address. The ordered hop addresses are hashed into ``path_route_hash`` (an integer below 2**48,
+exact as a float), so a route change is a metric change, and ``path_hops`` is the hop count.
+The scheduler runs this kind on a slow interval, and once more when a budget check of the same
+edge starts failing (``KIND`` is all it needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import socket
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+from probes.base import CommonOptions, HopResult, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.sockopts import (
+    RESOLVE_REASONS,
+    SOCKET_REASONS,
+    Endpoint,
+    ProbeFailed,
+    check_source,
+    make_socket,
+    resolve,
+)
+
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_EE = struct.Struct("=IBBBBII")            # struct sock_extended_err
+_ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
+MAX_HOPS_LIMIT = 32
+
+
+@dataclass(frozen=True)
+class PathOptions(CommonOptions):
+    interval: float = 60.0
+    timeout: float = 2.0
+    packets: int = 3                       # rounds: probes per hop
+    spacing: float = 0.01                  # between probes (all hops of all rounds)
+    max_hops: int = 16
+    port: int = 33434                      # first destination port (traceroute's), +1 per probe
+    method: Literal["udp"] = "udp"
+
+    def run_time(self) -> float:
+        return self.packets * self.max_hops * self.spacing + self.timeout
+
+    def validate(self) -> list[str]:
+        errs = super().validate()
+        if not 1 <= self.max_hops <= MAX_HOPS_LIMIT:
+            errs.append(f"max_hops: must be between 1 and {MAX_HOPS_LIMIT}")
+        if self.packets > 10:
+            errs.append("packets: must be <= 10 for the path probe")
+        if not 1 <= self.port <= 65535 - MAX_HOPS_LIMIT * 10:
+            errs.append("port: out of range")
+        return errs + check_source(self)
+
+
+@dataclass
+class _Probe:
+    ttl: int
+    sock: socket.socket
+    sent_ns: int = 0
+    rtt: float | None = None
+    address: str = ""
+    reached: bool = False
+
+
+def _read_errqueue(p: _Probe, v6: bool) -> bool:
+    """Drain the probe's error queue; True once its ICMP answer was recorded."""
+    got = False
+    for _ in range(8):
+        try:
+            _, anc, _, _ = p.sock.recvmsg(512, 1024, _MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            return got
+        except OSError:
+            return got
+        now = time.perf_counter_ns()
+        for level, ctype, data in anc:
+            if (level, ctype) not in ((socket.IPPROTO_IP, _IP_RECVERR),
+                                      (socket.IPPROTO_IPV6, _IPV6_RECVERR)):
+                continue
+            if len(data) < _EE.size:
+                continue
+            ee_errno, origin, itype, _code, _pad, _info, _d = _EE.unpack_from(data)
+            if origin not in (_ORIGIN_ICMP, _ORIGIN_ICMP6) or p.rtt is not None:
+                continue
+            offender = data[_EE.size:]
+            addr = _sockaddr(offender, v6)
+            time_exceeded = itype == (3 if origin == _ORIGIN_ICMP6 else 11)
+            p.rtt = (now - p.sent_ns) / 1e9
+            p.address = addr
+            p.reached = not time_exceeded and ee_errno in (errno.ECONNREFUSED,
+                                                          errno.EHOSTUNREACH, errno.ENETUNREACH,
+                                                          errno.EACCES, errno.EPERM)
+            got = True
+    return got
+
+
+def _sockaddr(raw: bytes, v6: bool) -> str:
+    try:
+        if v6 and len(raw) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        if len(raw) >= 8:
+            return socket.inet_ntop(socket.AF_INET, raw[4:8])
+    except (ValueError, OSError):
+        pass
+    return ""
+
+
+def route_hash(addresses: list[str]) -> int:
+    """A float-exact (< 2**48) hash of the ordered hop addresses; '' marks a silent hop."""
+    digest = hashlib.sha256("|".join(addresses).encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+async def trace(ep: Endpoint, opts: PathOptions,
+                ctx: ProbeContext) -> tuple[list[HopResult], int, bool]:
+    """(hops 1..n, hop count, destination reached)."""
+    loop = asyncio.get_running_loop()
+    v6 = ep.family == socket.AF_INET6
+    probes: list[_Probe] = []
+    done = asyncio.Event()
+    try:
+        start = time.perf_counter_ns()
+        k = 0
+        for _ in range(opts.packets):
+            for ttl in range(1, opts.max_hops + 1):
+                due = start + int(k * opts.spacing * 1e9)
+                delay = (due - time.perf_counter_ns()) / 1e9
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sock = make_socket(ep, socket.SOCK_DGRAM, opts)
+                p = _Probe(ttl, sock)
+                probes.append(p)
+                if v6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+
+                def on_ready(p: _Probe = p) -> None:
+                    if _read_errqueue(p, v6) or p.rtt is not None:
+                        loop.remove_reader(p.sock.fileno())
+                        done.set()
+                    else:
+                        # A datagram (a UDP service answered): the destination is reached.
+                        try:
+                            p.sock.recv(2048)
+                            p.rtt = (time.perf_counter_ns() - p.sent_ns) / 1e9
+                            p.address, p.reached = ep.address, True
+                        except OSError:
+                            pass
+                        loop.remove_reader(p.sock.fileno())
+
+                loop.add_reader(sock.fileno(), on_ready)
+                p.sent_ns = time.perf_counter_ns()
+                # A local send error (no route) gets no answer: a loss at this hop.
+                with contextlib.suppress(OSError):
+                    sock.sendto(b"edgeprobe-path" + bytes(18),
+                                ep.sockaddr(opts.port + k % (MAX_HOPS_LIMIT * 10)))
+                k += 1
+        end = max(p.sent_ns for p in probes) + int(opts.timeout * 1e9)
+        while any(p.rtt is None for p in probes):
+            now = time.perf_counter_ns()
+            if now >= end:
+                break
+            done.clear()
+            try:
+                async with asyncio.timeout((end - now) / 1e9):
+                    await done.wait()
+            except TimeoutError:
+                break
+    finally:
+        for p in probes:
+            loop.remove_reader(p.sock.fileno())
+            p.sock.close()
+    reached_ttls = [p.ttl for p in probes if p.reached]
+    hop_count = min(reached_ttls) if reached_ttls else max(
+        (p.ttl for p in probes if p.rtt is not None), default=0)
+    last = hop_count if reached_ttls else opts.max_hops
+    hops: list[HopResult] = []
+    for ttl in range(1, last + 1):
+        mine = [p for p in probes if p.ttl == ttl]
+        seen = Counter(p.address for p in mine if p.address)
+        hops.append(HopResult(ttl, [p.rtt for p in mine],
+                              seen.most_common(1)[0][0] if seen else ""))
+    return hops, hop_count, bool(reached_ttls)
+
+
+async def run(target: Target, opts: PathOptions, ctx: ProbeContext) -> ProbeResult:
+    t0 = time.perf_counter_ns()
+    try:
+        ep = await resolve(target.address, opts, ctx)
+        hops, count, reached = await trace(ep, opts, ctx)
+    except ProbeFailed as e:
+        return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
+    return ProbeResult(
+        success=reached, reason="ok" if reached else "path_incomplete",
+        duration=(time.perf_counter_ns() - t0) / 1e9, hops=hops,
+        gauges={"path_hops": float(count),
+                "path_route_hash": float(route_hash([h.address for h in hops]))})
+
+
+REASONS: tuple[str, ...] = ("path_incomplete", *RESOLVE_REASONS, *SOCKET_REASONS)
+
+KIND = ProbeKind(
+    name="path", options=PathOptions, run=run, reasons=REASONS,
+    gauges={"path_hops": "Hops to the edge in the last path run (TTL that reached it).",
+            "path_route_hash": "Hash of the ordered hop addresses; a change is a route change."})
