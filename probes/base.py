@@ -132,18 +132,18 @@ class ProbeContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-O = TypeVar("O", bound=CommonOptions)
-ProbeFn = Callable[[Target, O, ProbeContext], Awaitable[ProbeResult]]
+OptT = TypeVar("OptT", bound=CommonOptions)
+ProbeFn = Callable[[Target, OptT, ProbeContext], Awaitable[ProbeResult]]
 
 # Reasons every kind may produce, beyond its own.
 COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "deadline", "exception")
 
 
 @dataclass(frozen=True)
-class ProbeKind(Generic[O]):
+class ProbeKind(Generic[OptT]):
     name: str
-    options: type[O]
-    run: ProbeFn[O]
+    options: type[OptT]
+    run: ProbeFn[OptT]
     packet_based: bool = False
     phases: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()

@@ -1,23 +1,570 @@
-"""ICMP echo probe (placeholder until the shared-socket engine lands)."""
+"""ICMP echo probe over one shared socket per address family.
+
+Why not icmplib's ``async_ping``: it opens a socket per ping (with raw sockets every socket then
+sees every reply: O(N^2) at scale), times with the wall clock after the event loop wakes (loop lag
+becomes fake RTT), and forgets which sequence numbers were lost. We use icmplib for what it does
+well (creating the socket with privileged/unprivileged semantics, building echo packets) and do
+the rest here:
+
+* one socket per family serves every target; replies are demultiplexed by (identifier, sequence);
+  the identifier is random per agent run so two agents behind one SNAT don't collide;
+* send time is read immediately around ``sendmsg``; receive time comes from the kernel
+  (SO_TIMESTAMPNS ancillary data), so event-loop lag does not inflate RTT;
+* a reply that matches nothing in flight, comes from the wrong source, fails its checksum or its
+  payload token, or arrives after its timeout, is counted as stray and never as a reply.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Literal
 
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from icmplib import ICMPv4Socket, ICMPv6Socket
+from icmplib.exceptions import ICMPLibError
 
+from probes.base import (
+    CommonOptions,
+    Counters,
+    NullCounters,
+    ProbeContext,
+    ProbeKind,
+    ProbeResult,
+    Target,
+)
+from probes.resolve import ResolveError, Resolver
 
-class IcmpEngines:
-    pass
+log = logging.getLogger("edgeprobe.icmp")
+
+# Linux constants Python's socket module does not export.
+SO_TIMESTAMPNS = 35
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+SOL_RAW = 255
+ICMP_FILTER = 1
+ICMP6_FILTER = 1
+MSG_ERRQUEUE = 0x2000
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+
+_TS = struct.Struct("@qq")                 # struct timespec on 64-bit Linux
+_EE = struct.Struct("@IBBBBII")            # struct sock_extended_err
+_IDSEQ = struct.Struct("!HH")
+_HDR = struct.Struct("!BBHHH")
+
+Mode = Literal["privileged", "unprivileged"]
+TOKEN_LEN = 8
+SEQ_SPACE = 1 << 16
+# Seconds a finished run's sequence numbers are remembered, to tell "late" from "unknown".
+EXPIRED_MEMORY = 4096
+
+REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unavailable",
+           "overload")
 
 
 @dataclass(frozen=True)
 class IcmpOptions(CommonOptions):
     packets: int = 5
+    ttl: int = 64
+
+    def validate(self) -> list[str]:
+        errs = super().validate()
+        if not 1 <= self.ttl <= 255:
+            errs.append("ttl: must be between 1 and 255")
+        return errs
+
+
+@dataclass
+class PingOutcome:
+    """Per-packet outcome of one train, in send order."""
+
+    rtts: list[float | None]
+    ids: list[int]
+    errors: list[str | None]
+    responders: list[str | None]
+    error_rtts: list[float | None]   # RTT of the ICMP error (e.g. TTL exceeded) per packet
+
+    @property
+    def error_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.errors:
+            if e is not None:
+                out[e] = out.get(e, 0) + 1
+        return out
+
+
+class _Run:
+    __slots__ = ("done", "error_rtts", "errors", "ids", "left", "responders", "rtts",
+                 "timeout_ns")
+
+    def __init__(self, n: int, timeout_ns: int, done: asyncio.Future[None]) -> None:
+        self.rtts: list[float | None] = [None] * n
+        self.errors: list[str | None] = [None] * n
+        self.responders: list[str | None] = [None] * n
+        self.error_rtts: list[float | None] = [None] * n
+        self.ids = [0] * n
+        self.left = n
+        self.timeout_ns = timeout_ns
+        self.done = done
+
+    def settle(self, idx: int) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass
+class _Slot:
+    __slots__ = ("dest", "idx", "run", "t_mono", "t_real")
+    run: _Run
+    idx: int
+    dest: str
+    t_mono: int
+    t_real: int
+
+
+@dataclass
+class EngineStats:
+    clock_fallbacks: int = 0    # kernel timestamp unusable (missing, or wall clock stepped)
+    received: int = 0
+
+
+def _open(family: int, mode: Mode) -> socket.socket:
+    """Create the socket through icmplib so its privilege semantics and errors apply."""
+    cls = ICMPv4Socket if family == socket.AF_INET else ICMPv6Socket
+    icmp_sock = cls(privileged=(mode == "privileged"))
+    sock: socket.socket = icmp_sock.sock
+    # Detach so icmplib's __del__ does not close our fd.
+    icmp_sock._sock = None
+    return sock
+
+
+class IcmpEngine:
+    """One ICMP socket for one address family, shared by every target of that family."""
+
+    def __init__(self, family: int, mode: Mode, counters: Counters | None = None) -> None:
+        self.family = family
+        self.mode: Mode = mode
+        self.counters = counters or NullCounters()
+        self.stats = EngineStats()
+        self.sock = _open(family, mode)
+        self.sock.setblocking(False)
+        self.v6 = family == socket.AF_INET6
+        if mode == "unprivileged":
+            # The kernel sets the identifier to the socket's port; a random port gives a random id.
+            for _ in range(32):
+                with contextlib.suppress(OSError):
+                    self.sock.bind(("::" if self.v6 else "0.0.0.0", secrets.randbelow(65000) + 1))
+                    break
+            else:
+                self.sock.bind(("::" if self.v6 else "0.0.0.0", 0))
+            self.ident = int(self.sock.getsockname()[1])
+        else:
+            self.ident = secrets.randbelow(0xFFFF) + 1
+            self._install_filter()
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        if self.v6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            self.sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.token = secrets.token_bytes(TOKEN_LEN)
+        self._echo_type = 128 if self.v6 else 8
+        self._reply_type = 129 if self.v6 else 0
+        self._pending: dict[int, _Slot] = {}
+        self._expired: dict[int, int] = {}
+        self._seq = secrets.randbelow(SEQ_SPACE)
+        self._payloads: dict[int, bytes] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _install_filter(self) -> None:
+        # Raw sockets see every ICMP message on the host; let the kernel drop what we never use.
+        try:
+            if self.v6:
+                keep = (1, 3, 129)  # unreachable, time exceeded, echo reply
+                words = [0xFFFFFFFF] * 8
+                for t in keep:
+                    words[t >> 5] &= ~(1 << (t & 31))
+                self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER,
+                                     struct.pack("=8I", *words))
+            else:
+                keep_mask = (1 << 0) | (1 << 3) | (1 << 11)
+                self.sock.setsockopt(SOL_RAW, ICMP_FILTER,
+                                     struct.pack("=I", ~keep_mask & 0xFFFFFFFF))
+        except OSError as e:  # pragma: no cover - filter is an optimisation only
+            log.debug("icmp filter not installed: %s", e)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop = loop
+            loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.sock.fileno())
+            self._loop = None
+        for slot in self._pending.values():
+            if not slot.run.done.done():
+                slot.run.done.cancel()
+        self._pending.clear()
+        self.sock.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # ---------------------------------------------------------------- sending
+    def _payload(self, size: int) -> bytes:
+        p = self._payloads.get(size)
+        if p is None:
+            pattern = (self.token + bytes(range(0x20, 0x7F))) * (size // 100 + 1)
+            p = self._payloads[size] = pattern[:size]
+        return p
+
+    def _packet(self, seq: int, payload: bytes) -> bytes:
+        hdr = _HDR.pack(self._echo_type, 0, 0, self.ident, seq)
+        if self.v6:
+            return hdr + payload  # the kernel fills in the ICMPv6 checksum (pseudo-header)
+        csum = _checksum(hdr + payload)
+        return _HDR.pack(self._echo_type, 0, csum, self.ident, seq) + payload
+
+    def _next_seq(self) -> int | None:
+        for _ in range(SEQ_SPACE):
+            self._seq = (self._seq + 1) & 0xFFFF
+            if self._seq not in self._pending:
+                return self._seq
+        return None
+
+    def _send(self, run: _Run, idx: int, dest: str, payload: bytes, cmsgs: list[tuple[int, int,
+              bytes]]) -> None:
+        if run.done.done():
+            return  # the run was abandoned (cancelled) before this packet's turn
+        seq = self._next_seq()
+        if seq is None:
+            run.errors[idx] = "overload"
+            run.settle(idx)
+            return
+        pkt = self._packet(seq, payload)
+        addr = (dest, 0)
+        t_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        t_mono = time.monotonic_ns()
+        try:
+            if cmsgs:
+                self.sock.sendmsg([pkt], cmsgs, 0, addr)
+            else:
+                self.sock.sendto(pkt, addr)
+        except OSError as e:
+            run.errors[idx] = "unreachable" if e.errno in (
+                errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL) else "send_error"
+            run.settle(idx)
+            return
+        self._pending[seq] = _Slot(run, idx, dest, t_mono, t_real)
+        run.ids[idx] = seq
+
+    async def ping(self, dest: str, count: int = 1, spacing: float = 0.02, timeout: float = 1.0,
+                   payload_size: int = 56, tos: int = 0, ttl: int | None = None) -> PingOutcome:
+        """Send ``count`` echo requests ``spacing`` seconds apart and wait for each one's
+        reply or its timeout. Cancelling abandons the train without settling anything."""
+        loop = asyncio.get_running_loop()
+        self.attach(loop)
+        dest = str(ipaddress.ip_address(dest.split("%", 1)[0])) if "%" not in dest else dest
+        done: asyncio.Future[None] = loop.create_future()
+        run = _Run(count, int(timeout * 1e9), done)
+        payload = self._payload(payload_size)
+        cmsgs: list[tuple[int, int, bytes]] = []
+        if tos:
+            cmsgs.append((socket.IPPROTO_IPV6, socket.IPV6_TCLASS, struct.pack("=i", tos))
+                         if self.v6 else (socket.IPPROTO_IP, socket.IP_TOS, bytes([tos])))
+        if ttl is not None and ttl != 64:
+            cmsgs.append((socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT, struct.pack("=i", ttl))
+                         if self.v6 else (socket.IPPROTO_IP, socket.IP_TTL, struct.pack("=i", ttl)))
+        t0 = loop.time()
+        handles: list[asyncio.TimerHandle] = []
+        self._send(run, 0, dest, payload, cmsgs)
+        for i in range(1, count):
+            handles.append(loop.call_at(t0 + i * spacing, self._send, run, i, dest, payload,
+                                        cmsgs))
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(t0 + (count - 1) * spacing + timeout):
+                    await done
+        finally:
+            for h in handles:
+                h.cancel()
+            if not done.done():
+                done.cancel()
+            self._expire(run)
+        return PingOutcome(run.rtts, run.ids, run.errors, run.responders, run.error_rtts)
+
+    def _expire(self, run: _Run) -> None:
+        now = time.monotonic_ns()
+        for idx, seq in enumerate(run.ids):
+            slot = self._pending.get(seq)
+            if slot is not None and slot.run is run:
+                del self._pending[seq]
+                self._expired[seq] = now
+                if run.rtts[idx] is None and run.errors[idx] is None:
+                    run.errors[idx] = "timeout"
+        while len(self._expired) > EXPIRED_MEMORY:
+            del self._expired[next(iter(self._expired))]
+
+    # -------------------------------------------------------------- receiving
+    def _on_readable(self) -> None:
+        recv = self.sock.recvmsg
+        for _ in range(10000):  # bounded so one flood cannot starve the loop
+            try:
+                data, anc, _flags, addr = recv(2048, 64)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # A pending ICMP error is reported on the next recv; read the error queue.
+                self._drain_errqueue()
+                continue
+            rx_mono = time.monotonic_ns()
+            self.stats.received += 1
+            self._handle(data, anc, str(addr[0]), rx_mono)
+        self._drain_errqueue()
+
+    def _handle(self, data: bytes, anc: list[tuple[int, int, bytes]], src: str,
+                rx_mono: int) -> None:
+        if self.v6 or self.mode == "unprivileged":
+            icmp = data
+        else:
+            if len(data) < 20:
+                self.counters.stray("icmp", "malformed")
+                return
+            ihl = (data[0] & 0x0F) * 4
+            icmp = data[ihl:]
+        if len(icmp) < 8:
+            self.counters.stray("icmp", "malformed")
+            return
+        itype = icmp[0]
+        if itype == self._reply_type:
+            ident, seq = _IDSEQ.unpack_from(icmp, 4)
+            if ident != self.ident:
+                self.counters.stray("icmp", "foreign")
+                return
+            if not self.v6 and self.mode == "privileged" and _checksum(icmp) != 0:
+                self.counters.stray("icmp", "bad_checksum")
+                return
+            slot = self._pending.get(seq)
+            if slot is None:
+                self.counters.stray("icmp", "late" if seq in self._expired else "unmatched")
+                return
+            if src != slot.dest:
+                self.counters.stray("icmp", "wrong_source")
+                return
+            body = icmp[8:]
+            if len(body) >= TOKEN_LEN and body[:TOKEN_LEN] != self.token:
+                self.counters.stray("icmp", "bad_payload")
+                return
+            run = slot.run
+            rtt_ns = self._rtt_ns(slot, anc, rx_mono)
+            del self._pending[seq]
+            if rtt_ns > run.timeout_ns:
+                # Arrived, but after its own timeout: lost by definition (RFC 7680).
+                self.counters.stray("icmp", "late")
+                run.errors[slot.idx] = "timeout"
+            else:
+                run.rtts[slot.idx] = rtt_ns / 1e9
+                run.responders[slot.idx] = src
+            self._expired[seq] = rx_mono
+            run.settle(slot.idx)
+            return
+        if itype in ((1, 3) if self.v6 else (3, 11)):
+            # Raw sockets get ICMP errors quoting our request: original header + 8 bytes.
+            inner = icmp[8:]
+            if not self.v6:
+                if len(inner) < 20:
+                    self.counters.stray("icmp", "malformed")
+                    return
+                inner = inner[(inner[0] & 0x0F) * 4:]
+            else:
+                inner = inner[40:]
+            if len(inner) < 8 or inner[0] != self._echo_type:
+                return  # an error about someone else's traffic
+            ident, seq = _IDSEQ.unpack_from(inner, 4)
+            if ident != self.ident:
+                return
+            reason = "ttl_exceeded" if itype in (3 if self.v6 else 11,) else "unreachable"
+            self._settle_error(seq, reason, src, rx_mono, anc)
+            return
+        # echo requests (our own, on loopback) and anything else: not ours to count
+
+    def _settle_error(self, seq: int, reason: str, src: str, rx_mono: int,
+                      anc: list[tuple[int, int, bytes]]) -> None:
+        slot = self._pending.pop(seq, None)
+        if slot is None:
+            self.counters.stray("icmp", "late" if seq in self._expired else "unmatched")
+            return
+        run = slot.run
+        run.errors[slot.idx] = reason
+        run.responders[slot.idx] = src
+        # An error still tells how far the packet got and when: the path probe's hop RTT.
+        run.error_rtts[slot.idx] = self._rtt_ns(slot, anc, rx_mono) / 1e9
+        self._expired[seq] = rx_mono
+        run.settle(slot.idx)
+
+    def _drain_errqueue(self) -> None:
+        # Unprivileged sockets receive ICMP errors only through the error queue (IP_RECVERR).
+        for _ in range(1000):
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(512, 512, MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            rx_mono = time.monotonic_ns()
+            origin = itype = 0
+            offender = ""
+            for level, ctype, cdata in anc:
+                if (level, ctype) in ((socket.IPPROTO_IP, IP_RECVERR),
+                                      (socket.IPPROTO_IPV6, IPV6_RECVERR)) and len(cdata) >= 16:
+                    _eerr, origin, itype, _code, _pad, _info, _d = _EE.unpack_from(cdata)
+                    offender = _offender(cdata[16:], self.v6)
+            if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6) or len(data) < 8:
+                continue
+            _t, _c, _cs, ident, seq = _HDR.unpack_from(data)
+            if ident != self.ident and self.mode == "privileged":
+                continue
+            exceeded = itype == (3 if self.v6 else 11)
+            self._settle_error(seq, "ttl_exceeded" if exceeded else "unreachable", offender,
+                               rx_mono, anc)
+
+    def _rtt_ns(self, slot: _Slot, anc: list[tuple[int, int, bytes]], rx_mono: int) -> int:
+        user = rx_mono - slot.t_mono
+        for level, ctype, cdata in anc:
+            if level == socket.SOL_SOCKET and ctype == SCM_TIMESTAMPNS and len(cdata) >= 16:
+                sec, nsec = _TS.unpack_from(cdata)
+                kern: int = sec * 1_000_000_000 + nsec - slot.t_real
+                # The kernel stamped the packet before we read it, so a kernel RTT above the
+                # user-space one (plus slew allowance) means the wall clock stepped meanwhile.
+                if 0 <= kern <= user + 100_000:
+                    return kern
+                break
+        self.stats.clock_fallbacks += 1
+        return user
+
+
+def _offender(raw: bytes, v6: bool) -> str:
+    try:
+        if v6 and len(raw) >= 24:
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        if not v6 and len(raw) >= 8:
+            return socket.inet_ntop(socket.AF_INET, raw[4:8])
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
+def _checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum (returns 0 when verifying a packet that carries one)."""
+    if len(data) % 2:
+        data += b"\x00"
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+@dataclass
+class IcmpEngines:
+    """The agent's ICMP sockets, created on first use, one per family."""
+
+    mode: Literal["auto", "privileged", "unprivileged"] = "auto"
+    counters: Counters = field(default_factory=NullCounters)
+    engines: dict[int, IcmpEngine] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+
+    def get(self, family: int) -> IcmpEngine | None:
+        eng = self.engines.get(family)
+        if eng is not None or family in self.failures:
+            return eng
+        tried: list[str] = []
+        order: list[Mode] = (["unprivileged", "privileged"] if self.mode == "auto"
+                             else [self.mode])
+        for m in order:
+            try:
+                eng = IcmpEngine(family, m, self.counters)
+            except (ICMPLibError, OSError) as e:
+                tried.append(f"{m}: {_why(e, m)}")
+                continue
+            fam = "ipv6" if family == socket.AF_INET6 else "ipv4"
+            if tried:
+                log.info("icmp %s socket: %s mode (%s)", fam, m, "; ".join(tried))
+            else:
+                log.info("icmp %s socket: %s mode", fam, m)
+            self.engines[family] = eng
+            return eng
+        self.failures[family] = "; ".join(tried)
+        log.error("icmp %s socket unavailable: %s",
+                  "ipv6" if family == socket.AF_INET6 else "ipv4", self.failures[family])
+        return None
+
+    def describe(self) -> str:
+        modes = {e.mode for e in self.engines.values()}
+        return ",".join(sorted(modes)) or "none"
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+        self.engines.clear()
+
+
+def _why(e: Exception, mode: Mode) -> str:
+    if mode == "unprivileged":
+        try:
+            with open("/proc/sys/net/ipv4/ping_group_range") as f:
+                rng = f.read().split()
+        except OSError:
+            rng = []
+        return (f"net.ipv4.ping_group_range is {' '.join(rng) or 'unknown'}, which excludes "
+                f"group {os.getgid()}")
+    return "raw sockets need CAP_NET_RAW" if "ermission" in str(e) else str(e)
+
+
+async def resolve_target(target: Target, opts: CommonOptions, ctx: ProbeContext) -> tuple[
+        str, int] | str:
+    """(address, family), or a bounded failure reason."""
+    resolver = ctx.resolver or Resolver()
+    try:
+        r = await resolver.resolve(target.address, opts.ip_family)
+    except ResolveError as e:
+        return e.reason
+    return r.address, r.family
 
 
 async def run(target: Target, opts: IcmpOptions, ctx: ProbeContext) -> ProbeResult:
-    return ProbeResult.failure("exception")
+    t0 = time.monotonic()
+    resolved = await resolve_target(target, opts, ctx)
+    if isinstance(resolved, str):
+        return ProbeResult.failure(resolved, time.monotonic() - t0)
+    address, family = resolved
+    engine = ctx.icmp.get(family) if ctx.icmp is not None else None
+    if engine is None:
+        return ProbeResult.failure("socket_unavailable", time.monotonic() - t0)
+    out = await engine.ping(address, opts.packets, opts.spacing, opts.timeout, opts.payload_size,
+                            opts.tos, opts.ttl)
+    errors = out.error_counts
+    answered = sum(r is not None for r in out.rtts)
+    reason = "ok"
+    if not answered:
+        reason = max(errors, key=lambda k: errors[k]) if errors else "timeout"
+    errors.pop("timeout", None)  # plain loss is counted by packets_lost_total, not as an error
+    return ProbeResult(success=answered > 0, reason=reason, duration=time.monotonic() - t0,
+                       rtts=out.rtts, packet_ids=out.ids, errors=errors)
 
 
-KIND = ProbeKind(name="icmp", options=IcmpOptions, run=run, packet_based=True)
+KIND = ProbeKind(name="icmp", options=IcmpOptions, run=run, packet_based=True, reasons=REASONS)

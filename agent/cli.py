@@ -1,0 +1,256 @@
+"""Command line: ``edgeprobe run | check-config | probe`` in the Prometheus exporter style."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from agent import config as cfgmod
+from agent import logs, model
+from agent.collector import VERSION
+from agent.decode import ConfigError, parse_duration
+from agent.stats import quantile
+
+log = logging.getLogger("edgeprobe")
+DEFAULT_LISTEN = ":9798"
+
+
+def _duration(s: str) -> float:
+    try:
+        return parse_duration(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeprobe",
+        description="Probe RTC edge nodes continuously and export RTT, jitter, loss and "
+                    "connect-budget metrics to Prometheus.")
+    p.add_argument("--version", action="version", version=f"edgeprobe {VERSION}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def log_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"),
+                        default="logfmt", help="log format (default: logfmt)")
+        sp.add_argument("--log.level", dest="log_level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+
+    r = sub.add_parser("run", help="run the agent and serve /metrics",
+                       description="Run the agent: probe the configured targets and serve "
+                                   "/metrics, /-/healthy, /-/ready and POST /-/reload. "
+                                   "SIGHUP reloads the config; SIGTERM/SIGINT stop it.")
+    r.add_argument("--config.file", dest="config_file", required=True, metavar="PATH",
+                   help="YAML config file")
+    r.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
+                   metavar="ADDR", help=f"address to serve on (default {DEFAULT_LISTEN})")
+    r.add_argument("--config.watch", dest="config_watch", action="store_true",
+                   help="also reload when the config file changes (polled)")
+    log_flags(r)
+
+    c = sub.add_parser("check-config", help="validate a config file and exit",
+                       description="Validate a config file: exit 0 if it is valid, non-zero "
+                                   "with the error (key path and line) otherwise.")
+    c.add_argument("path", metavar="PATH")
+
+    pr = sub.add_parser("probe", help="one-shot probe of hosts, with a budget verdict",
+                        description="Ping each HOST once with a train of ICMP echoes and print "
+                                    "an mtr/fping-style summary plus a verdict against the "
+                                    "connect budget.")
+    pr.add_argument("hosts", nargs="+", metavar="HOST")
+    pr.add_argument("-c", "--count", type=int, default=10, help="packets per host (default 10)")
+    pr.add_argument("--spacing", type=_duration, default=0.1,
+                    help="time between packets (default 100ms)")
+    pr.add_argument("--timeout", type=_duration, default=1.0,
+                    help="per-packet timeout (default 1s)")
+    pr.add_argument("--budget", type=_duration, default=0.6,
+                    help="connect budget (default 600ms)")
+    pr.add_argument("--size", type=int, default=56, help="payload bytes (default 56)")
+    pr.add_argument("--ip-family", choices=("auto", "ipv4", "ipv6"), default="auto")
+    pr.add_argument("--icmp-mode", choices=("auto", "privileged", "unprivileged"),
+                    default="auto")
+    pr.add_argument("--json", action="store_true", help="print JSON with per-packet RTTs")
+    log_flags(pr)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            cfg = cfgmod.load(args.path)
+        except ConfigError as e:
+            print(f"edgeprobe: config error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.path}: OK ({len(cfg.jobs)} probe series, region {cfg.agent.region})")
+        return 0
+    logs.setup(args.log_format, args.log_level)
+    if args.command == "run":
+        return uvloop.run(_run(args))
+    if args.count < 1 or args.count > 10000:
+        print("edgeprobe: --count must be between 1 and 10000", file=sys.stderr)
+        return 2
+    return uvloop.run(_probe(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from agent.app import Agent
+    from agent.web import build_app, serve
+
+    try:
+        cfg = cfgmod.load(args.config_file)
+    except ConfigError as e:
+        log.error("invalid config", extra={"error": str(e)})
+        print(f"edgeprobe: config error: {e}", file=sys.stderr)
+        return 1
+    agent = Agent(cfg, Path(args.config_file))
+    app = build_app(agent)
+    try:
+        runner = await serve(app, args.listen)
+    except (OSError, ValueError) as e:
+        print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        return 1
+    await agent.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(agent.reload()))
+    watcher = loop.create_task(_watch(agent, Path(args.config_file))) if args.config_watch \
+        else None
+    await stop.wait()
+    log.info("shutting down")
+    if watcher is not None:
+        watcher.cancel()
+    await agent.stop(grace=3.0)
+    await runner.cleanup()
+    return 0
+
+
+async def _watch(agent: Any, path: Path, period: float = 2.0) -> None:
+    """Reload when the file's (mtime, size, inode) changes: works with ConfigMap symlink swaps."""
+    def sig() -> tuple[float, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_mtime, st.st_size, st.st_ino
+    last = sig()
+    while True:
+        await asyncio.sleep(period)
+        cur = sig()
+        if cur is not None and cur != last:
+            last = cur
+            await agent.reload()
+
+
+async def _probe(args: argparse.Namespace) -> int:
+    from probes.base import ProbeContext, Target
+    from probes.icmp import IcmpEngines, IcmpOptions
+    from probes.icmp import run as icmp_run
+    from probes.resolve import ResolveError, Resolver
+
+    engines = IcmpEngines(mode=args.icmp_mode)
+    resolver = Resolver()
+    ctx = ProbeContext(icmp=engines, resolver=resolver)
+    run_time = (args.count - 1) * args.spacing + args.timeout
+    opts = IcmpOptions(interval=run_time, packets=args.count, spacing=args.spacing,
+                       timeout=args.timeout, payload_size=args.size, ip_family=args.ip_family)
+    problems = opts.validate()
+    if problems:
+        print(f"edgeprobe: {problems[0]}", file=sys.stderr)
+        return 2
+
+    async def one(host: str) -> dict[str, Any]:
+        address = ""
+        with contextlib.suppress(ResolveError):
+            address = (await resolver.resolve(host, args.ip_family)).address
+        res = await icmp_run(Target(name=host, address=host), opts, ctx)
+        fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+        eng = engines.engines.get(fam)
+        return summarize(host, address, res.rtts, res.packet_ids, res.reason, args.budget,
+                         eng.ident if eng else None)
+
+    try:
+        rows = await asyncio.gather(*(one(h) for h in args.hosts))
+    finally:
+        engines.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_table(rows, args.budget))
+    return 0 if all(r["verdict"] != "FAIL" for r in rows) else 3
+
+
+def summarize(host: str, address: str, rtts: list[float | None], ids: list[int], reason: str,
+              budget: float, icmp_id: int | None) -> dict[str, Any]:
+    answered = sorted(r for r in rtts if r is not None)
+    lost = len(rtts) - len(answered)
+    jitter = 0.0
+    prev = None
+    for r in rtts:
+        if r is None:
+            continue
+        if prev is not None:
+            jitter += (abs(r - prev) - jitter) / 16
+        prev = r
+    d = cfgmod.ModelConfig()
+    pred = model.predict(answered, lost, jitter, budget, d.round_trips, d.fixed, d.exchanges)
+    upper = model.wilson_interval(lost, len(rtts))[1]
+    if pred is None or not answered or pred.estimate > budget or pred.miss_probability > 0.05:
+        verdict = "FAIL"
+    elif pred.miss_probability > 0.01 or pred.estimate > 0.8 * budget:
+        verdict = "MARGINAL"
+    else:
+        verdict = "PASS"
+
+    def ms(v: float) -> float | None:
+        return None if math.isnan(v) or math.isinf(v) else round(v * 1000, 3)
+
+    return {
+        "host": host, "address": address, "icmp_id": icmp_id, "sent": len(rtts), "lost": lost,
+        "loss_ratio": lost / len(rtts) if rtts else 0.0, "loss_ratio_upper95": upper,
+        "min_ms": ms(answered[0]) if answered else None,
+        "median_ms": ms(quantile(answered, 0.5)), "p95_ms": ms(quantile(answered, 0.95)),
+        "max_ms": ms(answered[-1]) if answered else None, "jitter_ms": ms(jitter),
+        "connect_estimate_ms": ms(pred.estimate) if pred else None,
+        "budget_miss_probability": pred.miss_probability if pred else 1.0,
+        "mos": round(pred.mos, 2) if pred else None,
+        "reason": reason, "verdict": verdict, "rtts": rtts, "packet_ids": ids,
+    }
+
+
+def render_table(rows: list[dict[str, Any]], budget: float) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    head = ("HOST", "SENT", "LOST", "LOSS%", "≤LOSS%95", "MIN", "MED", "P95", "MAX", "JITTER",
+            "EST", "P(MISS)", "VERDICT")
+    lines = [head]
+    for r in rows:
+        lines.append((r["host"], str(r["sent"]), str(r["lost"]), f"{100 * r['loss_ratio']:.1f}",
+                      f"{100 * r['loss_ratio_upper95']:.1f}", f(r["min_ms"]), f(r["median_ms"]),
+                      f(r["p95_ms"]), f(r["max_ms"]), f(r["jitter_ms"]),
+                      f(r["connect_estimate_ms"]), f"{r['budget_miss_probability']:.3f}",
+                      r["verdict"] if r["verdict"] != "FAIL" or r["reason"] == "ok"
+                      else f"FAIL ({r['reason']})"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+           for row in lines]
+    d = cfgmod.ModelConfig()
+    out.append(f"RTT in ms. EST = {d.round_trips:g}×median RTT + {d.fixed * 1000:g} ms (cold "
+               f"connect); P(MISS) = model probability of missing the {budget * 1000:g} ms "
+               "budget; ≤LOSS%95 = 95 % Wilson upper bound.")
+    return "\n".join(out)

@@ -1,0 +1,294 @@
+"""The agent's config file: shape, defaults, strict decoding and validation.
+
+Loading never changes running state; the caller swaps configs only after ``load`` succeeded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from agent.decode import ConfigError, Duration, compose, decode, decode_dataclass, fields_as_dict
+from probes import PROBES
+from probes.base import CommonOptions, Target
+
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+# Labels the agent sets itself; a static label may not shadow them.
+RESERVED_LABELS = frozenset({"region", "edge", "probe", "reason", "phase", "le", "quantile",
+                             "hop", "job", "instance"})
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+# 0.5 ms … 5 s. Between 5 ms and 1 s, where edge RTTs live, boundaries are 4 % apart: even when
+# every sample of a narrow distribution sits at one end of a bucket, histogram_quantile's linear
+# interpolation lands at most half a bucket (2 %) from the true quantile. Exactly 0.6 (the connect
+# budget) is a boundary so PromQL can count "within budget". Cost: 152 bucket series per target.
+def default_rtt_buckets() -> tuple[float, ...]:
+    out: list[float] = [0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004]
+    b = 0.005
+    while b < 1.0:
+        out.append(float(f"{b:.4g}"))
+        b *= 1.04
+    out += [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 0.6]
+    return tuple(sorted(set(out)))
+
+
+def default_duration_buckets() -> tuple[float, ...]:
+    # Connect/phase durations: coarser, but with 0.6 exactly and dense around the budget.
+    return (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45,
+            0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The connect-time model (see docs/model.md). Defaults: a cold connect (DNS, TCP, TLS 1.3,
+    STUN, DTLS 1.2, half an RTT to first media) has ~7.5 round trips on its critical path and
+    ~100 ms of fixed processing; E = 4 critical-path exchanges whose loss costs a retransmit
+    timer larger than the slack."""
+
+    round_trips: float = 7.5
+    fixed: Duration = Duration(0.1)
+    exchanges: int = 4
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not 0 < self.round_trips <= 50:
+            errs.append("round_trips: must be in (0, 50]")
+        if not 1 <= self.exchanges <= 50:
+            errs.append("exchanges: must be in [1, 50]")
+        return errs
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    region: str
+    labels: dict[str, str] = field(default_factory=dict)
+    budget: Duration = Duration(0.6)
+    max_targets: int = 10000
+    icmp_mode: Literal["auto", "privileged", "unprivileged"] = "auto"
+    resolve_interval: Duration = Duration(60.0)
+    late_tick_threshold: Duration = Duration(0.005)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> list[str]:
+        errs = []
+        if not _NAME_RE.match(self.region):
+            errs.append("region: must be 1-63 characters of letters, digits, '_', '.', ':', '-'")
+        errs += _check_labels(self.labels, "labels")
+        if not 0 < self.budget <= 60:
+            errs.append("budget: must be in (0s, 60s]")
+        if not 1 <= self.max_targets <= 1_000_000:
+            errs.append("max_targets: must be in [1, 1000000]")
+        if self.resolve_interval < 1:
+            errs.append("resolve_interval: must be >= 1s")
+        return errs
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    rtt_buckets: tuple[float, ...] = ()
+    duration_buckets: tuple[float, ...] = ()
+    recent_window: Duration = Duration(60.0)
+
+    def validate(self) -> list[str]:
+        errs = []
+        for key, b in (("rtt_buckets", self.rtt_buckets),
+                       ("duration_buckets", self.duration_buckets)):
+            if b and (list(b) != sorted(set(b)) or b[0] <= 0):
+                errs.append(f"{key}: must be strictly increasing positive numbers")
+            if len(b) > 200:
+                errs.append(f"{key}: at most 200 buckets")
+        if not 5 <= self.recent_window <= 3600:
+            errs.append("recent_window: must be between 5s and 1h")
+        return errs
+
+    @property
+    def rtt(self) -> tuple[float, ...]:
+        return self.rtt_buckets or default_rtt_buckets()
+
+    @property
+    def durations(self) -> tuple[float, ...]:
+        return self.duration_buckets or default_duration_buckets()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scheduled series: a target probed by one kind with its resolved options."""
+
+    target: Target
+    kind: str
+    options: CommonOptions
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.target.name, self.kind)
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentSection
+    metrics: MetricsSection
+    jobs: tuple[Job, ...]
+    source: str = "<config>"
+    # Sections owned by optional features (discovery, /probe endpoint); decoded by them.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_label_keys(self) -> tuple[str, ...]:
+        keys: dict[str, None] = {}
+        for j in self.jobs:
+            keys.update(dict.fromkeys(j.target.labels))
+        return tuple(sorted(keys))
+
+
+@dataclass(frozen=True)
+class _RawTarget:
+    name: str
+    address: str
+    probes: Any = None           # list of kinds, or {kind: {option: value}}
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _check_labels(labels: dict[str, str], key: str) -> list[str]:
+    errs = []
+    for k in labels:
+        if not _LABEL_RE.match(k) or k.startswith("__"):
+            errs.append(f"{key}: invalid label name {k!r}")
+        elif k in RESERVED_LABELS:
+            errs.append(f"{key}: label name {k!r} is reserved by edgeprobe")
+    return errs
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _mapping_items(node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(path, "expected a mapping", _line(node))
+    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for k, v in node.value:
+        key = k.value if isinstance(k, yaml.ScalarNode) else None
+        sub = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            raise ConfigError(path, "keys must be strings", _line(k))
+        if key in out:
+            raise ConfigError(sub, "duplicate key", _line(k))
+        out[key] = (k, v)
+    return out
+
+
+# Sections optional features register to decode; value: decoder(node, path) -> object.
+TOP_LEVEL_KEYS = ("agent", "defaults", "metrics", "targets", "discovery", "probe_endpoint")
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    """Decode and validate a config document. Raises ConfigError naming the key and line."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, f"config larger than {MAX_CONFIG_BYTES} bytes")
+    root = compose(text, source)
+    if root is None:
+        raise ConfigError("agent", "required key is missing (the config is empty)")
+    top = _mapping_items(root, "")
+    for key, (knode, _) in top.items():
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(key, f"unknown key (known keys: {', '.join(TOP_LEVEL_KEYS)})",
+                              _line(knode))
+    if "agent" not in top:
+        raise ConfigError("agent", "required key is missing", _line(root))
+    agent = decode_dataclass(AgentSection, top["agent"][1], "agent")
+    metrics = (decode_dataclass(MetricsSection, top["metrics"][1], "metrics")
+               if "metrics" in top else MetricsSection())
+
+    defaults: dict[str, CommonOptions] = {k: kind.options() for k, kind in PROBES.items()}
+    if "defaults" in top:
+        for kname, (knode, vnode) in _mapping_items(top["defaults"][1], "defaults").items():
+            if kname not in PROBES:
+                raise ConfigError(f"defaults.{kname}", "unknown probe kind (known: "
+                                  f"{', '.join(sorted(PROBES))})", _line(knode))
+            defaults[kname] = decode_dataclass(PROBES[kname].options, vnode,
+                                               f"defaults.{kname}")
+
+    jobs: list[Job] = []
+    targets_node = top.get("targets", (None, None))[1]
+    if targets_node is not None and not (isinstance(targets_node, yaml.ScalarNode)
+                                         and targets_node.tag.endswith(":null")):
+        if not isinstance(targets_node, yaml.SequenceNode):
+            raise ConfigError("targets", "expected a list", _line(targets_node))
+        names: dict[str, int] = {}
+        for i, tnode in enumerate(targets_node.value):
+            jobs += _decode_target(tnode, f"targets[{i}]", defaults, names)
+    if len(jobs) > agent.max_targets:
+        raise ConfigError("targets", f"{len(jobs)} probe series exceed agent.max_targets "
+                          f"({agent.max_targets})")
+    extra = {k: v[1] for k, v in top.items() if k in ("discovery", "probe_endpoint")}
+    return Config(agent=agent, metrics=metrics, jobs=tuple(jobs), source=source, extra=extra)
+
+
+def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions],
+                   names: dict[str, int]) -> list[Job]:
+    items = _mapping_items(node, path)
+    raw = decode_dataclass(_RawTarget, node, path)
+    if not _NAME_RE.match(raw.name):
+        raise ConfigError(f"{path}.name", "must be 1-63 characters of letters, digits, "
+                          "'_', '.', ':', '-'", _line(items["name"][1]))
+    if raw.name in names:
+        raise ConfigError(f"{path}.name", f"duplicate target name {raw.name!r} (first at "
+                          f"line {names[raw.name]})", _line(items["name"][1]))
+    names[raw.name] = _line(items["name"][1])
+    if not raw.address.strip() or len(raw.address) > 253 or any(c.isspace() for c in raw.address):
+        raise ConfigError(f"{path}.address", "must be an IP address or a hostname",
+                          _line(items["address"][1]))
+    for problem in _check_labels(raw.labels, "labels"):
+        raise ConfigError(f"{path}.{problem.split(': ', 1)[0]}", problem.split(": ", 1)[1],
+                          _line(items["labels"][1]))
+    target = Target(name=raw.name, address=raw.address.strip(), labels=dict(raw.labels))
+    pnode = items["probes"][1] if "probes" in items else None
+    kinds: list[tuple[str, yaml.Node | None, yaml.Node]] = []
+    if pnode is None or (isinstance(pnode, yaml.ScalarNode) and pnode.tag.endswith(":null")):
+        kinds = [("icmp", None, node)]
+    elif isinstance(pnode, yaml.SequenceNode):
+        for j, k in enumerate(pnode.value):
+            val = decode(str, k, f"{path}.probes[{j}]")
+            kinds.append((val, None, k))
+    elif isinstance(pnode, yaml.MappingNode):
+        for kname, (knode, vnode) in _mapping_items(pnode, f"{path}.probes").items():
+            kinds.append((kname, vnode, knode))
+    else:
+        raise ConfigError(f"{path}.probes", "expected a list of probe kinds or a mapping of "
+                          "kind to options", _line(pnode))
+    jobs = []
+    seen: set[str] = set()
+    for kname, opts_node, where in kinds:
+        sub = f"{path}.probes.{kname}"
+        if kname not in PROBES:
+            raise ConfigError(sub, f"unknown probe kind (known: {', '.join(sorted(PROBES))})",
+                              _line(where))
+        if kname in seen:
+            raise ConfigError(sub, "probe kind listed twice", _line(where))
+        seen.add(kname)
+        base = defaults[kname]
+        if opts_node is None:
+            opts = base
+        else:
+            opts = decode_dataclass(PROBES[kname].options, opts_node, sub,
+                                    base=fields_as_dict(base))
+        jobs.append(Job(target=target, kind=kname, options=opts))
+    return jobs
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(str(p), f"config larger than {MAX_CONFIG_BYTES} bytes")
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read config file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), "config file is not valid UTF-8") from None
+    return loads(text, str(p))

@@ -1,0 +1,217 @@
+"""Strict YAML decoding into frozen dataclasses, with the key path and line in every error.
+
+Why not a schema library: the types are plain dataclasses shared with the probes, and we want
+errors an operator can act on ("targets[2].probes.icmp.timout: unknown key (line 14)").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+# Deeper nesting than any real config needs; guards against pathological documents.
+MAX_DEPTH = 32
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the operator."""
+
+    def __init__(self, path: str, message: str, line: int | None = None) -> None:
+        self.path = path
+        self.message = message
+        self.line = line
+        where = f" (line {line})" if line is not None else ""
+        super().__init__(f"{path or '<root>'}: {message}{where}")
+
+
+class Duration(float):
+    """Seconds. Decoded from a number or a string like '500ms', '1s', '2m'."""
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 500ms or 1s, got a boolean")
+    if isinstance(value, int | float):
+        f = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"expected a duration like 500ms or 1s, got {value!r}")
+        f = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 500ms or 1s, got {type(value).__name__}")
+    if not math.isfinite(f) or f < 0:
+        raise ValueError(f"duration must be a finite non-negative number, got {value!r}")
+    return f
+
+
+def compose(text: str, source: str = "<config>") -> yaml.Node | None:
+    """Parse YAML into a node tree (keeping line numbers). Raises ConfigError on syntax errors."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
+        raise ConfigError(source, f"invalid YAML: {e.problem}", line) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, f"invalid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(source, "invalid YAML: nested too deeply") from None
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _scalar(node: yaml.Node, path: str) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        kind = "a mapping" if isinstance(node, yaml.MappingNode) else "a list"
+        raise ConfigError(path, f"expected a single value, got {kind}", _line(node))
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, OverflowError) as e:
+        raise ConfigError(path, f"invalid value: {e}", _line(node)) from None
+    finally:
+        loader.dispose()
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Duration:
+        return "duration"
+    if isinstance(tp, type):
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
+            tp.__name__, tp.__name__)
+    return str(tp)
+
+
+def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> Any:
+    """Decode ``node`` as type ``tp``. Supports dataclasses, Literal, Optional/unions with None,
+    list[X], tuple[X, ...], dict[str, X], Mapping[str, X], str, int, float, bool, Duration."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(path, "nested too deeply", _line(node) if node else None)
+    if node is None:
+        raise ConfigError(path, "missing value")
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return None
+        if len(args) == 1:
+            return decode(args[0], node, path, depth)
+        raise TypeError(f"unsupported union {tp}")
+    if origin is Literal:
+        value = _scalar(node, path)
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(path, f"must be one of {', '.join(map(str, allowed))}; got "
+                              f"{value!r}", _line(node))
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return decode_dataclass(tp, node, path, depth)
+    if origin in (list, tuple):
+        targs: tuple[Any, ...] = get_args(tp)
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConfigError(path, "expected a list", _line(node))
+        item_tp = targs[0] if targs else Any
+        items = [decode(item_tp, n, f"{path}[{i}]", depth + 1) for i, n in enumerate(node.value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        _, val_tp = get_args(tp)
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(path, "expected a mapping", _line(node))
+        out: dict[str, Any] = {}
+        for k, v in node.value:
+            key = _scalar(k, path)
+            if not isinstance(key, str):
+                raise ConfigError(path, f"keys must be strings, got {key!r}", _line(k))
+            sub = f"{path}.{key}" if path else key
+            if key in out:
+                raise ConfigError(sub, "duplicate key", _line(k))
+            out[key] = decode(val_tp, v, sub, depth + 1)
+        return out
+    if tp is Any:
+        return _scalar(node, path) if isinstance(node, yaml.ScalarNode) else node
+    value = _scalar(node, path)
+    if tp is Duration or (tp is float and isinstance(value, str)):
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise ConfigError(path, str(e), _line(node)) from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected a boolean, got {value!r}", _line(node))
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}", _line(node))
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"expected a number, got {value!r}", _line(node))
+        if not math.isfinite(value):
+            raise ConfigError(path, f"expected a finite number, got {value!r}", _line(node))
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool | dict | list) or value is None:
+            raise ConfigError(path, f"expected a string, got {value!r}", _line(node))
+        return str(value)
+    raise TypeError(f"unsupported type {tp!r} at {path}")
+
+
+def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int = 0,
+                     base: Mapping[str, Any] | None = None) -> T:
+    """Decode a mapping node into dataclass ``cls``; unknown keys are errors. ``base`` supplies
+    values for keys the node does not set (layered defaults)."""
+    if not isinstance(node, yaml.MappingNode):
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
+        else:
+            raise ConfigError(path, "expected a mapping", _line(node))
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = dict(base or {})
+    seen: set[str] = set()
+    for k, v in node.value:
+        key = _scalar(k, path)
+        sub = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str) or key not in fields or not fields[key].init:
+            known = ", ".join(sorted(n for n, f in fields.items() if f.init))
+            raise ConfigError(sub, f"unknown key (known keys: {known})", _line(k))
+        if key in seen:
+            raise ConfigError(sub, "duplicate key", _line(k))
+        seen.add(key)
+        values[key] = decode(hints[key], v, sub, depth + 1)
+    for name, f in fields.items():
+        if f.init and name not in values and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}.{name}" if path else name, "required key is missing",
+                              _line(node))
+    try:
+        obj = cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(path, str(e), _line(node)) from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        for problem in validate():
+            key, _, msg = problem.partition(": ")
+            sub = f"{path}.{key}" if path else key
+            line = next((_line(k) for k, _ in node.value if getattr(k, "value", None) == key),
+                        _line(node))
+            raise ConfigError(sub, msg or problem, line)
+    return obj
+
+
+def fields_as_dict(obj: Any) -> dict[str, Any]:
+    """Shallow field → value map of a dataclass instance (for layering defaults)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}

@@ -1,0 +1,84 @@
+"""The agent's HTTP server: /metrics, /-/healthy, /-/ready, /-/reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+log = logging.getLogger("edgeprobe.web")
+
+INDEX = """<html><head><title>edgeprobe</title></head><body><h1>edgeprobe</h1>
+<p><a href="/metrics">Metrics</a> &middot; <a href="/-/healthy">Health</a> &middot;
+<a href="/-/ready">Ready</a></p></body></html>"""
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """':9798' → ('0.0.0.0', 9798); '[::1]:9798' → ('::1', 9798)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid listen address {addr!r}; expected HOST:PORT or :PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def build_app(agent: Agent, middlewares: Sequence[Any] = (),
+              routes: Iterable[web.RouteDef] = ()) -> web.Application:
+    """The web application. ``middlewares`` (e.g. basic auth) and extra ``routes`` (e.g. /probe)
+    are the extension point for optional features."""
+    app = web.Application(middlewares=list(middlewares))
+
+    async def index(_: web.Request) -> web.Response:
+        return web.Response(text=INDEX, content_type="text/html")
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        # Serialising thousands of series takes a while: do it off the event loop so probe
+        # timers stay on time.
+        body: bytes = await asyncio.to_thread(encoder, agent.registry)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def healthy(_: web.Request) -> web.Response:
+        return web.Response(text="Healthy.\n")
+
+    async def ready(_: web.Request) -> web.Response:
+        if agent.ready:
+            return web.Response(text="Ready.\n")
+        return web.Response(status=503, text="Not ready.\n")
+
+    async def reload(_: web.Request) -> web.Response:
+        ok, err = await agent.reload()
+        if ok:
+            return web.Response(text="Reloaded.\n")
+        return web.Response(status=500, text=f"Reload failed, running config kept: {err}\n")
+
+    app.router.add_get("/", index)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)
+    app.router.add_post("/-/reload", reload)
+    app.router.add_put("/-/reload", reload)
+    app.add_routes(list(routes))
+    return app
+
+
+async def serve(app: web.Application, listen: str,
+                ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
+    host, port = parse_listen(listen)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    await site.start()
+    log.info("listening", extra={"address": f"{host}:{port}", "tls": ssl_context is not None})
+    return runner
