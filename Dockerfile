@@ -22,7 +22,7 @@
 #           docker run --cap-drop ALL --cap-add NET_RAW --cap-add SETUID --cap-add SETGID \
 #             --user 0 --entrypoint setpriv edgeprobe \
 #             --reuid=10001 --regid=10001 --clear-groups --inh-caps=-all,+net_raw \
-#             --ambient-caps=-all,+net_raw --bounding-set=-all,+net_raw \
+#             --ambient-caps=-all,+net_raw \
 #             /opt/edgeprobe/bin/edgeprobe run --config.file=/etc/edgeprobe/edgeprobe.yml
 #
 # The config lives at /etc/edgeprobe/edgeprobe.yml. The image carries a loopback-only example
@@ -64,20 +64,20 @@ COPY --from=build /opt/edgeprobe /opt/edgeprobe
 COPY deploy/image/edgeprobe.yml /etc/edgeprobe/edgeprobe.yml
 WORKDIR /
 EXPOSE 9798
-# No curl in the slim base; the interpreter is there anyway.
+# No curl in the slim base; the base interpreter is there anyway (not the venv's, which in the
+# netraw target carries a file capability).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9798/-/healthy', timeout=4)"]
+  CMD ["/usr/local/bin/python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9798/-/healthy', timeout=4)"]
 USER 10001:10001
 ENTRYPOINT ["/opt/edgeprobe/bin/edgeprobe"]
 CMD ["run", "--config.file=/etc/edgeprobe/edgeprobe.yml", "--web.listen-address=:9798"]
 
-# CAP_NET_RAW as a file capability on the interpreter the venv points at. Permitted and
-# effective, so the agent needs no capset code; setcap is not in the slim base, hence the
-# script (it writes the security.capability xattr directly).
+# CAP_NET_RAW as a file capability on the venv's interpreter only (a copy of the base one; see
+# the script for why). Permitted and effective, so the agent needs no capset code.
 FROM base AS netraw
 USER 0:0
 RUN --mount=type=bind,source=deploy/image/set_net_raw_cap.py,target=/tmp/set_net_raw_cap.py \
-    ["python", "/tmp/set_net_raw_cap.py", "/opt/edgeprobe/bin/python"]
+    ["/usr/local/bin/python3", "/tmp/set_net_raw_cap.py", "/opt/edgeprobe"]
 USER 10001:10001
 
 # The default target, last so that a plain `docker build` produces it.

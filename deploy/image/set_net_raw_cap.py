@@ -1,16 +1,21 @@
-"""Give a binary CAP_NET_RAW as a file capability (what `setcap cap_net_raw+ep FILE` does).
+"""Give a virtualenv's interpreter CAP_NET_RAW as a file capability (`setcap cap_net_raw+ep`).
 
-The slim base image has no setcap, and installing libcap2-bin for one call would pin a Debian
-package version in the Dockerfile; the xattr format is small and stable (VFS_CAP_REVISION_2,
-linux/capability.h), so the build writes it directly. Symlinks are followed: a venv's
-`bin/python` points at the real interpreter, which is what exec() looks at.
+Only the venv's `bin/python` (the agent's shebang) gets it, as a copy of the real interpreter:
+the base image's own python3 stays plain. That matters because the kernel refuses to exec a
+file whose capability is not in the caller's bounding set, so a sidecar or a health check
+running with every capability dropped must not start a capability-carrying interpreter.
+
+The slim base has no setcap, and installing libcap2-bin would pin a Debian package version in
+the Dockerfile; the xattr format is small and stable (VFS_CAP_REVISION_2, linux/capability.h).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import sys
+from pathlib import Path
 
 CAP_NET_RAW = 13
 VFS_CAP_REVISION_2 = 0x02000000
@@ -19,17 +24,30 @@ VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 
 def net_raw_xattr() -> bytes:
     # magic_etc, then {permitted, inheritable} for capability words 0 (caps 0-31) and 1.
+    # Effective too, so the agent needs no capset call of its own.
     return struct.pack("<5I", VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE,
                        1 << CAP_NET_RAW, 0, 0, 0)
 
 
+def give_venv_net_raw(venv: Path) -> Path:
+    link = venv / "bin" / "python"
+    real = link.resolve()
+    capped = venv / "bin" / "python-netraw"
+    shutil.copy2(real, capped)
+    os.setxattr(capped, "security.capability", net_raw_xattr())
+    # A relative link keeps the venv relocatable (the tests build it outside /opt).
+    tmp = link.with_name("python.tmp")
+    tmp.symlink_to(capped.name)
+    tmp.replace(link)
+    return capped
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print(f"usage: {argv[0]} FILE", file=sys.stderr)
+        print(f"usage: {argv[0]} VENV", file=sys.stderr)
         return 2
-    path = os.path.realpath(argv[1])
-    os.setxattr(path, "security.capability", net_raw_xattr())
-    print(f"{path}: cap_net_raw=ep")
+    capped = give_venv_net_raw(Path(argv[1]))
+    print(f"{capped}: cap_net_raw=ep")
     return 0
 
 
