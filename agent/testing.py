@@ -1,0 +1,52 @@
+"""Test helpers that live beside the code: a fake clock for the scheduler, config builders."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+
+class FakeClock:
+    """A manually advanced clock. ``sleep_until`` parks the caller until ``advance`` passes
+    its time; callers wake in time order."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._n = itertools.count()
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, when: float) -> None:
+        if when <= self.t:
+            await asyncio.sleep(0)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (when, next(self._n), fut))
+        await fut
+
+    async def advance(self, dt: float, step: float | None = None) -> None:
+        """Move time forward by ``dt``, waking sleepers in order and letting them run."""
+        end = self.t + dt
+        while True:
+            await _settle()
+            if not self._sleepers or self._sleepers[0][0] > end:
+                break
+            when, _, fut = heapq.heappop(self._sleepers)
+            self.t = max(self.t, when)
+            if not fut.done():
+                fut.set_result(None)
+        self.t = end
+        await _settle()
+
+    async def jump(self, dt: float) -> None:
+        """Move time forward without waking anyone in between (a stalled event loop)."""
+        self.t += dt
+        await self.advance(0)
+
+
+async def _settle(rounds: int = 20) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)

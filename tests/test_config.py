@@ -1,0 +1,109 @@
+"""Config decoding: the minimal shape, defaults and overrides, and a table of bad files each with
+its exact message (key path and line)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from agent.config import loads
+from agent.decode import ConfigError
+
+MINIMAL = """
+agent:
+  region: id-jakarta
+targets:
+  - name: sg-1
+    address: 127.0.0.1
+    probes: [icmp]
+"""
+
+
+def test_minimal_shape() -> None:
+    cfg = loads(MINIMAL)
+    assert cfg.agent.region == "id-jakarta"
+    assert cfg.agent.budget == 0.6
+    [job] = cfg.jobs
+    assert job.key == ("sg-1", "icmp")
+    assert job.options.interval == 1.0 and job.options.packets == 5
+
+
+def test_defaults_and_target_overrides_layer() -> None:
+    cfg = loads(textwrap.dedent("""
+        agent: {region: br-saopaulo, labels: {provider: example}}
+        defaults:
+          icmp: {interval: 2s, packets: 10, spacing: 50ms, timeout: 800ms, payload_size: 100}
+        targets:
+          - name: a
+            address: edge-a.example.net
+            labels: {tier: near}
+            probes:
+              icmp: {packets: 4}
+          - name: b
+            address: "::1"
+    """))
+    a, b = cfg.jobs
+    assert (a.options.interval, a.options.packets, a.options.spacing, a.options.timeout,
+            a.options.payload_size) == (2.0, 4, 0.05, 0.8, 100)
+    assert b.kind == "icmp" and b.options.packets == 10
+    assert cfg.target_label_keys == ("tier",)
+    assert cfg.agent.labels == {"provider": "example"}
+
+
+BAD = [
+    ("", "agent: required key is missing (the config is empty)"),
+    ("agent: {region: x}\nfoo: 1\n", "foo: unknown key (known keys: agent, defaults, metrics, "
+     "targets, discovery, probe_endpoint) (line 2)"),
+    ("agent:\n  region: x\n  regoin: y\n", "agent.regoin: unknown key (known keys: budget, "
+     "icmp_mode, labels, late_tick_threshold, max_targets, model, region, resolve_interval) "
+     "(line 3)"),
+    ("targets: []\n", "agent: required key is missing (line 1)"),
+    ("agent: {region: x}\ntargets:\n  - name: a\n", "targets[0].address: required key is "
+     "missing (line 3)"),
+    ("agent: {region: x}\ntargets:\n  - {name: a, address: h, probes: [icmpp]}\n",
+     "targets[0].probes.icmpp: unknown probe kind (known: connect, dns, http, icmp, path, stun, "
+     "tcp, tls, turn, udp) (line 3)"),
+    ("agent: {region: x}\ntargets:\n  - name: a\n    address: h\n    probes:\n      icmp:\n"
+     "        timout: 1s\n", "targets[0].probes.icmp.timout: unknown key (known keys: dscp, "
+     "interval, ip_family, packets, payload_size, source_address, spacing, timeout, ttl) "
+     "(line 7)"),
+    ("agent: {region: x}\ndefaults:\n  icmp: {interval: 1s, packets: 20, spacing: 100ms}\n",
+     "defaults.icmp.interval: a run takes up to 2.9s ((packets-1)*spacing + timeout) which does "
+     "not fit in the interval of 1s (line 3)"),
+    ("agent: {region: x}\ndefaults:\n  icmp: {interval: soon}\n", "defaults.icmp.interval: "
+     "expected a duration like 500ms or 1s, got 'soon' (line 3)"),
+    ("agent: {region: x}\ndefaults:\n  icmp: {packets: 2.5}\n", "defaults.icmp.packets: "
+     "expected an integer, got 2.5 (line 3)"),
+    ("agent: {region: x}\ntargets:\n  - {name: a, address: h}\n  - {name: a, address: g}\n",
+     "targets[1].name: duplicate target name 'a' (first at line 3) (line 4)"),
+    ("agent: {region: x, labels: {edge: y}}\n", "agent.labels: label name 'edge' is reserved "
+     "by edgeprobe (line 1)"),
+    ("agent: {region: x, max_targets: 1}\ntargets:\n  - {name: a, address: h}\n"
+     "  - {name: b, address: g}\n", "targets: 2 probe series exceed agent.max_targets (1)"),
+    ("agent: {region: x}\ntargets: {name: a}\n", "targets: expected a list (line 2)"),
+    ("agent: [x]\n", "agent: expected a mapping (line 1)"),
+    ("agent: {region: x\n", "<config>: invalid YAML: expected ',' or '}', but got '<stream end>' "
+     "(line 2)"),
+    ("agent: {region: 'bad region!'}\n", "agent.region: must be 1-63 characters of letters, "
+     "digits, '_', '.', ':', '-' (line 1)"),
+    ("agent: {region: x, icmp_mode: root}\n", "agent.icmp_mode: must be one of auto, "
+     "privileged, unprivileged; got 'root' (line 1)"),
+    ("agent: {region: x}\nmetrics: {rtt_buckets: [0.1, 0.05]}\n", "metrics.rtt_buckets: must "
+     "be strictly increasing positive numbers (line 2)"),
+    ("agent: {region: x}\ntargets:\n  - {name: a, address: 'two words'}\n",
+     "targets[0].address: must be an IP address or a hostname (line 3)"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD)
+def test_bad_config_exact_message(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(text)
+    assert str(e.value) == message
+
+
+def test_deep_nesting_is_an_error_not_a_crash() -> None:
+    deep = "agent: {region: x, labels: " + "[" * 5000 + "]" * 5000 + "}\n"
+    with pytest.raises(ConfigError):
+        loads(deep)

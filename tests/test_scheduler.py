@@ -1,0 +1,138 @@
+"""Scheduler: stagger, fixed rate, skip missed ticks, deadlines, exceptions, diff-apply — on a
+fake clock, so nothing here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from agent.collector import SelfStats
+from agent.config import Job
+from agent.scheduler import Scheduler, stagger
+from agent.testing import FakeClock
+from probes.base import ProbeResult, Target
+from probes.icmp import IcmpOptions
+
+
+def job(name: str, interval: float = 1.0, **kw: object) -> Job:
+    opts = IcmpOptions(interval=interval, packets=1, timeout=min(0.5, interval), **kw)  # type: ignore[arg-type]
+    return Job(Target(name, "127.0.0.1"), "icmp", opts)
+
+
+class Recorder:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.starts: dict[str, list[float]] = {}
+        self.results: list[tuple[str, ProbeResult]] = []
+        self.behaviour: dict[str, str] = {}
+
+    async def call(self, j: Job) -> ProbeResult:
+        self.starts.setdefault(j.target.name, []).append(self.clock.now())
+        b = self.behaviour.get(j.target.name)
+        if b == "raise":
+            raise RuntimeError("boom")
+        if b == "hang":
+            await asyncio.Event().wait()
+        return ProbeResult(success=True)
+
+    def record(self, j: Job, r: ProbeResult) -> None:
+        self.results.append((j.target.name, r))
+
+
+def make(clock: FakeClock) -> tuple[Scheduler, Recorder]:
+    rec = Recorder(clock)
+    return Scheduler(call=rec.call, record=rec.record, stats=SelfStats(), clock=clock), rec
+
+
+async def test_starts_are_staggered_across_the_interval() -> None:
+    clock = FakeClock()
+    sched, rec = make(clock)
+    start = clock.now()
+    sched.apply([job(f"t{i}") for i in range(200)])
+    await clock.advance(0.999)
+    offsets = sorted(v[0] - start for v in rec.starts.values())
+    assert len(offsets) == 200
+    # Spread over the interval, not a burst: every tenth of the interval gets some starts.
+    deciles = {int(o * 10) for o in offsets}
+    assert deciles == set(range(10))
+    for name, first in rec.starts.items():
+        assert abs(first[0] - start - stagger((name, "icmp"))) < 1e-9
+    await sched.stop(0)
+
+
+async def test_fixed_rate_ticks() -> None:
+    clock = FakeClock()
+    sched, rec = make(clock)
+    sched.apply([job("a", interval=2.0)])
+    await clock.advance(10.0)
+    t = rec.starts["a"]
+    assert len(t) == 5
+    assert all(abs((b - a) - 2.0) < 1e-9 for a, b in itertools.pairwise(t))
+    await sched.stop(0)
+
+
+async def test_missed_ticks_are_skipped_not_queued() -> None:
+    clock = FakeClock()
+    sched, rec = make(clock)
+    sched.apply([job("a", interval=1.0)])
+    await clock.advance(1.0)
+    n = len(rec.starts["a"])
+    phase = rec.starts["a"][0] % 1.0
+    next_tick = rec.starts["a"][-1] + 1.0
+    # The event loop stalls for 3.5 intervals: one late run, not back-to-back catch-up runs.
+    await clock.jump(3.5)
+    due = int(clock.now() - next_tick) + 1   # ticks that fell inside the stall
+    assert due in (3, 4)
+    assert len(rec.starts["a"]) == n + 1
+    assert sched.stats.skipped_ticks == due - 1
+    assert sched.stats.late_ticks >= 1
+    await clock.advance(1.0)
+    # ...and the series keeps its phase afterwards.
+    assert abs(rec.starts["a"][-1] % 1.0 - phase) < 1e-9
+    await sched.stop(0)
+
+
+async def test_deadline_and_exception_are_counted_and_the_loop_goes_on() -> None:
+    clock = FakeClock()
+    sched, rec = make(clock)
+    rec.behaviour = {"boom": "raise"}
+    sched.apply([job("boom", interval=1.0), job("ok", interval=1.0)])
+    await clock.advance(3.0)
+    reasons = [r.reason for n, r in rec.results if n == "boom"]
+    assert reasons and set(reasons) == {"exception"}
+    assert sched.stats.run_exceptions == len(reasons)
+    assert any(n == "ok" and r.success for n, r in rec.results)
+    await sched.stop(0)
+
+
+async def test_hanging_probe_hits_deadline() -> None:
+    # The deadline uses the real event-loop timer (asyncio.timeout), so use a short interval.
+    clock = FakeClock()
+    sched, rec = make(clock)
+    rec.behaviour = {"hang": "hang"}
+    sched.apply([job("hang", interval=0.05)])
+    for _ in range(40):
+        await asyncio.sleep(0.01)
+        clock.t += 0.01
+        await clock.advance(0)
+    assert any(r.reason == "deadline" for _, r in rec.results)
+    await sched.stop(0)
+
+
+async def test_apply_diffs_targets() -> None:
+    clock = FakeClock()
+    sched, _rec = make(clock)
+    a, b, c = job("a"), job("b"), job("c")
+    sched.apply([a, b])
+    task_a = sched.entries[a.key].task
+    added, removed, changed = sched.apply([a, job("b", interval=2.0), c])
+    assert [j.target.name for j in added] == ["c"]
+    assert removed == []
+    assert [j.target.name for j in changed] == ["b"]
+    assert sched.entries[a.key].task is task_a  # unchanged targets keep running untouched
+    _, removed, _ = sched.apply([c])
+    assert {j.target.name for j in removed} == {"a", "b"}
+    await asyncio.sleep(0)
+    assert task_a is not None and task_a.cancelled()
+    await sched.stop(0)
+    assert sched.task_count == 0
