@@ -7,6 +7,7 @@ real ones (coturn, dnsmasq, TLS/HTTP servers) started by ``lab.services`` in a c
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import os
@@ -192,7 +193,7 @@ async def test_tcp_ok_refused_timeout(lab: dict[str, Any]) -> None:
             f.setblocking(False)
             f.connect_ex(lst.getsockname())
             fillers.append(f)
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
         res = await tcp.run(t(), tcp.TcpOptions(port=lst.getsockname()[1], timeout=0.3), ctx())
         assert (res.success, res.reason) == (False, "tcp_timeout")
         assert 0.3 <= res.duration < 0.6
