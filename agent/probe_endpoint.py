@@ -36,6 +36,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -44,6 +45,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent.decode import Duration
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 
 log = logging.getLogger("edgeprobe.probe_endpoint")
@@ -116,16 +118,22 @@ def special_category(addr: IPAddress) -> tuple[str, IPNetwork] | None:
 
 @dataclass(frozen=True)
 class ProbeEndpointConfig:
+    """The ``probe_endpoint`` config section (decoded strictly by agent.decode)."""
+
     enabled: bool = False
     allow_names: tuple[str, ...] = ()              # "edge-sg-1.example.net", "*.example.net"
-    allow_cidrs: tuple[IPNetwork, ...] = ()
-    allow_special: frozenset[str] = frozenset()    # categories from CATEGORIES
+    allow_cidrs: tuple[str, ...] = ()              # "198.51.100.0/24", "2001:db8::/32"
+    allow_special: tuple[str, ...] = ()            # categories from CATEGORIES
     rate: float = 1.0                              # requests per second per client
     burst: int = 5
     max_clients: int = 4096                        # bucket table size (memory bound)
     max_concurrent: int = 16                       # probes in flight, all clients together
-    timeout: float = 10.0                          # upper bound for one request
-    timeout_offset: float = 0.5                    # kept free of the scrape timeout (blackbox)
+    timeout: Duration = Duration(10.0)             # upper bound for one request
+    timeout_offset: Duration = Duration(0.5)       # kept free of the scrape timeout (blackbox)
+
+    @cached_property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(c, strict=True) for c in self.allow_cidrs)
 
     def validate(self) -> list[str]:
         errs: list[str] = []
@@ -137,6 +145,11 @@ class ProbeEndpointConfig:
             bare = n[2:] if n.startswith("*.") else n
             if not bare or "*" in bare or not _valid_hostname(bare):
                 errs.append(f"allow_names: invalid name pattern {n!r}")
+        for c in self.allow_cidrs:
+            try:
+                ipaddress.ip_network(c, strict=True)
+            except ValueError as e:
+                errs.append(f"allow_cidrs: {e}")
         if not (self.rate > 0 and math.isfinite(self.rate)):
             errs.append("rate: must be > 0")
         if not 1 <= self.burst <= 10_000:
@@ -150,51 +163,8 @@ class ProbeEndpointConfig:
         if not 0 <= self.timeout_offset < self.timeout:
             errs.append("timeout_offset: must be >= 0 and below timeout")
         if self.enabled and not (self.allow_names or self.allow_cidrs):
-            errs.append("allow_names/allow_cidrs: an enabled /probe needs an allowlist")
+            errs.append("allow_names: an enabled /probe needs allow_names or allow_cidrs")
         return errs
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> ProbeEndpointConfig:
-        """Build from plain YAML values; raises ValueError with every problem listed.
-
-        Durations are numbers of seconds here; agent.config converts YAML durations first."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError("unknown key(s): " + ", ".join(map(str, unknown)))
-        kw: dict[str, Any] = dict(raw)
-        try:
-            if "allow_names" in kw:
-                kw["allow_names"] = tuple(_strs(kw["allow_names"], "allow_names"))
-            if "allow_cidrs" in kw:
-                kw["allow_cidrs"] = tuple(ipaddress.ip_network(c, strict=True)
-                                          for c in _strs(kw["allow_cidrs"], "allow_cidrs"))
-            if "allow_special" in kw:
-                kw["allow_special"] = frozenset(_strs(kw["allow_special"], "allow_special"))
-        except ValueError as e:
-            raise ValueError(str(e)) from None
-        for k, typ in (("enabled", bool), ("burst", int), ("max_clients", int),
-                       ("max_concurrent", int), ("rate", float), ("timeout", float),
-                       ("timeout_offset", float)):
-            if k in kw:
-                v = kw[k]
-                ok = isinstance(v, typ) if typ is bool else (
-                    not isinstance(v, bool) and isinstance(v, int | float if typ is float else int))
-                if not ok:
-                    raise ValueError(f"{k}: expected {typ.__name__}, got {type(v).__name__}")
-                if typ is float:
-                    kw[k] = float(v)
-        cfg = cls(**kw)
-        errs = cfg.validate()
-        if errs:
-            raise ValueError("; ".join(errs))
-        return cfg
-
-
-def _strs(v: object, where: str) -> list[str]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{where}: expected a list of strings")
-    return list(v)
 
 
 def _valid_hostname(name: str) -> bool:
@@ -329,7 +299,7 @@ class TargetPolicy:
 
     def check_address(self, addr: IPAddress, literal: bool) -> None:
         """Raise Refused unless ``addr`` may be probed. ``literal``: the client gave an IP."""
-        in_cidrs = [n for n in self.cfg.allow_cidrs if n.version == addr.version and addr in n]
+        in_cidrs = [n for n in self.cfg.networks if n.version == addr.version and addr in n]
         if literal and not in_cidrs:
             raise Refused(403, "target refused: not in the allowlist", "allowlist")
         special = special_category(addr)
@@ -342,7 +312,7 @@ class TargetPolicy:
         v4 = embedded_ipv4(addr)
         probe_addr: IPAddress = v4 if v4 is not None and rng.version == 4 else addr
         if any(n.version == rng.version and n.subnet_of(rng)  # type: ignore[arg-type]
-               and probe_addr in n for n in self.cfg.allow_cidrs):
+               and probe_addr in n for n in self.cfg.networks):
             return
         raise Refused(403, f"target refused: {cat.replace('_', '-')} address", "special")
 
@@ -424,7 +394,7 @@ class ProbeEndpoint:
             self.in_flight -= 1
 
     def _deadline(self, header: str | None) -> float:
-        limit = self.cfg.timeout
+        limit = float(self.cfg.timeout)
         if header is not None:
             try:
                 scrape = float(header)

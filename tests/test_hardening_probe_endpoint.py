@@ -13,11 +13,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.decode import ConfigError, compose, decode_dataclass
 from agent.probe_endpoint import (
     CATEGORIES,
     ClientLimiter,
@@ -154,7 +156,7 @@ async def tcp_server() -> AsyncIterator[int]:
 
 
 async def test_allowed_probe_returns_fresh_metrics(make_env: MakeEnv, tcp_server: int) -> None:
-    env = await make_env(allow_special=frozenset({"loopback"}))
+    env = await make_env(allow_special=("loopback",))
     for _ in range(2):
         status, body = await env.get(f"edge-sg-1.example.net:{tcp_server}")
         assert status == 200, body
@@ -175,7 +177,7 @@ async def test_disabled_by_default() -> None:
 
 
 async def test_name_outside_allowlist_is_refused_before_resolving(make_env: MakeEnv) -> None:
-    env = await make_env(allow_special=frozenset(CATEGORIES))
+    env = await make_env(allow_special=CATEGORIES)
     for target in ("evil.example.org", "example.net", "xexample.net", "a.example.net.evil.org",
                    "metadata.google.internal"):
         status, body = await env.get(target)
@@ -184,8 +186,8 @@ async def test_name_outside_allowlist_is_refused_before_resolving(make_env: Make
 
 
 async def test_literal_outside_cidrs_is_refused(make_env: MakeEnv) -> None:
-    env = await make_env(allow_cidrs=(ipaddress.ip_network("203.0.113.0/25"),),
-                         allow_special=frozenset({"documentation"}))
+    env = await make_env(allow_cidrs=("203.0.113.0/25",),
+                         allow_special=("documentation",))
     assert (await env.get("203.0.113.200"))[0] == 403
     assert (await env.get("203.0.113.7"))[0] == 200
     assert env.rec.targets[-1].address == "203.0.113.7"
@@ -210,8 +212,8 @@ async def test_special_addresses_are_refused(make_env: MakeEnv, addr: str, categ
                                              ) -> None:
     # Even with the whole address space allowlisted, and whether the client gives the
     # address or a name resolving to it.
-    env = await make_env([[addr]], allow_cidrs=(ipaddress.ip_network("0.0.0.0/0"),
-                                                ipaddress.ip_network("::/0")))
+    env = await make_env([[addr]], allow_cidrs=("0.0.0.0/0",
+                                                "::/0"))
     literal = f"[{addr}]" if ":" in addr else addr
     for target in (literal, "edge-sg-1.example.net"):
         status, body = await env.get(target)
@@ -220,8 +222,8 @@ async def test_special_addresses_are_refused(make_env: MakeEnv, addr: str, categ
 
 
 async def test_special_ranges_need_explicit_allowance(make_env: MakeEnv) -> None:
-    env = await make_env([["10.1.2.3"]], allow_cidrs=(ipaddress.ip_network("10.1.0.0/16"),
-                                                      ipaddress.ip_network("169.254.0.0/16")))
+    env = await make_env([["10.1.2.3"]], allow_cidrs=("10.1.0.0/16",
+                                                      "169.254.0.0/16"))
     assert (await env.get("edge-sg-1.example.net"))[0] == 200       # 10.1/16 is explicit
     assert (await env.get("10.1.9.9"))[0] == 200
     assert (await env.get("10.2.0.1"))[0] == 403                    # outside the CIDR
@@ -229,7 +231,7 @@ async def test_special_ranges_need_explicit_allowance(make_env: MakeEnv) -> None
     # The metadata address is its own category: allowing link-local does not allow it.
     assert (await env.get("169.254.169.254")) == (403, "target refused: metadata address\n")
 
-    env = await make_env([["127.0.0.1"]], allow_special=frozenset({"loopback"}))
+    env = await make_env([["127.0.0.1"]], allow_special=("loopback",))
     assert (await env.get("edge-sg-1.example.net"))[0] == 200
     env.resolver.answers = [["10.0.0.1"]]
     assert (await env.get("edge-sg-1.example.net"))[0] == 403
@@ -239,7 +241,7 @@ async def test_dns_rebind_cannot_switch_the_address(make_env: MakeEnv) -> None:
     # 203.0.113.7 (documentation range, allowed here) stands in for a public address; the
     # fake probe never contacts it.
     env = await make_env([["203.0.113.7"], ["127.0.0.1"]],
-                         allow_special=frozenset({"documentation"}))
+                         allow_special=("documentation",))
     status, _ = await env.get()
     assert status == 200
     # Resolved once, and the probe got the checked literal, not the name to resolve again.
@@ -250,13 +252,13 @@ async def test_dns_rebind_cannot_switch_the_address(make_env: MakeEnv) -> None:
 
     # One bad address among good ones refuses the whole name.
     env = await make_env([["203.0.113.7", "169.254.169.254"]],
-                         allow_special=frozenset({"documentation"}))
+                         allow_special=("documentation",))
     assert (await env.get()) == (403, "target refused: metadata address\n")
     assert env.rec.targets == []
 
 
 async def test_rate_limit_per_client(make_env: MakeEnv) -> None:
-    env = await make_env(burst=2, rate=0.5, allow_special=frozenset({"loopback"}))
+    env = await make_env(burst=2, rate=0.5, allow_special=("loopback",))
     assert (await env.get())[0] == 200
     assert (await env.get())[0] == 200
     assert (await env.get())[0] == 429
@@ -275,7 +277,7 @@ def test_limiter_memory_is_bounded() -> None:
 
 
 async def test_scrape_timeout_header(make_env: MakeEnv) -> None:
-    env = await make_env(allow_special=frozenset({"loopback"}))
+    env = await make_env(allow_special=("loopback",))
     env.rec.sleep = 5.0
     t0 = time.monotonic()
     status, body = await env.get(headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.2"})
@@ -308,7 +310,7 @@ async def test_unresolvable_name_is_a_probe_failure(make_env: MakeEnv) -> None:
 
 
 async def test_concurrency_limit(make_env: MakeEnv) -> None:
-    env = await make_env(max_concurrent=1, allow_special=frozenset({"loopback"}))
+    env = await make_env(max_concurrent=1, allow_special=("loopback",))
     env.rec.sleep = 0.5
     first = asyncio.create_task(env.get())
     await asyncio.sleep(0.2)
@@ -316,20 +318,27 @@ async def test_concurrency_limit(make_env: MakeEnv) -> None:
     assert (await first)[0] == 200
 
 
+def decode_cfg(text: str) -> ProbeEndpointConfig:
+    node = compose(text)
+    assert node is not None
+    cfg: ProbeEndpointConfig = decode_dataclass(ProbeEndpointConfig, node, "probe_endpoint")
+    return cfg
+
+
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match="needs an allowlist"):
-        ProbeEndpointConfig.from_dict({"enabled": True})
-    with pytest.raises(ValueError, match="unknown category"):
-        ProbeEndpointConfig.from_dict({"allow_special": ["everything"]})
-    with pytest.raises(ValueError, match="unknown key"):
-        ProbeEndpointConfig.from_dict({"allowlist": []})
-    with pytest.raises(ValueError):
-        ProbeEndpointConfig.from_dict({"allow_cidrs": ["10.0.0.1/8"]})   # host bits set
-    with pytest.raises(ValueError, match="burst"):
-        ProbeEndpointConfig.from_dict({"burst": True})
-    cfg = ProbeEndpointConfig.from_dict({"enabled": True, "allow_names": ["*.example.net"],
-                                         "allow_cidrs": ["10.0.0.0/8"], "rate": 2})
-    assert cfg.rate == 2.0 and cfg.allow_cidrs == (ipaddress.ip_network("10.0.0.0/8"),)
+    for text, match in (("enabled: true", "needs allow_names"),
+                        ("allow_special: [everything]", "unknown category"),
+                        ("allowlist: []", "unknown key"),
+                        ("allow_cidrs: [10.0.0.1/8]", "host bits"),
+                        ("burst: true", "integer"),
+                        ("allow_names: ['*']", "invalid name"),
+                        ("timeout: 1h", "timeout")):
+        with pytest.raises(ConfigError, match=match):
+            decode_cfg(text)
+    cfg = decode_cfg("{enabled: true, allow_names: ['*.example.net'], allow_cidrs: [10.0.0.0/8],"
+                     " rate: 2, timeout: 5s}")
+    assert cfg.rate == 2.0 and cfg.timeout == 5.0
+    assert cfg.networks == (ipaddress.ip_network("10.0.0.0/8"),)
 
 
 @settings(max_examples=500, deadline=None)
@@ -344,7 +353,7 @@ def test_fuzz_parse_target(raw: str) -> None:
 @given(st.ip_addresses())
 def test_fuzz_policy(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     policy = TargetPolicy(ProbeEndpointConfig(
-        allow_cidrs=(ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))))
+        allow_cidrs=("0.0.0.0/0", "::/0")))
     special = special_category(addr) is not None
     try:
         policy.check_address(addr, literal=True)
@@ -358,11 +367,14 @@ def test_fuzz_policy(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Non
         pytest.fail(f"{addr} is not global but was allowed")
 
 
+config_values = st.none() | st.booleans() | st.integers() | st.floats() \
+    | st.text(max_size=10) | st.lists(st.text(max_size=20), max_size=3)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["enabled", "allow_names", "allow_cidrs",
                                         "allow_special", "rate", "burst", "timeout", "x"]),
-                       st.none() | st.booleans() | st.integers() | st.floats()
-                       | st.text(max_size=10) | st.lists(st.text(max_size=20), max_size=3)))
+                       config_values))
 def test_fuzz_config(raw: dict[str, object]) -> None:
-    with contextlib.suppress(ValueError):
-        ProbeEndpointConfig.from_dict(raw)
+    with contextlib.suppress(ConfigError):
+        decode_cfg(yaml.safe_dump(raw))
