@@ -98,6 +98,22 @@ def cmd_truth(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_config(a: argparse.Namespace) -> int:
+    from lab.agentconf import agent_config, dump
+    world = World.attach(a.state)
+    regions = [a.region] if a.region else list(world.state.regions)
+    for r in regions:
+        text = dump(agent_config(world.state, r, interval=a.interval))
+        if a.out:
+            out = Path(a.out) / f"{r}.yaml"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            print(out)
+        else:
+            print(text)
+    return 0
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     for st in iter_states():
         print(f"{st.run_id} state {st.state_dir} regions {','.join(st.regions)} "
@@ -142,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("change")
     st.add_argument("--state", default=DEFAULT_STATE)
     st.set_defaults(fn=cmd_set)
+    ac = sub.add_parser("agent-config", help="agent configs for the world's regions")
+    ac.add_argument("region", nargs="?", default="")
+    ac.add_argument("--out", default="", help="directory to write REGION.yaml files into")
+    ac.add_argument("--interval", default="1s")
+    ac.add_argument("--state", default=DEFAULT_STATE)
+    ac.set_defaults(fn=cmd_agent_config)
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a))

@@ -39,6 +39,7 @@ from lab.spec import DEFAULT_PROFILES, Profile, load_profile, merge_edges
 
 REGISTRY = Path("/run/edgeprobe-lab")
 SHM = Path("/dev/shm")
+NETNS_ETC = Path("/etc/netns")
 MGMT_NET = ipaddress.ip_network("198.19.192.0/18")
 HOP_NET4 = ipaddress.ip_network("198.19.64.0/18")
 DNS4, DNS6 = "198.18.0.53", "2001:db8:e::53"
@@ -227,6 +228,7 @@ def teardown(st: WorldState) -> None:
         _stop(st.forwarder_pid, st.forwarder_start, group=False)
     for ns in st.namespaces:
         _ip("netns", "del", ns, check=False)
+        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
     # Deleting a region namespace deletes its veth peer too; this catches a half-made one.
     for r in st.regions.values():
         _ip("link", "del", r.mgmt_if, check=False)
@@ -329,7 +331,9 @@ class World:
             _ip("netns", "add", ns)
         for ns in st.namespaces:
             _batch(["link set lo up"], ns=ns)
-            _sysctl(ns, {"net.ipv4.conf.all.rp_filter": "0",
+            # No ICMP error rate limit: the path probe's traceroute needs one error per probe.
+            _sysctl(ns, {"net.ipv4.icmp_ratelimit": "0", "net.ipv6.icmp.ratelimit": "0",
+                         "net.ipv4.conf.all.rp_filter": "0",
                            "net.ipv4.conf.default.rp_filter": "0",
                            "net.ipv4.ping_group_range": "0 2147483647"})
         # Management veths, allocated under a lock so parallel worlds pick different /30s.
@@ -413,6 +417,14 @@ class World:
                     f"route add 2001:db8:f::/48 dev {r.tun} src {r.agent6}"], ns=r.ns)
         if st.services:
             self._start_services(edges, detach)
+            # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf,
+            # so name lookups inside a region go to the lab's dnsmasq and nowhere else.
+            for r in st.regions.values():
+                d = NETNS_ETC / r.ns
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "resolv.conf").write_text(
+                    "".join(f"nameserver {a}\n" for a in st.dns_servers)
+                    + "options timeout:1 attempts:2\n")
         st.save(sdir / "state.json")
         st.save(_registry_path(st.run_id))
 
