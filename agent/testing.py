@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 
 
 class FakeClock:
@@ -50,3 +55,27 @@ class FakeClock:
 async def _settle(rounds: int = 20) -> None:
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def netns(prefix: str = "eptest") -> Iterator[str]:
+    """A fresh network namespace with only ``lo`` up (root only); removed on exit, always.
+    Nothing in it can reach any real network."""
+    name = f"{prefix}{os.getpid()}x{next(_ns_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_netns(name: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", name, *cmd]
+
+
+def can_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+_ns_counter = itertools.count()

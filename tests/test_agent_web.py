@@ -1,0 +1,157 @@
+"""The agent end to end in-process: real ICMP on loopback, /metrics scraped through aiohttp,
+parsed with prometheus_client's parser and checked by a real `promtool check metrics`; reload
+keeps series continuous."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent import config as cfgmod
+from agent.app import Agent
+from agent.scheduler import stagger
+from agent.web import build_app, serve
+
+pytestmark = pytest.mark.skipif(not shutil.which("ip"), reason="linux only")
+
+CONFIG = """
+agent: {{region: id-jakarta, labels: {{agent: a1}}}}
+defaults:
+  icmp: {{interval: {interval}, packets: 3, spacing: 10ms, timeout: 300ms}}
+targets:
+{targets}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write(path: Path, names: list[str], interval: str = "500ms") -> None:
+    targets = "\n".join(f"  - {{name: {n}, address: 127.0.0.1, labels: {{tier: near}}}}"
+                        for n in names)
+    path.write_text(CONFIG.format(interval=interval, targets=targets))
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        assert r.status == 200
+        text = await r.text()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+def value(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, edge: str) -> float:
+    for (n, labels), v in m.items():
+        if n == name and ("edge", edge) in labels:
+            return v
+    raise KeyError((name, edge))
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[tuple[Agent, str, Path]]:
+    path = tmp_path / "edgeprobe.yml"
+    write(path, ["edge-1", "edge-6"])
+    agent = Agent(cfgmod.load(path), path)
+    port = free_port()
+    runner = await serve(build_app(agent), f"127.0.0.1:{port}")
+    await agent.start()
+    try:
+        yield agent, f"http://127.0.0.1:{port}", path
+    finally:
+        await agent.stop(1.0)
+        await runner.cleanup()
+
+
+async def test_label_sets_exist_before_the_first_result(tmp_path: Path) -> None:
+    # edge-8's first run is 97 % into a 10 s interval: the scrape comes long before it.
+    assert stagger(("edge-8", "icmp")) > 0.9
+    path = tmp_path / "c.yml"
+    write(path, ["edge-8"], interval="10s")
+    agent = Agent(cfgmod.load(path), path)
+    port = free_port()
+    runner = await serve(build_app(agent), f"127.0.0.1:{port}")
+    await agent.start()
+    try:
+        m = await scrape(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        await agent.stop(0.5)
+        await runner.cleanup()
+    assert value(m, "edgeprobe_packets_sent_total", "edge-8") == 0
+    assert value(m, "edgeprobe_packets_lost_total", "edge-8") == 0
+    assert value(m, "edgeprobe_rtt_seconds_count", "edge-8") == 0
+    errors = {dict(lbl)["reason"] for (n, lbl) in m if n == "edgeprobe_probe_errors_total"}
+    assert {"timeout", "unreachable", "resolve_failed", "deadline", "exception"} <= errors
+    les = {dict(lbl)["le"] for (n, lbl) in m if n == "edgeprobe_rtt_seconds_bucket"}
+    assert "0.6" in les and "+Inf" in les
+
+
+async def test_metrics_parse_and_pass_promtool(running: tuple[Agent, str, Path]) -> None:
+    _agent, url, _ = running
+    await asyncio.sleep(1.2)
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("edgeprobe_rtt_seconds", "edgeprobe_rtt_recent_seconds",
+                 "edgeprobe_packets_sent", "edgeprobe_packets_lost", "edgeprobe_jitter_seconds",
+                 "edgeprobe_ipdv_seconds", "edgeprobe_loss_burst_length",
+                 "edgeprobe_probe_errors", "edgeprobe_probe_success",
+                 "edgeprobe_event_loop_lag_seconds", "edgeprobe_scheduler_late_ticks",
+                 "edgeprobe_stray_packets", "edgeprobe_build_info",
+                 "edgeprobe_connect_budget_miss_probability", "edgeprobe_loss_ratio_upper95",
+                 "edgeprobe_mos_estimate", "edgeprobe_config_last_reload_successful"):
+        assert name in families, name
+    sent = [s for s in families["edgeprobe_packets_sent"].samples if s.labels["edge"] == "edge-1"]
+    assert sent[0].value >= 3
+    assert sent[0].labels == {"region": "id-jakarta", "edge": "edge-1", "probe": "icmp",
+                              "agent": "a1", "tier": "near"}
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
+    async with aiohttp.ClientSession() as s:
+        for path, code in (("/-/healthy", 200), ("/-/ready", 200), ("/", 200)):
+            async with s.get(url + path) as r:
+                assert r.status == code
+
+
+async def test_reload_keeps_series_continuous(running: tuple[Agent, str, Path]) -> None:
+    agent, url, path = running
+    await asyncio.sleep(1.2)
+    before = await scrape(url + "/metrics")
+    sent_before = value(before, "edgeprobe_packets_sent_total", "edge-1")
+    assert sent_before > 0
+    write(path, ["edge-1", "edge-10"])
+    async with aiohttp.ClientSession() as s, s.post(url + "/-/reload") as r:
+        assert r.status == 200
+    after = await scrape(url + "/metrics")
+    assert value(after, "edgeprobe_packets_sent_total", "edge-1") >= sent_before
+    assert value(after, "edgeprobe_packets_sent_total", "edge-10") == 0
+    with pytest.raises(KeyError):
+        value(after, "edgeprobe_packets_sent_total", "edge-6")
+    assert after[("edgeprobe_config_last_reload_successful", ())] == 1
+
+    path.write_text("agent: {region: id-jakarta}\ntargets: [{name: x}]\n")
+    async with aiohttp.ClientSession() as s, s.post(url + "/-/reload") as r:
+        assert r.status == 500
+        assert "targets[0].address: required key is missing" in await r.text()
+    failed = await scrape(url + "/metrics")
+    assert failed[("edgeprobe_config_last_reload_successful", ())] == 0
+    assert value(failed, "edgeprobe_packets_sent_total", "edge-1") >= sent_before
+    assert {j.target.name for j in agent.config.jobs} == {"edge-1", "edge-10"}

@@ -1,0 +1,167 @@
+"""ICMP over real sockets: loopback in this namespace, plus fresh network namespaces for the
+unprivileged mode, for loss and for unreachable routes. Nothing leaves the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.collector import SelfStats
+from agent.testing import can_netns, in_netns, netns
+from probes.base import ProbeContext, Target
+from probes.icmp import IcmpEngine, IcmpEngines, IcmpOptions, _checksum, run
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGEPROBE = [sys.executable, "-m", "agent"]
+needs_root = pytest.mark.skipif(not can_netns(), reason="needs root and ip netns")
+
+
+@needs_root
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+async def test_privileged_loopback_no_loss(addr: str) -> None:
+    stats = SelfStats()
+    engines = IcmpEngines(mode="privileged", counters=stats)
+    try:
+        ctx = ProbeContext(icmp=engines)
+        res = await run(Target("lo", addr), IcmpOptions(packets=20, spacing=0.005, timeout=0.5),
+                        ctx)
+    finally:
+        engines.close()
+    assert res.success and res.reason == "ok"
+    assert len(res.rtts) == 20 and all(r is not None for r in res.rtts)
+    assert all(0 < r < 0.05 for r in res.rtts if r is not None)
+    assert len(set(res.packet_ids)) == 20
+    assert stats.stray_counts.get(("icmp", "unmatched"), 0) == 0
+
+
+@needs_root
+@pytest.mark.parametrize("tool", ["ping", "fping"])
+async def test_concurrent_pinger_replies_are_stray_not_counted(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+    cmd = (["ping", "-q", "-i", "0.002", "-c", "400", "127.0.0.1"] if tool == "ping"
+           else ["fping", "-q", "-p", "2", "-c", "400", "127.0.0.1"])
+    other = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stats = SelfStats()
+    engines = IcmpEngines(mode="privileged", counters=stats)
+    try:
+        await asyncio.sleep(0.1)
+        res = await run(Target("lo", "127.0.0.1"),
+                        IcmpOptions(packets=100, spacing=0.005, interval=2.0, timeout=0.5),
+                        ProbeContext(icmp=engines))
+    finally:
+        engines.close()
+        other.wait(timeout=10)
+    assert len(res.rtts) == 100 and all(r is not None for r in res.rtts)
+    # The raw socket saw the other pinger's replies and counted them as foreign strays.
+    assert stats.stray_counts.get(("icmp", "foreign"), 0) > 0
+
+
+def _engine_for_unit() -> tuple[IcmpEngine, SelfStats]:
+    stats = SelfStats()
+    return IcmpEngine(socket.AF_INET, "privileged", stats), stats
+
+
+def _reply(ident: int, seq: int, payload: bytes, src_ip: str = "127.0.0.1",
+           corrupt: bool = False) -> bytes:
+    hdr = struct.pack("!BBHHH", 0, 0, 0, ident, seq)
+    csum = _checksum(hdr + payload)
+    if corrupt:
+        csum ^= 0x5555
+    icmp = struct.pack("!BBHHH", 0, 0, csum, ident, seq) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0,
+                     socket.inet_aton(src_ip), socket.inet_aton("127.0.0.1"))
+    return ip + icmp
+
+
+@needs_root
+async def test_spoofed_and_malformed_replies_are_stray() -> None:
+    eng, stats = _engine_for_unit()
+    try:
+        loop = asyncio.get_running_loop()
+        eng.attach(loop)
+        # Freeze a train in flight against an address that never answers in this test: we
+        # feed forged replies straight into the receive path.
+        done = loop.create_future()
+        from probes.icmp import _Run, _Slot
+        r = _Run(1, int(1e9), done)
+        eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
+        payload = eng._payload(56)
+        eng._handle(_reply(eng.ident ^ 1, 7, payload), [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload, corrupt=True), [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.8", 1)
+        eng._handle(_reply(eng.ident, 7, b"X" * 56), [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 8, payload), [], "127.0.0.9", 1)
+        eng._handle(b"\x45\x00", [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload)[:24], [], "127.0.0.9", 1)
+        assert r.rtts == [None] and not done.done()
+        assert stats.stray_counts == {("icmp", "foreign"): 1, ("icmp", "bad_checksum"): 1,
+                                      ("icmp", "wrong_source"): 1, ("icmp", "bad_payload"): 1,
+                                      ("icmp", "unmatched"): 1, ("icmp", "malformed"): 2}
+        # The genuine reply is accepted once; its duplicate is a stray ("late").
+        eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
+        eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
+        assert r.rtts[0] is not None and done.done()
+        assert stats.stray_counts[("icmp", "late")] == 1
+    finally:
+        eng.close()
+
+
+def _probe_json(ns: str, *args: str, user: str | None = None) -> list[dict[str, object]]:
+    cmd = [*EDGEPROBE, "probe", "--json", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    out = subprocess.run(in_netns(ns, *cmd), capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                        "PYTHONPATH": str(ROOT)})
+    assert out.returncode in (0, 3), out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+@needs_root
+def test_unprivileged_mode_as_nobody_in_a_namespace() -> None:
+    with netns() as ns:
+        subprocess.run(in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"),
+                       check=True)
+        rows = _probe_json(ns, "-c", "5", "--spacing", "10ms", "--icmp-mode", "unprivileged",
+                           "127.0.0.1", "::1", user="65534")
+        for row in rows:
+            assert row["lost"] == 0 and row["verdict"] == "PASS", row
+
+
+@needs_root
+def test_unprivileged_refused_is_explained() -> None:
+    with netns() as ns:
+        subprocess.run(in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=1 0"),
+                       check=True)
+        out = subprocess.run(in_netns(ns, *EDGEPROBE, "probe", "-c", "1", "--icmp-mode",
+                                      "unprivileged", "127.0.0.1"),
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == 3
+        assert "FAIL (socket_unavailable)" in out.stdout
+        assert "ping_group_range is 1 0" in out.stderr
+
+
+@needs_root
+def test_loss_and_unreachable_in_a_namespace() -> None:
+    with netns() as ns:
+        # Drop every echo request to 127.0.0.9 inside the namespace: pure loss.
+        subprocess.run(in_netns(ns, "iptables", "-A", "INPUT", "-p", "icmp", "--icmp-type",
+                                "echo-request", "-d", "127.0.0.9", "-j", "DROP"), check=True)
+        rows = _probe_json(ns, "-c", "4", "--spacing", "10ms", "--timeout", "200ms",
+                           "127.0.0.9", "198.18.0.1", "127.0.0.1")
+        by_host = {r["host"]: r for r in rows}
+        assert by_host["127.0.0.9"]["lost"] == 4
+        assert by_host["127.0.0.9"]["reason"] == "timeout"
+        # No route at all in the namespace: refused locally, nothing is sent anywhere.
+        assert by_host["198.18.0.1"]["reason"] == "unreachable"
+        assert by_host["127.0.0.1"]["lost"] == 0
