@@ -1,7 +1,7 @@
 """Give a virtualenv's interpreter CAP_NET_RAW as a file capability (`setcap cap_net_raw+ep`).
 
-Only the venv's `bin/python` (the agent's shebang) gets it, as a copy of the real interpreter:
-the base image's own python3 stays plain. That matters because the kernel refuses to exec a
+Only the venv's interpreter (the agent's shebang) gets it, as a copy of the real one: the base
+image's own /usr/local/bin/python3 stays plain. That matters because the kernel refuses to exec a
 file whose capability is not in the caller's bounding set, so a sidecar or a health check
 running with every capability dropped must not start a capability-carrying interpreter.
 
@@ -12,6 +12,7 @@ the Dockerfile; the xattr format is small and stable (VFS_CAP_REVISION_2, linux/
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import sys
@@ -30,15 +31,18 @@ def net_raw_xattr() -> bytes:
 
 
 def give_venv_net_raw(venv: Path) -> Path:
-    link = venv / "bin" / "python"
-    real = link.resolve()
-    capped = venv / "bin" / "python-netraw"
+    bindir = venv / "bin"
+    real = (bindir / "python").resolve()
+    capped = bindir / "python-netraw"
     shutil.copy2(real, capped)
     os.setxattr(capped, "security.capability", net_raw_xattr())
-    # A relative link keeps the venv relocatable (the tests build it outside /opt).
-    tmp = link.with_name("python.tmp")
-    tmp.symlink_to(capped.name)
-    tmp.replace(link)
+    # Every interpreter name in the venv (console-script shebangs name python or python3),
+    # as relative links so the venv stays relocatable (the tests build it outside /opt).
+    for link in sorted(bindir.iterdir()):
+        if link.is_symlink() and re.fullmatch(r"python(3(\.\d+)?)?", link.name):
+            tmp = link.with_name(link.name + ".tmp")
+            tmp.symlink_to(capped.name)
+            tmp.replace(link)
     return capped
 
 
