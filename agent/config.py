@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 
 from agent.decode import ConfigError, Duration, compose, decode, decode_dataclass, fields_as_dict
+from agent.discovery import DiscoveryConfig
+from agent.probe_endpoint import ProbeEndpointConfig
 from probes import PROBES
 from probes.base import CommonOptions, Target
 
@@ -135,7 +137,8 @@ class Config:
     metrics: MetricsSection
     jobs: tuple[Job, ...]
     source: str = "<config>"
-    # Sections owned by optional features (discovery, /probe endpoint); decoded by them.
+    # Optional features: "discovery" (DiscoveryConfig), "probe_endpoint" (ProbeEndpointConfig),
+    # and "defaults" (kind -> options) for targets that do not come from this file.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -226,7 +229,12 @@ def loads(text: str, source: str = "<config>") -> Config:
     if len(jobs) > agent.max_targets:
         raise ConfigError("targets", f"{len(jobs)} probe series exceed agent.max_targets "
                           f"({agent.max_targets})")
-    extra = {k: v[1] for k, v in top.items() if k in ("discovery", "probe_endpoint")}
+    extra: dict[str, Any] = {"defaults": defaults}
+    if "discovery" in top:
+        extra["discovery"] = decode_dataclass(DiscoveryConfig, top["discovery"][1], "discovery")
+    if "probe_endpoint" in top:
+        extra["probe_endpoint"] = decode_dataclass(ProbeEndpointConfig, top["probe_endpoint"][1],
+                                                   "probe_endpoint")
     return Config(agent=agent, metrics=metrics, jobs=tuple(jobs), source=source, extra=extra)
 
 
