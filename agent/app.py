@@ -8,19 +8,25 @@ counters continue without a gap or reset; removed series disappear; added ones s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from agent import config as cfgmod
 from agent.collector import AgentCollector, CollectorState, SelfStats, SeriesView
 from agent.config import Config, Job
 from agent.decode import ConfigError
+from agent.discovery import DiscoveredTarget, Discovery, merge_targets
+from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults
 from agent.scheduler import Scheduler, loop_lag_monitor
 from agent.stats import new_series
+from agent.webconfig import WebConfigError, WebGuard
 from probes import PROBES
 from probes.base import ProbeContext, ProbeResult
 from probes.icmp import IcmpEngines
@@ -37,8 +43,16 @@ class Agent:
         auto_describe=False))
     self_stats: SelfStats = field(default_factory=SelfStats)
     ready: bool = False
+    web_guard: WebGuard | None = None       # reloaded together with the config
 
     def __post_init__(self) -> None:
+        # The config as loaded from the file; self.config adds the discovered targets to it.
+        self.file_config = self.config
+        self.discovery: Discovery | None = None
+        self.discovered: dict[str, list[DiscoveredTarget]] = {}
+        self.discovered_dropped = 0
+        self._in_reload = False
+        self.probe_endpoint: ProbeEndpoint | None = None
         self.state = self._state_for(self.config)
         self.registry.register(AgentCollector(self.state))
         self.icmp = IcmpEngines(mode=self.config.agent.icmp_mode, counters=self.self_stats)
@@ -49,7 +63,10 @@ class Agent:
         self.scheduler = Scheduler(call=self._call, record=self._record, stats=self.self_stats,
                                    late_threshold=self.config.agent.late_tick_threshold)
         self._bg: list[asyncio.Task[None]] = []
+        self._failing: dict[tuple[str, str], bool] = {}
         self._reload_lock = asyncio.Lock()
+        self.registry.register(_FeatureCollector(self))
+        self._update_probe_endpoint(self.config, None)
         self.self_stats.reload_ok = 1.0
         self.self_stats.reload_success_time = time.time()
 
@@ -87,9 +104,20 @@ class Agent:
         view = self.state.series.get(job.key)
         if view is not None:
             view.stats.record(result, time.monotonic())
+        if job.kind != "path":
+            failing = not result.success or result.gauges.get("connect_over_budget", 0.0) >= 1
+            was = self._failing.get(job.key, False)
+            self._failing[job.key] = failing
+            if failing and not was:
+                # The budget check of this edge just started failing: trace its path now, so
+                # the operator sees which hop went bad while it is bad.
+                self.scheduler.trigger((job.target.name, "path"))
 
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        await self._update_discovery(self.file_config, force=True)
+        self.config = self._effective(self.file_config)
+        self._apply_state_identity(self.config)
         self.state.series = self._views_for(self.config, None, True)
         self.scheduler.apply(self.config.jobs)
         self._bg.append(asyncio.get_running_loop().create_task(
@@ -107,6 +135,8 @@ class Agent:
 
     async def stop(self, grace: float = 3.0) -> None:
         self.ready = False
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.scheduler.stop(grace)
         for t in self._bg:
             t.cancel()
@@ -129,14 +159,33 @@ class Agent:
                     log.error("config reload failed; keeping the running config",
                               extra={"error": str(e)})
                     return False, str(e)
-            self.apply(new)
+            if self.web_guard is not None:
+                # Validated (and swapped atomically) before the agent config changes.
+                try:
+                    self.web_guard.reload()
+                except WebConfigError as e:
+                    self.self_stats.reload_ok = 0.0
+                    self.self_stats.reload_failures_total += 1
+                    log.error("web config reload failed; keeping the running config",
+                              extra={"error": str(e)})
+                    return False, str(e)
+            self._in_reload = True
+            try:
+                await self._update_discovery(new)
+                self.apply(new)
+            finally:
+                self._in_reload = False
             self.self_stats.reload_ok = 1.0
             self.self_stats.reload_success_time = time.time()
             log.info("config reloaded", extra={"series": len(new.jobs)})
             return True, ""
 
-    def apply(self, new: Config) -> None:
+    def apply(self, file_config: Config) -> None:
+        """Apply a validated file config plus the currently discovered targets."""
+        self.file_config = file_config
+        new = self._effective(file_config)
         old = self.config
+        self._update_probe_endpoint(new, old)
         same_identity = (new.agent.region == old.agent.region
                          and new.agent.labels == old.agent.labels
                          and new.target_label_keys == old.target_label_keys)
@@ -161,3 +210,91 @@ class Agent:
         self.resolver.forget({j.target.address for j in new.jobs})
         self.config = new
         self.scheduler.apply(new.jobs)
+
+    # ------------------------------------------------------- optional features
+    def _apply_state_identity(self, cfg: Config) -> None:
+        state = self._state_for(cfg)
+        self.state.region = state.region
+        self.state.agent_labels = state.agent_labels
+        self.state.target_label_keys = state.target_label_keys
+
+    def _effective(self, cfg: Config) -> Config:
+        """``cfg`` plus one job per (discovered target, kind). Names in the file win; the
+        total stays within agent.max_targets (discovered jobs beyond it are dropped)."""
+        if self.discovery is None or not self.discovered:
+            self.discovered_dropped = 0
+            return cfg
+        defaults = cfg.extra.get("defaults", {})
+        order = [s.state.name for s in self.discovery.sources]
+        targets = merge_targets((self.discovered.get(n, []) for n in order),
+                                taken={j.target.name: None for j in cfg.jobs})
+        room = cfg.agent.max_targets - len(cfg.jobs)
+        jobs: list[Job] = []
+        dropped = 0
+        for dt in targets:
+            for kind in dt.probes:
+                if kind not in PROBES:
+                    continue
+                if len(jobs) >= room:
+                    dropped += 1
+                    continue
+                opts = defaults.get(kind) or PROBES[kind].options()
+                if dt.port is not None and "port" in {f.name for f in dataclasses.fields(opts)}:
+                    opts = dataclasses.replace(opts, port=dt.port)
+                jobs.append(Job(target=dt.target, kind=kind, options=opts))
+        if dropped and dropped != self.discovered_dropped:
+            log.warning("discovered targets exceed agent.max_targets; some are not probed",
+                        extra={"dropped_series": dropped})
+        self.discovered_dropped = dropped
+        return dataclasses.replace(cfg, jobs=cfg.jobs + tuple(jobs))
+
+    def _on_discovery(self, source: str, targets: list[DiscoveredTarget]) -> None:
+        self.discovered[source] = targets
+        if self.ready and not self._in_reload:
+            self.apply(self.file_config)
+
+    async def _update_discovery(self, cfg: Config, force: bool = False) -> None:
+        """(Re)start discovery when its config section changed; keep it running otherwise."""
+        new = cfg.extra.get("discovery")
+        old = self.discovery.cfg if self.discovery is not None else None
+        if not force and new == old:
+            return
+        if self.discovery is not None:
+            await self.discovery.stop()
+            self.discovery = None
+        self.discovered = {}
+        if new is not None and new.sources():
+            base = self.config_path.parent if self.config_path is not None else Path(".")
+            self.discovery = Discovery(new, self._on_discovery, base_dir=base)
+            await self.discovery.start()
+
+    def _update_probe_endpoint(self, new: Config, old: Config | None) -> None:
+        cfg = new.extra.get("probe_endpoint")
+        if old is not None and self.probe_endpoint is not None \
+                and cfg == old.extra.get("probe_endpoint") \
+                and new.extra.get("defaults") == old.extra.get("defaults"):
+            return   # unchanged: keep the rate-limit state
+        if cfg is None or not cfg.enabled:
+            self.probe_endpoint = None
+            return
+        self.probe_endpoint = ProbeEndpoint(
+            cfg, PROBES, modules_from_defaults(new.extra.get("defaults", {})), self.ctx)
+
+
+class _FeatureCollector:
+    """Metrics of the optional features, read from the agent at scrape time (the objects
+    behind them are replaced on reload)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterable[Metric]:
+        a = self.agent
+        if a.discovery is not None:
+            yield from a.discovery.collect()
+            g = GaugeMetricFamily("edgeprobe_sd_dropped_series",
+                                  "Discovered probe series not run: over agent.max_targets")
+            g.add_metric([], float(a.discovered_dropped))
+            yield g
+        if a.probe_endpoint is not None:
+            yield from a.probe_endpoint.collect()
