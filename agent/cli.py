@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="ADDR", help=f"address to serve on (default {DEFAULT_LISTEN})")
     r.add_argument("--config.watch", dest="config_watch", action="store_true",
                    help="also reload when the config file changes (polled)")
+    r.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
+                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
     log_flags(r)
 
     c = sub.add_parser("check-config", help="validate a config file and exit",
@@ -108,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from agent.app import Agent
     from agent.web import build_app, serve
+    from agent.webconfig import WebConfigError, WebGuard
 
     try:
         cfg = cfgmod.load(args.config_file)
@@ -115,10 +118,16 @@ async def _run(args: argparse.Namespace) -> int:
         log.error("invalid config", extra={"error": str(e)})
         print(f"edgeprobe: config error: {e}", file=sys.stderr)
         return 1
-    agent = Agent(cfg, Path(args.config_file))
-    app = build_app(agent)
     try:
-        runner = await serve(app, args.listen)
+        guard = WebGuard(args.web_config_file)
+    except WebConfigError as e:
+        log.error("invalid web config", extra={"error": str(e)})
+        print(f"edgeprobe: web config error: {e}", file=sys.stderr)
+        return 1
+    agent = Agent(cfg, Path(args.config_file), web_guard=guard)
+    app = build_app(agent, middlewares=guard.middlewares())
+    try:
+        runner = await serve(app, args.listen, ssl_context=guard.ssl_context)
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The agent's HTTP server: /metrics, /-/healthy, /-/ready, /-/reload."""
+"""The agent's HTTP server: /metrics, /-/healthy, /-/ready, /-/reload, /probe."""
 
 from __future__ import annotations
 
@@ -67,6 +67,15 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/-/ready", ready)
     app.router.add_post("/-/reload", reload)
+
+    async def probe(request: web.Request) -> web.Response:
+        # Looked up per request: a reload may enable, disable or reconfigure /probe.
+        ep = agent.probe_endpoint
+        if ep is None:
+            return web.Response(status=404, text="/probe is disabled (probe_endpoint.enabled)\n")
+        return await ep.handle(request)
+
+    app.router.add_get("/probe", probe)
     app.router.add_put("/-/reload", reload)
     app.add_routes(list(routes))
     return app
