@@ -53,6 +53,7 @@ class _Entry:
     task: asyncio.Task[None] | None = None
     in_run: bool = False
     runs: int = 0
+    extra: asyncio.Task[None] | None = None   # a triggered out-of-band run
 
 
 @dataclass
@@ -96,8 +97,9 @@ class Scheduler:
     @staticmethod
     def _cancel(e: _Entry) -> None:
         # An abandoned run records nothing: a packet in flight is neither sent nor lost.
-        if e.task is not None:
-            e.task.cancel()
+        for t in (e.task, e.extra):
+            if t is not None:
+                t.cancel()
 
     async def _loop(self, e: _Entry) -> None:
         job = e.job
@@ -146,11 +148,32 @@ class Scheduler:
             log.exception("probe raised", extra={"edge": job.target.name, "probe": job.kind})
             return ProbeResult.failure("exception", time.monotonic() - t0)
 
+    def trigger(self, key: tuple[str, str]) -> bool:
+        """Run ``key`` once now, outside its fixed-rate ticks (e.g. the path probe right after an
+        edge's budget check starts failing). Ignored while that series is already running."""
+        e = self.entries.get(key)
+        if e is None or e.in_run or self.stopping:
+            return False
+        e.in_run = True
+
+        async def once() -> None:
+            try:
+                result = await self._run(e.job, e.job.options.run_time() + 1.0)
+            finally:
+                e.in_run = False
+            if result is not None and self.entries.get(key) is e:
+                self.record(e.job, result)
+
+        e.extra = asyncio.get_running_loop().create_task(once(), name=f"trigger:{key}")
+        return True
+
     async def stop(self, grace: float = 3.0) -> None:
         """Start no new runs; let runs in flight finish within ``grace``, then abandon them."""
         self.stopping = True
         tasks = []
         for e in self.entries.values():
+            if e.extra is not None and not e.extra.done():
+                tasks.append(e.extra)
             if e.task is None:
                 continue
             if not e.in_run:

@@ -155,3 +155,20 @@ async def test_reload_keeps_series_continuous(running: tuple[Agent, str, Path]) 
     assert failed[("edgeprobe_config_last_reload_successful", ())] == 0
     assert value(failed, "edgeprobe_packets_sent_total", "edge-1") >= sent_before
     assert {j.target.name for j in agent.config.jobs} == {"edge-1", "edge-10"}
+
+
+async def test_budget_failure_triggers_a_path_run_once(tmp_path: Path) -> None:
+    from probes.base import ProbeResult
+
+    cfg = cfgmod.loads("agent: {region: r}\ntargets:\n"
+                       "  - {name: e, address: 127.0.0.1, probes: [icmp, path]}\n")
+    agent = Agent(cfg)
+    calls: list[tuple[str, str]] = []
+    agent.scheduler.trigger = lambda key: calls.append(key) or True  # type: ignore[method-assign]
+    icmp_job = cfg.jobs[0]
+    agent._record(icmp_job, ProbeResult(success=True))
+    agent._record(icmp_job, ProbeResult.failure("timeout"))
+    agent._record(icmp_job, ProbeResult.failure("timeout"))   # still failing: no new trigger
+    agent._record(icmp_job, ProbeResult(success=True))
+    agent._record(icmp_job, ProbeResult.failure("timeout"))
+    assert calls == [("e", "path"), ("e", "path")]

@@ -136,3 +136,16 @@ async def test_apply_diffs_targets() -> None:
     assert task_a is not None and task_a.cancelled()
     await sched.stop(0)
     assert sched.task_count == 0
+
+
+async def test_trigger_runs_once_out_of_band() -> None:
+    clock = FakeClock()
+    sched, rec = make(clock)
+    sched.apply([job("p", interval=60.0)])
+    await clock.advance(0)
+    before = len(rec.starts.get("p", []))
+    assert sched.trigger(("p", "icmp"))
+    await clock.advance(0)
+    assert len(rec.starts["p"]) == before + 1
+    assert not sched.trigger(("nope", "icmp"))
+    await sched.stop(0)
