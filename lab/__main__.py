@@ -114,6 +114,17 @@ def cmd_agent_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(a: argparse.Namespace) -> int:
+    from lab.selftest import main as selftest
+    res = selftest([int(x) for x in a.rates.split(",")], a.seconds)
+    print(f"{'offered/s':>10} {'sent':>7} {'read':>7} {'late p50 us':>12} {'p99 us':>9} "
+          f"{'max us':>9} {'capacity/s':>11}")
+    for r in res:
+        print(f"{r.offered_pps:10.0f} {r.sent:7d} {r.read:7d} {r.late_p50_us:12.1f} "
+              f"{r.late_p99_us:9.1f} {r.late_max_us:9.1f} {r.capacity_pps:11.0f}")
+    return 0
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     for st in iter_states():
         print(f"{st.run_id} state {st.state_dir} regions {','.join(st.regions)} "
@@ -164,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--interval", default="1s")
     ac.add_argument("--state", default=DEFAULT_STATE)
     ac.set_defaults(fn=cmd_agent_config)
+    sf = sub.add_parser("selftest", help="measure the forwarder's precision and packet rate")
+    sf.add_argument("--rates", default="1000,2000,5000,10000", help="datagrams/s, comma list")
+    sf.add_argument("--seconds", type=float, default=2.0)
+    sf.set_defaults(fn=cmd_selftest)
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a))
