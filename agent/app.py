@@ -192,13 +192,9 @@ class Agent:
         views = self._views_for(new, self.state.series, same_identity)
         state = self._state_for(new)
         # Swap the state in place: the registered collector keeps pointing at self.state.
-        self.state.region = state.region
-        self.state.agent_labels = state.agent_labels
-        self.state.target_label_keys = state.target_label_keys
-        self.state.budget = state.budget
-        self.state.round_trips = state.round_trips
-        self.state.fixed = state.fixed
-        self.state.exchanges = state.exchanges
+        for f in dataclasses.fields(CollectorState):
+            if f.name not in ("series", "self_stats"):
+                setattr(self.state, f.name, getattr(state, f.name))
         self.state.series = views
         self.ctx.budget = new.agent.budget
         self.scheduler.late_threshold = new.agent.late_tick_threshold
