@@ -1,0 +1,304 @@
+"""Render the edgeprobe Grafana dashboards (dashboards/*.json) from this one description.
+
+Run ``python deploy/grafana/generate.py`` after a change and commit the JSON; a test checks that
+regenerating gives the committed files byte for byte. Python rather than hand-written JSON so
+the three dashboards share one datasource, one set of variables and one colour scale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+SCHEMA_VERSION = 39
+# Compliance colours: red under 95 %, orange under the 99 % SLO, green at or above it.
+COMPLIANCE_STEPS = [{"color": "red", "value": None}, {"color": "orange", "value": 0.95},
+                    {"color": "green", "value": 0.99}]
+SEL = 'region=~"$region", edge=~"$edge"'
+
+
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False,
+           fmt: str = "time_series") -> dict[str, Any]:
+    t: dict[str, Any] = {"datasource": DS, "expr": expr, "refId": ref, "format": fmt,
+                         "legendFormat": legend or "__auto"}
+    if instant:
+        t["instant"] = True
+        t["range"] = False
+    return t
+
+
+def panel(pid: int, title: str, kind: str, grid: tuple[int, int, int, int],
+          targets: list[dict[str, Any]], description: str, unit: str = "",
+          **extra: Any) -> dict[str, Any]:
+    x, y, w, h = grid
+    p: dict[str, Any] = {
+        "id": pid, "type": kind, "title": title, "description": description, "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h}, "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit} if unit else {}, "overrides": []},
+        "options": {},
+    }
+    for k, v in extra.items():
+        if k == "defaults":
+            p["fieldConfig"]["defaults"].update(v)
+        else:
+            p[k] = v
+    return p
+
+
+def variable(name: str, query: str, label: str, multi: bool = True) -> dict[str, Any]:
+    return {"name": name, "label": label, "type": "query", "datasource": DS,
+            "query": {"query": query, "refId": f"{name}-var"}, "definition": query,
+            "refresh": 2, "includeAll": True, "allValue": ".*", "multi": multi, "sort": 1,
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "options": []}
+
+
+DATASOURCE_VAR = {"name": "datasource", "label": "Prometheus", "type": "datasource",
+                  "query": "prometheus", "current": {}, "options": [], "refresh": 1,
+                  "hide": 0}
+REGION_VAR = variable(
+    "region", "label_values(region_edge:edgeprobe_connect_within_budget:ratio_rate5m, region)",
+    "region")
+EDGE_VAR = variable(
+    "edge", 'label_values(region_edge:edgeprobe_connect_within_budget:ratio_rate5m'
+    '{region=~"$region"}, edge)', "edge")
+INSTANCE_VAR = variable(
+    "instance", 'label_values(up{job=~".*edgeprobe.*", region=~"$region"}, instance)', "agent")
+
+
+def dashboard(uid: str, title: str, description: str, variables: list[dict[str, Any]],
+              panels: list[dict[str, Any]], links: list[str]) -> dict[str, Any]:
+    return {
+        "uid": uid, "title": title, "description": description,
+        "tags": ["edgeprobe"], "timezone": "utc", "editable": True, "graphTooltip": 1,
+        "schemaVersion": SCHEMA_VERSION, "version": 1, "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"}, "timepicker": {},
+        "templating": {"list": [DATASOURCE_VAR, *variables]},
+        "annotations": {"list": [{
+            "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+            "name": "Annotations & Alerts", "type": "dashboard"}]},
+        "links": [{"type": "link", "title": t, "url": f"/d/{u}", "keepTime": True,
+                   "includeVars": True, "asDropdown": False, "icon": "dashboard", "tags": [],
+                   "targetBlank": False, "tooltip": ""}
+                  for t, u in ((t, LINKS[t]) for t in links)],
+        "panels": panels,
+    }
+
+
+LINKS = {"edgeprobe / overview": "edgeprobe-overview",
+         "edgeprobe / edge detail": "edgeprobe-edge",
+         "edgeprobe / agent health": "edgeprobe-agent"}
+
+
+def overview() -> dict[str, Any]:
+    r = 'region=~"$region"'
+    panels = [
+        panel(1, "Edges meeting the budget SLO", "stat", (0, 0, 8, 6), [
+            target(f"count by (region) (region_edge:edgeprobe_connect_within_budget:ratio_rate1h"
+                   f"{{{r}}} >= on () group_left () edgeprobe:connect_budget_slo:target)",
+                   "{{region}}", instant=True)],
+            "Per region, how many edges had at least the SLO target (default 99 %) of connects "
+            "within the 600 ms budget over the last hour.",
+            defaults={"color": {"mode": "fixed", "fixedColor": "green"}}),
+        panel(2, "Edges missing the budget SLO", "stat", (8, 0, 8, 6), [
+            target(f"count by (region) (region_edge:edgeprobe_connect_within_budget:ratio_rate1h"
+                   f"{{{r}}} < on () group_left () edgeprobe:connect_budget_slo:target)",
+                   "{{region}}", instant=True)],
+            "Per region, how many edges fell short of the SLO target over the last hour.",
+            defaults={"color": {"mode": "fixed", "fixedColor": "red"}}),
+        panel(3, "Best edge per region", "table", (16, 0, 8, 6), [
+            target(f"region:edgeprobe_best_edge:info{{{r}}}", instant=True, fmt="table")],
+            "The edge that meets the budget most often over 5 minutes, ties broken by the "
+            "lowest RTT p95: region:edgeprobe_best_edge:info, what a router would follow.",
+            transformations=[{"id": "organize", "options": {
+                "excludeByName": {"Time": True, "Value": True, "__name__": True},
+                "indexByName": {"region": 0, "edge": 1}}}]),
+        panel(4, "Connects within budget: region x edge (1h)", "table", (0, 6, 24, 8), [
+            target(f"region_edge:edgeprobe_connect_within_budget:ratio_rate1h{{{r}}}",
+                   instant=True, fmt="table")],
+            "Fraction of connects within 600 ms over the last hour, one row per region and one "
+            "column per edge, coloured against the SLO: green at or above 99 %, orange above "
+            "95 %, red below. Measured by the connect probe where an edge has one, else the "
+            "model's 1 - miss probability.",
+            unit="percentunit",
+            defaults={"decimals": 2, "thresholds": {"mode": "absolute",
+                                                    "steps": COMPLIANCE_STEPS},
+                      "custom": {"cellOptions": {"type": "color-background"}}},
+            transformations=[{"id": "groupingToMatrix", "options": {
+                "rowField": "region", "columnField": "edge", "valueField": "Value"}}]),
+        panel(5, "Connects within budget (5m)", "timeseries", (0, 14, 12, 9), [
+            target(f"region_edge:edgeprobe_connect_within_budget:ratio_rate5m{{{r}}}",
+                   "{{region}} / {{edge}}"),
+            target("edgeprobe:connect_budget_slo:target", "SLO target", ref="B")],
+            "The SLI over 5 minutes per edge, with the SLO target.", unit="percentunit",
+            defaults={"min": 0, "max": 1}),
+        panel(6, "Error-budget burn rate (1h)", "timeseries", (12, 14, 12, 9), [
+            target(f"region_edge:edgeprobe_connect_budget:burnrate1h{{{r}}}",
+                   "{{region}} / {{edge}}")],
+            "How many times faster than the SLO allows each edge spends its error budget. "
+            "Pages at 14.4 (1h and 5m), 6 (6h and 30m); tickets at 1 (3d and 6h).",
+            defaults={"thresholds": {"mode": "absolute", "steps": [
+                {"color": "green", "value": None}, {"color": "orange", "value": 1},
+                {"color": "red", "value": 14.4}]},
+                "custom": {"thresholdsStyle": {"mode": "line"}, "scaleDistribution":
+                           {"type": "log", "log": 10}}}),
+        panel(7, "Firing edgeprobe alerts", "table", (0, 23, 24, 7), [
+            target(f'ALERTS{{alertname=~"Edgeprobe.*", alertstate="firing", {r}}}',
+                   instant=True, fmt="table")],
+            "Alerts the rules fire now; see docs/prometheus.md for what each means.",
+            transformations=[{"id": "organize", "options": {
+                "excludeByName": {"Time": True, "Value": True, "__name__": True,
+                                  "alertstate": True}}}]),
+    ]
+    return dashboard("edgeprobe-overview", "edgeprobe / overview",
+                     "Which edges meet the 600 ms connect budget, per region, and the best edge "
+                     "per region.", [REGION_VAR], panels,
+                     ["edgeprobe / edge detail", "edgeprobe / agent health"])
+
+
+def edge_detail() -> dict[str, Any]:
+    panels = [
+        panel(1, "RTT distribution", "heatmap", (0, 0, 24, 9), [
+            target(f"sum by (le) (rate(edgeprobe_rtt_seconds_bucket{{{SEL}}}"
+                   "[$__rate_interval]))", "{{le}}", fmt="heatmap")],
+            "Packet RTTs from the histogram (edgeprobe_rtt_seconds), all probes of the "
+            "selected edges. Bimodal bands mean two paths.", unit="s",
+            options={"calculate": False, "yAxis": {"unit": "s"},
+                     "color": {"mode": "scheme", "scheme": "Spectral", "steps": 64}}),
+        panel(2, "RTT p50 / p95 / p99 (5m)", "timeseries", (0, 9, 12, 8), [
+            target(f"region_edge:edgeprobe_rtt_seconds:p50_5m{{{SEL}}}",
+                   "p50 {{region}} / {{edge}}"),
+            target(f"region_edge:edgeprobe_rtt_seconds:p95_5m{{{SEL}}}",
+                   "p95 {{region}} / {{edge}}", ref="B"),
+            target(f"region_edge:edgeprobe_rtt_seconds:p99_5m{{{SEL}}}",
+                   "p99 {{region}} / {{edge}}", ref="C")],
+            "Quantiles of the RTT histogram over 5 minutes (within ~2 % of the true value "
+            "given the bucket layout).", unit="s"),
+        panel(3, "Loss and its Wilson 95 % upper bound", "timeseries", (12, 9, 12, 8), [
+            target(f"region_edge:edgeprobe_packets_lost:ratio_rate5m{{{SEL}}}",
+                   "loss {{region}} / {{edge}}"),
+            target(f"max by (region, edge) (edgeprobe_loss_ratio_upper95{{{SEL}}})",
+                   "upper 95 % {{region}} / {{edge}}", ref="B")],
+            "Round-trip loss from the sent/lost counters over 5 minutes, and the agent's "
+            "Wilson 95 % upper bound over its sliding window: with few packets the bound "
+            "shows how much loss could hide behind a zero.", unit="percentunit"),
+        panel(4, "Jitter (RFC 3550, round trip)", "timeseries", (0, 17, 8, 8), [
+            target(f"region_edge:edgeprobe_jitter_seconds:max_avg5m{{{SEL}}}",
+                   "{{region}} / {{edge}}")],
+            "RFC 3550 interarrival-jitter estimator over consecutive RTTs, averaged over 5m; "
+            "the worst probe of the edge.", unit="s"),
+        panel(5, "Connect phases (stacked)", "timeseries", (8, 17, 8, 8), [
+            target("sum by (phase) (rate(edgeprobe_connect_phase_duration_seconds_sum"
+                   f"{{{SEL}}}[$__rate_interval])) / sum by (phase) (rate("
+                   f"edgeprobe_connect_phase_duration_seconds_count{{{SEL}}}"
+                   "[$__rate_interval]))", "{{phase}}")],
+            "Mean time of each step of the connect probe (DNS, TCP, TLS, STUN, TURN), stacked: "
+            "the top is the whole connect against the 600 ms budget.", unit="s",
+            defaults={"custom": {"stacking": {"mode": "normal", "group": "A"},
+                                 "fillOpacity": 60, "thresholdsStyle": {"mode": "line"}},
+                      "thresholds": {"mode": "absolute", "steps": [
+                          {"color": "green", "value": None}, {"color": "red", "value": 0.6}]}}),
+        panel(6, "MOS estimate", "timeseries", (16, 17, 8, 8), [
+            target(f"min by (region, edge) (edgeprobe_mos_estimate{{{SEL}}})",
+                   "{{region}} / {{edge}}")],
+            "Simplified E-model MOS from RTT, jitter and loss (1 to 4.5; above 4 is good). "
+            "An estimate for comparing edges, not a measurement of a call.",
+            defaults={"min": 1, "max": 4.5}),
+        panel(7, "Connect budget: model miss probability", "timeseries", (0, 25, 12, 8), [
+            target(f"region_edge:edgeprobe_connect_budget_miss_probability:max_avg5m{{{SEL}}}",
+                   "{{region}} / {{edge}}"),
+            target(f"max by (region, edge) (edgeprobe_connect_estimate_seconds{{{SEL}}})",
+                   "estimate (s) {{region}} / {{edge}}", ref="B")],
+            "The model's probability that a connect over this path misses 600 ms, and its "
+            "lossless connect estimate n x RTT + fixed.", unit="percentunit"),
+        panel(8, "Connects within budget (5m)", "timeseries", (12, 25, 12, 8), [
+            target(f"region_edge:edgeprobe_connect_within_budget:ratio_rate5m{{{SEL}}}",
+                   "{{region}} / {{edge}}")],
+            "The SLI: measured by the connect probe where present, else the model.",
+            unit="percentunit", defaults={"min": 0, "max": 1}),
+    ]
+    return dashboard("edgeprobe-edge", "edgeprobe / edge detail",
+                     "RTT, loss, jitter, connect phases and MOS for one or more edges.",
+                     [REGION_VAR, EDGE_VAR], panels,
+                     ["edgeprobe / overview", "edgeprobe / agent health"])
+
+
+def agent_health() -> dict[str, Any]:
+    r = 'region=~"$region", instance=~"$instance"'
+    panels = [
+        panel(1, "Agents up", "stat", (0, 0, 8, 6), [
+            target(f'up{{job=~".*edgeprobe.*", {r}}}', "{{region}} {{instance}}",
+                   instant=True)],
+            "1 when Prometheus scraped the agent successfully.",
+            defaults={"mappings": [{"type": "value", "options": {
+                "0": {"text": "down", "color": "red"}, "1": {"text": "up", "color": "green"}}}]}),
+        panel(2, "Configured probe series", "stat", (8, 0, 8, 6), [
+            target(f"sum by (region, probe) (edgeprobe_targets{{{r}}})",
+                   "{{region}} {{probe}}", instant=True)],
+            "Target x probe-kind series each agent runs."),
+        panel(3, "Last config reload", "stat", (16, 0, 8, 6), [
+            target(f"edgeprobe_config_last_reload_successful{{{r}}}", "{{region}} {{instance}}",
+                   instant=True),
+            target(f"changes(edgeprobe_config_last_reload_success_timestamp_seconds{{{r}}}[1h])",
+                   "reloads in 1h {{region}} {{instance}}", ref="B", instant=True)],
+            "Whether the last reload succeeded (1) and how many reloads succeeded in the last "
+            "hour."),
+        panel(4, "Event loop lag p99", "timeseries", (0, 6, 12, 8), [
+            target("histogram_quantile(0.99, sum by (region, instance, le) (rate("
+                   f"edgeprobe_event_loop_lag_seconds_bucket{{{r}}}[$__rate_interval])))",
+                   "{{region}} {{instance}}")],
+            "How late the agent's event loop runs callbacks. Lag shows up in every RTT it "
+            "measures in user space; above a few ms the host is overloaded.", unit="s"),
+        panel(5, "Scheduler: late and skipped ticks", "timeseries", (12, 6, 12, 8), [
+            target("sum by (region, instance) (rate(edgeprobe_scheduler_late_ticks_total"
+                   f"{{{r}}}[$__rate_interval]))", "late {{region}} {{instance}}"),
+            target("sum by (region, instance) (rate(edgeprobe_scheduler_skipped_ticks_total"
+                   f"{{{r}}}[$__rate_interval]))", "skipped {{region}} {{instance}}", ref="B"),
+            target("histogram_quantile(0.99, sum by (region, instance, le) (rate("
+                   f"edgeprobe_scheduler_lateness_seconds_bucket{{{r}}}[$__rate_interval])))",
+                   "lateness p99 {{region}} {{instance}}", ref="C")],
+            "Ticks per second that woke up late or were skipped because the previous run "
+            "had not finished; and the p99 wake-up lateness.", unit="short"),
+        panel(6, "Stray packets", "timeseries", (0, 14, 12, 8), [
+            # `or 0 x build_info`: the counter has no series until the first stray packet.
+            target("sum by (region, instance, reason) (rate(edgeprobe_stray_packets_total"
+                   f"{{{r}}}[$__rate_interval])) or sum by (region, instance) "
+                   f"(0 * edgeprobe_build_info{{{r}}})", "{{region}} {{instance}} {{reason}}")],
+            "Replies that matched no probe in flight (late, duplicated, malformed, or another "
+            "process's). A steady rate means a timeout shorter than the path's RTT.",
+            unit="pps"),
+        panel(7, "Probe errors by reason", "timeseries", (12, 14, 12, 8), [
+            target("sum by (region, probe, reason) (rate(edgeprobe_probe_errors_total"
+                   f"{{{r}}}[$__rate_interval]))", "{{region}} {{probe}} {{reason}}")],
+            "Failed runs and per-packet errors by bounded reason.", unit="ops"),
+        panel(8, "Build", "table", (0, 22, 24, 5), [
+            target(f"edgeprobe_build_info{{{r}}}", instant=True, fmt="table")],
+            "Agent version, Python version and ICMP socket mode.",
+            transformations=[{"id": "organize", "options": {
+                "excludeByName": {"Time": True, "Value": True, "__name__": True}}}]),
+    ]
+    return dashboard("edgeprobe-agent", "edgeprobe / agent health",
+                     "The agents themselves: up, event loop lag, late ticks, stray packets, "
+                     "reloads.", [REGION_VAR, INSTANCE_VAR], panels,
+                     ["edgeprobe / overview", "edgeprobe / edge detail"])
+
+
+def render() -> dict[str, str]:
+    return {f"{d['uid']}.json": json.dumps(d, indent=2, sort_keys=False) + "\n"
+            for d in (overview(), edge_detail(), agent_health())}
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, text in render().items():
+        (OUT / name).write_text(text)
+        print(f"wrote {OUT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
