@@ -7,6 +7,7 @@ takes ~0.3 s without services, ~1.5 s with) and always tears down, also after a 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -55,5 +56,5 @@ def rfc3550_jitter(rtts: Sequence[float | None]) -> float:
 
 def ipdv(rtts: Sequence[float | None]) -> list[float]:
     """|RTT(i) - RTT(i-1)| for consecutive sequence numbers that were both answered."""
-    return [abs(b - a) for a, b in zip(rtts, rtts[1:], strict=False)
+    return [abs(b - a) for a, b in itertools.pairwise(rtts)
             if a is not None and b is not None]
