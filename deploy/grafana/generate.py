@@ -51,7 +51,7 @@ def panel(pid: int, title: str, kind: str, grid: tuple[int, int, int, int],
 
 def variable(name: str, query: str, label: str, multi: bool = True) -> dict[str, Any]:
     return {"name": name, "label": label, "type": "query", "datasource": DS,
-            "query": {"query": query, "refId": f"{name}-var"}, "definition": query,
+            "query": {"query": query, "refId": f"{name}-var"},
             "refresh": 2, "includeAll": True, "allValue": ".*", "multi": multi, "sort": 1,
             "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "options": []}
 
@@ -78,7 +78,7 @@ def dashboard(uid: str, title: str, description: str, variables: list[dict[str, 
         "time": {"from": "now-6h", "to": "now"}, "timepicker": {},
         "templating": {"list": [DATASOURCE_VAR, *variables]},
         "annotations": {"list": [{
-            "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
             "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
             "name": "Annotations & Alerts", "type": "dashboard"}]},
         "links": [{"type": "link", "title": t, "url": f"/d/{u}", "keepTime": True,
