@@ -287,7 +287,8 @@ class World:
             raise LabError("a region appears twice")
         edges = merge_edges(profs)
         rid = os.urandom(3).hex()
-        sdir = Path(state_dir) if state_dir else Path(f"/tmp/edgeprobe-lab-{rid}")
+        # Absolute: dnsmasq and coturn chdir to / and would lose a relative pid/log path.
+        sdir = (Path(state_dir) if state_dir else Path(f"/tmp/edgeprobe-lab-{rid}")).resolve()
         sdir.mkdir(parents=True, exist_ok=True)
         shm = SHM / f"edgeprobe-lab-{rid}"
         shm.mkdir(mode=0o755)
