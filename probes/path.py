@@ -22,6 +22,7 @@ import errno
 import hashlib
 import socket
 import struct
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from probes.sockopts import (
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 _MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_IP_RECVTTL, _IP_TTL = 12, 2               # <linux/in.h>; Python does not export IP_RECVTTL
+_IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", 51)
+_IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", 52)
 _EE = struct.Struct("=IBBBBII")            # struct sock_extended_err
 _ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
 MAX_HOPS_LIMIT = 32
@@ -78,6 +82,7 @@ class _Probe:
     rtt: float | None = None
     address: str = ""
     reached: bool = False
+    reply_ttl: int = 0                     # TTL / hop limit the ICMP answer arrived with
 
 
 def _read_errqueue(p: _Probe, v6: bool) -> bool:
@@ -92,6 +97,10 @@ def _read_errqueue(p: _Probe, v6: bool) -> bool:
             return got
         now = time.perf_counter_ns()
         for level, ctype, data in anc:
+            if (level, ctype) in ((socket.IPPROTO_IP, _IP_TTL),
+                                  (socket.IPPROTO_IPV6, _IPV6_HOPLIMIT)) and len(data) >= 4:
+                p.reply_ttl = int.from_bytes(data[:4], sys.byteorder)
+                continue
             if (level, ctype) not in ((socket.IPPROTO_IP, _IP_RECVERR),
                                       (socket.IPPROTO_IPV6, _IPV6_RECVERR)):
                 continue
@@ -123,9 +132,18 @@ def _sockaddr(raw: bytes, v6: bool) -> str:
     return ""
 
 
+def _distance(reply_ttl: int) -> int:
+    initial = next(i for i in (64, 128, 255) if reply_ttl <= i)
+    return initial - reply_ttl + 1
+
+
 def route_hash(addresses: list[str]) -> int:
-    """A float-exact (< 2**48) hash of the ordered hop addresses; '' marks a silent hop."""
-    digest = hashlib.sha256("|".join(addresses).encode()).digest()
+    """A float-exact (< 2**48) hash of the ordered addresses of the hops that answered.
+
+    Silent hops ('') are left out: a hop that happens to lose all its probes in one run (or
+    never answers, like many routers) must not look like a route change.
+    """
+    digest = hashlib.sha256("|".join(a for a in addresses if a).encode()).digest()
     return int.from_bytes(digest[:6], "big")
 
 
@@ -148,11 +166,15 @@ async def trace(ep: Endpoint, opts: PathOptions,
                 sock = make_socket(ep, socket.SOCK_DGRAM, opts)
                 p = _Probe(ttl, sock)
                 probes.append(p)
+                # RECVTTL/RECVHOPLIMIT: the answer's remaining TTL tells the destination's
+                # distance even when the probes with exactly that TTL were all lost.
                 if v6:
                     sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVHOPLIMIT, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
                 else:
                     sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTTL, 1)
                     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
                 def on_ready(p: _Probe = p) -> None:
@@ -194,6 +216,14 @@ async def trace(ep: Endpoint, opts: PathOptions,
     reached_ttls = [p.ttl for p in probes if p.reached]
     hop_count = min(reached_ttls) if reached_ttls else max(
         (p.ttl for p in probes if p.rtt is not None), default=0)
+    if reached_ttls:
+        # The lowest TTL that reached the edge is only an upper bound when probes are lost;
+        # the answer's TTL (initial 64/128/255 minus the return path) gives the distance.
+        # Never below a hop that answered Time Exceeded.
+        routers = max((p.ttl for p in probes if p.rtt is not None and not p.reached), default=0)
+        est = [_distance(p.reply_ttl) for p in probes if p.reached and p.reply_ttl]
+        if est:
+            hop_count = min(hop_count, max(min(est), routers + 1))
     last = hop_count if reached_ttls else opts.max_hops
     hops: list[HopResult] = []
     for ttl in range(1, last + 1):

@@ -47,6 +47,11 @@ edges:
       - {{name: r3, delay: 1ms, loss: 50%}}
       - {{name: r4, delay: 1ms}}
       - {{name: r5, delay: 1ms}}
+  - name: route
+    ipv4: 198.18.25.1
+    ipv6: "2001:db8:e:25::1"
+    path: {{delay: 5ms}}
+    hops: [{{name: q1, delay: 1ms}}, {{name: q2, delay: 1ms}}, {{name: q3, delay: 1ms}}]
   - {{name: loss1, ipv4: 198.18.23.1, ipv6: "2001:db8:e:23::1", path: {{delay: 70ms, loss: 1%}}}}
   - {{name: loss5, ipv4: 198.18.24.1, ipv6: "2001:db8:e:24::1", path: {{delay: 70ms, loss: 5%}}}}
 """
@@ -191,9 +196,22 @@ def test_path_probe_finds_the_bad_hop(world: Any) -> None:
     rtt1 = statistics.median(r for r in hops[0]["rtts"] if r is not None)
     rtt6 = statistics.median(r for r in hops[5]["rtts"] if r is not None)
     assert rtt6 - rtt1 > 0.015
-    again = run_probes(world, "path", "hops", {"max_hops": 8, "packets": 10, "spacing": 0.005,
-                                               "timeout": 1.0, "interval": 60.0})[0]
-    assert again["gauges"]["path_route_hash"] == res["gauges"]["path_route_hash"]
+    # The hash covers the answering hops, in order.
+    from probes.path import route_hash
+    assert res["gauges"]["path_route_hash"] == route_hash([h["address"] for h in hops])
+
+
+def test_path_route_hash_is_stable_and_tells_routes_apart(world: Any) -> None:
+    opts = {"max_hops": 6, "packets": 3, "spacing": 0.005, "timeout": 1.0, "interval": 60.0}
+    a, b = (run_probes(world, "path", "route", opts)[0] for _ in range(2))
+    assert a["gauges"]["path_hops"] == 4 and a["success"]
+    assert a["gauges"]["path_route_hash"] == b["gauges"]["path_route_hash"]
+    for family in ("ipv4", "ipv6"):
+        other = run_probes(world, "path", "hops", {**opts, "max_hops": 8}, family=family)[0]
+        assert other["gauges"]["path_route_hash"] != a["gauges"]["path_route_hash"]
+    v6 = run_probes(world, "path", "route", opts, family="ipv6")[0]
+    assert v6["success"] and v6["gauges"]["path_hops"] == 4
+    assert all(":" in h["address"] for h in v6["hops"])
 
 
 @pytest.mark.parametrize("edge,p", [("loss1", 0.01), ("loss5", 0.05)])
