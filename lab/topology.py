@@ -309,8 +309,9 @@ class World:
             truth=str(shm / "truth.bin"), truth_meta=str(shm / "truth.json"),
             control=str(sdir / "forwarder.sock"), dns_servers=[DNS4, DNS6], ports=dict(PORTS),
             turn_users=dict(TURN_USERS), services=bool(services),
-            owner_pid=0 if detach else os.getpid(),
-            owner_start=0 if detach else _pid_start(os.getpid()),
+            # The builder owns the world while building it, so a concurrent cleanup_stale()
+            # never mistakes a half-built detached world for a dead one.
+            owner_pid=os.getpid(), owner_start=_pid_start(os.getpid()),
             namespaces=[f"ep{rid}-edge"] + [r.ns for r in regions.values()],
             profiles=[p.file or p.region for p in profs])
         REGISTRY.mkdir(parents=True, exist_ok=True)
@@ -321,6 +322,10 @@ class World:
         except BaseException:
             world.down()
             raise
+        if detach:
+            st.owner_pid = st.owner_start = 0
+            st.save(sdir / "state.json")
+            st.save(_registry_path(rid))
         return world
 
     def _build(self, profs: Sequence[Profile], edges: Mapping[str, Any], seed: int,
@@ -395,16 +400,20 @@ class World:
                "edge_names": edge_names, "spin_us": spin_us, "die_with_parent": not detach}
         cfg_path = sdir / "forwarder.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
-        log = open(sdir / "forwarder.log", "wb")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lab.forwarder", str(cfg_path), f"edgeprobe-lab-{st.run_id}"],
-            stdout=subprocess.PIPE, stderr=log, start_new_session=detach,
-            cwd=str(Path(__file__).resolve().parent.parent))
-        log.close()
+        # stdout and stderr go to files, never pipes: a detached child must not die of
+        # SIGPIPE after `python -m lab up` has exited.
+        with open(sdir / "forwarder.out", "wb") as out, \
+                open(sdir / "forwarder.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lab.forwarder", str(cfg_path),
+                 f"edgeprobe-lab-{st.run_id}"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=log, start_new_session=detach,
+                cwd=str(Path(__file__).resolve().parent.parent))
         self._procs.append(proc)
         st.forwarder_pid, st.forwarder_start = proc.pid, _pid_start(proc.pid)
         st.save(_registry_path(st.run_id))
-        self._wait_ready(proc, "forwarder", sdir / "forwarder.log", 15.0)
+        self._wait_ready(proc, "forwarder", sdir / "forwarder.out", sdir / "forwarder.log",
+                         15.0)
         # The TUN devices are now in their namespaces: address and route them.
         _batch([f"link set {st.edge_tun} addrgenmode none", f"link set {st.edge_tun} up",
                 f"route add 198.19.0.0/18 dev {st.edge_tun}",
@@ -430,19 +439,13 @@ class World:
         st.save(sdir / "state.json")
         st.save(_registry_path(st.run_id))
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], what: str, log: Path,
+    def _wait_ready(self, proc: subprocess.Popen[bytes], what: str, out: Path, log: Path,
                     timeout: float) -> None:
-        assert proc.stdout is not None
-        os.set_blocking(proc.stdout.fileno(), False)
         deadline = time.monotonic() + timeout
-        buf = b""
         while time.monotonic() < deadline:
-            with contextlib.suppress(BlockingIOError, TypeError):
-                chunk = proc.stdout.read()
-                if chunk:
-                    buf += chunk
-            if b"READY" in buf:
-                return
+            with contextlib.suppress(OSError):
+                if b"READY" in out.read_bytes():
+                    return
             if proc.poll() is not None:
                 break
             time.sleep(0.01)
@@ -468,17 +471,18 @@ class World:
         (sdir / "services").mkdir(exist_ok=True)
         cfg_path = sdir / "services.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
-        log = open(sdir / "services.log", "wb")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", st.edge_ns, sys.executable, "-m", "lab.services",
-             "--config", str(cfg_path)],
-            stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-            cwd=str(Path(__file__).resolve().parent.parent))
-        log.close()
+        with open(sdir / "services.out", "wb") as out, \
+                open(sdir / "services.log", "wb") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", st.edge_ns, sys.executable, "-m", "lab.services",
+                 "--config", str(cfg_path)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=log, start_new_session=True,
+                cwd=str(Path(__file__).resolve().parent.parent))
         self._procs.append(proc)
         st.services_pid, st.services_start = proc.pid, _pid_start(proc.pid)
         st.save(_registry_path(st.run_id))
-        self._wait_ready(proc, "edge services", sdir / "services.log", 30.0)
+        self._wait_ready(proc, "edge services", sdir / "services.out", sdir / "services.log",
+                         30.0)
         st.ca = str(sdir / "services" / "ca.pem")
 
     # -- use ------------------------------------------------------------------------------
@@ -544,10 +548,6 @@ class World:
 
     # -- teardown -------------------------------------------------------------------------
     def down(self) -> None:
-        for p in self._procs:
-            with contextlib.suppress(OSError):
-                if p.stdout:
-                    p.stdout.close()
         teardown(self.state)
         for p in self._procs:
             with contextlib.suppress(subprocess.TimeoutExpired):

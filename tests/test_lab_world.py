@@ -87,30 +87,32 @@ def test_runtime_change(lab_world: World) -> None:
 
 
 def test_scheduled_change_and_teardown_after_failure() -> None:
-    """A profile change at t=1.5 s shows up in the ground truth and in ping within two probe
+    """A profile change at t=2.5 s shows up in the ground truth and in ping within two probe
     intervals; and a failing test body still leaves no namespace, link or process behind."""
     base = load_profile("ae-dubai")
     prof = decode_profile({
         "region": "xx-sched", "source": "test",
         "edges": [{"name": "dxb-1", "ipv4": "198.18.8.1", "ipv6": "2001:db8:e:8::1",
                    "path": {"delay": "2ms"}}],
-        "schedule": [{"at": "1.5s", "edge": "dxb-1", "set": {"delay": "20ms"}}]})
+        "schedule": [{"at": "2.5s", "edge": "dxb-1", "set": {"delay": "20ms"}}]})
     assert base.region == "ae-dubai"
     rid = ""
-    with pytest.raises(RuntimeError, match="deliberate"), World.up(profiles=[prof]) as w:
+    with pytest.raises(RuntimeError, match="deliberate"), \
+            World.up(profiles=[prof], services=False) as w:
         rid = w.state.run_id
         t0 = w.meta().t0_ns
         interval = 0.1
-        r = w.run("xx-sched", ["ping", "-n", "-c", "30", "-i", str(interval), "198.18.8.1"])
+        r = w.run("xx-sched", ["ping", "-n", "-c", "40", "-i", str(interval), "198.18.8.1"])
         ex = [e for e in gt.echo_exchanges(w.records()) if e.rtt_ns is not None]
-        change = t0 + 1_500_000_000
+        change = t0 + 2_500_000_000
         after = [e for e in ex if e.request.arrival_ns >= change + 2 * interval * 1e9]
         before = [e for e in ex if e.request.arrival_ns < change]
         assert before and after
-        assert all(e.rtt_ns is not None and e.rtt_ns < 6e6 for e in before)
+        # 4 ms before, 44 ms after; the thresholds leave room for a loaded machine.
+        assert all(e.rtt_ns is not None and e.rtt_ns < 10e6 for e in before)
         assert all(e.rtt_ns is not None and e.rtt_ns > 39e6 for e in after)
         rtts = _rtts(r.stdout)
-        assert min(rtts) < 0.006 and max(rtts) > 0.039
+        assert min(rtts) < 0.010 and max(rtts) > 0.039
         raise RuntimeError("deliberate failure inside the world")
     assert rid and leftovers(rid) == []
 
