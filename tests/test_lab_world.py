@@ -128,3 +128,24 @@ def test_forwarder_precision_and_rate(lab_world: World) -> None:
     assert res.late_p50_us < 100
     assert res.late_p99_us < 5000
     time.sleep(0.1)
+
+
+def test_a_killed_owner_leaves_nothing_after_cleanup() -> None:
+    """A test process killed with SIGKILL cannot tear down; the forwarder dies with it
+    (PR_SET_PDEATHSIG) and the next cleanup removes the namespaces, links and processes."""
+    import sys
+
+    from lab.topology import cleanup_stale
+    code = ("import os, signal, sys; from lab import World; "
+            "w = World.up(profiles=['ae-dubai'], services=False); "
+            "print(w.state.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    rid = r.stdout.strip()
+    assert len(rid) == 6, r.stderr
+    assert any(x.startswith("netns") for x in leftovers(rid))
+    assert rid in cleanup_stale()
+    deadline = time.monotonic() + 5
+    while leftovers(rid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(rid) == []
