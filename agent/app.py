@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from agent import config as cfgmod
@@ -65,10 +65,19 @@ class Agent:
         self._bg: list[asyncio.Task[None]] = []
         self._failing: dict[tuple[str, str], bool] = {}
         self._reload_lock = asyncio.Lock()
-        self.registry.register(_FeatureCollector(self))
+        features = _FeatureCollector(self)
+        self.registry.register(features)
+        # Everything but the per-target families, which /metrics renders on its fast path.
+        self.aux_registry = CollectorRegistry(auto_describe=False)
+        self.aux_registry.register(features)
         self._update_probe_endpoint(self.config, None)
         self.self_stats.reload_ok = 1.0
         self.self_stats.reload_success_time = time.time()
+
+    def render_metrics(self) -> bytes:
+        """The text exposition of ``self.registry``, with the per-target families rendered
+        directly from state (an order of magnitude faster than building Metric objects)."""
+        return self.state.render_text().encode() + generate_latest(self.aux_registry)
 
     # ------------------------------------------------------------------ wiring
     def _state_for(self, cfg: Config) -> CollectorState:

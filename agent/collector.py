@@ -65,6 +65,108 @@ class AgentCollector(Collector):
         return self.state.collect()
 
 
+def _esc(v: str) -> str:
+    if "\\" in v or '"' in v or "\n" in v:
+        v = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return v
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v != v:
+        return "NaN"
+    if v in (math.inf, -math.inf):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+class _Labels:
+    """A label set as a dict (for Metric objects) and pre-rendered text (for the fast path)."""
+
+    __slots__ = ("d", "s")
+
+    def __init__(self, d: dict[str, str]) -> None:
+        self.d = d
+        self.s = ",".join(f'{k}="{_esc(v)}"' for k, v in d.items())
+
+    def extra(self, k: str, v: str) -> tuple[dict[str, str], str]:
+        return {**self.d, k: v}, f'{self.s},{k}="{_esc(v)}"' if self.s else f'{k}="{_esc(v)}"'
+
+
+class _Sink:
+    """Receives families and samples. Two implementations share one walk over the state: the
+    text renderer that /metrics serves (fast: label sets are rendered once per series, not per
+    sample) and Metric objects for the CollectorRegistry."""
+
+    def family(self, name: str, doc: str, typ: str) -> None:
+        raise NotImplementedError
+
+    def sample(self, fam: str, name: str, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None) -> None:
+        raise NotImplementedError
+
+    def hist(self, fam: str, labels: _Labels, h: Histogram,
+             extra: tuple[str, str] | None = None) -> None:
+        raise NotImplementedError
+
+
+class _MetricSink(_Sink):
+    def __init__(self) -> None:
+        self.fams: dict[str, Metric] = {}
+
+    def family(self, name: str, doc: str, typ: str) -> None:
+        if name not in self.fams:
+            self.fams[name] = Metric(name, doc, typ)
+
+    def sample(self, fam: str, name: str, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None) -> None:
+        d = labels.extra(*extra)[0] if extra else labels.d
+        self.fams[fam].add_sample(name, d, value)
+
+    def hist(self, fam: str, labels: _Labels, h: Histogram,
+             extra: tuple[str, str] | None = None) -> None:
+        _add_hist(self.fams[fam], fam, labels.extra(*extra)[0] if extra else labels.d, h)
+
+
+class _TextSink(_Sink):
+    def __init__(self) -> None:
+        self.fams: dict[str, list[str]] = {}
+        self._le: dict[tuple[float, ...], list[str]] = {}
+
+    def family(self, name: str, doc: str, typ: str) -> None:
+        if name not in self.fams:
+            doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
+            # As prometheus_client writes them: a counter's HELP/TYPE name carries _total.
+            hname = name + "_total" if typ == "counter" else name
+            self.fams[name] = [f"# HELP {hname} {doc}\n# TYPE {hname} {typ}\n"]
+
+    def sample(self, fam: str, name: str, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None) -> None:
+        ls = labels.extra(*extra)[1] if extra else labels.s
+        self.fams[fam].append(f"{name}{{{ls}}} {_fmt(value)}\n" if ls else
+                              f"{name} {_fmt(value)}\n")
+
+    def hist(self, fam: str, labels: _Labels, h: Histogram,
+             extra: tuple[str, str] | None = None) -> None:
+        ls = labels.extra(*extra)[1] if extra else labels.s
+        les = self._le.get(h.bounds)
+        if les is None:
+            les = self._le[h.bounds] = [f'le="{_le(b)}"' for b in h.bounds] + ['le="+Inf"']
+        sep = "," if ls else ""
+        head = f"{fam}_bucket{{{ls}{sep}"
+        out = self.fams[fam]
+        acc = 0
+        for le, c in zip(les, h.counts, strict=True):
+            acc += c
+            out.append(f"{head}{le}}} {acc}\n")
+        tail = f"{{{ls}}}" if ls else ""
+        out.append(f"{fam}_count{tail} {acc}\n{fam}_sum{tail} {_fmt(h.sum)}\n")
+
+    def text(self) -> str:
+        return "".join("".join(lines) for lines in self.fams.values())
+
+
 @dataclass
 class CollectorState:
     region: str
@@ -86,120 +188,145 @@ class CollectorState:
                 self.target_label_keys)]
 
     def collect(self) -> Iterator[Metric]:
+        sink = _MetricSink()
+        self._walk(sink)
+        yield from sink.fams.values()
+        yield from self._self_metrics()
+
+    def render_text(self) -> str:
+        """The Prometheus text format (0.0.4) of everything ``collect`` yields: the same
+        families, faster, for /metrics."""
+        sink = _TextSink()
+        self._walk(sink)
+        for m in self._self_metrics():
+            sink.family(m.name, m.documentation, m.type)
+            for smp in m.samples:
+                sink.fams[m.name].append(
+                    f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
+                    if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
+        return sink.text()
+
+    def _walk(self, sink: _Sink) -> None:
         names = self.label_names()
         now = time.monotonic()
-        fams: dict[str, Metric] = {}
-
-        def fam(name: str, doc: str, typ: str) -> Metric:
-            m = fams.get(name)
-            if m is None:
-                m = fams[name] = Metric(name, doc, typ)
-            return m
-
-        for v in self.series.values():
-            vals = self._values(v)
-            base = dict(zip(names, vals, strict=True))
+        fam = sink.family
+        smp = sink.sample
+        for v in list(self.series.values()):
+            base = _Labels(dict(zip(names, self._values(v), strict=True)))
             s = v.stats
             kind = PROBES.get(v.kind)
             prefix = kind.metric_prefix if kind else "probe"
             if not math.isnan(s.success):
                 fam("edgeprobe_probe_success", "Whether the last run of this probe succeeded.",
-                    "gauge").add_sample("edgeprobe_probe_success", base, s.success)
-            e = fam("edgeprobe_probe_errors", "Probe runs or packets that failed, by bounded "
-                    "reason.", "counter")
-            for reason, n in s.errors.items():
-                e.add_sample("edgeprobe_probe_errors_total", {**base, "reason": reason}, n)
-            dur_name = ("edgeprobe_connect_duration_seconds" if prefix == "connect"
-                        else "edgeprobe_probe_duration_seconds")
-            dur_doc = ("Duration of a full RTC connect (dns, tcp, tls, stun[, turn]); a failed "
-                       "connect is observed as +Inf." if prefix == "connect" else
-                       "Duration of one probe run.")
-            _hist(fam(dur_name, dur_doc, "histogram"), dur_name, base, s.duration)
+                    "gauge")
+                smp("edgeprobe_probe_success", "edgeprobe_probe_success", base, s.success)
+            fam("edgeprobe_probe_errors", "Probe runs or packets that failed, by bounded "
+                "reason.", "counter")
+            for reason, n in list(s.errors.items()):
+                smp("edgeprobe_probe_errors", "edgeprobe_probe_errors_total", base, n,
+                    ("reason", reason))
+            if prefix == "connect":
+                dur = "edgeprobe_connect_duration_seconds"
+                fam(dur, "Duration of a full RTC connect (dns, tcp, tls, stun[, turn]); a "
+                    "failed connect is observed as +Inf.", "histogram")
+            else:
+                dur = "edgeprobe_probe_duration_seconds"
+                fam(dur, "Duration of one probe run.", "histogram")
+            sink.hist(dur, base, s.duration)
             if s.phases:
                 pname = f"edgeprobe_{prefix}_phase_duration_seconds"
-                pf = fam(pname, "Duration of one phase of a probe run.", "histogram")
-                for phase, h in s.phases.items():
-                    _hist(pf, pname, {**base, "phase": phase}, h)
-            for gname, gval in s.gauges.items():
+                fam(pname, "Duration of one phase of a probe run.", "histogram")
+                for phase, h in list(s.phases.items()):
+                    sink.hist(pname, base, h, ("phase", phase))
+            for gname, gval in list(s.gauges.items()):
                 doc = (kind.gauges.get(gname) if kind else None) or gname
-                fam(f"edgeprobe_{gname}", doc, "gauge").add_sample(f"edgeprobe_{gname}", base,
-                                                                   gval)
+                fam(f"edgeprobe_{gname}", doc, "gauge")
+                smp(f"edgeprobe_{gname}", f"edgeprobe_{gname}", base, gval)
             if s.info:
                 fam("edgeprobe_probe_info", "Facts of the last run (TLS version, mapped address "
-                    "family...), value 1.", "gauge").add_sample(
-                    "edgeprobe_probe_info", {**base, **s.info}, 1.0)
+                    "family...), value 1.", "gauge")
+                smp("edgeprobe_probe_info", "edgeprobe_probe_info",
+                    _Labels({**base.d, **s.info}), 1.0)
             if s.hops:
-                hr = fam("edgeprobe_hop_rtt_seconds", "Median RTT to each hop in the last path "
-                         "run (NaN when the hop did not answer).", "gauge")
-                hs = fam("edgeprobe_hop_packets_sent", "Packets sent towards each hop.",
-                         "counter")
-                hl = fam("edgeprobe_hop_packets_lost", "Packets to each hop not answered.",
-                         "counter")
+                fam("edgeprobe_hop_rtt_seconds", "Median RTT to each hop in the last path run "
+                    "(NaN when the hop did not answer).", "gauge")
+                fam("edgeprobe_hop_packets_sent", "Packets sent towards each hop.", "counter")
+                fam("edgeprobe_hop_packets_lost", "Packets to each hop not answered.", "counter")
                 for idx in sorted(s.hops):
                     hop = s.hops[idx]
-                    hl_labels = {**base, "hop": str(idx)}
-                    hr.add_sample("edgeprobe_hop_rtt_seconds", hl_labels, hop.last_rtt)
-                    hs.add_sample("edgeprobe_hop_packets_sent_total", hl_labels, hop.sent)
-                    hl.add_sample("edgeprobe_hop_packets_lost_total", hl_labels, hop.lost)
+                    hx = ("hop", str(idx))
+                    smp("edgeprobe_hop_rtt_seconds", "edgeprobe_hop_rtt_seconds", base,
+                        hop.last_rtt, hx)
+                    smp("edgeprobe_hop_packets_sent", "edgeprobe_hop_packets_sent_total", base,
+                        hop.sent, hx)
+                    smp("edgeprobe_hop_packets_lost", "edgeprobe_hop_packets_lost_total", base,
+                        hop.lost, hx)
             p = s.packets
             if p is None:
                 continue
-            _hist(fam("edgeprobe_rtt_seconds", "Round-trip time of answered packets.",
-                      "histogram"), "edgeprobe_rtt_seconds", base, p.rtt)
-            fam("edgeprobe_packets_sent", "Packets whose fate is known (answered, or timed out).",
-                "counter").add_sample("edgeprobe_packets_sent_total", base, p.sent)
+            fam("edgeprobe_rtt_seconds", "Round-trip time of answered packets.", "histogram")
+            sink.hist("edgeprobe_rtt_seconds", base, p.rtt)
+            fam("edgeprobe_packets_sent", "Packets whose fate is known (answered, or timed "
+                "out).", "counter")
+            smp("edgeprobe_packets_sent", "edgeprobe_packets_sent_total", base, p.sent)
             fam("edgeprobe_packets_lost", "Packets not answered within their timeout.",
-                "counter").add_sample("edgeprobe_packets_lost_total", base, p.lost)
+                "counter")
+            smp("edgeprobe_packets_lost", "edgeprobe_packets_lost_total", base, p.lost)
             fam("edgeprobe_jitter_seconds", "RFC 3550 interarrival jitter estimator (gain 1/16) "
-                "over consecutive round-trip times (round-trip based, not one-way).",
-                "gauge").add_sample("edgeprobe_jitter_seconds", base, p.jitter)
-            _hist(fam("edgeprobe_ipdv_seconds", "|RTT(i) - RTT(i-1)| of consecutive answered "
-                      "packets.", "histogram"), "edgeprobe_ipdv_seconds", base, p.ipdv)
-            _hist(fam("edgeprobe_loss_burst_length", "Lengths of runs of consecutive lost "
-                      "packets (RFC 3357 loss periods).", "histogram"),
-                  "edgeprobe_loss_burst_length", base, p.bursts)
+                "over consecutive round-trip times (round-trip based, not one-way).", "gauge")
+            smp("edgeprobe_jitter_seconds", "edgeprobe_jitter_seconds", base, p.jitter)
+            fam("edgeprobe_ipdv_seconds", "|RTT(i) - RTT(i-1)| of consecutive answered "
+                "packets.", "histogram")
+            sink.hist("edgeprobe_ipdv_seconds", base, p.ipdv)
+            fam("edgeprobe_loss_burst_length", "Lengths of runs of consecutive lost packets "
+                "(RFC 3357 loss periods).", "histogram")
+            sink.hist("edgeprobe_loss_burst_length", base, p.bursts)
             answered, lost = p.window.snapshot(now)
-            summ = fam("edgeprobe_rtt_recent_seconds", "RTT quantiles over the sliding window "
-                       "(exact, per edge).", "summary")
+            fam("edgeprobe_rtt_recent_seconds", "RTT quantiles over the sliding window (exact, "
+                "per edge).", "summary")
             for q in QUANTILES:
-                summ.add_sample("edgeprobe_rtt_recent_seconds", {**base, "quantile": str(q)},
-                                quantile(answered, q))
-            summ.add_sample("edgeprobe_rtt_recent_seconds_count", base, len(answered))
-            summ.add_sample("edgeprobe_rtt_recent_seconds_sum", base, sum(answered))
+                smp("edgeprobe_rtt_recent_seconds", "edgeprobe_rtt_recent_seconds", base,
+                    quantile(answered, q), ("quantile", str(q)))
+            smp("edgeprobe_rtt_recent_seconds", "edgeprobe_rtt_recent_seconds_count", base,
+                len(answered))
+            smp("edgeprobe_rtt_recent_seconds", "edgeprobe_rtt_recent_seconds_sum", base,
+                float(sum(answered)))
             n = len(answered) + lost
             fam("edgeprobe_loss_ratio_upper95", "95 % Wilson upper bound of the loss ratio over "
-                "the sliding window (1 with no data).", "gauge").add_sample(
-                "edgeprobe_loss_ratio_upper95", base, model.wilson_interval(lost, n)[1])
-            fam("edgeprobe_window_packets", "Packets inside the sliding window.",
-                "gauge").add_sample("edgeprobe_window_packets", base, n)
-            fam("edgeprobe_connect_budget_seconds", "The configured connect budget.",
-                "gauge").add_sample("edgeprobe_connect_budget_seconds", base, self.budget)
+                "the sliding window (1 with no data).", "gauge")
+            smp("edgeprobe_loss_ratio_upper95", "edgeprobe_loss_ratio_upper95", base,
+                model.wilson_interval(lost, n)[1])
+            fam("edgeprobe_window_packets", "Packets inside the sliding window.", "gauge")
+            smp("edgeprobe_window_packets", "edgeprobe_window_packets", base, n)
+            fam("edgeprobe_connect_budget_seconds", "The configured connect budget.", "gauge")
+            smp("edgeprobe_connect_budget_seconds", "edgeprobe_connect_budget_seconds", base,
+                self.budget)
             pred = model.predict(answered, lost, p.jitter, self.budget, self.round_trips,
                                  self.fixed, self.exchanges)
             if pred is None:
                 continue
             fam("edgeprobe_connect_estimate_seconds", "Lossless connect time predicted from "
-                "the window's median RTT: n*RTT + fixed.", "gauge").add_sample(
-                "edgeprobe_connect_estimate_seconds", base, pred.estimate)
+                "the window's median RTT: n*RTT + fixed.", "gauge")
+            smp("edgeprobe_connect_estimate_seconds", "edgeprobe_connect_estimate_seconds",
+                base, pred.estimate)
             fam("edgeprobe_connect_budget_miss_probability", "Model probability that a connect "
-                "misses the budget: 1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).",
-                "gauge").add_sample("edgeprobe_connect_budget_miss_probability", base,
-                                    pred.miss_probability)
+                "misses the budget: 1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).", "gauge")
+            smp("edgeprobe_connect_budget_miss_probability",
+                "edgeprobe_connect_budget_miss_probability", base, pred.miss_probability)
             fam("edgeprobe_r_factor", "Simplified E-model R factor (not ITU-T G.107 proper).",
-                "gauge").add_sample("edgeprobe_r_factor", base, pred.r_factor)
+                "gauge")
+            smp("edgeprobe_r_factor", "edgeprobe_r_factor", base, pred.r_factor)
             fam("edgeprobe_mos_estimate", "MOS estimated from the simplified E-model R factor "
-                "(G.107 Annex B mapping).", "gauge").add_sample("edgeprobe_mos_estimate", base,
-                                                                pred.mos)
+                "(G.107 Annex B mapping).", "gauge")
+            smp("edgeprobe_mos_estimate", "edgeprobe_mos_estimate", base, pred.mos)
 
-        targets = fam("edgeprobe_targets", "Configured probe series, by kind.", "gauge")
+        fam("edgeprobe_targets", "Configured probe series, by kind.", "gauge")
         per_kind: dict[str, int] = {}
-        for v in self.series.values():
+        for v in list(self.series.values()):
             per_kind[v.kind] = per_kind.get(v.kind, 0) + 1
         for k in sorted(per_kind):
-            targets.add_sample("edgeprobe_targets", {"region": self.region, "probe": k},
-                               per_kind[k])
-        yield from fams.values()
-        yield from self._self_metrics()
+            smp("edgeprobe_targets", "edgeprobe_targets", _Labels({"region": self.region,
+                                                                    "probe": k}), per_kind[k])
 
     def _self_metrics(self) -> Iterator[Metric]:
         ss = self.self_stats
@@ -224,11 +351,11 @@ class CollectorState:
             yield c
         h = Metric("edgeprobe_scheduler_lateness_seconds", "How late runs started, against "
                    "their scheduled tick.", "histogram")
-        _hist(h, "edgeprobe_scheduler_lateness_seconds", region, ss.lateness)
+        _add_hist(h, "edgeprobe_scheduler_lateness_seconds", region, ss.lateness)
         yield h
         h = Metric("edgeprobe_event_loop_lag_seconds", "Event-loop lag: how late a periodic "
                    "timer fired.", "histogram")
-        _hist(h, "edgeprobe_event_loop_lag_seconds", region, ss.loop_lag)
+        _add_hist(h, "edgeprobe_event_loop_lag_seconds", region, ss.loop_lag)
         yield h
         for name, doc, val in (
             ("edgeprobe_config_last_reload_successful", "Whether the last config reload "
@@ -251,7 +378,7 @@ def _le(bound: float) -> str:
     return s
 
 
-def _hist(m: Metric, name: str, labels: dict[str, str], h: Histogram) -> None:
+def _add_hist(m: Metric, name: str, labels: dict[str, str], h: Histogram) -> None:
     acc = 0
     for bound, c in zip(h.bounds, h.counts, strict=False):
         acc += c

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -39,13 +39,12 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
     async def index(_: web.Request) -> web.Response:
         return web.Response(text=INDEX, content_type="text/html")
 
-    async def metrics(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    async def metrics(_: web.Request) -> web.Response:
         # Serialising thousands of series takes a while: do it off the event loop so probe
-        # timers stay on time.
-        body: bytes = await asyncio.to_thread(encoder, agent.registry)
+        # timers stay on time. Always the text format 0.0.4, which every Prometheus accepts.
+        body = await asyncio.to_thread(agent.render_metrics)
         resp = web.Response(body=body)
-        resp.headers["Content-Type"] = content_type
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
     async def healthy(_: web.Request) -> web.Response:

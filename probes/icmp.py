@@ -74,7 +74,9 @@ REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unava
 
 @dataclass(frozen=True)
 class IcmpOptions(CommonOptions):
+    # 5 packets 20 ms apart each second; a 900 ms timeout lets the run end inside its interval.
     packets: int = 5
+    timeout: float = 0.9
     ttl: int = 64
 
     def validate(self) -> list[str]:

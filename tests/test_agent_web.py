@@ -172,3 +172,38 @@ async def test_budget_failure_triggers_a_path_run_once(tmp_path: Path) -> None:
     agent._record(icmp_job, ProbeResult(success=True))
     agent._record(icmp_job, ProbeResult.failure("timeout"))
     assert calls == [("e", "path"), ("e", "path")]
+
+
+def test_fast_text_path_equals_the_registry() -> None:
+    """/metrics renders per-target families straight from state; it must say exactly what the
+    CollectorRegistry (prometheus_client's own generate_latest) says."""
+    from prometheus_client import generate_latest
+
+    from probes.base import HopResult, ProbeResult
+
+    cfg = cfgmod.loads(
+        'agent: {region: r, labels: {agent: "a\\"1"}}\ntargets:\n'
+        "  - {name: e1, address: 127.0.0.1, probes: [icmp, path, connect], labels: {t: x}}\n"
+        "  - {name: e2, address: 127.0.0.1, probes: [tls]}\n")
+    agent = Agent(cfg)
+    agent.state.series = agent._views_for(cfg, None, True)
+    for job in cfg.jobs:
+        agent._record(job, ProbeResult(
+            success=True, rtts=[0.01, None, 0.012], phases={"tcp": 0.01, "tls": 0.02},
+            gauges={"path_hops": 7.0} if job.kind == "path" else {},
+            info={"tls_version": "TLSv1.3"} if job.kind == "tls" else {},
+            hops=[HopResult(1, [0.001, None])] if job.kind == "path" else None))
+    fast = agent.render_metrics().decode()
+    slow = generate_latest(agent.registry).decode()
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    a, b = samples(fast), samples(slow)
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)  # NaN == NaN
+    types_fast = {f.name: f.type for f in text_string_to_metric_families(fast)}
+    types_slow = {f.name: f.type for f in text_string_to_metric_families(slow)}
+    assert types_fast == types_slow
+    assert 'agent="a\\"1"' in fast

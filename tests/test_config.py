@@ -69,7 +69,7 @@ BAD = [
      "interval, ip_family, packets, payload_size, source_address, spacing, timeout, ttl) "
      "(line 7)"),
     ("agent: {region: x}\ndefaults:\n  icmp: {interval: 1s, packets: 20, spacing: 100ms}\n",
-     "defaults.icmp.interval: a run takes up to 2.9s ((packets-1)*spacing + timeout) which does "
+     "defaults.icmp.interval: a run takes up to 2.8s ((packets-1)*spacing + timeout) which does "
      "not fit in the interval of 1s (line 3)"),
     ("agent: {region: x}\ndefaults:\n  icmp: {interval: soon}\n", "defaults.icmp.interval: "
      "expected a duration like 500ms or 1s, got 'soon' (line 3)"),
@@ -107,3 +107,12 @@ def test_deep_nesting_is_an_error_not_a_crash() -> None:
     deep = "agent: {region: x, labels: " + "[" * 5000 + "]" * 5000 + "}\n"
     with pytest.raises(ConfigError):
         loads(deep)
+
+
+def test_every_kind_default_options_are_valid() -> None:
+    from probes import PROBES
+
+    # A kind may require a field (dns: query_name, turn: username) but its timing defaults
+    # must always fit: a target that lists the kind without options must load.
+    for name, kind in PROBES.items():
+        assert [e for e in kind.options().validate() if not e.endswith(": required")] == [], name
