@@ -149,3 +149,20 @@ def test_a_killed_owner_leaves_nothing_after_cleanup() -> None:
     while leftovers(rid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(rid) == []
+
+
+def test_prefix_paths_for_many_addresses() -> None:
+    """A benchmark's thousands of edges: one path for a whole prefix, any address in it
+    answers (local route in the edge namespace), and unknown lab addresses take the
+    region's default (unimpaired) path."""
+    prof = decode_profile({
+        "region": "xx-bulk", "source": "test",
+        "edges": [{"name": "bulk", "ipv4": "198.18.128.1", "ipv6": "2001:db8:e:80::1",
+                   "prefixes": ["198.18.128.0/20", "2001:db8:e:80::/64"],
+                   "path": {"delay": "15ms"}}]})
+    with World.up(profiles=[prof], services=False) as w:
+        for addr in ("198.18.131.77", "2001:db8:e:80::abcd"):
+            r = w.run("xx-bulk", ["ping", "-n", "-c", "3", "-i", "0.05", addr])
+            assert 0.029 < sorted(_rtts(r.stdout))[1] < 0.040, r.stdout
+        r = w.run("xx-bulk", ["ping", "-n", "-c", "3", "-i", "0.05", "198.18.200.9"])
+        assert sorted(_rtts(r.stdout))[1] < 0.010, r.stdout
