@@ -348,3 +348,29 @@ def test_hostile_config_documents(text: str, tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 1 and "config error" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+async def test_secrets_stay_out_of_logs_metrics_and_errors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    secret = "hunter2-turn-secret"
+    cfg = tmp_path / "edgeprobe.yml"
+    good = ("agent: {region: r}\ntargets:\n  - {name: t, address: 127.0.0.1, probes: "
+            f"{{turn: {{interval: 1s, timeout: 200ms, port: {free_port()}, username: u, "
+            f"password: {secret}}}}}}}\n")
+    cfg.write_text(good)
+    async with running(cfg, web=True) as (agent, url):
+        await asyncio.sleep(1.2)
+        async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+            text = await r.text()
+        assert "edgeprobe_probe_success" in text
+        for bad in (good.replace("port:", "prot:"), good.replace(secret, f"[{secret}]"),
+                    good.replace(f"password: {secret}", f"password: {{x: {secret}}}")):
+            cfg.write_text(bad)
+            ok, err = await agent.reload()
+            assert not ok and secret not in err, err
+        assert secret not in repr(agent.config)
+    assert secret not in text
+    assert secret not in caplog.text
