@@ -89,10 +89,10 @@ def cmd_truth(a: argparse.Namespace) -> int:
     print(f"records {len(recs)}; release lateness p50 {_fmt(prec.p50_us)} us, "
           f"p99 {_fmt(prec.p99_us)} us, max {_fmt(prec.max_us)} us; "
           f"peak {prec.peak_pps:.0f} packets/s")
-    print(f"{'region':12} {'edge':14} {'sent':>6} {'lost':>5} {'loss%':>6} "
+    print(f"{'region':12} {'edge':14} {'address':16} {'sent':>6} {'lost':>5} {'loss%':>6} "
           f"{'p50 ms':>8} {'p95 ms':>8} {'burst':>5}")
     for r in rows:
-        print(f"{r['region']:12} {r['edge']:14} {r['sent']:6d} {r['lost']:5d} "
+        print(f"{r['region']:12} {r['edge']:14} {r['address']:16} {r['sent']:6d} {r['lost']:5d} "
               f"{100 * r['loss_ratio']:6.2f} {_fmt(r['rtt_p50_ms']):>8} "
               f"{_fmt(r['rtt_p95_ms']):>8} {r['max_burst']:5d}")
     return 0
