@@ -333,7 +333,10 @@ class CollectorState:
         region = {"region": self.region}
         m = Metric("edgeprobe_stray_packets", "Replies that matched nothing in flight: foreign, "
                    "late, wrong source, malformed, bad checksum or payload.", "counter")
-        for (probe, reason), n in sorted(ss.stray_counts.items()):
+        counts = {(k, r): 0 for k in {v.kind for v in list(self.series.values())}
+                  if k in PROBES for r in PROBES[k].stray_reasons}
+        counts.update(ss.stray_counts)
+        for (probe, reason), n in sorted(counts.items()):
             m.add_sample("edgeprobe_stray_packets_total", {**region, "probe": probe,
                                                            "reason": reason}, n)
         yield m

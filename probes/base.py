@@ -136,7 +136,7 @@ OptT = TypeVar("OptT", bound=CommonOptions)
 ProbeFn = Callable[[Target, OptT, ProbeContext], Awaitable[ProbeResult]]
 
 # Reasons every kind may produce, beyond its own.
-COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "deadline", "exception")
+COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty", "deadline", "exception")
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,9 @@ class ProbeKind(Generic[OptT]):
     reasons: tuple[str, ...] = ()
     gauges: Mapping[str, str] = field(default_factory=dict)   # name -> HELP text
     metric_prefix: str = "probe"
+    # Reasons a reply can be a stray (not a valid answer to anything in flight); pre-created in
+    # edgeprobe_stray_packets_total{probe,reason} for every configured kind.
+    stray_reasons: tuple[str, ...] = ()
 
     @property
     def all_reasons(self) -> tuple[str, ...]:

@@ -155,4 +155,5 @@ async def run(target: Target, opts: DnsOptions, ctx: ProbeContext) -> ProbeResul
 REASONS: tuple[str, ...] = (*DNS_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="dns", options=DnsOptions, run=run, phases=("resolve",), reasons=REASONS,
-                 gauges={"dns_answer_count": "Records of the asked type in the last answer."})
+                 gauges={"dns_answer_count": "Records of the asked type in the last answer."},
+                 stray_reasons=("malformed", "wrong_id"))

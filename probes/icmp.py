@@ -569,4 +569,8 @@ async def run(target: Target, opts: IcmpOptions, ctx: ProbeContext) -> ProbeResu
                        rtts=out.rtts, packet_ids=out.ids, errors=errors)
 
 
-KIND = ProbeKind(name="icmp", options=IcmpOptions, run=run, packet_based=True, reasons=REASONS)
+STRAY_REASONS = ("foreign", "late", "unmatched", "wrong_source", "bad_checksum", "bad_payload",
+                 "malformed")
+
+KIND = ProbeKind(name="icmp", options=IcmpOptions, run=run, packet_based=True, reasons=REASONS,
+                 stray_reasons=STRAY_REASONS)

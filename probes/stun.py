@@ -137,4 +137,7 @@ async def run(target: Target, opts: StunOptions, ctx: ProbeContext) -> ProbeResu
 REASONS: tuple[str, ...] = ("stun_timeout", "stun_refused", "stun_unreachable", "reordered",
                             "duplicate", "error_response", *RESOLVE_REASONS, *SOCKET_REASONS)
 
-KIND = ProbeKind(name="stun", options=StunOptions, run=run, packet_based=True, reasons=REASONS)
+KIND = ProbeKind(name="stun", options=StunOptions, run=run, packet_based=True, reasons=REASONS,
+                 stray_reasons=("malformed", "not_stun", "bad_cookie", "unknown_txid",
+                                "bad_fingerprint", "wrong_method", "wrong_class",
+                                "error_response", "duplicate", "late", "unknown"))

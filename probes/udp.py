@@ -89,4 +89,5 @@ async def run(target: Target, opts: UdpOptions, ctx: ProbeContext) -> ProbeResul
 REASONS: tuple[str, ...] = ("udp_timeout", "udp_refused", "udp_unreachable", "reordered",
                             "duplicate", *RESOLVE_REASONS, *SOCKET_REASONS)
 
-KIND = ProbeKind(name="udp", options=UdpOptions, run=run, packet_based=True, reasons=REASONS)
+KIND = ProbeKind(name="udp", options=UdpOptions, run=run, packet_based=True, reasons=REASONS,
+                 stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late", "unknown"))

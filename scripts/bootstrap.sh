@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"
 
-SYSTEM_PKGS=(iproute2 iptables iputils-ping coturn dnsmasq-base prometheus)
+SYSTEM_PKGS=(iproute2 iptables iputils-ping coturn dnsmasq-base prometheus libcap2-bin util-linux)
 if [ "$what" = test ] || [ "$what" = bench ]; then
   SYSTEM_PKGS+=(fping prometheus-smokeping-prober prometheus-alertmanager procps)
 fi

@@ -95,6 +95,9 @@ async def test_label_sets_exist_before_the_first_result(tmp_path: Path) -> None:
     assert value(m, "edgeprobe_rtt_seconds_count", "edge-8") == 0
     errors = {dict(lbl)["reason"] for (n, lbl) in m if n == "edgeprobe_probe_errors_total"}
     assert {"timeout", "unreachable", "resolve_failed", "deadline", "exception"} <= errors
+    strays = {dict(lbl)["reason"]: v for (n, lbl), v in m.items()
+              if n == "edgeprobe_stray_packets_total" and dict(lbl)["probe"] == "icmp"}
+    assert {"foreign", "late", "wrong_source", "bad_checksum", "malformed"} <= strays.keys()
     les = {dict(lbl)["le"] for (n, lbl) in m if n == "edgeprobe_rtt_seconds_bucket"}
     assert "0.6" in les and "+Inf" in les
 
