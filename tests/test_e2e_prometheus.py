@@ -466,7 +466,9 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 # degradation (300 ms x 3 > 600 ms). The bad edges are judged by the model
                 # (cold connect: 7.5 round trips), which a 3-round-trip connect probe would
                 # not reproduce for the far edges.
-                connect = {"interval": "2s", "timeout": "400ms", "signalling_port": 443,
+                # Phase timeout 700 ms: generous for a loaded CI machine, still longer than
+                # a degraded phase (300 ms). Four phases fit in the 3 s interval.
+                connect = {"interval": "3s", "timeout": "700ms", "signalling_port": 443,
                            "stun_port": 3478, "ca_file": world.state.ca}
                 cfg = agent_config(tmp_path / f"agent-{region}.yml", region, targets,
                                    connect=connect, connect_edges=frozenset(
@@ -481,16 +483,22 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 # the good edges the same time again: none of them may have fired by then.
                 t0 = time.monotonic()
                 wall_t0 = time.time()
-                wait_for("fast-burn alerts for every bad edge",
-                         lambda: api.firing("EdgeprobeConnectBudgetBurnFast") >= bad, 90,
-                         procs=procs)
+                wait_for("fast, medium and slow burn alerts for every bad edge", lambda: all(
+                    api.firing(f"EdgeprobeConnectBudgetBurn{k}") >= bad
+                    for k in ("Fast", "Medium", "Slow")), 90, procs=procs)
                 time.sleep(min(20.0, time.monotonic() - t0))
-                firing = api.firing("EdgeprobeConnectBudgetBurn")
+                # The paging alerts (fast 14.4, medium 6), firing or pending, only for the bad
+                # edges. The ticket alert (burn > 1: one miss in a hundred) is asserted for the
+                # bad edges only: its 3d and 6h windows hold one minute of data here, so one
+                # connect lost to a busy CI machine would fire it for a good edge, which is
+                # what it should do, and not what this test is about.
+                paging = ("EdgeprobeConnectBudgetBurnFast", "EdgeprobeConnectBudgetBurnMedium")
+                firing = api.firing(paging[0]) | api.firing(paging[1])
                 assert firing & good == set(), f"budget alerts for good edges: {firing & good}"
-                assert api.firing("EdgeprobeConnectBudgetBurnFast") >= bad
+                assert api.firing(paging[0]) >= bad and api.firing(paging[1]) >= bad
+                assert api.firing("EdgeprobeConnectBudgetBurnSlow") >= bad
                 pending = {(a["labels"]["region"], a["labels"]["edge"])
-                           for a in api.alerts("pending")
-                           if a["labels"]["alertname"].startswith("EdgeprobeConnectBudgetBurn")}
+                           for a in api.alerts("pending") if a["labels"]["alertname"] in paging}
                 assert pending & good == set(), f"pending budget alerts for good edges: {pending}"
 
                 # 2. The best edge per region is the lab's best.
@@ -510,15 +518,18 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 wait_for(f"best edge of {DEGRADE_REGION} to move to "
                          f"{best_after[DEGRADE_REGION]}",
                          lambda: api.best_edges() == best_after, 60, procs=procs)
-                wait_for("best-edge-changed alert", lambda: (
-                    DEGRADE_REGION, best_after[DEGRADE_REGION])
-                    in api.firing("EdgeprobeBestEdgeChanged"), 30, procs=procs)
+                def changed_alert() -> dict[str, Any] | None:
+                    return next((a for a in api.alerts() if a["labels"]["alertname"]
+                                 == "EdgeprobeBestEdgeChanged" and a["labels"]["region"]
+                                 == DEGRADE_REGION), None)
+
+                changed = wait_for("best-edge-changed alert", changed_alert, 30, procs=procs)
+                assert changed["labels"]["edge"] == best_after[DEGRADE_REGION]
+                # "... is now sin-1; 20 seconds ago it was cgk-1."
+                assert f"it was {victim}." in changed["annotations"]["description"]
                 wait_for(f"fast-burn alert for the degraded {victim}", lambda: (
                     DEGRADE_REGION, victim) in api.firing("EdgeprobeConnectBudgetBurnFast"),
                     60, procs=procs)
-                changed = [a for a in api.alerts() if a["labels"]["alertname"]
-                           == "EdgeprobeBestEdgeChanged"]
-                assert victim in changed[0]["annotations"]["description"]
                 # The other regions kept their best edge.
                 assert {r: e for r, e in api.best_edges().items() if r != DEGRADE_REGION} == {
                     r: e for r, e in best.items() if r != DEGRADE_REGION}
