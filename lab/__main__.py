@@ -118,7 +118,7 @@ def cmd_selftest(a: argparse.Namespace) -> int:
     from lab.selftest import main as selftest
     res = selftest([int(x) for x in a.rates.split(",")], a.seconds)
     print(f"{'offered/s':>10} {'sent':>7} {'read':>7} {'late p50 us':>12} {'p99 us':>9} "
-          f"{'max us':>9} {'capacity/s':>11}")
+          f"{'max us':>9} {'read/cpu-s':>11}")
     for r in res:
         print(f"{r.offered_pps:10.0f} {r.sent:7d} {r.read:7d} {r.late_p50_us:12.1f} "
               f"{r.late_p99_us:9.1f} {r.late_max_us:9.1f} {r.capacity_pps:11.0f}")

@@ -49,7 +49,9 @@ class RateResult:
     late_p99_us: float
     late_max_us: float
     cpu_s: float
-    capacity_pps: float             # packets read per CPU second of the forwarder
+    capacity_pps: float             # packets read per CPU second of the forwarder (busy-poll
+                                    # time included, so a lower bound at low rates)
+    realtime: bool                  # the forwarder ran in SCHED_FIFO at the end
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +75,8 @@ def measure(world: World, region: str, address: str, pps: int, seconds: float) -
                       delivered=sum(1 for x in recs if x.status == gt.DELIVERED),
                       late_p50_us=prec.p50_us, late_p99_us=prec.p99_us,
                       late_max_us=prec.max_us, cpu_s=cpu,
-                      capacity_pps=read / cpu if cpu > 0 else 0.0)
+                      capacity_pps=read / cpu if cpu > 0 else 0.0,
+                      realtime=bool(after.get("realtime")))
 
 
 def _python() -> str:

@@ -340,6 +340,7 @@ class World:
             # No ICMP error rate limit: the path probe's traceroute needs one error per probe.
             _sysctl(ns, {"net.ipv4.icmp_ratelimit": "0", "net.ipv6.icmp.ratelimit": "0",
                          "net.ipv4.icmp_msgs_per_sec": "1000000",
+                         "net.ipv4.icmp_msgs_burst": "1000000",
                          "net.ipv4.conf.all.rp_filter": "0",
                            "net.ipv4.conf.default.rp_filter": "0",
                            "net.ipv4.ping_group_range": "0 2147483647"})

@@ -118,16 +118,17 @@ def test_scheduled_change_and_teardown_after_failure() -> None:
 
 
 def test_forwarder_precision_and_rate(lab_world: World) -> None:
-    """Reported, with a loose assertion: the VM's own scheduling noise (a pure busy loop here
-    sees ~15 gaps > 100 µs per second, up to a few ms) bounds what any user-space forwarder
-    can do. The aim is p99 < 0.2 ms on an idle machine; docs/lab.md has measured numbers."""
+    """The forwarder's release lateness at a rate the tests use (1000 datagrams/s, each
+    answered by an ICMP error: 2000 packets/s). Aim: p99 < 0.2 ms. Measured here in SCHED_FIFO
+    under a load average of ~3 from other suites: p99 40-80 µs. The assertion keeps 2.5x
+    margin for CI machines; without a real-time class (a container without CAP_SYS_NICE)
+    the VM's scheduling noise allows only a loose bound."""
     from lab.selftest import measure
     res = measure(lab_world, "ae-dubai", "198.18.8.1", pps=1000, seconds=1.5)
     print("forwarder self-measurement:", res.to_json())
     assert res.read >= 0.95 * 2 * res.sent            # every datagram and its ICMP error
     assert res.late_p50_us < 100
-    assert res.late_p99_us < 5000
-    time.sleep(0.1)
+    assert res.late_p99_us < (500 if res.realtime else 5000)
 
 
 def test_a_killed_owner_leaves_nothing_after_cleanup() -> None:
