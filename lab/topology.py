@@ -571,6 +571,9 @@ def leftovers(run_id: str, state_dir: str = "") -> list[str]:
     out += [f"link {line.split(':')[1].strip()}" for line in
             _ip("-o", "link", "show", check=False).splitlines()
             if f"ep{run_id}" in line]
+    out += [f"file {p}" for p in NETNS_ETC.glob(f"ep{run_id}-*")] if NETNS_ETC.is_dir() else []
+    out += [f"file {p}" for p in SHM.glob(f"edgeprobe-lab-{run_id}")]
+    out += [f"file {p}" for p in REGISTRY.glob(f"{run_id}.json")] if REGISTRY.is_dir() else []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError):
