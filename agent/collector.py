@@ -367,10 +367,10 @@ class CollectorState:
              "successful config load.", ss.reload_success_time),
         ):
             g = Metric(name, doc, "gauge")
-            g.add_sample(name, {}, val)
+            g.add_sample(name, region, val)
             yield g
         b = Metric("edgeprobe_build_info", "Build and runtime facts, value 1.", "gauge")
-        b.add_sample("edgeprobe_build_info", {"version": VERSION,
+        b.add_sample("edgeprobe_build_info", {**region, "version": VERSION,
                                               "python": platform.python_version(),
                                               "icmp_mode": ss.icmp_mode}, 1.0)
         yield b

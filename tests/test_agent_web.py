@@ -148,14 +148,14 @@ async def test_reload_keeps_series_continuous(running: tuple[Agent, str, Path]) 
     assert value(after, "edgeprobe_packets_sent_total", "edge-10") == 0
     with pytest.raises(KeyError):
         value(after, "edgeprobe_packets_sent_total", "edge-6")
-    assert after[("edgeprobe_config_last_reload_successful", ())] == 1
+    assert after[("edgeprobe_config_last_reload_successful", (("region", "id-jakarta"),))] == 1
 
     path.write_text("agent: {region: id-jakarta}\ntargets: [{name: x}]\n")
     async with aiohttp.ClientSession() as s, s.post(url + "/-/reload") as r:
         assert r.status == 500
         assert "targets[0].address: required key is missing" in await r.text()
     failed = await scrape(url + "/metrics")
-    assert failed[("edgeprobe_config_last_reload_successful", ())] == 0
+    assert failed[("edgeprobe_config_last_reload_successful", (("region", "id-jakarta"),))] == 0
     assert value(failed, "edgeprobe_packets_sent_total", "edge-1") >= sent_before
     assert {j.target.name for j in agent.config.jobs} == {"edge-1", "edge-10"}
 

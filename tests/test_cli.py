@@ -89,7 +89,7 @@ def test_run_serves_reloads_on_sighup_and_exits_zero_on_sigterm(tmp_path: Path) 
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         body = _get(f"http://127.0.0.1:{port}/metrics")
-        assert "edgeprobe_config_last_reload_successful 0.0" in body
+        assert "edgeprobe_config_last_reload_successful{region=\"local-loopback\"} 0.0" in body
         assert 'edge="loopback-v6"' in body  # the running config was kept
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
