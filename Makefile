@@ -28,5 +28,11 @@ bench-quick:
 	@scripts/bootstrap.sh bench
 	$(PY) -m bench --quick
 
+lab-up:
+	$(PY) -m lab up
+
+lab-down:
+	$(PY) -m lab down
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
