@@ -106,10 +106,12 @@ class PingOutcome:
 
 
 class _Run:
-    __slots__ = ("done", "error_rtts", "errors", "ids", "left", "responders", "rtts",
+    __slots__ = ("done", "error_rtts", "errors", "ids", "left", "payload", "responders", "rtts",
                  "timeout_ns")
 
-    def __init__(self, n: int, timeout_ns: int, done: asyncio.Future[None]) -> None:
+    def __init__(self, n: int, timeout_ns: int, done: asyncio.Future[None],
+                 payload: bytes = b"") -> None:
+        self.payload = payload
         self.rtts: list[float | None] = [None] * n
         self.errors: list[str | None] = [None] * n
         self.responders: list[str | None] = [None] * n
@@ -283,8 +285,8 @@ class IcmpEngine:
         self.attach(loop)
         dest = str(ipaddress.ip_address(dest.split("%", 1)[0])) if "%" not in dest else dest
         done: asyncio.Future[None] = loop.create_future()
-        run = _Run(count, int(timeout * 1e9), done)
         payload = self._payload(payload_size)
+        run = _Run(count, int(timeout * 1e9), done, payload)
         cmsgs: list[tuple[int, int, bytes]] = []
         if tos:
             cmsgs.append((socket.IPPROTO_IPV6, socket.IPV6_TCLASS, struct.pack("=i", tos))
@@ -368,11 +370,12 @@ class IcmpEngine:
             if src != slot.dest:
                 self.counters.stray("icmp", "wrong_source")
                 return
-            body = icmp[8:]
-            if len(body) >= TOKEN_LEN and body[:TOKEN_LEN] != self.token:
+            run = slot.run
+            # An echo reply carries our payload back byte for byte; anything else (another
+            # token, truncated, corrupted) is not the answer to this request.
+            if icmp[8:] != run.payload:
                 self.counters.stray("icmp", "bad_payload")
                 return
-            run = slot.run
             rtt_ns = self._rtt_ns(slot, anc, rx_mono)
             del self._pending[seq]
             if rtt_ns > run.timeout_ns:

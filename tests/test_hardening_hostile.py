@@ -183,8 +183,6 @@ def test_hostile_icmp_and_blackout(netns: str, tmp_path: Path) -> None:
     assert out["blackout"] == [[True] * 3, [False] * 3, [False] * 3, [False] * 3, [True] * 3]
 
 
-@pytest.mark.xfail(strict=True, reason="probes/icmp.py accepts a reply whose payload is shorter "
-                   "than the token (len(body) < TOKEN_LEN skips the check); reported to the lead")
 def test_truncated_reply_is_not_a_reply(netns: str, tmp_path: Path) -> None:
     out = run_in(netns, tmp_path, "--truncated")
     assert out["pending_after_hostile"] == 1

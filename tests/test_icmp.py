@@ -92,9 +92,9 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         # feed forged replies straight into the receive path.
         done = loop.create_future()
         from probes.icmp import _Run, _Slot
-        r = _Run(1, int(1e9), done)
-        eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
         payload = eng._payload(56)
+        r = _Run(1, int(1e9), done, payload)
+        eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
         eng._handle(_reply(eng.ident ^ 1, 7, payload), [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload, corrupt=True), [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.8", 1)
@@ -102,9 +102,10 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         eng._handle(_reply(eng.ident, 8, payload), [], "127.0.0.9", 1)
         eng._handle(b"\x45\x00", [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload)[:24], [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload[:5]), [], "127.0.0.9", 1)
         assert r.rtts == [None] and not done.done()
         assert stats.stray_counts == {("icmp", "foreign"): 1, ("icmp", "bad_checksum"): 1,
-                                      ("icmp", "wrong_source"): 1, ("icmp", "bad_payload"): 1,
+                                      ("icmp", "wrong_source"): 1, ("icmp", "bad_payload"): 2,
                                       ("icmp", "unmatched"): 1, ("icmp", "malformed"): 2}
         # The genuine reply is accepted once; its duplicate is a stray ("late").
         eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
