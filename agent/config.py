@@ -48,7 +48,7 @@ def default_duration_buckets() -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The connect-time model (see docs/model.md). Defaults: a cold connect (DNS, TCP, TLS 1.3,
+    """The connect-time model (see agent/model.py). Defaults: a cold connect (DNS, TCP, TLS 1.3,
     STUN, DTLS 1.2, half an RTT to first media) has ~7.5 round trips on its critical path and
     ~100 ms of fixed processing; E = 4 critical-path exchanges whose loss costs a retransmit
     timer larger than the slack."""

@@ -1,6 +1,6 @@
 """The connect-budget model: what measured RTT and loss predict about a session connect.
 
-Derivation (see also docs/model.md and shared reference):
+Derivation (see also the README, "The connect-budget model"):
 
 * Lossless connect time: T0 = n * RTT + T_fixed, with n round trips on the critical path
   (≈4.5 warm: signalling, ICE, DTLS 1.2, half an RTT to first media; ≈7.5 cold: adds DNS, TCP
