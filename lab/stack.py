@@ -1,0 +1,689 @@
+"""The monitoring stack on top of the agents, as in production: one Prometheus in agent mode
+per region (scrapes that region's agents, remote-writes) and a central Prometheus with the
+rules from deploy/prometheus/rules/, optionally an Alertmanager that sends nowhere.
+
+Two users:
+
+* ``python -m lab.stack`` (what ``scripts/run.sh``, i.e. ``make run``, runs): brings up the lab
+  world, one agent per region, the two Prometheus tiers and Alertmanager, prints what to look
+  at, reports the best edges and alerts as they change, and on SIGINT/SIGTERM stops
+  everything it started (by PID) and removes its state. Without root it runs the loopback
+  agent and a single Prometheus instead.
+* tests/test_e2e_prometheus.py and tests/test_run_main_job.py: the process harness
+  (``Procs``, ``wait_for``, ``PromAPI``) and the config renderers.
+
+Configs are the shipped ones in deploy/ rendered per region; only addresses, ports, storage
+and (see ``Timing``) intervals change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROM_DIR = ROOT / "deploy" / "prometheus"
+AM_FILE = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+LOOPBACK_CONFIG = ROOT / "examples" / "loopback.yaml"
+CENTRAL_PORT = 9090
+ALERTMANAGER_PORT = 9093
+AGENT_PORT = 9798
+PR_SET_PDEATHSIG = 1
+
+T = TypeVar("T")
+
+
+# -- processes --------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_or_free(port: int, host: str = "127.0.0.1") -> int:
+    """``port`` if it can be bound on ``host`` now, else a free one. SO_REUSEADDR as Go's
+    listeners set it, so a TIME_WAIT left by the previous run does not count as taken."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return free_port(host)
+    return port
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, even by SIGKILL, so a killed
+    ``make run`` leaves no Prometheus or agent behind (it survives ``ip netns exec``, which
+    execs). Also unblock what the parent blocked around the fork (see ``Procs.start``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Procs:
+    """Processes started here; stopped by PID (never by name), in reverse order.
+
+    ``supervised=True`` (the main job): each child gets its own process group, so a Ctrl-C on
+    the terminal reaches only the supervisor, which then stops the children in order; and it
+    dies with the supervisor. The start is shielded from SIGINT/SIGTERM, so no child is ever
+    started without being recorded."""
+
+    logdir: Path
+    items: list[Proc] = field(default_factory=list)
+    supervised: bool = False
+
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> Proc:
+        log = self.logdir / f"{name}.log"
+        kw: dict[str, Any] = {}
+        if self.supervised:
+            kw = {"process_group": 0, "preexec_fn": _die_with_parent}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) \
+            if self.supervised else None
+        try:
+            with log.open("wb") as f:
+                p = subprocess.Popen(list(argv), stdout=f, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=dict(env) if env else None,
+                                     cwd=cwd, **kw)
+            proc = Proc(name, p, log)
+            self.items.append(proc)
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return proc
+
+    def check_alive(self) -> None:
+        for p in self.items:
+            if p.popen.poll() is not None:
+                raise AssertionError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
+
+    def stop_all(self, timeout: float = 15.0) -> dict[str, int | None]:
+        """SIGTERM each process and wait for it, newest first: the regional servers flush
+        their remote write while the central one still listens, then the central one stops,
+        then the agents."""
+        codes: dict[str, int | None] = {}
+        for p in reversed(self.items):
+            codes.update(self._stop([p], timeout))
+        self.items.clear()
+        return codes
+
+    def stop_tiers(self, tiers: Sequence[Sequence[str]], timeout: float = 8.0
+                   ) -> dict[str, int | None]:
+        """Stop by tiers of name prefixes, in order, each tier's processes together (three
+        agents draining at once, not one after another); then whatever is left."""
+        codes: dict[str, int | None] = {}
+        for prefixes in tiers:
+            tier = [p for p in self.items if p.name.startswith(tuple(prefixes))]
+            codes.update(self._stop(tier, timeout))
+            self.items = [p for p in self.items if p not in tier]
+        codes.update(self._stop(list(reversed(self.items)), timeout))
+        self.items.clear()
+        return codes
+
+    @staticmethod
+    def _stop(procs: Sequence[Proc], timeout: float) -> dict[str, int | None]:
+        for p in procs:
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
+        for p in procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(timeout=5)
+            codes[p.name] = p.popen.returncode
+        return codes
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.5,
+             procs: Procs | None = None) -> T:
+    """Poll ``fn`` until it returns a truthy value; bounded in time and count."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    for _ in range(int(timeout / interval) + 2):
+        if procs is not None:
+            procs.check_alive()
+        try:
+            last = fn()
+        except (OSError, ValueError) as e:
+            last = e
+        if last and not isinstance(last, Exception):
+            return last  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return bool(r.status == 200)
+
+
+# -- a Prometheus server's HTTP API -----------------------------------------------------------
+@dataclass
+class PromAPI:
+    base: str
+
+    def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as e:
+            body = json.load(e)
+            raise ValueError(f"{path} {params}: {body.get('errorType')}: "
+                             f"{body.get('error')}") from None
+        if body.get("status") != "success":
+            raise ValueError(f"{path} {params}: {body}")
+        return body["data"]
+
+    def ready(self) -> bool:
+        return http_ok(self.base + "/-/ready")
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self._get("/api/v1/query", {"query": expr})
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        data = self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}",
+                                                 "end": f"{end:.3f}", "step": f"{step:g}"})
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
+        return [a for a in self._get("/api/v1/alerts")["alerts"] if a["state"] == state]
+
+    def firing(self, name_prefix: str) -> set[tuple[str, str]]:
+        return {(a["labels"].get("region", ""), a["labels"].get("edge", ""))
+                for a in self.alerts() if a["labels"]["alertname"].startswith(name_prefix)}
+
+    def best_edges(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for s in self.query("region:edgeprobe_best_edge:info"):
+            region = s["metric"]["region"]
+            assert region not in out, f"two best edges for {region}"
+            out[region] = s["metric"]["edge"]
+        return out
+
+
+# -- configs rendered from deploy/ ------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    """Scrape and rule-evaluation intervals; ``None`` keeps the shipped value. Rule windows
+    and ``for:`` clauses are in the rule files and never change here."""
+
+    scrape_interval: str | None = None
+    scrape_timeout: str | None = None
+    evaluation_interval: str | None = None
+    remote_write_queue: Mapping[str, str] = field(default_factory=dict)
+
+
+PRODUCTION = Timing()
+# The main job: 5 s instead of 15 s, so the first best edges show within a minute.
+DEMO = Timing(scrape_interval="5s", evaluation_interval="5s")
+
+
+def _apply_timing(cfg: dict[str, Any], timing: Timing) -> None:
+    g = cfg.setdefault("global", {})
+    for key in ("scrape_interval", "scrape_timeout", "evaluation_interval"):
+        value = getattr(timing, key)
+        if value is not None:
+            g[key] = value
+
+
+def _alerting(cfg: dict[str, Any], alertmanager: str | None) -> None:
+    if alertmanager is None:
+        cfg.pop("alerting", None)       # /api/v1/alerts and /alerts still show the state
+    else:
+        cfg["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager]}]
+
+
+def central_config(path: Path, rules_dir: Path, self_addr: str, timing: Timing,
+                   alertmanager: str | None = None) -> Path:
+    """deploy/prometheus/central.yml with the rules of ``rules_dir`` and this address."""
+    cfg = yaml.safe_load((PROM_DIR / "central.yml").read_text())
+    _apply_timing(cfg, timing)
+    cfg["rule_files"] = [str(rules_dir / "*.yml")]
+    _alerting(cfg, alertmanager)
+    cfg["scrape_configs"][0]["static_configs"] = [{"targets": [self_addr]}]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def regional_config(path: Path, region: str, agents: Sequence[str], write_url: str,
+                    timing: Timing) -> Path:
+    """deploy/prometheus/regional-agent.yml for one region: its agents, its external label,
+    the central server's remote-write URL."""
+    cfg = yaml.safe_load((PROM_DIR / "regional-agent.yml").read_text())
+    _apply_timing(cfg, timing)
+    cfg["global"].pop("evaluation_interval", None)    # agent mode evaluates nothing
+    cfg["global"]["external_labels"]["region"] = region
+    cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
+    rw = cfg["remote_write"][0]
+    rw["url"] = write_url
+    rw["queue_config"].update(timing.remote_write_queue)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def single_config(path: Path, rules_dir: Path, agents: Sequence[str], timing: Timing,
+                  alertmanager: str | None = None) -> Path:
+    """deploy/prometheus/prometheus.yml (one server scrapes the agents and holds the rules)."""
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    _apply_timing(cfg, timing)
+    cfg["rule_files"] = [str(rules_dir / "*.yml")]
+    _alerting(cfg, alertmanager)
+    cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def alertmanager_config(path: Path) -> Path:
+    """deploy/alertmanager/alertmanager.yml with its routing, grouping and inhibition, and
+    every receiver stripped of its integrations: alerts show in the UI and go nowhere (the
+    shipped webhooks point at placeholder hosts)."""
+    cfg = yaml.safe_load(AM_FILE.read_text())
+    cfg["receivers"] = [{"name": r["name"]} for r in cfg["receivers"]]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def start_central(procs: Procs, workdir: Path, rules_dir: Path, timing: Timing,
+                  port: int | None = None, alertmanager: str | None = None,
+                  name: str = "prometheus-central") -> PromAPI:
+    """A central Prometheus (remote-write receiver, rules) on 127.0.0.1, storage under
+    ``workdir``; returns once it is ready."""
+    port = port or free_port()
+    cfg = central_config(workdir / "central.yml", rules_dir, f"127.0.0.1:{port}", timing,
+                         alertmanager)
+    procs.start(name, [
+        "prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'central-data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver",
+        "--storage.tsdb.retention.time=1h", "--log.level=warn"])
+    api = PromAPI(f"http://127.0.0.1:{port}")
+    wait_for("central Prometheus ready", api.ready, 30, procs=procs)
+    return api
+
+
+def start_regional(procs: Procs, workdir: Path, region: str, agents: Sequence[str],
+                   central: PromAPI, timing: Timing) -> int:
+    """One agent-mode Prometheus for ``region``; returns its (loopback) port."""
+    rport = free_port()
+    rcfg = regional_config(workdir / f"regional-{region}.yml", region, agents,
+                           f"{central.base}/api/v1/write", timing)
+    procs.start(f"prometheus-agent-{region}", [
+        "prometheus", "--enable-feature=agent", f"--config.file={rcfg}",
+        f"--storage.agent.path={workdir / f'agent-data-{region}'}",
+        f"--web.listen-address=127.0.0.1:{rport}", "--storage.remote.flush-deadline=5s",
+        "--log.level=warn"])
+    return rport
+
+
+@contextlib.contextmanager
+def two_tier(procs: Procs, workdir: Path, regions: Mapping[str, Sequence[str]],
+             rules_dir: Path, timing: Timing) -> Iterator[PromAPI]:
+    """A central Prometheus with the rules and one agent-mode Prometheus per region, on free
+    loopback ports with storage under ``workdir``. ``regions``: region → agent host:port."""
+    api = start_central(procs, workdir, rules_dir, timing)
+    for region, agents in regions.items():
+        start_regional(procs, workdir, region, agents, api, timing)
+    yield api
+
+
+def alertmanager_binary() -> str | None:
+    return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+# -- the main job -----------------------------------------------------------------------------
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Supervisor:
+    """What ``make run`` runs, one world at a time; everything it starts lives under
+    ``run_dir`` (``run/`` by default) and is removed on exit, except ``run_dir/logs``."""
+
+    def __init__(self, run_dir: Path, timing: Timing, central_port: int,
+                 alertmanager: bool, out: Callable[[str], None]) -> None:
+        self.run_dir = run_dir.resolve()
+        self.timing = timing
+        self.want_central_port = central_port
+        self.want_alertmanager = alertmanager
+        self.say = out
+        self.logs = self.run_dir / "logs"
+        self.prom_dir = self.run_dir / "prometheus"
+        self.lab_dir = self.run_dir / "lab"
+        self.procs = Procs(self.logs, supervised=True)
+        self.world: Any = None
+        self.central: PromAPI | None = None
+        self.t0 = time.monotonic()
+
+    # -- bring-up ---------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        # A world left by a killed run (or `python -m lab up`) in our state dir: take it down.
+        if (self.lab_dir / "state.json").exists():
+            from lab.topology import World
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                World.attach(self.lab_dir).down()
+        for d in (self.prom_dir, self.lab_dir, self.logs):
+            shutil.rmtree(d, ignore_errors=True)
+        for d in (self.prom_dir, self.logs):
+            d.mkdir(parents=True)
+
+    def _alertmanager(self) -> str | None:
+        binary = alertmanager_binary()
+        if not self.want_alertmanager or binary is None:
+            return None
+        port = port_or_free(ALERTMANAGER_PORT)
+        cfg = alertmanager_config(self.prom_dir / "alertmanager.yml")
+        self.procs.start("alertmanager", [
+            binary, f"--config.file={cfg}", f"--storage.path={self.prom_dir / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            # No gossip port: one instance, nothing listening beyond its web port.
+            "--cluster.listen-address=", "--log.level=warn"])
+        wait_for("Alertmanager ready", lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+                 30, procs=self.procs)
+        return f"127.0.0.1:{port}"
+
+    def _start_agent(self, name: str, config: Path, listen: str,
+                     netns: str | None = None) -> str:
+        argv = [sys.executable, "-m", "agent", "run", f"--config.file={config}",
+                f"--web.listen-address={listen}"]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.procs.start(name, argv, cwd=ROOT)
+        return f"http://{listen}"
+
+    def run_lab(self) -> None:
+        from lab.agentconf import agent_config, dump
+        from lab.topology import World
+
+        self.say("make run: bringing up the lab (3 regions, edges, edge services)...")
+        self.world = World.up(state_dir=self.lab_dir)
+        st = self.world.state
+        agents: dict[str, str] = {}
+        (self.lab_dir / "agents").mkdir(exist_ok=True)
+        for region, info in st.regions.items():
+            cfg = self.lab_dir / "agents" / f"{region}.yaml"
+            cfg.write_text(dump(agent_config(st, region)))
+            agents[region] = f"{info.mgmt_addr}:{AGENT_PORT}"
+            self._start_agent(f"agent-{region}", cfg, agents[region], netns=info.ns)
+        for region, addr in agents.items():
+            wait_for(f"agent {region} ready", partial(http_ok, f"http://{addr}/-/ready"),
+                     30, procs=self.procs)
+        am = self._alertmanager()
+        port = port_or_free(self.want_central_port)
+        self.central = start_central(self.procs, self.prom_dir, PROM_DIR / "rules",
+                                     self.timing, port=port, alertmanager=am)
+        regional = {r: start_regional(self.procs, self.prom_dir, r, [a], self.central,
+                                      self.timing) for r, a in agents.items()}
+        for r, p in regional.items():
+            wait_for(f"regional Prometheus {r} ready",
+                     partial(http_ok, f"http://127.0.0.1:{p}/-/ready"), 30, procs=self.procs)
+        self.say(self._lab_help(st.run_id, agents, regional, am))
+        self.watch(len(agents))
+
+    def run_loopback(self, why: str) -> None:
+        self.say(f"make run: {why}")
+        self.say("make run: falling back to the loopback world (examples/loopback.yaml)")
+        port = port_or_free(AGENT_PORT)
+        agent = f"127.0.0.1:{port}"
+        self._start_agent("agent-loopback", LOOPBACK_CONFIG, agent)
+        wait_for("agent ready", lambda: http_ok(f"http://{agent}/-/ready"), 30,
+                 procs=self.procs)
+        lines = ["", f"Agent: http://{agent}/metrics   (log {self._rel(self.logs)}"
+                     "/agent-loopback.log)"]
+        if shutil.which("prometheus") is None:
+            lines.append("Prometheus: not installed (Debian package prometheus), so only the "
+                         "agent runs.")
+            self.say("\n".join([*lines, "Ctrl-C stops it."]))
+            self.watch(0)
+            return
+        am = self._alertmanager()
+        port = port_or_free(self.want_central_port)
+        cfg = single_config(self.prom_dir / "prometheus.yml", PROM_DIR / "rules", [agent],
+                            self.timing, am)
+        self.procs.start("prometheus", [
+            "prometheus", f"--config.file={cfg}",
+            f"--storage.tsdb.path={self.prom_dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
+        self.central = PromAPI(f"http://127.0.0.1:{port}")
+        wait_for("Prometheus ready", self.central.ready, 30, procs=self.procs)
+        lines += [f"Prometheus (single server, deploy/prometheus/prometheus.yml, with the rules)"
+                  f": {self.central.base}", *self._prom_help(am)]
+        self.say("\n".join([*lines, "Ctrl-C stops everything."]))
+        self.watch(1)
+
+    # -- what to look at --------------------------------------------------------------------
+    def _rel(self, p: Path) -> str:
+        with contextlib.suppress(ValueError):
+            return str(p.relative_to(Path.cwd()))
+        return str(p)
+
+    def _graph(self, expr: str) -> str:
+        assert self.central is not None
+        return (f"{self.central.base}/graph?"
+                + urllib.parse.urlencode({"g0.expr": expr, "g0.tab": "1"}))
+
+    def _prom_help(self, am: str | None) -> list[str]:
+        assert self.central is not None
+        t = self.timing
+        timing = (f"scrape and rule evaluation every {t.scrape_interval} for the demo "
+                  "(production: 15s, --production-intervals)" if t != PRODUCTION
+                  else "scrape and rule evaluation every 15s as shipped")
+        out = [
+            f"  Timing: {timing};",
+            "  rule windows and alert `for:` as shipped: best edges show within a minute, the",
+            "  fast-burn page after ~2 min, the other alerts after 5-30 min.",
+        ]
+        if am:
+            out.append(f"Alertmanager (deploy/alertmanager routing; its receivers send nowhere): "
+                       f"http://{am}")
+        out += [
+            "",
+            "What to look at:",
+            "  best edge per region:",
+            f"    {self._graph('region:edgeprobe_best_edge:info')}",
+            "  fraction of connects within the 600 ms budget, per region and edge (5m):",
+            f"    {self._graph('region_edge:edgeprobe_connect_within_budget:ratio_rate5m')}",
+            f"  alerts: {self.central.base}/alerts",
+            f"  from a shell: curl -s {self.central.base}/api/v1/query "
+            "--data-urlencode 'query=region:edgeprobe_best_edge:info'",
+        ]
+        return out
+
+    def _lab_help(self, run_id: str, agents: Mapping[str, str], regional: Mapping[str, int],
+                  am: str | None) -> str:
+        assert self.central is not None
+        state = self._rel(self.lab_dir)
+        lines = ["", f"Lab {run_id} is up. Agents (one per region, in its namespace):"]
+        lines += [f"  {r:12} http://{a}/metrics" for r, a in agents.items()]
+        lines += ["Regional Prometheus (agent mode: scrapes its region's agent over the "
+                  "management link, remote-writes):",
+                  "  " + "  ".join(f"{r} 127.0.0.1:{p}" for r, p in regional.items())]
+        lines += [f"Central Prometheus: {self.central.base}   (rules from "
+                  "deploy/prometheus/rules/)"]
+        if self.central.base != f"http://127.0.0.1:{self.want_central_port}":
+            lines.append(f"  (127.0.0.1:{self.want_central_port} was taken, so it "
+                         "listens on a free port)")
+        lines += self._prom_help(am)
+        lines += [
+            "The lab:",
+            f"  .venv/bin/python -m lab truth --state {state}       what the lab really did",
+            f"  .venv/bin/python -m lab set --state {state} id-jakarta sin-1 "
+            "'{\"delay\": \"150ms\"}'",
+            "      degrade a path now, then watch the best edge move (fra-1 of id-jakarta "
+            "degrades by itself at t=60 s)",
+            f"  .venv/bin/python -m lab exec --state {state} id-jakarta -- "
+            ".venv/bin/edgeprobe probe -c 20 198.18.4.1",
+            f"Logs: {self._rel(self.logs)}/. Ctrl-C stops everything.",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def watch(self, regions: int) -> None:
+        """Until a signal: check the children, and report the best edges and firing alerts
+        from the central server whenever they change (never the same line twice)."""
+        shown_best: dict[str, str] = {}
+        shown_alerts: set[tuple[str, str, str]] = set()
+        while True:
+            self.procs.check_alive()
+            if self.central is not None:
+                with contextlib.suppress(OSError, ValueError, AssertionError, KeyError):
+                    shown_best = self._report_best(shown_best, regions)
+                    shown_alerts = self._report_alerts(shown_alerts)
+            time.sleep(2)
+
+    def _stamp(self) -> str:
+        return f"[+{time.monotonic() - self.t0:4.0f}s]"
+
+    def _report_best(self, shown: dict[str, str], regions: int) -> dict[str, str]:
+        assert self.central is not None
+        best = self.central.best_edges()
+        if best == shown or len(best) < regions:
+            return shown
+        ratio = {(s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
+                 for s in self.central.query(
+                     "region_edge:edgeprobe_connect_within_budget:ratio_rate5m")}
+        p95 = {(s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
+               for s in self.central.query("region_edge:edgeprobe_rtt_seconds:p95_5m")}
+        self.say(f"{self._stamp()} best edge per region (central Prometheus):")
+        for region, edge in sorted(best.items()):
+            r = ratio.get((region, edge), float("nan"))
+            p = p95.get((region, edge), float("nan")) * 1e3
+            was = f"  (was {shown[region]})" if shown.get(region, edge) != edge else ""
+            self.say(f"  {region:12} {edge:8} {100 * r:5.1f} % of connects within 600 ms, "
+                     f"RTT p95 {p:.1f} ms{was}")
+        return best
+
+    def _report_alerts(self, shown: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        assert self.central is not None
+        now = {(a["labels"]["alertname"], a["labels"].get("region", ""),
+                a["labels"].get("edge", "")) for a in self.central.alerts()}
+        for name, region, edge in sorted(now - shown):
+            self.say(f"{self._stamp()} firing: {name} {region}{'/' + edge if edge else ''}")
+        for name, region, edge in sorted(shown - now):
+            self.say(f"{self._stamp()} resolved: {name} {region}{'/' + edge if edge else ''}")
+        return now
+
+    # -- teardown -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop everything, each step bounded; remove the state but keep the logs."""
+        self.procs.stop_tiers([["prometheus-agent-"], ["prometheus", "alertmanager"],
+                               ["agent-"]])
+        from lab.topology import iter_states, teardown
+        if self.world is not None:
+            self.world.down()
+        # A world whose World.up was interrupted before it returned is still ours.
+        for st in iter_states():
+            if st.owner_pid == os.getpid():
+                teardown(st)
+        if self.lab_dir.is_dir():
+            for log in self.lab_dir.glob("*.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(log, self.logs / f"lab-{log.name}")
+        shutil.rmtree(self.lab_dir, ignore_errors=True)
+        shutil.rmtree(self.prom_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.stack", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", default=os.environ.get("EDGEPROBE_RUN_DIR", "run"),
+                    help="state directory (default run/; removed on exit except logs/)")
+    ap.add_argument("--lab", choices=("auto", "off"),
+                    default="off" if os.environ.get("EDGEPROBE_LAB") == "0" else "auto")
+    ap.add_argument("--prometheus-port", type=int, default=CENTRAL_PORT,
+                    help="central Prometheus port on 127.0.0.1 (a free one if taken)")
+    ap.add_argument("--production-intervals", action="store_true",
+                    help="scrape and evaluate every 15s as shipped (default: 5s for the demo)")
+    ap.add_argument("--no-alertmanager", action="store_true")
+    a = ap.parse_args(argv)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    sup = Supervisor(Path(a.run_dir), PRODUCTION if a.production_intervals else DEMO,
+                     a.prometheus_port, not a.no_alertmanager, out)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        sup._prepare()
+        why = "EDGEPROBE_LAB=0" if a.lab == "off" else ""
+        if not why:
+            from lab.topology import lab_available
+            ok, reason = lab_available()
+            why = "" if ok else f"the lab is not available here ({reason})"
+        if why:
+            sup.run_loopback(why)
+        else:
+            sup.run_lab()
+    except Stopped as s:
+        code = 128 + s.signum
+    except AssertionError as e:       # a child died or never became ready
+        print(f"make run: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        # Further signals must not interrupt the teardown; every step of it is bounded.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        out("\nmake run: stopping Prometheus, the agents and the lab")
+        sup.stop()
+        out(f"make run: stopped; logs in {sup._rel(sup.logs)}/")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
