@@ -28,20 +28,18 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
+
+# The process harness and the central server's API are shared with `make run`.
+from lab import stack
+from lab.stack import Procs, PromAPI, Timing, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -55,141 +53,8 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="Linux only"),
 ]
 
-T = TypeVar("T")
 FOR_CAP_SECONDS = 5
 BEST_EDGE_LOOKBACK = "20s"
-
-
-# -- processes ------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-@dataclass
-class Procs:
-    """Processes this test started; stopped by PID (never by name), in reverse order."""
-
-    logdir: Path
-    items: list[Proc] = field(default_factory=list)
-
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
-        log = self.logdir / f"{name}.log"
-        with log.open("wb") as f:
-            p = subprocess.Popen(list(argv), stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=dict(env) if env else None)
-        proc = Proc(name, p, log)
-        self.items.append(proc)
-        return proc
-
-    def check_alive(self) -> None:
-        for p in self.items:
-            if p.popen.poll() is not None:
-                raise AssertionError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
-
-    def stop_all(self, timeout: float = 15.0) -> dict[str, int | None]:
-        """SIGTERM each process and wait for it, newest first: the regional servers flush
-        their remote write while the central one still listens, then the central one stops,
-        then the agents."""
-        codes: dict[str, int | None] = {}
-        for p in reversed(self.items):
-            if p.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.popen.send_signal(signal.SIGTERM)
-            try:
-                p.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait(timeout=5)
-            codes[p.name] = p.popen.returncode
-        self.items.clear()
-        return codes
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.5,
-             procs: Procs | None = None) -> T:
-    """Poll ``fn`` until it returns a truthy value; bounded in time and count."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for _ in range(int(timeout / interval) + 2):
-        if procs is not None:
-            procs.check_alive()
-        try:
-            last = fn()
-        except (OSError, ValueError) as e:
-            last = e
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            break
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
-
-
-# -- the central server's HTTP API -----------------------------------------------------------
-@dataclass
-class PromAPI:
-    base: str
-
-    def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
-        url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                body = json.load(r)
-        except urllib.error.HTTPError as e:
-            body = json.load(e)
-            raise ValueError(f"{path} {params}: {body.get('errorType')}: "
-                             f"{body.get('error')}") from None
-        if body.get("status") != "success":
-            raise ValueError(f"{path} {params}: {body}")
-        return body["data"]
-
-    def ready(self) -> bool:
-        with urllib.request.urlopen(self.base + "/-/ready", timeout=2) as r:
-            return bool(r.status == 200)
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self._get("/api/v1/query", {"query": expr})
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": data["result"]}]
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        data = self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}",
-                                                 "end": f"{end:.3f}", "step": f"{step:g}"})
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
-        return [a for a in self._get("/api/v1/alerts")["alerts"] if a["state"] == state]
-
-    def firing(self, name_prefix: str) -> set[tuple[str, str]]:
-        return {(a["labels"].get("region", ""), a["labels"].get("edge", ""))
-                for a in self.alerts() if a["labels"]["alertname"].startswith(name_prefix)}
-
-    def best_edges(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for s in self.query("region:edgeprobe_best_edge:info"):
-            region = s["metric"]["region"]
-            assert region not in out, f"two best edges for {region}"
-            out[region] = s["metric"]["edge"]
-        return out
 
 
 # -- the test-only overlay --------------------------------------------------------------------
@@ -219,53 +84,28 @@ def overlay_rules(dst: Path) -> Path:
     return dst
 
 
+# 1 s scrape and evaluation intervals; a remote-write queue that retries within a second.
+TEST_TIMING = Timing(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s",
+                     remote_write_queue={"batch_send_deadline": "500ms", "min_backoff": "100ms",
+                                         "max_backoff": "1s"})
+
+
 def central_config(path: Path, rules_dir: Path, self_port: int) -> Path:
-    cfg = yaml.safe_load((PROM_DIR / "central.yml").read_text())
-    cfg["global"]["evaluation_interval"] = "1s"
-    cfg["global"]["scrape_interval"] = "1s"
-    cfg["rule_files"] = [str(rules_dir / "*.yml")]
-    cfg.pop("alerting", None)           # no Alertmanager here; /api/v1/alerts shows the state
-    cfg["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{self_port}"]}]
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    # No Alertmanager here; /api/v1/alerts shows the state.
+    return stack.central_config(path, rules_dir, f"127.0.0.1:{self_port}", TEST_TIMING)
 
 
 def regional_config(path: Path, region: str, agents: Sequence[str], central_port: int) -> Path:
-    cfg = yaml.safe_load((PROM_DIR / "regional-agent.yml").read_text())
-    cfg["global"]["scrape_interval"] = "1s"
-    cfg["global"]["scrape_timeout"] = "1s"
-    cfg["global"]["external_labels"]["region"] = region
-    cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
-    rw = cfg["remote_write"][0]
-    rw["url"] = f"http://127.0.0.1:{central_port}/api/v1/write"
-    rw["queue_config"].update({"batch_send_deadline": "500ms", "min_backoff": "100ms",
-                               "max_backoff": "1s"})
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return stack.regional_config(path, region, agents,
+                                 f"http://127.0.0.1:{central_port}/api/v1/write", TEST_TIMING)
 
 
 @contextlib.contextmanager
 def two_tier(procs: Procs, tmp: Path, regions: Mapping[str, Sequence[str]]) -> Iterator[PromAPI]:
-    """A central Prometheus with the rules and one agent-mode Prometheus per region, on free
-    loopback ports with temporary storage. ``regions``: region → agent host:port list."""
-    rules = overlay_rules(tmp / "rules")
-    cport = free_port()
-    ccfg = central_config(tmp / "central.yml", rules, cport)
-    procs.start("prometheus-central", [
-        "prometheus", f"--config.file={ccfg}", f"--storage.tsdb.path={tmp / 'central-data'}",
-        f"--web.listen-address=127.0.0.1:{cport}", "--web.enable-remote-write-receiver",
-        "--storage.tsdb.retention.time=1h", "--log.level=warn"])
-    api = PromAPI(f"http://127.0.0.1:{cport}")
-    wait_for("central Prometheus ready", api.ready, 30, procs=procs)
-    for region, agents in regions.items():
-        rport = free_port()
-        rcfg = regional_config(tmp / f"regional-{region}.yml", region, agents, cport)
-        procs.start(f"prometheus-agent-{region}", [
-            "prometheus", "--enable-feature=agent", f"--config.file={rcfg}",
-            f"--storage.agent.path={tmp / f'agent-data-{region}'}",
-            f"--web.listen-address=127.0.0.1:{rport}", "--storage.remote.flush-deadline=5s",
-            "--log.level=warn"])
-    yield api
+    """A central Prometheus with the overlaid rules and one agent-mode Prometheus per region,
+    on free loopback ports with temporary storage. ``regions``: region → agent host:port list."""
+    with stack.two_tier(procs, tmp, regions, overlay_rules(tmp / "rules"), TEST_TIMING) as api:
+        yield api
 
 
 def agent_config(path: Path, region: str, targets: Mapping[str, str],
