@@ -520,8 +520,9 @@ class Supervisor:
                   else "scrape and rule evaluation every 15s as shipped")
         out = [
             f"  Timing: {timing};",
-            "  rule windows and alert `for:` as shipped: best edges show within a minute, the",
-            "  fast-burn page after ~2 min, the other alerts after 5-30 min.",
+            "  rule windows, guards and alert `for:` as shipped: the best edges show within a",
+            "  minute, the fast-burn pages after ~5 min (20 connects, then `for: 1m`), loss and",
+            "  jitter warnings after ~6 min, the slower alerts after 10-35 min.",
         ]
         if am:
             out.append(f"Alertmanager (deploy/alertmanager routing; its receivers send nowhere): "
