@@ -516,9 +516,12 @@ class Supervisor:
         assert self.central is not None
         t = self.timing
         timing = (f"scrape and rule evaluation every {t.scrape_interval} for the demo "
-                  "(production: 15s, --production-intervals)" if t != PRODUCTION
+                  "(production 15s: --production-intervals)" if t != PRODUCTION
                   else "scrape and rule evaluation every 15s as shipped")
-        out = [
+        out = [f"  (127.0.0.1:{self.want_central_port} was taken, so it listens on a free "
+               "port)"] if self.central.base != f"http://127.0.0.1:{self.want_central_port}" \
+            else []
+        out += [
             f"  Timing: {timing};",
             "  rule windows, guards and alert `for:` as shipped: the best edges show within a",
             "  minute, the fast-burn pages after ~5 min (20 connects, then `for: 1m`), loss and",
@@ -551,16 +554,13 @@ class Supervisor:
                   "  " + "  ".join(f"{r} 127.0.0.1:{p}" for r, p in regional.items())]
         lines += [f"Central Prometheus: {self.central.base}   (rules from "
                   "deploy/prometheus/rules/)"]
-        if self.central.base != f"http://127.0.0.1:{self.want_central_port}":
-            lines.append(f"  (127.0.0.1:{self.want_central_port} was taken, so it "
-                         "listens on a free port)")
         lines += self._prom_help(am)
         lines += [
             "The lab:",
             f"  .venv/bin/python -m lab truth --state {state}       what the lab really did",
-            f"  .venv/bin/python -m lab set --state {state} id-jakarta sin-1 "
+            f"  .venv/bin/python -m lab set --state {state} id-jakarta cgk-1 "
             "'{\"delay\": \"150ms\"}'",
-            "      degrade a path now, then watch the best edge move (fra-1 of id-jakarta "
+            "      degrade Jakarta's nearest edge now and watch the best edge move (fra-1 "
             "degrades by itself at t=60 s)",
             f"  .venv/bin/python -m lab exec --state {state} id-jakarta -- "
             ".venv/bin/edgeprobe probe -c 20 198.18.4.1",
