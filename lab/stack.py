@@ -515,18 +515,15 @@ class Supervisor:
     def _prom_help(self, am: str | None) -> list[str]:
         assert self.central is not None
         t = self.timing
-        timing = (f"scrape and rule evaluation every {t.scrape_interval} for the demo "
-                  "(production 15s: --production-intervals)" if t != PRODUCTION
-                  else "scrape and rule evaluation every 15s as shipped")
+        timing = (f"Demo timing: scrape and evaluate every {t.scrape_interval} (production 15s: "
+                  "--production-intervals)" if t != PRODUCTION
+                  else "Timing: scrape and evaluate every 15s, as shipped")
         out = [f"  (127.0.0.1:{self.want_central_port} was taken, so it listens on a free "
                "port)"] if self.central.base != f"http://127.0.0.1:{self.want_central_port}" \
             else []
-        out += [
-            f"  Timing: {timing};",
-            "  rule windows, guards and alert `for:` as shipped: the best edges show within a",
-            "  minute, the fast-burn pages after ~5 min (20 connects, then `for: 1m`), loss and",
-            "  jitter warnings after ~6 min, the slower alerts after 10-35 min.",
-        ]
+        out += [f"  {timing}; rules as shipped:",
+                "  best edges in ~30 s, the fast-burn pages after ~5 min, the other alerts after "
+                "6-35 min."]
         if am:
             out.append(f"Alertmanager (deploy/alertmanager routing; its receivers send nowhere): "
                        f"http://{am}")
@@ -549,8 +546,7 @@ class Supervisor:
         state = self._rel(self.lab_dir)
         lines = ["", f"Lab {run_id} is up. Agents (one per region, in its namespace):"]
         lines += [f"  {r:12} http://{a}/metrics" for r, a in agents.items()]
-        lines += ["Regional Prometheus (agent mode: scrapes its region's agent over the "
-                  "management link, remote-writes):",
+        lines += ["Regional Prometheus (agent mode: scrapes its region's agent, remote-writes):",
                   "  " + "  ".join(f"{r} 127.0.0.1:{p}" for r, p in regional.items())]
         lines += [f"Central Prometheus: {self.central.base}   (rules from "
                   "deploy/prometheus/rules/)"]
