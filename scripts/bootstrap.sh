@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"
 
-SYSTEM_PKGS=(iproute2 iptables iputils-ping coturn dnsmasq-base prometheus libcap2-bin util-linux)
+SYSTEM_PKGS=(iproute2 iptables iputils-ping coturn dnsmasq-base prometheus prometheus-alertmanager libcap2-bin util-linux)
 if [ "$what" = test ] || [ "$what" = bench ]; then
-  SYSTEM_PKGS+=(fping prometheus-smokeping-prober prometheus-alertmanager procps)
+  SYSTEM_PKGS+=(fping prometheus-smokeping-prober procps)
 fi
 
 need_apt=0
