@@ -75,7 +75,29 @@ class Tool(Protocol):
     def collect(self, job: Job) -> Measured: ...
 
 
-def scrape(ns: str, port: int, dest: Path, wait: float = 60.0) -> str:
+_WAIT_PORT = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5).close()
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > end:
+            sys.exit("not listening after %s s" % sys.argv[2])
+        time.sleep(0.2)
+"""
+READY_WAIT = 180.0   # smokeping_prober starts its pingers one by one: ~2 min for 10,000
+
+
+def wait_port(ns: str, port: int, wait: float = READY_WAIT) -> None:
+    r = run_in(ns, [sys.executable, "-c", _WAIT_PORT, str(port), str(wait)], timeout=wait + 30)
+    if r.returncode != 0:
+        last = r.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"not ready: {' '.join(last)}")
+
+
+def scrape(ns: str, port: int, dest: Path, wait: float = READY_WAIT) -> str:
     """GET /metrics from inside the namespace (the tools listen on its 127.0.0.1)."""
     r = run_in(ns, [sys.executable, "-c", _SCRAPE, f"http://127.0.0.1:{port}/metrics",
                     str(wait)], timeout=wait + 330)
@@ -105,6 +127,9 @@ class Edgeprobe:
     name: str = "edgeprobe"
     stop_signal: int = signal.SIGTERM
 
+    def __init__(self, start_scrape: bool = True) -> None:
+        self.start_scrape = start_scrape
+
     def version(self) -> str:
         from agent.collector import VERSION
         return VERSION
@@ -131,7 +156,10 @@ class Edgeprobe:
         # The lateness and lag histograms count from the agent's start; this first reading
         # is subtracted so start-up does not count. Its own stall (ticks that fall due while
         # the collector runs) does count: a real agent is scraped too.
-        scrape(job.ns, job.port, job.workdir / "edgeprobe.start.metrics")
+        if self.start_scrape:
+            scrape(job.ns, job.port, job.workdir / "edgeprobe.start.metrics")
+        else:
+            wait_port(job.ns, job.port)
 
     def before_stop(self, job: Job) -> None:
         scrape(job.ns, job.port, job.workdir / "edgeprobe.metrics")
@@ -151,7 +179,8 @@ class Edgeprobe:
                 m.per_target_median[names[labels["edge"]]] = v
         m.sent = int(sum(v for _, v in fam["edgeprobe_packets_sent_total"]))
         m.received = m.sent - int(sum(v for _, v in fam["edgeprobe_packets_lost_total"]))
-        start = parse_prom((job.workdir / "edgeprobe.start.metrics").read_text(),
+        first = job.workdir / "edgeprobe.start.metrics"
+        start = parse_prom(first.read_text() if first.exists() else "",
                            [f"edgeprobe_{k}_seconds_bucket" for k in ("scheduler_lateness",
                                                                       "event_loop_lag")])
         for key, metric in (("scheduler_lateness", "edgeprobe_scheduler_lateness_seconds_bucket"),
@@ -199,12 +228,23 @@ class Fping:
                         float(mt.group(3)) / 1e3)
         for addr, pkts in m.per_packet.items():
             m.per_target_median[addr] = quantile(list(pkts.values()), 0.5)
+        # Loss as the per-packet lines show it: a missing index is a lost echo. fping 5.1's own
+        # SIGINT summary leaves most lost echoes out of xmt (23 sent, 22 answered shows as
+        # 22/22/0%); its figure is kept for the report.
+        xmt = rcv = 0
+        summary_sent: dict[str, int] = {}
         with (job.workdir / "fping.stderr").open() as f:
             for line in f:
                 ms = self._SUMMARY.match(line)
                 if ms:
-                    m.sent += int(ms.group(2))
-                    m.received += int(ms.group(3))
+                    summary_sent[ms.group(1)] = int(ms.group(2))
+                    xmt += int(ms.group(2))
+                    rcv += int(ms.group(3))
+        for addr, n in summary_sent.items():
+            pkts = m.per_packet.get(addr, {})
+            m.sent += max(n, max(pkts, default=-1) + 1)
+            m.received += len(pkts)
+        m.extra["summary_loss"] = 1 - rcv / xmt if xmt else math.nan
         return m
 
 
@@ -230,7 +270,8 @@ class SmokepingProber:
                 f"--buckets={buckets}", "--log.level=warn"]
 
     def at_window_start(self, job: Job) -> None:
-        return None
+        # It serves /metrics only once every pinger has started; the window starts then.
+        wait_port(job.ns, job.port)
 
     def before_stop(self, job: Job) -> None:
         scrape(job.ns, job.port, job.workdir / "smokeping.metrics")
