@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import secrets
@@ -41,7 +40,7 @@ from probes.base import (
     ProbeResult,
     Target,
 )
-from probes.resolve import ResolveError, Resolver
+from probes.resolve import ResolveError, Resolver, literal
 
 log = logging.getLogger("edgeprobe.icmp")
 
@@ -283,7 +282,8 @@ class IcmpEngine:
         reply or its timeout. Cancelling abandons the train without settling anything."""
         loop = asyncio.get_running_loop()
         self.attach(loop)
-        dest = str(ipaddress.ip_address(dest.split("%", 1)[0])) if "%" not in dest else dest
+        lit = literal(dest)
+        dest = lit.address if lit is not None else dest  # replies name the canonical form
         done: asyncio.Future[None] = loop.create_future()
         payload = self._payload(payload_size)
         run = _Run(count, int(timeout * 1e9), done, payload)
@@ -302,7 +302,7 @@ class IcmpEngine:
                                         cmsgs))
         # A plain timer that resolves ``done`` at the deadline, rather than asyncio.timeout_at:
         # the same wait, without the Timeout object's cancel/uncancel machinery, which was the
-        # largest single cost per run at 10,000 targets (bench: docs/bench.md).
+        # largest single cost per run at 10,000 targets (README, "Benchmark").
         handles.append(loop.call_at(t0 + (count - 1) * spacing + timeout, _resolve, done))
         try:
             await done

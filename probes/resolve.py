@@ -8,6 +8,7 @@ counted ``resolve_failed``. IP literals never touch the resolver.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -30,14 +31,18 @@ class ResolvedAddress:
     family: int  # socket.AF_INET or socket.AF_INET6
 
 
+@functools.lru_cache(maxsize=65536)
 def literal(host: str) -> ResolvedAddress | None:
-    """The address if ``host`` is an IP literal (brackets and zone ids tolerated)."""
+    """The address, in canonical form, if ``host`` is an IP literal (brackets and zone ids
+    tolerated). Cached: every probe run of a literal target asks, and parsing is not free."""
     h = host.strip("[]")
+    addr, pct, zone = h.partition("%")
     try:
-        ip = ipaddress.ip_address(h.split("%", 1)[0])
+        ip = ipaddress.ip_address(addr)
     except ValueError:
         return None
-    return ResolvedAddress(h, socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    return ResolvedAddress(str(ip) + pct + zone,
+                           socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
 
 
 def _pick(infos: list[tuple[int, str]], family: IpFamily) -> ResolvedAddress | None:
