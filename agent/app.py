@@ -61,7 +61,8 @@ class Agent:
                                 counters=self.self_stats, budget=self.config.agent.budget,
                                 log=logging.getLogger("edgeprobe.probe"))
         self.scheduler = Scheduler(call=self._call, record=self._record, stats=self.self_stats,
-                                   late_threshold=self.config.agent.late_tick_threshold)
+                                   late_threshold=self.config.agent.late_tick_threshold,
+                                   self_bounded=lambda job: PROBES[job.kind].self_bounded)
         self._bg: list[asyncio.Task[None]] = []
         self._failing: dict[tuple[str, str], bool] = {}
         self._reload_lock = asyncio.Lock()
@@ -74,10 +75,11 @@ class Agent:
         self.self_stats.reload_ok = 1.0
         self.self_stats.reload_success_time = time.time()
 
-    def render_metrics(self) -> bytes:
-        """The text exposition of ``self.registry``, with the per-target families rendered
-        directly from state (an order of magnitude faster than building Metric objects)."""
-        return self.state.render_text().encode() + generate_latest(self.aux_registry)
+    def render_metrics(self) -> list[bytes]:
+        """The text exposition of ``self.registry`` as chunks to write in order, with the
+        per-target families rendered directly from state (an order of magnitude faster than
+        building Metric objects)."""
+        return [*self.state.render_text(), generate_latest(self.aux_registry)]
 
     # ------------------------------------------------------------------ wiring
     def _state_for(self, cfg: Config) -> CollectorState:

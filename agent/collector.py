@@ -163,8 +163,14 @@ class _TextSink(_Sink):
         tail = f"{{{ls}}}" if ls else ""
         out.append(f"{fam}_count{tail} {acc}\n{fam}_sum{tail} {_fmt(h.sum)}\n")
 
-    def text(self) -> str:
-        return "".join("".join(lines) for lines in self.fams.values())
+    def chunks(self, lines_per_chunk: int = 2000) -> list[bytes]:
+        # Many small joins instead of one huge one: each C-level join holds the GIL, and
+        # /metrics renders in a thread beside the event loop that times the probes.
+        out = []
+        for lines in self.fams.values():
+            for i in range(0, len(lines), lines_per_chunk):
+                out.append("".join(lines[i:i + lines_per_chunk]).encode())
+        return out
 
 
 @dataclass
@@ -193,9 +199,9 @@ class CollectorState:
         yield from sink.fams.values()
         yield from self._self_metrics()
 
-    def render_text(self) -> str:
-        """The Prometheus text format (0.0.4) of everything ``collect`` yields: the same
-        families, faster, for /metrics."""
+    def render_text(self) -> list[bytes]:
+        """The Prometheus text format (0.0.4) of everything ``collect`` yields, as chunks to
+        write in order: the same families, faster, for /metrics."""
         sink = _TextSink()
         self._walk(sink)
         for m in self._self_metrics():
@@ -204,7 +210,7 @@ class CollectorState:
                 sink.fams[m.name].append(
                     f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
                     if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
-        return sink.text()
+        return sink.chunks()
 
     def _walk(self, sink: _Sink) -> None:
         names = self.label_names()

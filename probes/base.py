@@ -152,6 +152,9 @@ class ProbeKind(Generic[OptT]):
     # Reasons a reply can be a stray (not a valid answer to anything in flight); pre-created in
     # edgeprobe_stray_packets_total{probe,reason} for every configured kind.
     stray_reasons: tuple[str, ...] = ()
+    # True when ``run`` always returns by itself within run_time() plus a bounded name lookup,
+    # so the scheduler need not arm a deadline timer of its own for every run.
+    self_bounded: bool = False
 
     @property
     def all_reasons(self) -> tuple[str, ...]:

@@ -583,4 +583,4 @@ STRAY_REASONS = ("foreign", "late", "unmatched", "wrong_source", "bad_checksum",
                  "malformed")
 
 KIND = ProbeKind(name="icmp", options=IcmpOptions, run=run, packet_based=True, reasons=REASONS,
-                 stray_reasons=STRAY_REASONS)
+                 stray_reasons=STRAY_REASONS, self_bounded=True)

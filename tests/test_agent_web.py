@@ -196,7 +196,7 @@ def test_fast_text_path_equals_the_registry() -> None:
             gauges={"path_hops": 7.0} if job.kind == "path" else {},
             info={"tls_version": "TLSv1.3"} if job.kind == "tls" else {},
             hops=[HopResult(1, [0.001, None])] if job.kind == "path" else None))
-    fast = agent.render_metrics().decode()
+    fast = b"".join(agent.render_metrics()).decode()
     slow = generate_latest(agent.registry).decode()
 
     def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -149,3 +149,16 @@ async def test_trigger_runs_once_out_of_band() -> None:
     assert len(rec.starts["p"]) == before + 1
     assert not sched.trigger(("nope", "icmp"))
     await sched.stop(0)
+
+
+async def test_self_bounded_kinds_get_no_extra_deadline_timer() -> None:
+    async def slow(_j: Job) -> ProbeResult:
+        await asyncio.sleep(0.05)
+        return ProbeResult(success=True)
+
+    bounded = Scheduler(call=slow, record=lambda j, r: None, self_bounded=lambda j: True)
+    plain = Scheduler(call=slow, record=lambda j, r: None)
+    r1 = await bounded._run(job("a"), 0.01)
+    r2 = await plain._run(job("a"), 0.01)
+    assert r1 is not None and r1.success
+    assert r2 is not None and r2.reason == "deadline"
