@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.stats import quantile as sorted_quantile
+
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 Labels = tuple[tuple[str, str], ...]
@@ -40,13 +42,7 @@ def parse_prom(text: str, names: Iterable[str]) -> dict[str, list[tuple[dict[str
 
 def quantile(xs: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile (numpy's default) of unsorted values; NaN when empty."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return sorted_quantile(sorted(xs), q)
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:

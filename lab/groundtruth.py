@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from agent.stats import quantile as sorted_quantile
 from lab import packet
 
 RECORD = struct.Struct("<BBBBBBH16s16sHHqqq")
@@ -184,14 +185,9 @@ def echo_exchanges(records: Iterable[Record], region: int | None = None,
 
 
 def quantile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default, type 7)."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    """Linear-interpolation quantile (numpy's default, type 7) of unsorted values: the agent's
+    own estimator, so the lab and the agent compute quantiles alike."""
+    return sorted_quantile(sorted(xs), q)
 
 
 def burst_lengths(lost: Iterable[bool]) -> list[int]:
