@@ -36,6 +36,7 @@ from probes.sockopts import (
     SOCKET_REASONS,
     Endpoint,
     ProbeFailed,
+    check_ports,
     check_source,
     os_reasons,
     read_secret,
@@ -72,9 +73,7 @@ class ConnectOptions(CommonOptions):
 
     def validate(self) -> list[str]:
         errs = super().validate()
-        for key in ("signalling_port", "dns_port", "stun_port"):
-            if not 1 <= getattr(self, key) <= 65535:
-                errs.append(f"{key}: must be between 1 and 65535")
+        errs += check_ports(self, "signalling_port", "dns_port", "stun_port")
         if not 0 <= self.turn_port <= 65535:
             errs.append("turn_port: must be between 0 and 65535")
         if self.dns_server and literal(self.dns_server) is None:

@@ -24,6 +24,7 @@ from probes.sockopts import (
     SOCKET_REASONS,
     Endpoint,
     ProbeFailed,
+    check_ports,
     check_source,
     make_socket,
     resolve,
@@ -55,8 +56,7 @@ class DnsOptions(CommonOptions):
             errs.append(f"record_type: unknown type {self.record_type!r}")
         if self.expect_rcode.upper() not in _RCODES:
             errs.append("expect_rcode: one of " + ", ".join(_RCODES))
-        if not 1 <= self.port <= 65535:
-            errs.append("port: must be between 1 and 65535")
+        errs += check_ports(self, "port")
         return errs + check_source(self)
 
 

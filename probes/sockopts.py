@@ -54,6 +54,12 @@ async def resolve(host: str, opts: CommonOptions, ctx: ProbeContext) -> Endpoint
     return Endpoint(res.family, res.address)
 
 
+def check_ports(opts: CommonOptions, *keys: str) -> list[str]:
+    """Validation shared by the kinds that take ports: each must be a real port number."""
+    return [f"{k}: must be between 1 and 65535" for k in keys
+            if not 1 <= getattr(opts, k) <= 65535]
+
+
 def check_source(opts: CommonOptions) -> list[str]:
     """Validation shared by all kinds: the source address must be an IP literal."""
     if not opts.source_address:

@@ -18,6 +18,7 @@ from probes.sockopts import (
     SOCKET_REASONS,
     Endpoint,
     ProbeFailed,
+    check_ports,
     check_source,
     make_socket,
     os_error_reason,
@@ -32,8 +33,7 @@ class TcpOptions(CommonOptions):
 
     def validate(self) -> list[str]:
         errs = super().validate()
-        if not 1 <= self.port <= 65535:
-            errs.append("port: must be between 1 and 65535")
+        errs += check_ports(self, "port")
         return errs + check_source(self)
 
 

@@ -19,6 +19,7 @@ from probes.sockopts import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     ProbeFailed,
+    check_ports,
     check_source,
     os_reasons,
     resolve,
@@ -47,8 +48,7 @@ class TlsOptions(CommonOptions):
 
     def validate(self) -> list[str]:
         errs = super().validate()
-        if not 1 <= self.port <= 65535:
-            errs.append("port: must be between 1 and 65535")
+        errs += check_ports(self, "port")
         return errs + check_source(self)
 
 

@@ -29,6 +29,7 @@ from probes.sockopts import (
     SOCKET_REASONS,
     Endpoint,
     ProbeFailed,
+    check_ports,
     check_source,
     make_socket,
     read_secret,
@@ -53,8 +54,7 @@ class TurnOptions(CommonOptions):
 
     def validate(self) -> list[str]:
         errs = super().validate()
-        if not 1 <= self.port <= 65535:
-            errs.append("port: must be between 1 and 65535")
+        errs += check_ports(self, "port")
         if self.password and self.password_file:
             errs.append("password: set either password or password_file, not both")
         if not self.username:

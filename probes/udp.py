@@ -18,6 +18,7 @@ from probes.sockopts import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     ProbeFailed,
+    check_ports,
     check_source,
     make_socket,
     resolve,
@@ -38,8 +39,7 @@ class UdpOptions(CommonOptions):
 
     def validate(self) -> list[str]:
         errs = super().validate()
-        if not 1 <= self.port <= 65535:
-            errs.append("port: must be between 1 and 65535")
+        errs += check_ports(self, "port")
         if self.payload_size < MIN_PAYLOAD:
             errs.append(f"payload_size: must be >= {MIN_PAYLOAD} (magic, nonce, sequence)")
         if not 1 <= self.max_inflight <= 1000:
