@@ -143,9 +143,11 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
     release lateness, which the lab records for every packet (ground truth): the largest
     lateness seen on these two edges, once per direction (a TLS server flight is several
     packets, released back to back, so its last one is the late one), and (b) the spread of the
-    host-side cost, the interquartile range of the ``zero`` samples (a median of 15 samples
-    moves less than that), plus 0.5 ms of scheduler granularity. Lower bound: nothing is faster
-    than the applied delay.
+    host-side cost in each sample: the difference of two medians moves with both of them, and a
+    median of 15 samples moves less than its sample's interquartile range, so the IQRs of the
+    ``zero`` and the ``clean`` samples are added (the clean path's packets also wait in the TUN
+    queue, which the ground truth cannot see), plus 0.5 ms of scheduler granularity. Lower
+    bound: nothing is faster than the applied delay.
     """
     s = _services(world)
     ports = s["ports"]
@@ -171,8 +173,9 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
     lateness = 2 * prec.max_us / 1e6
     for kind, by_edge in measured.items():
         zero, clean = by_edge["zero"], by_edge["clean"]
-        q = statistics.quantiles(zero, n=4)
-        tol = lateness + (q[2] - q[0]) + 0.0005
+        qz = statistics.quantiles(zero, n=4)
+        qc = statistics.quantiles(clean, n=4)
+        tol = lateness + (qz[2] - qz[0]) + (qc[2] - qc[0]) + 0.0005
         diff = statistics.median(clean) - statistics.median(zero)
         assert min(clean) >= 0.040 - 0.0005, (kind, min(clean))
         assert abs(diff - 0.040) <= tol, (kind, diff, tol, zero, clean)
