@@ -146,8 +146,15 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
     host-side cost in each sample: the difference of two medians moves with both of them, and a
     median of 15 samples moves less than its sample's interquartile range, so the IQRs of the
     ``zero`` and the ``clean`` samples are added (the clean path's packets also wait in the TUN
-    queue, which the ground truth cannot see), plus 0.5 ms of scheduler granularity. Lower
-    bound: nothing is faster than the applied delay.
+    queue, which the ground truth cannot see), plus 0.5 ms of scheduler granularity, and (c) the
+    host-side cost is not the same on both paths: through ``zero`` client and server ping-pong
+    hot, through ``clean`` each wakes after a 20 ms idle wait with cold caches and, on a loaded
+    CI machine, waits for a CPU first. That inflation is bounded by the hot cost itself (the
+    clean path's host cost at most twice the zero path's; seen in CI: TLS 1.85 ms hot, 3.6 ms
+    after the idle), so median(zero) is added. Runs alternate between the edges in small
+    batches so that both see the same background load. What the test guards against, a phase
+    measured from the wrong point or an extra round trip, is ≥ 20 ms and stays far outside.
+    Lower bound: nothing is faster than the applied delay.
     """
     s = _services(world)
     ports = s["ports"]
@@ -157,15 +164,17 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
         "tls": ("tls", {"port": ports["tls"], "server_name": name, "ca_file": s["ca"]}),
     }
     measured: dict[str, dict[str, list[float]]] = {}
-    for edge in ("zero", "clean"):
-        for kind, (phase, opts) in kinds.items():
-            rs = run_probes(world, kind, edge, opts, runs=15)
-            assert all(r["success"] for r in rs), rs
-            measured.setdefault(kind, {})[edge] = [r["phases"][phase] for r in rs]
-        rs = run_probes(world, "stun", edge, {"port": ports["turn"], "packets": 15,
-                                                "spacing": 0.02})
-        assert all(x is not None for x in rs[0]["rtts"]), rs
-        measured.setdefault("stun", {})[edge] = rs[0]["rtts"]
+    for _batch in range(3):
+        for edge in ("zero", "clean"):
+            for kind, (phase, opts) in kinds.items():
+                rs = run_probes(world, kind, edge, opts, runs=5)
+                assert all(r["success"] for r in rs), rs
+                measured.setdefault(kind, {}).setdefault(edge, []).extend(
+                    r["phases"][phase] for r in rs)
+            rs = run_probes(world, "stun", edge, {"port": ports["turn"], "packets": 5,
+                                                    "spacing": 0.02})
+            assert all(x is not None for x in rs[0]["rtts"]), rs
+            measured.setdefault("stun", {}).setdefault(edge, []).extend(rs[0]["rtts"])
     from lab import groundtruth
     mine = {world.state.edges[e]["ipv4"] for e in ("zero", "clean")}
     prec = groundtruth.precision([r for r in world.records()
@@ -175,7 +184,8 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
         zero, clean = by_edge["zero"], by_edge["clean"]
         qz = statistics.quantiles(zero, n=4)
         qc = statistics.quantiles(clean, n=4)
-        tol = lateness + (qz[2] - qz[0]) + (qc[2] - qc[0]) + 0.0005
+        tol = (lateness + (qz[2] - qz[0]) + (qc[2] - qc[0]) + 0.0005
+               + statistics.median(zero))
         diff = statistics.median(clean) - statistics.median(zero)
         assert min(clean) >= 0.040 - 0.0005, (kind, min(clean))
         assert abs(diff - 0.040) <= tol, (kind, diff, tol, zero, clean)
