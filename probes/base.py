@@ -132,8 +132,21 @@ class ProbeContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class RunHandle(Protocol):
+    """A run started by a kind's ``start``."""
+
+    def cancel(self) -> None:
+        """Abandon the run: nothing is recorded and its callback is not called."""
+
+
 OptT = TypeVar("OptT", bound=CommonOptions)
 ProbeFn = Callable[[Target, OptT, ProbeContext], Awaitable[ProbeResult]]
+# The callback form of a probe: start the run now and return; the result (None: abandoned
+# under it, e.g. its socket closed) goes to the callback exactly once, from the event loop,
+# possibly before ``start`` returns. ``start`` returns None, without calling back, when this
+# run needs the async ``run`` instead (e.g. a name to look up).
+StartFn = Callable[[Target, OptT, ProbeContext, Callable[[ProbeResult | None], None]],
+                   RunHandle | None]
 
 # Reasons every kind may produce, beyond its own.
 COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty", "deadline", "exception")
@@ -155,6 +168,9 @@ class ProbeKind(Generic[OptT]):
     # True when ``run`` always returns by itself within run_time() plus a bounded name lookup,
     # so the scheduler need not arm a deadline timer of its own for every run.
     self_bounded: bool = False
+    # Optional: lets the scheduler drive this kind from timer callbacks, without a task per
+    # series that sleeps, awaits and wakes up for every run. Requires ``self_bounded``.
+    start: StartFn[OptT] | None = None
 
     @property
     def all_reasons(self) -> tuple[str, ...]:

@@ -130,6 +130,17 @@ class Resolver:
             raise ResolveError("resolve_empty")
         return picked
 
+    def cached(self, host: str, family: IpFamily = "auto") -> ResolvedAddress | None:
+        """What ``resolve`` would return without a lookup or an error, else None."""
+        lit = literal(host)
+        if lit is not None:
+            ok = (family == "auto" or (family == "ipv6") == (lit.family == socket.AF_INET6))
+            return lit if ok else None
+        entry = self._cache.get(host)
+        if entry is None or time.monotonic() - entry.fetched >= self.ttl:
+            return None
+        return _pick(entry.infos, family)
+
     def forget(self, keep: set[str]) -> None:
         """Drop cache entries for names no longer configured (bounded memory across reloads)."""
         for host in list(self._cache):

@@ -16,7 +16,7 @@ import pytest
 
 from agent.collector import SelfStats
 from agent.testing import can_netns, in_netns, netns
-from probes.base import ProbeContext, Target
+from probes.base import ProbeContext, ProbeResult, Target
 from probes.icmp import IcmpEngine, IcmpEngines, IcmpOptions, _checksum, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,41 @@ async def test_privileged_loopback_no_loss(addr: str) -> None:
     assert all(0 < r < 0.05 for r in res.rtts if r is not None)
     assert len(set(res.packet_ids)) == 20
     assert stats.stray_counts.get(("icmp", "unmatched"), 0) == 0
+
+
+@needs_root
+async def test_callback_form_delivers_results_and_cancel_abandons() -> None:
+    from probes.icmp import start
+    from probes.resolve import Resolver
+    engines = IcmpEngines(mode="privileged")
+    ctx = ProbeContext(icmp=engines, resolver=Resolver())
+    loop = asyncio.get_running_loop()
+    results: dict[str, asyncio.Future[object]] = {}
+    try:
+        for addr in ("127.0.0.1", "127.0.0.2", "::1"):
+            fut = results[addr] = loop.create_future()
+            h = start(Target("lo", addr), IcmpOptions(packets=3, spacing=0.005, timeout=0.5),
+                      ctx, fut.set_result)
+            assert h is not None
+        # A name needs a lookup first: the callback form declines, the async form runs.
+        assert start(Target("n", "localhost"), IcmpOptions(), ctx, lambda r: None) is None
+        # A literal of the other family is the async form's resolve_empty.
+        assert start(Target("f", "::1"), IcmpOptions(ip_family="ipv4"), ctx,
+                     lambda r: None) is None
+        got = [await asyncio.wait_for(f, 2) for f in results.values()]
+        for r in got:
+            assert isinstance(r, ProbeResult) and r.success and len(r.rtts) == 3
+            assert all(x is not None for x in r.rtts)
+        eng = engines.engines[socket.AF_INET]
+        abandoned: list[object] = []
+        h = start(Target("lo", "127.0.0.1"), IcmpOptions(packets=5, spacing=0.05), ctx,
+                  abandoned.append)
+        assert h is not None
+        h.cancel()
+        await asyncio.sleep(0.3)
+        assert abandoned == [] and eng.in_flight == 0
+    finally:
+        engines.close()
 
 
 @needs_root
@@ -90,10 +125,10 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         eng.attach(loop)
         # Freeze a train in flight against an address that never answers in this test: we
         # feed forged replies straight into the receive path.
-        done = loop.create_future()
+        done: list[object] = []
         from probes.icmp import _Run, _Slot
-        payload = eng._payload(56)
-        r = _Run(1, int(1e9), done, payload)
+        payload = eng._payload(56)[0]
+        r = _Run(1, int(1e9), done.append, payload, eng)
         eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
         eng._handle(_reply(eng.ident ^ 1, 7, payload), [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload, corrupt=True), [], "127.0.0.9", 1)
@@ -103,14 +138,14 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         eng._handle(b"\x45\x00", [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload)[:24], [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload[:5]), [], "127.0.0.9", 1)
-        assert r.rtts == [None] and not done.done()
+        assert r.rtts == [None] and not done
         assert stats.stray_counts == {("icmp", "foreign"): 1, ("icmp", "bad_checksum"): 1,
                                       ("icmp", "wrong_source"): 1, ("icmp", "bad_payload"): 2,
                                       ("icmp", "unmatched"): 1, ("icmp", "malformed"): 2}
         # The genuine reply is accepted once; its duplicate is a stray ("late").
         eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
         eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
-        assert r.rtts[0] is not None and done.done()
+        assert r.rtts[0] is not None and done == [r]
         assert stats.stray_counts[("icmp", "late")] == 1
     finally:
         eng.close()
