@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from agent.scheduler import Scheduler, loop_lag_monitor
 from agent.stats import new_series
 from agent.webconfig import WebConfigError, WebGuard
 from probes import PROBES
-from probes.base import ProbeContext, ProbeResult
+from probes.base import ProbeContext, ProbeResult, RunHandle
 from probes.icmp import IcmpEngines
 from probes.resolve import Resolver
 
@@ -62,7 +63,9 @@ class Agent:
                                 log=logging.getLogger("edgeprobe.probe"))
         self.scheduler = Scheduler(call=self._call, record=self._record, stats=self.self_stats,
                                    late_threshold=self.config.agent.late_tick_threshold,
-                                   self_bounded=lambda job: PROBES[job.kind].self_bounded)
+                                   self_bounded=lambda job: PROBES[job.kind].self_bounded,
+                                   callback_driven=lambda job: PROBES[job.kind].start is not None,
+                                   start=self._start_run)
         self._bg: list[asyncio.Task[None]] = []
         self._failing: dict[tuple[str, str], bool] = {}
         self._reload_lock = asyncio.Lock()
@@ -111,6 +114,11 @@ class Agent:
         kind = PROBES[job.kind]
         return await kind.run(job.target, job.options, self.ctx)
 
+    def _start_run(self, job: Job, done: Callable[[ProbeResult | None], None]) -> RunHandle | None:
+        start = PROBES[job.kind].start
+        assert start is not None
+        return start(job.target, job.options, self.ctx, done)
+
     def _record(self, job: Job, result: ProbeResult) -> None:
         view = self.state.series.get(job.key)
         if view is not None:
@@ -131,6 +139,7 @@ class Agent:
         self._apply_state_identity(self.config)
         self.state.series = self._views_for(self.config, None, True)
         self.scheduler.apply(self.config.jobs)
+        _freeze_heap()
         self._bg.append(asyncio.get_running_loop().create_task(
             loop_lag_monitor(self.self_stats), name="loop-lag"))
         # Open the ICMP sockets now, so start-up logs which mode we got and why.
@@ -217,6 +226,7 @@ class Agent:
         self.resolver.forget({j.target.address for j in new.jobs})
         self.config = new
         self.scheduler.apply(new.jobs)
+        _freeze_heap()
 
     # ------------------------------------------------------- optional features
     def _apply_state_identity(self, cfg: Config) -> None:
@@ -286,6 +296,14 @@ class Agent:
             return
         self.probe_endpoint = ProbeEndpoint(
             cfg, PROBES, modules_from_defaults(new.extra.get("defaults", {})), self.ctx)
+
+
+def _freeze_heap() -> None:
+    """Exempt what is alive now (config, series state: it lives as long as the config) from
+    the cyclic garbage collector. Otherwise the full collections that the per-probe churn
+    triggers every few seconds traverse every series' state: ~25 % of the CPU at 10,000
+    series. Only objects that are already unreachable cycles at this instant are kept."""
+    gc.freeze()
 
 
 class _FeatureCollector:

@@ -9,17 +9,35 @@ import itertools
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class _FakeTimer:
+    __slots__ = ("args", "cancelled", "fn")
+
+    def __init__(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class FakeClock:
     """A manually advanced clock. ``sleep_until`` parks the caller until ``advance`` passes
-    its time; callers wake in time order."""
+    its time, and ``call_at`` callbacks run when it passes theirs; both in time order."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self.t = start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
         self._n = itertools.count()
+
+    def call_at(self, when: float, fn: Callable[..., None], *args: Any) -> _FakeTimer:
+        h = _FakeTimer(fn, args)
+        heapq.heappush(self._sleepers, (when, next(self._n), h))
+        return h
 
     def now(self) -> float:
         return self.t
@@ -41,7 +59,10 @@ class FakeClock:
                 break
             when, _, fut = heapq.heappop(self._sleepers)
             self.t = max(self.t, when)
-            if not fut.done():
+            if isinstance(fut, _FakeTimer):
+                if not fut.cancelled:
+                    fut.fn(*fut.args)
+            elif not fut.done():
                 fut.set_result(None)
         self.t = end
         await _settle()

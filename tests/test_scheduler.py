@@ -162,3 +162,132 @@ async def test_self_bounded_kinds_get_no_extra_deadline_timer() -> None:
     r2 = await plain._run(job("a"), 0.01)
     assert r1 is not None and r1.success
     assert r2 is not None and r2.reason == "deadline"
+
+
+class CallbackRecorder(Recorder):
+    """A kind with a callback form: ``start`` begins a run now; the test finishes it."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.open: dict[str, list[object]] = {}
+        self.cancelled: list[str] = []
+        self.async_runs = 0
+
+    def start(self, j: Job, done: object) -> object:
+        name = j.target.name
+        b = self.behaviour.get(name)
+        if b == "needs-task":
+            return None
+        self.starts.setdefault(name, []).append(self.clock.now())
+        if b == "raise":
+            raise RuntimeError("boom")
+        if b == "instant":
+            done(ProbeResult(success=True))  # type: ignore[operator]
+            return object()
+        rec = self
+
+        class Handle:
+            def cancel(self) -> None:
+                rec.cancelled.append(name)
+
+        self.open.setdefault(name, []).append(done)
+        return Handle()
+
+    async def call(self, j: Job) -> ProbeResult:
+        self.async_runs += 1
+        return ProbeResult(success=True)
+
+    def finish_all(self) -> None:
+        for dones in self.open.values():
+            for d in dones:
+                d(ProbeResult(success=True))  # type: ignore[operator]
+        self.open.clear()
+
+
+def make_cb(clock: FakeClock) -> tuple[Scheduler, CallbackRecorder]:
+    rec = CallbackRecorder(clock)
+    return Scheduler(call=rec.call, record=rec.record, stats=SelfStats(), clock=clock,
+                     callback_driven=lambda j: True, start=rec.start,  # type: ignore[arg-type]
+                     self_bounded=lambda j: True), rec
+
+
+async def test_callback_driven_stagger_fixed_rate_and_no_task() -> None:
+    clock = FakeClock()
+    sched, rec = make_cb(clock)
+    rec.behaviour = {f"t{i}": "instant" for i in range(50)}
+    start = clock.now()
+    before = len(asyncio.all_tasks())
+    sched.apply([job(f"t{i}", interval=2.0) for i in range(50)])
+    assert len(asyncio.all_tasks()) == before  # timers, not a task per series
+    await clock.advance(10.0)
+    for name, t in rec.starts.items():
+        assert abs(t[0] - start - stagger((name, "icmp")) * 2.0) < 1e-9
+        assert len(t) == 5
+        assert all(abs((b - a) - 2.0) < 1e-9 for a, b in itertools.pairwise(t))
+    assert len(rec.results) == 250
+    assert sched.task_count == 50
+    await sched.stop(0)
+    assert sched.task_count == 0
+
+
+async def test_callback_driven_run_rearms_on_completion_and_skips_missed_ticks() -> None:
+    clock = FakeClock()
+    sched, rec = make_cb(clock)
+    sched.apply([job("a", interval=1.0)])
+    await clock.advance(1.0)
+    assert len(rec.starts["a"]) == 1
+    phase = rec.starts["a"][0] % 1.0
+    await clock.advance(3.0)
+    assert len(rec.starts["a"]) == 1       # the run is still open: no overlapping run
+    rec.finish_all()                       # ...it completes 3+ intervals late
+    await clock.advance(0)
+    assert len(rec.starts["a"]) == 2       # one late run, not a catch-up burst
+    assert sched.stats.skipped_ticks >= 2
+    assert sched.stats.late_ticks >= 1
+    rec.finish_all()
+    await clock.advance(1.0)
+    assert abs(rec.starts["a"][-1] % 1.0 - phase) < 1e-9
+    assert [n for n, _ in rec.results] == ["a", "a"]
+    await sched.stop(0)
+
+
+async def test_callback_driven_exception_fallback_and_diff() -> None:
+    clock = FakeClock()
+    sched, rec = make_cb(clock)
+    rec.behaviour = {"boom": "raise", "name": "needs-task", "ok": "instant"}
+    a = job("ok")
+    sched.apply([job("boom"), job("name"), a, job("open")])
+    await clock.advance(3.0)
+    reasons = [r.reason for n, r in rec.results if n == "boom"]
+    assert reasons and set(reasons) == {"exception"}
+    assert sched.stats.run_exceptions == len(reasons)
+    # A run the callback form cannot take goes through the async form, then back to timers.
+    assert rec.async_runs >= 2 and sum(n == "name" for n, _ in rec.results) == rec.async_runs
+    assert sum(n == "ok" for n, _ in rec.results) >= 3
+    # Diff-apply: the changed series' open run is abandoned (nothing recorded), the
+    # unchanged one keeps its entry.
+    entry_ok = sched.entries[a.key]
+    sched.apply([a, job("open", interval=2.0)])
+    assert sched.entries[a.key] is entry_ok
+    assert rec.cancelled == ["open"]
+    n_open = sum(n == "open" for n, _ in rec.results)
+    assert n_open == 0
+    await sched.stop(0)
+
+
+async def test_callback_driven_stop_waits_for_runs_then_abandons() -> None:
+    clock = FakeClock()
+    sched, rec = make_cb(clock)
+    sched.apply([job("a"), job("b")])
+    await clock.advance(1.0)
+    assert set(rec.open) == {"a", "b"}
+    done_a = rec.open.pop("a")[0]
+    stopping = asyncio.ensure_future(sched.stop(0.2))
+    await asyncio.sleep(0.01)
+    done_a(ProbeResult(success=True))       # finishes inside the grace: recorded
+    await stopping
+    assert [n for n, _ in rec.results] == ["a"]
+    assert rec.cancelled == ["b"]           # still open after the grace: abandoned
+    assert sched.task_count == 0
+    rec.finish_all()                        # a late callback records nothing
+    assert [n for n, _ in rec.results] == ["a"]
