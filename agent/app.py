@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +79,12 @@ class Agent:
         self.self_stats.reload_ok = 1.0
         self.self_stats.reload_success_time = time.time()
 
-    def render_metrics(self) -> list[bytes]:
+    def render_metrics(self) -> Iterator[bytes]:
         """The text exposition of ``self.registry`` as chunks to write in order, with the
         per-target families rendered directly from state (an order of magnitude faster than
-        building Metric objects)."""
-        return [*self.state.render_text(), generate_latest(self.aux_registry)]
+        building Metric objects). The state is read now; the chunks are rendered as they
+        are taken, so the whole body is never in memory at once."""
+        return itertools.chain(self.state.render_text(), (generate_latest(self.aux_registry),))
 
     # ------------------------------------------------------------------ wiring
     def _state_for(self, cfg: Config) -> CollectorState:
@@ -120,13 +122,15 @@ class Agent:
         return start(job.target, job.options, self.ctx, done)
 
     def _record(self, job: Job, result: ProbeResult) -> None:
-        view = self.state.series.get(job.key)
+        key = job.key
+        view = self.state.series.get(key)
         if view is not None:
             view.stats.record(result, time.monotonic())
         if job.kind != "path":
             failing = not result.success or result.gauges.get("connect_over_budget", 0.0) >= 1
-            was = self._failing.get(job.key, False)
-            self._failing[job.key] = failing
+            was = self._failing.get(key, False)
+            if failing != was:
+                self._failing[key] = failing
             if failing and not was:
                 # The budget check of this edge just started failing: trace its path now, so
                 # the operator sees which hop went bad while it is bad.

@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
@@ -47,7 +48,7 @@ class SelfStats:
         self.stray_counts[key] = self.stray_counts.get(key, 0) + n
 
 
-@dataclass
+@dataclass(slots=True)
 class SeriesView:
     """What the collector needs to know about one scheduled series."""
 
@@ -130,47 +131,74 @@ class _MetricSink(_Sink):
 
 
 class _TextSink(_Sink):
+    """Collects the walk per family without rendering it yet (label sets, values and
+    histogram references: ~1 KB per series), then renders family by family into small
+    chunks as they are asked for, so a scrape never holds its whole body (224 MB and 2.5 M
+    lines at 10,000 targets)."""
+
+    LINES_PER_CHUNK = 2000
+    SAMPLE, HIST, LINE = 0, 1, 2
+
     def __init__(self) -> None:
-        self.fams: dict[str, list[str]] = {}
-        self._le: dict[tuple[float, ...], list[str]] = {}
+        # family -> items: (kind, sample name or pre-rendered line, labels, value or
+        # histogram, extra label)
+        self.fams: dict[str, list[tuple[int, str, _Labels | None, Any,
+                                        tuple[str, str] | None]]] = {}
+        self.heads: dict[str, str] = {}
 
     def family(self, name: str, doc: str, typ: str) -> None:
         if name not in self.fams:
             doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
             # As prometheus_client writes them: a counter's HELP/TYPE name carries _total.
             hname = name + "_total" if typ == "counter" else name
-            self.fams[name] = [f"# HELP {hname} {doc}\n# TYPE {hname} {typ}\n"]
+            self.heads[name] = f"# HELP {hname} {doc}\n# TYPE {hname} {typ}\n"
+            self.fams[name] = []
 
     def sample(self, fam: str, name: str, labels: _Labels, value: float,
                extra: tuple[str, str] | None = None) -> None:
-        ls = labels.extra(*extra)[1] if extra else labels.s
-        self.fams[fam].append(f"{name}{{{ls}}} {_fmt(value)}\n" if ls else
-                              f"{name} {_fmt(value)}\n")
+        self.fams[fam].append((self.SAMPLE, name, labels, value, extra))
 
     def hist(self, fam: str, labels: _Labels, h: Histogram,
              extra: tuple[str, str] | None = None) -> None:
-        ls = labels.extra(*extra)[1] if extra else labels.s
-        les = self._le.get(h.bounds)
-        if les is None:
-            les = self._le[h.bounds] = [f'le="{_le(b)}"' for b in h.bounds] + ['le="+Inf"']
-        sep = "," if ls else ""
-        head = f"{fam}_bucket{{{ls}{sep}"
-        out = self.fams[fam]
-        acc = 0
-        for le, c in zip(les, h.counts, strict=True):
-            acc += c
-            out.append(f"{head}{le}}} {acc}\n")
-        tail = f"{{{ls}}}" if ls else ""
-        out.append(f"{fam}_count{tail} {acc}\n{fam}_sum{tail} {_fmt(h.sum)}\n")
+        self.fams[fam].append((self.HIST, fam, labels, h, extra))
 
-    def chunks(self, lines_per_chunk: int = 2000) -> list[bytes]:
-        # Many small joins instead of one huge one: each C-level join holds the GIL, and
-        # /metrics renders in a thread beside the event loop that times the probes.
-        out = []
-        for lines in self.fams.values():
-            for i in range(0, len(lines), lines_per_chunk):
-                out.append("".join(lines[i:i + lines_per_chunk]).encode())
-        return out
+    def line(self, fam: str, text: str) -> None:
+        self.fams[fam].append((self.LINE, text, None, None, None))
+
+    def chunks(self) -> Iterator[bytes]:
+        """The text, family by family, as chunks of about LINES_PER_CHUNK lines. Each join
+        is small: a C-level join holds the GIL, and /metrics renders in a thread beside the
+        event loop that times the probes."""
+        les_of: dict[tuple[float, ...], list[str]] = {}
+        n = self.LINES_PER_CHUNK
+        for fam, items in self.fams.items():
+            out = [self.heads[fam]]
+            for kind, name, labels, value, extra in items:
+                if labels is None:
+                    out.append(name)
+                    continue
+                ls = labels.extra(*extra)[1] if extra else labels.s
+                if kind == self.SAMPLE:
+                    out.append(f"{name}{{{ls}}} {_fmt(value)}\n" if ls else
+                               f"{name} {_fmt(value)}\n")
+                else:
+                    h: Histogram = value
+                    les = les_of.get(h.bounds)
+                    if les is None:
+                        les = les_of[h.bounds] = [f'le="{_le(b)}"' for b in h.bounds] + [
+                            'le="+Inf"']
+                    head = f"{fam}_bucket{{{ls},"if ls else f"{fam}_bucket{{"
+                    acc = 0
+                    for le, c in zip(les, h.counts, strict=True):
+                        acc += c
+                        out.append(f"{head}{le}}} {acc}\n")
+                    tail = f"{{{ls}}}" if ls else ""
+                    out.append(f"{fam}_count{tail} {acc}\n{fam}_sum{tail} {_fmt(h.sum)}\n")
+                if len(out) >= n:
+                    yield "".join(out).encode()
+                    out = []
+            if out:
+                yield "".join(out).encode()
 
 
 @dataclass
@@ -199,17 +227,17 @@ class CollectorState:
         yield from sink.fams.values()
         yield from self._self_metrics()
 
-    def render_text(self) -> list[bytes]:
+    def render_text(self) -> Iterator[bytes]:
         """The Prometheus text format (0.0.4) of everything ``collect`` yields, as chunks to
-        write in order: the same families, faster, for /metrics."""
+        write in order: the same families, faster, for /metrics. The state is read now;
+        the text is rendered as the chunks are taken."""
         sink = _TextSink()
         self._walk(sink)
         for m in self._self_metrics():
             sink.family(m.name, m.documentation, m.type)
             for smp in m.samples:
-                sink.fams[m.name].append(
-                    f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
-                    if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
+                sink.line(m.name, f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
+                          if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
         return sink.chunks()
 
     def _walk(self, sink: _Sink) -> None:

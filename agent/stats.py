@@ -92,7 +92,7 @@ def quantile(sorted_vals: Sequence[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-@dataclass
+@dataclass(slots=True)
 class PacketStats:
     """RTT, loss, jitter and burst state of a packet-train series."""
 
@@ -125,14 +125,14 @@ class PacketStats:
         self.window.add(now, rtts)
 
 
-@dataclass
+@dataclass(slots=True)
 class HopStats:
     sent: int = 0
     lost: int = 0
     last_rtt: float = math.nan
 
 
-@dataclass
+@dataclass(slots=True)
 class SeriesStats:
     """Everything measured for one (target, probe kind)."""
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -19,6 +20,10 @@ log = logging.getLogger("edgeprobe.web")
 INDEX = """<html><head><title>edgeprobe</title></head><body><h1>edgeprobe</h1>
 <p><a href="/metrics">Metrics</a> &middot; <a href="/-/healthy">Health</a> &middot;
 <a href="/-/ready">Ready</a></p></body></html>"""
+
+
+def _take(chunks: Iterator[bytes], n: int) -> list[bytes]:
+    return list(itertools.islice(chunks, n))
 
 
 def parse_listen(addr: str) -> tuple[str, int]:
@@ -45,10 +50,11 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
         # Always the text format 0.0.4, which every Prometheus accepts.
         chunks = await asyncio.to_thread(agent.render_metrics)
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
-        resp.content_length = sum(len(c) for c in chunks)
+        # The length is not known before the last chunk is rendered: chunked encoding.
         await resp.prepare(request)
-        for c in chunks:
-            await resp.write(c)
+        while batch := await asyncio.to_thread(_take, chunks, 8):
+            for c in batch:
+                await resp.write(c)
         await resp.write_eof()
         return resp
 
