@@ -348,12 +348,16 @@ class IcmpEngine:
         """Send the first of ``count`` echo requests now and the rest ``spacing`` seconds
         apart; ``on_done(run)`` is called (from the event loop, possibly before this returns)
         once every packet has its reply, error or timeout. ``run.cancel()`` abandons it."""
+        lit = literal(dest)
+        dest = lit.address if lit is not None else dest  # replies name the canonical form
+        return self._start(dest, count, spacing, timeout, payload_size, tos, ttl, on_done)
+
+    def _start(self, dest: str, count: int, spacing: float, timeout: float, payload_size: int,
+               tos: int, ttl: int | None, on_done: Callable[[_Run], None]) -> _Run:
         loop = self._loop
         if loop is None:
             loop = asyncio.get_running_loop()
             self.attach(loop)
-        lit = literal(dest)
-        dest = lit.address if lit is not None else dest  # replies name the canonical form
         payload, psum = self._payload(payload_size)
         run = _Run(count, int(timeout * 1e9), on_done, payload, self)
         cmsgs = self._ancillary(tos, ttl)
@@ -407,11 +411,17 @@ class IcmpEngine:
             return
         now = self._loop.time()
         heap = self._deadlines
+        drained = False
         # Most trains are answered long before their deadline: drop those from the front too,
         # so the timer is next armed for a train that may really time out.
         while heap and (heap[0][2].finished or heap[0][0] <= now):
             run = heapq.heappop(heap)[2]
             if not run.finished:
+                if not drained:
+                    self._drain_errqueue()   # an error still queued is not a timeout
+                    drained = True
+                    if run.finished:
+                        continue
                 self._finish(run)
         if heap:
             # Deadlines closer together than DEADLINE_SLOT share one wake-up; a train ends
@@ -475,7 +485,9 @@ class IcmpEngine:
             rx_mono = time.monotonic_ns()
             self.stats.received += 1
             self._handle(data, anc, str(addr[0]), rx_mono)
-        self._drain_errqueue()
+        # No unconditional error-queue read here (a failing system call per wake-up): a
+        # queued ICMP error sets the socket error, which the recv above reports. Trains that
+        # reach their deadline read the queue once more (_on_deadline).
 
     def _handle(self, data: bytes, anc: list[tuple[int, int, bytes]], src: str,
                 rx_mono: int) -> None:
@@ -724,8 +736,9 @@ def start(target: Target, opts: IcmpOptions, ctx: ProbeContext,
     def finished(r: _Run) -> None:
         done(None if r.abandoned else _result(r.rtts, r.ids, r.errors, time.monotonic() - t0))
 
-    return engine.start(resolved.address, opts.packets, opts.spacing, opts.timeout,
-                        opts.payload_size, opts.tos, opts.ttl, finished)
+    # resolved.address is already canonical: the engine need not parse it again.
+    return engine._start(resolved.address, opts.packets, opts.spacing, opts.timeout,
+                         opts.payload_size, opts.tos, opts.ttl, finished)
 
 
 def _result(rtts: list[float | None], ids: list[int], errs: list[str | None],
