@@ -221,11 +221,15 @@ async def test_callback_driven_stagger_fixed_rate_and_no_task() -> None:
     assert len(asyncio.all_tasks()) == before  # timers, not a task per series
     await clock.advance(10.0)
     for name, t in rec.starts.items():
-        assert abs(t[0] - start - stagger((name, "icmp")) * 2.0) < 1e-9
+        # The stagger, rounded up to the scheduler's slot grid (ticks of a slot share a timer).
+        offset = t[0] - start - stagger((name, "icmp")) * 2.0
+        assert -1e-9 < offset < sched.slot + 1e-9
+        assert abs(t[0] / sched.slot - round(t[0] / sched.slot)) < 1e-6
         assert len(t) == 5
         assert all(abs((b - a) - 2.0) < 1e-9 for a, b in itertools.pairwise(t))
     assert len(rec.results) == 250
     assert sched.task_count == 50
+    assert len(sched._slots) <= 50 and len(sched._slot_timers) == len(sched._slots)
     await sched.stop(0)
     assert sched.task_count == 0
 
@@ -237,9 +241,9 @@ async def test_callback_driven_run_rearms_on_completion_and_skips_missed_ticks()
     await clock.advance(1.0)
     assert len(rec.starts["a"]) == 1
     phase = rec.starts["a"][0] % 1.0
-    await clock.advance(3.0)
+    await clock.advance(3.5)
     assert len(rec.starts["a"]) == 1       # the run is still open: no overlapping run
-    rec.finish_all()                       # ...it completes 3+ intervals late
+    rec.finish_all()                       # ...it completes 3.5 intervals late
     await clock.advance(0)
     assert len(rec.starts["a"]) == 2       # one late run, not a catch-up burst
     assert sched.stats.skipped_ticks >= 2
@@ -291,3 +295,20 @@ async def test_callback_driven_stop_waits_for_runs_then_abandons() -> None:
     assert sched.task_count == 0
     rec.finish_all()                        # a late callback records nothing
     assert [n for n, _ in rec.results] == ["a"]
+
+
+async def test_callback_driven_slot_size_and_odd_intervals() -> None:
+    clock = FakeClock()
+    sched, rec = make_cb(clock)
+    rec.behaviour = {f"t{i}": "instant" for i in range(2000)} | {"odd": "instant"}
+    # ~20 runs share a slot: 2,000 runs/s -> 10 ms slots; 20 runs/s -> the largest.
+    sched.apply([job(f"t{i}") for i in range(2000)])
+    assert sched.slot == 0.01
+    sched.apply([job(f"t{i}") for i in range(20)] + [job("odd", interval=0.333)])
+    assert sched.slot == max(Scheduler.SLOTS)
+    await clock.advance(3.0)
+    # Still fixed rate where the interval is no whole number of slots: its own exact timer.
+    t = rec.starts["odd"]
+    assert len(t) >= 8
+    assert all(abs((b - a) - 0.333) < 1e-9 for a, b in itertools.pairwise(t))
+    await sched.stop(0)
