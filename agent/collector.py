@@ -132,19 +132,21 @@ class _MetricSink(_Sink):
 
 class _TextSink(_Sink):
     """Collects the walk per family without rendering it yet (label sets, values and
-    histogram references: ~1 KB per series), then renders family by family into small
-    chunks as they are asked for, so a scrape never holds its whole body (224 MB and 2.5 M
-    lines at 10,000 targets)."""
+    histogram references), then renders family by family into small chunks as they are
+    asked for, so a scrape never holds its whole body (224 MB and 2.5 M lines at 10,000
+    targets). Items are kept in columns, not a tuple each: hundreds of thousands of young
+    tuples made the garbage collector's full passes stall the event loop for ~100 ms."""
 
     LINES_PER_CHUNK = 2000
     SAMPLE, HIST, LINE = 0, 1, 2
 
     def __init__(self) -> None:
-        # family -> items: (kind, sample name or pre-rendered line, labels, value or
-        # histogram, extra label)
-        self.fams: dict[str, list[tuple[int, str, _Labels | None, Any,
-                                        tuple[str, str] | None]]] = {}
+        # family -> columns: kind, sample name (or pre-rendered line), labels, value (or
+        # histogram), extra label
+        self.fams: dict[str, tuple[list[int], list[str], list[_Labels | None], list[Any],
+                                   list[tuple[str, str] | None]]] = {}
         self.heads: dict[str, str] = {}
+        self._extras: dict[tuple[str, str], tuple[str, str]] = {}
 
     def family(self, name: str, doc: str, typ: str) -> None:
         if name not in self.fams:
@@ -152,28 +154,36 @@ class _TextSink(_Sink):
             # As prometheus_client writes them: a counter's HELP/TYPE name carries _total.
             hname = name + "_total" if typ == "counter" else name
             self.heads[name] = f"# HELP {hname} {doc}\n# TYPE {hname} {typ}\n"
-            self.fams[name] = []
+            self.fams[name] = ([], [], [], [], [])
+
+    def _add(self, fam: str, kind: int, name: str, labels: _Labels | None, value: Any,
+             extra: tuple[str, str] | None) -> None:
+        cols = self.fams[fam]
+        cols[0].append(kind)
+        cols[1].append(name)
+        cols[2].append(labels)
+        cols[3].append(value)
+        # The same few (name, value) pairs recur in every series: keep one of each.
+        cols[4].append(None if extra is None else self._extras.setdefault(extra, extra))
 
     def sample(self, fam: str, name: str, labels: _Labels, value: float,
                extra: tuple[str, str] | None = None) -> None:
-        self.fams[fam].append((self.SAMPLE, name, labels, value, extra))
+        self._add(fam, self.SAMPLE, name, labels, value, extra)
 
     def hist(self, fam: str, labels: _Labels, h: Histogram,
              extra: tuple[str, str] | None = None) -> None:
-        self.fams[fam].append((self.HIST, fam, labels, h, extra))
+        self._add(fam, self.HIST, fam, labels, h, extra)
 
     def line(self, fam: str, text: str) -> None:
-        self.fams[fam].append((self.LINE, text, None, None, None))
+        self._add(fam, self.LINE, text, None, None, None)
 
     def chunks(self) -> Iterator[bytes]:
-        """The text, family by family, as chunks of about LINES_PER_CHUNK lines. Each join
-        is small: a C-level join holds the GIL, and /metrics renders in a thread beside the
-        event loop that times the probes."""
+        """The text, family by family, as chunks of about LINES_PER_CHUNK lines."""
         les_of: dict[tuple[float, ...], list[str]] = {}
         n = self.LINES_PER_CHUNK
-        for fam, items in self.fams.items():
+        for fam, cols in self.fams.items():
             out = [self.heads[fam]]
-            for kind, name, labels, value, extra in items:
+            for kind, name, labels, value, extra in zip(*cols, strict=True):
                 if labels is None:
                     out.append(name)
                     continue
@@ -187,7 +197,7 @@ class _TextSink(_Sink):
                     if les is None:
                         les = les_of[h.bounds] = [f'le="{_le(b)}"' for b in h.bounds] + [
                             'le="+Inf"']
-                    head = f"{fam}_bucket{{{ls},"if ls else f"{fam}_bucket{{"
+                    head = f"{fam}_bucket{{{ls}," if ls else f"{fam}_bucket{{"
                     acc = 0
                     for le, c in zip(les, h.counts, strict=True):
                         acc += c
@@ -223,29 +233,38 @@ class CollectorState:
 
     def collect(self) -> Iterator[Metric]:
         sink = _MetricSink()
-        self._walk(sink)
+        for _ in self._walk(sink):
+            pass
         yield from sink.fams.values()
         yield from self._self_metrics()
 
     def render_text(self) -> Iterator[bytes]:
         """The Prometheus text format (0.0.4) of everything ``collect`` yields, as chunks to
-        write in order: the same families, faster, for /metrics. The state is read now;
-        the text is rendered as the chunks are taken."""
+        write in order: the same families, faster, for /metrics. Rendered in slices as it
+        is iterated: empty chunks while the state is read (a slice per WALK_SLICE series),
+        then the text in chunks of ~2,000 lines."""
         sink = _TextSink()
-        self._walk(sink)
+        for _ in self._walk(sink):
+            yield b""
         for m in self._self_metrics():
             sink.family(m.name, m.documentation, m.type)
             for smp in m.samples:
                 sink.line(m.name, f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
                           if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
-        return sink.chunks()
+        yield from sink.chunks()
 
-    def _walk(self, sink: _Sink) -> None:
+    WALK_SLICE = 50
+
+    def _walk(self, sink: _Sink) -> Iterator[None]:
+        """Feed every family to ``sink``, yielding every WALK_SLICE series (a caller on the
+        event loop lets the probes run in between)."""
         names = self.label_names()
         now = time.monotonic()
         fam = sink.family
         smp = sink.sample
-        for v in list(self.series.values()):
+        for i, v in enumerate(list(self.series.values())):
+            if i and i % self.WALK_SLICE == 0:
+                yield
             base = _Labels(dict(zip(names, self._values(v), strict=True)))
             s = v.stats
             kind = PROBES.get(v.kind)
