@@ -141,9 +141,10 @@ class _TextSink(_Sink):
     SAMPLE, HIST, LINE = 0, 1, 2
 
     def __init__(self) -> None:
-        # family -> columns: kind, sample name (or pre-rendered line), labels, value (or
-        # histogram), extra label
-        self.fams: dict[str, tuple[list[int], list[str], list[_Labels | None], list[Any],
+        # family -> columns: kind, sample name (or pre-rendered line), rendered label set,
+        # value (or histogram), extra label. Strings, not _Labels: no container per series
+        # stays behind for the collector to traverse.
+        self.fams: dict[str, tuple[list[int], list[str], list[str | None], list[Any],
                                    list[tuple[str, str] | None]]] = {}
         self.heads: dict[str, str] = {}
         self._extras: dict[tuple[str, str], tuple[str, str]] = {}
@@ -161,7 +162,7 @@ class _TextSink(_Sink):
         cols = self.fams[fam]
         cols[0].append(kind)
         cols[1].append(name)
-        cols[2].append(labels)
+        cols[2].append(None if labels is None else labels.s)
         cols[3].append(value)
         # The same few (name, value) pairs recur in every series: keep one of each.
         cols[4].append(None if extra is None else self._extras.setdefault(extra, extra))
@@ -187,7 +188,11 @@ class _TextSink(_Sink):
                 if labels is None:
                     out.append(name)
                     continue
-                ls = labels.extra(*extra)[1] if extra else labels.s
+                if extra:
+                    pair = f'{extra[0]}="{_esc(extra[1])}"'
+                    ls = f"{labels},{pair}" if labels else pair
+                else:
+                    ls = labels
                 if kind == self.SAMPLE:
                     out.append(f"{name}{{{ls}}} {_fmt(value)}\n" if ls else
                                f"{name} {_fmt(value)}\n")
@@ -253,7 +258,7 @@ class CollectorState:
                           if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
         yield from sink.chunks()
 
-    WALK_SLICE = 50
+    WALK_SLICE = 25
 
     def _walk(self, sink: _Sink) -> Iterator[None]:
         """Feed every family to ``sink``, yielding every WALK_SLICE series (a caller on the
