@@ -137,7 +137,7 @@ class _TextSink(_Sink):
     targets). Items are kept in columns, not a tuple each: hundreds of thousands of young
     tuples made the garbage collector's full passes stall the event loop for ~100 ms."""
 
-    LINES_PER_CHUNK = 2000
+    LINES_PER_CHUNK = 1000
     SAMPLE, HIST, LINE = 0, 1, 2
 
     def __init__(self) -> None:
@@ -247,7 +247,7 @@ class CollectorState:
         """The Prometheus text format (0.0.4) of everything ``collect`` yields, as chunks to
         write in order: the same families, faster, for /metrics. Rendered in slices as it
         is iterated: empty chunks while the state is read (a slice per WALK_SLICE series),
-        then the text in chunks of ~2,000 lines."""
+        then the text in chunks of ~1,000 lines."""
         sink = _TextSink()
         for _ in self._walk(sink):
             yield b""
@@ -258,7 +258,7 @@ class CollectorState:
                           if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
         yield from sink.chunks()
 
-    WALK_SLICE = 25
+    WALK_SLICE = 8
 
     def _walk(self, sink: _Sink) -> Iterator[None]:
         """Feed every family to ``sink``, yielding every WALK_SLICE series (a caller on the

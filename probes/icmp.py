@@ -73,6 +73,8 @@ SEQ_SPACE = 1 << 16
 EXPIRED_MEMORY = 4096
 # Train deadlines closer together than this share one timer wake-up (seconds).
 DEADLINE_SLOT = 0.001
+# At most this many queue entries are handled per deadline wake-up (bounded loop stalls).
+DEADLINE_BATCH = 500
 
 REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unavailable",
            "overload")
@@ -402,7 +404,15 @@ class IcmpEngine:
         self._deadline_n += 1
         run.number = self._deadline_n
         self._unfinished[run.number] = run
-        heapq.heappush(self._deadlines, (when, run.number))
+        heap = self._deadlines
+        heapq.heappush(heap, (when, run.number))
+        # Drop a few answered trains from the front as we go, so the queue stays about as
+        # long as what is really unanswered (flushing 9,000 at one deadline stalled the
+        # loop for ~9 ms every 0.9 s at 10,000 targets).
+        for _ in range(2):
+            if heap[0][1] in self._unfinished:
+                break
+            heapq.heappop(heap)
         if when < self._deadline_at:
             self._arm(when)
 
@@ -424,7 +434,12 @@ class IcmpEngine:
         # Most trains are answered long before their deadline: drop those from the front too,
         # so the timer is next armed for a train that may really time out.
         unfinished = self._unfinished
+        budget = DEADLINE_BATCH
         while heap and (heap[0][1] not in unfinished or heap[0][0] <= now):
+            budget -= 1
+            if budget < 0:
+                self._arm(now)   # more next loop iteration: the probes' timers go first
+                return
             run = unfinished.get(heapq.heappop(heap)[1])
             if run is not None and not run.finished:
                 if not drained:
