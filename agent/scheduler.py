@@ -20,7 +20,7 @@ from typing import Protocol
 
 from agent.collector import SelfStats
 from agent.config import Job
-from probes.base import ProbeResult, RunHandle
+from probes.base import ProbeResult, RunAbandoned, RunHandle
 
 log = logging.getLogger("edgeprobe.scheduler")
 
@@ -313,6 +313,8 @@ class Scheduler:
             return ProbeResult.failure("deadline", time.monotonic() - t0)
         except asyncio.CancelledError:
             raise
+        except RunAbandoned:
+            return None
         except Exception:
             self.stats.run_exceptions += 1
             log.exception("probe raised", extra={"edge": job.target.name, "probe": job.kind})

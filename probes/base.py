@@ -132,6 +132,12 @@ class ProbeContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class RunAbandoned(Exception):
+    """Raised by a probe whose machinery went away under it (e.g. the ICMP engine closed by a
+    reload that changed ``icmp_mode``). Not a network outcome: the scheduler records nothing
+    for the run, so no false loss is counted, and goes on with the next tick."""
+
+
 class RunHandle(Protocol):
     """A run started by a kind's ``start``."""
 

@@ -42,6 +42,7 @@ from probes.base import (
     ProbeContext,
     ProbeKind,
     ProbeResult,
+    RunAbandoned,
     RunHandle,
     Target,
 )
@@ -389,7 +390,8 @@ class IcmpEngine:
             if done.done():
                 return
             if run.abandoned:
-                done.cancel()
+                # Not a cancellation of the awaiting task: that would end a scheduler loop.
+                done.set_exception(RunAbandoned())
             else:
                 done.set_result(None)
 
@@ -443,7 +445,11 @@ class IcmpEngine:
             run = unfinished.get(heapq.heappop(heap)[1])
             if run is not None and not run.finished:
                 if not drained:
-                    self._drain_errqueue()   # an error still queued is not a timeout
+                    # A reply or error already queued in the kernel is not a timeout: when the
+                    # loop was busy, this timer can run before the socket's readable callback.
+                    # (Replies are judged by their kernel timestamps, so this is exact.)
+                    self._on_readable()
+                    self._drain_errqueue()
                     drained = True
                     if run.finished:
                         continue

@@ -201,3 +201,46 @@ def test_loss_and_unreachable_in_a_namespace() -> None:
         # No route at all in the namespace: refused locally, nothing is sent anywhere.
         assert by_host["198.18.0.1"]["reason"] == "unreachable"
         assert by_host["127.0.0.1"]["lost"] == 0
+
+
+@needs_root
+async def test_a_reply_queued_when_its_deadline_fires_is_not_a_loss() -> None:
+    """When the loop is busy, a train's deadline timer can run before the socket's readable
+    callback, with the reply already waiting in the kernel. The deadline handler reads the
+    queue first and judges the reply by its kernel timestamp. Simulated exactly: the engine's
+    reader is detached, so the reply is still queued when the 50 ms deadline fires."""
+    from probes.icmp import start
+    engines = IcmpEngines(mode="privileged")
+    try:
+        eng = engines.get(socket.AF_INET)
+        assert eng is not None
+        loop = asyncio.get_running_loop()
+        eng.attach(loop)
+        loop.remove_reader(eng.sock.fileno())
+        done: asyncio.Future[ProbeResult | None] = loop.create_future()
+        h = start(Target("lo", "127.0.0.1"), IcmpOptions(packets=1, timeout=0.05),
+                  ProbeContext(icmp=engines), done.set_result)
+        assert h is not None
+        res = await asyncio.wait_for(done, 2.0)
+    finally:
+        engines.close()
+    assert res is not None and res.success and res.rtts[0] is not None, res
+    assert res.rtts[0] < 0.05
+
+
+@needs_root
+async def test_an_engine_closed_under_a_run_abandons_it_without_ending_the_loop() -> None:
+    """A reload that changes icmp_mode closes the engines under in-flight runs: the awaiting
+    probe gets RunAbandoned (the scheduler records nothing), never a CancelledError that
+    would end the scheduler's task for that target."""
+    from probes.base import RunAbandoned
+    engines = IcmpEngines(mode="privileged")
+    ctx = ProbeContext(icmp=engines)
+    # A train of five over 0.8 s: the engine closes after the first packet.
+    t = asyncio.ensure_future(run(Target("lo", "127.0.0.1"),
+                                  IcmpOptions(packets=5, spacing=0.2, timeout=1.0), ctx))
+    await asyncio.sleep(0.05)
+    engines.close()
+    with pytest.raises(RunAbandoned):
+        await t
+    assert not t.cancelled()
