@@ -453,12 +453,35 @@ class IcmpEngine:
                     drained = True
                     if run.finished:
                         continue
+                later = self._sent_late(run)
+                if later:
+                    # A packet left later than planned (the loop was busy at its turn): its
+                    # own timeout runs from when it really left, not from the plan.
+                    unfinished.pop(run.number, None)
+                    self._add_deadline(run, max(later, now + DEADLINE_SLOT))
+                    continue
                 self._finish(run)
         if heap:
             # Deadlines closer together than DEADLINE_SLOT share one wake-up; a train ends
             # at most that much after its deadline (its packets' fate is unaffected: a late
             # reply is judged by its kernel timestamp against the timeout).
             self._arm(max(heap[0][0], now + DEADLINE_SLOT))
+
+    def _sent_late(self, run: _Run) -> float:
+        """The loop time at which the train's last unanswered packet times out, when that is
+        still ahead (it was sent late); else 0."""
+        last = 0
+        pending = self._pending
+        for seq in run.ids:
+            slot = pending.get(seq)
+            if slot is not None and slot.run is run and slot.t_mono > last:
+                last = slot.t_mono
+        if not last:
+            return 0.0
+        ends = last + run.timeout_ns
+        # Loop time and time.monotonic() share CLOCK_MONOTONIC (uvloop in whole ms).
+        lead = ends - time.monotonic_ns()
+        return self._loop.time() + lead / 1e9 if lead > 0 and self._loop is not None else 0.0
 
     def _finish(self, run: _Run) -> None:
         if run.finished:

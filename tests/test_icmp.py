@@ -244,3 +244,43 @@ async def test_an_engine_closed_under_a_run_abandons_it_without_ending_the_loop(
     with pytest.raises(RunAbandoned):
         await t
     assert not t.cancelled()
+
+
+LATE_SEND = r"""
+import asyncio, json, time, uvloop
+from probes.base import ProbeContext, Target
+from probes.icmp import IcmpEngines, IcmpOptions, start
+async def main():
+    engines = IcmpEngines(mode="privileged")
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    out = {}
+    out["start"] = time.monotonic()
+    start(Target("e", "127.0.0.9"), IcmpOptions(packets=2, spacing=0.01, timeout=0.3),
+          ProbeContext(icmp=engines), done.set_result)
+    # The loop is busy for 150 ms right after the first packet: the second leaves ~140 ms
+    # late, at ~0.15 s instead of 0.01 s.
+    loop.call_soon(time.sleep, 0.15)
+    res = await done
+    out["ended_after"] = time.monotonic() - out["start"]
+    out["reason"] = res.reason
+    engines.close()
+    print(json.dumps(out))
+uvloop.run(main())
+"""
+
+
+@needs_root
+def test_a_train_sent_late_times_out_from_when_it_really_left() -> None:
+    """A packet the busy loop sent late gets its whole timeout from its real send time; timed
+    from the plan, the train would end at 0.31 s, and a reply to the late packet arriving
+    200 ms after it left would count as a loss."""
+    with netns() as ns:
+        subprocess.run(in_netns(ns, "iptables", "-A", "INPUT", "-p", "icmp", "--icmp-type",
+                                "echo-request", "-d", "127.0.0.9", "-j", "DROP"), check=True)
+        p = subprocess.run(in_netns(ns, sys.executable, "-c", LATE_SEND), capture_output=True,
+                           text=True, timeout=30, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["reason"] == "timeout", out
+    assert out["ended_after"] >= 0.15 + 0.3 - 0.002, out
