@@ -168,6 +168,9 @@ def run_tool(tool: Tool, w: Workload, ns: str, work: Path, nominal: Sequence[flo
         raw.measured = tool.collect(job)
     except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
         raw.error = f"{type(e).__name__}: {e}"[:500]
+        if isinstance(e, FileNotFoundError) and "/proc/" in str(e):
+            # The tool died between two reads of its /proc files: its own words say why.
+            raw.error = f"RuntimeError: exited early: {_tail(child.err_path)}"[:500]
     return raw
 
 
