@@ -202,6 +202,20 @@ class Scheduler:
             if e.slot == when:
                 self._fire(e)
 
+    def _account_tick(self, tick: float, interval: float, now: float) -> float:
+        """Count a tick's lateness, skip (and count) the ticks missed entirely; returns the
+        tick this run belongs to."""
+        late = now - tick
+        if late >= interval:
+            missed = int(late // interval)
+            self.stats.skipped_ticks += missed
+            tick += missed * interval
+            late = now - tick
+        self.stats.lateness.observe(max(late, 0.0))
+        if late > self.late_threshold:
+            self.stats.late_ticks += 1
+        return tick
+
     def _fire(self, e: _Entry) -> None:
         """A tick of a callback-driven series: the same accounting as ``_loop``, then start
         the run; ``_done`` re-arms the next tick when it completes."""
@@ -210,18 +224,8 @@ class Scheduler:
             return
         job = e.job
         interval = job.options.interval
-        tick = e.tick
         now = self.clock.now()
-        late = now - tick
-        if late >= interval:
-            missed = int(late // interval)
-            self.stats.skipped_ticks += missed
-            tick += missed * interval
-            late = now - tick
-            e.tick = tick
-        self.stats.lateness.observe(max(late, 0.0))
-        if late > self.late_threshold:
-            self.stats.late_ticks += 1
+        tick = e.tick = self._account_tick(e.tick, interval, now)
         e.in_run = e.cb_run = True
         self._cb_running += 1
         assert self.start is not None and e.done is not None
@@ -276,15 +280,7 @@ class Scheduler:
             if self.stopping:
                 return
             now = self.clock.now()
-            late = now - tick
-            if late >= interval:
-                missed = int(late // interval)
-                self.stats.skipped_ticks += missed
-                tick += missed * interval
-                late = now - tick
-            self.stats.lateness.observe(max(late, 0.0))
-            if late > self.late_threshold:
-                self.stats.late_ticks += 1
+            tick = self._account_tick(tick, interval, now)
             # The run must be over before the next tick; probes finish earlier by themselves
             # (validated: run_time <= interval), so the deadline is only a safety net.
             deadline = tick + interval
