@@ -277,12 +277,14 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
                                 for n in STABLE}}
 
 
-# Stray echo replies from the edge side: random identifiers and sequences, from every edge
-# address, to the agent's address, through the lab forwarder. Bounded by count and time.
+# Stray echo replies from the edge side (built by ``icmp_reply``, random identifiers and
+# sequences), from every edge address, to the agent's address, through the lab forwarder.
+# Bounded by count and time.
 EDGE_STRAYS = r"""
-import json, os, random, socket, struct, sys, time
+import json, random, socket, sys, time
 a = json.loads(sys.argv[1])
 rng = random.Random(11)
+packets = [bytes.fromhex(h) for h in a["packets"]]
 socks = []
 for src in a["sources"]:
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
@@ -291,13 +293,7 @@ for src in a["sources"]:
 end = time.monotonic() + a["seconds"]
 sent = 0
 while time.monotonic() < end and sent < a["max"]:
-    h = struct.pack("!BBHHH", 0, 0, 0, rng.randrange(1, 65536), rng.randrange(65536))
-    h += os.urandom(16)
-    c = sum(struct.unpack("!%dH" % (len(h) // 2), h))
-    c = (c >> 16) + (c & 0xFFFF)
-    c += c >> 16
-    h = h[:2] + struct.pack("!H", ~c & 0xFFFF) + h[4:]
-    rng.choice(socks).sendto(h, (a["dst"], 0))
+    rng.choice(socks).sendto(packets[sent % len(packets)], (a["dst"], 0))
     sent += 1
     time.sleep(0.02)
 print(sent)
@@ -320,12 +316,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def test_soak(world: Any, tmp_path: Path) -> None:
     st = world.state
     addr = {n: st.edges[n]["ipv4"] for n in STABLE + FLAP + INV}
+    rng = random.Random(11)
     arg = {"dir": str(tmp_path), "addr": addr, "seconds": SOAK_SECONDS, "warmup": WARMUP,
            "control": st.control}
     strays = subprocess.Popen(
         world.cmd("edge", [sys.executable, "-c", EDGE_STRAYS, json.dumps(
             {"sources": [st.edges[n]["ipv4"] for n in STABLE + FLAP],
-             "dst": st.regions[REGION].agent4, "seconds": SOAK_SECONDS, "max": 20_000})]),
+             "dst": st.regions[REGION].agent4, "seconds": SOAK_SECONDS, "max": 20_000,
+             "packets": [icmp_reply(rng.randrange(1, 65536), rng.randrange(65536)).hex()
+                         for _ in range(256)]})]),
         stdout=subprocess.PIPE, text=True)
     try:
         p = world.run(REGION, [sys.executable, __file__, json.dumps(arg)],
