@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint unit bootstrap bench bench-quick lab-up lab-down clean
+.PHONY: run test lint unit bootstrap bench bench-quick lab-up lab-down clean proto
 
 run:
 	@scripts/bootstrap.sh run
@@ -36,3 +36,7 @@ lab-down:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The protobuf exposition messages, compiled from agent/export/metrics.proto (commit both).
+proto:
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. agent/export/metrics.proto
