@@ -25,6 +25,7 @@ from agent.collector import AgentCollector, CollectorState, SelfStats, SeriesVie
 from agent.config import Config, Job
 from agent.decode import ConfigError
 from agent.discovery import DiscoveredTarget, Discovery, merge_targets
+from agent.export import protobuf
 from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults
 from agent.scheduler import Scheduler, loop_lag_monitor
 from agent.stats import new_series
@@ -86,6 +87,11 @@ class Agent:
         are taken, so the whole body is never in memory at once."""
         return itertools.chain(self.state.render_text(), (generate_latest(self.aux_registry),))
 
+    def render_metrics_protobuf(self) -> Iterator[bytes]:
+        """``render_metrics`` in the protobuf exposition format, native buckets included."""
+        return itertools.chain(self.state.render_protobuf(),
+                               (protobuf.encode(self.aux_registry.collect()),))
+
     # ------------------------------------------------------------------ wiring
     def _state_for(self, cfg: Config) -> CollectorState:
         a = cfg.agent
@@ -97,7 +103,8 @@ class Agent:
     def _new_view(self, job: Job, cfg: Config) -> SeriesView:
         kind = PROBES[job.kind]
         stats = new_series(kind.packet_based, kind.phases, kind.all_reasons,
-                           cfg.metrics.rtt, cfg.metrics.durations, cfg.metrics.recent_window)
+                           cfg.metrics.rtt, cfg.metrics.durations, cfg.metrics.recent_window,
+                           cfg.metrics.native_histograms)
         return SeriesView(edge=job.target.name, kind=job.kind, labels=dict(job.target.labels),
                           stats=stats)
 

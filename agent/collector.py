@@ -15,9 +15,11 @@ from typing import Any
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from agent import model
+from agent.export import protobuf
 from agent.stats import Histogram, SeriesStats, quantile
 from probes import PROBES
 
@@ -34,9 +36,11 @@ class SelfStats:
     skipped_ticks: int = 0
     run_exceptions: int = 0
     lateness: Histogram = field(default_factory=lambda: Histogram(
-        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)))
+        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        native=True))
     loop_lag: Histogram = field(default_factory=lambda: Histogram(
-        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)))
+        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        native=True))
     reload_ok: float = 1.0
     reload_success_time: float = 0.0
     reloads_total: int = 0
@@ -113,8 +117,12 @@ class _Sink:
 
 
 class _MetricSink(_Sink):
-    def __init__(self) -> None:
+    """Metric objects: for the CollectorRegistry (classic buckets only: prometheus_client's
+    text writer knows no native histograms) or, with ``native``, for the protobuf writer."""
+
+    def __init__(self, native: bool = False) -> None:
         self.fams: dict[str, Metric] = {}
+        self.native = native
 
     def family(self, name: str, doc: str, typ: str) -> None:
         if name not in self.fams:
@@ -127,7 +135,8 @@ class _MetricSink(_Sink):
 
     def hist(self, fam: str, labels: _Labels, h: Histogram,
              extra: tuple[str, str] | None = None) -> None:
-        _add_hist(self.fams[fam], fam, labels.extra(*extra)[0] if extra else labels.d, h)
+        _add_hist(self.fams[fam], fam, labels.extra(*extra)[0] if extra else labels.d, h,
+                  self.native)
 
 
 class _TextSink(_Sink):
@@ -258,6 +267,16 @@ class CollectorState:
                           if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
         yield from sink.chunks()
 
+    def render_protobuf(self) -> Iterator[bytes]:
+        """The protobuf exposition (delimited MetricFamily messages) of the same families, with
+        native buckets on every histogram that keeps them; in slices like ``render_text``."""
+        sink = _MetricSink(native=True)
+        for _ in self._walk(sink):
+            yield b""
+        for fam in sink.fams.values():
+            yield protobuf.encode((fam,))
+        yield protobuf.encode(self._self_metrics(native=True))
+
     WALK_SLICE = 8
 
     def _walk(self, sink: _Sink) -> Iterator[None]:
@@ -386,7 +405,7 @@ class CollectorState:
             smp("edgeprobe_targets", "edgeprobe_targets", _Labels({"region": self.region,
                                                                     "probe": k}), per_kind[k])
 
-    def _self_metrics(self) -> Iterator[Metric]:
+    def _self_metrics(self, native: bool = False) -> Iterator[Metric]:
         ss = self.self_stats
         region = {"region": self.region}
         m = Metric("edgeprobe_stray_packets", "Replies that matched nothing in flight: foreign, "
@@ -412,11 +431,11 @@ class CollectorState:
             yield c
         h = Metric("edgeprobe_scheduler_lateness_seconds", "How late runs started, against "
                    "their scheduled tick.", "histogram")
-        _add_hist(h, "edgeprobe_scheduler_lateness_seconds", region, ss.lateness)
+        _add_hist(h, "edgeprobe_scheduler_lateness_seconds", region, ss.lateness, native)
         yield h
         h = Metric("edgeprobe_event_loop_lag_seconds", "Event-loop lag: how late a periodic "
                    "timer fired.", "histogram")
-        _add_hist(h, "edgeprobe_event_loop_lag_seconds", region, ss.loop_lag)
+        _add_hist(h, "edgeprobe_event_loop_lag_seconds", region, ss.loop_lag, native)
         yield h
         for name, doc, val in (
             ("edgeprobe_config_last_reload_successful", "Whether the last config reload "
@@ -439,7 +458,11 @@ def _le(bound: float) -> str:
     return s
 
 
-def _add_hist(m: Metric, name: str, labels: dict[str, str], h: Histogram) -> None:
+def _add_hist(m: Metric, name: str, labels: dict[str, str], h: Histogram,
+              native: bool = False) -> None:
+    if native and h.native is not None:
+        m.samples.append(Sample(name, labels, 0.0, None, None,
+                                h.native.sample(count=sum(h.counts), total=h.sum)))
     acc = 0
     for bound, c in zip(h.bounds, h.counts, strict=False):
         acc += c

@@ -100,6 +100,10 @@ class MetricsSection:
     rtt_buckets: tuple[float, ...] = ()
     duration_buckets: tuple[float, ...] = ()
     recent_window: Duration = Duration(60.0)
+    # Native (exponential) buckets beside the classic ones on the RTT, duration and phase
+    # histograms, sent to scrapers that ask for the protobuf format (Prometheus with native
+    # histograms enabled); the text format carries the classic buckets only.
+    native_histograms: bool = True
 
     def validate(self) -> list[str]:
         errs = []

@@ -11,6 +11,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from agent.export.native import NativeBuckets
 from probes.base import ProbeResult
 
 IPDV_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075,
@@ -22,20 +23,24 @@ JITTER_GAIN = 1.0 / 16.0
 
 
 class Histogram:
-    """Cumulative histogram with fixed upper bounds (+Inf implied)."""
+    """Cumulative histogram with fixed upper bounds (+Inf implied) and, where asked for, the
+    same observations in native (exponential) buckets for the protobuf exposition."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "native", "sum")
 
-    def __init__(self, bounds: Sequence[float]) -> None:
+    def __init__(self, bounds: Sequence[float], native: bool = False) -> None:
         self.bounds = tuple(bounds)
         self.counts = array("q", [0] * (len(self.bounds) + 1))
         self.sum = 0.0
+        self.native = NativeBuckets() if native else None
 
     def observe(self, v: float) -> None:
         # bisect_left: a value equal to a bound belongs to that bucket (le is inclusive).
         self.counts[bisect_left(self.bounds, v)] += 1
         if math.isfinite(v):
             self.sum += v
+        if self.native is not None:
+            self.native.observe(v)
 
     @property
     def count(self) -> int:
@@ -160,7 +165,8 @@ class SeriesStats:
         for phase, secs in result.phases.items():
             h = self.phases.get(phase)
             if h is None:
-                h = self.phases[phase] = Histogram(self.duration.bounds)
+                h = self.phases[phase] = Histogram(self.duration.bounds,
+                                                   self.duration.native is not None)
             h.observe(secs)
         self.gauges.update(result.gauges)
         if result.info:
@@ -183,14 +189,15 @@ class SeriesStats:
 
 def new_series(packet_based: bool, phases: Iterable[str], reasons: Iterable[str],
                rtt_buckets: Sequence[float], duration_buckets: Sequence[float],
-               window_seconds: float) -> SeriesStats:
-    """A series with every label set pre-created, so it is exported before the first result."""
-    s = SeriesStats(duration=Histogram(duration_buckets))
+               window_seconds: float, native: bool = False) -> SeriesStats:
+    """A series with every label set pre-created, so it is exported before the first result.
+    ``native``: the RTT, duration and phase histograms also keep native buckets."""
+    s = SeriesStats(duration=Histogram(duration_buckets, native))
     if packet_based:
-        s.packets = PacketStats(rtt=Histogram(rtt_buckets), ipdv=Histogram(IPDV_BUCKETS),
+        s.packets = PacketStats(rtt=Histogram(rtt_buckets, native), ipdv=Histogram(IPDV_BUCKETS),
                                 bursts=Histogram(BURST_BUCKETS), window=Window(window_seconds))
     for p in phases:
-        s.phases[p] = Histogram(duration_buckets)
+        s.phases[p] = Histogram(duration_buckets, native)
     for r in reasons:
         s.errors[r] = 0
     return s

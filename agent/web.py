@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent.export import protobuf
+
 if TYPE_CHECKING:
     from agent.app import Agent
 
@@ -44,14 +46,18 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
         # between them, and streamed as it is rendered (never the whole body in memory).
         # Not in a thread: every socket call of the probes releases the GIL, and a render
         # thread then kept it for a switch interval each time, which starved the probes at
-        # 10,000 targets (the convoy effect). Always the text format 0.0.4.
-        chunks = agent.render_metrics()
+        # 10,000 targets (the convoy effect). The protobuf format for scrapers that ask for it
+        # (it alone carries native histograms), the text format 0.0.4 for everyone else.
+        if protobuf.accepts_protobuf(request.headers.get("Accept", "")):
+            chunks, ctype = agent.render_metrics_protobuf(), protobuf.CONTENT_TYPE
+        else:
+            chunks, ctype = agent.render_metrics(), CONTENT_TYPE_LATEST
         first = b""
         for first in chunks:    # reading the state: no bytes yet, so errors can still be a 500
             if first:
                 break
             await asyncio.sleep(0)
-        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+        resp = web.StreamResponse(headers={"Content-Type": ctype})
         # The length is not known before the last chunk is rendered: chunked encoding.
         await resp.prepare(request)
         await resp.write(first)

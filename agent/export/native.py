@@ -10,6 +10,7 @@ schema 6. Schema 6 is the coarsest that keeps a median within the 2 % the budget
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_left
 from functools import cache
 
@@ -69,7 +70,11 @@ class NativeBuckets:
         if value <= self.zero_threshold:
             self.zero_count += 1
             return
-        key = bucket_key(value, self.schema)
+        if value != value:
+            return
+        # A failed connect is observed as +Inf: it goes to the highest bucket a float reaches, so
+        # the count and the buckets agree and every fraction "within the budget" counts it out.
+        key = bucket_key(value if value < math.inf else sys.float_info.max, self.schema)
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
         if len(counts) > self.max_buckets and self.schema > MIN_SCHEMA:
