@@ -19,12 +19,13 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from agent import model
+from agent.export import catalog as C
 from agent.export import protobuf
+from agent.export.catalog import Family
 from agent.stats import Histogram, SeriesStats, quantile
 from probes import PROBES
 
 VERSION = "0.1.0"
-QUANTILES = (0.5, 0.95, 0.99)
 
 
 @dataclass
@@ -35,12 +36,8 @@ class SelfStats:
     late_ticks: int = 0
     skipped_ticks: int = 0
     run_exceptions: int = 0
-    lateness: Histogram = field(default_factory=lambda: Histogram(
-        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-        native=True))
-    loop_lag: Histogram = field(default_factory=lambda: Histogram(
-        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-        native=True))
+    lateness: Histogram = field(default_factory=lambda: Histogram(C.SCHEDULER_BUCKETS, True))
+    loop_lag: Histogram = field(default_factory=lambda: Histogram(C.SCHEDULER_BUCKETS, True))
     reload_ok: float = 1.0
     reload_success_time: float = 0.0
     reloads_total: int = 0
@@ -104,14 +101,16 @@ class _Sink:
     text renderer that /metrics serves (fast: label sets are rendered once per series, not per
     sample) and Metric objects for the CollectorRegistry."""
 
-    def family(self, name: str, doc: str, typ: str) -> None:
+    def family(self, spec: Family) -> Family:
+        """Declare ``spec``'s family (once; later calls are cheap) and hand it back."""
         raise NotImplementedError
 
-    def sample(self, fam: str, name: str, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None) -> None:
+    def sample(self, spec: Family, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+        """One sample of ``spec``; ``suffix`` for a summary's _count and _sum."""
         raise NotImplementedError
 
-    def hist(self, fam: str, labels: _Labels, h: Histogram,
+    def hist(self, spec: Family, labels: _Labels, h: Histogram,
              extra: tuple[str, str] | None = None) -> None:
         raise NotImplementedError
 
@@ -124,19 +123,20 @@ class _MetricSink(_Sink):
         self.fams: dict[str, Metric] = {}
         self.native = native
 
-    def family(self, name: str, doc: str, typ: str) -> None:
-        if name not in self.fams:
-            self.fams[name] = Metric(name, doc, typ)
+    def family(self, spec: Family) -> Family:
+        if spec.name not in self.fams:
+            self.fams[spec.name] = _metric(spec)
+        return spec
 
-    def sample(self, fam: str, name: str, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None) -> None:
+    def sample(self, spec: Family, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
         d = labels.extra(*extra)[0] if extra else labels.d
-        self.fams[fam].add_sample(name, d, value)
+        self.fams[spec.name].add_sample(spec.sample_name + suffix, d, value)
 
-    def hist(self, fam: str, labels: _Labels, h: Histogram,
+    def hist(self, spec: Family, labels: _Labels, h: Histogram,
              extra: tuple[str, str] | None = None) -> None:
-        _add_hist(self.fams[fam], fam, labels.extra(*extra)[0] if extra else labels.d, h,
-                  self.native)
+        _add_hist(self.fams[spec.name], spec.name,
+                  labels.extra(*extra)[0] if extra else labels.d, h, self.native)
 
 
 class _TextSink(_Sink):
@@ -158,7 +158,12 @@ class _TextSink(_Sink):
         self.heads: dict[str, str] = {}
         self._extras: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def family(self, name: str, doc: str, typ: str) -> None:
+    def family(self, spec: Family) -> Family:
+        if spec.name not in self.fams:
+            self.head(spec.name, spec.help, spec.type)
+        return spec
+
+    def head(self, name: str, doc: str, typ: str) -> None:
         if name not in self.fams:
             doc = doc.replace("\\", "\\\\").replace("\n", "\\n")
             # As prometheus_client writes them: a counter's HELP/TYPE name carries _total.
@@ -176,13 +181,13 @@ class _TextSink(_Sink):
         # The same few (name, value) pairs recur in every series: keep one of each.
         cols[4].append(None if extra is None else self._extras.setdefault(extra, extra))
 
-    def sample(self, fam: str, name: str, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None) -> None:
-        self._add(fam, self.SAMPLE, name, labels, value, extra)
+    def sample(self, spec: Family, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+        self._add(spec.name, self.SAMPLE, spec.sample_name + suffix, labels, value, extra)
 
-    def hist(self, fam: str, labels: _Labels, h: Histogram,
+    def hist(self, spec: Family, labels: _Labels, h: Histogram,
              extra: tuple[str, str] | None = None) -> None:
-        self._add(fam, self.HIST, fam, labels, h, extra)
+        self._add(spec.name, self.HIST, spec.name, labels, h, extra)
 
     def line(self, fam: str, text: str) -> None:
         self._add(fam, self.LINE, text, None, None, None)
@@ -261,7 +266,7 @@ class CollectorState:
         for _ in self._walk(sink):
             yield b""
         for m in self._self_metrics():
-            sink.family(m.name, m.documentation, m.type)
+            sink.head(m.name, m.documentation, m.type)
             for smp in m.samples:
                 sink.line(m.name, f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
                           if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
@@ -292,165 +297,98 @@ class CollectorState:
             base = _Labels(dict(zip(names, self._values(v), strict=True)))
             s = v.stats
             kind = PROBES.get(v.kind)
-            prefix = kind.metric_prefix if kind else "probe"
+            connect = kind is not None and kind.metric_prefix == "connect"
             if not math.isnan(s.success):
-                fam("edgeprobe_probe_success", "Whether the last run of this probe succeeded.",
-                    "gauge")
-                smp("edgeprobe_probe_success", "edgeprobe_probe_success", base, s.success)
-            fam("edgeprobe_probe_errors", "Probe runs or packets that failed, by bounded "
-                "reason.", "counter")
+                smp(fam(C.PROBE_SUCCESS), base, s.success)
+            errors = fam(C.PROBE_ERRORS)
             for reason, n in list(s.errors.items()):
-                smp("edgeprobe_probe_errors", "edgeprobe_probe_errors_total", base, n,
-                    ("reason", reason))
-            if prefix == "connect":
-                dur = "edgeprobe_connect_duration_seconds"
-                fam(dur, "Duration of a full RTC connect (dns, tcp, tls, stun[, turn]); a "
-                    "failed connect is observed as +Inf.", "histogram")
-            else:
-                dur = "edgeprobe_probe_duration_seconds"
-                fam(dur, "Duration of one probe run.", "histogram")
-            sink.hist(dur, base, s.duration)
+                smp(errors, base, n, ("reason", reason))
+            sink.hist(fam(C.CONNECT_DURATION if connect else C.PROBE_DURATION), base, s.duration)
             if s.phases:
-                pname = f"edgeprobe_{prefix}_phase_duration_seconds"
-                fam(pname, "Duration of one phase of a probe run.", "histogram")
+                phases = fam(C.CONNECT_PHASES if connect else C.PROBE_PHASES)
                 for phase, h in list(s.phases.items()):
-                    sink.hist(pname, base, h, ("phase", phase))
+                    sink.hist(phases, base, h, ("phase", phase))
             for gname, gval in list(s.gauges.items()):
-                doc = (kind.gauges.get(gname) if kind else None) or gname
-                fam(f"edgeprobe_{gname}", doc, "gauge")
-                smp(f"edgeprobe_{gname}", f"edgeprobe_{gname}", base, gval)
+                spec = C.kind_gauge(kind, gname) if kind and gname in kind.gauges else \
+                    Family(f"edgeprobe_{gname}", "gauge", gname)
+                smp(fam(spec), base, gval)
             if s.info:
-                fam("edgeprobe_probe_info", "Facts of the last run (TLS version, mapped address "
-                    "family...), value 1.", "gauge")
-                smp("edgeprobe_probe_info", "edgeprobe_probe_info",
-                    _Labels({**base.d, **s.info}), 1.0)
+                smp(fam(C.PROBE_INFO), _Labels({**base.d, **s.info}), 1.0)
             if s.hops:
-                fam("edgeprobe_hop_rtt_seconds", "Median RTT to each hop in the last path run "
-                    "(NaN when the hop did not answer).", "gauge")
-                fam("edgeprobe_hop_packets_sent", "Packets sent towards each hop.", "counter")
-                fam("edgeprobe_hop_packets_lost", "Packets to each hop not answered.", "counter")
+                rtt, sent, lost = fam(C.HOP_RTT), fam(C.HOP_SENT), fam(C.HOP_LOST)
                 for idx in sorted(s.hops):
                     hop = s.hops[idx]
                     hx = ("hop", str(idx))
-                    smp("edgeprobe_hop_rtt_seconds", "edgeprobe_hop_rtt_seconds", base,
-                        hop.last_rtt, hx)
-                    smp("edgeprobe_hop_packets_sent", "edgeprobe_hop_packets_sent_total", base,
-                        hop.sent, hx)
-                    smp("edgeprobe_hop_packets_lost", "edgeprobe_hop_packets_lost_total", base,
-                        hop.lost, hx)
+                    smp(rtt, base, hop.last_rtt, hx)
+                    smp(sent, base, hop.sent, hx)
+                    smp(lost, base, hop.lost, hx)
             p = s.packets
             if p is None:
                 continue
-            fam("edgeprobe_rtt_seconds", "Round-trip time of answered packets.", "histogram")
-            sink.hist("edgeprobe_rtt_seconds", base, p.rtt)
-            fam("edgeprobe_packets_sent", "Packets whose fate is known (answered, or timed "
-                "out).", "counter")
-            smp("edgeprobe_packets_sent", "edgeprobe_packets_sent_total", base, p.sent)
-            fam("edgeprobe_packets_lost", "Packets not answered within their timeout.",
-                "counter")
-            smp("edgeprobe_packets_lost", "edgeprobe_packets_lost_total", base, p.lost)
-            fam("edgeprobe_jitter_seconds", "RFC 3550 interarrival jitter estimator (gain 1/16) "
-                "over consecutive round-trip times (round-trip based, not one-way).", "gauge")
-            smp("edgeprobe_jitter_seconds", "edgeprobe_jitter_seconds", base, p.jitter)
-            fam("edgeprobe_ipdv_seconds", "|RTT(i) - RTT(i-1)| of consecutive answered "
-                "packets.", "histogram")
-            sink.hist("edgeprobe_ipdv_seconds", base, p.ipdv)
-            fam("edgeprobe_loss_burst_length", "Lengths of runs of consecutive lost packets "
-                "(RFC 3357 loss periods).", "histogram")
-            sink.hist("edgeprobe_loss_burst_length", base, p.bursts)
-            answered, lost = p.window.snapshot(now)
-            fam("edgeprobe_rtt_recent_seconds", "RTT quantiles over the sliding window (exact, "
-                "per edge).", "summary")
-            for q in QUANTILES:
-                smp("edgeprobe_rtt_recent_seconds", "edgeprobe_rtt_recent_seconds", base,
-                    quantile(answered, q), ("quantile", str(q)))
-            smp("edgeprobe_rtt_recent_seconds", "edgeprobe_rtt_recent_seconds_count", base,
-                len(answered))
-            smp("edgeprobe_rtt_recent_seconds", "edgeprobe_rtt_recent_seconds_sum", base,
-                float(sum(answered)))
-            n = len(answered) + lost
-            fam("edgeprobe_loss_ratio_upper95", "95 % Wilson upper bound of the loss ratio over "
-                "the sliding window (1 with no data).", "gauge")
-            smp("edgeprobe_loss_ratio_upper95", "edgeprobe_loss_ratio_upper95", base,
-                model.wilson_interval(lost, n)[1])
-            fam("edgeprobe_window_packets", "Packets inside the sliding window.", "gauge")
-            smp("edgeprobe_window_packets", "edgeprobe_window_packets", base, n)
-            fam("edgeprobe_connect_budget_seconds", "The configured connect budget.", "gauge")
-            smp("edgeprobe_connect_budget_seconds", "edgeprobe_connect_budget_seconds", base,
-                self.budget)
-            pred = model.predict(answered, lost, p.jitter, self.budget, self.round_trips,
+            sink.hist(fam(C.RTT), base, p.rtt)
+            smp(fam(C.PACKETS_SENT), base, p.sent)
+            smp(fam(C.PACKETS_LOST), base, p.lost)
+            smp(fam(C.JITTER), base, p.jitter)
+            sink.hist(fam(C.IPDV), base, p.ipdv)
+            sink.hist(fam(C.LOSS_BURSTS), base, p.bursts)
+            answered, lost_n = p.window.snapshot(now)
+            recent = fam(C.RTT_RECENT)
+            for q in C.QUANTILES:
+                smp(recent, base, quantile(answered, q), ("quantile", str(q)))
+            smp(recent, base, len(answered), suffix="_count")
+            smp(recent, base, float(sum(answered)), suffix="_sum")
+            n = len(answered) + lost_n
+            smp(fam(C.LOSS_UPPER95), base, model.wilson_interval(lost_n, n)[1])
+            smp(fam(C.WINDOW_PACKETS), base, n)
+            smp(fam(C.BUDGET), base, self.budget)
+            pred = model.predict(answered, lost_n, p.jitter, self.budget, self.round_trips,
                                  self.fixed, self.exchanges)
             if pred is None:
                 continue
-            fam("edgeprobe_connect_estimate_seconds", "Lossless connect time predicted from "
-                "the window's median RTT: n*RTT + fixed.", "gauge")
-            smp("edgeprobe_connect_estimate_seconds", "edgeprobe_connect_estimate_seconds",
-                base, pred.estimate)
-            fam("edgeprobe_connect_budget_miss_probability", "Model probability that a connect "
-                "misses the budget: 1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).", "gauge")
-            smp("edgeprobe_connect_budget_miss_probability",
-                "edgeprobe_connect_budget_miss_probability", base, pred.miss_probability)
-            fam("edgeprobe_r_factor", "Simplified E-model R factor (not ITU-T G.107 proper).",
-                "gauge")
-            smp("edgeprobe_r_factor", "edgeprobe_r_factor", base, pred.r_factor)
-            fam("edgeprobe_mos_estimate", "MOS estimated from the simplified E-model R factor "
-                "(G.107 Annex B mapping).", "gauge")
-            smp("edgeprobe_mos_estimate", "edgeprobe_mos_estimate", base, pred.mos)
+            smp(fam(C.CONNECT_ESTIMATE), base, pred.estimate)
+            smp(fam(C.MISS_PROBABILITY), base, pred.miss_probability)
+            smp(fam(C.R_FACTOR), base, pred.r_factor)
+            smp(fam(C.MOS), base, pred.mos)
 
-        fam("edgeprobe_targets", "Configured probe series, by kind.", "gauge")
+        targets = fam(C.TARGETS)
         per_kind: dict[str, int] = {}
         for v in list(self.series.values()):
             per_kind[v.kind] = per_kind.get(v.kind, 0) + 1
         for k in sorted(per_kind):
-            smp("edgeprobe_targets", "edgeprobe_targets", _Labels({"region": self.region,
-                                                                    "probe": k}), per_kind[k])
+            smp(targets, _Labels({"region": self.region, "probe": k}), per_kind[k])
 
     def _self_metrics(self, native: bool = False) -> Iterator[Metric]:
         ss = self.self_stats
         region = {"region": self.region}
-        m = Metric("edgeprobe_stray_packets", "Replies that matched nothing in flight: foreign, "
-                   "late, wrong source, malformed, bad checksum or payload.", "counter")
+        m = _metric(C.STRAY)
         counts = {(k, r): 0 for k in {v.kind for v in list(self.series.values())}
                   if k in PROBES for r in PROBES[k].stray_reasons}
         counts.update(ss.stray_counts)
         for (probe, reason), n in sorted(counts.items()):
-            m.add_sample("edgeprobe_stray_packets_total", {**region, "probe": probe,
-                                                           "reason": reason}, n)
+            m.add_sample(C.STRAY.sample_name, {**region, "probe": probe, "reason": reason}, n)
         yield m
-        counters: tuple[tuple[str, str, float], ...] = (
-            ("edgeprobe_scheduler_late_ticks", "Runs that started later than the late-tick "
-             "threshold.", ss.late_ticks),
-            ("edgeprobe_scheduler_skipped_ticks", "Ticks skipped because the previous run or "
-             "the event loop overran them (never queued).", ss.skipped_ticks),
-            ("edgeprobe_probe_exceptions", "Probe runs that raised (a bug; logged).",
-             ss.run_exceptions),
-        )
-        for name, doc, val in counters:
-            c = Metric(name, doc, "counter")
-            c.add_sample(name + "_total", region, val)
+        for spec, val in ((C.LATE_TICKS, ss.late_ticks), (C.SKIPPED_TICKS, ss.skipped_ticks),
+                          (C.EXCEPTIONS, ss.run_exceptions)):
+            c = _metric(spec)
+            c.add_sample(spec.sample_name, region, val)
             yield c
-        h = Metric("edgeprobe_scheduler_lateness_seconds", "How late runs started, against "
-                   "their scheduled tick.", "histogram")
-        _add_hist(h, "edgeprobe_scheduler_lateness_seconds", region, ss.lateness, native)
-        yield h
-        h = Metric("edgeprobe_event_loop_lag_seconds", "Event-loop lag: how late a periodic "
-                   "timer fired.", "histogram")
-        _add_hist(h, "edgeprobe_event_loop_lag_seconds", region, ss.loop_lag, native)
-        yield h
-        for name, doc, val in (
-            ("edgeprobe_config_last_reload_successful", "Whether the last config reload "
-             "succeeded.", ss.reload_ok),
-            ("edgeprobe_config_last_reload_success_timestamp_seconds", "Unix time of the last "
-             "successful config load.", ss.reload_success_time),
-        ):
-            g = Metric(name, doc, "gauge")
-            g.add_sample(name, region, val)
+        for spec, hist in ((C.LATENESS, ss.lateness), (C.LOOP_LAG, ss.loop_lag)):
+            h = _metric(spec)
+            _add_hist(h, spec.name, region, hist, native)
+            yield h
+        for spec, gval in ((C.RELOAD_OK, ss.reload_ok), (C.RELOAD_TIME, ss.reload_success_time)):
+            g = _metric(spec)
+            g.add_sample(spec.name, region, gval)
             yield g
-        b = Metric("edgeprobe_build_info", "Build and runtime facts, value 1.", "gauge")
-        b.add_sample("edgeprobe_build_info", {**region, "version": VERSION,
-                                              "python": platform.python_version(),
-                                              "icmp_mode": ss.icmp_mode}, 1.0)
+        b = _metric(C.BUILD_INFO)
+        b.add_sample(C.BUILD_INFO.name, {**region, "version": VERSION,
+                                         "python": platform.python_version(),
+                                         "icmp_mode": ss.icmp_mode}, 1.0)
         yield b
+
+
+def _metric(spec: Family) -> Metric:
+    return Metric(spec.name, spec.help, spec.type)
 
 
 def _le(bound: float) -> str:

@@ -11,13 +11,10 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from agent.export.catalog import BURST_BUCKETS, IPDV_BUCKETS
 from agent.export.native import NativeBuckets
 from probes.base import ProbeResult
 
-IPDV_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075,
-                                   0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                                   0.5, 1.0)
-BURST_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
 # RFC 3550 §6.4.1: J += (|D| - J) / 16.
 JITTER_GAIN = 1.0 / 16.0
 

@@ -177,6 +177,10 @@ class ProbeKind(Generic[OptT]):
     # Optional: lets the scheduler drive this kind from timer callbacks, without a task per
     # series that sleeps, awaits and wakes up for every run. Requires ``self_bounded``.
     start: StartFn[OptT] | None = None
+    # Keys of ``ProbeResult.info`` this kind reports (labels of edgeprobe_probe_info).
+    info_labels: tuple[str, ...] = ()
+    # True when results carry ``hops`` (the per-hop families).
+    per_hop: bool = False
 
     @property
     def all_reasons(self) -> tuple[str, ...]:

@@ -163,6 +163,6 @@ REASONS: tuple[str, ...] = (
 
 KIND = ProbeKind(
     name="connect", options=ConnectOptions, run=run, phases=PHASES, reasons=REASONS,
-    metric_prefix="connect",
+    metric_prefix="connect", info_labels=("tls_version", "alpn", "mapped_family"),
     gauges={"connect_over_budget": "1 if the last successful connect took longer than the "
                                    "budget (failed connects count as over budget)."})

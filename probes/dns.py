@@ -156,4 +156,4 @@ REASONS: tuple[str, ...] = (*DNS_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="dns", options=DnsOptions, run=run, phases=("resolve",), reasons=REASONS,
                  gauges={"dns_answer_count": "Records of the asked type in the last answer."},
-                 stray_reasons=("malformed", "wrong_id"))
+                 stray_reasons=("malformed", "wrong_id"), info_labels=("rcode",))

@@ -251,6 +251,6 @@ async def run(target: Target, opts: PathOptions, ctx: ProbeContext) -> ProbeResu
 REASONS: tuple[str, ...] = ("path_incomplete", *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(
-    name="path", options=PathOptions, run=run, reasons=REASONS,
+    name="path", options=PathOptions, run=run, reasons=REASONS, per_hop=True,
     gauges={"path_hops": "Hops to the edge in the last path run (TTL that reached it).",
             "path_route_hash": "Hash of the ordered hop addresses; a change is a route change."})

@@ -140,4 +140,5 @@ REASONS: tuple[str, ...] = ("stun_timeout", "stun_refused", "stun_unreachable", 
 KIND = ProbeKind(name="stun", options=StunOptions, run=run, packet_based=True, reasons=REASONS,
                  stray_reasons=("malformed", "not_stun", "bad_cookie", "unknown_txid",
                                 "bad_fingerprint", "wrong_method", "wrong_class",
-                                "error_response", "duplicate", "late", "unknown"))
+                                "error_response", "duplicate", "late", "unknown"),
+                 info_labels=("mapped_family",))

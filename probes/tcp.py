@@ -78,4 +78,5 @@ async def run(target: Target, opts: TcpOptions, ctx: ProbeContext) -> ProbeResul
 
 REASONS: tuple[str, ...] = (*os_reasons("tcp"), *RESOLVE_REASONS, *SOCKET_REASONS)
 
-KIND = ProbeKind(name="tcp", options=TcpOptions, run=run, phases=("connect",), reasons=REASONS)
+KIND = ProbeKind(name="tcp", options=TcpOptions, run=run, phases=("connect",), reasons=REASONS,
+                 info_labels=("ip_family",))

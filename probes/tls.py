@@ -148,4 +148,5 @@ REASONS: tuple[str, ...] = (*os_reasons("tcp"), *TLS_REASONS, "tls_config", *RES
 KIND = ProbeKind(
     name="tls", options=TlsOptions, run=run, phases=("connect", "tls"), reasons=REASONS,
     gauges={"tls_cert_not_after_seconds":
-            "Expiry (notAfter) of the leaf certificate, as Unix seconds."})
+            "Expiry (notAfter) of the leaf certificate, as Unix seconds."},
+    info_labels=("tls_version", "alpn"))

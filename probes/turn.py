@@ -196,4 +196,5 @@ async def run(target: Target, opts: TurnOptions, ctx: ProbeContext) -> ProbeResu
 REASONS: tuple[str, ...] = (*TURN_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="turn", options=TurnOptions, run=run, phases=("challenge", "allocate"),
-                 reasons=REASONS, stray_reasons=("malformed", "bad_cookie", "unknown_txid"))
+                 reasons=REASONS, stray_reasons=("malformed", "bad_cookie", "unknown_txid"),
+                 info_labels=("relayed_family",))

@@ -1,0 +1,277 @@
+"""Every metric the agent exports, declared once: name, type, help, labels, buckets and which
+probe kinds emit it.
+
+The collector, ``/probe`` and the self-metrics take their families from here, docs/metrics.md is
+generated from here (``python -m agent.export.catalog``), and the series a target costs per kind
+is computed from here and checked against a live agent by the tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from probes.base import ProbeKind
+
+MetricType = Literal["counter", "gauge", "histogram", "summary"]
+Scope = Literal["series", "agent", "discovery", "probe_endpoint"]
+# Histogram bucket sets: configured ones (metrics.rtt_buckets, metrics.duration_buckets) or fixed.
+Buckets = Literal["", "rtt", "duration", "ipdv", "burst", "scheduler"]
+
+# The labels every per-series family carries before its own; agent static labels and target
+# labels follow them.
+SERIES_LABELS: tuple[str, ...] = ("region", "edge", "probe")
+QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
+IPDV_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075,
+                                   0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                                   0.5, 1.0)
+BURST_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
+SCHEDULER_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                        0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def _every(kind: ProbeKind[Any]) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family. ``name`` is the family name as prometheus_client spells it: a
+    counter's samples add ``_total``."""
+
+    name: str
+    type: MetricType
+    help: str
+    scope: Scope = "series"
+    labels: tuple[str, ...] = ()          # beyond the scope's own labels
+    buckets: Buckets = ""
+    # Which kinds emit it (series scope).
+    when: Callable[[ProbeKind[Any]], bool] = _every
+
+    @property
+    def sample_name(self) -> str:
+        return self.name + "_total" if self.type == "counter" else self.name
+
+
+def _packet(kind: ProbeKind[Any]) -> bool:
+    return kind.packet_based
+
+
+def _connect(kind: ProbeKind[Any]) -> bool:
+    return kind.metric_prefix == "connect"
+
+
+def _not_connect(kind: ProbeKind[Any]) -> bool:
+    return kind.metric_prefix != "connect"
+
+
+def _probe_phases(kind: ProbeKind[Any]) -> bool:
+    return bool(kind.phases) and kind.metric_prefix != "connect"
+
+
+def _connect_phases(kind: ProbeKind[Any]) -> bool:
+    return bool(kind.phases) and kind.metric_prefix == "connect"
+
+
+def _info(kind: ProbeKind[Any]) -> bool:
+    return bool(kind.info_labels)
+
+
+def _hops(kind: ProbeKind[Any]) -> bool:
+    return kind.per_hop
+
+
+# ---------------------------------------------------------------------------- per series
+PROBE_SUCCESS = Family("edgeprobe_probe_success", "gauge",
+                       "Whether the last run of this probe succeeded.")
+PROBE_ERRORS = Family("edgeprobe_probe_errors", "counter",
+                      "Probe runs or packets that failed, by bounded reason.", labels=("reason",))
+CONNECT_DURATION = Family(
+    "edgeprobe_connect_duration_seconds", "histogram",
+    "Duration of a full RTC connect (dns, tcp, tls, stun[, turn]); a failed connect is observed "
+    "as +Inf.", buckets="duration", when=_connect)
+PROBE_DURATION = Family("edgeprobe_probe_duration_seconds", "histogram",
+                        "Duration of one probe run.", buckets="duration", when=_not_connect)
+PROBE_PHASES = Family("edgeprobe_probe_phase_duration_seconds", "histogram",
+                      "Duration of one phase of a probe run.", labels=("phase",),
+                      buckets="duration", when=_probe_phases)
+CONNECT_PHASES = Family("edgeprobe_connect_phase_duration_seconds", "histogram",
+                        "Duration of one phase of a probe run.", labels=("phase",),
+                        buckets="duration", when=_connect_phases)
+PROBE_INFO = Family("edgeprobe_probe_info", "gauge",
+                    "Facts of the last run (TLS version, mapped address family...), value 1.",
+                    labels=("<the kind's facts>",), when=_info)
+HOP_RTT = Family("edgeprobe_hop_rtt_seconds", "gauge",
+                 "Median RTT to each hop in the last path run (NaN when the hop did not "
+                 "answer).", labels=("hop",), when=_hops)
+HOP_SENT = Family("edgeprobe_hop_packets_sent", "counter", "Packets sent towards each hop.",
+                  labels=("hop",), when=_hops)
+HOP_LOST = Family("edgeprobe_hop_packets_lost", "counter", "Packets to each hop not answered.",
+                  labels=("hop",), when=_hops)
+RTT = Family("edgeprobe_rtt_seconds", "histogram", "Round-trip time of answered packets.",
+             buckets="rtt", when=_packet)
+PACKETS_SENT = Family("edgeprobe_packets_sent", "counter",
+                      "Packets whose fate is known (answered, or timed out).", when=_packet)
+PACKETS_LOST = Family("edgeprobe_packets_lost", "counter",
+                      "Packets not answered within their timeout.", when=_packet)
+JITTER = Family("edgeprobe_jitter_seconds", "gauge",
+                "RFC 3550 interarrival jitter estimator (gain 1/16) over consecutive round-trip "
+                "times (round-trip based, not one-way).", when=_packet)
+IPDV = Family("edgeprobe_ipdv_seconds", "histogram",
+              "|RTT(i) - RTT(i-1)| of consecutive answered packets.", buckets="ipdv",
+              when=_packet)
+LOSS_BURSTS = Family("edgeprobe_loss_burst_length", "histogram",
+                     "Lengths of runs of consecutive lost packets (RFC 3357 loss periods).",
+                     buckets="burst", when=_packet)
+RTT_RECENT = Family("edgeprobe_rtt_recent_seconds", "summary",
+                    "RTT quantiles over the sliding window (exact, per edge).", when=_packet)
+LOSS_UPPER95 = Family("edgeprobe_loss_ratio_upper95", "gauge",
+                      "95 % Wilson upper bound of the loss ratio over the sliding window (1 with "
+                      "no data).", when=_packet)
+WINDOW_PACKETS = Family("edgeprobe_window_packets", "gauge", "Packets inside the sliding window.",
+                        when=_packet)
+BUDGET = Family("edgeprobe_connect_budget_seconds", "gauge", "The configured connect budget.",
+                when=_packet)
+CONNECT_ESTIMATE = Family("edgeprobe_connect_estimate_seconds", "gauge",
+                          "Lossless connect time predicted from the window's median RTT: "
+                          "n*RTT + fixed.", when=_packet)
+MISS_PROBABILITY = Family("edgeprobe_connect_budget_miss_probability", "gauge",
+                          "Model probability that a connect misses the budget: "
+                          "1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).", when=_packet)
+R_FACTOR = Family("edgeprobe_r_factor", "gauge",
+                  "Simplified E-model R factor (not ITU-T G.107 proper).", when=_packet)
+MOS = Family("edgeprobe_mos_estimate", "gauge",
+             "MOS estimated from the simplified E-model R factor (G.107 Annex B mapping).",
+             when=_packet)
+
+# ---------------------------------------------------------------------------- the agent
+TARGETS = Family("edgeprobe_targets", "gauge", "Configured probe series, by kind.",
+                 scope="agent", labels=("probe",))
+STRAY = Family("edgeprobe_stray_packets", "counter",
+               "Replies that matched nothing in flight: foreign, late, wrong source, malformed, "
+               "bad checksum or payload.", scope="agent", labels=("probe", "reason"))
+LATE_TICKS = Family("edgeprobe_scheduler_late_ticks", "counter",
+                    "Runs that started later than the late-tick threshold.", scope="agent")
+SKIPPED_TICKS = Family("edgeprobe_scheduler_skipped_ticks", "counter",
+                       "Ticks skipped because the previous run or the event loop overran them "
+                       "(never queued).", scope="agent")
+EXCEPTIONS = Family("edgeprobe_probe_exceptions", "counter",
+                    "Probe runs that raised (a bug; logged).", scope="agent")
+LATENESS = Family("edgeprobe_scheduler_lateness_seconds", "histogram",
+                  "How late runs started, against their scheduled tick.", scope="agent",
+                  buckets="scheduler")
+LOOP_LAG = Family("edgeprobe_event_loop_lag_seconds", "histogram",
+                  "Event-loop lag: how late a periodic timer fired.", scope="agent",
+                  buckets="scheduler")
+RELOAD_OK = Family("edgeprobe_config_last_reload_successful", "gauge",
+                   "Whether the last config reload succeeded.", scope="agent")
+RELOAD_TIME = Family("edgeprobe_config_last_reload_success_timestamp_seconds", "gauge",
+                     "Unix time of the last successful config load.", scope="agent")
+BUILD_INFO = Family("edgeprobe_build_info", "gauge", "Build and runtime facts, value 1.",
+                    scope="agent", labels=("version", "python", "icmp_mode"))
+
+SERIES: tuple[Family, ...] = (
+    PROBE_SUCCESS, PROBE_ERRORS, CONNECT_DURATION, PROBE_DURATION, PROBE_PHASES, CONNECT_PHASES,
+    PROBE_INFO, HOP_RTT, HOP_SENT, HOP_LOST, RTT, PACKETS_SENT, PACKETS_LOST, JITTER, IPDV,
+    LOSS_BURSTS, RTT_RECENT, LOSS_UPPER95, WINDOW_PACKETS, BUDGET, CONNECT_ESTIMATE,
+    MISS_PROBABILITY, R_FACTOR, MOS)
+AGENT: tuple[Family, ...] = (
+    TARGETS, STRAY, LATE_TICKS, SKIPPED_TICKS, EXCEPTIONS, LATENESS, LOOP_LAG, RELOAD_OK,
+    RELOAD_TIME, BUILD_INFO)
+
+
+def kind_gauge(kind: ProbeKind[Any], name: str) -> Family:
+    """A gauge a kind declares itself (``ProbeKind.gauges``): the one extension point."""
+    return Family(f"edgeprobe_{name}", "gauge", kind.gauges[name],
+                  when=lambda k: name in k.gauges)
+
+
+def for_kind(kind: ProbeKind[Any]) -> list[Family]:
+    """The per-series families a kind's series export."""
+    return [f for f in SERIES if f.when(kind)] + [kind_gauge(kind, g) for g in kind.gauges]
+
+
+def series_per_target(kind: ProbeKind[Any], bucket_counts: Mapping[str, int],
+                      hops: int = 0) -> int:
+    """Series one target of ``kind`` costs in the text format, with ``bucket_counts`` bounds
+    per bucket set and ``hops`` hops for per-hop families; agent and target labels add none."""
+    n = 0
+    for f in for_kind(kind):
+        per = 1
+        if f.type == "histogram":
+            per = bucket_counts[f.buckets] + 3          # +Inf, _count, _sum
+        elif f.type == "summary":
+            per = len(QUANTILES) + 2                     # _count, _sum
+        if "reason" in f.labels:
+            per *= len(kind.all_reasons)
+        if "phase" in f.labels:
+            per *= len(kind.phases)
+        if "hop" in f.labels:
+            per *= hops
+        n += per
+    return n
+
+
+def fixed_bucket_counts() -> dict[str, int]:
+    return {"ipdv": len(IPDV_BUCKETS), "burst": len(BURST_BUCKETS),
+            "scheduler": len(SCHEDULER_BUCKETS)}
+
+
+def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
+    """docs/metrics.md."""
+    from agent.config import default_duration_buckets, default_rtt_buckets
+
+    counts = {**fixed_bucket_counts(), "rtt": len(default_rtt_buckets()),
+              "duration": len(default_duration_buckets())}
+    out = [
+        "# Metrics",
+        "",
+        "<!-- Generated by `python -m agent.export.catalog > docs/metrics.md` from",
+        "     agent/export/catalog.py; tests/test_metric_catalog.py fails when they differ. -->",
+        "",
+        "Every family the agent exports. Per-series families carry "
+        f"`{', '.join(SERIES_LABELS)}`, then the agent's static labels and the target labels "
+        "of the config; agent families carry `region`. Counters are listed without `_total`.",
+        "",
+        "## Per target and probe kind",
+        "",
+        "| family | type | labels | buckets | emitted by | help |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in SERIES:
+        kinds = [k.name for k in probes.values() if f.when(k)]
+        by = "every kind" if len(kinds) == len(probes) else ", ".join(kinds)
+        out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
+                   f"{f.buckets or '-'} | {by} | {f.help} |")
+    for kind in probes.values():
+        for g in kind.gauges:
+            f = kind_gauge(kind, g)
+            out.append(f"| `{f.name}` | gauge | - | - | {kind.name} | {f.help} |")
+    out += ["", "## The agent itself", "", "| family | type | labels | help |", "|---|---|---|---|"]
+    for f in AGENT:
+        out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | {f.help} |")
+    out += ["", "## Series per target", "",
+            "What one target costs per kind in the text format with the default buckets "
+            f"(RTT {counts['rtt']} bounds, durations {counts['duration']}); `path` adds 3 per "
+            "hop.", "", "| kind | series per target |", "|---|---|"]
+    for kind in probes.values():
+        out.append(f"| {kind.name} | {series_per_target(kind, counts)} |")
+    return "\n".join(out) + "\n"
+
+
+def walk_names() -> Iterator[str]:
+    """Every family name the catalog declares."""
+    for f in (*SERIES, *AGENT):
+        yield f.name
+
+
+def _main() -> None:
+    from probes import PROBES
+
+    sys.stdout.write(markdown(PROBES))
+
+
+if __name__ == "__main__":
+    _main()
