@@ -1,9 +1,10 @@
 # Two commands matter: `make run` (the main job) and `make test` (the whole suite; .ci/run calls it).
+# `make docs` builds the documentation site (docs/, mkdocs.yml) into site/, failing on any warning.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint unit bootstrap bench bench-quick lab-up lab-down clean proto
+.PHONY: run test docs lint unit bootstrap bench bench-quick lab-up lab-down clean proto
 
 run:
 	@scripts/bootstrap.sh run
@@ -12,6 +13,10 @@ run:
 test:
 	@scripts/bootstrap.sh test
 	@scripts/test.sh
+
+docs:
+	@scripts/bootstrap.sh test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint:
 	$(VENV)/bin/ruff check .
@@ -35,7 +40,7 @@ lab-down:
 	$(PY) -m lab down
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
 # The protobuf exposition messages, compiled from agent/export/metrics.proto (commit both).
 proto:
