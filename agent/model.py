@@ -1,6 +1,6 @@
 """The connect-budget model: what measured RTT and loss predict about a session connect.
 
-Derivation (see also the README, "The connect-budget model"):
+Derivation (see also docs/concepts/budget-model.md):
 
 * Lossless connect time: T0 = n * RTT + T_fixed, with n round trips on the critical path
   (≈4.5 warm: signalling, ICE, DTLS 1.2, half an RTT to first media; ≈7.5 cold: adds DNS, TCP

@@ -8,7 +8,7 @@ Decoding is strict: an unknown key is an error (a typo such as ``basic_auth_user
 silently disable authentication). Secrets (``tls_server_config.key``, the bcrypt hashes) never
 appear in an error message, a ``repr`` or a log line.
 
-Differences from the Go implementation, all documented in the README ("Hardening"):
+Differences from the Go implementation, all documented in docs/operations/security.md:
 
 * ``client_auth_type``: Python's ``ssl`` cannot ask for a client certificate without verifying
   it, so ``RequestClientCert`` and ``RequireAnyClientCert`` are rejected (the toolkit itself

@@ -1,4 +1,5 @@
-"""The results as a Markdown table, a PNG chart, and the README targets checked as ratios."""
+"""The results as a Markdown table, a PNG chart, and the targets checked as ratios (the targets
+are listed in docs/development/performance.md)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def _find(doc: dict[str, Any], tool: str, workload: str) -> dict[str, Any] | Non
 
 
 def check_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The README targets, as measured in this run (each: value, limit, met or None)."""
+    """The targets (docs/development/performance.md), as measured in this run (each: value,
+    limit, met or None)."""
     lab = [w["workload"]["name"] for w in doc["workloads"] if w["workload"]["via_lab"]]
     loop = [w["workload"]["name"] for w in doc["workloads"] if not w["workload"]["via_lab"]]
     out: list[dict[str, Any]] = []
@@ -161,7 +163,7 @@ def markdown(doc: dict[str, Any]) -> str:
                                         "none")
               + "; directly on 127.0.0.0/8 in a namespace of its own: "
               + (", ".join(w["workload"]["name"] for w in doc["workloads"] if not w["lab"])
-                 or "none") + ".", "", "Targets (README):", ""]
+                 or "none") + ".", "", "Targets (docs/development/performance.md):", ""]
     for t in doc["targets"]:
         met = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
         lines.append(f"- {t['target']} ({t['workload']}): {_f(t['value'])} vs "

@@ -5,7 +5,7 @@ write it out when due, record what really happened. Run by the topology as
 ``python -m lab.forwarder CONFIG.json``; it creates its TUN devices, moves them into their
 namespaces, prints ``READY`` and then serves until SIGTERM/SIGINT.
 
-Timing (measured on this kind of VM, see the README, "The lab"): a wake-up from select/epoll is
+Timing (measured on this kind of VM, see docs/lab.md): a wake-up from select/epoll is
 ~50 µs late at p50 and ~190 µs at p99, so the loop sleeps until ``spin_us`` before the next
 release and busy-polls the rest, within a CPU cap. Timer slack is set to 1 ns. No SCHED_FIFO:
 a busy real-time task gets throttled for ~50 ms every second.

@@ -75,7 +75,8 @@ def test_bench_quick_outputs(tmp_path: Path) -> None:
     ep = [r for r in runs if r["tool"] == "edgeprobe"]
     assert all(r["agent"]["scheduler_lateness_p99_ms"] is not None for r in ep)
     md = (tmp_path / "latest.md").read_text()
-    assert md.count("| edgeprobe |") == len(ep) and "Targets (README)" in md
+    assert md.count("| edgeprobe |") == len(ep)
+    assert "Targets (docs/development/performance.md)" in md
     assert (tmp_path / "latest.png").read_bytes()[:8] == PNG_MAGIC
     # Nothing left behind: the bench's own namespace (named after its PID) is gone.
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -9,7 +9,7 @@ Two tests share one harness:
 * ``test_two_tier_lab``: the WAN lab with three regions, one agent inside each region's
   namespace; budget alerts for exactly the edges the lab made bad, the best edge per region,
   a degradation mid-test that moves the best edge and fires the alerts; then every Grafana
-  panel's PromQL against the live central server, and the README figure.
+  panel's PromQL against the live central server, and the figure in docs/img/
 
 The test-only overlay (``overlay_rules``, ``regional_config``, ``central_config``) starts from
 the shipped files in deploy/prometheus/ and changes only timings: 1 s scrape and evaluation
@@ -378,7 +378,7 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 failures = check_all_panels(api)
                 assert not failures, "\n".join(failures)
 
-                # 5. The README figure, from the live server.
+                # 5. The documentation figure (docs/img/), from the live server.
                 png = tmp_path / "edgeprobe-dashboards.png"
                 render_figure(api, png, since=wall_t0 - 5)
                 assert png.stat().st_size > 10_000

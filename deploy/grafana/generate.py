@@ -149,7 +149,8 @@ def overview() -> dict[str, Any]:
         panel(7, "Firing edgeprobe alerts", "table", (0, 23, 24, 7), [
             target(f'ALERTS{{alertname=~"Edgeprobe.*", alertstate="firing", {r}}}',
                    instant=True, fmt="table")],
-            "Alerts the rules fire now; the README's Prometheus section says what each means.",
+            "Alerts the rules fire now; docs/operations/alerts.md says what each means and "
+            "what to do.",
             transformations=[{"id": "organize", "options": {
                 "excludeByName": {"Time": True, "Value": True, "__name__": True,
                                   "alertstate": True}}}]),
