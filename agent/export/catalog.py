@@ -219,6 +219,10 @@ def fixed_bucket_counts() -> dict[str, int]:
             "scheduler": len(SCHEDULER_BUCKETS)}
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
     """docs/metrics.md."""
     from agent.config import default_duration_buckets, default_rtt_buckets
@@ -244,14 +248,15 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
         kinds = [k.name for k in probes.values() if f.when(k)]
         by = "every kind" if len(kinds) == len(probes) else ", ".join(kinds)
         out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
-                   f"{f.buckets or '-'} | {by} | {f.help} |")
+                   f"{f.buckets or '-'} | {by} | {_cell(f.help)} |")
     for kind in probes.values():
         for g in kind.gauges:
             f = kind_gauge(kind, g)
-            out.append(f"| `{f.name}` | gauge | - | - | {kind.name} | {f.help} |")
+            out.append(f"| `{f.name}` | gauge | - | - | {kind.name} | {_cell(f.help)} |")
     out += ["", "## The agent itself", "", "| family | type | labels | help |", "|---|---|---|---|"]
     for f in AGENT:
-        out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | {f.help} |")
+        out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
+                   f"{_cell(f.help)} |")
     out += ["", "## Series per target", "",
             "What one target costs per kind in the text format with the default buckets "
             f"(RTT {counts['rtt']} bounds, durations {counts['duration']}); `path` adds 3 per "
