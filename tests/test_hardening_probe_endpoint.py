@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,6 +40,8 @@ from agent.probe_endpoint import (
     special_category,
 )
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -378,3 +387,202 @@ config_values = st.none() | st.booleans() | st.integers() | st.floats() \
 def test_fuzz_config(raw: dict[str, object]) -> None:
     with contextlib.suppress(ConfigError):
         decode_cfg(yaml.safe_dump(raw))
+
+
+# ---------------------------------------------------------------------------------------------
+# A /probe flood against a slow resolver must not starve the agent's own name resolution.
+# Everything runs in a network namespace this test creates: a small DNS server that answers
+# the agent's own names at once and the flood's names only after DNS_DELAY, the agent as a
+# subprocess, and the flood client (this process, switched into the namespace).
+
+DNS_SERVER = r'''
+import asyncio, json, signal, sys
+import dns.message, dns.rcode, dns.rdatatype, dns.rrset
+
+ADDR, DELAY = sys.argv[1], float(sys.argv[2])
+counts = {"own": 0, "slow": 0}
+
+
+class Server(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.t = transport
+
+    def datagram_received(self, data, addr):
+        try:
+            q = dns.message.from_wire(data)
+            name, rdtype = q.question[0].name, q.question[0].rdtype
+        except Exception:
+            return
+        r = dns.message.make_response(q)
+        text = name.to_text().lower()
+        if text.endswith(".own.test."):
+            counts["own"] += 1
+            if rdtype == dns.rdatatype.A:
+                r.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "127.0.0.1"))
+            self.t.sendto(r.to_wire(), addr)
+        elif text.endswith(".slow.test."):
+            counts["slow"] += 1
+            r.set_rcode(dns.rcode.NXDOMAIN)
+            asyncio.get_running_loop().call_later(DELAY, self.t.sendto, r.to_wire(), addr)
+        else:
+            r.set_rcode(dns.rcode.NXDOMAIN)
+            self.t.sendto(r.to_wire(), addr)
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(Server, local_addr=(ADDR, 53))
+    stop = loop.create_future()
+    loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+    print("READY", flush=True)
+    await stop
+    print(json.dumps(counts), flush=True)
+
+asyncio.run(main())
+'''
+
+CLONE_NEWNET = 0x40000000
+DNS_ADDR, DNS_DELAY = "127.0.0.53", 4.0
+AGENT_PORT = 9115
+OWN_NAMES = [f"own-{i}.own.test" for i in range(4)]
+
+
+@contextlib.contextmanager
+def netns() -> Iterator[str]:
+    """A fresh network namespace (loopback up) whose resolv.conf points at DNS_ADDR."""
+    name = f"eph11pe{os.getpid()}"
+    etc = Path("/etc/netns") / name
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        etc.mkdir(parents=True)
+        # glibc's defaults (5 s, 2 attempts) would make each slow lookup hold its thread
+        # longer still; these keep the test short without changing what it shows.
+        (etc / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n"
+                                         "options timeout:5 attempts:1\n")
+        yield name
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run this thread inside ``ns`` (sockets opened meanwhile stay in it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(there, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(there)
+
+
+def stop(p: subprocess.Popen[bytes]) -> bytes:
+    if p.poll() is None:
+        p.terminate()
+    try:
+        out, _ = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+    return out or b""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                    reason="needs root and iproute2 for a network namespace")
+async def test_probe_flood_does_not_starve_own_resolution(tmp_path: Path) -> None:
+    (tmp_path / "dns_server.py").write_text(DNS_SERVER)
+    targets = "".join(f"  - {{name: own-{i}, address: {n}}}\n" for i, n in enumerate(OWN_NAMES))
+    (tmp_path / "edgeprobe.yml").write_text(
+        "agent: {region: test, resolve_interval: 1s}\n"
+        "defaults:\n  icmp: {interval: 250ms, packets: 1, timeout: 200ms}\n"
+        "targets:\n" + targets +
+        "probe_endpoint: {enabled: true, allow_names: ['*.slow.test'], rate: 1000,"
+        " burst: 1000, max_concurrent: 16, timeout: 2s}\n")
+    flood_seconds, workers = 12.0, 32
+    with netns() as ns:
+        dns_proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(tmp_path / "dns_server.py"),
+             DNS_ADDR, str(DNS_DELAY)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        agent_proc = None
+        try:
+            assert dns_proc.stdout is not None
+            assert dns_proc.stdout.readline().strip() == b"READY"
+            agent_proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "agent", "run",
+                 f"--config.file={tmp_path / 'edgeprobe.yml'}",
+                 f"--web.listen-address=127.0.0.1:{AGENT_PORT}"],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            base = f"http://127.0.0.1:{AGENT_PORT}"
+            with inside(ns):
+                async with aiohttp.ClientSession(
+                        timeout=aiohttp.ClientTimeout(total=15),
+                        connector=aiohttp.TCPConnector(limit=0)) as s:
+
+                    async def own_counts() -> tuple[dict[str, float], dict[str, float]]:
+                        async with s.get(f"{base}/metrics") as r:
+                            m = metrics(await r.text())
+                        sent = {dict(lbl)["edge"]: v for (n, lbl), v in m.items()
+                                if n == "edgeprobe_packets_sent_total"}
+                        failed = {dict(lbl)["edge"]: v for (n, lbl), v in m.items()
+                                  if n == "edgeprobe_probe_errors_total"
+                                  and dict(lbl).get("reason") == "resolve_failed"}
+                        return sent, failed
+
+                    # Up, and every own name resolved once.
+                    for _ in range(200):
+                        with contextlib.suppress(aiohttp.ClientError, KeyError):
+                            sent, _f = await own_counts()
+                            if len(sent) == len(OWN_NAMES) and min(sent.values()) > 0:
+                                break
+                        await asyncio.sleep(0.1)
+                    else:
+                        pytest.fail("the agent did not come up and probe its targets")
+                    sent_before, failed_before = await own_counts()
+
+                    answers: list[tuple[int, str]] = []
+                    end = time.monotonic() + flood_seconds
+
+                    async def flood(w: int) -> None:
+                        for i in range(10_000):
+                            if time.monotonic() >= end:
+                                return
+                            async with s.get(f"{base}/probe", params={
+                                    "module": "icmp", "target": f"f{w}-{i}.slow.test"}) as r:
+                                answers.append((r.status, await r.text()))
+                            if r.status != 200:
+                                await asyncio.sleep(0.05)   # refused at once: do not spin
+
+                    await asyncio.gather(*(flood(w) for w in range(workers)))
+                    # The agent's own names (cached 1 s, kept 1 s more after a failed
+                    # refresh, 5 s per lookup) have needed several fresh lookups by now.
+                    await asyncio.sleep(DNS_DELAY)
+                    sent_after, failed_after = await own_counts()
+        finally:
+            if agent_proc is not None:
+                stop(agent_proc)
+            dns_counts = json.loads(stop(dns_proc).splitlines()[-1] or b"{}")
+
+    statuses = {code: sum(1 for a, _ in answers if a == code) for code, _ in answers}
+    own_failed = sum(failed_after.values()) - sum(failed_before.values())
+    print(f"answers by status {statuses}, dns queries {dns_counts}, "
+          f"own resolve_failed during the flood: {own_failed}")
+    # The flood was answered, each with a bounded outcome: refused (busy, rate limited), or
+    # a failed resolution.
+    assert answers and set(statuses) <= {200, 429, 503}
+    for code, body in answers:
+        if code == 200:
+            assert metrics(body)[("probe_failed_due_to", (("reason", "resolve_failed"),))] == 1
+    assert dns_counts["slow"] > 0
+    assert dns_counts["own"] > 2 * len(OWN_NAMES)      # looked up again during the flood
+    # The agent's own names kept resolving, and its probes kept running.
+    assert own_failed == 0
+    assert all(sent_after[e] > sent_before[e] for e in sent_before)
