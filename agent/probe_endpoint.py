@@ -16,6 +16,10 @@ blackbox_exporter's ``/probe`` lets anyone who reaches it make the exporter conn
 4. the client is within its token bucket (per client address, bounded memory) and the number
    of probes in flight is below ``max_concurrent``.
 
+Names are resolved by ``DnsResolver``, not by the agent's resolver (probes.resolve): its
+lookups are coroutines that the request's deadline really cancels, so a flood of slow names
+cannot hold threads the agent's own lookups wait for.
+
 Every refusal is an HTTP error with a short, fixed message: the client learns nothing about
 internal DNS. A probe outcome (including an unresolvable name) is a 200 with
 ``probe_success 0``, from a fresh ``CollectorRegistry`` per request, as blackbox does.
@@ -30,6 +34,7 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import os
 import socket
 import time
 import zlib
@@ -37,9 +42,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -130,6 +140,7 @@ class ProbeEndpointConfig:
     max_concurrent: int = 16                       # probes in flight, all clients together
     timeout: Duration = Duration(10.0)             # upper bound for one request
     timeout_offset: Duration = Duration(0.5)       # kept free of the scrape timeout (blackbox)
+    resolve_timeout: Duration = Duration(5.0)      # one name lookup (within the request's)
 
     @cached_property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -162,6 +173,8 @@ class ProbeEndpointConfig:
             errs.append("timeout: must be > 0 and <= 300s")
         if not 0 <= self.timeout_offset < self.timeout:
             errs.append("timeout_offset: must be >= 0 and below timeout")
+        if not 0 < self.resolve_timeout <= 300:
+            errs.append("resolve_timeout: must be > 0 and <= 300s")
         if self.enabled and not (self.allow_names or self.allow_cidrs):
             errs.append("allow_names: an enabled /probe needs allow_names or allow_cidrs")
         return errs
@@ -181,10 +194,126 @@ class Resolver(Protocol):
         """Addresses of ``host`` (family AF_INET, AF_INET6 or AF_UNSPEC), may raise OSError."""
 
 
-async def system_resolver(host: str, family: int) -> list[str]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
-    return list(dict.fromkeys(str(i[4][0]) for i in infos))
+_FileKey = tuple[int, int, int]
+_MAX_HOSTS_BYTES = 1 << 20
+
+
+def _file_key(path: Path) -> _FileKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def parse_hosts(text: str) -> dict[str, list[str]]:
+    """An /etc/hosts text as name (lower case, no final dot) -> addresses, in file order."""
+    table: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        addr = _ip(fields[0]) if len(fields) >= 2 else None
+        if addr is None:
+            continue
+        for name in fields[1:]:
+            addrs = table.setdefault(name.lower().rstrip("."), [])
+            if str(addr) not in addrs:
+                addrs.append(str(addr))
+    return table
+
+
+class DnsResolver:
+    """/probe's resolver: /etc/hosts, then DNS over asyncio sockets (dnspython).
+
+    The agent's own resolver (probes.resolve) calls getaddrinfo in the event loop's default
+    thread pool. A getaddrinfo call cannot be cancelled: a /probe flood of names that a slow
+    DNS server answers late filled that pool with lookups that outlived their requests, and
+    the agent's own names queued behind them until their lookups timed out. Here a lookup is a
+    coroutine on its own socket: the request's deadline (or ``timeout``) cancels it and closes
+    the socket, and at most ``limit`` lookups are in flight; past that a lookup fails at once.
+
+    Like glibc with ``hosts: files dns``, minus search domains: an allowlisted name is looked
+    up as written, never with a suffix appended. Both files are read again when they change.
+    ``port`` is the DNS servers' port (53; tests use another).
+    """
+
+    def __init__(self, limit: int, timeout: float, hosts: Path = Path("/etc/hosts"),
+                 resolv_conf: Path = Path("/etc/resolv.conf"), port: int = 53) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self.hosts_path = hosts
+        self.resolv_conf = resolv_conf
+        self.port = port
+        self.in_flight = 0
+        self._hosts: tuple[_FileKey | None, dict[str, list[str]]] = (None, {})
+        self._dns: tuple[_FileKey | None, dns.asyncresolver.Resolver | None] = (None, None)
+
+    async def __call__(self, host: str, family: int) -> list[str]:
+        if self.in_flight >= self.limit:
+            raise OSError("too many /probe lookups in flight")
+        self.in_flight += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._resolve(host, family)
+        finally:
+            self.in_flight -= 1
+
+    async def _resolve(self, host: str, family: int) -> list[str]:
+        want: tuple[int, ...] = (4,) if family == socket.AF_INET else \
+            (6,) if family == socket.AF_INET6 else (4, 6)
+        known = self._hosts_table().get(host.lower().rstrip("."), [])
+        # IPv4 first, as the agent's own resolver prefers it for ip_family "auto".
+        found = [a for v in want for a in known if ipaddress.ip_address(a).version == v]
+        if found:
+            return found
+        res = self._dns_resolver()
+        if res is None:
+            raise OSError("no DNS server configured")
+        rdtypes = [{4: dns.rdatatype.A, 6: dns.rdatatype.AAAA}[v] for v in want]
+        answers = await asyncio.gather(*(self._query(res, host, t) for t in rdtypes),
+                                       return_exceptions=True)
+        out: list[str] = []
+        for a in answers:
+            if isinstance(a, list):
+                out += a
+            elif not isinstance(a, (dns.exception.DNSException, OSError, UnicodeError,
+                                    ValueError)):
+                raise a
+        if not out:
+            raise OSError("name did not resolve")
+        return out
+
+    async def _query(self, res: dns.asyncresolver.Resolver, host: str,
+                     rdtype: dns.rdatatype.RdataType) -> list[str]:
+        ans = await res.resolve(host, rdtype, search=False, raise_on_no_answer=False,
+                                lifetime=self.timeout)
+        if ans.rrset is None:
+            return []
+        return [r.address for r in ans.rrset if r.rdtype == rdtype]
+
+    def _hosts_table(self) -> dict[str, list[str]]:
+        key = _file_key(self.hosts_path)
+        if key != self._hosts[0]:
+            try:
+                with self.hosts_path.open("rb") as f:
+                    text = f.read(_MAX_HOSTS_BYTES).decode("utf-8", "replace")
+            except OSError:
+                text = ""
+            self._hosts = (key, parse_hosts(text))
+        return self._hosts[1]
+
+    def _dns_resolver(self) -> dns.asyncresolver.Resolver | None:
+        key = _file_key(self.resolv_conf)
+        if key != self._dns[0]:
+            res: dns.asyncresolver.Resolver | None
+            try:
+                res = dns.asyncresolver.Resolver(filename=os.fspath(self.resolv_conf))
+                res.port = self.port
+            except (dns.exception.DNSException, OSError, ValueError):
+                log.warning("/probe: no usable DNS configuration, names resolve only from "
+                            "the hosts file", extra={"file": os.fspath(self.resolv_conf)})
+                res = None
+            self._dns = (key, res)
+        return self._dns[1]
 
 
 # module name -> (probe kind name, options), or None for an unknown module.
@@ -329,13 +458,14 @@ class ProbeEndpointStats:
 class ProbeEndpoint:
     def __init__(self, cfg: ProbeEndpointConfig, probes: Mapping[str, ProbeKind[Any]],
                  modules: ModuleLookup, ctx: ProbeContext, *,
-                 resolver: Resolver = system_resolver,
+                 resolver: Resolver | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.probes = probes
         self.modules = modules
         self.ctx = ctx
-        self.resolver = resolver
+        self.resolver: Resolver = resolver if resolver is not None else DnsResolver(
+            cfg.max_concurrent, float(cfg.resolve_timeout))
         self.policy = TargetPolicy(cfg)
         self.limiter = ClientLimiter(cfg.rate, cfg.burst, cfg.max_clients, clock)
         self.in_flight = 0

@@ -16,9 +16,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 import pytest
 import yaml
 from aiohttp import web
@@ -30,6 +34,7 @@ from agent.decode import ConfigError, compose, decode_dataclass
 from agent.probe_endpoint import (
     CATEGORIES,
     ClientLimiter,
+    DnsResolver,
     ProbeEndpoint,
     ProbeEndpointConfig,
     Refused,
@@ -387,6 +392,119 @@ config_values = st.none() | st.booleans() | st.integers() | st.floats() \
 def test_fuzz_config(raw: dict[str, object]) -> None:
     with contextlib.suppress(ConfigError):
         decode_cfg(yaml.safe_dump(raw))
+
+
+# ---------------------------------------------------------------------------------------------
+# /probe's own resolver, against a DNS server on loopback (this process's, never the host's).
+
+class LoopbackDns(asyncio.DatagramProtocol):
+    """Answers ``records`` at once, never answers a name ending in ``.silent.test``."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.queries: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        q = dns.message.from_wire(data)
+        name = q.question[0].name.to_text(omit_final_dot=True).lower()
+        self.queries.append(name)
+        if name.endswith(".silent.test"):
+            return
+        r = dns.message.make_response(q)
+        rdtype = q.question[0].rdtype
+        for a in self.records.get(name, []):
+            if (rdtype == dns.rdatatype.AAAA) == (":" in a):
+                r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN",
+                                                    dns.rdatatype.to_text(rdtype), a))
+        if name not in self.records:
+            r.set_rcode(dns.rcode.NXDOMAIN)
+        self.transport.sendto(r.to_wire(), addr)
+
+
+LoopbackEnv = tuple[LoopbackDns, Callable[..., DnsResolver]]
+
+
+@pytest.fixture
+async def loopback_dns(tmp_path: Path) -> AsyncIterator[LoopbackEnv]:
+    server = LoopbackDns()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: server, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
+                                    "203.0.113.9 Edge-H.example.net # from the hosts file\n")
+
+    def make(limit: int = 16, timeout: float = 5.0) -> DnsResolver:
+        return DnsResolver(limit, timeout, hosts=tmp_path / "hosts",
+                           resolv_conf=tmp_path / "resolv.conf", port=port)
+
+    yield server, make
+    transport.close()
+
+
+async def test_resolver_hosts_file_then_dns(loopback_dns: LoopbackEnv, tmp_path: Path) -> None:
+    server, make = loopback_dns
+    server.records["edge-1.example.net"] = ["203.0.113.7", "2001:db8::7"]
+    r = make()
+    assert await r("edge-1.example.net", socket.AF_UNSPEC) == ["203.0.113.7", "2001:db8::7"]
+    assert await r("edge-1.example.net.", socket.AF_INET6) == ["2001:db8::7"]
+    assert await r("edge-1.example.net", socket.AF_INET) == ["203.0.113.7"]
+    with pytest.raises(OSError):
+        await r("gone.example.net", socket.AF_UNSPEC)
+    n = len(server.queries)
+    assert await r("localhost", socket.AF_UNSPEC) == ["127.0.0.1", "::1"]
+    assert await r("edge-h.example.net", socket.AF_INET) == ["203.0.113.9"]
+    assert len(server.queries) == n                 # the hosts file answered, no query sent
+    # Not in the hosts file for that family: DNS is asked.
+    with pytest.raises(OSError):
+        await r("edge-h.example.net", socket.AF_INET6)
+    # The hosts file is read again when it changes.
+    (tmp_path / "hosts").write_text("203.0.113.10 edge-h.example.net extra\n")
+    assert await r("edge-h.example.net", socket.AF_UNSPEC) == ["203.0.113.10"]
+    # No usable resolv.conf: DNS names fail, the hosts file still answers.
+    (tmp_path / "resolv.conf").write_text("# nothing\n")
+    with pytest.raises(OSError):
+        await r("edge-1.example.net", socket.AF_UNSPEC)
+    assert await r("extra", socket.AF_UNSPEC) == ["203.0.113.10"]
+
+
+async def test_lookup_ends_with_its_request(loopback_dns: LoopbackEnv, make_env: MakeEnv
+                                            ) -> None:
+    server, make = loopback_dns
+    env = await make_env()
+    resolver = make(limit=1)
+    env.ep.resolver = resolver
+    status, body = await env.get("x.example.net")
+    assert status == 200   # NXDOMAIN from the server: a probe outcome
+    assert metrics(body)[("probe_failed_due_to", (("reason", "resolve_failed"),))] == 1
+
+    env = await make_env(allow_names=("*.silent.test",))
+    env.ep.resolver = resolver
+    status, body = await env.get("edge.silent.test",
+                                 headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.2"})
+    assert status == 200
+    assert metrics(body)[("probe_failed_due_to", (("reason", "resolve_failed"),))] == 1
+    # The lookup was cancelled with the request (0.7 s budget), not left running: nothing in
+    # flight, and no retry reaches the server after the answer (dnspython would resend
+    # after its 1 s per-try timeout).
+    assert resolver.in_flight == 0
+    asked = len(server.queries)
+    assert asked >= 1
+    await asyncio.sleep(1.5)
+    assert len(server.queries) == asked
+
+    # The pool is bounded: with one lookup in flight, the next fails at once.
+    slow = asyncio.create_task(resolver("a.silent.test", socket.AF_INET))
+    await asyncio.sleep(0.1)
+    with pytest.raises(OSError, match="too many"):
+        await resolver("b.silent.test", socket.AF_INET)
+    slow.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await slow
+    assert resolver.in_flight == 0
 
 
 # ---------------------------------------------------------------------------------------------
