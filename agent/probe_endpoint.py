@@ -14,7 +14,12 @@ blackbox_exporter's ``/probe`` lets anyone who reaches it make the exporter conn
    ``allow_cidrs`` entry inside that category's range covers it (allowing ``10.1.0.0/16``
    allows those private addresses; allowing ``0.0.0.0/0`` allows no special address);
 4. the client is within its token bucket (per client address, bounded memory) and the number
-   of probes in flight is below ``max_concurrent``.
+   of probes in flight is below ``max_concurrent``;
+5. the module carries no credential (an auth header, a password, a password file, ...): the
+   client picks host, port and path, so a credential would go wherever it points.
+
+An ``allow_cidrs`` entry wider than /16 (IPv4) or /48 (IPv6) is refused unless
+``allow_wide_cidrs`` is set, and logs a warning when it is.
 
 Names are resolved by ``DnsResolver``, not by the agent's resolver (probes.resolve): its
 lookups are coroutines that the request's deadline really cancels, so a flood of slow names
@@ -35,6 +40,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 import time
 import zlib
@@ -99,6 +105,9 @@ SPECIAL_RANGES: tuple[tuple[str, str], ...] = (
 CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(c for c, _ in SPECIAL_RANGES))
 _RANGES: tuple[tuple[str, IPNetwork], ...] = tuple(
     (c, ipaddress.ip_network(n)) for c, n in SPECIAL_RANGES)
+# An allowlist entry shorter than this (per IP version) needs allow_wide_cidrs: a /16 is
+# already 65,536 addresses, far more than any edge fleet's own ranges.
+WIDE_PREFIX: Mapping[int, int] = {4: 16, 6: 48}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _6TO4 = ipaddress.ip_network("2002::/16")
 
@@ -134,6 +143,7 @@ class ProbeEndpointConfig:
     allow_names: tuple[str, ...] = ()              # "edge-sg-1.example.net", "*.example.net"
     allow_cidrs: tuple[str, ...] = ()              # "198.51.100.0/24", "2001:db8::/32"
     allow_special: tuple[str, ...] = ()            # categories from CATEGORIES
+    allow_wide_cidrs: bool = False                 # opt-in for CIDRs wider than WIDE_PREFIX
     rate: float = 1.0                              # requests per second per client
     burst: int = 5
     max_clients: int = 4096                        # bucket table size (memory bound)
@@ -145,6 +155,10 @@ class ProbeEndpointConfig:
     @cached_property
     def networks(self) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(c, strict=True) for c in self.allow_cidrs)
+
+    @cached_property
+    def wide_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(n for n in self.networks if n.prefixlen < WIDE_PREFIX[n.version])
 
     def validate(self) -> list[str]:
         errs: list[str] = []
@@ -158,9 +172,13 @@ class ProbeEndpointConfig:
                 errs.append(f"allow_names: invalid name pattern {n!r}")
         for c in self.allow_cidrs:
             try:
-                ipaddress.ip_network(c, strict=True)
+                net = ipaddress.ip_network(c, strict=True)
             except ValueError as e:
                 errs.append(f"allow_cidrs: {e}")
+                continue
+            if net.prefixlen < WIDE_PREFIX[net.version] and not self.allow_wide_cidrs:
+                errs.append(f"allow_cidrs: {c} is wider than /{WIDE_PREFIX[4]} (IPv4) or "
+                            f"/{WIDE_PREFIX[6]} (IPv6); set allow_wide_cidrs: true to allow it")
         if not (self.rate > 0 and math.isfinite(self.rate)):
             errs.append("rate: must be > 0")
         if not 1 <= self.burst <= 10_000:
@@ -319,6 +337,35 @@ class DnsResolver:
 # module name -> (probe kind name, options), or None for an unknown module.
 ModuleLookup = Callable[[str], "tuple[str, CommonOptions] | None"]
 
+# Request headers that carry no secret. Any other header counts as a credential: a token can
+# hide under any name (X-Api-Key, X-Edge-Pass, ...), so the list says what is safe, not what
+# is not.
+HARMLESS_HEADERS = frozenset({
+    "accept", "accept-charset", "accept-encoding", "accept-language", "cache-control",
+    "connection", "content-type", "dnt", "host", "origin", "pragma", "referer", "user-agent",
+    "x-requested-with"})
+# Option fields that hold a credential when set (passwords, password files, TURN usernames,
+# tokens, client certificates and keys). Matched by name, so a new field named like one is
+# covered without being listed here.
+_CREDENTIAL_FIELD = re.compile(
+    r"pass|secret|token|bearer|credential|auth|username|cookie|(^|_)cert($|_)|(^|_)key($|_)")
+
+
+def credential_fields(opts: CommonOptions) -> list[str]:
+    """The option fields of a module that carry a credential; /probe refuses such a module,
+    because the client chooses host, port and path, and the credential would go there."""
+    out: list[str] = []
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name == "headers":
+            lines = value.keys() if isinstance(value, Mapping) else value
+            names = {str(h).split(":", 1)[0].strip().lower() for h in lines}
+            if names - HARMLESS_HEADERS:
+                out.append(f.name)
+        elif _CREDENTIAL_FIELD.search(f.name) and value:
+            out.append(f.name)
+    return out
+
 
 class Refused(Exception):
     def __init__(self, status: int, message: str, why: str) -> None:
@@ -451,8 +498,8 @@ class ProbeEndpointStats:
     """Counts for the agent's own /metrics (bounded labels: outcome only)."""
 
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("ok", "invalid", "unknown_module", "allowlist", "special", "rate_limited",
-         "busy"), 0))
+        ("ok", "invalid", "unknown_module", "credentials", "allowlist", "special",
+         "rate_limited", "busy"), 0))
 
 
 class ProbeEndpoint:
@@ -470,6 +517,10 @@ class ProbeEndpoint:
         self.limiter = ClientLimiter(cfg.rate, cfg.burst, cfg.max_clients, clock)
         self.in_flight = 0
         self.stats = ProbeEndpointStats()
+        if cfg.wide_networks:
+            log.warning("/probe allows wide address ranges (allow_wide_cidrs): any host in "
+                        "them may be probed through this agent",
+                        extra={"cidrs": ",".join(str(n) for n in cfg.wide_networks)})
 
     def describe(self) -> Iterable[Metric]:
         return self.collect()
@@ -508,6 +559,8 @@ class ProbeEndpoint:
         if found is None or found[0] not in self.probes:
             raise Refused(400, "unknown module", "unknown_module")
         kind_name, opts = found
+        if credential_fields(opts):
+            raise Refused(403, "module refused: it carries credentials", "credentials")
         kind = self.probes[kind_name]
         deadline = self._deadline(request.headers.get("X-Prometheus-Scrape-Timeout-Seconds"))
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import ipaddress
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -40,11 +43,16 @@ from agent.probe_endpoint import (
     Refused,
     TargetPolicy,
     add_probe_route,
+    credential_fields,
     modules_from_defaults,
     parse_target,
     special_category,
 )
+from probes import PROBES
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.connect import ConnectOptions as ConnectKindOptions
+from probes.http import HttpOptions
+from probes.turn import TurnOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,8 +234,7 @@ async def test_special_addresses_are_refused(make_env: MakeEnv, addr: str, categ
                                              ) -> None:
     # Even with the whole address space allowlisted, and whether the client gives the
     # address or a name resolving to it.
-    env = await make_env([[addr]], allow_cidrs=("0.0.0.0/0",
-                                                "::/0"))
+    env = await make_env([[addr]], allow_cidrs=("0.0.0.0/0", "::/0"), allow_wide_cidrs=True)
     literal = f"[{addr}]" if ":" in addr else addr
     for target in (literal, "edge-sg-1.example.net"):
         status, body = await env.get(target)
@@ -349,10 +356,33 @@ def test_config_validation() -> None:
                         ("timeout: 1h", "timeout")):
         with pytest.raises(ConfigError, match=match):
             decode_cfg(text)
-    cfg = decode_cfg("{enabled: true, allow_names: ['*.example.net'], allow_cidrs: [10.0.0.0/8],"
+    cfg = decode_cfg("{enabled: true, allow_names: ['*.example.net'], allow_cidrs: [10.1.0.0/16],"
                      " rate: 2, timeout: 5s}")
     assert cfg.rate == 2.0 and cfg.timeout == 5.0
-    assert cfg.networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert cfg.networks == (ipaddress.ip_network("10.1.0.0/16"),)
+
+
+def test_wide_allowlist_needs_opt_in_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    wide = ("0.0.0.0/0", "::/0", "198.50.0.0/15", "2001:db8::/47")
+    for cidr in wide:
+        with pytest.raises(ConfigError, match=re.escape(
+                "wider than /16 (IPv4) or /48 (IPv6); set allow_wide_cidrs: true")):
+            decode_cfg(f"{{enabled: true, allow_cidrs: ['{cidr}']}}")
+        with pytest.raises(ValueError, match="allow_wide_cidrs"):
+            add_probe_route(web.Application(), ProbeEndpointConfig(
+                enabled=True, allow_cidrs=(cidr,)), {}, lambda m: None, ProbeContext())
+    caplog.set_level(logging.WARNING, "edgeprobe.probe_endpoint")
+    # At the limit: accepted, no warning.
+    ok = decode_cfg("{enabled: true, allow_cidrs: [198.51.0.0/16, '2001:db8:1::/48']}")
+    assert add_probe_route(web.Application(), ok, {}, lambda m: None, ProbeContext())
+    assert not caplog.records
+    # Wider, with the opt-in: accepted, and the start says so.
+    cfg = decode_cfg("{enabled: true, allow_wide_cidrs: true, allow_cidrs: ['"
+                     + "', '".join(wide) + "']}")
+    assert add_probe_route(web.Application(), cfg, {}, lambda m: None, ProbeContext())
+    [rec] = caplog.records
+    assert rec.levelno == logging.WARNING and "wide address ranges" in rec.getMessage()
+    assert rec.cidrs == ",".join(wide)  # type: ignore[attr-defined]
 
 
 @settings(max_examples=500, deadline=None)
@@ -392,6 +422,132 @@ config_values = st.none() | st.booleans() | st.integers() | st.floats() \
 def test_fuzz_config(raw: dict[str, object]) -> None:
     with contextlib.suppress(ConfigError):
         decode_cfg(yaml.safe_dump(raw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials: the client picks host, port and path, so a module with a secret is refused.
+
+@dataclass
+class Listener:
+    """What reached the loopback listeners: HTTP requests and UDP datagrams."""
+
+    http_port: int
+    udp_port: int
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    datagrams: list[bytes] = field(default_factory=list)
+
+
+class _Sink(asyncio.DatagramProtocol):
+    def __init__(self, got: list[bytes]) -> None:
+        self.got = got
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.got.append(data)
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    got: list[tuple[str, dict[str, str]]] = []
+    datagrams: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        got.append((request.path, dict(request.headers)))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: _Sink(datagrams), local_addr=("127.0.0.1", 0))
+    udp_port = transport.get_extra_info("sockname")[1]
+    yield Listener(port, udp_port, got, datagrams)
+    transport.close()
+    await runner.cleanup()
+
+
+SECRET = "s3cret-token-0f9a"
+
+
+async def test_credentials_never_reach_a_client_chosen_target(listener: Listener,
+                                                              tmp_path: Path) -> None:
+    pw_file = tmp_path / "turn.pw"
+    pw_file.write_text(SECRET)
+    plain = HttpOptions(scheme="http", timeout=2.0, headers=("User-Agent: edgeprobe",))
+    modules = modules_from_defaults(
+        {"http": HttpOptions(scheme="http", timeout=2.0,
+                             headers=(f"Authorization: Bearer {SECRET}",)),
+         "turn": TurnOptions(timeout=0.5, username="edge", password=SECRET),
+         "connect": ConnectKindOptions(timeout=0.5, turn=True, username="edge",
+                                       password_file=str(pw_file))},
+        {"http_plain": ("http", plain),
+         "http_apikey": ("http", dataclasses.replace(plain, headers=(f"X-Api-Key: {SECRET}",))),
+         "http_cookie": ("http", dataclasses.replace(plain, headers=(f"cookie: s={SECRET}",))),
+         "turn_file": ("turn", TurnOptions(timeout=0.5, username="edge",
+                                           password_file=str(pw_file)))})
+    app = web.Application()
+    ep = add_probe_route(app, ProbeEndpointConfig(enabled=True, allow_cidrs=("127.0.0.0/16",),
+                                                  burst=100), PROBES, modules, ProbeContext())
+    assert ep is not None
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/probe"  # type: ignore
+    http_target = f"http://127.0.0.1:{listener.http_port}/steal"
+    udp_target = f"127.0.0.1:{listener.udp_port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async def get(module: str, target: str) -> tuple[int, str]:
+                async with s.get(url, params={"module": module, "target": target}) as r:
+                    return r.status, await r.text()
+
+            # Without a credential the client-chosen host, port and path are reached: the
+            # listener sees what a module would send.
+            status, body = await get("http_plain", http_target)
+            assert status == 200 and metrics(body)[("probe_success", ())] == 1
+            assert [p for p, _ in listener.requests] == ["/steal"]
+            answers = {module: await get(module, target) for module, target in (
+                ("http", http_target), ("http_apikey", http_target),
+                ("http_cookie", http_target), ("turn", udp_target), ("turn_file", udp_target),
+                ("connect", udp_target))}
+            await asyncio.sleep(0.2)     # a datagram or request in flight would have landed
+    finally:
+        await runner.cleanup()
+    leaked = [(p, k) for p, h in listener.requests for k, v in h.items() if SECRET in v]
+    assert leaked == [] and len(listener.requests) == 1
+    assert listener.datagrams == []
+    assert answers == dict.fromkeys(answers, (403, "module refused: it carries credentials\n"))
+    assert ep.stats.requests["credentials"] == 6
+
+
+def test_credential_fields() -> None:
+    assert credential_fields(HttpOptions()) == []
+    assert credential_fields(HttpOptions(headers=("Accept: */*", "user-agent: x"))) == []
+    for h in ("Authorization: Basic eDp5", "Proxy-Authorization: x", "X-Edge-Pass: x",
+              "Cookie: a=b", "x-api-key: k"):
+        assert credential_fields(HttpOptions(headers=(h,))) == ["headers"], h
+    assert credential_fields(TurnOptions(username="u", password_file="/run/pw")) == [
+        "username", "password_file"]
+    assert credential_fields(ConnectKindOptions()) == []
+    assert credential_fields(ConnectKindOptions(password="p")) == ["password"]
+
+    # A field added later is covered by its name.
+    @dataclass(frozen=True)
+    class Future(CommonOptions):
+        client_cert: str = ""
+        client_key_file: str = ""
+        bearer_token_file: str = ""
+        ca_file: str = ""
+        key_log: bool = False
+
+    assert credential_fields(Future(ca_file="ca.pem")) == []
+    assert credential_fields(Future(client_cert="c", client_key_file="k", bearer_token_file="t",
+                                    key_log=True)) == [
+        "client_cert", "client_key_file", "bearer_token_file", "key_log"]
 
 
 # ---------------------------------------------------------------------------------------------
