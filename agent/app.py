@@ -28,7 +28,7 @@ from agent.discovery import DiscoveredTarget, Discovery, merge_targets
 from agent.export import protobuf
 from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults
 from agent.scheduler import Scheduler, loop_lag_monitor
-from agent.stats import new_series
+from agent.stats import SeriesShape, new_series
 from agent.webconfig import WebConfigError, WebGuard
 from probes import PROBES
 from probes.base import ProbeContext, ProbeResult, RunHandle
@@ -98,13 +98,14 @@ class Agent:
         return CollectorState(region=a.region, agent_labels=dict(a.labels),
                               target_label_keys=cfg.target_label_keys, budget=a.budget,
                               round_trips=a.model.round_trips, fixed=a.model.fixed,
-                              exchanges=a.model.exchanges, self_stats=self.self_stats)
+                              exchanges=a.model.exchanges, full=cfg.metrics.full,
+                              self_stats=self.self_stats)
 
     def _new_view(self, job: Job, cfg: Config) -> SeriesView:
         kind = PROBES[job.kind]
-        stats = new_series(kind.packet_based, kind.phases, kind.all_reasons,
-                           cfg.metrics.rtt, cfg.metrics.durations, cfg.metrics.recent_window,
-                           cfg.metrics.native_histograms)
+        m = cfg.metrics
+        stats = new_series(kind.packet_based, kind.phases, kind.all_reasons, SeriesShape(
+            m.rtt, m.durations, m.phases, m.recent_window, m.native_histograms, m.full))
         return SeriesView(edge=job.target.name, kind=job.kind, labels=dict(job.target.labels),
                           stats=stats)
 
@@ -217,9 +218,12 @@ class Agent:
         new = self._effective(file_config)
         old = self.config
         self._update_probe_endpoint(new, old)
+        # Another bucket layout or detail is another series shape: start them afresh
+        # (Prometheus reads it as a counter reset).
         same_identity = (new.agent.region == old.agent.region
                          and new.agent.labels == old.agent.labels
-                         and new.target_label_keys == old.target_label_keys)
+                         and new.target_label_keys == old.target_label_keys
+                         and new.metrics == old.metrics)
         views = self._views_for(new, self.state.series, same_identity)
         state = self._state_for(new)
         # Swap the state in place: the registered collector keeps pointing at self.state.

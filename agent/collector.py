@@ -239,6 +239,7 @@ class CollectorState:
     round_trips: float
     fixed: float
     exchanges: int
+    full: bool = False      # metrics.detail: full
     series: dict[tuple[str, str], SeriesView] = field(default_factory=dict)
     self_stats: SelfStats = field(default_factory=SelfStats)
 
@@ -291,25 +292,34 @@ class CollectorState:
         now = time.monotonic()
         fam = sink.family
         smp = sink.sample
+        # Which families each kind exports at this detail: the catalog decides, once a walk.
+        exports: dict[str, frozenset[str]] = {}
         for i, v in enumerate(list(self.series.values())):
             if i and i % self.WALK_SLICE == 0:
                 yield
             base = _Labels(dict(zip(names, self._values(v), strict=True)))
             s = v.stats
             kind = PROBES.get(v.kind)
-            connect = kind is not None and kind.metric_prefix == "connect"
+            if kind is None:
+                continue
+            has = exports.get(v.kind)
+            if has is None:
+                has = exports[v.kind] = frozenset(f.name for f in C.for_kind(kind, self.full))
             if not math.isnan(s.success):
                 smp(fam(C.PROBE_SUCCESS), base, s.success)
+            smp(fam(C.PROBE_RUNS), base, s.runs)
             errors = fam(C.PROBE_ERRORS)
             for reason, n in list(s.errors.items()):
                 smp(errors, base, n, ("reason", reason))
-            sink.hist(fam(C.CONNECT_DURATION if connect else C.PROBE_DURATION), base, s.duration)
+            for spec in (C.CONNECT_DURATION, C.PROBE_DURATION):
+                if spec.name in has:
+                    sink.hist(fam(spec), base, s.duration)
             if s.phases:
-                phases = fam(C.CONNECT_PHASES if connect else C.PROBE_PHASES)
+                phases = fam(C.CONNECT_PHASES if C.CONNECT_PHASES.name in has else C.PROBE_PHASES)
                 for phase, h in list(s.phases.items()):
                     sink.hist(phases, base, h, ("phase", phase))
             for gname, gval in list(s.gauges.items()):
-                spec = C.kind_gauge(kind, gname) if kind and gname in kind.gauges else \
+                spec = C.kind_gauge(kind, gname) if gname in kind.gauges else \
                     Family(f"edgeprobe_{gname}", "gauge", gname)
                 smp(fam(spec), base, gval)
             if s.info:
@@ -328,9 +338,12 @@ class CollectorState:
             sink.hist(fam(C.RTT), base, p.rtt)
             smp(fam(C.PACKETS_SENT), base, p.sent)
             smp(fam(C.PACKETS_LOST), base, p.lost)
+            smp(fam(C.LOSS_PERIODS), base, p.loss_periods)
             smp(fam(C.JITTER), base, p.jitter)
-            sink.hist(fam(C.IPDV), base, p.ipdv)
-            sink.hist(fam(C.LOSS_BURSTS), base, p.bursts)
+            if p.ipdv is not None and C.IPDV.name in has:
+                sink.hist(fam(C.IPDV), base, p.ipdv)
+            if p.bursts is not None and C.LOSS_BURSTS.name in has:
+                sink.hist(fam(C.LOSS_BURSTS), base, p.bursts)
             answered, lost_n = p.window.snapshot(now)
             recent = fam(C.RTT_RECENT)
             for q in C.QUANTILES:
@@ -338,17 +351,18 @@ class CollectorState:
             smp(recent, base, len(answered), suffix="_count")
             smp(recent, base, float(sum(answered)), suffix="_sum")
             n = len(answered) + lost_n
-            smp(fam(C.LOSS_UPPER95), base, model.wilson_interval(lost_n, n)[1])
-            smp(fam(C.WINDOW_PACKETS), base, n)
-            smp(fam(C.BUDGET), base, self.budget)
+            if self.full:
+                smp(fam(C.LOSS_UPPER95), base, model.wilson_interval(lost_n, n)[1])
+                smp(fam(C.WINDOW_PACKETS), base, n)
             pred = model.predict(answered, lost_n, p.jitter, self.budget, self.round_trips,
                                  self.fixed, self.exchanges)
             if pred is None:
                 continue
             smp(fam(C.CONNECT_ESTIMATE), base, pred.estimate)
             smp(fam(C.MISS_PROBABILITY), base, pred.miss_probability)
-            smp(fam(C.R_FACTOR), base, pred.r_factor)
-            smp(fam(C.MOS), base, pred.mos)
+            if self.full:
+                smp(fam(C.R_FACTOR), base, pred.r_factor)
+                smp(fam(C.MOS), base, pred.mos)
 
         targets = fam(C.TARGETS)
         per_kind: dict[str, int] = {}
@@ -356,6 +370,7 @@ class CollectorState:
             per_kind[v.kind] = per_kind.get(v.kind, 0) + 1
         for k in sorted(per_kind):
             smp(targets, _Labels({"region": self.region, "probe": k}), per_kind[k])
+        smp(fam(C.BUDGET), _Labels({"region": self.region}), self.budget)
 
     def _self_metrics(self, native: bool = False) -> Iterator[Metric]:
         ss = self.self_stats

@@ -26,15 +26,23 @@ RESERVED_LABELS = frozenset({"region", "edge", "probe", "reason", "phase", "le",
                              "hop", "job", "instance"})
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
-# 0.5 ms … 5 s. Between 5 ms and 1 s, where edge RTTs live, boundaries are 3.9 % apart: even when
-# every sample of a narrow distribution sits at one end of a bucket, histogram_quantile's linear
-# interpolation lands at most half a bucket (<2 %) from the true quantile. Exactly 0.6 (the
-# connect budget) is a boundary so PromQL can count "within budget".
-# Cost: 158 series per target (155 bounds, +Inf, _sum, _count).
-# Cached: every series' histogram shares the one tuple (a tuple of fresh floats per series was
-# 4.4 KB per target, 44 MB at 10,000 targets).
+# Classic buckets. With native histograms (the protobuf format), the native buckets give the
+# quantiles; the classic ones only need to answer "within the budget" (exactly 0.6 is a bound)
+# and give a coarse shape to servers without native histograms, where histogram_quantile lands
+# within one bucket. Lean: 14 bounds (17 series per histogram).
+LEAN_RTT_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1,
+                                       0.15, 0.25, 0.4, 0.6, 1.0)
+LEAN_DURATION_BUCKETS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6,
+                                            0.75, 1.0, 2.0, 5.0)
+
+
+# Dense: 0.5 ms … 5 s. Between 5 ms and 1 s, where edge RTTs live, boundaries are 3.9 % apart:
+# even when every sample of a narrow distribution sits at one end of a bucket, histogram_quantile's
+# linear interpolation lands at most half a bucket (<2 %) from the true quantile, for servers that
+# cannot take native histograms. Cost: 158 series per histogram. Cached: every series' histogram
+# shares the one tuple (a tuple of fresh floats per series was 44 MB at 10,000 targets).
 @functools.cache
-def default_rtt_buckets() -> tuple[float, ...]:
+def dense_rtt_buckets() -> tuple[float, ...]:
     out: list[float] = [0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004]
     b = 0.005
     while b < 1.0:
@@ -44,10 +52,10 @@ def default_rtt_buckets() -> tuple[float, ...]:
     return tuple(sorted(set(out)))
 
 
-def default_duration_buckets() -> tuple[float, ...]:
-    # Connect/phase durations: coarser, but with 0.6 exactly and dense around the budget.
-    return (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45,
-            0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+# Dense connect/phase durations: coarser than RTT, dense around the budget.
+DENSE_DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55,
+    0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,13 @@ class AgentSection:
 class MetricsSection:
     rtt_buckets: tuple[float, ...] = ()
     duration_buckets: tuple[float, ...] = ()
+    # lean: few classic buckets, the native ones carry the resolution; dense: classic buckets
+    # fine enough for 2 % quantiles, for Prometheus servers without native histograms.
+    classic_buckets: Literal["lean", "dense"] = "lean"
+    # lean: what the rules, alerts and dashboards use; full: also the IPDV and loss-burst
+    # histograms, the window's loss bound and size, the E-model's R factor and MOS, and every
+    # error reason's series before its first error.
+    detail: Literal["lean", "full"] = "lean"
     recent_window: Duration = Duration(60.0)
     # Native (exponential) buckets beside the classic ones on the RTT, duration and phase
     # histograms, sent to scrapers that ask for the protobuf format (Prometheus with native
@@ -119,11 +134,27 @@ class MetricsSection:
 
     @property
     def rtt(self) -> tuple[float, ...]:
-        return self.rtt_buckets or default_rtt_buckets()
+        if self.rtt_buckets:
+            return self.rtt_buckets
+        return dense_rtt_buckets() if self.classic_buckets == "dense" else LEAN_RTT_BUCKETS
 
     @property
     def durations(self) -> tuple[float, ...]:
-        return self.duration_buckets or default_duration_buckets()
+        if self.duration_buckets:
+            return self.duration_buckets
+        return DENSE_DURATION_BUCKETS if self.classic_buckets == "dense" else LEAN_DURATION_BUCKETS
+
+    @property
+    def phases(self) -> tuple[float, ...]:
+        """Phase histograms: no classic buckets when lean (count and sum give the mean; the
+        native buckets the distribution): five phases of a connect would cost 85 series."""
+        if self.duration_buckets or self.classic_buckets == "dense":
+            return self.durations
+        return ()
+
+    @property
+    def full(self) -> bool:
+        return self.detail == "full"
 
 
 @dataclass(frozen=True)

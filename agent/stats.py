@@ -99,11 +99,13 @@ class PacketStats:
     """RTT, loss, jitter and burst state of a packet-train series."""
 
     rtt: Histogram
-    ipdv: Histogram
-    bursts: Histogram
     window: Window
+    # The IPDV and loss-burst-length distributions, kept with metrics.detail: full only.
+    ipdv: Histogram | None = None
+    bursts: Histogram | None = None
     sent: int = 0
     lost: int = 0
+    loss_periods: int = 0   # RFC 3357 loss periods begun: lost / loss_periods is the mean burst
     jitter: float = 0.0
     last_rtt: float | None = None
     burst: int = 0          # length of the loss run in progress
@@ -113,16 +115,20 @@ class PacketStats:
             self.sent += 1
             if r is None:
                 self.lost += 1
+                if not self.burst:
+                    self.loss_periods += 1
                 self.burst += 1
                 continue
             if self.burst:
-                self.bursts.observe(self.burst)
+                if self.bursts is not None:
+                    self.bursts.observe(self.burst)
                 self.burst = 0
             self.rtt.observe(r)
             if self.last_rtt is not None:
                 d = abs(r - self.last_rtt)
                 self.jitter += (d - self.jitter) * JITTER_GAIN
-                self.ipdv.observe(d)
+                if self.ipdv is not None:
+                    self.ipdv.observe(d)
             self.last_rtt = r
         self.window.add(now, rtts)
 
@@ -147,6 +153,7 @@ class SeriesStats:
     hops: dict[int, HopStats] = field(default_factory=dict)
     success: float = math.nan
     runs: int = 0
+    phase_bounds: tuple[float, ...] = ()
 
     def record(self, result: ProbeResult, now: float) -> None:
         self.runs += 1
@@ -162,7 +169,7 @@ class SeriesStats:
         for phase, secs in result.phases.items():
             h = self.phases.get(phase)
             if h is None:
-                h = self.phases[phase] = Histogram(self.duration.bounds,
+                h = self.phases[phase] = Histogram(self.phase_bounds,
                                                    self.duration.native is not None)
             h.observe(secs)
         self.gauges.update(result.gauges)
@@ -184,17 +191,33 @@ class SeriesStats:
                     self.hops[idx].last_rtt = math.nan
 
 
+@dataclass(frozen=True)
+class SeriesShape:
+    """What a new series keeps: bucket bounds, native buckets, and the full detail."""
+
+    rtt: tuple[float, ...]
+    durations: tuple[float, ...]
+    phases: tuple[float, ...]
+    window_seconds: float
+    native: bool = False
+    full: bool = False
+
+
 def new_series(packet_based: bool, phases: Iterable[str], reasons: Iterable[str],
-               rtt_buckets: Sequence[float], duration_buckets: Sequence[float],
-               window_seconds: float, native: bool = False) -> SeriesStats:
-    """A series with every label set pre-created, so it is exported before the first result.
-    ``native``: the RTT, duration and phase histograms also keep native buckets."""
-    s = SeriesStats(duration=Histogram(duration_buckets, native))
+               shape: SeriesShape) -> SeriesStats:
+    """A series with its label sets pre-created, so it is exported before the first result
+    (error reasons too with the full detail; otherwise each appears with its first error)."""
+    native = shape.native
+    s = SeriesStats(duration=Histogram(shape.durations, native), phase_bounds=shape.phases)
     if packet_based:
-        s.packets = PacketStats(rtt=Histogram(rtt_buckets, native), ipdv=Histogram(IPDV_BUCKETS),
-                                bursts=Histogram(BURST_BUCKETS), window=Window(window_seconds))
+        s.packets = PacketStats(rtt=Histogram(shape.rtt, native),
+                                window=Window(shape.window_seconds))
+        if shape.full:
+            s.packets.ipdv = Histogram(IPDV_BUCKETS)
+            s.packets.bursts = Histogram(BURST_BUCKETS)
     for p in phases:
-        s.phases[p] = Histogram(duration_buckets, native)
-    for r in reasons:
-        s.errors[r] = 0
+        s.phases[p] = Histogram(shape.phases, native)
+    if shape.full:
+        for r in reasons:
+            s.errors[r] = 0
     return s

@@ -37,10 +37,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write(path: Path, names: list[str], interval: str = "500ms") -> None:
+def write(path: Path, names: list[str], interval: str = "500ms", extra: str = "") -> None:
     targets = "\n".join(f"  - {{name: {n}, address: 127.0.0.1, labels: {{tier: near}}}}"
                         for n in names)
-    path.write_text(CONFIG.format(interval=interval, targets=targets))
+    path.write_text(CONFIG.format(interval=interval, targets=targets) + extra)
 
 
 async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -78,9 +78,10 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[Agent, str, Path]]:
 
 async def test_label_sets_exist_before_the_first_result(tmp_path: Path) -> None:
     # edge-8's first run is 97 % into a 10 s interval: the scrape comes long before it.
+    # With metrics.detail: full, every error reason's series exists up front too.
     assert stagger(("edge-8", "icmp")) > 0.9
     path = tmp_path / "c.yml"
-    write(path, ["edge-8"], interval="10s")
+    write(path, ["edge-8"], interval="10s", extra="metrics: {detail: full}\n")
     agent = Agent(cfgmod.load(path), path)
     port = free_port()
     runner = await serve(build_app(agent), f"127.0.0.1:{port}")
@@ -110,13 +111,16 @@ async def test_metrics_parse_and_pass_promtool(running: tuple[Agent, str, Path])
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("edgeprobe_rtt_seconds", "edgeprobe_rtt_recent_seconds",
                  "edgeprobe_packets_sent", "edgeprobe_packets_lost", "edgeprobe_jitter_seconds",
-                 "edgeprobe_ipdv_seconds", "edgeprobe_loss_burst_length",
-                 "edgeprobe_probe_errors", "edgeprobe_probe_success",
+                 "edgeprobe_loss_periods", "edgeprobe_probe_runs", "edgeprobe_probe_success",
                  "edgeprobe_event_loop_lag_seconds", "edgeprobe_scheduler_late_ticks",
                  "edgeprobe_stray_packets", "edgeprobe_build_info",
-                 "edgeprobe_connect_budget_miss_probability", "edgeprobe_loss_ratio_upper95",
-                 "edgeprobe_mos_estimate", "edgeprobe_config_last_reload_successful"):
+                 "edgeprobe_connect_budget_miss_probability",
+                 "edgeprobe_config_last_reload_successful"):
         assert name in families, name
+    # metrics.detail: full only.
+    for name in ("edgeprobe_ipdv_seconds", "edgeprobe_loss_burst_length",
+                 "edgeprobe_loss_ratio_upper95", "edgeprobe_mos_estimate"):
+        assert name not in families, name
     sent = [s for s in families["edgeprobe_packets_sent"].samples if s.labels["edge"] == "edge-1"]
     assert sent[0].value >= 3
     assert sent[0].labels == {"region": "id-jakarta", "edge": "edge-1", "probe": "icmp",

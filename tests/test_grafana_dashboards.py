@@ -111,8 +111,8 @@ def test_required_panels() -> None:
     assert {"Best edge per region", "Connects within budget: region x edge (1h)",
             "Edges meeting the budget SLO"} <= titles["edgeprobe-overview"]
     assert {"RTT distribution", "RTT p50 / p95 / p99 (5m)",
-            "Loss and its Wilson 95 % upper bound", "Jitter (RFC 3550, round trip)",
-            "Connect phases (stacked)", "MOS estimate"} <= titles["edgeprobe-edge"]
+            "Loss (round trip)", "Jitter (RFC 3550, round trip)",
+            "Connect phases (stacked)", "Mean loss burst (packets)"} <= titles["edgeprobe-edge"]
     assert {"Agents up", "Event loop lag p99", "Scheduler: late and skipped ticks",
             "Stray packets", "Last config reload"} <= titles["edgeprobe-agent"]
     heat = next(p for p in panels(load(GRAFANA / "dashboards" / "edgeprobe-edge.json"))

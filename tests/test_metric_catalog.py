@@ -7,10 +7,12 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import config as cfgmod
 from agent.app import Agent
+from agent.config import MetricsSection
 from agent.export import catalog
 from probes import PROBES
 from probes.base import HopResult, ProbeResult
@@ -44,26 +46,54 @@ def series_by_kind(text: str) -> Counter[str]:
     return out
 
 
-def test_every_exported_family_is_in_the_catalog_and_costs_what_it_says() -> None:
+def render(detail: str, buckets: str) -> tuple[str, dict[str, int]]:
+    """/metrics of an agent with one target probed by every kind, each with a full result."""
     kinds = list(PROBES)
     cfg = cfgmod.loads(
-        "agent: {region: r, labels: {agent: a1}}\ntargets:\n"
+        f"agent: {{region: r, labels: {{agent: a1}}}}\n"
+        f"metrics: {{detail: {detail}, classic_buckets: {buckets}}}\ntargets:\n"
         f"  - {{name: e1, address: 127.0.0.1, probes: [{', '.join(kinds)}], labels: {{t: x}}}}\n")
     agent = Agent(cfg)
     agent.state.series = agent._views_for(cfg, None, True)
     for job in cfg.jobs:
         agent._record(job, full_result(job.kind))
-    text = b"".join(agent.render_metrics()).decode()
+    m = cfg.metrics
+    return (b"".join(agent.render_metrics()).decode(),
+            catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases)))
+
+
+@pytest.mark.parametrize(("detail", "buckets"), [("lean", "lean"), ("full", "dense")])
+def test_every_exported_family_is_in_the_catalog_and_costs_what_it_says(
+        detail: str, buckets: str) -> None:
+    text, counts = render(detail, buckets)
     declared = set(catalog.walk_names()) | {
         f"edgeprobe_{g}" for k in PROBES.values() for g in k.gauges}
     exported = {f.name for f in text_string_to_metric_families(text)
-                if f.name.startswith("edgeprobe_")}
+                if f.name.startswith("edgeprobe_") and f.samples}
     assert exported - declared == set()
-    counts = {"rtt": len(cfg.metrics.rtt), "duration": len(cfg.metrics.durations),
-              **catalog.fixed_bucket_counts()}
     got = series_by_kind(text)
-    for kind in kinds:
-        assert got[kind] == catalog.series_per_target(PROBES[kind], counts, hops=3), kind
+    for kind in PROBES:
+        assert got[kind] == catalog.series_per_target(PROBES[kind], counts, full=detail == "full",
+                                                      hops=3), kind
+
+
+def test_every_kind_fits_its_series_budget() -> None:
+    m = MetricsSection()
+    counts = catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases))
+    assert set(catalog.BUDGETS) == set(PROBES)
+    for name, kind in PROBES.items():
+        text, native = catalog.BUDGETS[name]
+        assert catalog.series_per_target(kind, counts) <= text, name
+        assert catalog.series_per_target(kind, counts, native=True) <= native, name
+    # The issue's figures: icmp <= 30 (text) and <= 15 (native), connect <= 40.
+    assert catalog.BUDGETS["icmp"][0] <= 30 and catalog.BUDGETS["icmp"][1] <= 15
+    assert catalog.BUDGETS["connect"][0] <= 40
+
+
+def test_lean_buckets_keep_the_budget_bound() -> None:
+    m = MetricsSection()
+    assert 0.6 in m.rtt and 0.6 in m.durations
+    assert len(m.rtt) <= 20 and len(m.durations) <= 20
 
 
 async def test_a_live_icmp_target_costs_what_the_catalog_says(tmp_path: Path) -> None:
@@ -78,7 +108,6 @@ async def test_a_live_icmp_target_costs_what_the_catalog_says(tmp_path: Path) ->
         text = b"".join(agent.render_metrics()).decode()
     finally:
         await agent.stop(1.0)
-    counts = {"rtt": len(agent.config.metrics.rtt), "duration": len(agent.config.metrics.durations),
-              **catalog.fixed_bucket_counts()}
-    want = catalog.series_per_target(PROBES["icmp"], counts)
-    assert series_by_kind(text)["icmp"] == want
+    m = agent.config.metrics
+    counts = catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases))
+    assert series_by_kind(text)["icmp"] == catalog.series_per_target(PROBES["icmp"], counts)

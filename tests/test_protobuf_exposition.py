@@ -322,6 +322,16 @@ scrape_configs:
                 assert abs(ratio - 1) < 0.02, series
             within = await query(s, base, "histogram_fraction(0, 0.6, edgeprobe_rtt_seconds)")
             assert [float(x["value"][1]) for x in within] == [1.0, 1.0]
+            # What one target costs the server: the catalog's native figure, counted in the TSDB.
+            from agent.export import catalog
+            from probes import PROBES
+
+            m = agent.config.metrics
+            want = catalog.series_per_target(PROBES["icmp"], catalog.bucket_counts(
+                len(m.rtt), len(m.durations), len(m.phases)), native=True)
+            stored = await query(s, base, 'count by (edge) ({__name__=~"edgeprobe_.+", '
+                                          'probe="icmp", edge!=""})')
+            assert sorted(int(x["value"][1]) for x in stored) == [want, want]
     finally:
         proc.terminate()
         try:

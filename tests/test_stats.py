@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from agent.config import default_rtt_buckets
+from agent.config import dense_rtt_buckets
 from agent.stats import BURST_BUCKETS, IPDV_BUCKETS, Histogram, PacketStats, Window, quantile
 
 
 def packets() -> PacketStats:
-    return PacketStats(rtt=Histogram(default_rtt_buckets()), ipdv=Histogram(IPDV_BUCKETS),
+    return PacketStats(rtt=Histogram(dense_rtt_buckets()), ipdv=Histogram(IPDV_BUCKETS),
                        bursts=Histogram(BURST_BUCKETS), window=Window(60))
 
 
@@ -50,10 +50,18 @@ def test_loss_bursts_rfc3357() -> None:
     assert p.burst == 2
     p.add([0.1], now=2)
     assert p.bursts.count == 3 and p.bursts.sum == 6
+    assert p.loss_periods == 3   # counted when each period begins
+
+
+def test_lean_series_count_loss_periods_without_the_histograms() -> None:
+    p = PacketStats(rtt=Histogram(dense_rtt_buckets()), window=Window(60))
+    p.add([0.1, None, 0.1, None, None, None, 0.1, 0.1], now=0)
+    assert p.ipdv is None and p.bursts is None
+    assert (p.lost, p.loss_periods) == (4, 2)
 
 
 def test_histogram_bound_is_inclusive_and_has_exactly_0_6() -> None:
-    buckets = default_rtt_buckets()
+    buckets = dense_rtt_buckets()
     assert 0.6 in buckets
     assert buckets[0] == 0.0005 and buckets[-1] == 5.0
     h = Histogram(buckets)
@@ -66,7 +74,7 @@ def test_histogram_bound_is_inclusive_and_has_exactly_0_6() -> None:
 
 def test_default_buckets_are_fine_enough_for_2_percent_median() -> None:
     # histogram_quantile interpolates linearly inside a bucket: the worst case is half a bucket.
-    b = [x for x in default_rtt_buckets() if 0.005 <= x <= 1.0]
+    b = [x for x in dense_rtt_buckets() if 0.005 <= x <= 1.0]
     worst = max((hi - lo) / 2 / lo for lo, hi in itertools.pairwise(b))
     assert worst <= 0.02
 

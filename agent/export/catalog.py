@@ -18,7 +18,7 @@ from probes.base import ProbeKind
 MetricType = Literal["counter", "gauge", "histogram", "summary"]
 Scope = Literal["series", "agent", "discovery", "probe_endpoint"]
 # Histogram bucket sets: configured ones (metrics.rtt_buckets, metrics.duration_buckets) or fixed.
-Buckets = Literal["", "rtt", "duration", "ipdv", "burst", "scheduler"]
+Buckets = Literal["", "rtt", "duration", "phase", "ipdv", "burst", "scheduler"]
 
 # The labels every per-series family carries before its own; agent static labels and target
 # labels follow them.
@@ -32,7 +32,11 @@ SCHEDULER_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
                                         0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-def _every(kind: ProbeKind[Any]) -> bool:
+# Which series of a kind export a family: (kind, full detail) -> bool.
+When = Callable[[ProbeKind[Any], bool], bool]
+
+
+def _every(kind: ProbeKind[Any], full: bool) -> bool:
     return True
 
 
@@ -47,59 +51,67 @@ class Family:
     scope: Scope = "series"
     labels: tuple[str, ...] = ()          # beyond the scope's own labels
     buckets: Buckets = ""
-    # Which kinds emit it (series scope).
-    when: Callable[[ProbeKind[Any]], bool] = _every
+    when: When = _every                   # series scope: which kinds, at which detail
 
     @property
     def sample_name(self) -> str:
         return self.name + "_total" if self.type == "counter" else self.name
 
 
-def _packet(kind: ProbeKind[Any]) -> bool:
+def _packet(kind: ProbeKind[Any], full: bool) -> bool:
     return kind.packet_based
 
 
-def _connect(kind: ProbeKind[Any]) -> bool:
+def _packet_full(kind: ProbeKind[Any], full: bool) -> bool:
+    return kind.packet_based and full
+
+
+def _connect(kind: ProbeKind[Any], full: bool) -> bool:
     return kind.metric_prefix == "connect"
 
 
-def _not_connect(kind: ProbeKind[Any]) -> bool:
-    return kind.metric_prefix != "connect"
+def _run_duration(kind: ProbeKind[Any], full: bool) -> bool:
+    # A packet kind's run lasts what its options say (packets, spacing, timeout): its RTTs are
+    # the measurement. The run count is edgeprobe_probe_runs_total.
+    return kind.metric_prefix != "connect" and (full or not kind.packet_based)
 
 
-def _probe_phases(kind: ProbeKind[Any]) -> bool:
+def _probe_phases(kind: ProbeKind[Any], full: bool) -> bool:
     return bool(kind.phases) and kind.metric_prefix != "connect"
 
 
-def _connect_phases(kind: ProbeKind[Any]) -> bool:
+def _connect_phases(kind: ProbeKind[Any], full: bool) -> bool:
     return bool(kind.phases) and kind.metric_prefix == "connect"
 
 
-def _info(kind: ProbeKind[Any]) -> bool:
+def _info(kind: ProbeKind[Any], full: bool) -> bool:
     return bool(kind.info_labels)
 
 
-def _hops(kind: ProbeKind[Any]) -> bool:
+def _hops(kind: ProbeKind[Any], full: bool) -> bool:
     return kind.per_hop
 
 
 # ---------------------------------------------------------------------------- per series
 PROBE_SUCCESS = Family("edgeprobe_probe_success", "gauge",
                        "Whether the last run of this probe succeeded.")
+PROBE_RUNS = Family("edgeprobe_probe_runs", "counter", "Probe runs that finished.")
 PROBE_ERRORS = Family("edgeprobe_probe_errors", "counter",
-                      "Probe runs or packets that failed, by bounded reason.", labels=("reason",))
+                      "Probe runs or packets that failed, by bounded reason (a reason's series "
+                      "appears with its first error unless metrics.detail is full).",
+                      labels=("reason",))
 CONNECT_DURATION = Family(
     "edgeprobe_connect_duration_seconds", "histogram",
-    "Duration of a full RTC connect (dns, tcp, tls, stun[, turn]); a failed connect is observed "
-    "as +Inf.", buckets="duration", when=_connect)
+    "Duration of a full RTC connect; a failed connect is observed as +Inf.",
+    buckets="duration", when=_connect)
 PROBE_DURATION = Family("edgeprobe_probe_duration_seconds", "histogram",
-                        "Duration of one probe run.", buckets="duration", when=_not_connect)
+                        "Duration of one probe run.", buckets="duration", when=_run_duration)
 PROBE_PHASES = Family("edgeprobe_probe_phase_duration_seconds", "histogram",
                       "Duration of one phase of a probe run.", labels=("phase",),
-                      buckets="duration", when=_probe_phases)
+                      buckets="phase", when=_probe_phases)
 CONNECT_PHASES = Family("edgeprobe_connect_phase_duration_seconds", "histogram",
-                        "Duration of one phase of a probe run.", labels=("phase",),
-                        buckets="duration", when=_connect_phases)
+                        "Duration of one phase of a connect.", labels=("phase",),
+                        buckets="phase", when=_connect_phases)
 PROBE_INFO = Family("edgeprobe_probe_info", "gauge",
                     "Facts of the last run (TLS version, mapped address family...), value 1.",
                     labels=("<the kind's facts>",), when=_info)
@@ -116,39 +128,42 @@ PACKETS_SENT = Family("edgeprobe_packets_sent", "counter",
                       "Packets whose fate is known (answered, or timed out).", when=_packet)
 PACKETS_LOST = Family("edgeprobe_packets_lost", "counter",
                       "Packets not answered within their timeout.", when=_packet)
+LOSS_PERIODS = Family("edgeprobe_loss_periods", "counter",
+                      "Runs of consecutive lost packets begun (RFC 3357 loss periods); "
+                      "lost / loss_periods is the mean burst length.", when=_packet)
 JITTER = Family("edgeprobe_jitter_seconds", "gauge",
                 "RFC 3550 interarrival jitter estimator (gain 1/16) over consecutive round-trip "
                 "times (round-trip based, not one-way).", when=_packet)
-IPDV = Family("edgeprobe_ipdv_seconds", "histogram",
-              "|RTT(i) - RTT(i-1)| of consecutive answered packets.", buckets="ipdv",
-              when=_packet)
-LOSS_BURSTS = Family("edgeprobe_loss_burst_length", "histogram",
-                     "Lengths of runs of consecutive lost packets (RFC 3357 loss periods).",
-                     buckets="burst", when=_packet)
 RTT_RECENT = Family("edgeprobe_rtt_recent_seconds", "summary",
                     "RTT quantiles over the sliding window (exact, per edge).", when=_packet)
-LOSS_UPPER95 = Family("edgeprobe_loss_ratio_upper95", "gauge",
-                      "95 % Wilson upper bound of the loss ratio over the sliding window (1 with "
-                      "no data).", when=_packet)
-WINDOW_PACKETS = Family("edgeprobe_window_packets", "gauge", "Packets inside the sliding window.",
-                        when=_packet)
-BUDGET = Family("edgeprobe_connect_budget_seconds", "gauge", "The configured connect budget.",
-                when=_packet)
 CONNECT_ESTIMATE = Family("edgeprobe_connect_estimate_seconds", "gauge",
                           "Lossless connect time predicted from the window's median RTT: "
                           "n*RTT + fixed.", when=_packet)
 MISS_PROBABILITY = Family("edgeprobe_connect_budget_miss_probability", "gauge",
                           "Model probability that a connect misses the budget: "
                           "1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).", when=_packet)
+IPDV = Family("edgeprobe_ipdv_seconds", "histogram",
+              "|RTT(i) - RTT(i-1)| of consecutive answered packets.", buckets="ipdv",
+              when=_packet_full)
+LOSS_BURSTS = Family("edgeprobe_loss_burst_length", "histogram",
+                     "Lengths of runs of consecutive lost packets (RFC 3357 loss periods).",
+                     buckets="burst", when=_packet_full)
+LOSS_UPPER95 = Family("edgeprobe_loss_ratio_upper95", "gauge",
+                      "95 % Wilson upper bound of the loss ratio over the sliding window (1 with "
+                      "no data).", when=_packet_full)
+WINDOW_PACKETS = Family("edgeprobe_window_packets", "gauge", "Packets inside the sliding window.",
+                        when=_packet_full)
 R_FACTOR = Family("edgeprobe_r_factor", "gauge",
-                  "Simplified E-model R factor (not ITU-T G.107 proper).", when=_packet)
+                  "Simplified E-model R factor (not ITU-T G.107 proper).", when=_packet_full)
 MOS = Family("edgeprobe_mos_estimate", "gauge",
              "MOS estimated from the simplified E-model R factor (G.107 Annex B mapping).",
-             when=_packet)
+             when=_packet_full)
 
 # ---------------------------------------------------------------------------- the agent
 TARGETS = Family("edgeprobe_targets", "gauge", "Configured probe series, by kind.",
                  scope="agent", labels=("probe",))
+BUDGET = Family("edgeprobe_connect_budget_seconds", "gauge", "The configured connect budget.",
+                scope="agent")
 STRAY = Family("edgeprobe_stray_packets", "counter",
                "Replies that matched nothing in flight: foreign, late, wrong source, malformed, "
                "bad checksum or payload.", scope="agent", labels=("probe", "reason"))
@@ -173,39 +188,51 @@ BUILD_INFO = Family("edgeprobe_build_info", "gauge", "Build and runtime facts, v
                     scope="agent", labels=("version", "python", "icmp_mode"))
 
 SERIES: tuple[Family, ...] = (
-    PROBE_SUCCESS, PROBE_ERRORS, CONNECT_DURATION, PROBE_DURATION, PROBE_PHASES, CONNECT_PHASES,
-    PROBE_INFO, HOP_RTT, HOP_SENT, HOP_LOST, RTT, PACKETS_SENT, PACKETS_LOST, JITTER, IPDV,
-    LOSS_BURSTS, RTT_RECENT, LOSS_UPPER95, WINDOW_PACKETS, BUDGET, CONNECT_ESTIMATE,
-    MISS_PROBABILITY, R_FACTOR, MOS)
+    PROBE_SUCCESS, PROBE_RUNS, PROBE_ERRORS, CONNECT_DURATION, PROBE_DURATION, PROBE_PHASES,
+    CONNECT_PHASES, PROBE_INFO, HOP_RTT, HOP_SENT, HOP_LOST, RTT, PACKETS_SENT, PACKETS_LOST,
+    LOSS_PERIODS, JITTER, RTT_RECENT, CONNECT_ESTIMATE, MISS_PROBABILITY, IPDV, LOSS_BURSTS,
+    LOSS_UPPER95, WINDOW_PACKETS, R_FACTOR, MOS)
 AGENT: tuple[Family, ...] = (
-    TARGETS, STRAY, LATE_TICKS, SKIPPED_TICKS, EXCEPTIONS, LATENESS, LOOP_LAG, RELOAD_OK,
+    TARGETS, BUDGET, STRAY, LATE_TICKS, SKIPPED_TICKS, EXCEPTIONS, LATENESS, LOOP_LAG, RELOAD_OK,
     RELOAD_TIME, BUILD_INFO)
 
 
 def kind_gauge(kind: ProbeKind[Any], name: str) -> Family:
     """A gauge a kind declares itself (``ProbeKind.gauges``): the one extension point."""
     return Family(f"edgeprobe_{name}", "gauge", kind.gauges[name],
-                  when=lambda k: name in k.gauges)
+                  when=lambda k, full: name in k.gauges)
 
 
-def for_kind(kind: ProbeKind[Any]) -> list[Family]:
-    """The per-series families a kind's series export."""
-    return [f for f in SERIES if f.when(kind)] + [kind_gauge(kind, g) for g in kind.gauges]
+def for_kind(kind: ProbeKind[Any], full: bool) -> list[Family]:
+    """The per-series families a kind's series export at a detail."""
+    return [f for f in SERIES if f.when(kind, full)] + [kind_gauge(kind, g) for g in kind.gauges]
 
 
-def series_per_target(kind: ProbeKind[Any], bucket_counts: Mapping[str, int],
-                      hops: int = 0) -> int:
-    """Series one target of ``kind`` costs in the text format, with ``bucket_counts`` bounds
-    per bucket set and ``hops`` hops for per-hop families; agent and target labels add none."""
+# The most series one target may cost per kind (lean detail, lean buckets), in the text format
+# and where the server keeps native histograms (a histogram is one series there). A test holds
+# the catalog to these and counts a live agent's series against what the catalog computes.
+BUDGETS: dict[str, tuple[int, int]] = {
+    "icmp": (30, 15), "udp": (30, 15),
+    "stun": (32, 16), "tcp": (25, 10), "tls": (30, 10), "http": (40, 15), "dns": (25, 10),
+    "turn": (30, 10), "path": (25, 10), "connect": (40, 15),
+}
+
+
+def series_per_target(kind: ProbeKind[Any], bucket_counts: Mapping[str, int], full: bool = False,
+                      native: bool = False, hops: int = 0) -> int:
+    """Series one target of ``kind`` costs before its first error: with ``bucket_counts``
+    classic bounds per bucket set, ``native`` where the server keeps only the native histogram
+    (one series each), ``hops`` hops for the per-hop families. Agent and target labels add
+    none; each error reason adds one from its first error (all of them up front when full)."""
     n = 0
-    for f in for_kind(kind):
+    for f in for_kind(kind, full):
         per = 1
-        if f.type == "histogram":
+        if f.type == "histogram" and not native:
             per = bucket_counts[f.buckets] + 3          # +Inf, _count, _sum
         elif f.type == "summary":
             per = len(QUANTILES) + 2                     # _count, _sum
         if "reason" in f.labels:
-            per *= len(kind.all_reasons)
+            per *= len(kind.all_reasons) if full else 0
         if "phase" in f.labels:
             per *= len(kind.phases)
         if "hop" in f.labels:
@@ -219,16 +246,21 @@ def fixed_bucket_counts() -> dict[str, int]:
             "scheduler": len(SCHEDULER_BUCKETS)}
 
 
+def bucket_counts(rtt: int, durations: int, phases: int) -> dict[str, int]:
+    return {**fixed_bucket_counts(), "rtt": rtt, "duration": durations, "phase": phases}
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
     """docs/metrics.md."""
-    from agent.config import default_duration_buckets, default_rtt_buckets
+    from agent.config import MetricsSection
 
-    counts = {**fixed_bucket_counts(), "rtt": len(default_rtt_buckets()),
-              "duration": len(default_duration_buckets())}
+    lean, dense = MetricsSection(), MetricsSection(classic_buckets="dense")
+    lean_n = bucket_counts(len(lean.rtt), len(lean.durations), len(lean.phases))
+    dense_n = bucket_counts(len(dense.rtt), len(dense.durations), len(dense.phases))
     out = [
         "# Metrics",
         "",
@@ -237,16 +269,22 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
         "",
         "Every family the agent exports. Per-series families carry "
         f"`{', '.join(SERIES_LABELS)}`, then the agent's static labels and the target labels "
-        "of the config; agent families carry `region`. Counters are listed without `_total`.",
+        "of the config; agent families carry `region`. Counters are listed without `_total`. "
+        "Histograms carry native buckets too (`metrics.native_histograms`), sent to scrapers "
+        "that ask for the protobuf format.",
         "",
         "## Per target and probe kind",
+        "",
+        "*full only*: exported with `metrics.detail: full`.",
         "",
         "| family | type | labels | buckets | emitted by | help |",
         "|---|---|---|---|---|---|",
     ]
     for f in SERIES:
-        kinds = [k.name for k in probes.values() if f.when(k)]
+        kinds = [k.name for k in probes.values() if f.when(k, True)]
         by = "every kind" if len(kinds) == len(probes) else ", ".join(kinds)
+        if not any(f.when(k, False) for k in probes.values()):
+            by += " (*full only*)"
         out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
                    f"{f.buckets or '-'} | {by} | {_cell(f.help)} |")
     for kind in probes.values():
@@ -257,12 +295,26 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
     for f in AGENT:
         out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
                    f"{_cell(f.help)} |")
-    out += ["", "## Series per target", "",
-            "What one target costs per kind in the text format with the default buckets "
-            f"(RTT {counts['rtt']} bounds, durations {counts['duration']}); `path` adds 3 per "
-            "hop.", "", "| kind | series per target |", "|---|---|"]
+    out += [
+        "", "## Series per target", "",
+        "What one target costs per kind before its first error (each error reason adds one "
+        "series from its first error). *lean* is the default: classic bounds "
+        f"RTT {lean_n['rtt']}, durations {lean_n['duration']}, phases {lean_n['phase']}; "
+        "*native* counts a histogram as one series, as a Prometheus server with native "
+        "histograms keeps it; *dense* is `metrics.classic_buckets: dense` (RTT "
+        f"{dense_n['rtt']}, durations {dense_n['duration']}); *full* adds "
+        "`metrics.detail: full`. `path` adds 3 per hop. The budget is what a test holds the "
+        "lean figures to.", "",
+        "| kind | lean (text) | lean (native) | budget (text / native) | dense | dense, full |",
+        "|---|---|---|---|---|---|"]
     for kind in probes.values():
-        out.append(f"| {kind.name} | {series_per_target(kind, counts)} |")
+        text = series_per_target(kind, lean_n)
+        native = series_per_target(kind, lean_n, native=True)
+        budget = BUDGETS.get(kind.name)
+        b = f"{budget[0]} / {budget[1]}" if budget else "-"
+        out.append(f"| {kind.name} | {text} | {native} | {b} | "
+                   f"{series_per_target(kind, dense_n)} | "
+                   f"{series_per_target(kind, dense_n, full=True)} |")
     return "\n".join(out) + "\n"
 
 

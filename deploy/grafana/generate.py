@@ -179,14 +179,10 @@ def edge_detail() -> dict[str, Any]:
                    "p99 {{region}} / {{edge}}", ref="C")],
             "Quantiles of the RTT histogram over 5 minutes (within ~2 % of the true value "
             "given the bucket layout).", unit="s"),
-        panel(3, "Loss and its Wilson 95 % upper bound", "timeseries", (12, 9, 12, 8), [
+        panel(3, "Loss (round trip)", "timeseries", (12, 9, 12, 8), [
             target(f"region_edge:edgeprobe_packets_lost:ratio_rate5m{{{SEL}}}",
-                   "loss {{region}} / {{edge}}"),
-            target(f"max by (region, edge) (edgeprobe_loss_ratio_upper95{{{SEL}}})",
-                   "upper 95 % {{region}} / {{edge}}", ref="B")],
-            "Round-trip loss from the sent/lost counters over 5 minutes, and the agent's "
-            "Wilson 95 % upper bound over its sliding window: with few packets the bound "
-            "shows how much loss could hide behind a zero.", unit="percentunit"),
+                   "loss {{region}} / {{edge}}")],
+            "Round-trip loss from the sent/lost counters over 5 minutes.", unit="percentunit"),
         panel(4, "Jitter (RFC 3550, round trip)", "timeseries", (0, 17, 8, 8), [
             target(f"region_edge:edgeprobe_jitter_seconds:max_avg5m{{{SEL}}}",
                    "{{region}} / {{edge}}")],
@@ -203,12 +199,13 @@ def edge_detail() -> dict[str, Any]:
                                  "fillOpacity": 60, "thresholdsStyle": {"mode": "line"}},
                       "thresholds": {"mode": "absolute", "steps": [
                           {"color": "green", "value": None}, {"color": "red", "value": 0.6}]}}),
-        panel(6, "MOS estimate", "timeseries", (16, 17, 8, 8), [
-            target(f"min by (region, edge) (edgeprobe_mos_estimate{{{SEL}}})",
+        panel(6, "Mean loss burst (packets)", "timeseries", (16, 17, 8, 8), [
+            target(f"sum by (region, edge) (rate(edgeprobe_packets_lost_total{{{SEL}}}"
+                   "[$__rate_interval])) / sum by (region, edge) (rate("
+                   f"edgeprobe_loss_periods_total{{{SEL}}}[$__rate_interval]))",
                    "{{region}} / {{edge}}")],
-            "Simplified E-model MOS from RTT, jitter and loss (1 to 4.5; above 4 is good). "
-            "An estimate for comparing edges, not a measurement of a call.",
-            defaults={"min": 1, "max": 4.5}),
+            "Lost packets per loss period (RFC 3357): 1 is scattered loss, which codecs "
+            "conceal; longer bursts are what a call hears. Empty where nothing was lost."),
         panel(7, "Connect budget: model miss probability", "timeseries", (0, 25, 12, 8), [
             target(f"region_edge:edgeprobe_connect_budget_miss_probability:max_avg5m{{{SEL}}}",
                    "{{region}} / {{edge}}"),
