@@ -15,7 +15,14 @@ Differences from the Go implementation, all documented in docs/operations/securi
   calls them insecure).
 * ``curve_preferences``: ``ssl`` sets one ECDH group, so the most preferred curve is used.
 * ``http2`` is accepted and ignored: aiohttp serves HTTP/1.1 only.
-* The file is read at start and on :meth:`WebGuard.reload`, not on every request.
+* The file is read at start and on :meth:`WebGuard.reload`, not on every request. A reload
+  builds a new SSL context from scratch: the next handshake sees exactly the new file (a removed
+  client CA or cipher restriction is gone), connections already open keep their session.
+* ``tls_server_config`` present but empty is an error (the toolkit serves plain HTTP).
+* bcrypt costs outside 4..14 are rejected (a cost of 31 would hang every login), and so is a
+  hash that can never match (trailing newline, ``$2$`` prefix, non-canonical encoding).
+* bcrypt runs on a small dedicated thread pool behind a bounded queue; when both are full a
+  login that is not in the verified-credentials cache gets ``503`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import logging
 import re
 import secrets
+import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -97,7 +107,12 @@ HEADERS: dict[str, tuple[str, ...] | None] = {
     "Strict-Transport-Security": None,
 }
 
-_BCRYPT_RE = re.compile(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$")
+# bcrypt's own base64 alphabet, in value order. A hash is "$2b$" + two-digit cost + "$" + 22
+# characters of salt (16 bytes) + 31 of digest (23 bytes). Both end in a character carrying
+# fewer than 6 bits; bcrypt only produces (and, for the salt, only accepts) the canonical one.
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31})")
+BCRYPT_MIN_COST, BCRYPT_MAX_COST = 4, 14
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h|d|w|y)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
                    "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
@@ -167,9 +182,13 @@ class WebConfig:
     basic_auth_users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     rate_limit: RateLimit = field(default_factory=RateLimit)
     base_dir: Path = Path(".")
+    # Checked for a user name that is not configured, so that "no such user" costs as much
+    # bcrypt work as "wrong password" (no user enumeration by timing). Its cost is the highest
+    # among the configured hashes; it matches no password.
+    dummy_hash: bytes = field(default=b"", repr=False)
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """A server context for this config, or None when TLS is off."""
+        """A new server context for this config, or None when TLS is off."""
         if self.tls is None:
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -177,7 +196,8 @@ class WebConfig:
         return ctx
 
     def _configure(self, ctx: ssl.SSLContext) -> None:
-        """Load certificates and policy into ``ctx`` (also used to rotate certs in place)."""
+        """Load certificates and policy into a fresh ``ctx``. Only ever on a new context:
+        OpenSSL can add CAs to a context but not remove them."""
         t = self.tls
         assert t is not None
         ctx.minimum_version = TLS_VERSIONS[t.min_version]
@@ -362,11 +382,40 @@ def _decode_users(raw: object) -> dict[str, bytes]:
     for user, h in d.items():
         if not user or ":" in user:
             raise WebConfigError(f"{w}: a user name must be non-empty and contain no ':'")
-        if not isinstance(h, str) or not _BCRYPT_RE.match(h):
-            # Never echo the value: it is a secret even when malformed.
-            raise WebConfigError(f"{w}.{user[:60]}: not a bcrypt hash ($2a$/$2b$/$2y$...)")
+        # Never echo the value, not even its cost: it is a secret even when malformed.
+        where = f"{w}.{user[:60]!r}"
+        if not isinstance(h, str):
+            raise WebConfigError(f"{where}: expected a bcrypt hash string, got "
+                                 f"{type(h).__name__}")
+        m = _BCRYPT_RE.fullmatch(h)
+        if m is None:
+            raise WebConfigError(f"{where}: not a bcrypt hash ($2a$/$2b$/$2y$, two-digit cost, "
+                                 "53 characters, nothing around it)")
+        if not BCRYPT_MIN_COST <= int(m.group(1)) <= BCRYPT_MAX_COST:
+            raise WebConfigError(f"{where}: bcrypt cost outside {BCRYPT_MIN_COST}.."
+                                 f"{BCRYPT_MAX_COST} (every login would take too long)")
+        if (_BCRYPT_ALPHABET.index(m.group(2)[-1]) % 16
+                or _BCRYPT_ALPHABET.index(m.group(3)[-1]) % 4):
+            raise WebConfigError(f"{where}: not a canonical bcrypt hash; it can never match")
         users[user] = h.encode()
     return users
+
+
+def bcrypt_cost(hashed: bytes) -> int:
+    """The cost of a hash that passed :func:`_decode_users`."""
+    return int(hashed[4:6])
+
+
+def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
+    """A well-formed hash at the highest configured cost whose digest is random: checking it
+    costs what checking a real user's hash costs, and it matches no password. Built without
+    running bcrypt, so a reload never stalls the event loop for a cost-14 hash."""
+    if not users:
+        return b""
+    salt = bcrypt.gensalt(max(bcrypt_cost(h) for h in users.values()))
+    digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(30)) \
+        + secrets.choice(_BCRYPT_ALPHABET[::4])
+    return salt + digest.encode()
 
 
 def _decode_rate_limit(raw: object) -> RateLimit:
@@ -382,35 +431,110 @@ def _decode_rate_limit(raw: object) -> RateLimit:
     return RateLimit(interval=interval, burst=burst)
 
 
-def parse_web_config(text: str, base_dir: Path = Path("."), source: str = "<web config>"
-                     ) -> WebConfig:
-    """Decode and validate a web config (without touching certificate files)."""
+class _BadNode(yaml.MarkedYAMLError):
+    """A node that could not be constructed, e.g. ``!!int $2b$12$...``; keeps the node so that
+    the error can name its key."""
+
+    def __init__(self, node: yaml.Node, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem=problem, problem_mark=mark or node.start_mark)
+        self.node = node
+
+
+class _Loader(yaml.SafeLoader):
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # deep: build collections here, not later in construct_document, so that a failure is
+        # caught below with its node (a self-referencing alias then becomes an error too).
+        try:
+            return super().construct_object(node, deep=True)
+        except _BadNode:
+            raise
+        except Exception as e:
+            if isinstance(e, yaml.MarkedYAMLError) and not isinstance(node, yaml.ScalarNode):
+                raise _BadNode(node, str(e.problem), e.problem_mark) from None
+            if isinstance(e, yaml.YAMLError) and not isinstance(e, yaml.MarkedYAMLError):
+                raise
+            # A scalar that its tag cannot decode. The exception text quotes the value
+            # (int("$2b$12$..."), or its length for !!binary): keep where it is, not what.
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")[:40]
+            raise _BadNode(node, f"the value cannot be decoded as {tag}", None) from None
+
+
+def _node_path(root: yaml.Node, target: yaml.Node) -> str:
+    """``basic_auth_users.prom``: the keys leading to ``target`` (names, never values)."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path or "<document>"
+        if id(node) in seen:
+            continue    # an alias may point back up the tree
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                name = k.value[:60] if isinstance(k, yaml.ScalarNode) else "?"
+                stack.append((v, f"{path}.{name}" if path else name))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node.value))
+    return "<document>"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _load_yaml(text: str, source: str) -> object:
+    loader: _Loader | None = None
+    root: yaml.Node | None = None
     try:
-        raw = yaml.safe_load(text) if text.strip() else {}
+        loader = _Loader(text)     # the reader already refuses control characters
+        root = loader.get_single_node()
+        return loader.construct_document(root) if root is not None else None
+    except _BadNode as e:
+        m = e.problem_mark
+        at = f":{m.line + 1}:{m.column + 1}" if m is not None else ""
+        where = _node_path(root, e.node) if root is not None else "<document>"
+        raise WebConfigError(f"{source}{at}: {where!r}: {_one_line(str(e.problem))}") from None
     except yaml.MarkedYAMLError as e:
         # str(e) would quote the offending line, which may hold a key or a hash.
         mark = e.problem_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise WebConfigError(f"{source}{at}: invalid YAML: {e.problem}") from None
+        raise WebConfigError(f"{source}{at}: invalid YAML: {_one_line(str(e.problem))}"
+                             ) from None
     except (yaml.YAMLError, RecursionError) as e:
         raise WebConfigError(f"{source}: invalid YAML ({type(e).__name__})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_web_config(text: str, base_dir: Path = Path("."), source: str = "<web config>"
+                     ) -> WebConfig:
+    """Decode and validate a web config (without touching certificate files)."""
+    raw = _load_yaml(text, source) if text.strip() else {}
     d = _mapping(raw, source)
     _check_keys(d, ("tls_server_config", "http_server_config", "basic_auth_users",
                     "rate_limit"), source)
+    if "tls_server_config" in d and not d["tls_server_config"]:
+        # The toolkit serves plain HTTP here; someone who wrote the key meant TLS.
+        raise WebConfigError("tls_server_config: empty; set cert_file and key_file, or remove "
+                             "tls_server_config to serve plain HTTP")
+    users = _decode_users(d.get("basic_auth_users"))
     return WebConfig(
-        tls=_decode_tls(d["tls_server_config"]) if d.get("tls_server_config") else None,
+        tls=_decode_tls(d["tls_server_config"]) if "tls_server_config" in d else None,
         http=_decode_http(d.get("http_server_config")),
-        basic_auth_users=_decode_users(d.get("basic_auth_users")),
+        basic_auth_users=users,
         rate_limit=_decode_rate_limit(d.get("rate_limit")),
         base_dir=base_dir,
+        dummy_hash=_dummy_hash(users),
     )
 
 
-def load_web_config(path: str | Path) -> WebConfig:
-    """Read, decode and fully validate ``path``, including loading the certificates once."""
-    p = Path(path)
+def _load(path: Path) -> tuple[WebConfig, ssl.SSLContext | None]:
+    """Read, decode and fully validate ``path``; the SSL context proves cert, key and CA load.
+    Raises WebConfigError only, with a message that quotes no value from the file."""
     try:
-        with p.open("rb") as f:
+        with path.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise WebConfigError(f"{path}: {_describe(e)}") from None
@@ -420,10 +544,21 @@ def load_web_config(path: str | Path) -> WebConfig:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise WebConfigError(f"{path}: not UTF-8") from None
-    # Relative file names are relative to the config file, like the toolkit's.
-    cfg = parse_web_config(text, base_dir=p.parent, source=str(path))
-    cfg.ssl_context()   # proves cert, key and CA load; the context is rebuilt by the caller
-    return cfg
+    try:
+        # Relative file names are relative to the config file, like the toolkit's.
+        cfg = parse_web_config(text, base_dir=path.parent, source=str(path))
+        return cfg, cfg.ssl_context()
+    except WebConfigError:
+        raise
+    except Exception as e:
+        # A case the decoder does not foresee must still be a clean error, and its text may
+        # quote a secret: keep the type only.
+        raise WebConfigError(f"{path}: unusable web config ({type(e).__name__})") from None
+
+
+def load_web_config(path: str | Path) -> WebConfig:
+    """Read, decode and fully validate ``path``, including loading the certificates once."""
+    return _load(Path(path))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,51 +601,90 @@ class _AuthCache:
         self._entries.clear()
 
 
-# A valid hash of a random password: checked for unknown users so that "no such user" takes as
-# long as "wrong password" (no user enumeration by timing).
-_DUMMY_HASH = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(10))
+class ReloadableContext(ssl.SSLContext):
+    """The context a listening socket holds for its whole life. It serves nothing itself: each
+    new connection is wrapped by :attr:`current`, the context built from the web config in force,
+    so the next handshake after a reload sees exactly the new policy (a removed client CA or
+    cipher restriction included). asyncio's and uvloop's SSL transports both create a
+    connection's SSL object through ``wrap_bio``. Fails closed: a code path that used this
+    context directly would find no certificate and every handshake would fail."""
+
+    current: ssl.SSLContext
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        return self.current.wrap_bio(incoming, outgoing, server_side=server_side,
+                                     server_hostname=server_hostname, session=session)
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False,
+                    do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
+                    server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return self.current.wrap_socket(sock, server_side=server_side,
+                                        do_handshake_on_connect=do_handshake_on_connect,
+                                        suppress_ragged_eofs=suppress_ragged_eofs,
+                                        server_hostname=server_hostname, session=session)
+
+
+class _Busy(Exception):
+    """Every bcrypt worker is busy and the queue is full."""
 
 
 class WebGuard:
-    """The live web security state: an SSL context whose certificates can be rotated in place,
+    """The live web security state: the listening SSL context (whose policy a reload replaces)
     and one aiohttp middleware doing headers, rate limit, client SANs and basic auth.
+
+    bcrypt runs on ``bcrypt_workers`` dedicated threads, never on the event loop (probe timing)
+    nor the default executor (/metrics rendering). At most ``bcrypt_queue`` more checks wait;
+    beyond that a login that is not in the verified-credentials cache gets 503 with
+    Retry-After, so a flood of wrong passwords costs at most ``bcrypt_workers`` cores and
+    bounded memory, and a cached (already verified) scraper is never delayed by it.
 
     ``WebGuard(None)`` is a no-op guard (no ``--web.config.file``)."""
 
     def __init__(self, path: str | Path | None, *, clock: Callable[[], float] = time.monotonic,
-                 max_concurrent_bcrypt: int = 4) -> None:
+                 bcrypt_workers: int = 2, bcrypt_queue: int = 8) -> None:
         self.path = Path(path) if path is not None else None
         self._clock = clock
-        self.config = load_web_config(self.path) if self.path is not None else WebConfig()
-        self._ssl = self.config.ssl_context()
+        self.config, current = _load(self.path) if self.path is not None else (WebConfig(), None)
+        self._ssl: ReloadableContext | None = None
+        if current is not None:
+            self._ssl = ReloadableContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ssl.current = current
         self._cache = _AuthCache()
-        # bcrypt runs in threads so the event loop (and so probe timing) never blocks on it; the
-        # semaphore keeps a flood of wrong passwords from occupying every core.
-        self._bcrypt_slots = asyncio.Semaphore(max_concurrent_bcrypt)
+        self._bcrypt_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=bcrypt_workers, thread_name_prefix="edgeprobe-bcrypt")
+        self._bcrypt_limit = bcrypt_workers + bcrypt_queue
+        self._bcrypt_pending = 0    # submitted to the pool and not finished (or cancelled)
+        self.bcrypt_shed_total = 0
         self._tokens = float(self.config.rate_limit.burst)
         self._tokens_at = clock()
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
+        """The context to listen with (TCPSite(ssl_context=...)); None when TLS is off."""
         return self._ssl
 
     def reload(self) -> None:
         """Re-read the file. On any error the old state stays and WebConfigError is raised.
 
-        Certificates are swapped inside the existing context, so a listening socket picks
-        them up for new connections. Turning TLS on or off needs a restart."""
+        The new SSL context is built from scratch and, once the whole file validated, becomes
+        the one new connections are wrapped with. Turning TLS on or off needs a restart."""
         if self.path is None:
             return
-        new = load_web_config(self.path)
+        new, current = _load(self.path)
         if (new.tls is None) != (self.config.tls is None):
             raise WebConfigError(f"{self.path}: turning TLS on or off needs a restart")
-        if new.tls is not None and self._ssl is not None:
-            # Validate fully on a scratch context first; only then touch the live one.
-            new.ssl_context()
-            new._configure(self._ssl)
+        if self._ssl is not None and current is not None:
+            self._ssl.current = current
         self.config = new
         self._cache.clear()
         self._tokens = min(self._tokens, float(new.rate_limit.burst))
+
+    def close(self) -> None:
+        """Stop the bcrypt threads (checks already running finish)."""
+        self._bcrypt_pool.shutdown(wait=False, cancel_futures=True)
 
     def middlewares(self) -> list[Callable[..., Awaitable[web.StreamResponse]]]:
         return [self.middleware]
@@ -523,14 +697,21 @@ class WebGuard:
             resp = web.Response(status=429, text="Too Many Requests\n")
         elif not self._sans_ok(request, cfg):
             resp = web.Response(status=403, text="Forbidden\n")
-        elif cfg.basic_auth_users and not await self._authorized(request, cfg):
-            resp = web.Response(status=401, text="Unauthorized\n",
-                                headers={"WWW-Authenticate": 'Basic realm="edgeprobe"'})
         else:
             try:
-                resp = await handler(request)
-            except web.HTTPException as e:
-                resp = e
+                authorized = not cfg.basic_auth_users or await self._authorized(request, cfg)
+            except _Busy:
+                resp = web.Response(status=503, text="Service Unavailable\n",
+                                    headers={"Retry-After": "1"})
+            else:
+                if not authorized:
+                    resp = web.Response(status=401, text="Unauthorized\n",
+                                        headers={"WWW-Authenticate": 'Basic realm="edgeprobe"'})
+                else:
+                    try:
+                        resp = await handler(request)
+                    except web.HTTPException as e:
+                        resp = e
         for k, v in cfg.http.headers.items():
             resp.headers.setdefault(k, v)
         return resp
@@ -558,6 +739,7 @@ class WebGuard:
         return bool(sans & set(cfg.tls.client_allowed_sans))
 
     async def _authorized(self, request: web.Request, cfg: WebConfig) -> bool:
+        """Raises _Busy when the check would have to wait beyond the bounded queue."""
         creds = _parse_basic(request.headers.get("Authorization", ""))
         if creds is None:
             return False
@@ -566,13 +748,31 @@ class WebGuard:
         now = self._clock()
         if hashed is not None and self._cache.hit(user, password, hashed, now):
             return True
-        async with self._bcrypt_slots:
-            ok = await asyncio.to_thread(_checkpw, password, hashed or _DUMMY_HASH)
+        ok = await self._checkpw(password, hashed or cfg.dummy_hash)
         if ok and hashed is not None:
             self._cache.add(user, password, hashed, now)
             return True
         log.info("basic auth failed", extra={"remote": request.remote or ""})
         return False
+
+    async def _checkpw(self, password: bytes, hashed: bytes) -> bool:
+        if self._bcrypt_pending >= self._bcrypt_limit:
+            self.bcrypt_shed_total += 1
+            raise _Busy
+        loop = asyncio.get_running_loop()
+        fut = self._bcrypt_pool.submit(_checkpw, password, hashed)
+        self._bcrypt_pending += 1
+        # Released when the thread is done (or the queued check is cancelled), not when this
+        # coroutine stops waiting: a cancelled request must not free a slot still computing.
+        def release(_: object) -> None:
+            with contextlib.suppress(RuntimeError):     # the loop is closed: nothing to count
+                loop.call_soon_threadsafe(self._bcrypt_done)
+
+        fut.add_done_callback(release)
+        return await asyncio.wrap_future(fut)
+
+    def _bcrypt_done(self) -> None:
+        self._bcrypt_pending -= 1
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:

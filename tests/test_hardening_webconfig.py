@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import logging
+import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import bcrypt
 import pytest
 import trustme
+import uvloop
 import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
@@ -273,3 +281,350 @@ def test_deep_nesting_and_huge_values() -> None:
         parse_web_config("rate_limit: {interval: 1e300s, burst: 1}")
     with pytest.raises(WebConfigError):
         parse_web_config("rate_limit: {interval: 1s, burst: 99999999999999999999999}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reload replaces the TLS policy: new handshakes see exactly the new file, nothing of the old.
+# Each scenario runs on both event loops: the listening socket keeps one SSLContext for its
+# lifetime, and how a new connection gets the reloaded policy depends on the loop's SSL code.
+
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+
+
+def run_on(loop: str, scenario: Coroutine[Any, Any, None]) -> None:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario)
+
+
+@contextlib.asynccontextmanager
+async def serving(guard: WebGuard) -> AsyncIterator[str]:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text="edgeprobe_up 1\n")
+
+    app = web.Application(middlewares=guard.middlewares())
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=guard.ssl_context)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield f"{'https' if guard.ssl_context else 'http'}://127.0.0.1:{port}/metrics"
+    finally:
+        await runner.cleanup()
+
+
+def client_cert_ctx(pki: Pki, issuer: trustme.CA) -> ssl.SSLContext:
+    ctx = pki.client_ctx()
+    issuer.issue_cert("scraper.example.net").configure_cert(ctx)
+    return ctx
+
+
+async def refused(url: str, ctx: ssl.SSLContext) -> bool:
+    try:
+        await get(url, ctx)
+    except aiohttp.ClientError:
+        return True
+    return False
+
+
+@LOOPS
+def test_reload_revokes_a_removed_client_ca(pki: Pki, loop: str) -> None:
+    ca_b = trustme.CA()
+    ca_b.cert_pem.write_to_path(str(pki.dir / "ca_b.crt"))
+    tls = {**TLS, "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": "ca.crt"}
+
+    async def scenario() -> None:
+        guard = WebGuard(write_cfg(pki, {"tls_server_config": tls}))
+        async with serving(guard) as url:
+            from_a, from_b = client_cert_ctx(pki, pki.ca), client_cert_ctx(pki, ca_b)
+            assert (await get(url, from_a))[0] == 200
+            assert await refused(url, from_b)
+
+            write_cfg(pki, {"tls_server_config": {**tls, "client_ca_file": "ca_b.crt"}})
+            guard.reload()
+            assert await refused(url, from_a)      # CA a is gone, not merely joined by CA b
+            assert (await get(url, from_b))[0] == 200
+
+            write_cfg(pki, {"tls_server_config": TLS})   # client certificates off again
+            guard.reload()
+            assert (await get(url, pki.client_ctx()))[0] == 200
+
+    run_on(loop, scenario())
+
+
+@LOOPS
+def test_reload_lifts_and_restores_a_cipher_restriction(pki: Pki, loop: str) -> None:
+    only_128 = {**TLS, "max_version": "TLS12",
+                "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]}
+
+    async def scenario() -> None:
+        guard = WebGuard(write_cfg(pki, {"tls_server_config": only_128}))
+        async with serving(guard) as url:
+            wants_256 = pki.client_ctx(max_version=ssl.TLSVersion.TLSv1_2)
+            wants_256.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+            assert await refused(url, wants_256)
+
+            write_cfg(pki, {"tls_server_config": {**TLS, "max_version": "TLS12"}})
+            guard.reload()
+            assert (await get(url, wants_256))[0] == 200
+
+            write_cfg(pki, {"tls_server_config": only_128})
+            guard.reload()
+            assert await refused(url, wants_256)
+
+    run_on(loop, scenario())
+
+
+@LOOPS
+def test_reload_changes_min_version_both_ways(pki: Pki, loop: str) -> None:
+    async def scenario() -> None:
+        guard = WebGuard(write_cfg(pki, {"tls_server_config": {**TLS, "min_version": "TLS13"}}))
+        async with serving(guard) as url:
+            tls12 = pki.client_ctx(max_version=ssl.TLSVersion.TLSv1_2)
+            assert await refused(url, tls12)
+            write_cfg(pki, {"tls_server_config": TLS})
+            guard.reload()
+            assert (await get(url, tls12))[0] == 200
+            write_cfg(pki, {"tls_server_config": {**TLS, "min_version": "TLS13"}})
+            guard.reload()
+            assert await refused(url, tls12)
+
+    run_on(loop, scenario())
+
+
+@LOOPS
+def test_failed_reload_leaves_the_tls_policy_untouched(pki: Pki, loop: str) -> None:
+    tls = {**TLS, "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": "ca.crt"}
+
+    async def scenario() -> None:
+        guard = WebGuard(write_cfg(pki, {"tls_server_config": tls}))
+        async with serving(guard) as url:
+            # A valid policy with an unusable key: nothing of it may reach the running policy.
+            write_cfg(pki, {"tls_server_config": {**tls, "client_auth_type": "NoClientCert",
+                                                  "key_file": "missing.key"}})
+            with pytest.raises(WebConfigError):
+                guard.reload()
+            assert await refused(url, pki.client_ctx())
+            assert (await get(url, pki.client_ctx(cert=True)))[0] == 200
+
+    run_on(loop, scenario())
+
+
+# ---------------------------------------------------------------------------------------------
+# Every web-config error is a clean, one-line WebConfigError that quotes no secret.
+
+WRONG_TAGS = ["!!int", "!!float", "!!bool", "!!timestamp", "!!binary", "!!set", "!!null"]
+
+
+@pytest.mark.parametrize("tag", WRONG_TAGS)
+def test_a_mistagged_hash_is_a_clean_error_naming_key_and_line(pki: Pki, tag: str) -> None:
+    p = pki.dir / "web.yml"
+    p.write_text(f"http_server_config: {{}}\nbasic_auth_users:\n  prom: {tag} {HASH}\n")
+    with pytest.raises(WebConfigError) as e:
+        load_web_config(p)
+    msg = str(e.value)
+    assert "prom" in msg and "\n" not in msg
+    assert HASH[7:29].lower() not in msg.lower()       # not even a piece of the salt
+    # These cannot decode a hash; the others may (to a value of the wrong type, found later).
+    if tag in ("!!int", "!!float", "!!bool", "!!timestamp"):
+        assert "web.yml:3:" in msg
+
+
+def test_an_unforeseen_decoder_failure_is_still_clean(pki: Pki,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.webconfig as wc
+
+    def boom(users: object) -> bytes:
+        raise ValueError(f"something quoting {HASH}")
+
+    monkeypatch.setattr(wc, "_dummy_hash", boom)
+    with pytest.raises(WebConfigError) as e:
+        load_web_config(write_cfg(pki, {"basic_auth_users": {"prom": HASH}}))
+    assert HASH not in str(e.value) and "ValueError" in str(e.value)
+
+
+@pytest.mark.parametrize("doc", [
+    {"tls_server_config": {}}, {"tls_server_config": None},
+    {"tls_server_config": {}, "basic_auth_users": {"prom": HASH}},
+])
+def test_an_empty_tls_section_is_an_error_not_plain_http(pki: Pki, doc: dict[str, object]
+                                                         ) -> None:
+    with pytest.raises(WebConfigError, match="tls_server_config"):
+        WebGuard(write_cfg(pki, doc))
+
+
+# ---------------------------------------------------------------------------------------------
+# bcrypt: hashes that cannot work are refused at load; unknown users cost what users cost;
+# the work is bounded and sheds load.
+
+
+def _hash(cost: int, password: bytes = PASSWORD.encode()) -> str:
+    return bcrypt.hashpw(password, bcrypt.gensalt(cost)).decode()
+
+
+def _alter(h: str, i: int, c: str) -> str:
+    return h[:i] + c + h[i + 1:]
+
+
+@pytest.mark.parametrize(("hashed", "match"), [
+    pytest.param(HASH + "\n", "not a bcrypt hash", id="trailing-newline"),
+    pytest.param(" " + HASH, "not a bcrypt hash", id="leading-space"),
+    pytest.param("$2$" + HASH[4:], "not a bcrypt hash", id="prefix-2"),
+    pytest.param("$2x$" + HASH[4:], "not a bcrypt hash", id="prefix-2x"),
+    pytest.param(HASH[:-1], "not a bcrypt hash", id="short"),
+    pytest.param(HASH + "a", "not a bcrypt hash", id="long"),
+    pytest.param("$2b$03$" + HASH[7:], "cost outside 4..14", id="cost-3"),
+    pytest.param("$2b$15$" + HASH[7:], "cost outside 4..14", id="cost-15"),
+    pytest.param("$2b$31$" + HASH[7:], "cost outside 4..14", id="cost-31"),
+    pytest.param(_alter(HASH, 28, "P" if HASH[28] != "P" else "Q"), "never match",
+                 id="salt-not-canonical"),
+    pytest.param(_alter(HASH, 59, "/"), "never match", id="digest-not-canonical"),
+])
+def test_hashes_that_cannot_work_are_refused_at_load(pki: Pki, hashed: str, match: str) -> None:
+    with pytest.raises(WebConfigError, match=match) as e:
+        WebGuard(write_cfg(pki, {"basic_auth_users": {"prom": hashed}}))
+    assert hashed.strip() not in str(e.value) and HASH[7:29] not in str(e.value)
+
+
+async def test_unknown_users_cost_as_much_bcrypt_as_configured_ones(
+        pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+    guard = WebGuard(write_cfg(pki, {"basic_auth_users": {"prom": _hash(6), "ops": HASH}}))
+    url = await serve(guard)
+    assert (await get(url, auth=basic("nobody", PASSWORD)))[0] == 401
+    assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200
+    # The hash checked for the unknown user has the highest configured cost (6, not 4, not 10)
+    # and is not any user's hash.
+    assert [int(h[4:6]) for h in checked] == [6, 6]
+    assert checked[0] not in {h.encode() for h in (_hash(6), HASH)}
+    assert checked[0] == guard.config.dummy_hash
+
+    # A reload recomputes it: cost 4 users only, so the unknown user costs 4.
+    write_cfg(pki, {"basic_auth_users": {"ops": HASH}})
+    guard.reload()
+    checked.clear()
+    assert (await get(url, auth=basic("nobody", PASSWORD)))[0] == 401
+    assert [int(h[4:6]) for h in checked] == [4]
+
+
+async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
+        pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = threading.Lock()
+    running, peak = [0], [0]
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(password, hashed)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+    # Cost 10 (~50 ms a check) so that a burst of 60 connections outruns 2 workers.
+    users = {"prom": _hash(10), "ops": _hash(10)}
+    guard = WebGuard(write_cfg(pki, {"basic_auth_users": users}), bcrypt_workers=2,
+                     bcrypt_queue=4)
+    url = await serve(guard)
+    assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200    # now cached
+
+    n = 60
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as s:
+        async def attempt(i: int) -> tuple[int, str | None]:
+            user = ("nobody", "prom")[i % 2]
+            async with s.get(url, headers={"Authorization": basic(user, f"wrong-{i}")}) as r:
+                return r.status, r.headers.get("Retry-After")
+
+        flood = [asyncio.create_task(attempt(i)) for i in range(n)]
+        await asyncio.sleep(0.05)
+        cached = await get(url, auth=basic("prom", PASSWORD))     # during the flood
+        results = await asyncio.gather(*flood)
+
+    statuses = collections.Counter(status for status, _ in results)
+    assert set(statuses) <= {401, 503}, statuses
+    assert statuses[503] >= 1 and statuses[401] >= 1, statuses
+    assert all(ra == "1" for status, ra in results if status == 503)
+    assert guard.bcrypt_shed_total == statuses[503]
+    assert peak[0] <= 2                              # never more than the worker threads
+    assert cached[0] == 200                          # a verified scraper is never shed
+    # Nothing is left counted as pending: an uncached valid login works right after.
+    await asyncio.sleep(0)
+    assert guard._bcrypt_pending == 0
+    assert (await get(url, auth=basic("ops", PASSWORD)))[0] == 200
+    guard.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The same errors through the agent: /-/reload and start-up.
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENT_CFG = "agent: {region: id-jakarta}\ntargets: []\n"
+MISTAGGED = f"tls_server_config: {{cert_file: server.crt, key_file: server.key}}\n" \
+    f"basic_auth_users:\n  prom: !!int {HASH}\n"
+
+
+async def test_reload_with_a_mistagged_hash_fails_cleanly(
+        pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    from agent import config as cfgmod
+    from agent.app import Agent
+    from agent.web import build_app
+    from agent.web import serve as serve_app
+
+    caplog.set_level(logging.DEBUG)
+    cfg_path = pki.dir / "edgeprobe.yml"
+    cfg_path.write_text(AGENT_CFG)
+    path = write_cfg(pki, {"tls_server_config": TLS, "basic_auth_users": {"prom": HASH}})
+    guard = WebGuard(path)
+    agent = Agent(cfgmod.load(cfg_path), cfg_path, web_guard=guard)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runner = await serve_app(build_app(agent, middlewares=guard.middlewares()),
+                             f"127.0.0.1:{port}", ssl_context=guard.ssl_context)
+    base, ctx, auth = f"https://127.0.0.1:{port}", pki.client_ctx(), basic("prom", PASSWORD)
+    try:
+        path.write_text(MISTAGGED)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            async with s.post(base + "/-/reload", ssl=ctx, headers={"Authorization": auth}) as r:
+                status, body = r.status, await r.text()
+            async with s.get(base + "/metrics", ssl=ctx, headers={"Authorization": auth}) as r:
+                metrics = await r.text()
+        assert status == 500 and "web.yml:3:" in body and "basic_auth_users.prom" in body
+        assert 'edgeprobe_config_last_reload_successful{region="id-jakarta"} 0.0' in metrics
+        assert guard.config.basic_auth_users["prom"] == HASH.encode()   # the old one serves
+    finally:
+        await runner.cleanup()
+    for secret in (HASH, HASH.lower()):
+        assert secret not in caplog.text and secret not in body
+
+
+def test_start_up_with_a_mistagged_hash_exits_with_one_line(pki: Pki) -> None:
+    cfg_path = pki.dir / "edgeprobe.yml"
+    cfg_path.write_text(AGENT_CFG)
+    (pki.dir / "web.yml").write_text(MISTAGGED)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "agent", "run", f"--config.file={cfg_path}",
+                          f"--web.listen-address=127.0.0.1:{port}",
+                          f"--web.config.file={pki.dir / 'web.yml'}", "--log.format=logfmt"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("edgeprobe:")]
+    assert len(lines) == 1 and "basic_auth_users.prom" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    out = res.stdout + res.stderr
+    assert HASH not in out and HASH.lower() not in out
