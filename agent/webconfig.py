@@ -32,6 +32,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -40,8 +41,9 @@ import secrets
 import socket
 import ssl
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,8 @@ HEADERS: dict[str, tuple[str, ...] | None] = {
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31})")
 BCRYPT_MIN_COST, BCRYPT_MAX_COST = 4, 14
+_PEM_CERT_RE = re.compile(r"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----[A-Za-z0-9+/=\s]+"
+                          r"-----END \1?CERTIFICATE-----")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h|d|w|y)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
                    "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
@@ -189,15 +193,24 @@ class WebConfig:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A new server context for this config, or None when TLS is off."""
+        built = self._build_tls()
+        return built[0] if built is not None else None
+
+    def _build_tls(self) -> tuple[ssl.SSLContext, Hashable] | None:
+        """A new server context and its client policy: everything that decides which clients
+        a handshake admits (all of tls_server_config but the server's own certificate and key,
+        with the client CAs by content)."""
         if self.tls is None:
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._configure(ctx)
-        return ctx
+        client_cas = self._configure(ctx)
+        policy = dataclasses.replace(self.tls, cert_file="", key_file="", cert="", key="",
+                                     client_ca_file="", client_ca="")
+        return ctx, (policy, client_cas)
 
-    def _configure(self, ctx: ssl.SSLContext) -> None:
-        """Load certificates and policy into a fresh ``ctx``. Only ever on a new context:
-        OpenSSL can add CAs to a context but not remove them."""
+    def _configure(self, ctx: ssl.SSLContext) -> str:
+        """Load certificates and policy into a fresh ``ctx``; returns the client CAs loaded.
+        Only ever on a new context: OpenSSL can add CAs to a context but not remove them."""
         t = self.tls
         assert t is not None
         ctx.minimum_version = TLS_VERSIONS[t.min_version]
@@ -217,15 +230,24 @@ class WebConfig:
             raise WebConfigError(f"tls_server_config: cannot load certificate/key: "
                                  f"{_describe(e)}") from None
         ctx.verify_mode = CLIENT_AUTH_TYPES[t.client_auth_type]
-        if t.client_ca_file or t.client_ca:
-            try:
-                if t.client_ca_file:
-                    ctx.load_verify_locations(cafile=str(self._path(t.client_ca_file)))
-                if t.client_ca:
-                    ctx.load_verify_locations(cadata=t.client_ca)
-            except (OSError, ssl.SSLError) as e:
-                raise WebConfigError(f"tls_server_config: cannot load client CA: "
-                                     f"{_describe(e)}") from None
+        if not (t.client_ca_file or t.client_ca):
+            return ""
+        # Read once and loaded from memory, so that the policy compared across reloads is
+        # exactly what this context trusts.
+        try:
+            text = t.client_ca or self._path(t.client_ca_file).read_bytes().decode("latin-1")
+        except OSError as e:
+            raise WebConfigError(f"tls_server_config: cannot load client CA: "
+                                 f"{_describe(e)}") from None
+        pem = "\n".join(m.group(0) for m in _PEM_CERT_RE.finditer(text))
+        if not pem:
+            raise WebConfigError("tls_server_config: no PEM certificate in the client CA")
+        try:
+            ctx.load_verify_locations(cadata=pem)
+        except ssl.SSLError as e:
+            raise WebConfigError(f"tls_server_config: cannot load client CA: "
+                                 f"{_describe(e)}") from None
+        return pem
 
     def _path(self, p: str) -> Path:
         return self.base_dir / p if p and not Path(p).is_absolute() else Path(p)
@@ -530,7 +552,7 @@ def parse_web_config(text: str, base_dir: Path = Path("."), source: str = "<web 
     )
 
 
-def _load(path: Path) -> tuple[WebConfig, ssl.SSLContext | None]:
+def _load(path: Path) -> tuple[WebConfig, tuple[ssl.SSLContext, Hashable] | None]:
     """Read, decode and fully validate ``path``; the SSL context proves cert, key and CA load.
     Raises WebConfigError only, with a message that quotes no value from the file."""
     try:
@@ -547,7 +569,7 @@ def _load(path: Path) -> tuple[WebConfig, ssl.SSLContext | None]:
     try:
         # Relative file names are relative to the config file, like the toolkit's.
         cfg = parse_web_config(text, base_dir=path.parent, source=str(path))
-        return cfg, cfg.ssl_context()
+        return cfg, cfg._build_tls()
     except WebConfigError:
         raise
     except Exception as e:
@@ -647,11 +669,16 @@ class WebGuard:
                  bcrypt_workers: int = 2, bcrypt_queue: int = 8) -> None:
         self.path = Path(path) if path is not None else None
         self._clock = clock
-        self.config, current = _load(self.path) if self.path is not None else (WebConfig(), None)
+        self.config, tls = _load(self.path) if self.path is not None else (WebConfig(), None)
         self._ssl: ReloadableContext | None = None
-        if current is not None:
+        # The contexts whose handshakes satisfy the client policy in force: a connection made
+        # under any other one is closed at its next request (see _stale).
+        self._admitted: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+        self._policy: Hashable = None
+        if tls is not None:
             self._ssl = ReloadableContext(ssl.PROTOCOL_TLS_SERVER)
-            self._ssl.current = current
+            self._ssl.current, self._policy = tls
+            self._admitted.add(self._ssl.current)
         self._cache = _AuthCache()
         self._bcrypt_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=bcrypt_workers, thread_name_prefix="edgeprobe-bcrypt")
@@ -670,14 +697,23 @@ class WebGuard:
         """Re-read the file. On any error the old state stays and WebConfigError is raised.
 
         The new SSL context is built from scratch and, once the whole file validated, becomes
-        the one new connections are wrapped with. Turning TLS on or off needs a restart."""
+        the one new connections are wrapped with. If the client policy changed (a CA removed,
+        a version or cipher restricted...), a kept-alive connection made under the old one is
+        closed at its next request, so the client reconnects under the new policy; a reload
+        that only rotates the server's certificate keeps connections. Turning TLS on or off
+        needs a restart."""
         if self.path is None:
             return
-        new, current = _load(self.path)
+        new, tls = _load(self.path)
         if (new.tls is None) != (self.config.tls is None):
             raise WebConfigError(f"{self.path}: turning TLS on or off needs a restart")
-        if self._ssl is not None and current is not None:
-            self._ssl.current = current
+        if self._ssl is not None and tls is not None:
+            ctx, policy = tls
+            if policy != self._policy:
+                self._admitted = weakref.WeakSet()
+                self._policy = policy
+            self._admitted.add(ctx)
+            self._ssl.current = ctx
         self.config = new
         self._cache.clear()
         self._tokens = min(self._tokens, float(new.rate_limit.burst))
@@ -693,6 +729,11 @@ class WebGuard:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         cfg = self.config
         resp: web.StreamResponse
+        if self._stale(request):
+            # Go's HTTP client (Prometheus) retries an idempotent request on a new connection
+            # when a reused one closes without a response; a status would fail the scrape.
+            request.protocol.force_close()
+            return web.Response(status=421, text="Misdirected Request\n")
         if not self._take_token(cfg.rate_limit):
             resp = web.Response(status=429, text="Too Many Requests\n")
         elif not self._sans_ok(request, cfg):
@@ -715,6 +756,14 @@ class WebGuard:
         for k, v in cfg.http.headers.items():
             resp.headers.setdefault(k, v)
         return resp
+
+    def _stale(self, request: web.Request) -> bool:
+        """Whether the request came on a TLS connection made under a client policy that a
+        reload has since replaced."""
+        if self._ssl is None or request.transport is None:
+            return False
+        sslobj = request.transport.get_extra_info("ssl_object")
+        return sslobj is not None and sslobj.context not in self._admitted
 
     def _take_token(self, rl: RateLimit) -> bool:
         if rl.interval <= 0:

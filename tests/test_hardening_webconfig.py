@@ -302,8 +302,13 @@ async def serving(guard: WebGuard) -> AsyncIterator[str]:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text="edgeprobe_up 1\n")
 
+    async def peer(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
     app = web.Application(middlewares=guard.middlewares())
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/peer", peer)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
@@ -350,6 +355,48 @@ def test_reload_revokes_a_removed_client_ca(pki: Pki, loop: str) -> None:
             write_cfg(pki, {"tls_server_config": TLS})   # client certificates off again
             guard.reload()
             assert (await get(url, pki.client_ctx()))[0] == 200
+
+    run_on(loop, scenario())
+
+
+@LOOPS
+def test_reload_closes_kept_alive_connections_of_a_replaced_policy(pki: Pki, loop: str) -> None:
+    ca_b = trustme.CA()
+    ca_b.cert_pem.write_to_path(str(pki.dir / "ca_b.crt"))
+    tls = {**TLS, "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": "ca.crt"}
+    leaf = pki.ca.issue_cert("localhost", "127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(pki.dir / "server2.crt"))
+    leaf.private_key_pem.write_to_path(str(pki.dir / "server2.key"))
+
+    async def scenario() -> None:
+        guard = WebGuard(write_cfg(pki, {"tls_server_config": tls}))
+        async with serving(guard) as url, aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=5)) as s:
+            url = url.replace("/metrics", "/peer")
+            from_a = client_cert_ctx(pki, pki.ca)
+
+            async def peer_port() -> str:
+                async with s.get(url, ssl=from_a) as r:
+                    assert r.status == 200
+                    return await r.text()
+
+            first = await peer_port()
+            assert await peer_port() == first               # kept alive
+
+            # Same client policy (server certificate rotated, a header added): kept.
+            write_cfg(pki, {"tls_server_config": {**tls, "cert_file": "server2.crt",
+                                                  "key_file": "server2.key"},
+                            "http_server_config": {"headers": {"X-Frame-Options": "deny"}}})
+            guard.reload()
+            assert await peer_port() == first
+
+            # CA a removed: the kept-alive connection gets no response, and no new one is made.
+            write_cfg(pki, {"tls_server_config": {**tls, "client_ca_file": "ca_b.crt"}})
+            guard.reload()
+            with pytest.raises(aiohttp.ServerDisconnectedError):
+                await peer_port()
+            with pytest.raises(aiohttp.ClientError):
+                await peer_port()
 
     run_on(loop, scenario())
 
