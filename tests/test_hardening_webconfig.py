@@ -6,11 +6,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -675,3 +678,75 @@ def test_start_up_with_a_mistagged_hash_exits_with_one_line(pki: Pki) -> None:
     assert "Traceback" not in res.stderr
     out = res.stdout + res.stderr
     assert HASH not in out and HASH.lower() not in out
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
+    """The connection Prometheus keeps alive is closed after a client policy change; Go's
+    client resends the scrape on a new connection, so no scrape fails."""
+    ca_b = trustme.CA()
+    (pki.dir / "bundle.crt").write_bytes(pki.ca.cert_pem.bytes() + ca_b.cert_pem.bytes())
+    client = pki.ca.issue_cert("prometheus.example.net")
+    client.cert_chain_pems[0].write_to_path(str(pki.dir / "client.crt"))
+    client.private_key_pem.write_to_path(str(pki.dir / "client.key"))
+    tls = {**TLS, "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": "ca.crt"}
+    guard = WebGuard(write_cfg(pki, {"tls_server_config": tls}))
+    ports: list[int] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        ports.append(request.transport.get_extra_info("peername")[1])
+        return web.Response(text="edgeprobe_up 1\n")
+
+    app = web.Application(middlewares=guard.middlewares())
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=guard.ssl_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        prom_port = sock.getsockname()[1]
+    (pki.dir / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{
+            "job_name": "edgeprobe", "scheme": "https",
+            "tls_config": {"ca_file": str(pki.dir / "ca.crt"),
+                           "cert_file": str(pki.dir / "client.crt"),
+                           "key_file": str(pki.dir / "client.key")},
+            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={pki.dir / 'prometheus.yml'}",
+         f"--storage.tsdb.path={pki.dir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def scrapes(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(ports) < n:
+            assert prom.poll() is None and time.monotonic() < deadline, "no scrapes"
+            await asyncio.sleep(0.1)
+
+    try:
+        await scrapes(3)
+        before = len(ports)
+        write_cfg(pki, {"tls_server_config": {**tls, "client_ca_file": "bundle.crt"}})
+        guard.reload()
+        await scrapes(before + 3)
+        await asyncio.sleep(1.5)          # let Prometheus commit the last samples
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
+                s.get(f"http://127.0.0.1:{prom_port}/api/v1/query",
+                      params={"query": 'up{job="edgeprobe"}[5m]'}) as r:
+            samples = [float(v) for _, v in (await r.json())["data"]["result"][0]["values"]]
+    finally:
+        prom.send_signal(signal.SIGTERM)
+        try:
+            prom.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait(5)
+        await runner.cleanup()
+    assert len(set(ports[:before])) == 1                     # one kept-alive connection
+    assert set(ports[before:]).isdisjoint(ports[:before])    # a new one after the reload
+    assert len(samples) >= 5 and set(samples) == {1.0}, samples   # no scrape failed
