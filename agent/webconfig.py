@@ -588,10 +588,12 @@ def load_web_config(path: str | Path) -> WebConfig:
 
 
 class _AuthCache:
-    """Recently verified credentials, so that bcrypt (tens of ms) runs once per scrape
-    interval, not once per scrape. Keys are HMACs under a per-process random key: the cache
-    holds neither a password nor anything an attacker with a memory dump could brute-force
-    faster than the bcrypt hash itself."""
+    """Recently verified credentials, so that bcrypt (tens to hundreds of ms) runs once per
+    scraper, not once per scrape. An entry lives while it is used at least once per ``ttl``
+    (a scraper on a steady interval never needs bcrypt again, so a flood that fills the bcrypt
+    queue cannot fail its scrapes); a reload clears the cache, since the hashes may change.
+    Keys are HMACs under a per-process random key: the cache holds neither a password nor
+    anything an attacker with a memory dump could brute-force faster than the bcrypt hash."""
 
     def __init__(self, ttl: float = 60.0, size: int = 256) -> None:
         self._key = secrets.token_bytes(32)
@@ -611,6 +613,7 @@ class _AuthCache:
         if exp < now:
             del self._entries[k]
             return False
+        self._entries[k] = now + self._ttl
         self._entries.move_to_end(k)
         return True
 
@@ -666,7 +669,7 @@ class WebGuard:
     ``WebGuard(None)`` is a no-op guard (no ``--web.config.file``)."""
 
     def __init__(self, path: str | Path | None, *, clock: Callable[[], float] = time.monotonic,
-                 bcrypt_workers: int = 2, bcrypt_queue: int = 8) -> None:
+                 bcrypt_workers: int = 2, bcrypt_queue: int = 4) -> None:
         self.path = Path(path) if path is not None else None
         self._clock = clock
         self.config, tls = _load(self.path) if self.path is not None else (WebConfig(), None)

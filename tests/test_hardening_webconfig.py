@@ -750,3 +750,27 @@ async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
     assert len(set(ports[:before])) == 1                     # one kept-alive connection
     assert set(ports[before:]).isdisjoint(ports[:before])    # a new one after the reload
     assert len(samples) >= 5 and set(samples) == {1.0}, samples   # no scrape failed
+
+
+async def test_a_scraper_in_use_stays_cached(pki: Pki, serve: Serve,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Used at least once a minute, a verified credential never needs bcrypt again: a flood
+    that fills the bcrypt queue cannot fail a steady scraper's scrapes."""
+    calls = [0]
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        calls[0] += 1
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+    now = [0.0]
+    guard = WebGuard(write_cfg(pki, {"basic_auth_users": {"prom": HASH}}), clock=lambda: now[0])
+    url = await serve(guard)
+    for t in (0.0, 50.0, 100.0, 150.0):         # a 50 s scrape interval, past the 60 s TTL
+        now[0] = t
+        assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200
+    assert calls[0] == 1
+    now[0] += 61.0                                # unused for longer than the TTL: verified anew
+    assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200
+    assert calls[0] == 2
