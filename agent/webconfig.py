@@ -17,7 +17,8 @@ Differences from the Go implementation, all documented in docs/operations/securi
 * ``http2`` is accepted and ignored: aiohttp serves HTTP/1.1 only.
 * The file is read at start and on :meth:`WebGuard.reload`, not on every request. A reload
   builds a new SSL context from scratch: the next handshake sees exactly the new file (a removed
-  client CA or cipher restriction is gone), connections already open keep their session.
+  client CA or cipher restriction is gone), and a kept-alive connection made under a client
+  policy that the reload changed is closed at its next request (see :meth:`WebGuard.reload`).
 * ``tls_server_config`` present but empty is an error (the toolkit serves plain HTTP).
 * bcrypt costs outside 4..14 are rejected (a cost of 31 would hang every login), and so is a
   hash that can never match (trailing newline, ``$2$`` prefix, non-canonical encoding).
