@@ -583,8 +583,8 @@ async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
                 running[0] -= 1
 
     monkeypatch.setattr(bcrypt, "checkpw", spy)
-    # Cost 10 (~50 ms a check) so that a burst of 60 connections outruns 2 workers.
-    users = {"prom": _hash(10), "ops": _hash(10)}
+    # Cost 11 (~100 ms a check): a burst of 60 connections outruns 2 workers.
+    users = {"prom": _hash(11), "ops": _hash(11)}
     guard = WebGuard(write_cfg(pki, {"basic_auth_users": users}), bcrypt_workers=2,
                      bcrypt_queue=4)
     url = await serve(guard)
