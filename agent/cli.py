@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="also reload when the config file changes (polled)")
     r.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    r.add_argument("--web.read-header-timeout", dest="read_header_timeout", type=_duration,
+                   default="10s", metavar="DURATION",
+                   help="close a connection whose request header (TLS handshake included) "
+                        "is not complete this long after it was opened or, on a kept-alive "
+                        "connection, after its first byte (default 10s)")
+    r.add_argument("--web.idle-timeout", dest="idle_timeout", type=_duration, default="75s",
+                   metavar="DURATION",
+                   help="close a kept-alive connection idle this long between requests "
+                        "(default 75s)")
+    r.add_argument("--web.max-connections", dest="max_connections", type=int, default=512,
+                   metavar="N",
+                   help="most web connections open at once (default 512), also bounded by "
+                        "RLIMIT_NOFILE minus what the probes need; at the limit a new "
+                        "connection evicts the one idle longest, or is closed at accept")
     log_flags(r)
 
     c = sub.add_parser("check-config", help="validate a config file and exit",
@@ -100,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logs.setup(args.log_format, args.log_level)
     if args.command == "run":
+        # Before the signal handlers of _run are installed, a SIGHUP (the default action
+        # kills) is ignored: a reload asked for before the config is read is satisfied by
+        # reading it. agent/__main__.py does the same before the imports.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # /metrics renders in a thread; a short GIL switch interval lets the event loop thread,
         # which times the probes, take the GIL back quickly while a large scrape renders.
         sys.setswitchinterval(0.0005)
@@ -111,10 +129,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    # Signal handlers first, before anything can answer (a /-/healthy answer may be what
+    # makes a config reloader send SIGHUP). A SIGHUP before the agent has started is
+    # deferred: one reload once it has.
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    started = False
+    hup_pending = False
+    reloads: set[asyncio.Task[tuple[bool, str]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(agent.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    def on_hup() -> None:
+        nonlocal hup_pending
+        if started:
+            reload()
+        else:
+            hup_pending = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
     from agent.app import Agent
-    from agent.web import build_app, serve
+    from agent.web import WebLimits, build_app, probe_fd_reserve, serve
     from agent.webconfig import WebConfigError, WebGuard
 
+    limits = WebLimits(read_header_timeout=args.read_header_timeout,
+                       idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    if limits.problems():
+        print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+        return 2
     try:
         cfg = cfgmod.load(args.config_file)
     except ConfigError as e:
@@ -130,22 +178,23 @@ async def _run(args: argparse.Namespace) -> int:
     agent = Agent(cfg, Path(args.config_file), web_guard=guard)
     app = build_app(agent, middlewares=guard.middlewares())
     try:
-        runner = await serve(app, args.listen, ssl_context=guard.ssl_context)
+        runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits,
+                             reserve=lambda: probe_fd_reserve(agent))
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1
     await agent.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(agent.reload()))
+    started = True
+    if hup_pending:
+        reload()
     watcher = loop.create_task(_watch(agent, Path(args.config_file))) if args.config_watch \
         else None
     await stop.wait()
     log.info("shutting down")
     if watcher is not None:
         watcher.cancel()
+    if reloads:
+        await asyncio.wait(reloads, timeout=3.0)
     await agent.stop(grace=3.0)
     await runner.cleanup()
     return 0

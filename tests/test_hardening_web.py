@@ -1,0 +1,292 @@
+"""The agent's web server against hostile clients: held idle and slowloris connections under a
+low RLIMIT_NOFILE, SIGHUP during start-up, malformed requests. The agent runs as a child
+process (`python -m agent run`); every connection is on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER_TIMEOUT = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nofile(n: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    return apply
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def child(tmp: Path, config: str, flags: tuple[str, ...] = (),
+          preexec: Callable[[], None] | None = None) -> Iterator[Child]:
+    cfg = tmp / "edgeprobe.yml"
+    cfg.write_text(config)
+    port = free_port()
+    log = tmp / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", f"--config.file={cfg}",
+             f"--web.listen-address=127.0.0.1:{port}", *flags],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+    try:
+        yield Child(proc, f"http://127.0.0.1:{port}", log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+async def wait_ready(c: Child, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+        while True:
+            assert c.proc.poll() is None, f"agent exited {c.proc.returncode}:\n{c.text()}"
+            assert time.monotonic() < deadline, f"agent not ready:\n{c.text()}"
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with s.get(c.url + "/-/ready") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(url: str) -> Samples:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
+            s.get(url + "/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    return {(m.name, tuple(sorted(m.labels.items()))): m.value
+            for f in text_string_to_metric_families(text) for m in f.samples}
+
+
+def total(m: Samples, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in m.items() if n == name and want <= set(lbl))
+
+
+@contextlib.asynccontextmanager
+async def tcp_target() -> AsyncIterator[int]:
+    """A loopback TCP server that accepts and closes: the TCP probe's target."""
+    async def handle(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@dataclass
+class Held:
+    sock: socket.socket
+    opened: float
+    closed: float | None = None
+
+
+def open_held(url: str, n: int) -> list[Held]:
+    host, port = url.removeprefix("http://").split(":")
+    out = []
+    for _ in range(n):
+        s = socket.socket()
+        s.settimeout(2.0)
+        try:
+            s.connect((host, int(port)))
+        except OSError:
+            s.close()
+            continue
+        s.setblocking(False)
+        out.append(Held(s, time.monotonic()))
+    return out
+
+
+def poll_closed(held: list[Held]) -> None:
+    """Mark the connections the agent has closed (EOF or reset)."""
+    for h in held:
+        if h.closed is not None:
+            continue
+        try:
+            data = h.sock.recv(4096)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            h.closed = time.monotonic()
+
+
+def trickle(held: list[Held], first: bool) -> None:
+    """One step of slowloris: the request line once, then one header line a step, never the
+    blank line that ends the header."""
+    for h in held:
+        if h.closed is None:
+            with contextlib.suppress(OSError):
+                h.sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n" if first else b"X-a: b\r\n")
+
+
+TCP_CONFIG = """agent: {{region: test}}
+targets:
+  - name: t1
+    address: 127.0.0.1
+    probes:
+      tcp: {{port: {port}, interval: 200ms, timeout: 150ms}}
+"""
+
+
+async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -> None:
+    """RLIMIT_NOFILE 64 and 30 idle + 30 slowloris connections held against the agent: every
+    scrape succeeds, the TCP probe never fails (no EMFILE), and the agent closes each
+    slowloris connection once the header timeout has passed."""
+    n = 30
+    async with tcp_target() as port:
+        with child(tmp_path, TCP_CONFIG.format(port=port),
+                   (f"--web.read-header-timeout={HEADER_TIMEOUT}s", "--web.idle-timeout=60s"),
+                   preexec=nofile(64)) as c:
+            await wait_ready(c)
+            before = await scrape(c.url)
+            idle = open_held(c.url, n)
+            slow = open_held(c.url, n)
+            scrapes = ok = 0
+            trickle(slow, first=True)
+            t_end = time.monotonic() + 3 * HEADER_TIMEOUT + 2
+            while time.monotonic() < t_end:
+                await asyncio.sleep(0.5)
+                trickle(slow, first=False)
+                poll_closed(idle + slow)
+                scrapes += 1
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError,
+                                         AssertionError):
+                    after = await scrape(c.url)
+                    ok += 1
+            poll_closed(idle + slow)
+            lifetimes = sorted(h.closed - h.opened for h in slow if h.closed is not None)
+            print(f"scrapes {ok}/{scrapes}; slowloris closed {len(lifetimes)}/{len(slow)}, "
+                  f"lifetimes {lifetimes[:1]}..{lifetimes[-1:]} s; idle closed "
+                  f"{sum(h.closed is not None for h in idle)}/{len(idle)}")
+            for h in idle + slow:
+                h.sock.close()
+            assert c.proc.poll() is None, c.text()
+    log = c.text()
+    assert ok == scrapes, f"{scrapes - ok} of {scrapes} scrapes failed\n{log}"
+    runs = total(after, "edgeprobe_probe_duration_seconds_count", edge="t1")
+    assert runs - total(before, "edgeprobe_probe_duration_seconds_count", edge="t1") >= 10
+    assert total(after, "edgeprobe_probe_errors_total", edge="t1") == 0, log
+    assert total(after, "edgeprobe_probe_exceptions_total") == 0, log
+    assert "Too many open files" not in log and "EMFILE" not in log, log
+    assert len(lifetimes) == len(slow), "slowloris connections left open"
+    assert lifetimes[-1] < 3 * HEADER_TIMEOUT + 2
+
+
+SMALL_CONFIG = """agent: {region: test}
+targets:
+  - name: lo
+    address: 127.0.0.1
+    probes:
+      tcp: {port: 9, interval: 1s, timeout: 200ms}
+"""
+
+
+async def test_sighup_from_spawn_is_never_a_death(tmp_path: Path) -> None:
+    """SIGHUP every 5 ms from the moment the agent's own code starts importing until it
+    serves, and a little beyond: it survives, serves, and reloads."""
+    with child(tmp_path, SMALL_CONFIG) as c:
+        maps = Path(f"/proc/{c.proc.pid}/maps")
+        sent = 0
+        deadline = time.monotonic() + 20
+        # Before the agent's own code runs (the interpreter's own start-up) nothing can catch a
+        # signal; the agent's first import is uvloop's extension.
+        while time.monotonic() < deadline and c.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if "uvloop" in maps.read_text():
+                    break
+            await asyncio.sleep(0.001)
+        ready_at: float | None = None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as s:
+            while time.monotonic() < deadline and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGHUP)
+                sent += 1
+                await asyncio.sleep(0.005)
+                if ready_at is None and sent % 10 == 0:
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with s.get(c.url + "/-/ready") as r:
+                            if r.status == 200:
+                                ready_at = time.monotonic()
+                if ready_at is not None and time.monotonic() > ready_at + 0.5:
+                    break
+        assert c.proc.poll() is None, f"agent died ({c.proc.returncode}) after {sent} " \
+                                      f"SIGHUPs:\n{c.text()}"
+        await wait_ready(c)
+        m = await scrape(c.url)
+        assert total(m, "edgeprobe_config_last_reload_successful") == 1
+        await asyncio.sleep(0.5)
+    assert "config reloaded" in c.text()
+
+
+MALFORMED = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32) + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Long: " + b"a" * 20000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n",
+]
+
+
+async def test_malformed_requests_log_no_error(tmp_path: Path) -> None:
+    """Malformed requests are answered 4xx (or closed) and logged at debug, one line each:
+    no ERROR line and no traceback at any level."""
+    with child(tmp_path, SMALL_CONFIG, ("--log.level=debug",)) as c:
+        await wait_ready(c)
+        host, port = c.url.removeprefix("http://").split(":")
+        for raw in MALFORMED:
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(raw)
+            await w.drain()
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                await asyncio.wait_for(r.read(), 5)
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+        await wait_ready(c)
+    log = c.text()
+    assert not re.search(r"level=error|Traceback", log), log
+    assert "malformed HTTP request" in log, log
