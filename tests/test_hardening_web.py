@@ -214,6 +214,44 @@ async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -
     assert lifetimes[-1] < 3 * HEADER_TIMEOUT + 2
 
 
+async def test_header_and_idle_timeouts(tmp_path: Path) -> None:
+    """No limit in play: a connection that sends nothing, one that trickles a header, and a
+    kept-alive one that starts a header it never ends are closed once the header timeout has
+    passed, not before; a kept-alive connection idle after its request is closed once the
+    idle timeout has passed, not before."""
+    idle_timeout = 4.0
+    with child(tmp_path, SMALL_CONFIG, (f"--web.read-header-timeout={HEADER_TIMEOUT}s",
+                                        f"--web.idle-timeout={idle_timeout}s")) as c:
+        await wait_ready(c)
+        silent, slow, idle, partial = (open_held(c.url, 1)[0] for _ in range(4))
+        conns = {"silent": silent, "slowloris": slow, "kept-alive, idle": idle,
+                 "kept-alive, then a partial header": partial}
+        for h in (idle, partial):
+            h.sock.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        trickle([slow], first=True)
+        partial_sent = False
+        t_end = time.monotonic() + idle_timeout + 3 * HEADER_TIMEOUT
+        while time.monotonic() < t_end and any(h.closed is None for h in conns.values()):
+            await asyncio.sleep(0.1)
+            trickle([slow], first=False)
+            if not partial_sent and time.monotonic() - partial.opened >= 1.0:
+                partial.sock.send(b"GET / HTTP/1.1\r\n")
+                partial.opened = time.monotonic()   # its header timeout starts now
+                partial_sent = True
+            poll_closed(list(conns.values()))   # also drains the answers to the requests
+        for h in conns.values():
+            h.sock.close()
+        life = {k: None if h.closed is None else round(h.closed - h.opened, 2)
+                for k, h in conns.items()}
+        print("lifetimes (s):", life)
+        assert c.proc.poll() is None
+    for name in ("silent", "slowloris", "kept-alive, then a partial header"):
+        v = life[name]
+        assert v is not None and HEADER_TIMEOUT - 0.1 <= v < 3 * HEADER_TIMEOUT, (name, v)
+    v = life["kept-alive, idle"]
+    assert v is not None and idle_timeout - 0.1 <= v < idle_timeout + 2 * HEADER_TIMEOUT, v
+
+
 SMALL_CONFIG = """agent: {region: test}
 targets:
   - name: lo
