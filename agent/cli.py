@@ -130,32 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     # Signal handlers first, before anything can answer (a /-/healthy answer may be what
-    # makes a config reloader send SIGHUP). A SIGHUP before the agent has started is
-    # deferred: one reload once it has.
+    # makes a config reloader send SIGHUP).
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    started = False
-    hup_pending = False
-    reloads: set[asyncio.Task[tuple[bool, str]]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(agent.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    def on_hup() -> None:
-        nonlocal hup_pending
-        if started:
-            reload()
-        else:
-            hup_pending = True
-
+    hups = HupReloads()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGHUP, hups.request)
 
     from agent.app import Agent
-    from agent.web import WebLimits, build_app, probe_fd_reserve, serve
+    from agent.web import ProbeFdReserve, WebLimits, build_app, serve
     from agent.webconfig import WebConfigError, WebGuard
 
     limits = WebLimits(read_header_timeout=args.read_header_timeout,
@@ -179,25 +163,61 @@ async def _run(args: argparse.Namespace) -> int:
     app = build_app(agent, middlewares=guard.middlewares())
     try:
         runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits,
-                             reserve=lambda: probe_fd_reserve(agent))
+                             reserve=ProbeFdReserve(agent))
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1
     await agent.start()
-    started = True
-    if hup_pending:
-        reload()
+    hups.start(agent)
     watcher = loop.create_task(_watch(agent, Path(args.config_file))) if args.config_watch \
         else None
     await stop.wait()
     log.info("shutting down")
     if watcher is not None:
         watcher.cancel()
-    if reloads:
-        await asyncio.wait(reloads, timeout=3.0)
+    await hups.close(timeout=3.0)
     await agent.stop(grace=3.0)
     await runner.cleanup()
     return 0
+
+
+class HupReloads:
+    """SIGHUP → ``agent.reload()``. Deferred until the agent has started (a reload asked for
+    during start-up runs once it has), and coalesced: SIGHUPs during a reload make one more
+    reload after it, not one each."""
+
+    def __init__(self) -> None:
+        self.agent: Any = None
+        self.task: asyncio.Task[tuple[bool, str]] | None = None
+        self.pending = False
+        self.closed = False
+
+    def request(self) -> None:
+        if self.closed:
+            return
+        if self.agent is None or self.task is not None:
+            self.pending = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self.agent.reload())
+        self.task.add_done_callback(self._done)
+
+    def start(self, agent: Any) -> None:
+        self.agent = agent
+        self._again()
+
+    async def close(self, timeout: float) -> None:
+        self.closed = True
+        if self.task is not None:
+            await asyncio.wait({self.task}, timeout=timeout)
+
+    def _done(self, _: asyncio.Task[tuple[bool, str]]) -> None:
+        self.task = None
+        self._again()
+
+    def _again(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.request()
 
 
 async def _watch(agent: Any, path: Path, period: float = 2.0) -> None:

@@ -129,22 +129,41 @@ class WebLimits:
         return errs
 
 
-# File descriptors kept for the probes on top of those open when the server starts: the
-# ICMP sockets, the resolver's threads, discovery's HTTP clients, log files.
+# File descriptors kept for the probes on top of those open when the server starts and of
+# what each series needs: the ICMP sockets, the resolver's threads, discovery's HTTP clients,
+# the socket an over-the-cap connection holds between its accept and its close.
 FD_RESERVE_MARGIN = 32
-# Per probe series (and per /probe request in flight): one socket per run, a second one for the
-# runs that open two (a DNS retry over TCP, a TURN allocation's relay check).
-FD_PER_SERIES = 2
+# Sockets one run of a kind holds at once (a run never overlaps the next one of its series):
+# path sends every TTL of every round from a socket of its own; connect holds its signalling
+# TCP/TLS socket, a STUN and a TURN socket; ICMP shares the engines' sockets (the margin).
+_RUN_FDS = {"icmp": 0, "connect": 3}
+_PROBE_REQUEST_FDS = 3      # a /probe request in flight: its module's run, at most connect's
 _ACCEPT_BATCH = 16          # accepts per wake-up, so the probes' callbacks are not held up
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def probe_fd_reserve(agent: Agent) -> int:
-    """File descriptors the probes of ``agent`` may hold at once, read at each accept (a
-    reload or discovery changes the number of series)."""
-    ep = agent.probe_endpoint
-    in_flight = ep.cfg.max_concurrent if ep is not None else 0
-    return FD_PER_SERIES * (len(agent.config.jobs) + in_flight)
+def run_fds(kind: str, options: object) -> int:
+    if kind == "path":
+        return int(getattr(options, "packets", 1)) * int(getattr(options, "max_hops", 1))
+    return _RUN_FDS.get(kind, 1)
+
+
+class ProbeFdReserve:
+    """The file descriptors the probes of ``agent`` may hold at once. Called at each accept;
+    recomputed only when the config (or the discovered targets) changed."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.config: object = None
+        self.fds = 0
+
+    def __call__(self) -> int:
+        cfg = self.agent.config
+        if cfg is not self.config:
+            self.config = cfg
+            self.fds = sum(run_fds(j.kind, j.options) for j in cfg.jobs)
+        ep = self.agent.probe_endpoint
+        return self.fds + (_PROBE_REQUEST_FDS * ep.cfg.max_concurrent if ep is not None else 0)
 
 
 def _open_fds() -> int:
@@ -433,7 +452,7 @@ async def serve(app: web.Application, listen: str, ssl_context: ssl.SSLContext |
                 limits: WebLimits | None = None,
                 reserve: Callable[[], int] = lambda: 0) -> web.AppRunner:
     """Serve ``app`` on ``listen`` within ``limits``; ``reserve`` is the number of file
-    descriptors the probes need (see probe_fd_reserve)."""
+    descriptors the probes need (see ProbeFdReserve)."""
     limits = limits or WebLimits()
     host, port = parse_listen(listen)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,

@@ -10,6 +10,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,9 +173,9 @@ targets:
 
 
 async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -> None:
-    """RLIMIT_NOFILE 64 and 30 idle + 30 slowloris connections held against the agent: every
-    scrape succeeds, the TCP probe never fails (no EMFILE), and the agent closes each
-    slowloris connection once the header timeout has passed."""
+    """RLIMIT_NOFILE 64 and 30 idle (kept alive after a request) + 30 slowloris connections
+    held against the agent: every scrape succeeds, the TCP probe never fails (no EMFILE), and
+    the agent closes each slowloris connection, by eviction or at the header timeout."""
     n = 30
     async with tcp_target() as port:
         with child(tmp_path, TCP_CONFIG.format(port=port),
@@ -182,6 +184,8 @@ async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -
             await wait_ready(c)
             before = await scrape(c.url)
             idle = open_held(c.url, n)
+            for h in idle:
+                h.sock.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
             slow = open_held(c.url, n)
             scrapes = ok = 0
             trickle(slow, first=True)
@@ -197,16 +201,20 @@ async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -
                     ok += 1
             poll_closed(idle + slow)
             lifetimes = sorted(h.closed - h.opened for h in slow if h.closed is not None)
-            print(f"scrapes {ok}/{scrapes}; slowloris closed {len(lifetimes)}/{len(slow)}, "
-                  f"lifetimes {lifetimes[:1]}..{lifetimes[-1:]} s; idle closed "
-                  f"{sum(h.closed is not None for h in idle)}/{len(idle)}")
+            cap = re.search(r"msg=listening .*max_connections=(\d+)", c.text())
+            print(f"web connection cap {cap and cap[1]}; scrapes {ok}/{scrapes}; slowloris "
+                  f"closed {len(lifetimes)}/{len(slow)} after {lifetimes[:1]}..{lifetimes[-1:]}"
+                  f" s; idle closed {sum(h.closed is not None for h in idle)}/{len(idle)}")
             for h in idle + slow:
                 h.sock.close()
             assert c.proc.poll() is None, c.text()
     log = c.text()
     assert ok == scrapes, f"{scrapes - ok} of {scrapes} scrapes failed\n{log}"
-    runs = total(after, "edgeprobe_probe_duration_seconds_count", edge="t1")
-    assert runs - total(before, "edgeprobe_probe_duration_seconds_count", edge="t1") >= 10
+    runs = total(after, "edgeprobe_probe_duration_seconds_count", edge="t1") \
+        - total(before, "edgeprobe_probe_duration_seconds_count", edge="t1")
+    print(f"TCP probe runs while held: {runs:g}, errors "
+          f"{total(after, 'edgeprobe_probe_errors_total', edge='t1'):g}")
+    assert runs >= 10
     assert total(after, "edgeprobe_probe_errors_total", edge="t1") == 0, log
     assert total(after, "edgeprobe_probe_exceptions_total") == 0, log
     assert "Too many open files" not in log and "EMFILE" not in log, log
@@ -250,6 +258,53 @@ async def test_header_and_idle_timeouts(tmp_path: Path) -> None:
         assert v is not None and HEADER_TIMEOUT - 0.1 <= v < 3 * HEADER_TIMEOUT, (name, v)
     v = life["kept-alive, idle"]
     assert v is not None and idle_timeout - 0.1 <= v < idle_timeout + 2 * HEADER_TIMEOUT, v
+
+
+async def test_tls_handshake_counts_against_the_header_timeout(tmp_path: Path) -> None:
+    """With TLS: a client that never sends its ClientHello, and one that completes the
+    handshake and then sends half a header, are closed once the header timeout has passed;
+    a scrape over TLS still works."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+    (tmp_path / "web.yml").write_text(
+        "tls_server_config: {cert_file: tls.crt, key_file: tls.key}\n")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with child(tmp_path, SMALL_CONFIG, (f"--web.read-header-timeout={HEADER_TIMEOUT}s",
+                                        f"--web.config.file={tmp_path / 'web.yml'}")) as c:
+        url = c.url.replace("http:", "https:")
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+            while True:
+                assert c.proc.poll() is None and time.monotonic() < deadline, c.text()
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with s.get(url + "/metrics", ssl=ctx) as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+        host, port = c.url.removeprefix("http://").split(":")
+        silent = open_held(c.url, 1)[0]
+        half = Held(socket.socket(), time.monotonic())     # the deadline runs from accept
+        r, w = await asyncio.open_connection(host, int(port), ssl=ctx,
+                                             server_hostname="127.0.0.1")
+        w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+            await asyncio.wait_for(r.read(), 3 * HEADER_TIMEOUT)
+        half.closed = time.monotonic()
+        half.sock.close()
+        w.close()
+        t_end = time.monotonic() + 3 * HEADER_TIMEOUT
+        while silent.closed is None and time.monotonic() < t_end:
+            await asyncio.sleep(0.1)
+            poll_closed([silent])
+        silent.sock.close()
+    life = {k: None if h.closed is None else round(h.closed - h.opened, 2)
+            for k, h in (("no ClientHello", silent), ("half a header", half))}
+    print("TLS lifetimes (s):", life)
+    for k, v in life.items():
+        assert v is not None and HEADER_TIMEOUT - 0.1 <= v < 3 * HEADER_TIMEOUT, (k, v)
 
 
 SMALL_CONFIG = """agent: {region: test}
@@ -328,3 +383,69 @@ async def test_malformed_requests_log_no_error(tmp_path: Path) -> None:
     log = c.text()
     assert not re.search(r"level=error|Traceback", log), log
     assert "malformed HTTP request" in log, log
+
+
+async def test_sighup_bursts_are_deferred_and_coalesced() -> None:
+    """Unit: SIGHUPs before start-up make one reload once started; a burst during a reload
+    makes one more reload after it; none after close."""
+    from agent.cli import HupReloads
+
+    class FakeAgent:
+        def __init__(self) -> None:
+            self.reloads = 0
+            self.gate = asyncio.Event()
+
+        async def reload(self) -> tuple[bool, str]:
+            self.reloads += 1
+            await self.gate.wait()
+            self.gate.clear()
+            return True, ""
+
+    hups, agent = HupReloads(), FakeAgent()
+    for _ in range(5):
+        hups.request()
+    hups.start(agent)
+    await asyncio.sleep(0)
+    assert agent.reloads == 1
+    for _ in range(100):
+        hups.request()
+    agent.gate.set()
+    await asyncio.sleep(0.01)
+    assert agent.reloads == 2
+    agent.gate.set()
+    await asyncio.sleep(0.01)
+    assert agent.reloads == 2 and hups.task is None
+    hups.request()
+    await asyncio.sleep(0)
+    agent.gate.set()
+    await hups.close(1.0)
+    hups.request()
+    await asyncio.sleep(0.01)
+    assert agent.reloads == 3 and hups.task is None
+
+
+def test_probe_fd_reserve_by_kind(tmp_path: Path) -> None:
+    """Unit: the reserve counts one socket per run, none for ICMP (shared sockets), three for
+    connect, packets x max_hops for path, and three per /probe request in flight."""
+    from types import SimpleNamespace
+
+    from agent import config as cfgmod
+    from agent.web import ProbeFdReserve
+
+    p = tmp_path / "e.yml"
+    p.write_text("""agent: {region: test}
+targets:
+  - name: a
+    address: 127.0.0.1
+    probes:
+      icmp: {}
+      tcp: {port: 9}
+      dns: {query_name: a.test, server: 127.0.0.1}
+      path: {interval: 30s, packets: 2, max_hops: 8}
+""")
+    cfg = cfgmod.load(p)
+    agent = SimpleNamespace(config=cfg, probe_endpoint=None)
+    reserve = ProbeFdReserve(agent)  # type: ignore[arg-type]
+    assert reserve() == 0 + 1 + 1 + 2 * 8
+    agent.probe_endpoint = SimpleNamespace(cfg=SimpleNamespace(max_concurrent=4))
+    assert reserve() == 18 + 3 * 4
