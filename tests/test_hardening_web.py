@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -449,3 +450,23 @@ targets:
     assert reserve() == 0 + 1 + 1 + 2 * 8
     agent.probe_endpoint = SimpleNamespace(cfg=SimpleNamespace(max_concurrent=4))
     assert reserve() == 18 + 3 * 4
+
+
+def test_server_log_demotes_only_malformed_requests(caplog: pytest.LogCaptureFixture) -> None:
+    """Unit: aiohttp's report of a malformed request is one debug line without a traceback;
+    any other exception it reports (a bug in a handler) stays an ERROR with its traceback."""
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from agent.web import _ServerLog
+
+    adapter = _ServerLog(logging.getLogger("aiohttp.server"), {})
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        adapter.exception("Error handling request from %s", "x", exc_info=BadHttpMessage("m"))
+        adapter.debug("Error handling request from %s", "x", exc_info=BadHttpMessage("m"))
+        adapter.exception("Error handling request from %s", "x", exc_info=RuntimeError("bug"))
+    got = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert got == [(logging.DEBUG, "malformed HTTP request", False),
+                   (logging.DEBUG, "malformed HTTP request", False),
+                   (logging.ERROR, "Error handling request from x", True)]
