@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="also reload when the config file changes (polled)")
     r.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    r.add_argument("--web.read-header-timeout", dest="read_header_timeout", type=_duration,
+                   default="10s", metavar="DURATION",
+                   help="close a connection whose request header (TLS handshake included) "
+                        "is not complete this long after it was opened or, on a kept-alive "
+                        "connection, after its first byte (default 10s)")
+    r.add_argument("--web.idle-timeout", dest="idle_timeout", type=_duration, default="75s",
+                   metavar="DURATION",
+                   help="close a kept-alive connection idle this long between requests "
+                        "(default 75s)")
+    r.add_argument("--web.max-connections", dest="max_connections", type=int, default=512,
+                   metavar="N",
+                   help="most web connections open at once (default 512), also bounded by "
+                        "RLIMIT_NOFILE minus what the probes need; at the limit a new "
+                        "connection evicts the one idle longest, or is closed at accept")
     log_flags(r)
 
     c = sub.add_parser("check-config", help="validate a config file and exit",
@@ -100,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logs.setup(args.log_format, args.log_level)
     if args.command == "run":
+        # Before the signal handlers of _run are installed, a SIGHUP (the default action
+        # kills) is ignored: a reload asked for before the config is read is satisfied by
+        # reading it. agent/__main__.py does the same before the imports.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # /metrics renders in a thread; a short GIL switch interval lets the event loop thread,
         # which times the probes, take the GIL back quickly while a large scrape renders.
         sys.setswitchinterval(0.0005)
@@ -111,10 +129,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    # Signal handlers first, before anything can answer (a /-/healthy answer may be what
+    # makes a config reloader send SIGHUP).
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hups = HupReloads()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hups.request)
+
     from agent.app import Agent
-    from agent.web import build_app, serve
+    from agent.web import ProbeFdReserve, WebLimits, build_app, serve
     from agent.webconfig import WebConfigError, WebGuard
 
+    limits = WebLimits(read_header_timeout=args.read_header_timeout,
+                       idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    if limits.problems():
+        print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+        return 2
     try:
         cfg = cfgmod.load(args.config_file)
     except ConfigError as e:
@@ -130,25 +162,62 @@ async def _run(args: argparse.Namespace) -> int:
     agent = Agent(cfg, Path(args.config_file), web_guard=guard)
     app = build_app(agent, middlewares=guard.middlewares())
     try:
-        runner = await serve(app, args.listen, ssl_context=guard.ssl_context)
+        runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits,
+                             reserve=ProbeFdReserve(agent))
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1
     await agent.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(agent.reload()))
+    hups.start(agent)
     watcher = loop.create_task(_watch(agent, Path(args.config_file))) if args.config_watch \
         else None
     await stop.wait()
     log.info("shutting down")
     if watcher is not None:
         watcher.cancel()
+    await hups.close(timeout=3.0)
     await agent.stop(grace=3.0)
     await runner.cleanup()
     return 0
+
+
+class HupReloads:
+    """SIGHUP → ``agent.reload()``. Deferred until the agent has started (a reload asked for
+    during start-up runs once it has), and coalesced: SIGHUPs during a reload make one more
+    reload after it, not one each."""
+
+    def __init__(self) -> None:
+        self.agent: Any = None
+        self.task: asyncio.Task[tuple[bool, str]] | None = None
+        self.pending = False
+        self.closed = False
+
+    def request(self) -> None:
+        if self.closed:
+            return
+        if self.agent is None or self.task is not None:
+            self.pending = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self.agent.reload())
+        self.task.add_done_callback(self._done)
+
+    def start(self, agent: Any) -> None:
+        self.agent = agent
+        self._again()
+
+    async def close(self, timeout: float) -> None:
+        self.closed = True
+        if self.task is not None:
+            await asyncio.wait({self.task}, timeout=timeout)
+
+    def _done(self, _: asyncio.Task[tuple[bool, str]]) -> None:
+        self.task = None
+        self._again()
+
+    def _again(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.request()
 
 
 async def _watch(agent: Any, path: Path, period: float = 2.0) -> None:
