@@ -20,6 +20,7 @@ from prometheus_client.utils import floatToGoString
 
 from agent import model
 from agent.export import catalog as C
+from agent.export import metrics_pb2 as pb
 from agent.export import protobuf
 from agent.export.catalog import Family
 from agent.stats import Histogram, SeriesStats, quantile
@@ -84,13 +85,20 @@ def _fmt(v: float) -> str:
 
 
 class _Labels:
-    """A label set as a dict (for Metric objects) and pre-rendered text (for the fast path)."""
+    """A label set as a dict (for Metric objects), pre-rendered text (for the fast path) and,
+    when asked for, serialized label pairs (for the protobuf sink)."""
 
-    __slots__ = ("d", "s")
+    __slots__ = ("d", "p", "s")
 
     def __init__(self, d: dict[str, str]) -> None:
         self.d = d
         self.s = ",".join(f'{k}="{_esc(v)}"' for k, v in d.items())
+        self.p: bytes | None = None
+
+    def pb(self) -> bytes:
+        if self.p is None:
+            self.p = protobuf.label_bytes(self.d)
+        return self.p
 
     def extra(self, k: str, v: str) -> tuple[dict[str, str], str]:
         return {**self.d, k: v}, f'{self.s},{k}="{_esc(v)}"' if self.s else f'{k}="{_esc(v)}"'
@@ -137,6 +145,55 @@ class _MetricSink(_Sink):
              extra: tuple[str, str] | None = None) -> None:
         _add_hist(self.fams[spec.name], spec.name,
                   labels.extra(*extra)[0] if extra else labels.d, h, self.native)
+
+
+class _ProtoSink(_Sink):
+    """MetricFamily messages built straight from the walk, native buckets included: each
+    series' label pairs are serialized once and merged into its samples' messages."""
+
+    def __init__(self) -> None:
+        self.fams: dict[str, pb.MetricFamily] = {}
+        # The summary message being filled per family: its quantiles, _count and _sum arrive
+        # as consecutive samples of one label set.
+        self._open: dict[str, tuple[_Labels, pb.Metric]] = {}
+
+    def family(self, spec: Family) -> Family:
+        if spec.name not in self.fams:
+            self.fams[spec.name] = protobuf.family(spec.sample_name, spec.help, spec.type)
+        return spec
+
+    def _metric(self, spec: Family, labels: _Labels, extra: tuple[str, str] | None) -> pb.Metric:
+        m: pb.Metric = self.fams[spec.name].metric.add()
+        m.MergeFromString(labels.pb())
+        if extra is not None:
+            m.label.add(name=extra[0], value=extra[1])
+        return m
+
+    def sample(self, spec: Family, labels: _Labels, value: float,
+               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+        if spec.type == "summary":
+            cur = self._open.get(spec.name)
+            if cur is None or cur[0] is not labels:
+                cur = self._open[spec.name] = (labels, self._metric(spec, labels, None))
+            m = cur[1]
+            if suffix == "_count":
+                m.summary.sample_count = int(value)
+            elif suffix == "_sum":
+                m.summary.sample_sum = value
+            elif extra is not None:
+                m.summary.quantile.add(quantile=float(extra[1]), value=value)
+            return
+        m = self._metric(spec, labels, extra)
+        if spec.type == "counter":
+            m.counter.value = value
+        else:
+            m.gauge.value = value
+
+    def hist(self, spec: Family, labels: _Labels, h: Histogram,
+             extra: tuple[str, str] | None = None) -> None:
+        native = h.native.sample(sum(h.counts), h.sum) if h.native is not None else None
+        protobuf.fill_histogram(self._metric(spec, labels, extra).histogram, h.bounds, h.counts,
+                                h.sum, native)
 
 
 class _TextSink(_Sink):
@@ -276,11 +333,12 @@ class CollectorState:
     def render_protobuf(self) -> Iterator[bytes]:
         """The protobuf exposition (delimited MetricFamily messages) of the same families, with
         native buckets on every histogram that keeps them; in slices like ``render_text``."""
-        sink = _MetricSink(native=True)
+        sink = _ProtoSink()
         for _ in self._walk(sink):
             yield b""
         for fam in sink.fams.values():
-            yield protobuf.encode((fam,))
+            if len(fam.metric):
+                yield protobuf.frame(fam)
         yield protobuf.encode(self._self_metrics(native=True))
 
     WALK_SLICE = 8

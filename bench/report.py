@@ -86,6 +86,22 @@ def check_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         add("scheduler lateness p99 < 5 ms", late, 5.0, None if late is None else late < 5.0,
             wl)
         add("peak RSS < 150 MB", rss, 150.0, None if rss is None else rss < 150.0, wl)
+    ex = doc.get("export") or {}
+    for r in ex.get("render", []):
+        n, where = r["targets"], f"export-{r['targets']}"
+        if n == 1000:
+            add("/metrics (text) render <= 100 ms", 1e3 * r["text_s"], 100.0,
+                r["text_s"] <= 0.1, where)
+        if n == 10000:
+            mb, pmb = r["text_bytes"] / 1e6, r["protobuf_bytes"] / 1e6
+            add("/metrics (text) <= 25 MB", mb, 25.0, mb <= 25.0, where)
+            add("/metrics (text) render <= 1 s", r["text_s"], 1.0, r["text_s"] <= 1.0, where)
+            add("/metrics (protobuf) <= 10 MB", pmb, 10.0, pmb <= 10.0, where)
+    st = ex.get("startup")
+    if st and st.get("targets") == 10000:
+        rs = st.get("ready_s")
+        add("ready in <= 3 s with 10,000 targets", rs, 3.0, None if rs is None else rs <= 3.0,
+            f"export-{st['targets']}")
     return out
 
 
@@ -136,6 +152,25 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_f(_get(r, 'rtt_error', 'p99_ms'))} ({_f(_get(r, 'rtt_error', 'abs_p99_ms'))})"
                 f" | {_f(None if ml is None else 100 * ml, 2)} % / "
                 f"{_f(None if tl is None else 100 * tl, 2)} % | {lat} | {lag} |")
+    ex = doc.get("export")
+    if ex:
+        lines += ["", "Export cost (an agent's state filled by recorded results, rendered in this "
+                  "process; start-up from a real `edgeprobe run` in a namespace of its own):", "",
+                  "| targets | series | text MB | text render s | protobuf MB | "
+                  "protobuf render s |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in ex["render"]:
+            lines.append(f"| {r['targets']} | {r['series']} | {_f(r['text_bytes'] / 1e6, 2)} | "
+                         f"{_f(r['text_s'])} | {_f(r['protobuf_bytes'] / 1e6, 2)} | "
+                         f"{_f(r['protobuf_s'])} |")
+        st = ex.get("startup") or {}
+        if st:
+            lines += ["", f"Ready (first 200 on /-/ready) with {st['targets']} targets: "
+                      f"{_f(st.get('ready_s'), 2)} s."]
+        spt = ex.get("series_per_target", {})
+        if spt:
+            lines += ["", "Series per target (default config; text / native-histogram server): "
+                      + ", ".join(f"{k} {v['text']} / {v['native']}" for k, v in spt.items())
+                      + "."]
     lines += ["", "Extra accuracy views:", ""]
     for r in _runs(doc):
         pp = r.get("rtt_error_per_packet")

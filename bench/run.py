@@ -325,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    from bench import report
+    from bench import export, report
+    log("bench: export cost")
+    ex = export.measure((100, 1000), 1000) if a.quick else export.measure()
     doc = {"schema": 1, "quick": a.quick, "edgeprobe_start_scrape": not a.no_start_scrape,
            "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "elapsed_s": round(time.monotonic() - t0, 1),
@@ -333,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "machine": machine() | {"loadavg_1m_start": round(load_start[0], 2),
                                    "loadavg_1m_end": round(os.getloadavg()[0], 2)},
            "versions": {t.name: t.version() for t in tools}, "tools_missing": missing,
-           "method": report.METHOD, "workloads": results}
+           "method": report.METHOD, "workloads": results, "export": ex}
     doc["targets"] = report.check_targets(doc)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "latest.json").write_text(json.dumps(doc, indent=1) + "\n")

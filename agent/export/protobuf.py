@@ -8,9 +8,10 @@ from the compiled ``metrics.proto``; this module only maps families onto them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import NativeHistogram as NativeSample
 from prometheus_client.samples import Sample
 
 from agent.export import metrics_pb2 as pb
@@ -58,6 +59,51 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def label_bytes(labels: dict[str, str]) -> bytes:
+    """A Metric holding just these label pairs, serialized: merged into each sample's Metric
+    (protobuf merges concatenated messages), so a series' labels are built once, not per
+    sample. Sorted by name, as Prometheus' own clients send them."""
+    out: bytes = pb.Metric(label=[pb.LabelPair(name=k, value=labels[k])
+                                  for k in sorted(labels)]).SerializeToString()
+    return out
+
+
+def family(name: str, help_text: str, kind: str) -> pb.MetricFamily:
+    """An empty family: ``name`` as the samples carry it (a counter's with _total)."""
+    return pb.MetricFamily(name=name, help=help_text, type=_TYPES.get(kind, pb.UNTYPED))
+
+
+def fill_histogram(h: pb.Histogram, bounds: Sequence[float], counts: Sequence[int],
+                   total: float, native: NativeSample | None) -> None:
+    """Classic buckets from per-bucket ``counts`` (the last one +Inf), and the native ones."""
+    acc = 0
+    for bound, n in zip(bounds, counts, strict=False):
+        acc += n
+        h.bucket.add(cumulative_count=acc, upper_bound=bound)
+    h.sample_count = acc + counts[-1]
+    h.sample_sum = total
+    if native is not None:
+        _native(h, native)
+
+
+def _native(h: pb.Histogram, nh: NativeSample) -> None:
+    h.schema = nh.schema
+    h.zero_threshold = nh.zero_threshold
+    h.zero_count = int(nh.zero_count)
+    for span in nh.pos_spans or ():
+        h.positive_span.add(offset=span.offset, length=span.length)
+    h.positive_delta.extend(nh.pos_deltas or ())
+    for span in nh.neg_spans or ():
+        h.negative_span.add(offset=span.offset, length=span.length)
+    h.negative_delta.extend(nh.neg_deltas or ())
+
+
+def frame(msg: pb.MetricFamily) -> bytes:
+    """One family of the delimited stream: its length as a varint, then the message."""
+    body: bytes = msg.SerializeToString()
+    return _varint(len(body)) + body
+
+
 def _labels(msg: pb.Metric, labels: dict[str, str], skip: str = "") -> None:
     for name in sorted(labels):
         if name != skip:
@@ -85,15 +131,7 @@ def _histogram(family: Metric, kind: int) -> Iterable[pb.Metric]:
             if nh is not None:
                 h.sample_count = int(nh.count_value)
                 h.sample_sum = nh.sum_value
-                h.schema = nh.schema
-                h.zero_threshold = nh.zero_threshold
-                h.zero_count = int(nh.zero_count)
-                for span in nh.pos_spans or ():
-                    h.positive_span.add(offset=span.offset, length=span.length)
-                h.positive_delta.extend(nh.pos_deltas or ())
-                for span in nh.neg_spans or ():
-                    h.negative_span.add(offset=span.offset, length=span.length)
-                h.negative_delta.extend(nh.neg_deltas or ())
+                _native(h, nh)
             elif s.name.endswith("_bucket"):
                 bound = float(s.labels["le"])
                 if not math.isinf(bound):  # the +Inf bucket is the count
@@ -155,11 +193,4 @@ def family_message(family: Metric) -> pb.MetricFamily:
 
 def encode(families: Iterable[Metric]) -> bytes:
     """The delimited stream: each MetricFamily preceded by its length as a varint."""
-    out = bytearray()
-    for family in families:
-        if not family.samples:
-            continue
-        body = family_message(family).SerializeToString()
-        out += _varint(len(body))
-        out += body
-    return bytes(out)
+    return b"".join(frame(family_message(f)) for f in families if f.samples)
