@@ -488,19 +488,33 @@ class HttpSD(Source):
                 if r.content_type != "application/json":
                     raise SDError("content_type", f"content type {r.content_type[:60]!r}, "
                                   "expected application/json")
-                body = await r.content.read(self.cfg.max_bytes + 1)
+                body = await self._read_body(r)
         except TimeoutError:
             raise SDError("timeout", f"no answer within {self.cfg.timeout:g}s") from None
         except aiohttp.ClientError as e:
             raise SDError("connect", type(e).__name__) from None
-        if len(body) > self.cfg.max_bytes:
-            raise SDError("too_large", f"body larger than {self.cfg.max_bytes} bytes")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise SDError("parse", "not UTF-8") from None
         doc = await asyncio.to_thread(decode_sd_text, text, False)
         return parse_groups(doc, self.cfg.name, self.cfg.probes, self.cfg.max_targets)
+
+    async def _read_body(self, r: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or SDError("too_large") as soon as it passes ``max_bytes``
+        (counted after any content decoding, so a compressed bomb is stopped too). One
+        ``read(n)`` returns what has arrived so far, not n bytes: read until the end."""
+        limit = self.cfg.max_bytes
+        too_large = SDError("too_large", f"body larger than {limit} bytes")
+        if r.content_length is not None and r.content_length > limit \
+                and "Content-Encoding" not in r.headers:
+            raise too_large
+        body = bytearray()
+        async for chunk in r.content.iter_chunked(64 << 10):
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
 
     async def close(self) -> None:
         if self._session is not None:

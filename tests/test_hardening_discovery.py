@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import time
@@ -32,6 +33,7 @@ from agent.discovery import (
     DiscoveryConfig,
     DnsSDConfig,
     FileSDConfig,
+    HttpSD,
     HttpSDConfig,
     SDError,
     decode_sd_text,
@@ -418,3 +420,93 @@ def test_deep_nesting() -> None:
     for text, as_yaml in (("[" * 50_000, True), ("[" * 50_000 + "]" * 50_000, False)):
         with pytest.raises(SDError):
             parse_groups(decode_sd_text(text, as_yaml), "s", ("icmp",), 100)
+
+
+# --------------------------------------------------------------------------------------------
+# http_sd bodies larger than one read, from a raw HTTP server on loopback that controls how
+# the bytes are written: one write, or many small chunked writes.
+
+
+def inventory(n: int) -> bytes:
+    return json.dumps([{"targets": [f"edge-{i}.example.net:3478" for i in range(n)],
+                        "labels": {"tier": "near"}}]).encode()
+
+
+@contextlib.asynccontextmanager
+async def raw_http(body: bytes, chunk: int | None) -> AsyncIterator[str]:
+    """Serves ``body`` to every request: with Content-Length in one write (``chunk`` None),
+    or with chunked transfer encoding in writes of ``chunk`` bytes, pausing now and then so
+    the pieces reach the client as separate reads."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            if chunk is None:
+                writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            else:
+                writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+                for i, off in enumerate(range(0, len(body), chunk)):
+                    part = body[off:off + chunk]
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await writer.drain()
+                    if i % 64 == 0:
+                        await asyncio.sleep(0.001)
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/sd"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["one_write", "1000_byte_chunks"])
+async def test_http_sd_reads_the_whole_body(chunk: int | None) -> None:
+    body = inventory(10_000)
+    assert len(body) > 290_000
+    async with raw_http(body, chunk) as url:
+        ch = Changes()
+        d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url,
+                                                            timeout=Duration(10)),)), ch)
+        await d.start()
+        await d.stop()
+    assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == 1, \
+        d.sources[0].state.last_error
+    assert len(ch.names()) == 10_000 and ch.names()[-1] == "edge-9999.example.net"
+
+
+@pytest.mark.parametrize("chunk", [None, 65536], ids=["content_length", "chunked"])
+async def test_http_sd_body_over_the_limit_is_too_large(chunk: int | None) -> None:
+    good = inventory(3)
+    big = b"[" + b" " * (20 << 20) + b"]"       # valid JSON, 20 MB: over the 16 MiB default
+    async with raw_http(good, None) as url_good, raw_http(big, chunk) as url_big:
+        ch = Changes()
+        d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url_good,
+                                                            timeout=Duration(20)),)), ch)
+        src = d.sources[0]
+        await d.start()
+        assert len(ch.names()) == 3
+        assert isinstance(src, HttpSD)
+        src.cfg = dataclasses.replace(src.cfg, url=url_big)
+        await d.refresh(src)
+        await d.stop()
+    assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb",
+                  reason="too_large") == 1
+    assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb", reason="parse") == 0
+    assert len(ch.names()) == 3 and len(ch.calls) == 1        # the last good list stays
+
+
+async def test_http_sd_body_exactly_at_the_limit() -> None:
+    body = inventory(2000)
+    for limit, ok in ((len(body), 1), (len(body) - 1, 0)):
+        async with raw_http(body, 4096) as url:
+            d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(
+                name="cmdb", url=url, max_bytes=limit),)), Changes())
+            await d.start()
+            await d.stop()
+        assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == ok, limit
