@@ -18,6 +18,8 @@ from agent.probe_endpoint import ProbeEndpointConfig
 from agent.rules import (
     NAME_RULE,
     RESERVED_LABELS,
+    YAMLLimitError,
+    check_yaml_graph,
     is_label_name,
     is_name,
 )
@@ -236,6 +238,10 @@ def loads(text: str, source: str = "<config>") -> Config:
     root = compose(text, source)
     if root is None:
         raise ConfigError("agent", "required key is missing (the config is empty)")
+    try:
+        check_yaml_graph(root)
+    except YAMLLimitError as e:
+        raise ConfigError(source, f"invalid YAML: {e.message}", e.line) from None
     top = _mapping_items(root, "")
     for key, (knode, _) in top.items():
         if key not in TOP_LEVEL_KEYS:

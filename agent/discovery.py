@@ -51,9 +51,11 @@ from agent.decode import Duration
 from agent.rules import (
     NAME_RULE,
     RESERVED_LABELS,
+    YAMLLimitError,
     is_host,
     is_label_name,
     is_name,
+    load_yaml,
 )
 from probes.base import Target
 
@@ -319,8 +321,11 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
 def decode_sd_text(text: str, yaml_format: bool) -> object:
     try:
         if yaml_format:
-            return yaml.safe_load(text)
+            return load_yaml(text)
         return json.loads(text)
+    except YAMLLimitError as e:
+        at = f"line {e.line}: " if e.line is not None else ""
+        raise SDError("too_large" if e.expands else "parse", f"{at}{e.message}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         at = f"line {mark.line + 1}: " if mark is not None else ""

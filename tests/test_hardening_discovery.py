@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -510,3 +511,89 @@ async def test_http_sd_body_exactly_at_the_limit() -> None:
             await d.start()
             await d.stop()
         assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == ok, limit
+
+
+# --------------------------------------------------------------------------------------------
+# YAML anchors and aliases: a small file must not stand for millions of nodes.
+
+
+def label_bomb(labels: int, groups: int) -> str:
+    """Every group refers to one big label block: (labels x groups) label checks, in
+    a file of a few bytes per group."""
+    block = ", ".join(f"l{i}: v" for i in range(labels))
+    return (f"- {{targets: [edge-0.example.net], labels: &L {{{block}}}}}\n"
+            + "- {labels: *L}\n" * groups)
+
+
+def nested_bomb(levels: int) -> str:
+    lines = ["- targets: [x.example.net]", "  labels: &a0 {k: v}"]
+    lines += [f"- {{labels: {{l{i}: &a{i} [*a{i - 1}, *a{i - 1}]}}}}" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", [label_bomb(300, 3000), nested_bomb(40)],
+                         ids=["label_block_x3000", "nested_x2^40"])
+async def test_file_sd_alias_bomb_is_refused_and_last_good_kept(text: str,
+                                                                tmp_path: Path) -> None:
+    inv = tmp_path / "inv.yml"
+    inv.write_text("- targets: [edge-1.example.net, edge-2.example.net]\n")
+    ch = Changes()
+    d = Discovery(DiscoveryConfig(file_sd=(FileSDConfig(name="inv", files=(str(inv),)),)), ch)
+    src = d.sources[0]
+    await d.start()
+    try:
+        assert ch.names() == ["edge-1.example.net", "edge-2.example.net"]
+        inv.write_text(text)
+        await d.refresh(src)
+        assert sample(d, "edgeprobe_sd_refresh_failures_total", source="inv",
+                      reason="too_large") == 1
+        assert sample(d, "edgeprobe_sd_last_refresh_successful", source="inv") == 0
+        assert ch.names() == ["edge-1.example.net", "edge-2.example.net"]
+        assert len(ch.calls) == 1
+        err = src.state.last_error
+        assert re.match(rf"{re.escape(str(inv))}: line \d+: aliases expand", err), err
+    finally:
+        await d.stop()
+
+
+def test_yaml_alias_limits() -> None:
+    # Ordinary use of an anchor: one label block shared by 10,000 groups.
+    text = ("- targets: [edge-0.example.net]\n  labels: &common "
+            "{tier: near, dc: sg, owner: rtc, rack: r1, pod: p1}\n"
+            + "".join(f"- {{targets: [edge-{i}.example.net], labels: *common}}\n"
+                      for i in range(1, 10_000)))
+    out = parse_groups(decode_sd_text(text, True), "s", ("icmp",), 10_000)
+    assert len(out) == 10_000 and out[-1].target.labels["pod"] == "p1"
+    with pytest.raises(SDError) as e:
+        decode_sd_text("- &a {labels: *a}\n", True)
+    assert e.value.reason == "parse" and "contains it" in str(e.value)
+    with pytest.raises(SDError) as e:
+        decode_sd_text("- " + "[" * 70 + "]" * 70 + "\n", True)
+    assert e.value.reason == "parse" and "nested deeper" in str(e.value)
+
+
+def test_config_alias_bomb_is_refused(tmp_path: Path) -> None:
+    from agent import config as cfgmod
+
+    # The main config has the same hole: each target's labels are decoded once per alias.
+    p = tmp_path / "edgeprobe.yml"
+    p.write_text("agent: {region: r, max_targets: 100000}\n"
+                 "targets:\n  - {name: t0, address: 127.0.0.1, labels: &L {"
+                 + ", ".join(f"l{i}: v" for i in range(300)) + "}}\n"
+                 + "".join(f"  - {{name: t{i}, address: 127.0.0.1, labels: *L}}\n"
+                           for i in range(1, 1000)))
+    with pytest.raises(ConfigError, match="aliases expand the document") as e:
+        cfgmod.load(p)
+    assert str(p) in str(e.value) and "line" in str(e.value)
+
+
+def test_config_ordinary_anchors_still_work() -> None:
+    from agent import config as cfgmod
+
+    cfg = cfgmod.loads(
+        "agent: {region: r}\n"
+        "targets:\n"
+        "  - {name: a, address: 127.0.0.1, labels: &l {tier: near},"
+        " probes: &p {icmp: {packets: 3}}}\n"
+        "  - {name: b, address: 127.0.0.2, labels: *l, probes: *p}\n")
+    assert [j.target.labels for j in cfg.jobs] == [{"tier": "near"}] * 2
