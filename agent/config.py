@@ -6,7 +6,6 @@ Loading never changes running state; the caller swaps configs only after ``load`
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,14 +15,17 @@ import yaml
 from agent.decode import ConfigError, Duration, compose, decode, decode_dataclass, fields_as_dict
 from agent.discovery import DiscoveryConfig
 from agent.probe_endpoint import ProbeEndpointConfig
+from agent.rules import (
+    NAME_RULE,
+    RESERVED_LABELS,
+    YAMLLimitError,
+    check_yaml_graph,
+    is_label_name,
+    is_name,
+)
 from probes import PROBES
 from probes.base import CommonOptions, Target
 
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
-# Labels the agent sets itself; a static label may not shadow them.
-RESERVED_LABELS = frozenset({"region", "edge", "probe", "reason", "phase", "le", "quantile",
-                             "hop", "job", "instance"})
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 # Classic buckets. With native histograms (the protobuf format), the native buckets give the
@@ -91,8 +93,8 @@ class AgentSection:
 
     def validate(self) -> list[str]:
         errs = []
-        if not _NAME_RE.match(self.region):
-            errs.append("region: must be 1-63 characters of letters, digits, '_', '.', ':', '-'")
+        if not is_name(self.region):
+            errs.append(f"region: must be {NAME_RULE}")
         errs += _check_labels(self.labels, "labels")
         if not 0 < self.budget <= 60:
             errs.append("budget: must be in (0s, 60s]")
@@ -199,7 +201,7 @@ class _RawTarget:
 def _check_labels(labels: dict[str, str], key: str) -> list[str]:
     errs = []
     for k in labels:
-        if not _LABEL_RE.match(k) or k.startswith("__"):
+        if not is_label_name(k) or k.startswith("__"):
             errs.append(f"{key}: invalid label name {k!r}")
         elif k in RESERVED_LABELS:
             errs.append(f"{key}: label name {k!r} is reserved by edgeprobe")
@@ -236,6 +238,10 @@ def loads(text: str, source: str = "<config>") -> Config:
     root = compose(text, source)
     if root is None:
         raise ConfigError("agent", "required key is missing (the config is empty)")
+    try:
+        check_yaml_graph(root)
+    except YAMLLimitError as e:
+        raise ConfigError(source, f"invalid YAML: {e.message}", e.line) from None
     top = _mapping_items(root, "")
     for key, (knode, _) in top.items():
         if key not in TOP_LEVEL_KEYS:
@@ -281,9 +287,8 @@ def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions
                    names: dict[str, int]) -> list[Job]:
     items = _mapping_items(node, path)
     raw = decode_dataclass(_RawTarget, node, path)
-    if not _NAME_RE.match(raw.name):
-        raise ConfigError(f"{path}.name", "must be 1-63 characters of letters, digits, "
-                          "'_', '.', ':', '-'", _line(items["name"][1]))
+    if not is_name(raw.name):
+        raise ConfigError(f"{path}.name", f"must be {NAME_RULE}", _line(items["name"][1]))
     if raw.name in names:
         raise ConfigError(f"{path}.name", f"duplicate target name {raw.name!r} (first at "
                           f"line {names[raw.name]})", _line(items["name"][1]))

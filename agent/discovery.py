@@ -48,13 +48,19 @@ import yaml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.decode import Duration
+from agent.rules import (
+    NAME_RULE,
+    RESERVED_LABELS,
+    YAMLLimitError,
+    is_host,
+    is_label_name,
+    is_name,
+    load_yaml,
+)
 from probes.base import Target
 
 log = logging.getLogger("edgeprobe.discovery")
 
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
-_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 MAX_LABEL_VALUE = 1024
 SD_FILE_SUFFIXES = (".json", ".yml", ".yaml")
 
@@ -120,7 +126,9 @@ class HttpSDConfig:
     def validate(self) -> list[str]:
         errs = _common_errs(self.name, self.probes, self.max_targets, self.refresh_interval,
                             "refresh_interval")
-        if not re.match(r"^https?://[^/\s]+", self.url):
+        # Whole string: a newline or control character after the host would reach the
+        # request line.
+        if not (re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", self.url) and self.url.isprintable()):
             errs.append("url: must be an http:// or https:// URL")
         if not 0 < self.timeout <= self.refresh_interval:
             errs.append("timeout: must be > 0 and <= refresh_interval")
@@ -145,7 +153,7 @@ class DnsSDConfig:
         if not self.names:
             errs.append("names: at least one SRV name is required")
         for n in self.names:
-            if not _valid_host(n):
+            if not is_host(n):
                 errs.append(f"names: invalid DNS name {n!r}")
         if not 0 < self.timeout <= self.refresh_interval:
             errs.append("timeout: must be > 0 and <= refresh_interval")
@@ -177,8 +185,8 @@ def _common_errs(name: str, probes: tuple[str, ...], max_targets: int, interval:
     from probes import PROBES
 
     errs: list[str] = []
-    if not _NAME_RE.match(name):
-        errs.append("name: must be 1-63 characters of letters, digits, '_', '.', ':', '-'")
+    if not is_name(name):
+        errs.append(f"name: must be {NAME_RULE}")
     if not probes:
         errs.append("probes: at least one probe kind is required")
     for p in probes:
@@ -206,15 +214,6 @@ def _split_server(server: str) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise ValueError("port must be between 1 and 65535")
     return host, port
-
-
-def _valid_host(host: str) -> bool:
-    if len(host) > 253 or not host:
-        return False
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host)
-        return True
-    return all(_HOST_LABEL_RE.match(lb) for lb in host.rstrip(".").split("."))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +244,7 @@ def split_host_port(raw: str) -> tuple[str, int | None]:
         if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
             raise ValueError("invalid port")
         port = int(port_s)
-    if not _valid_host(host):
+    if not is_host(host):
         raise ValueError("invalid host")
     return host.rstrip("."), port
 
@@ -253,7 +252,6 @@ def split_host_port(raw: str) -> tuple[str, int | None]:
 def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
                  max_targets: int) -> list[DiscoveredTarget]:
     """Validate Prometheus SD target groups. Raises SDError("invalid"/"too_many")."""
-    from agent.config import RESERVED_LABELS
     from probes import PROBES
 
     if not isinstance(data, list):
@@ -275,7 +273,7 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
         labels: dict[str, str] = {}
         edge, probes = "", default_probes
         for k, v in raw_labels.items():
-            if not isinstance(k, str) or not _LABEL_RE.match(k):
+            if not is_label_name(k):
                 raise SDError("invalid", f"{where}: invalid label name {str(k)[:60]!r}")
             if isinstance(v, dict | list) or v is None:
                 raise SDError("invalid", f"{where}: label {k}: expected a string")
@@ -307,9 +305,9 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
             except ValueError as e:
                 raise SDError("invalid", f"{where}: targets[{ti}]: {e}") from None
             name = edge or host
-            if not _NAME_RE.match(name):
+            if not is_name(name):
                 raise SDError("invalid", f"{where}: targets[{ti}]: edge name {name[:70]!r} is "
-                              "not 1-63 letters, digits, '_', '.', ':', '-' (set __edge__)")
+                              f"not {NAME_RULE} (set __edge__)")
             if name in names:
                 raise SDError("invalid", f"{where}: duplicate target name {name!r}")
             names.add(name)
@@ -323,8 +321,11 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
 def decode_sd_text(text: str, yaml_format: bool) -> object:
     try:
         if yaml_format:
-            return yaml.safe_load(text)
+            return load_yaml(text)
         return json.loads(text)
+    except YAMLLimitError as e:
+        at = f"line {e.line}: " if e.line is not None else ""
+        raise SDError("too_large" if e.expands else "parse", f"{at}{e.message}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         at = f"line {mark.line + 1}: " if mark is not None else ""
@@ -488,19 +489,33 @@ class HttpSD(Source):
                 if r.content_type != "application/json":
                     raise SDError("content_type", f"content type {r.content_type[:60]!r}, "
                                   "expected application/json")
-                body = await r.content.read(self.cfg.max_bytes + 1)
+                body = await self._read_body(r)
         except TimeoutError:
             raise SDError("timeout", f"no answer within {self.cfg.timeout:g}s") from None
         except aiohttp.ClientError as e:
             raise SDError("connect", type(e).__name__) from None
-        if len(body) > self.cfg.max_bytes:
-            raise SDError("too_large", f"body larger than {self.cfg.max_bytes} bytes")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise SDError("parse", "not UTF-8") from None
         doc = await asyncio.to_thread(decode_sd_text, text, False)
         return parse_groups(doc, self.cfg.name, self.cfg.probes, self.cfg.max_targets)
+
+    async def _read_body(self, r: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or SDError("too_large") as soon as it passes ``max_bytes``
+        (counted after any content decoding, so a compressed bomb is stopped too). One
+        ``read(n)`` returns what has arrived so far, not n bytes: read until the end."""
+        limit = self.cfg.max_bytes
+        too_large = SDError("too_large", f"body larger than {limit} bytes")
+        if r.content_length is not None and r.content_length > limit \
+                and "Content-Encoding" not in r.headers:
+            raise too_large
+        body = bytearray()
+        async for chunk in r.content.iter_chunked(64 << 10):
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
 
     async def close(self) -> None:
         if self._session is not None:

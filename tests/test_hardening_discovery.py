@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +34,7 @@ from agent.discovery import (
     DiscoveryConfig,
     DnsSDConfig,
     FileSDConfig,
+    HttpSD,
     HttpSDConfig,
     SDError,
     decode_sd_text,
@@ -418,3 +421,179 @@ def test_deep_nesting() -> None:
     for text, as_yaml in (("[" * 50_000, True), ("[" * 50_000 + "]" * 50_000, False)):
         with pytest.raises(SDError):
             parse_groups(decode_sd_text(text, as_yaml), "s", ("icmp",), 100)
+
+
+# --------------------------------------------------------------------------------------------
+# http_sd bodies larger than one read, from a raw HTTP server on loopback that controls how
+# the bytes are written: one write, or many small chunked writes.
+
+
+def inventory(n: int) -> bytes:
+    return json.dumps([{"targets": [f"edge-{i}.example.net:3478" for i in range(n)],
+                        "labels": {"tier": "near"}}]).encode()
+
+
+@contextlib.asynccontextmanager
+async def raw_http(body: bytes, chunk: int | None) -> AsyncIterator[str]:
+    """Serves ``body`` to every request: with Content-Length in one write (``chunk`` None),
+    or with chunked transfer encoding in writes of ``chunk`` bytes, pausing now and then so
+    the pieces reach the client as separate reads."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            if chunk is None:
+                writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            else:
+                writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+                for i, off in enumerate(range(0, len(body), chunk)):
+                    part = body[off:off + chunk]
+                    writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    await writer.drain()
+                    if i % 64 == 0:
+                        await asyncio.sleep(0.001)
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/sd"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["one_write", "1000_byte_chunks"])
+async def test_http_sd_reads_the_whole_body(chunk: int | None) -> None:
+    body = inventory(10_000)
+    assert len(body) > 290_000
+    async with raw_http(body, chunk) as url:
+        ch = Changes()
+        d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url,
+                                                            timeout=Duration(10)),)), ch)
+        await d.start()
+        await d.stop()
+    assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == 1, \
+        d.sources[0].state.last_error
+    assert len(ch.names()) == 10_000 and ch.names()[-1] == "edge-9999.example.net"
+
+
+@pytest.mark.parametrize("chunk", [None, 65536], ids=["content_length", "chunked"])
+async def test_http_sd_body_over_the_limit_is_too_large(chunk: int | None) -> None:
+    good = inventory(3)
+    big = b"[" + b" " * (20 << 20) + b"]"       # valid JSON, 20 MB: over the 16 MiB default
+    async with raw_http(good, None) as url_good, raw_http(big, chunk) as url_big:
+        ch = Changes()
+        d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url_good,
+                                                            timeout=Duration(20)),)), ch)
+        src = d.sources[0]
+        await d.start()
+        assert len(ch.names()) == 3
+        assert isinstance(src, HttpSD)
+        src.cfg = dataclasses.replace(src.cfg, url=url_big)
+        await d.refresh(src)
+        await d.stop()
+    assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb",
+                  reason="too_large") == 1
+    assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb", reason="parse") == 0
+    assert len(ch.names()) == 3 and len(ch.calls) == 1        # the last good list stays
+
+
+async def test_http_sd_body_exactly_at_the_limit() -> None:
+    body = inventory(2000)
+    for limit, ok in ((len(body), 1), (len(body) - 1, 0)):
+        async with raw_http(body, 4096) as url:
+            d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(
+                name="cmdb", url=url, max_bytes=limit),)), Changes())
+            await d.start()
+            await d.stop()
+        assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == ok, limit
+
+
+# --------------------------------------------------------------------------------------------
+# YAML anchors and aliases: a small file must not stand for millions of nodes.
+
+
+def label_bomb(labels: int, groups: int) -> str:
+    """Every group refers to one big label block: (labels x groups) label checks, in
+    a file of a few bytes per group."""
+    block = ", ".join(f"l{i}: v" for i in range(labels))
+    return (f"- {{targets: [edge-0.example.net], labels: &L {{{block}}}}}\n"
+            + "- {labels: *L}\n" * groups)
+
+
+def nested_bomb(levels: int) -> str:
+    lines = ["- targets: [x.example.net]", "  labels: &a0 {k: v}"]
+    lines += [f"- {{labels: {{l{i}: &a{i} [*a{i - 1}, *a{i - 1}]}}}}" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", [label_bomb(300, 3000), nested_bomb(40)],
+                         ids=["label_block_x3000", "nested_x2^40"])
+async def test_file_sd_alias_bomb_is_refused_and_last_good_kept(text: str,
+                                                                tmp_path: Path) -> None:
+    inv = tmp_path / "inv.yml"
+    inv.write_text("- targets: [edge-1.example.net, edge-2.example.net]\n")
+    ch = Changes()
+    d = Discovery(DiscoveryConfig(file_sd=(FileSDConfig(name="inv", files=(str(inv),)),)), ch)
+    src = d.sources[0]
+    await d.start()
+    try:
+        assert ch.names() == ["edge-1.example.net", "edge-2.example.net"]
+        inv.write_text(text)
+        await d.refresh(src)
+        assert sample(d, "edgeprobe_sd_refresh_failures_total", source="inv",
+                      reason="too_large") == 1
+        assert sample(d, "edgeprobe_sd_last_refresh_successful", source="inv") == 0
+        assert ch.names() == ["edge-1.example.net", "edge-2.example.net"]
+        assert len(ch.calls) == 1
+        err = src.state.last_error
+        assert re.match(rf"{re.escape(str(inv))}: line \d+: aliases expand", err), err
+    finally:
+        await d.stop()
+
+
+def test_yaml_alias_limits() -> None:
+    # Ordinary use of an anchor: one label block shared by 10,000 groups.
+    text = ("- targets: [edge-0.example.net]\n  labels: &common "
+            "{tier: near, dc: sg, owner: rtc, rack: r1, pod: p1}\n"
+            + "".join(f"- {{targets: [edge-{i}.example.net], labels: *common}}\n"
+                      for i in range(1, 10_000)))
+    out = parse_groups(decode_sd_text(text, True), "s", ("icmp",), 10_000)
+    assert len(out) == 10_000 and out[-1].target.labels["pod"] == "p1"
+    with pytest.raises(SDError) as e:
+        decode_sd_text("- &a {labels: *a}\n", True)
+    assert e.value.reason == "parse" and "contains it" in str(e.value)
+    with pytest.raises(SDError) as e:
+        decode_sd_text("- " + "[" * 70 + "]" * 70 + "\n", True)
+    assert e.value.reason == "parse" and "nested deeper" in str(e.value)
+
+
+def test_config_alias_bomb_is_refused(tmp_path: Path) -> None:
+    from agent import config as cfgmod
+
+    # The main config has the same hole: each target's labels are decoded once per alias.
+    p = tmp_path / "edgeprobe.yml"
+    p.write_text("agent: {region: r, max_targets: 100000}\n"
+                 "targets:\n  - {name: t0, address: 127.0.0.1, labels: &L {"
+                 + ", ".join(f"l{i}: v" for i in range(300)) + "}}\n"
+                 + "".join(f"  - {{name: t{i}, address: 127.0.0.1, labels: *L}}\n"
+                           for i in range(1, 1000)))
+    with pytest.raises(ConfigError, match="aliases expand the document") as e:
+        cfgmod.load(p)
+    assert str(p) in str(e.value) and "line" in str(e.value)
+
+
+def test_config_ordinary_anchors_still_work() -> None:
+    from agent import config as cfgmod
+
+    cfg = cfgmod.loads(
+        "agent: {region: r}\n"
+        "targets:\n"
+        "  - {name: a, address: 127.0.0.1, labels: &l {tier: near},"
+        " probes: &p {icmp: {packets: 3}}}\n"
+        "  - {name: b, address: 127.0.0.2, labels: *l, probes: *p}\n")
+    assert [j.target.labels for j in cfg.jobs] == [{"tier": "near"}] * 2
