@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 # The lab's namespaces are created from inside it. Without the privilege for that (not root), the
 # tests run in the host's namespace and each still binds loopback only.
 if [ -z "${EDGEPROBE_TEST_NETNS:-}" ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
+  # The image test installs the package the way the Dockerfile does; inside the namespace there
+  # is no package index, so everything that install needs is put in a wheelhouse first.
+  wh="$PWD/.venv/wheelhouse"
+  .venv/bin/python -m pip wheel -q --disable-pip-version-check --only-binary=:all: \
+    --no-binary=edgeprobe -w "$wh" . setuptools wheel >/dev/null
+  export EDGEPROBE_WHEELHOUSE="$wh"
   export EDGEPROBE_TEST_NETNS=1
   exec unshare -n -- bash -c 'ip link set lo up && exec "$0" "$@"' "$0" "$@"
 fi

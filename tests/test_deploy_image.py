@@ -255,6 +255,12 @@ def _build_like_the_image(root: Path, stages: list[Stage]) -> None:
             "/src", str(src)) for w in shlex.split(cmd)]
         if argv[0] == "python":
             argv[0] = sys.executable
+        wheelhouse = os.environ.get("EDGEPROBE_WHEELHOUSE")
+        if wheelhouse and "install" in argv:
+            # The suite runs with no network (scripts/test.sh): the same install, from the
+            # wheelhouse filled before the suite's namespace was entered.
+            at = argv.index("install") + 1
+            argv[at:at] = ["--no-index", "--find-links", wheelhouse]
         # The Dockerfile sets PIP_NO_CACHE_DIR; here the cache is kept so the test stays fast.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
