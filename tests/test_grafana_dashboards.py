@@ -109,10 +109,13 @@ def test_dashboard_structure(path: Path) -> None:
 def test_required_panels() -> None:
     titles = {path.stem: {p["title"] for p in panels(load(path))} for path in DASHBOARDS}
     assert {"Best edge per region", "Connects within budget: region x edge (1h)",
-            "Edges meeting the budget SLO"} <= titles["edgeprobe-overview"]
+            "Edges meeting the budget SLO", "Route candidates: eligibility and reason",
+            "Route candidates: miss upper bound (1h)",
+            "Route decision over time"} <= titles["edgeprobe-overview"]
     assert {"RTT distribution", "RTT p50 / p95 / p99 (5m)",
             "Loss (round trip)", "Jitter (RFC 3550, round trip)",
-            "Connect phases (stacked)", "Mean loss burst (packets)"} <= titles["edgeprobe-edge"]
+            "Connect phases (stacked)", "Mean loss burst (packets)",
+            "Route eligibility: miss-ratio bounds"} <= titles["edgeprobe-edge"]
     assert {"Agents up", "Event loop lag p99", "Scheduler: late and skipped ticks",
             "Stray packets", "Last config reload"} <= titles["edgeprobe-agent"]
     heat = next(p for p in panels(load(GRAFANA / "dashboards" / "edgeprobe-edge.json"))

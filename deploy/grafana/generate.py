@@ -66,7 +66,8 @@ EDGE_VAR = variable(
     "edge", 'label_values(region_edge:edgeprobe_connect_within_budget:ratio_rate5m'
     '{region=~"$region"}, edge)', "edge")
 INSTANCE_VAR = variable(
-    "instance", 'label_values(up{job=~".*edgeprobe.*", region=~"$region"}, instance)', "agent")
+    "instance", 'label_values(up{job=~".*edgeprobe.*", job!~".*edgeprobe-route.*", '
+    'region=~"$region"}, instance)', "agent")
 
 
 def dashboard(uid: str, title: str, description: str, variables: list[dict[str, Any]],
@@ -112,8 +113,10 @@ def overview() -> dict[str, Any]:
             defaults={"color": {"mode": "fixed", "fixedColor": "red"}}),
         panel(3, "Best edge per region", "table", (16, 0, 8, 6), [
             target(f"region:edgeprobe_best_edge:info{{{r}}}", instant=True, fmt="table")],
-            "The edge that meets the budget most often over 5 minutes, ties broken by the "
-            "lowest RTT p95: region:edgeprobe_best_edge:info, what a router would follow.",
+            "edgeprobe route's first choice per region (region:edgeprobe_best_edge:info, "
+            "relayed from its scrape): the edge signalling services send clients to. It "
+            "changes when the incumbent turns ineligible, or a challenger stays significantly "
+            "better for the hold time. Empty: the route service is not scraped.",
             transformations=[{"id": "organize", "options": {
                 "excludeByName": {"Time": True, "Value": True, "__name__": True},
                 "indexByName": {"region": 0, "edge": 1}}}]),
@@ -154,10 +157,39 @@ def overview() -> dict[str, Any]:
             transformations=[{"id": "organize", "options": {
                 "excludeByName": {"Time": True, "Value": True, "__name__": True,
                                   "alertstate": True}}}]),
+        panel(8, "Route candidates: eligibility and reason", "table", (0, 30, 12, 9), [
+            target(f"region_edge:edgeprobe_route_eligible:info{{{r}}}", instant=True,
+                   fmt="table")],
+            "Per region and edge, whether edgeprobe route may choose the edge (1) and why not "
+            "(0): over_budget (the 5m or 1h lower bound of its miss ratio proves a breach), "
+            "agent_down, no_data, too_few_samples. docs/routing-policy.md.",
+            defaults={"mappings": [{"type": "value", "options": {
+                "0": {"text": "no", "color": "red"}, "1": {"text": "eligible",
+                                                           "color": "green"}}}],
+                      "custom": {"cellOptions": {"type": "color-text"}}},
+            transformations=[{"id": "organize", "options": {
+                "excludeByName": {"Time": True, "__name__": True},
+                "indexByName": {"region": 0, "edge": 1, "Value": 2, "reason": 3},
+                "renameByName": {"Value": "eligible"}}}]),
+        panel(9, "Route candidates: miss upper bound (1h)", "timeseries", (12, 30, 12, 9), [
+            target(f"region_edge:edgeprobe_route_miss_ucb:ratio1h{{{r}}}",
+                   "{{region}} / {{edge}}"),
+            target("edgeprobe:connect_budget_slo:error_budget", "error budget", ref="B")],
+            "The Wilson upper bound of each edge's connect budget-miss ratio over 1h (the "
+            "model's miss probability where connects are too few): edgeprobe route ranks "
+            "eligible edges by its band, then by RTT p95.", unit="percentunit",
+            defaults={"min": 0}),
+        panel(10, "Route decision over time", "state-timeline", (0, 39, 24, 7), [
+            target(f"region:edgeprobe_best_edge:info{{{r}}}", "{{region}}: {{edge}}")],
+            "One lane per region and edge: filled while edgeprobe route sends the region's "
+            "clients to that edge first. A change of lane is a switch.",
+            options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
+            defaults={"color": {"mode": "fixed", "fixedColor": "green"}}),
     ]
     return dashboard("edgeprobe-overview", "edgeprobe / overview",
-                     "Which edges meet the 600 ms connect budget, per region, and the best edge "
-                     "per region.", [REGION_VAR], panels,
+                     "Which edges meet the 600 ms connect budget, per region, which ones "
+                     "edgeprobe route may choose, and its choice per region.", [REGION_VAR],
+                     panels,
                      ["edgeprobe / edge detail", "edgeprobe / agent health"])
 
 
@@ -218,6 +250,24 @@ def edge_detail() -> dict[str, Any]:
                    "{{region}} / {{edge}}")],
             "The SLI: measured by the connect probe where present, else the model.",
             unit="percentunit", defaults={"min": 0, "max": 1}),
+        panel(9, "Route eligibility: miss-ratio bounds", "timeseries", (0, 33, 24, 8), [
+            target(f"region_edge:edgeprobe_route_miss_lcb:ratio5m{{{SEL}}}",
+                   "lower bound 5m {{region}} / {{edge}}"),
+            target(f"region_edge:edgeprobe_route_miss_lcb:ratio1h{{{SEL}}}",
+                   "lower bound 1h {{region}} / {{edge}}", ref="B"),
+            target(f"region_edge:edgeprobe_route_miss_ucb:ratio1h{{{SEL}}}",
+                   "upper bound 1h {{region}} / {{edge}}", ref="C"),
+            target("edgeprobe:route_policy:fast_burn * on () "
+                   "edgeprobe:connect_budget_slo:error_budget", "5m line (fast path)",
+                   ref="D"),
+            target("edgeprobe:route_policy:slow_burn * on () "
+                   "edgeprobe:connect_budget_slo:error_budget", "1h line (slow path)",
+                   ref="E")],
+            "Why edgeprobe route may or may not choose the edge: it is over_budget while the "
+            "Wilson lower bound of its connect miss ratio is above a line (5m: a hard breach, "
+            "1h: a sustained one). The 1h upper bound ranks eligible edges. Model-only edges "
+            "have the 5m figure only. docs/routing-policy.md.", unit="percentunit",
+            defaults={"min": 0}),
     ]
     return dashboard("edgeprobe-edge", "edgeprobe / edge detail",
                      "RTT, loss, jitter, connect phases and MOS for one or more edges.",
@@ -229,7 +279,8 @@ def agent_health() -> dict[str, Any]:
     r = 'region=~"$region", instance=~"$instance"'
     panels = [
         panel(1, "Agents up", "stat", (0, 0, 8, 6), [
-            target(f'up{{job=~".*edgeprobe.*", {r}}}', "{{region}} {{instance}}",
+            target(f'up{{job=~".*edgeprobe.*", job!~".*edgeprobe-route.*", {r}}}',
+                   "{{region}} {{instance}}",
                    instant=True)],
             "1 when Prometheus scraped the agent successfully.",
             defaults={"mappings": [{"type": "value", "options": {
