@@ -57,13 +57,17 @@ LABEL org.opencontainers.image.title="edgeprobe" \
 ENV PATH=/opt/edgeprobe/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# /var/lib/edgeprobe-route: `edgeprobe route`'s state (its last good map). Owned by the user so
+# that a fresh named volume mounted there (Docker copies the directory's owner) is writable.
 RUN groupadd --system --gid 10001 edgeprobe \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin edgeprobe
+      --shell /usr/sbin/nologin edgeprobe \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/edgeprobe-route
 COPY --from=build /opt/edgeprobe /opt/edgeprobe
 COPY deploy/image/edgeprobe.yml /etc/edgeprobe/edgeprobe.yml
 WORKDIR /
-EXPOSE 9798
+# 9798: the agent (`run`); 9799: `edgeprobe route`.
+EXPOSE 9798 9799
 # No curl in the slim base; the base interpreter is there anyway (not the venv's, which in the
 # netraw target carries a file capability).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \

@@ -144,6 +144,53 @@ def _flag(cmd: list[str], name: str) -> str:
     raise AssertionError(f"{name} not in {cmd}")
 
 
+def test_route_service(compose: dict[str, Any], tmp_path: Path) -> None:
+    """edgeprobe route beside the central Prometheus: the agents' image, non-root, read-only
+    root, its state on a named volume, its config pointing at the central Prometheus, scraped
+    by it under the job the route alerts select."""
+    services = compose["services"]
+    svc = services["edgeprobe-route"]
+    agent = services["edgeprobe-id-jakarta"]
+    assert svc["image"] == agent["image"] and svc["build"] == agent["build"]
+    assert svc["user"] == "10001:10001" and svc["read_only"] is True
+    assert svc["cap_drop"] == ["ALL"] and not svc.get("cap_add") and not svc.get("sysctls")
+    assert "no-new-privileges:true" in svc["security_opt"]
+    cmd = svc["command"]
+    assert cmd[0] == "route"
+    listen = _flag(cmd, "--web.listen-address")
+    port = listen.rsplit(":", 1)[1]
+    assert f"127.0.0.1:{port}:{port}" in svc["ports"]
+    assert f"127.0.0.1:{port}/-/healthy" in " ".join(svc["healthcheck"]["test"])
+    assert "central" in svc["networks"] and "prometheus-central" in svc["depends_on"]
+    assert all(v.endswith(":ro") for v in svc["volumes"] if v.startswith("."))
+    # The config, as the container sees it.
+    _container_view(svc, tmp_path)
+    cfg_text = (tmp_path / _flag(cmd, "--config.file").lstrip("/")).read_text()
+    cfg = yaml.safe_load(cfg_text)
+    url = re.match(r"http://([^:/]+):(\d+)", cfg["prometheus"]["url"])
+    assert url and url.group(1) == "prometheus-central" and url.group(2) == "9090"
+    # The state file's directory is a named volume (the root is read-only).
+    state_dir = str(Path(cfg["map"]["state_file"]).parent)
+    named = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]
+             if not v.startswith((".", "/"))}
+    assert state_dir in named and named[state_dir] in compose["volumes"]
+    # The image makes that directory the user's, so a fresh named volume is writable.
+    dockerfile = (COMPOSE_DIR / svc["build"]["context"] / "Dockerfile").read_text()
+    assert f"install -d -o 10001 -g 10001 -m 0750 {state_dir}" in dockerfile
+    # Scraped by the central Prometheus, as job edgeprobe-route.
+    central = services["prometheus-central"]
+    _container_view(central, tmp_path / "central")
+    ccfg = yaml.safe_load((tmp_path / "central" / _flag(central["command"], "--config.file")
+                           .lstrip("/")).read_text())
+    (job,) = [j for j in ccfg["scrape_configs"] if j["job_name"] == "edgeprobe-route"]
+    assert job["static_configs"][0]["targets"] == [f"edgeprobe-route:{port}"]
+    assert set(svc["networks"]) & set(central["networks"])
+    # The route's own strict loader, where the route is installed.
+    settings = pytest.importorskip("agent.route.settings")
+    assert settings.loads(cfg_text, "edgeprobe-route.yml").map.state_file == cfg["map"][
+        "state_file"]
+
+
 @pytest.mark.parametrize("service", ["prometheus-central",
                                      *(f"prometheus-agent-{r}" for r in REGIONS)])
 def test_prometheus_configs_as_mounted(compose: dict[str, Any], service: str,

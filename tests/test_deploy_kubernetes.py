@@ -357,3 +357,98 @@ def test_configmap_change_is_applied_without_restart(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# --- edgeprobe route ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def route_docs() -> list[dict[str, Any]]:
+    return _kustomize(K8S / "route")
+
+
+def test_route_builtin_kinds_validate_strictly(route_docs: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    kinds = set()
+    for d in route_docs:
+        if d["apiVersion"] in BUILTIN_GROUPS:
+            try:
+                kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{d['kind']}/{d['metadata']['name']}: {e}")
+        kinds.add(d["kind"])
+    assert kinds == {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap",
+                     "ServiceAccount", "PodMonitor"}
+    assert {d["metadata"]["namespace"] for d in route_docs} == {"edgeprobe"}
+
+
+def test_route_deployment(route_docs: list[dict[str, Any]]) -> None:
+    """The same image, non-root, read-only root, its state on a claim that survives a new pod,
+    one replica, and a config that is the route's own and points at the state volume."""
+    dep = _one(route_docs, "Deployment")
+    spec = dep["spec"]
+    # One incumbent per region: one replica, and the RWO claim never has two writers.
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    sc = pod["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
+    assert sc["fsGroup"] == sc["runAsGroup"] == 10001
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault" and "sysctls" not in sc
+    assert pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    agent = _one(_kustomize(K8S / "overlays" / "id-jakarta"), "Deployment")
+    assert c["image"] == agent["spec"]["template"]["spec"]["containers"][0]["image"]
+    csc = c["securityContext"]
+    assert csc["readOnlyRootFilesystem"] is True and csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"] == {"drop": ["ALL"]}
+    for k in ("cpu", "memory"):
+        assert c["resources"]["requests"][k] and c["resources"]["limits"][k]
+    assert c["args"][0] == "route"
+    (port,) = c["ports"]
+    assert f"--web.listen-address=:{port['containerPort']}" in c["args"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": port["name"]}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": port["name"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # The config: a file of the mounted ConfigMap.
+    cfg_path = Path(next(a.split("=", 1)[1] for a in c["args"]
+                         if a.startswith("--config.file=")))
+    cfg_mount = mounts[str(cfg_path.parent)]
+    assert cfg_mount["readOnly"] is True
+    cm_name = volumes[cfg_mount["name"]]["configMap"]["name"]
+    cm = next(d for d in route_docs if d["kind"] == "ConfigMap"
+              and d["metadata"]["name"] == cm_name)
+    text = cm["data"][cfg_path.name]
+    assert text == (K8S / "route" / "edgeprobe-route.yml").read_text()
+    cfg = yaml.safe_load(text)
+    # The state file is on the claim, not on the (read-only) root or an emptyDir.
+    state = Path(cfg["map"]["state_file"])
+    state_mount = mounts[str(state.parent)]
+    assert "readOnly" not in state_mount
+    claim = volumes[state_mount["name"]]["persistentVolumeClaim"]["claimName"]
+    pvc = _one(route_docs, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == claim and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert cfg["prometheus"]["url"].startswith("http")
+    # The route's own strict loader, where the route is installed.
+    settings = pytest.importorskip("agent.route.settings")
+    loaded = settings.loads(text, "edgeprobe-route.yml")
+    assert loaded.map.state_file == str(state)
+
+
+def test_route_service_and_podmonitor(route_docs: list[dict[str, Any]]) -> None:
+    dep = _one(route_docs, "Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    svc = _one(route_docs, "Service")
+    assert set(svc["spec"]["selector"].items()) <= set(labels.items())
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
+    pm = _one(route_docs, "PodMonitor")
+    assert set(pm["spec"]) <= PODMONITOR_SPEC_KEYS
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert set(ep) <= PODMETRICSENDPOINT_KEYS and ep["port"] in ports
+    assert set(pm["spec"]["selector"]["matchLabels"].items()) <= set(labels.items())
+    # The route alerts select this job; the agent alerts and the agents' PodMonitor do not.
+    job = f"{pm['metadata']['namespace']}/{pm['metadata']['name']}"
+    assert re.fullmatch(".*edgeprobe-route.*", job)
+    agents_pm = _one(_kustomize(K8S / "cluster"), "PodMonitor")
+    assert not set(agents_pm["spec"]["selector"]["matchLabels"].items()) <= set(labels.items())
