@@ -284,7 +284,7 @@ def _series(pair: Pair, rng: random.Random) -> dict[str, list[str]]:
                 v or str(count))
             put(f"edgeprobe_connect_duration_seconds_bucket{{{base},probe=\"connect\",le=\"0.6\"}}",
                 v or str(within))
-        put(f"edgeprobe_probe_duration_seconds_count{{{base},probe=\"icmp\"}}",
+        put(f"edgeprobe_probe_runs_total{{{base},probe=\"icmp\"}}",
             v or str(i - pair.start // STEP))
         cum = 0
         for le, n_le in zip((*RTT_BUCKETS, math.inf), rtt_cum, strict=True):
