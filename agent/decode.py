@@ -15,11 +15,16 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from probes.base import is_secret
+
 T = TypeVar("T")
 
 # Deeper nesting than any real config needs; guards against pathological documents.
 MAX_DEPTH = 32
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+# A quoted fragment of the document in a YAML syntax error ("found undefined alias 'x'"); the
+# fragment may be a secret (an unquoted password starting with '*', '&' or '!').
+_QUOTED_RE = re.compile(r"'(?:[^'\\]|\\.){3,}'" r'|"(?:[^"\\]|\\.){3,}"')
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
                    "h": 3600.0, None: 1.0}
 
@@ -58,15 +63,21 @@ def parse_duration(value: object) -> float:
 
 def compose(text: str, source: str = "<config>") -> yaml.Node | None:
     """Parse YAML into a node tree (keeping line numbers). Raises ConfigError on syntax errors."""
+    # Syntax errors cannot tell which key they are in, so they quote no part of the document
+    # longer than a character or an escape: that part may be a secret.
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
-        raise ConfigError(source, f"invalid YAML: {e.problem}", line) from None
+        raise ConfigError(source, f"invalid YAML: {_unquote(str(e.problem))}", line) from None
     except yaml.YAMLError as e:
-        raise ConfigError(source, f"invalid YAML: {e}") from None
+        raise ConfigError(source, f"invalid YAML: {_unquote(str(e))}") from None
     except RecursionError:
         raise ConfigError(source, "invalid YAML: nested too deeply") from None
+
+
+def _unquote(problem: str) -> str:
+    return _QUOTED_RE.sub("(not shown)", problem)
 
 
 def _line(node: yaml.Node) -> int:
@@ -80,8 +91,15 @@ def _scalar(node: yaml.Node, path: str) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except yaml.MarkedYAMLError as e:
+        # Not str(e): it quotes the document's line, which may hold another key's secret.
+        raise ConfigError(path, f"invalid value: {e.problem}", _line(node)) from None
     except (yaml.YAMLError, ValueError, OverflowError) as e:
         raise ConfigError(path, f"invalid value: {e}", _line(node)) from None
+    except Exception:
+        # The safe constructors fail on some malformed values with whatever the input made
+        # them hit (!!bool x: KeyError, !!timestamp x: AttributeError).
+        raise ConfigError(path, f"not a valid {node.tag} value", _line(node)) from None
     finally:
         loader.dispose()
 
@@ -191,16 +209,24 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
         if key in seen:
             raise ConfigError(sub, "duplicate key", _line(k))
         seen.add(key)
-        values[key] = decode(hints[key], v, sub, depth + 1)
+        try:
+            values[key] = decode(hints[key], v, sub, depth + 1)
+        except ConfigError as e:
+            if not is_secret(fields[key]):
+                raise
+            # Every message about a value may quote it (the YAML constructor's do).
+            raise ConfigError(sub, f"invalid value: expected {_type_name(hints[key])} (a "
+                              "secret: the value is not shown)", e.line) from None
     for name, f in fields.items():
         if f.init and name not in values and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{path}.{name}" if path else name, "required key is missing",
                               _line(node))
+    secrets = [v for n, v in values.items() if is_secret(fields[n]) and isinstance(v, str) and v]
     try:
         obj = cls(**values)
     except (TypeError, ValueError) as e:
-        raise ConfigError(path, str(e), _line(node)) from None
+        raise ConfigError(path, _redact(str(e), secrets), _line(node)) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         for problem in validate():
@@ -208,8 +234,15 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
             sub = f"{path}.{key}" if path else key
             line = next((_line(k) for k, _ in node.value if getattr(k, "value", None) == key),
                         _line(node))
-            raise ConfigError(sub, msg or problem, line)
+            raise ConfigError(sub, _redact(msg or problem, secrets), line)
     return obj
+
+
+def _redact(message: str, secrets: list[str]) -> str:
+    """``message`` without the values of secret fields, should a check have quoted one."""
+    for s in secrets:
+        message = message.replace(s, "(secret not shown)")
+    return message
 
 
 def fields_as_dict(obj: Any) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from agent.rules import (
     is_name,
     load_yaml,
 )
-from probes.base import Target
+from probes.base import Target, secret_field
 
 log = logging.getLogger("edgeprobe.discovery")
 
@@ -109,7 +109,7 @@ class FileSDConfig:
 @dataclass(frozen=True)
 class BasicAuth:
     username: str
-    password_file: str = ""
+    password_file: str = secret_field()
 
 
 @dataclass(frozen=True)

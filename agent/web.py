@@ -82,11 +82,19 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
             return web.Response(text="Ready.\n")
         return web.Response(status=503, text="Not ready.\n")
 
-    async def reload(_: web.Request) -> web.Response:
+    async def reload(request: web.Request) -> web.Response:
+        # The error (key and line, never a secret value) is for callers who proved who they
+        # are: with basic_auth_users set, the guard's middleware (installed with the agent's
+        # guard, see cli) lets no one else reach this handler. Read before the reload, which
+        # may change the guard's config.
+        guard = agent.web_guard
+        authenticated = guard is not None and bool(guard.config.basic_auth_users) \
+            and "Authorization" in request.headers
         ok, err = await agent.reload()
         if ok:
             return web.Response(text="Reloaded.\n")
-        return web.Response(status=500, text=f"Reload failed, running config kept: {err}\n")
+        detail = f": {err}" if authenticated else "; see the agent's log"
+        return web.Response(status=500, text=f"Reload failed, running config kept{detail}\n")
 
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics)

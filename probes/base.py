@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from probes.resolve import Resolver
 
 IpFamily = Literal["auto", "ipv4", "ipv6"]
+
+# Field metadata key marking a config field whose value is a credential.
+SECRET = "secret"
+
+
+def secret_field(default: str = "") -> Any:
+    """A config field holding a credential (or where one is to be found): its value never
+    appears in a repr, a config error or a log line. The config decoder reads the mark."""
+    return field(default=default, repr=False, metadata={SECRET: True})
+
+
+def is_secret(f: Field[Any]) -> bool:
+    return bool(f.metadata.get(SECRET))
 
 # DSCP code points operators mark media with (RFC 4594): EF for voice/interactive, AF41 for video.
 DSCP_CODEPOINTS: dict[str, int] = {"": 0, "BE": 0, "CS0": 0, "EF": 46, "AF41": 34, "AF42": 36,

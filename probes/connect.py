@@ -25,11 +25,18 @@ from __future__ import annotations
 import math
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from probes import dns as dnsprobe
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import (
+    CommonOptions,
+    ProbeContext,
+    ProbeKind,
+    ProbeResult,
+    Target,
+    secret_field,
+)
 from probes.resolve import Resolver, literal
 from probes.sockopts import (
     RESOLVE_REASONS,
@@ -65,8 +72,8 @@ class ConnectOptions(CommonOptions):
     turn: bool = False
     turn_port: int = 0                   # 0 = stun_port
     username: str = ""
-    password: str = field(default="", repr=False)
-    password_file: str = ""
+    password: str = secret_field()
+    password_file: str = secret_field()
 
     def run_time(self) -> float:
         return self.timeout * (len(PHASES) if self.turn else len(PHASES) - 1)

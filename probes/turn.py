@@ -18,12 +18,19 @@ import contextlib
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aioice import stun
 from aioice.turn import make_integrity_key
 
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import (
+    CommonOptions,
+    ProbeContext,
+    ProbeKind,
+    ProbeResult,
+    Target,
+    secret_field,
+)
 from probes.sockopts import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
@@ -49,8 +56,8 @@ class TurnOptions(CommonOptions):
     interval: float = 10.0
     port: int = 3478
     username: str = ""
-    password: str = field(default="", repr=False)
-    password_file: str = ""
+    password: str = secret_field()
+    password_file: str = secret_field()
 
     def validate(self) -> list[str]:
         errs = super().validate()

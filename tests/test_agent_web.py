@@ -157,7 +157,8 @@ async def test_reload_keeps_series_continuous(running: tuple[Agent, str, Path]) 
     path.write_text("agent: {region: id-jakarta}\ntargets: [{name: x}]\n")
     async with aiohttp.ClientSession() as s, s.post(url + "/-/reload") as r:
         assert r.status == 500
-        assert "targets[0].address: required key is missing" in await r.text()
+        # No web config, so no authenticated caller: the details are in the log only.
+        assert await r.text() == "Reload failed, running config kept; see the agent's log\n"
     failed = await scrape(url + "/metrics")
     assert failed[("edgeprobe_config_last_reload_successful", (("region", "id-jakarta"),))] == 0
     assert value(failed, "edgeprobe_packets_sent_total", "edge-1") >= sent_before
