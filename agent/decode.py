@@ -22,9 +22,11 @@ T = TypeVar("T")
 # Deeper nesting than any real config needs; guards against pathological documents.
 MAX_DEPTH = 32
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
-# A quoted fragment of the document in a YAML syntax error ("found undefined alias 'x'"); the
-# fragment may be a secret (an unquoted password starting with '*', '&' or '!').
-_QUOTED_RE = re.compile(r"'(?:[^'\\]|\\.){3,}'" r'|"(?:[^"\\]|\\.){3,}"')
+# A quoted fragment in a YAML syntax error ("found undefined alias 'x'"): it may be the
+# document's text, even a secret (an unquoted password starting with '*', '&' or '!').
+_QUOTED_RE = re.compile(r"'((?:[^'\\]|\\.)*)'" r'|"((?:[^"\\]|\\.)*)"')
+# What such a fragment may show: a single character or escape, or a token name ('<stream end>').
+_SAFE_QUOTED_RE = re.compile(r"\\?.|<[a-z ]+>", re.DOTALL)
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
                    "h": 3600.0, None: 1.0}
 
@@ -77,7 +79,10 @@ def compose(text: str, source: str = "<config>") -> yaml.Node | None:
 
 
 def _unquote(problem: str) -> str:
-    return _QUOTED_RE.sub("(not shown)", problem)
+    def hide(m: re.Match[str]) -> str:
+        inner = m.group(1) if m.group(1) is not None else m.group(2)
+        return m.group(0) if _SAFE_QUOTED_RE.fullmatch(inner) else "(not shown)"
+    return _QUOTED_RE.sub(hide, problem)
 
 
 def _line(node: yaml.Node) -> int:
