@@ -184,7 +184,7 @@ class Agent:
                 if self.config_path is None:
                     return False, "no config file to reload"
                 try:
-                    new = cfgmod.load(self.config_path)
+                    new = await cfgmod.load_isolated(self.config_path)
                 except ConfigError as e:
                     self.self_stats.reload_ok = 0.0
                     self.self_stats.reload_failures_total += 1

@@ -1,11 +1,19 @@
 """The agent's config file: shape, defaults, strict decoding and validation.
 
 Loading never changes running state; the caller swaps configs only after ``load`` succeeded.
+A running agent loads with ``load_isolated``: the decoding runs in a child process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
+import logging
+import os
+import pickle
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +35,19 @@ from probes import PROBES
 from probes.base import CommonOptions, Target
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_TARGETS = 10000
+# Longer than decoding the largest config the limits allow takes on a slow, busy machine; only
+# a decoder that hangs reaches it.
+DECODE_TIMEOUT = 300.0
+# Jobs unpickled per slice on the event loop (~1 ms each).
+_JOBS_PER_CHUNK = 500
+# Where the child imports the agent from: where this process did.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Lower CPU priority first: importing the probes is itself a second of CPU.
+_WORKER = ("import os, sys; os.nice(10); from agent.config import _decode_worker; "
+           "sys.exit(_decode_worker(sys.argv[1]))")
+
+log = logging.getLogger("edgeprobe.config")
 
 # Classic buckets. With native histograms (the protobuf format), the native buckets give the
 # quantiles; the classic ones only need to answer "within the budget" (exactly 0.6 is a bound)
@@ -85,7 +106,7 @@ class AgentSection:
     region: str
     labels: dict[str, str] = field(default_factory=dict)
     budget: Duration = Duration(0.6)
-    max_targets: int = 10000
+    max_targets: int = DEFAULT_MAX_TARGETS
     icmp_mode: Literal["auto", "privileged", "unprivileged"] = "auto"
     resolve_interval: Duration = Duration(60.0)
     late_tick_threshold: Duration = Duration(0.005)
@@ -235,6 +256,7 @@ def loads(text: str, source: str = "<config>") -> Config:
     """Decode and validate a config document. Raises ConfigError naming the key and line."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
         raise ConfigError(source, f"config larger than {MAX_CONFIG_BYTES} bytes")
+    _precount_series(text)
     root = compose(text, source)
     if root is None:
         raise ConfigError("agent", "required key is missing (the config is empty)")
@@ -268,12 +290,15 @@ def loads(text: str, source: str = "<config>") -> Config:
                                          and targets_node.tag.endswith(":null")):
         if not isinstance(targets_node, yaml.SequenceNode):
             raise ConfigError("targets", "expected a list", _line(targets_node))
+        # Counted on the node tree, before any target is decoded: a config far over the limit
+        # is rejected at the cost of its parse, not of building every target.
+        count = sum(_series_count(t) for t in targets_node.value)
+        if count > agent.max_targets:
+            raise ConfigError("targets", f"{count} probe series exceed agent.max_targets "
+                              f"({agent.max_targets})", _line(targets_node))
         names: dict[str, int] = {}
         for i, tnode in enumerate(targets_node.value):
             jobs += _decode_target(tnode, f"targets[{i}]", defaults, names)
-    if len(jobs) > agent.max_targets:
-        raise ConfigError("targets", f"{len(jobs)} probe series exceed agent.max_targets "
-                          f"({agent.max_targets})")
     extra: dict[str, Any] = {"defaults": defaults}
     if "discovery" in top:
         extra["discovery"] = decode_dataclass(DiscoveryConfig, top["discovery"][1], "discovery")
@@ -281,6 +306,101 @@ def loads(text: str, source: str = "<config>") -> Config:
         extra["probe_endpoint"] = decode_dataclass(ProbeEndpointConfig, top["probe_endpoint"][1],
                                                    "probe_endpoint")
     return Config(agent=agent, metrics=metrics, jobs=tuple(jobs), source=source, extra=extra)
+
+
+def _precount_series(text: str) -> None:
+    """Reject a config with more probe series than agent.max_targets from libyaml's event
+    stream, before the document is composed (composing costs ~15x this scan).
+
+    The count is a lower bound (an alias counts as no series), so this never rejects a config
+    that ``loads`` would accept; the exact count on the node tree follows. Any doubt (no
+    libyaml, a syntax error, a max_targets that is not a plain integer) skips the check."""
+    loader_cls = getattr(yaml, "CSafeLoader", None)
+    if loader_cls is None:
+        return
+    max_targets = DEFAULT_MAX_TARGETS
+    total = 0
+    exact = True
+    targets_line: int | None = None
+    frames: list[_Frame] = []
+    loader = loader_cls(text)
+    try:
+        while loader.check_event():
+            ev = loader.get_event()
+            if isinstance(ev, yaml.CollectionEndEvent):
+                f = frames.pop()
+                if f.path is not None and len(f.path) == 3 and f.path[0] == "targets" \
+                        and f.path[2] == "probes":
+                    total += (f.items // 2 if f.is_map else f.items) - 1
+                continue
+            if not isinstance(ev, yaml.NodeEvent):
+                continue
+            path = _event_path(frames, ev)
+            alias = isinstance(ev, yaml.AliasEvent)
+            if path == ("agent",) and alias:
+                return
+            if path == ("agent", "max_targets"):
+                if not isinstance(ev, yaml.ScalarEvent) or ev.style or ev.tag:
+                    return
+                try:
+                    max_targets = int(ev.value.replace("_", ""), 0)
+                except ValueError:
+                    return
+            elif path == ("targets",) and ev.start_mark is not None:
+                targets_line = ev.start_mark.line + 1
+            elif path is not None and len(path) == 2 and path[0] == "targets":
+                total += 0 if alias else 1
+                exact = exact and not alias
+            elif path is not None and len(path) == 3 and path[0] == "targets" \
+                    and path[2] == "probes" and alias:
+                total -= 1
+                exact = False
+            if isinstance(ev, yaml.CollectionStartEvent):
+                frames.append(_Frame(path, isinstance(ev, yaml.MappingStartEvent)))
+    except yaml.YAMLError:
+        return
+    finally:
+        loader.dispose()
+    if 1 <= max_targets <= 1_000_000 and total > max_targets:
+        raise ConfigError("targets", f"{'' if exact else 'at least '}{total} probe series "
+                          f"exceed agent.max_targets ({max_targets})", targets_line)
+
+
+@dataclass(slots=True)
+class _Frame:
+    """An open collection in the event stream."""
+
+    path: tuple[Any, ...] | None    # key path from the root; None inside a mapping key
+    is_map: bool
+    items: int = 0                  # nodes seen (a mapping's keys and values both count)
+    key: Any = None                 # a mapping's current key when it is a plain scalar
+
+
+def _event_path(frames: list[_Frame], ev: yaml.NodeEvent) -> tuple[Any, ...] | None:
+    """The key path of the node that ``ev`` starts; None for a mapping key and below one."""
+    if not frames:
+        return ()
+    f = frames[-1]
+    f.items += 1
+    if f.path is None:
+        return None
+    if not f.is_map:
+        return (*f.path, f.items - 1)
+    if f.items % 2:
+        f.key = ev.value if isinstance(ev, yaml.ScalarEvent) else None
+        return None
+    return None if f.key is None else (*f.path, f.key)
+
+
+def _series_count(node: yaml.Node) -> int:
+    """The probe series a target entry will make (one per kind; icmp alone without probes).
+    Exact for every entry that decodes: duplicate kinds are errors."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == "probes" \
+                    and isinstance(v, yaml.SequenceNode | yaml.MappingNode):
+                return len(v.value)
+    return 1
 
 
 def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions],
@@ -345,3 +465,63 @@ def load(path: str | Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(str(p), "config file is not valid UTF-8") from None
     return loads(text, str(p))
+
+
+async def load_isolated(path: str | Path, timeout: float = DECODE_TIMEOUT) -> Config:
+    """``load`` for a running agent: the same checks and errors, decoded in a child process.
+
+    Parsing and decoding is pure-Python CPU (seconds for a large file): on the event loop it
+    would stall every probe, and in a thread it would hold the GIL the loop needs. Here the
+    loop only reads the result and unpickles it in slices of ``_JOBS_PER_CHUNK`` jobs; the
+    child runs at a lower CPU priority than the agent."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))))}
+    # Not the loop's subprocess support: uvloop forks, which copies the page tables of the
+    # whole agent on the loop (20-40 ms at 300 MB); Popen uses vfork (<1 ms). -P: the
+    # working directory is not on the child's import path.
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-P", "-c", _WORKER, str(path)], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        # The thread waits in read(2): it holds no GIL the loop needs.
+        out, err = await asyncio.to_thread(proc.communicate, None, timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.communicate)
+        raise ConfigError(str(path), f"decoding took longer than {timeout:g}s") from None
+    except asyncio.CancelledError:
+        proc.kill()    # the thread still in communicate() reaps it
+        raise
+    if proc.returncode != 0 or not out:
+        # A bug or a resource limit, not a config problem: the traceback is for the log.
+        log.error("the config decoder process failed", extra={
+            "exit_status": proc.returncode, "stderr": err[-4000:].decode(errors="replace")})
+        raise ConfigError(str(path), f"the config decoder process failed (exit status "
+                          f"{proc.returncode}); see the log")
+    outcome, payload = pickle.loads(out)
+    if outcome == "error":
+        raise ConfigError(*payload)
+    header, chunks = payload
+    jobs: list[Job] = []
+    for chunk in chunks:
+        await asyncio.sleep(0)
+        jobs += pickle.loads(chunk)
+    cfg: Config = pickle.loads(header)
+    return dataclasses.replace(cfg, jobs=tuple(jobs))
+
+
+def _decode_worker(path: str) -> int:
+    """The child of ``load_isolated``: writes its outcome, pickled, to stdout."""
+    result: tuple[str, Any]
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        result = ("error", (e.path, e.message, e.line))
+    else:
+        jobs = cfg.jobs
+        result = ("ok", (pickle.dumps(dataclasses.replace(cfg, jobs=())),
+                         [pickle.dumps(jobs[i:i + _JOBS_PER_CHUNK])
+                          for i in range(0, len(jobs), _JOBS_PER_CHUNK)]))
+    sys.stdout.buffer.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.buffer.flush()
+    return 0

@@ -80,7 +80,8 @@ BAD = [
     ("agent: {region: x, labels: {edge: y}}\n", "agent.labels: label name 'edge' is reserved "
      "by edgeprobe (line 1)"),
     ("agent: {region: x, max_targets: 1}\ntargets:\n  - {name: a, address: h}\n"
-     "  - {name: b, address: g}\n", "targets: 2 probe series exceed agent.max_targets (1)"),
+     "  - {name: b, address: g}\n",
+     "targets: 2 probe series exceed agent.max_targets (1) (line 3)"),
     ("agent: {region: x}\ntargets: {name: a}\n", "targets: expected a list (line 2)"),
     ("agent: [x]\n", "agent: expected a mapping (line 1)"),
     ("agent: {region: x\n", "<config>: invalid YAML: expected ',' or '}', but got '<stream end>' "
