@@ -7,6 +7,7 @@ A running agent loads with ``load_isolated``: the decoding runs in a child proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -512,6 +513,10 @@ async def load_isolated(path: str | Path, timeout: float = DECODE_TIMEOUT) -> Co
 
 def _decode_worker(path: str) -> int:
     """The child of ``load_isolated``: writes its outcome, pickled, to stdout."""
+    # Should decoding exhaust the memory the agent shares with it (a container's limit), the
+    # kernel kills this process, not the agent.
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
     result: tuple[str, Any]
     try:
         cfg = load(path)
