@@ -232,7 +232,7 @@ async def test_isolated_load_is_load(tmp_path: Path) -> None:
             "defaults:\n  udp: {interval: 2s, port: 7}\n"
             "  turn: {username: u, password: " + SECRET + "}\n"
             "discovery:\n  file_sd: [{name: inv, files: [edges.json]}]\n"
-            "probe_endpoint: {enabled: true, allow_cidrs: [127.0.0.0/8]}\n"
+            "probe_endpoint: {enabled: true, allow_cidrs: [127.0.0.1/32]}\n"
             "metrics: {recent_window: 30s}\ntargets:\n"
             + "".join(f"  - {{name: t{i}, address: 127.0.0.{i % 250 + 1}, labels: {{pop: p{i}}}, "
                       f"probes: {{udp: {{port: {i + 1}}}, tcp: {{}}}}}}\n" for i in range(1200)))
