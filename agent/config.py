@@ -45,8 +45,13 @@ _JOBS_PER_CHUNK = 500
 # Where the child imports the agent from: where this process did.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lower CPU priority first: importing the probes is itself a second of CPU.
-_WORKER = ("import os, sys; os.nice(10); from agent.config import _decode_worker; "
-           "sys.exit(_decode_worker(sys.argv[1]))")
+_WORKER = """\
+import contextlib, os, sys
+with contextlib.suppress(OSError):
+    os.nice(10)
+from agent.config import _decode_worker
+sys.exit(_decode_worker(sys.argv[1]))
+"""
 
 log = logging.getLogger("edgeprobe.config")
 
