@@ -7,14 +7,16 @@ errors an operator can act on ("targets[2].probes.icmp.timout: unknown key (line
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
+from agent.rules import MAX_YAML_DEPTH
 from probes.base import is_secret
 
 T = TypeVar("T")
@@ -63,12 +65,20 @@ def parse_duration(value: object) -> float:
     return f
 
 
+# libyaml, where PyYAML was built with it: it composes ~10x faster than the pure-Python loader
+# (a 10,000-target config in 0.3 s instead of 2.8 s).
+_CLOADER: type[Any] | None = getattr(yaml, "CSafeLoader", None)
+
+
 def compose(text: str, source: str = "<config>") -> yaml.Node | None:
     """Parse YAML into a node tree (keeping line numbers). Raises ConfigError on syntax errors."""
     # Syntax errors cannot tell which key they are in, so they quote no part of the document
     # longer than a character or an escape: that part may be a secret.
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        if _CLOADER is None:
+            return yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_depth(text, source)
+        return yaml.compose(text, Loader=_CLOADER)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
         raise ConfigError(source, f"invalid YAML: {_unquote(str(e.problem))}", line) from None
@@ -76,6 +86,29 @@ def compose(text: str, source: str = "<config>") -> yaml.Node | None:
         raise ConfigError(source, f"invalid YAML: {_unquote(str(e))}") from None
     except RecursionError:
         raise ConfigError(source, "invalid YAML: nested too deeply") from None
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse a document nested deeper than MAX_YAML_DEPTH from libyaml's event stream, before
+    libyaml's composer sees it: the parser keeps its own stack, but the composer recurses in C,
+    where a deep document would overflow the stack instead of raising."""
+    loader = _CLOADER(text) if _CLOADER is not None else None
+    if loader is None:
+        return
+    depth = 0
+    try:
+        while loader.check_event():
+            ev = loader.get_event()
+            if isinstance(ev, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    line = ev.start_mark.line + 1 if ev.start_mark is not None else None
+                    raise ConfigError(source, f"invalid YAML: nested deeper than "
+                                      f"{MAX_YAML_DEPTH} levels", line)
+            elif isinstance(ev, yaml.CollectionEndEvent):
+                depth -= 1
+    finally:
+        loader.dispose()
 
 
 def _unquote(problem: str) -> str:
@@ -192,6 +225,13 @@ def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> A
     raise TypeError(f"unsupported type {tp!r} at {path}")
 
 
+@functools.cache
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    # Resolved once per class: get_type_hints evaluates every annotation string each call,
+    # which was a fifth of decoding a 10,000-target config.
+    return get_type_hints(cls)
+
+
 def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int = 0,
                      base: Mapping[str, Any] | None = None) -> T:
     """Decode a mapping node into dataclass ``cls``; unknown keys are errors. ``base`` supplies
@@ -201,7 +241,7 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
             node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
         else:
             raise ConfigError(path, "expected a mapping", _line(node))
-    hints = get_type_hints(cls)
+    hints = _hints(cast(Any, cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = dict(base or {})
     seen: set[str] = set()

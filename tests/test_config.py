@@ -84,7 +84,7 @@ BAD = [
      "targets: 2 probe series exceed agent.max_targets (1) (line 3)"),
     ("agent: {region: x}\ntargets: {name: a}\n", "targets: expected a list (line 2)"),
     ("agent: [x]\n", "agent: expected a mapping (line 1)"),
-    ("agent: {region: x\n", "<config>: invalid YAML: expected ',' or '}', but got '<stream end>' "
+    ("agent: {region: x\n", "<config>: invalid YAML: did not find expected ',' or '}' "
      "(line 2)"),
     ("agent: {region: 'bad region!'}\n", "agent.region: must be 1-63 characters of letters, "
      "digits, '_', '.', ':', '-' (line 1)"),
