@@ -99,12 +99,13 @@ class WhipAnswerer:
         # iceServers=[]: aiortc's default would send STUN to a public server.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
 
-        @pc.on("datachannel")
         def on_channel(ch: Any) -> None:
-            @ch.on("message")
             def on_message(msg: Any) -> None:
                 if ch.readyState == "open":
                     ch.send(msg)
+            ch.on("message", on_message)
+
+        pc.on("datachannel", on_channel)
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))

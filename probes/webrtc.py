@@ -42,6 +42,7 @@ from typing import Any, Literal
 import aiohttp
 from yarl import URL
 
+from probes import connect
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.resolve import literal
 from probes.sockopts import (
@@ -371,5 +372,4 @@ REASONS: tuple[str, ...] = (
 KIND = ProbeKind(
     name="webrtc", options=WebrtcOptions, run=run, phases=PHASES, reasons=REASONS,
     metric_prefix="connect", info_labels=("relayed",),
-    gauges={"connect_over_budget": "1 if the last successful connect took longer than the "
-                                   "budget (failed connects count as over budget)."})
+    gauges=connect.KIND.gauges)   # the same family as the modelled connect's
