@@ -355,3 +355,22 @@ def test_relay_over_ipv6_and_bad_credentials(world: Any) -> None:
                                               "password_file": "", "password": "wrong"})[0]
     assert bad["reason"] == "turn_auth_failed"
     assert "wrong" not in json.dumps(bad)
+
+
+def test_make_run_agent_config_probes_webrtc_and_relay(world: Any) -> None:
+    """The config ``make run`` gives each region's agent probes every edge with webrtc and
+    relay; the options it decodes to connect and stream through the lab."""
+    import dataclasses
+
+    from agent import config as agent_config
+    from lab.agentconf import agent_config as lab_agent_config
+    from lab.agentconf import dump
+    cfg = agent_config.loads(dump(lab_agent_config(world.state, REGION, services=True)))
+    kinds = {(j.target.name, j.kind): j for j in cfg.jobs}
+    for edge in world.state.paths[REGION]:
+        assert (edge, "webrtc") in kinds and (edge, "relay") in kinds, edge
+    for kind in ("webrtc", "relay"):
+        opts = dataclasses.asdict(kinds[("near", kind)].options)
+        r = run_probes(world, kind, "near", {k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in opts.items()})[0]
+        assert r["success"], (kind, r["reason"])
