@@ -214,7 +214,8 @@ def for_kind(kind: ProbeKind[Any], full: bool) -> list[Family]:
 BUDGETS: dict[str, tuple[int, int]] = {
     "icmp": (30, 15), "udp": (30, 15),
     "stun": (32, 16), "tcp": (25, 10), "tls": (30, 10), "http": (40, 15), "dns": (25, 10),
-    "turn": (30, 10), "path": (25, 10), "connect": (40, 15),
+    "turn": (30, 10), "path": (25, 10), "connect": (40, 15), "webrtc": (40, 15),
+    "relay": (45, 20),
 }
 
 
