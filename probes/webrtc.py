@@ -31,7 +31,6 @@ they belong, and never logged, exported or put in a reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
 import ssl
@@ -78,6 +77,7 @@ class WebrtcOptions(CommonOptions):
     password_file: str = ""
     max_answer_bytes: int = 65536
     teardown_timeout: float = 1.0
+    candidates_from_target_only: bool = False   # ICE checks only to the signalled address
 
     def run_time(self) -> float:
         return self.timeout + self.teardown_timeout
@@ -104,20 +104,21 @@ class WebrtcOptions(CommonOptions):
         return errs
 
 
-def keep_family(sdp: str, ip_family: str) -> str:
-    """``sdp`` without the candidates of the other address family (``ip_family`` pins ICE as
-    well as signalling); unchanged for ``auto``."""
-    if ip_family == "auto":
-        return sdp
-    want = 6 if ip_family == "ipv6" else 4
+def keep_candidates(sdp: str, ip_family: str, only: str = "") -> str:
+    """``sdp`` without the remote candidates ICE must not use: those of the other address
+    family (``ip_family`` pins ICE as well as signalling; ``auto`` keeps both), and with
+    ``only`` set, every candidate whose address is not ``only``."""
+    want = {"ipv4": 4, "ipv6": 6}.get(ip_family)
     out = []
     for line in sdp.split("\r\n"):
         if line.startswith("a=candidate:"):
             f = line.split()
-            addr = f[4] if len(f) > 5 else ""
-            with contextlib.suppress(ValueError):
-                if ipaddress.ip_address(addr).version != want:
-                    continue
+            try:
+                ip = ipaddress.ip_address(f[4] if len(f) > 5 else "")
+            except ValueError:
+                continue        # a name (mDNS) or garbage: never resolved, never checked
+            if (want and ip.version != want) or (only and ip != ipaddress.ip_address(only)):
+                continue
         out.append(line)
     return "\r\n".join(out)
 
@@ -319,8 +320,9 @@ async def _connect(r: _Run, target: Target, ctx: ProbeContext) -> None:
     t = r.lap("signalling", t)
     r.stage = "ice"
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(keep_family(answer, opts.ip_family),
-                                                            "answer"))
+        answer = keep_candidates(answer, opts.ip_family,
+                                 ep.address if opts.candidates_from_target_only else "")
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
     except Exception:  # aiortc raises ValueError and friends for any malformed answer
         raise ProbeFailed("bad_answer") from None
     if not await r.ice_done:

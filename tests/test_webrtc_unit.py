@@ -12,7 +12,7 @@ from aiohttp import web
 from probes import PROBES
 from probes.base import ProbeContext, Target
 from probes.relay import RelayOptions
-from probes.webrtc import WebrtcOptions, keep_family
+from probes.webrtc import WebrtcOptions, keep_candidates
 
 
 def test_registered_with_the_connect_families() -> None:
@@ -51,12 +51,19 @@ SDP = ("v=0\r\na=mid:0\r\na=candidate:1 1 udp 1 192.0.2.1 5000 typ host\r\n"
        "a=candidate:2 1 udp 1 2001:db8::1 5000 typ host\r\na=end-of-candidates\r\n")
 
 
-def test_keep_family_filters_remote_candidates() -> None:
-    assert keep_family(SDP, "auto") == SDP
-    v4 = keep_family(SDP, "ipv4")
+def test_keep_candidates_filters_remote_candidates() -> None:
+    assert keep_candidates(SDP, "auto") == SDP
+    v4 = keep_candidates(SDP, "ipv4")
     assert "192.0.2.1" in v4 and "2001:db8::1" not in v4 and "a=mid:0" in v4
-    v6 = keep_family(SDP, "ipv6")
+    v6 = keep_candidates(SDP, "ipv6")
     assert "192.0.2.1" not in v6 and "2001:db8::1" in v6
+    # Only the signalled address: a hostile answer cannot aim checks elsewhere.
+    only = keep_candidates(SDP + "a=candidate:3 1 udp 1 198.51.100.7 53 typ host\r\n",
+                           "auto", "2001:db8:0::1")
+    assert "2001:db8::1" in only and "192.0.2.1" not in only and "198.51.100.7" not in only
+    # mDNS names are dropped: the probe resolves no name an answer hands it.
+    assert "x.local" not in keep_candidates(
+        "a=candidate:4 1 udp 1 x.local 5000 typ host\r\n", "auto")
 
 
 @pytest.fixture
