@@ -80,7 +80,8 @@ class WebrtcOptions(CommonOptions):
     candidates_from_target_only: bool = False   # ICE checks only to the signalled address
 
     def run_time(self) -> float:
-        return self.timeout + self.teardown_timeout
+        # The connect, then the DELETE and closing the peer, each bounded by teardown_timeout.
+        return self.timeout + 2 * self.teardown_timeout
 
     def validate(self) -> list[str]:
         errs = super().validate()
@@ -347,14 +348,21 @@ async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeRe
     r = _Run(opts)
     reason = "ok"
     try:
-        async with asyncio.timeout(opts.timeout):
-            await _connect(r, target, ctx)
-    except ProbeFailed as e:
-        reason = e.reason
-    except TimeoutError:
-        reason = f"{r.stage}_timeout"
-    duration = (time.perf_counter_ns() - t0) / 1e9
-    await r.close(ctx)
+        try:
+            async with asyncio.timeout(opts.timeout):
+                await _connect(r, target, ctx)
+        except ProbeFailed as e:
+            reason = e.reason
+        except TimeoutError:
+            reason = f"{r.stage}_timeout"
+        except OSError:      # a socket aiortc opens itself (gathering, ICE, DTLS)
+            reason = {"gathering": "gather_failed", "ice": "ice_failed"}.get(r.stage,
+                                                                             "dtls_failed")
+        duration = (time.perf_counter_ns() - t0) / 1e9
+    finally:
+        # Also when the run is cancelled (a reload removed the target, shutdown): the peer's
+        # sockets and tasks and the WHIP session must not outlive it.
+        await r.close(ctx)
     errors = {"teardown_failed": 1} if r.teardown_failed else {}
     if reason != "ok":
         return ProbeResult.failure(reason, float("inf"), phases=r.phases, errors=errors,

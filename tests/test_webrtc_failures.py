@@ -93,6 +93,13 @@ async def main():
         async with sem:
             return await one(i)
     results = await asyncio.gather(*(bounded(i) for i in range(int(sys.argv[4]))))
+    # Runs cancelled mid-ICE (a reload removing the target, shutdown) clean up too.
+    for _ in range(20):
+        t = asyncio.ensure_future(W.run(Target("e", "10.99.0.1"),
+                                        opts(path="/whip/fail/noice", timeout=5.0), ctx))
+        await asyncio.sleep(0.15)
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
     await asyncio.sleep(0.5)   # closing transports finish on the next loop iterations
     gc.collect()
     out["fds_after"], out["tasks_after"] = fds(), len(asyncio.all_tasks())
