@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -374,3 +375,52 @@ def test_make_run_agent_config_probes_webrtc_and_relay(world: Any) -> None:
         r = run_probes(world, kind, "near", {k: list(v) if isinstance(v, tuple) else v
                                              for k, v in opts.items()})[0]
         assert r["success"], (kind, r["reason"])
+
+
+def test_a_running_agent_exports_webrtc_and_relay(world: Any, tmp_path: Path) -> None:
+    """The agent (not only the probe functions) runs both kinds through the lab and exports
+    them: webrtc into the connect histograms, relay into the packet families and the model's
+    estimate; the TURN password never appears in /metrics."""
+    import time
+    import urllib.request
+
+    import yaml
+    edgeprobe = str(Path(sys.executable).parent / "edgeprobe")
+    r = world.state.regions[REGION]
+    pw = Path(world.turn_pass_file).read_text().strip()
+    cfg = {"agent": {"region": REGION}, "targets": [{
+        "name": "near", "address": world.state.edges["near"]["ipv4"], "probes": {
+            "webrtc": {**whip(world, "near"), "interval": "5s", "timeout": "2s"},
+            "relay": {**relay_opts(world, packets=50), "interval": "8s"}}}]}
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with (tmp_path / "agent.log").open("wb") as log:
+        agent = subprocess.Popen(world.cmd(REGION, [
+            edgeprobe, "run", f"--config.file={path}",
+            f"--web.listen-address={r.mgmt_addr}:9799"]), stdout=log,
+            stderr=subprocess.STDOUT)
+        try:
+            text = ""
+            deadline = time.monotonic() + 30
+            want = ('edgeprobe_connect_duration_seconds_count{', 'probe="webrtc"',
+                    'edgeprobe_connect_phase_duration_seconds_count{', 'phase="first_media"',
+                    'edgeprobe_packets_sent_total{', 'probe="relay"',
+                    'edgeprobe_connect_estimate_seconds{')
+            while time.monotonic() < deadline:
+                time.sleep(1.0)
+                try:
+                    with urllib.request.urlopen(f"http://{r.mgmt_addr}:9799/metrics",
+                                                timeout=2) as resp:
+                        text = resp.read().decode()
+                except OSError:
+                    continue
+                if all(w in text for w in want) and 'probe="relay"} 50' in text.replace(
+                        ".0", ""):
+                    break
+            missing = [w for w in want if w not in text]
+            assert missing == [], (missing, text[-2000:])
+            assert pw not in text
+        finally:
+            agent.terminate()
+            agent.wait(timeout=10)
+    assert pw not in (tmp_path / "agent.log").read_text(errors="replace")
