@@ -242,6 +242,15 @@ def test_loss_raises_connect_time_and_miss_rate_as_modelled(world: Any) -> None:
     print(f"\nlossy: {missed}/{n} over budget ({observed:.1%}), model [{lo:.1%}, {hi:.1%}]; "
           f"mean connect {statistics.mean(ok) * 1000:.0f} ms vs "
           f"{statistics.mean(r['duration'] for r in ref) * 1000:.0f} ms lossless")
+    lines = ["phase        rt  applied  lossless median  lossy median  lossy p90"]
+    for phase, k in ROUND_TRIPS.items():
+        lossy_ph = sorted(r["phases"][phase] for r in rs if phase in r["phases"])
+        ref_ph = [r["phases"][phase] for r in ref]
+        lines.append(f"{phase:12} {k}   {k * RTT['lossy'] * 1000:5.0f} ms "
+                     f"{statistics.median(ref_ph) * 1000:10.1f} ms "
+                     f"{statistics.median(lossy_ph) * 1000:10.1f} ms "
+                     f"{lossy_ph[int(0.9 * (len(lossy_ph) - 1))] * 1000:8.1f} ms")
+    print("\n".join(lines))
     assert lo - 3.29 * math.sqrt(lo * (1 - lo) / n) <= observed, (observed, lo, hi)
     assert observed <= hi + 3.29 * math.sqrt(hi * (1 - hi) / n), (observed, lo, hi)
     # Loss raises the connect time: a retransmission costs far more than the spread.
