@@ -142,6 +142,7 @@ class _Run:
         self.session: aiohttp.ClientSession | None = None
         self.location: URL | None = None
         self.headers: dict[str, str] = {}
+        self.server_hostname: str | None = None
         self.teardown_failed = False
         loop = asyncio.get_running_loop()
         self.ice_done: asyncio.Future[bool] = loop.create_future()
@@ -212,6 +213,7 @@ class _Run:
             try:
                 async with asyncio.timeout(self.opts.teardown_timeout), \
                         self.session.delete(self.location, headers=self.headers,
+                                            server_hostname=self.server_hostname,
                                             allow_redirects=False) as resp:
                     # 2xx ends the session; 404 means it is already gone (expired).
                     self.teardown_failed = not (200 <= resp.status < 300
@@ -226,6 +228,14 @@ class _Run:
                 ctx.log.debug("webrtc: peer connection did not close cleanly")
         if self.session is not None:
             await self.session.close()
+
+
+def same_origin(loc: URL, url: URL, name: str) -> URL | None:
+    """``loc`` aimed at the address the offer went to, or None when it names another origin
+    (scheme, port, and host: the signalled address or ``name``, the server name)."""
+    if loc.scheme != url.scheme or loc.port != url.port or loc.host not in (url.host, name):
+        return None
+    return loc.with_host(url.host) if url.host else None
 
 
 async def _signal(r: _Run, target: Target, ep_address: str, offer: str, token: str) -> str:
@@ -248,20 +258,17 @@ async def _signal(r: _Run, target: Target, ep_address: str, offer: str, token: s
         r.headers["Authorization"] = f"Bearer {token}"
     connector = aiohttp.TCPConnector(limit=1, use_dns_cache=False, ssl=sslctx)
     r.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    r.server_hostname = name if opts.scheme == "https" and literal(name) is None else None
     try:
         async with r.session.post(
                 url, data=offer.encode(), allow_redirects=False,
-                server_hostname=name if opts.scheme == "https" and literal(name) is None
-                else None,
+                server_hostname=r.server_hostname,
                 headers={**r.headers, "Content-Type": "application/sdp"}) as resp:
             loc = resp.headers.get("Location", "")
             if loc:
-                target_url = url.join(URL(loc))
+                r.location = same_origin(url.join(URL(loc)), url, name)
                 # Never DELETE (with the token) anywhere but where the offer went.
-                if target_url.origin() == url.origin():
-                    r.location = target_url
-                else:
-                    r.teardown_failed = True
+                r.teardown_failed = r.location is None
             if resp.status not in (200, 201):
                 raise ProbeFailed("signalling_status")
             if not loc:

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from probes import PROBES
 from probes.base import ProbeContext, Target
 from probes.relay import RelayOptions
-from probes.webrtc import WebrtcOptions, keep_candidates
+from probes.webrtc import WebrtcOptions, keep_candidates, same_origin
 
 
 def test_registered_with_the_connect_families() -> None:
@@ -122,3 +123,18 @@ async def test_unreadable_secrets_are_bounded_reasons(tmp_path: Any) -> None:
                       password_file=str(tmp_path / "missing"))
     assert (await w.run(Target("e", "127.0.0.1"), o, ProbeContext())).reason == \
         "turn_credentials_unreadable"
+
+
+def test_same_origin() -> None:
+    url = URL("https://192.0.2.1:443/whip")
+    assert same_origin(url.join(URL("/whip/abc")), url, "edge.example.net") == \
+        URL("https://192.0.2.1:443/whip/abc")
+    # An absolute Location with the server's name is the same server: aimed at its address.
+    assert same_origin(URL("https://edge.example.net/whip/abc"), url, "edge.example.net") == \
+        URL("https://192.0.2.1/whip/abc")
+    for other in ("https://evil.example.net/whip/abc", "http://192.0.2.1/whip/abc",
+                  "https://192.0.2.1:8443/whip/abc"):
+        assert same_origin(URL(other), url, "edge.example.net") is None, other
+    v6 = URL("https://[2001:db8::1]:443/whip")
+    assert same_origin(v6.join(URL("/whip/x")), v6, "edge.example.net") == \
+        URL("https://[2001:db8::1]:443/whip/x")
