@@ -63,3 +63,7 @@ def setup(fmt: str = "logfmt", level: str = "info") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aioice logs every ICE check and state change at INFO, with addresses: dozens of lines per
+    # webrtc run. Its warnings stay; its details need the debug level.
+    logging.getLogger("aioice").setLevel(max(logging.WARNING, root.level)
+                                         if root.level > logging.DEBUG else logging.DEBUG)

@@ -16,10 +16,12 @@ from lab.topology import WorldState
 def agent_config(st: WorldState, region: str, interval: str = "1s",
                  services: bool | None = None) -> dict[str, Any]:
     """The config of the agent for ``region``. With services, every edge also gets the RTC
-    connect-path probes (TCP, TLS, HTTPS, DNS, STUN, connect) against the lab's servers."""
+    connect-path probes (TCP, TLS, HTTPS, DNS, STUN, connect, webrtc, relay) against the lab's
+    servers."""
     with_services = st.services if services is None else services
     targets: list[dict[str, Any]] = []
     dns4 = st.dns_servers[0]
+    user, password = next(iter(st.turn_users.items()))
     for edge, path in st.paths[region].items():
         e = st.edges[edge]
         probes: dict[str, Any] = {"icmp": {}}
@@ -36,6 +38,12 @@ def agent_config(st: WorldState, region: str, interval: str = "1s",
                 "connect": {"signalling_port": st.ports["https"], "dns_server": dns4,
                             "dns_port": st.ports["dns"], "stun_port": st.ports["turn"],
                             "interval": "10s", **tls},
+                # The real client: WHIP to the edge's answerer, beside the modelled connect.
+                "webrtc": {"port": st.ports["https"], "interval": "10s", **tls},
+                # Media through the edge's TURN relay to its UDP echo. The lab's TURN password
+                # is not a secret (it is in the state file too); production uses password_file.
+                "relay": {"port": st.ports["turn"], "username": user, "password": password,
+                          "peer_port": st.ports["udp_echo"]},
             })
         targets.append({"name": edge, "address": e["ipv4"],
                         "labels": {"tier": path["tier"] or "unknown"}, "probes": probes})

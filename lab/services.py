@@ -13,7 +13,7 @@ Config keys (all optional except ``state_dir``)::
      "tls": ["127.0.0.2:7443"],                 # TLS 1.3, leaf from the lab CA (ca.pem)
      "tls_wrong_name": ["127.0.0.2:7444"],      # valid chain, name wrong.lab.test only
      "tls_expired": ["127.0.0.2:7445"],         # valid chain and names, expired
-     "http": ["127.0.0.2:7080"], "https": ["127.0.0.2:7081"],
+     "http": ["127.0.0.2:7080"], "https": ["127.0.0.2:7081"],   # both serve WHIP at /whip
      "udp_echo": ["127.0.0.2:7007"],
      "dns": {"listen": ["127.0.0.2"], "port": 7053,
              "records": {"edge.lab.test": ["127.0.0.2", "::1"]}},
@@ -103,6 +103,9 @@ def _http_app() -> web.Application:
         return resp
 
     app = web.Application()
+    from lab.whip import WhipAnswerer  # the edge's WHIP endpoint (RTC signalling)
+
+    WhipAnswerer().routes(app)
     app.router.add_get("/", root)
     app.router.add_get("/status/{code:\\d+}", status)
     app.router.add_get("/slow", slow)

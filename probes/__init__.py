@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from probes import connect, dns, http, icmp, path, stun, tcp, tls, turn, udp
+from probes import connect, dns, http, icmp, path, relay, stun, tcp, tls, turn, udp, webrtc
 from probes.base import ProbeKind
 
 PROBES: dict[str, ProbeKind[Any]] = {
@@ -18,6 +18,8 @@ PROBES: dict[str, ProbeKind[Any]] = {
     "turn": turn.KIND,
     "path": path.KIND,
     "connect": connect.KIND,
+    "webrtc": webrtc.KIND,
+    "relay": relay.KIND,
 }
 
 __all__ = ["PROBES"]

@@ -119,9 +119,59 @@ def _error_reason(code: int | None) -> str:
     return "turn_error"
 
 
-async def allocate(ep: Endpoint, port: int, opts: CommonOptions, username: str, password: str,
-                   timeout: float, ctx: ProbeContext) -> Allocation:
-    """One authenticated Allocate, released afterwards. Raises ProbeFailed(turn_*)."""
+async def _signed(sock: socket.socket, method: stun.Method, attributes: dict[str, object],
+                  username: str, realm: str, nonce: bytes, key: bytes, timeout: float,
+                  ctx: ProbeContext) -> tuple[stun.Message, float, bytes]:
+    """A request signed with MESSAGE-INTEGRITY: (response, seconds, the nonce now valid). A 438
+    Stale Nonce gets one retry with the fresh nonce, and both exchanges are timed."""
+    took = 0.0
+    for _ in range(2):
+        req = stun.Message(method, stun.Class.REQUEST, attributes={
+            **attributes, "SOFTWARE": SOFTWARE, "USERNAME": username, "REALM": realm,
+            "NONCE": nonce})
+        req.add_message_integrity(key)
+        resp, t = await _exchange(sock, req, timeout, ctx)
+        took += t
+        if resp.message_class == stun.Class.ERROR and resp.error_code == 438 \
+                and "NONCE" in resp.attributes:
+            nonce = resp.attributes["NONCE"]
+            continue
+        break
+    return resp, took, nonce
+
+
+@dataclass
+class OpenAllocation:
+    """An allocation still held on the server, with what later requests need to sign."""
+
+    sock: socket.socket
+    username: str
+    realm: str
+    nonce: bytes
+    key: bytes
+    relayed: tuple[str, int] | None
+    allocation: Allocation
+
+    async def request(self, method: stun.Method, attributes: dict[str, object],
+                      timeout: float, ctx: ProbeContext) -> stun.Message:
+        """One signed request on the allocation (a 438 Stale Nonce gets one retry)."""
+        resp, _, self.nonce = await _signed(self.sock, method, attributes, self.username,
+                                            self.realm, self.nonce, self.key, timeout, ctx)
+        return resp
+
+    async def release(self, timeout: float, ctx: ProbeContext) -> None:
+        """Refresh with LIFETIME 0, then close the socket."""
+        try:
+            await _release(self.sock, self.username, self.realm, self.nonce, self.key,
+                           timeout, ctx)
+        finally:
+            self.sock.close()
+
+
+async def open_allocation(ep: Endpoint, port: int, opts: CommonOptions, username: str,
+                          password: str, timeout: float, ctx: ProbeContext) -> OpenAllocation:
+    """One authenticated Allocate, kept: the caller must ``release()`` it. Raises
+    ProbeFailed(turn_*), with the socket closed."""
     sock = make_socket(ep, socket.SOCK_DGRAM, opts)
     try:
         try:
@@ -140,30 +190,29 @@ async def allocate(ep: Endpoint, port: int, opts: CommonOptions, username: str, 
         realm = str(resp.attributes["REALM"])
         nonce = resp.attributes["NONCE"]
         key = make_integrity_key(username, realm, password)
-        took = 0.0
-        for _ in range(2):             # a 438 Stale Nonce gets one fresh-nonce retry, timed
-            req = stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST, attributes={
-                "REQUESTED-TRANSPORT": UDP_TRANSPORT, "SOFTWARE": SOFTWARE,
-                "USERNAME": username, "REALM": realm, "NONCE": nonce})
-            req.add_message_integrity(key)
-            resp, t = await _exchange(sock, req, timeout, ctx)
-            took += t
-            if resp.message_class == stun.Class.ERROR and resp.error_code == 438 \
-                    and "NONCE" in resp.attributes:
-                nonce = resp.attributes["NONCE"]
-                continue
-            break
+        resp, took, nonce = await _signed(sock, stun.Method.ALLOCATE,
+                                          {"REQUESTED-TRANSPORT": UDP_TRANSPORT}, username,
+                                          realm, nonce, key, timeout, ctx)
         if resp.message_class != stun.Class.RESPONSE:
             raise ProbeFailed(_error_reason(resp.error_code))
         if not resp.check_message_integrity(key):
             raise ProbeFailed("turn_bad_integrity")
         relayed = resp.attributes.get("XOR-RELAYED-ADDRESS")
         family = "none" if not relayed else ("ipv6" if ":" in str(relayed[0]) else "ipv4")
-        await _release(sock, username, realm, resp.attributes.get("NONCE", nonce), key,
-                       min(timeout, 0.5), ctx)
-        return Allocation(challenge, took, family)
-    finally:
+        return OpenAllocation(sock, username, realm, resp.attributes.get("NONCE", nonce), key,
+                              (str(relayed[0]), int(relayed[1])) if relayed else None,
+                              Allocation(challenge, took, family))
+    except BaseException:
         sock.close()
+        raise
+
+
+async def allocate(ep: Endpoint, port: int, opts: CommonOptions, username: str, password: str,
+                   timeout: float, ctx: ProbeContext) -> Allocation:
+    """One authenticated Allocate, released afterwards. Raises ProbeFailed(turn_*)."""
+    a = await open_allocation(ep, port, opts, username, password, timeout, ctx)
+    await a.release(min(timeout, 0.5), ctx)
+    return a.allocation
 
 
 async def _release(sock: socket.socket, username: str, realm: str, nonce: bytes, key: bytes,

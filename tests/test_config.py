@@ -62,8 +62,8 @@ BAD = [
     ("agent: {region: x}\ntargets:\n  - name: a\n", "targets[0].address: required key is "
      "missing (line 3)"),
     ("agent: {region: x}\ntargets:\n  - {name: a, address: h, probes: [icmpp]}\n",
-     "targets[0].probes.icmpp: unknown probe kind (known: connect, dns, http, icmp, path, stun, "
-     "tcp, tls, turn, udp) (line 3)"),
+     "targets[0].probes.icmpp: unknown probe kind (known: connect, dns, http, icmp, path, relay, "
+     "stun, tcp, tls, turn, udp, webrtc) (line 3)"),
     ("agent: {region: x}\ntargets:\n  - name: a\n    address: h\n    probes:\n      icmp:\n"
      "        timout: 1s\n", "targets[0].probes.icmp.timout: unknown key (known keys: dscp, "
      "interval, ip_family, packets, payload_size, source_address, spacing, timeout, ttl) "

@@ -214,7 +214,8 @@ def for_kind(kind: ProbeKind[Any], full: bool) -> list[Family]:
 BUDGETS: dict[str, tuple[int, int]] = {
     "icmp": (30, 15), "udp": (30, 15),
     "stun": (32, 16), "tcp": (25, 10), "tls": (30, 10), "http": (40, 15), "dns": (25, 10),
-    "turn": (30, 10), "path": (25, 10), "connect": (40, 15),
+    "turn": (30, 10), "path": (25, 10), "connect": (40, 15), "webrtc": (40, 15),
+    "relay": (45, 20),
 }
 
 
@@ -287,10 +288,14 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
             by += " (*full only*)"
         out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
                    f"{f.buckets or '-'} | {by} | {_cell(f.help)} |")
+    # A gauge several kinds declare (connect_over_budget) is one family: one row.
+    gauges: dict[str, tuple[Family, list[str]]] = {}
     for kind in probes.values():
         for g in kind.gauges:
             f = kind_gauge(kind, g)
-            out.append(f"| `{f.name}` | gauge | - | - | {kind.name} | {_cell(f.help)} |")
+            gauges.setdefault(f.name, (f, []))[1].append(kind.name)
+    for f, kinds in gauges.values():
+        out.append(f"| `{f.name}` | gauge | - | - | {', '.join(kinds)} | {_cell(f.help)} |")
     out += ["", "## The agent itself", "", "| family | type | labels | help |", "|---|---|---|---|"]
     for f in AGENT:
         out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
