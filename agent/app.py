@@ -13,7 +13,7 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,13 +27,11 @@ from agent.decode import ConfigError
 from agent.discovery import DiscoveredTarget, Discovery, merge_targets
 from agent.export import protobuf
 from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults
-from agent.scheduler import Scheduler, loop_lag_monitor
+from agent.scheduler import Done, Scheduler, loop_lag_monitor
 from agent.stats import SeriesShape, new_series
 from agent.webconfig import WebConfigError, WebGuard
 from probes import PROBES
-from probes.base import ProbeContext, ProbeResult, RunHandle
-from probes.icmp import IcmpEngines
-from probes.resolve import Resolver
+from probes.base import ProbeContext, ProbeResult, Resources, RunHandle
 
 log = logging.getLogger("edgeprobe.agent")
 
@@ -58,18 +56,20 @@ class Agent:
         self.probe_endpoint: ProbeEndpoint | None = None
         self.state = self._state_for(self.config)
         self.registry.register(AgentCollector(self.state))
-        self.icmp = IcmpEngines(mode=self.config.agent.icmp_mode, counters=self.self_stats)
-        self.resolver = Resolver(ttl=self.config.agent.resolve_interval)
-        self.ctx = ProbeContext(icmp=self.icmp, resolver=self.resolver,
-                                counters=self.self_stats, budget=self.config.agent.budget,
+        # One of each resource a registered kind needs: /probe may run any kind.
+        self.resources = Resources(counters=self.self_stats)
+        for kind in PROBES.values():
+            for need in kind.needs:
+                self.resources.need(need)
+        self.resources.configure(self.config.agent, _addresses(self.config))
+        self.ctx = ProbeContext(resources=self.resources, counters=self.self_stats,
+                                budget=self.config.agent.budget,
                                 log=logging.getLogger("edgeprobe.probe"))
-        self.scheduler = Scheduler(call=self._call, record=self._record, stats=self.self_stats,
-                                   late_threshold=self.config.agent.late_tick_threshold,
-                                   self_bounded=lambda job: PROBES[job.kind].self_bounded,
-                                   callback_driven=lambda job: PROBES[job.kind].start is not None,
-                                   start=self._start_run)
+        self.scheduler = Scheduler(_KindRunner(self), stats=self.self_stats,
+                                   late_threshold=self.config.agent.late_tick_threshold)
         self._bg: list[asyncio.Task[None]] = []
         self._failing: dict[tuple[str, str], bool] = {}
+        self._on_failure = tuple(n for n, k in PROBES.items() if k.run_on_target_failure)
         self._reload_lock = asyncio.Lock()
         features = _FeatureCollector(self)
         self.registry.register(features)
@@ -120,29 +120,22 @@ class Agent:
                 views[job.key] = self._new_view(job, cfg)
         return views
 
-    async def _call(self, job: Job) -> ProbeResult:
-        kind = PROBES[job.kind]
-        return await kind.run(job.target, job.options, self.ctx)
-
-    def _start_run(self, job: Job, done: Callable[[ProbeResult | None], None]) -> RunHandle | None:
-        start = PROBES[job.kind].start
-        assert start is not None
-        return start(job.target, job.options, self.ctx, done)
-
     def _record(self, job: Job, result: ProbeResult) -> None:
         key = job.key
         view = self.state.series.get(key)
         if view is not None:
             view.stats.record(result, time.monotonic())
-        if job.kind != "path":
-            failing = not result.success or result.gauges.get("connect_over_budget", 0.0) >= 1
+        kind = PROBES[job.kind]
+        if not kind.run_on_target_failure:
+            failing = kind.failed(result)
             was = self._failing.get(key, False)
             if failing != was:
                 self._failing[key] = failing
             if failing and not was:
-                # The budget check of this edge just started failing: trace its path now, so
-                # the operator sees which hop went bad while it is bad.
-                self.scheduler.trigger((job.target.name, "path"))
+                # A series of this edge just started failing: run the kinds that report on
+                # a failure now, while it is happening.
+                for name in self._on_failure:
+                    self.scheduler.trigger((job.target.name, name))
 
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -154,16 +147,13 @@ class Agent:
         _freeze_heap()
         self._bg.append(asyncio.get_running_loop().create_task(
             loop_lag_monitor(self.self_stats), name="loop-lag"))
-        # Open the ICMP sockets now, so start-up logs which mode we got and why.
-        if any(j.kind in ("icmp", "path") for j in self.config.jobs):
-            import socket
-            for fam in (socket.AF_INET, socket.AF_INET6):
-                self.icmp.get(fam)
-        self.self_stats.icmp_mode = self.icmp.describe()
+        # Open what the configured kinds need now, so start-up logs what it got and why.
+        self.resources.open(PROBES[k] for k in dict.fromkeys(j.kind for j in self.config.jobs))
+        self.self_stats.info = self.resources.info()
         self.ready = True
         log.info("agent started", extra={"region": self.config.agent.region,
                                          "series": len(self.config.jobs),
-                                         "icmp_mode": self.self_stats.icmp_mode})
+                                         **self.self_stats.info})
 
     async def stop(self, grace: float = 3.0) -> None:
         self.ready = False
@@ -174,7 +164,7 @@ class Agent:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
         self._bg.clear()
-        self.icmp.close()
+        self.resources.close()
 
     async def reload(self, new: Config | None = None) -> tuple[bool, str]:
         """Load (unless given) and apply a new config. Never raises for a bad config."""
@@ -233,12 +223,7 @@ class Agent:
         self.state.series = views
         self.ctx.budget = new.agent.budget
         self.scheduler.late_threshold = new.agent.late_tick_threshold
-        if new.agent.icmp_mode != old.agent.icmp_mode:
-            self.icmp.close()
-            self.icmp.mode = new.agent.icmp_mode
-            self.icmp.failures.clear()
-        self.resolver.ttl = new.agent.resolve_interval
-        self.resolver.forget({j.target.address for j in new.jobs})
+        self.resources.configure(new.agent, _addresses(new))
         self.config = new
         self.scheduler.apply(new.jobs)
         _freeze_heap()
@@ -311,6 +296,31 @@ class Agent:
             return
         self.probe_endpoint = ProbeEndpoint(
             cfg, PROBES, modules_from_defaults(new.extra.get("defaults", {})), self.ctx)
+
+
+class _KindRunner:
+    """The scheduler's runner: each job through its kind's entry points in ``PROBES``, and
+    each result into the agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def start(self, job: Job, done: Done) -> RunHandle | None:
+        start = PROBES[job.kind].start
+        return None if start is None else start(job.target, job.options, self.agent.ctx, done)
+
+    async def run(self, job: Job) -> ProbeResult:
+        return await PROBES[job.kind].run(job.target, job.options, self.agent.ctx)
+
+    def self_bounded(self, job: Job) -> bool:
+        return PROBES[job.kind].self_bounded
+
+    def record(self, job: Job, result: ProbeResult) -> None:
+        self.agent._record(job, result)
+
+
+def _addresses(cfg: Config) -> set[str]:
+    return {j.target.address for j in cfg.jobs}
 
 
 def _freeze_heap() -> None:

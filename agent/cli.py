@@ -239,13 +239,14 @@ async def _watch(agent: Any, path: Path, period: float = 2.0) -> None:
 
 async def _probe(args: argparse.Namespace) -> int:
     from probes.base import ProbeContext, Target
-    from probes.icmp import IcmpEngines, IcmpOptions
+    from probes.icmp import IcmpOptions
     from probes.icmp import run as icmp_run
-    from probes.resolve import ResolveError, Resolver
+    from probes.net.icmp import IcmpEngines
+    from probes.net.resolve import ResolveError, Resolver
 
     engines = IcmpEngines(mode=args.icmp_mode)
     resolver = Resolver()
-    ctx = ProbeContext(icmp=engines, resolver=resolver)
+    ctx = ProbeContext.with_resources(engines, resolver)
     run_time = (args.count - 1) * args.spacing + args.timeout
     opts = IcmpOptions(interval=run_time, packets=args.count, spacing=args.spacing,
                        timeout=args.timeout, payload_size=args.size, ip_family=args.ip_family)

@@ -43,7 +43,8 @@ class SelfStats:
     reload_success_time: float = 0.0
     reloads_total: int = 0
     reload_failures_total: int = 0
-    icmp_mode: str = "none"
+    # Facts the shared probe resources report (e.g. icmp_mode), for edgeprobe_build_info.
+    info: dict[str, str] = field(default_factory=dict)
 
     def stray(self, probe: str, reason: str, n: int = 1) -> None:
         key = (probe, reason)
@@ -454,9 +455,9 @@ class CollectorState:
             g.add_sample(spec.name, region, gval)
             yield g
         b = _metric(C.BUILD_INFO)
-        b.add_sample(C.BUILD_INFO.name, {**region, "version": VERSION,
-                                         "python": platform.python_version(),
-                                         "icmp_mode": ss.icmp_mode}, 1.0)
+        facts = {"version": VERSION, "python": platform.python_version()}
+        b.add_sample(C.BUILD_INFO.name, {**region, **{
+            k: facts.get(k) or ss.info.get(k, "none") for k in C.BUILD_INFO.labels}}, 1.0)
         yield b
 
 

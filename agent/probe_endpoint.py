@@ -21,7 +21,7 @@ blackbox_exporter's ``/probe`` lets anyone who reaches it make the exporter conn
 An ``allow_cidrs`` entry wider than /16 (IPv4) or /48 (IPv6) is refused unless
 ``allow_wide_cidrs`` is set, and logs a warning when it is.
 
-Names are resolved by ``DnsResolver``, not by the agent's resolver (probes.resolve): its
+Names are resolved by ``DnsResolver``, not by the agent's resolver (probes.net.resolve): its
 lookups are coroutines that the request's deadline really cancels, so a flood of slow names
 cannot hold threads the agent's own lookups wait for.
 
@@ -242,7 +242,7 @@ def parse_hosts(text: str) -> dict[str, list[str]]:
 class DnsResolver:
     """/probe's resolver: /etc/hosts, then DNS over asyncio sockets (dnspython).
 
-    The agent's own resolver (probes.resolve) calls getaddrinfo in the event loop's default
+    The agent's own resolver (probes.net.resolve) calls getaddrinfo in the event loop's default
     thread pool. A getaddrinfo call cannot be cancelled: a /probe flood of names that a slow
     DNS server answers late filled that pool with lookups that outlived their requests, and
     the agent's own names queued behind them until their lookups timed out. Here a lookup is a

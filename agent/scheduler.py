@@ -1,9 +1,11 @@
-"""One driver per (target, probe kind): staggered start, fixed-rate ticks, missed ticks skipped
-(never queued), a deadline per run, and targets added/removed/changed by diffing.
+"""One driver for every (target, probe kind) series: staggered start, fixed-rate ticks, missed
+ticks skipped (never queued), a deadline per run, and targets added/removed/changed by diffing.
 
-A series is driven either by a task that sleeps to each tick and awaits the run, or, for kinds
-with a callback form (``ProbeKind.start``), by a timer callback that starts the run and is
-re-armed by the run's own completion callback: no task, no await, no wake-up per run.
+Ticks are timer callbacks on a grid of slots, the ticks of one slot sharing one timer, and a
+run's completion callback arms the series' next tick: no task per series that sleeps, awaits
+and wakes up for every run. A run starts in the kind's callback form when it has one (no task
+at all); otherwise, or when that form declines (e.g. a name to look up first), as a task that
+awaits the kind's ``run``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +26,8 @@ from probes.base import ProbeResult, RunAbandoned, RunHandle
 
 log = logging.getLogger("edgeprobe.scheduler")
 
+Done = Callable[[ProbeResult | None], None]
+
 
 class Timer(Protocol):
     def cancel(self) -> None: ...
@@ -31,13 +35,30 @@ class Timer(Protocol):
 
 class Clock(Protocol):
     def now(self) -> float: ...
-    async def sleep_until(self, when: float) -> None: ...
     def call_at(self, when: float, fn: Callable[[float], None], arg: float) -> Timer: ...
+
+
+class Runner(Protocol):
+    """How the scheduler runs a job and where the results go."""
+
+    def start(self, job: Job, done: Done) -> RunHandle | None:
+        """Start a run of ``job`` now; its result goes to ``done`` (see probes.base.StartFn).
+        None when this run needs ``run`` instead."""
+        ...
+
+    async def run(self, job: Job) -> ProbeResult: ...
+
+    def self_bounded(self, job: Job) -> bool:
+        """Whether ``run`` ends by itself in time, so the scheduler arms no deadline of its
+        own (see ProbeKind.self_bounded)."""
+        ...
+
+    def record(self, job: Job, result: ProbeResult) -> None: ...
 
 
 class LoopClock:
     """The event loop's monotonic clock. The loop is looked up once: ``get_running_loop``
-    makes a getpid() system call on every call (~10 % of the CPU at 10,000 targets)."""
+    makes a getpid() system call on every call."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -50,11 +71,6 @@ class LoopClock:
     def now(self) -> float:
         return self.loop().time()
 
-    async def sleep_until(self, when: float) -> None:
-        delay = when - self.now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
     def call_at(self, when: float, fn: Callable[[float], None], arg: float) -> Timer:
         return self.loop().call_at(when, fn, arg)
 
@@ -65,49 +81,37 @@ def stagger(key: tuple[str, str]) -> float:
     return zlib.crc32("\x00".join(key).encode()) / 2**32
 
 
-ProbeCall = Callable[[Job], Awaitable[ProbeResult]]
-Record = Callable[[Job, ProbeResult], None]
-# Starts a run of ``job`` now; see probes.base.StartFn.
-StartCall = Callable[[Job, Callable[[ProbeResult | None], None]], RunHandle | None]
-
-
 class _Entry:
-    __slots__ = ("cb_run", "done", "extra", "handle", "in_run", "job", "runs", "slot", "task",
+    __slots__ = ("done", "extra", "handle", "in_run", "job", "running", "runs", "slot", "task",
                  "tick")
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.task: asyncio.Task[None] | None = None
-        self.in_run = False
+        self.in_run = False                   # a run (of a tick or triggered) is in flight
         self.runs = 0
         self.extra: asyncio.Task[None] | None = None   # a triggered out-of-band run
-        # Callback-driven series only:
         self.slot: float | None = None        # when the timer of its next tick fires
         self.tick = 0.0                       # its scheduled time
-        self.cb_run = False                   # a run of a tick is in flight
-        self.handle: RunHandle | None = None  # ...and how to abandon it
-        self.done: Callable[[ProbeResult | None], None] | None = None
+        self.running = False                  # the run of a tick is in flight...
+        self.handle: RunHandle | None = None  # ...in callback form, and how to abandon it
+        self.task: asyncio.Task[None] | None = None   # ...or as a task
+        self.done: Done | None = None
 
 
 @dataclass
 class Scheduler:
-    call: ProbeCall
-    record: Record
+    runner: Runner
     stats: SelfStats = field(default_factory=SelfStats)
     clock: Clock = field(default_factory=LoopClock)
     late_threshold: float = 0.005
-    self_bounded: Callable[[Job], bool] = lambda _job: False
-    # Jobs for which ``start`` exists: driven by timer callbacks instead of a task.
-    callback_driven: Callable[[Job], bool] = lambda _job: False
-    start: StartCall | None = None
     entries: dict[tuple[str, str], _Entry] = field(default_factory=dict)
     stopping: bool = False
-    # Callback-driven ticks are on a grid of ``slot`` seconds, and the ticks of one slot
-    # share one timer: a wake-up per run cost ~35-50 µs of CPU on a VM at 1,000 runs/s. The
-    # slot is chosen on apply() so that about RUNS_PER_SLOT runs share one (a larger burst
-    # would make the last runs of a slot late).
+    # Ticks are on a grid of ``slot`` seconds, and the ticks of one slot share one timer,
+    # because a wake-up per run is a large share of a run's CPU. The slot is chosen on
+    # apply() so that about RUNS_PER_SLOT runs share one (a larger burst would make the last
+    # runs of a slot late).
     slot: float = 0.02
-    _cb_running: int = 0
+    _running: int = 0
     _drained: asyncio.Future[None] | None = None
     _slots: dict[float, list[_Entry]] = field(default_factory=dict)
     _slot_timers: dict[float, Timer] = field(default_factory=dict)
@@ -118,8 +122,7 @@ class Scheduler:
     def apply(self, jobs: Iterable[Job]) -> tuple[list[Job], list[Job], list[Job]]:
         """Bring the running tasks in line with ``jobs``: (added, removed, changed)."""
         wanted = {j.key: j for j in jobs}
-        rate = sum(1.0 / j.options.interval for j in wanted.values()
-                   if self.start is not None and self.callback_driven(j))
+        rate = sum(1.0 / j.options.interval for j in wanted.values())
         self.slot = next((s for s in reversed(self.SLOTS) if rate * s <= self.RUNS_PER_SLOT),
                          self.SLOTS[0])
         added: list[Job] = []
@@ -146,15 +149,12 @@ class Scheduler:
         self.entries[key] = e
         if self.stopping:
             return
-        if self.start is not None and self.callback_driven(job):
-            # The stagger, rounded up to the slot grid (intervals that are whole slots keep
-            # every later tick on it).
-            first = self.clock.now() + stagger(job.key) * job.options.interval
-            e.tick = math.ceil(first / self.slot - 1e-6) * self.slot
-            e.done = lambda result: self._done(e, result)
-            self._arm(e)
-            return
-        e.task = asyncio.get_running_loop().create_task(self._loop(e), name=f"probe:{key}")
+        # The stagger, rounded up to the slot grid (intervals that are whole slots keep every
+        # later tick on it).
+        first = self.clock.now() + stagger(job.key) * job.options.interval
+        e.tick = math.ceil(first / self.slot - 1e-6) * self.slot
+        e.done = lambda result: self._done(e, result)
+        self._arm(e)
 
     def _cancel(self, e: _Entry) -> None:
         # An abandoned run records nothing: a packet in flight is neither sent nor lost.
@@ -165,17 +165,17 @@ class Scheduler:
                 t.cancel()
 
     def _abandon(self, e: _Entry) -> None:
-        if not e.cb_run:
+        if not e.running:
             return
-        e.cb_run = e.in_run = False
-        self._cb_running -= 1
+        e.running = e.in_run = False
+        self._running -= 1
         if e.handle is not None:
             e.handle.cancel()
             e.handle = None
         if e.task is not None:
-            e.task.cancel()   # a run that needed the task path
+            e.task.cancel()
 
-    # ------------------------------------------------------------ callback-driven series
+    # ------------------------------------------------------------------------- ticks
     def _arm(self, e: _Entry) -> None:
         q = e.tick / self.slot
         idx = round(q)
@@ -217,8 +217,8 @@ class Scheduler:
         return tick
 
     def _fire(self, e: _Entry) -> None:
-        """A tick of a callback-driven series: the same accounting as ``_loop``, then start
-        the run; ``_done`` re-arms the next tick when it completes."""
+        """A tick: account for its lateness, then start the run; ``_done`` arms the next tick
+        when the run completes."""
         e.slot = None
         if self.stopping:
             return
@@ -226,22 +226,24 @@ class Scheduler:
         interval = job.options.interval
         now = self.clock.now()
         tick = e.tick = self._account_tick(e.tick, interval, now)
-        e.in_run = e.cb_run = True
-        self._cb_running += 1
-        assert self.start is not None and e.done is not None
+        e.in_run = e.running = True
+        self._running += 1
+        assert e.done is not None
         try:
-            handle = self.start(job, e.done)
+            handle = self.runner.start(job, e.done)
         except Exception:
             self.stats.run_exceptions += 1
             log.exception("probe raised", extra={"edge": job.target.name, "probe": job.kind})
             self._done(e, ProbeResult.failure("exception", 0.0))
             return
-        if not e.cb_run:
+        if not e.running:
             return     # completed synchronously (e.g. the send failed)
         if handle is not None:
             e.handle = handle
             return
-        # This run needs the kind's async form (e.g. a name to look up first).
+        # This run needs the kind's async form (it has no other, or a name to look up first).
+        # It must be over before the next tick; kinds finish earlier by themselves
+        # (validated: run_time <= interval), so this deadline is only a safety net.
         e.task = asyncio.get_running_loop().create_task(
             self._run_task(e, tick + interval - now), name=f"probe:{job.key}")
 
@@ -251,60 +253,35 @@ class Scheduler:
             e.done(result)
 
     def _done(self, e: _Entry, result: ProbeResult | None) -> None:
-        if not e.cb_run:
+        if not e.running:
             return     # abandoned
-        e.cb_run = e.in_run = False
+        e.running = e.in_run = False
         e.handle = None
-        self._cb_running -= 1
+        self._running -= 1
         if result is not None:
             e.runs += 1
             try:
-                self.record(e.job, result)
+                self.runner.record(e.job, result)
             except Exception:
                 log.exception("recording a result failed",
                               extra={"edge": e.job.target.name, "probe": e.job.kind})
         if self.stopping:
-            if self._cb_running == 0 and self._drained is not None \
+            if self._running == 0 and self._drained is not None \
                     and not self._drained.done():
                 self._drained.set_result(None)
             return
         e.tick += e.job.options.interval
         self._arm(e)
 
-    async def _loop(self, e: _Entry) -> None:
-        job = e.job
-        interval = job.options.interval
-        tick = self.clock.now() + stagger(job.key) * interval
-        while not self.stopping:
-            await self.clock.sleep_until(tick)
-            if self.stopping:
-                return
-            now = self.clock.now()
-            tick = self._account_tick(tick, interval, now)
-            # The run must be over before the next tick; probes finish earlier by themselves
-            # (validated: run_time <= interval), so the deadline is only a safety net.
-            deadline = tick + interval
-            e.in_run = True
-            try:
-                result = await self._run(job, deadline - now)
-            finally:
-                e.in_run = False
-            if result is not None:
-                e.runs += 1
-                self.record(job, result)
-            elif self.stopping:
-                return
-            tick += interval
-
     async def _run(self, job: Job, budget: float) -> ProbeResult | None:
         t0 = time.monotonic()
         try:
-            if self.self_bounded(job):
-                # The kind enforces its own deadline (e.g. the ICMP engine's timer); a second
-                # timer per run here was measurable CPU at thousands of targets.
-                return await self.call(job)
+            if self.runner.self_bounded(job):
+                # The kind enforces its own deadline (e.g. the ICMP engine's timer): a second
+                # timer per run here would only cost CPU.
+                return await self.runner.run(job)
             async with asyncio.timeout(budget):
-                return await self.call(job)
+                return await self.runner.run(job)
         except TimeoutError:
             return ProbeResult.failure("deadline", time.monotonic() - t0)
         except asyncio.CancelledError:
@@ -317,8 +294,8 @@ class Scheduler:
             return ProbeResult.failure("exception", time.monotonic() - t0)
 
     def trigger(self, key: tuple[str, str]) -> bool:
-        """Run ``key`` once now, outside its fixed-rate ticks (e.g. the path probe right after an
-        edge's budget check starts failing). Ignored while that series is already running."""
+        """Run ``key`` once now, outside its fixed-rate ticks (e.g. a kind that reports while
+        its target fails). Ignored while that series is already running."""
         e = self.entries.get(key)
         if e is None or e.in_run or self.stopping:
             return False
@@ -330,7 +307,7 @@ class Scheduler:
             finally:
                 e.in_run = False
             if result is not None and self.entries.get(key) is e:
-                self.record(e.job, result)
+                self.runner.record(e.job, result)
 
         e.extra = asyncio.get_running_loop().create_task(once(), name=f"trigger:{key}")
         return True
@@ -347,14 +324,7 @@ class Scheduler:
             e.slot = None
             if e.extra is not None and not e.extra.done():
                 tasks.append(e.extra)
-            if e.done is not None:
-                continue    # callback-driven: waited for through _drained below
-            if e.task is None:
-                continue
-            if not e.in_run:
-                e.task.cancel()
-            tasks.append(e.task)
-        if self._cb_running:
+        if self._running:    # runs of ticks: waited for through _drained
             self._drained = asyncio.get_running_loop().create_future()
             tasks.append(self._drained)
         if tasks:
@@ -365,16 +335,16 @@ class Scheduler:
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
-        fallback = [e.task for e in self.entries.values()
-                    if e.done is not None and e.task is not None and not e.task.done()]
-        if fallback:
-            await asyncio.gather(*fallback, return_exceptions=True)
+        run_tasks = [e.task for e in self.entries.values()
+                     if e.task is not None and not e.task.done()]
+        if run_tasks:
+            await asyncio.gather(*run_tasks, return_exceptions=True)
 
     @property
     def task_count(self) -> int:
-        """Series with a live driver: a task, or an armed tick or a run in flight."""
+        """Series with a live driver: an armed tick, or a run in flight."""
         return sum(1 for e in self.entries.values() if (e.task is not None and not e.task.done())
-                   or e.slot is not None or e.cb_run)
+                   or e.slot is not None or e.running)
 
 
 async def loop_lag_monitor(stats: SelfStats, period: float = 0.25) -> None:

@@ -7,13 +7,9 @@ outcome; it maps the outcome to a bounded ``reason`` declared in its ``ProbeKind
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import Field, dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
-
-if TYPE_CHECKING:
-    from probes.icmp import IcmpEngines
-    from probes.resolve import Resolver
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar, cast
 
 IpFamily = Literal["auto", "ipv4", "ipv6"]
 
@@ -132,17 +128,98 @@ class NullCounters:
         return None
 
 
+class Resource(Protocol):
+    """Something several runs share, such as a socket per address family or a name cache.
+
+    A kind names the resource types it uses in ``ProbeKind.needs``; the agent creates one of
+    each for all the registered kinds that need it, and keeps it in ``ProbeContext.resources``.
+    """
+
+    @classmethod
+    def create(cls, counters: Counters) -> Self:
+        """A new, idle resource (opening sockets waits for ``open`` or first use)."""
+        ...
+
+    def configure(self, settings: Any, targets: Collection[str]) -> None:
+        """Apply the agent's settings (the config's ``agent`` section), at start and on every
+        reload; ``targets`` are the addresses configured now, so per-target state of others
+        can go."""
+        ...
+
+    def open(self) -> None:
+        """Acquire now what start-up should report on (e.g. the sockets and their mode);
+        called at agent start when a configured kind needs this resource."""
+        ...
+
+    def info(self) -> Mapping[str, str]:
+        """Facts about the resource for the agent's build-info metric and start-up log."""
+        ...
+
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=Resource)
+
+
+class Resources:
+    """The shared resources of one agent, at most one of each type."""
+
+    def __init__(self, counters: Counters | None = None) -> None:
+        self.counters: Counters = counters or NullCounters()
+        self._by_type: dict[type[Resource], Resource] = {}
+
+    def get(self, cls: type[R]) -> R | None:
+        """The resource of type ``cls``, or None when nobody created one (a one-shot context)."""
+        return cast("R | None", self._by_type.get(cls))
+
+    def need(self, cls: type[R]) -> R:
+        """The resource of type ``cls``, created now if there is none yet."""
+        r = self.get(cls)
+        if r is None:
+            r = cls.create(self.counters)
+            self._by_type[cls] = r
+        return r
+
+    def add(self, resource: Resource) -> None:
+        """Use ``resource`` as the one of its type (tests, the one-shot CLI)."""
+        self._by_type[type(resource)] = resource
+
+    def configure(self, settings: Any, targets: Collection[str]) -> None:
+        for r in self._by_type.values():
+            r.configure(settings, targets)
+
+    def open(self, kinds: Iterable[ProbeKind[Any]]) -> None:
+        """Open, once each, the resources these kinds need."""
+        for cls in dict.fromkeys(cls for kind in kinds for cls in kind.needs):
+            self.need(cls).open()
+
+    def info(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for r in self._by_type.values():
+            out.update(r.info())
+        return out
+
+    def close(self) -> None:
+        for r in self._by_type.values():
+            r.close()
+
+
 @dataclass
 class ProbeContext:
     """Shared resources handed to every probe run."""
 
-    icmp: IcmpEngines | None = None
-    resolver: Resolver | None = None
+    resources: Resources = field(default_factory=Resources)
     counters: Counters = field(default_factory=NullCounters)
     budget: float = 0.6
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgeprobe.probe"))
-    # Free-form shared state a kind may need (e.g. TURN credentials from files); keyed by kind.
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def with_resources(cls, *resources: Resource, **kw: Any) -> ProbeContext:
+        """A context holding these resources (tests, the one-shot CLI)."""
+        ctx = cls(**kw)
+        for r in resources:
+            ctx.resources.add(r)
+        return ctx
 
 
 class RunAbandoned(Exception):
@@ -194,6 +271,19 @@ class ProbeKind(Generic[OptT]):
     info_labels: tuple[str, ...] = ()
     # True when results carry ``hops`` (the per-hop families).
     per_hop: bool = False
+    # Types of the shared resources ``run``/``start`` find in ``ctx.resources``.
+    needs: tuple[type[Resource], ...] = ()
+    # Gauges of a result that, at 1 or more, mean the target failed although the run
+    # succeeded (e.g. a connect over the budget).
+    failure_gauges: tuple[str, ...] = ()
+    # Run this kind once, outside its ticks, when another series of the same target starts
+    # failing: it then reports while the failure lasts (e.g. which hop went bad).
+    run_on_target_failure: bool = False
+
+    def failed(self, result: ProbeResult) -> bool:
+        """Whether this run counts as a failure of its target."""
+        return not result.success or any(result.gauges.get(g, 0.0) >= 1
+                                          for g in self.failure_gauges)
 
     @property
     def all_reasons(self) -> tuple[str, ...]:

@@ -37,8 +37,8 @@ from probes.base import (
     Target,
     secret_field,
 )
-from probes.resolve import Resolver, literal
-from probes.sockopts import (
+from probes.net.resolve import Resolver, literal
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
@@ -172,4 +172,5 @@ KIND = ProbeKind(
     name="connect", options=ConnectOptions, run=run, phases=PHASES, reasons=REASONS,
     metric_prefix="connect", info_labels=("tls_version", "alpn", "mapped_family"),
     gauges={"connect_over_budget": "1 if the last successful connect took longer than the "
-                                   "budget (failed connects count as over budget)."})
+                                   "budget (failed connects count as over budget)."},
+    needs=(Resolver,), failure_gauges=("connect_over_budget",))

@@ -19,7 +19,8 @@ import dns.rcode
 import dns.rdatatype
 
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
@@ -156,4 +157,5 @@ REASONS: tuple[str, ...] = (*DNS_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="dns", options=DnsOptions, run=run, phases=("resolve",), reasons=REASONS,
                  gauges={"dns_answer_count": "Records of the asked type in the last answer."},
-                 stray_reasons=("malformed", "wrong_id"), info_labels=("rcode",))
+                 stray_reasons=("malformed", "wrong_id"), info_labels=("rcode",),
+                 needs=(Resolver,))

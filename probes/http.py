@@ -24,7 +24,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     ProbeFailed,
     check_source,
@@ -242,4 +243,5 @@ KIND = ProbeKind(
     name="http", options=HttpOptions, run=run,
     phases=("resolve", "connect", "tls", "ttfb", "transfer"), reasons=REASONS,
     gauges={"http_status_code": "Status code of the last response.",
-            "http_content_length": "Body bytes read in the last response."})
+            "http_content_length": "Body bytes read in the last response."},
+    needs=(Resolver,))

@@ -10,8 +10,8 @@ apart; hops after the first one where the destination answered are dropped.
 Bounded by design: at most ``max_hops`` series per target, labelled by hop index, never by
 address. The ordered hop addresses are hashed into ``path_route_hash`` (an integer below 2**48,
 exact as a float), so a route change is a metric change, and ``path_hops`` is the hop count.
-The scheduler runs this kind on a slow interval, and once more when a budget check of the same
-edge starts failing (``KIND`` is all it needs).
+The scheduler runs this kind on a slow interval, and once more when another series of the same
+edge starts failing (``run_on_target_failure``), so the hops are seen while it is bad.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import contextlib
 import errno
 import hashlib
 import socket
-import struct
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from probes.base import CommonOptions, HopResult, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net import errqueue
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
@@ -39,14 +40,9 @@ from probes.sockopts import (
     resolve,
 )
 
-_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
-_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 _IP_RECVTTL, _IP_TTL = 12, 2               # <linux/in.h>; Python does not export IP_RECVTTL
 _IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", 51)
 _IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", 52)
-_EE = struct.Struct("=IBBBBII")            # struct sock_extended_err
-_ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
 MAX_HOPS_LIMIT = 32
 
 
@@ -85,12 +81,12 @@ class _Probe:
     reply_ttl: int = 0                     # TTL / hop limit the ICMP answer arrived with
 
 
-def _read_errqueue(p: _Probe, v6: bool) -> bool:
+def _read_errqueue(p: _Probe) -> bool:
     """Drain the probe's error queue; True once its ICMP answer was recorded."""
     got = False
     for _ in range(8):
         try:
-            _, anc, _, _ = p.sock.recvmsg(512, 1024, _MSG_ERRQUEUE)
+            _, anc, _, _ = p.sock.recvmsg(512, 1024, errqueue.MSG_ERRQUEUE)
         except (BlockingIOError, InterruptedError):
             return got
         except OSError:
@@ -101,35 +97,16 @@ def _read_errqueue(p: _Probe, v6: bool) -> bool:
                                   (socket.IPPROTO_IPV6, _IPV6_HOPLIMIT)) and len(data) >= 4:
                 p.reply_ttl = int.from_bytes(data[:4], sys.byteorder)
                 continue
-            if (level, ctype) not in ((socket.IPPROTO_IP, _IP_RECVERR),
-                                      (socket.IPPROTO_IPV6, _IPV6_RECVERR)):
+            err = errqueue.parse(level, ctype, data)
+            if err is None or p.rtt is not None:
                 continue
-            if len(data) < _EE.size:
-                continue
-            ee_errno, origin, itype, _code, _pad, _info, _d = _EE.unpack_from(data)
-            if origin not in (_ORIGIN_ICMP, _ORIGIN_ICMP6) or p.rtt is not None:
-                continue
-            offender = data[_EE.size:]
-            addr = _sockaddr(offender, v6)
-            time_exceeded = itype == (3 if origin == _ORIGIN_ICMP6 else 11)
             p.rtt = (now - p.sent_ns) / 1e9
-            p.address = addr
-            p.reached = not time_exceeded and ee_errno in (errno.ECONNREFUSED,
-                                                          errno.EHOSTUNREACH, errno.ENETUNREACH,
-                                                          errno.EACCES, errno.EPERM)
+            p.address = err.offender
+            p.reached = not err.time_exceeded and err.errno in (
+                errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES,
+                errno.EPERM)
             got = True
     return got
-
-
-def _sockaddr(raw: bytes, v6: bool) -> str:
-    try:
-        if v6 and len(raw) >= 24:
-            return socket.inet_ntop(socket.AF_INET6, raw[8:24])
-        if len(raw) >= 8:
-            return socket.inet_ntop(socket.AF_INET, raw[4:8])
-    except (ValueError, OSError):
-        pass
-    return ""
 
 
 def _distance(reply_ttl: int) -> int:
@@ -168,17 +145,16 @@ async def trace(ep: Endpoint, opts: PathOptions,
                 probes.append(p)
                 # RECVTTL/RECVHOPLIMIT: the answer's remaining TTL tells the destination's
                 # distance even when the probes with exactly that TTL were all lost.
+                errqueue.enable(sock, v6)
                 if v6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVHOPLIMIT, 1)
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
                 else:
-                    sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
                     sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTTL, 1)
                     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
 
                 def on_ready(p: _Probe = p) -> None:
-                    if _read_errqueue(p, v6) or p.rtt is not None:
+                    if _read_errqueue(p) or p.rtt is not None:
                         loop.remove_reader(p.sock.fileno())
                         done.set()
                     else:
@@ -252,5 +228,6 @@ REASONS: tuple[str, ...] = ("path_incomplete", *RESOLVE_REASONS, *SOCKET_REASONS
 
 KIND = ProbeKind(
     name="path", options=PathOptions, run=run, reasons=REASONS, per_hop=True,
+    needs=(Resolver,), run_on_target_failure=True,
     gauges={"path_hops": "Hops to the edge in the last path run (TTL that reached it).",
             "path_route_hash": "Hash of the ordered hop addresses; a change is a route change."})

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from aioice import stun
 
 from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import RESOLVE_REASONS, SOCKET_REASONS, ProbeFailed, resolve
-from probes.train import run_train
+from probes.net.resolve import Resolver
+from probes.net.sockets import RESOLVE_REASONS, SOCKET_REASONS, ProbeFailed, resolve
+from probes.net.train import run_train
 from probes.turn import TURN_REASONS, TurnOptions, credentials, open_allocation
 
 CHANNEL = 0x4000                       # the first channel number (RFC 8656 §12)
@@ -132,4 +133,4 @@ KIND = ProbeKind(name="relay", options=RelayOptions, run=run, packet_based=True,
                  phases=("challenge", "allocate", "bind"), reasons=REASONS,
                  stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late",
                                 "unknown", "bad_cookie", "unknown_txid"),
-                 info_labels=("relayed_family",))
+                 info_labels=("relayed_family",), needs=(Resolver,))

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from aioice import stun
 
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
@@ -30,7 +31,7 @@ from probes.sockopts import (
     make_socket,
     resolve,
 )
-from probes.train import TrainResult, run_train
+from probes.net.train import TrainResult, run_train
 
 SOFTWARE = "edgeprobe"
 MAX_INFLIGHT = 10                      # RFC 8489 §6.2: at most 10 outstanding to one server
@@ -141,4 +142,5 @@ KIND = ProbeKind(name="stun", options=StunOptions, run=run, packet_based=True, r
                  stray_reasons=("malformed", "not_stun", "bad_cookie", "unknown_txid",
                                 "bad_fingerprint", "wrong_method", "wrong_class",
                                 "error_response", "duplicate", "late", "unknown"),
-                 info_labels=("mapped_family",))
+                 info_labels=("mapped_family",),
+                 needs=(Resolver,))

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
@@ -79,4 +80,5 @@ async def run(target: Target, opts: TcpOptions, ctx: ProbeContext) -> ProbeResul
 REASONS: tuple[str, ...] = (*os_reasons("tcp"), *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="tcp", options=TcpOptions, run=run, phases=("connect",), reasons=REASONS,
-                 info_labels=("ip_family",))
+                 info_labels=("ip_family",),
+                 needs=(Resolver,))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     ProbeFailed,
@@ -149,4 +150,5 @@ KIND = ProbeKind(
     name="tls", options=TlsOptions, run=run, phases=("connect", "tls"), reasons=REASONS,
     gauges={"tls_cert_not_after_seconds":
             "Expiry (notAfter) of the leaf certificate, as Unix seconds."},
-    info_labels=("tls_version", "alpn"))
+    info_labels=("tls_version", "alpn"),
+    needs=(Resolver,))

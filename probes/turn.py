@@ -31,7 +31,8 @@ from probes.base import (
     Target,
     secret_field,
 )
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
@@ -253,4 +254,5 @@ REASONS: tuple[str, ...] = (*TURN_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="turn", options=TurnOptions, run=run, phases=("challenge", "allocate"),
                  reasons=REASONS, stray_reasons=("malformed", "bad_cookie", "unknown_txid"),
-                 info_labels=("relayed_family",))
+                 info_labels=("relayed_family",),
+                 needs=(Resolver,))

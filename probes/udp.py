@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.sockopts import (
+from probes.net.resolve import Resolver
+from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     ProbeFailed,
@@ -23,7 +24,7 @@ from probes.sockopts import (
     make_socket,
     resolve,
 )
-from probes.train import run_train
+from probes.net.train import run_train
 
 _MAGIC = b"EPRB"
 _HEADER = struct.Struct("!4s8sI")          # magic, run nonce, sequence number
@@ -90,4 +91,5 @@ REASONS: tuple[str, ...] = ("udp_timeout", "udp_refused", "udp_unreachable", "re
                             "duplicate", *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(name="udp", options=UdpOptions, run=run, packet_based=True, reasons=REASONS,
-                 stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late", "unknown"))
+                 stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late", "unknown"),
+                 needs=(Resolver,))

@@ -43,8 +43,8 @@ from yarl import URL
 
 from probes import connect
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
-from probes.resolve import literal
-from probes.sockopts import (
+from probes.net.resolve import Resolver, literal
+from probes.net.sockets import (
     RESOLVE_REASONS,
     ProbeFailed,
     check_ports,
@@ -389,4 +389,5 @@ REASONS: tuple[str, ...] = (
 KIND = ProbeKind(
     name="webrtc", options=WebrtcOptions, run=run, phases=PHASES, reasons=REASONS,
     metric_prefix="connect", info_labels=("relayed",),
-    gauges=connect.KIND.gauges)   # the same family as the modelled connect's
+    gauges=connect.KIND.gauges,   # the same family as the modelled connect's
+    needs=(Resolver,), failure_gauges=connect.KIND.failure_gauges)

@@ -30,6 +30,7 @@ from agent import config as cfgmod
 from agent.app import Agent
 from agent.decode import ConfigError
 from agent.web import build_app, serve
+from probes.net.resolve import Resolver
 
 ROOT = Path(__file__).resolve().parents[1]
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -190,8 +191,10 @@ async def test_unresolvable_empty_and_flipping_names(tmp_path: Path) -> None:
         return [(socket.AF_INET, f"127.0.0.{2 + flips[0] % 2}")]
 
     async with running(cfg) as (agent, _):
-        agent.resolver._lookup = fake_lookup  # type: ignore[method-assign]
-        agent.resolver.ttl = 0.0
+        resolver = agent.resources.get(Resolver)
+        assert resolver is not None
+        resolver._lookup = fake_lookup  # type: ignore[method-assign]
+        resolver.ttl = 0.0
         await wait_for(lambda: series(local(agent), "edgeprobe_packets_sent_total")
                        .get("flip", 0) >= 6)
         m = local(agent)

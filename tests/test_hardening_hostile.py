@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent(r'''
     import asyncio, json, socket, struct, sys, time
     from agent.collector import SelfStats
     from probes.base import ProbeContext, Target
-    from probes.icmp import EXPIRED_MEMORY, IcmpEngines, IcmpOptions, run
+    from probes.icmp import IcmpOptions, run
+    from probes.net.icmp import EXPIRED_MEMORY, IcmpEngines
 
     def csum(b):
         if len(b) % 2:
@@ -61,7 +62,7 @@ SCRIPT = textwrap.dedent(r'''
         stats = SelfStats()
         engines = IcmpEngines(mode="privileged", counters=stats)
         eng = engines.get(socket.AF_INET)
-        ctx = ProbeContext(icmp=engines, counters=stats)
+        ctx = ProbeContext.with_resources(engines, counters=stats)
         sniff = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         sniff.settimeout(2.0)
         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)

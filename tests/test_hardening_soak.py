@@ -52,6 +52,7 @@ from agent import config as cfgmod
 from agent.app import Agent
 from agent.web import build_app, serve
 from agent.webconfig import WebGuard
+from probes.net.icmp import IcmpEngines
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
@@ -179,7 +180,7 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
             elapsed = time.monotonic() - t_start
             for _ in range(50):                        # ~100 stray replies per second
                 with_id = rng.choice([rng.randrange(1, 65536), *(
-                    e.ident for e in agent.icmp.engines.values())])
+                    e.ident for e in agent.resources.need(IcmpEngines).engines.values())])
                 try:
                     raw.sendto(icmp_reply(with_id, rng.randrange(65536)), ("127.0.0.1", 0))
                     strays += 1

@@ -17,7 +17,8 @@ import pytest
 from agent.collector import SelfStats
 from agent.testing import can_netns, in_netns, netns
 from probes.base import ProbeContext, ProbeResult, Target
-from probes.icmp import IcmpEngine, IcmpEngines, IcmpOptions, _checksum, run
+from probes.icmp import IcmpOptions, run
+from probes.net.icmp import IcmpEngine, IcmpEngines, _checksum
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGEPROBE = [sys.executable, "-m", "agent"]
@@ -30,7 +31,7 @@ async def test_privileged_loopback_no_loss(addr: str) -> None:
     stats = SelfStats()
     engines = IcmpEngines(mode="privileged", counters=stats)
     try:
-        ctx = ProbeContext(icmp=engines)
+        ctx = ProbeContext.with_resources(engines)
         res = await run(Target("lo", addr), IcmpOptions(packets=20, spacing=0.005, timeout=0.5),
                         ctx)
     finally:
@@ -45,9 +46,9 @@ async def test_privileged_loopback_no_loss(addr: str) -> None:
 @needs_root
 async def test_callback_form_delivers_results_and_cancel_abandons() -> None:
     from probes.icmp import start
-    from probes.resolve import Resolver
+    from probes.net.resolve import Resolver
     engines = IcmpEngines(mode="privileged")
-    ctx = ProbeContext(icmp=engines, resolver=Resolver())
+    ctx = ProbeContext.with_resources(engines, Resolver())
     loop = asyncio.get_running_loop()
     results: dict[str, asyncio.Future[object]] = {}
     try:
@@ -91,7 +92,7 @@ async def test_concurrent_pinger_replies_are_stray_not_counted(tool: str) -> Non
         await asyncio.sleep(0.1)
         res = await run(Target("lo", "127.0.0.1"),
                         IcmpOptions(packets=100, spacing=0.005, interval=2.0, timeout=0.5),
-                        ProbeContext(icmp=engines))
+                        ProbeContext.with_resources(engines))
     finally:
         engines.close()
         other.wait(timeout=10)
@@ -126,7 +127,7 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         # Freeze a train in flight against an address that never answers in this test: we
         # feed forged replies straight into the receive path.
         done: list[object] = []
-        from probes.icmp import _Run, _Slot
+        from probes.net.icmp import _Run, _Slot
         payload = eng._payload(56)[0]
         r = _Run(1, int(1e9), done.append, payload, eng)
         eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
@@ -219,7 +220,7 @@ async def test_a_reply_queued_when_its_deadline_fires_is_not_a_loss() -> None:
         loop.remove_reader(eng.sock.fileno())
         done: asyncio.Future[ProbeResult | None] = loop.create_future()
         h = start(Target("lo", "127.0.0.1"), IcmpOptions(packets=1, timeout=0.05),
-                  ProbeContext(icmp=engines), done.set_result)
+                  ProbeContext.with_resources(engines), done.set_result)
         assert h is not None
         res = await asyncio.wait_for(done, 2.0)
     finally:
@@ -235,7 +236,7 @@ async def test_an_engine_closed_under_a_run_abandons_it_without_ending_the_loop(
     would end the scheduler's task for that target."""
     from probes.base import RunAbandoned
     engines = IcmpEngines(mode="privileged")
-    ctx = ProbeContext(icmp=engines)
+    ctx = ProbeContext.with_resources(engines)
     # A train of five over 0.8 s: the engine closes after the first packet.
     t = asyncio.ensure_future(run(Target("lo", "127.0.0.1"),
                                   IcmpOptions(packets=5, spacing=0.2, timeout=1.0), ctx))
@@ -249,7 +250,8 @@ async def test_an_engine_closed_under_a_run_abandons_it_without_ending_the_loop(
 LATE_SEND = r"""
 import asyncio, json, time, uvloop
 from probes.base import ProbeContext, Target
-from probes.icmp import IcmpEngines, IcmpOptions, start
+from probes.icmp import IcmpOptions, start
+from probes.net.icmp import IcmpEngines
 async def main():
     engines = IcmpEngines(mode="privileged")
     loop = asyncio.get_running_loop()
@@ -257,7 +259,7 @@ async def main():
     out = {}
     out["start"] = time.monotonic()
     start(Target("e", "127.0.0.9"), IcmpOptions(packets=2, spacing=0.01, timeout=0.3),
-          ProbeContext(icmp=engines), done.set_result)
+          ProbeContext.with_resources(engines), done.set_result)
     # The loop is busy for 150 ms right after the first packet: the second leaves ~140 ms
     # late, at ~0.15 s instead of 0.01 s.
     loop.call_soon(time.sleep, 0.15)

@@ -22,7 +22,7 @@ import pytest
 from lab.services import ServicesProcess
 from probes import PROBES, connect, dns, http, path, stun, tcp, tls, turn, udp
 from probes.base import ProbeContext, ProbeResult, Target
-from probes.sockopts import Endpoint, ProbeFailed, make_socket
+from probes.net.sockets import Endpoint, ProbeFailed, make_socket
 
 pytestmark = pytest.mark.skipif(
     not (Path("/usr/sbin/dnsmasq").exists() and Path("/usr/bin/turnserver").exists()),

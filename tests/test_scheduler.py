@@ -8,9 +8,9 @@ import itertools
 
 from agent.collector import SelfStats
 from agent.config import Job
-from agent.scheduler import Scheduler, stagger
+from agent.scheduler import Done, Scheduler, stagger
 from agent.testing import FakeClock
-from probes.base import ProbeResult, Target
+from probes.base import ProbeResult, RunHandle, Target
 from probes.icmp import IcmpOptions
 
 
@@ -20,13 +20,23 @@ def job(name: str, interval: float = 1.0, **kw: object) -> Job:
 
 
 class Recorder:
+    """A runner whose kind has only the async form."""
+
+    bounded = False
+
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.starts: dict[str, list[float]] = {}
         self.results: list[tuple[str, ProbeResult]] = []
         self.behaviour: dict[str, str] = {}
 
-    async def call(self, j: Job) -> ProbeResult:
+    def start(self, j: Job, done: Done) -> RunHandle | None:
+        return None
+
+    def self_bounded(self, j: Job) -> bool:
+        return self.bounded
+
+    async def run(self, j: Job) -> ProbeResult:
         self.starts.setdefault(j.target.name, []).append(self.clock.now())
         b = self.behaviour.get(j.target.name)
         if b == "raise":
@@ -41,7 +51,7 @@ class Recorder:
 
 def make(clock: FakeClock) -> tuple[Scheduler, Recorder]:
     rec = Recorder(clock)
-    return Scheduler(call=rec.call, record=rec.record, stats=SelfStats(), clock=clock), rec
+    return Scheduler(rec, stats=SelfStats(), clock=clock), rec
 
 
 async def test_starts_are_staggered_across_the_interval() -> None:
@@ -49,14 +59,15 @@ async def test_starts_are_staggered_across_the_interval() -> None:
     sched, rec = make(clock)
     start = clock.now()
     sched.apply([job(f"t{i}") for i in range(200)])
-    await clock.advance(0.999)
+    await clock.advance(1.0 + sched.slot)
     offsets = sorted(v[0] - start for v in rec.starts.values())
     assert len(offsets) == 200
     # Spread over the interval, not a burst: every tenth of the interval gets some starts.
-    deciles = {int(o * 10) for o in offsets}
+    deciles = {min(int(o * 10), 9) for o in offsets}
     assert deciles == set(range(10))
     for name, first in rec.starts.items():
-        assert abs(first[0] - start - stagger((name, "icmp"))) < 1e-9
+        # The stagger, rounded up to the scheduler's slot grid (ticks of a slot share a timer).
+        assert -1e-9 < first[0] - start - stagger((name, "icmp")) < sched.slot + 1e-9
     await sched.stop(0)
 
 
@@ -121,19 +132,22 @@ async def test_hanging_probe_hits_deadline() -> None:
 
 async def test_apply_diffs_targets() -> None:
     clock = FakeClock()
-    sched, _rec = make(clock)
+    sched, rec = make(clock)
     a, b, c = job("a"), job("b"), job("c")
     sched.apply([a, b])
-    task_a = sched.entries[a.key].task
+    entry_a = sched.entries[a.key]
+    tick_a = entry_a.slot
     added, removed, changed = sched.apply([a, job("b", interval=2.0), c])
     assert [j.target.name for j in added] == ["c"]
     assert removed == []
     assert [j.target.name for j in changed] == ["b"]
-    assert sched.entries[a.key].task is task_a  # unchanged targets keep running untouched
+    # Unchanged targets keep running untouched: the same entry, its tick still armed.
+    assert sched.entries[a.key] is entry_a and entry_a.slot == tick_a is not None
     _, removed, _ = sched.apply([c])
     assert {j.target.name for j in removed} == {"a", "b"}
-    await asyncio.sleep(0)
-    assert task_a is not None and task_a.cancelled()
+    assert entry_a.slot is None                  # its tick is disarmed
+    await clock.advance(2.0)
+    assert "a" not in rec.starts and "b" not in rec.starts
     await sched.stop(0)
     assert sched.task_count == 0
 
@@ -152,12 +166,15 @@ async def test_trigger_runs_once_out_of_band() -> None:
 
 
 async def test_self_bounded_kinds_get_no_extra_deadline_timer() -> None:
-    async def slow(_j: Job) -> ProbeResult:
-        await asyncio.sleep(0.05)
-        return ProbeResult(success=True)
+    class Slow(Recorder):
+        async def run(self, j: Job) -> ProbeResult:
+            await asyncio.sleep(0.05)
+            return ProbeResult(success=True)
 
-    bounded = Scheduler(call=slow, record=lambda j, r: None, self_bounded=lambda j: True)
-    plain = Scheduler(call=slow, record=lambda j, r: None)
+    bounded_runner = Slow(FakeClock())
+    bounded_runner.bounded = True
+    bounded = Scheduler(bounded_runner)
+    plain = Scheduler(Slow(FakeClock()))
     r1 = await bounded._run(job("a"), 0.01)
     r2 = await plain._run(job("a"), 0.01)
     assert r1 is not None and r1.success
@@ -169,11 +186,13 @@ class CallbackRecorder(Recorder):
 
     def __init__(self, clock: FakeClock) -> None:
         super().__init__(clock)
-        self.open: dict[str, list[object]] = {}
+        self.open: dict[str, list[Done]] = {}
         self.cancelled: list[str] = []
         self.async_runs = 0
 
-    def start(self, j: Job, done: object) -> object:
+    bounded = True
+
+    def start(self, j: Job, done: Done) -> RunHandle | None:
         name = j.target.name
         b = self.behaviour.get(name)
         if b == "needs-task":
@@ -182,8 +201,8 @@ class CallbackRecorder(Recorder):
         if b == "raise":
             raise RuntimeError("boom")
         if b == "instant":
-            done(ProbeResult(success=True))  # type: ignore[operator]
-            return object()
+            done(ProbeResult(success=True))
+            return None
         rec = self
 
         class Handle:
@@ -193,22 +212,20 @@ class CallbackRecorder(Recorder):
         self.open.setdefault(name, []).append(done)
         return Handle()
 
-    async def call(self, j: Job) -> ProbeResult:
+    async def run(self, j: Job) -> ProbeResult:
         self.async_runs += 1
         return ProbeResult(success=True)
 
     def finish_all(self) -> None:
         for dones in self.open.values():
             for d in dones:
-                d(ProbeResult(success=True))  # type: ignore[operator]
+                d(ProbeResult(success=True))
         self.open.clear()
 
 
 def make_cb(clock: FakeClock) -> tuple[Scheduler, CallbackRecorder]:
     rec = CallbackRecorder(clock)
-    return Scheduler(call=rec.call, record=rec.record, stats=SelfStats(), clock=clock,
-                     callback_driven=lambda j: True, start=rec.start,  # type: ignore[arg-type]
-                     self_bounded=lambda j: True), rec
+    return Scheduler(rec, stats=SelfStats(), clock=clock), rec
 
 
 async def test_callback_driven_stagger_fixed_rate_and_no_task() -> None:

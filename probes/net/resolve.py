@@ -12,9 +12,11 @@ import functools
 import ipaddress
 import socket
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any, Self
 
-from probes.base import IpFamily
+from probes.base import Counters, IpFamily
 
 
 class ResolveError(Exception):
@@ -63,7 +65,8 @@ class _Entry:
 
 
 class Resolver:
-    """Caches getaddrinfo answers per name for ``ttl`` seconds."""
+    """Caches getaddrinfo answers per name for ``ttl`` seconds (a shared resource: see
+    ``probes.base.Resource``)."""
 
     def __init__(self, ttl: float = 60.0, lookup_timeout: float = 5.0) -> None:
         self.ttl = ttl
@@ -72,6 +75,24 @@ class Resolver:
         self._inflight: dict[str, asyncio.Future[list[tuple[int, str]]]] = {}
         self.lookups = 0
         self.failures = 0
+
+    @classmethod
+    def create(cls, counters: Counters) -> Self:
+        return cls()
+
+    def configure(self, settings: Any, targets: Collection[str]) -> None:
+        """Refresh every ``settings.resolve_interval``; forget the names not in ``targets``."""
+        self.ttl = settings.resolve_interval
+        self.forget(set(targets))
+
+    def open(self) -> None:
+        return None
+
+    def info(self) -> Mapping[str, str]:
+        return {}
+
+    def close(self) -> None:
+        return None
 
     async def _lookup(self, host: str) -> list[tuple[int, str]]:
         loop = asyncio.get_running_loop()

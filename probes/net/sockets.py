@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from probes.base import CommonOptions, ProbeContext
-from probes.resolve import ResolvedAddress, ResolveError, Resolver, literal
+from probes.net.resolve import ResolvedAddress, ResolveError, Resolver, literal
 
 # Reasons the helpers below can produce; kinds include them in their declared vocabulary.
 RESOLVE_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty")
@@ -44,8 +44,8 @@ async def resolve(host: str, opts: CommonOptions, ctx: ProbeContext) -> Endpoint
     try:
         if lit is not None:
             res: ResolvedAddress = await Resolver().resolve(host, opts.ip_family)
-        elif ctx.resolver is not None:
-            res = await ctx.resolver.resolve(host, opts.ip_family)
+        elif (shared := ctx.resources.get(Resolver)) is not None:
+            res = await shared.resolve(host, opts.ip_family)
         else:
             # One-shot use (CLI, tests) without a shared cache: a private resolver, no caching.
             res = await Resolver(ttl=0.0).resolve(host, opts.ip_family)
