@@ -379,6 +379,35 @@ async def test_turn_allocate(lab: dict[str, Any], tmp_path: Path,
 
 # -- path ----------------------------------------------------------------------------------
 
+def test_error_queue_messages_parse_for_both_families() -> None:
+    """The sock_extended_err + offender layout the icmp engine and the path kind both read."""
+    import struct
+    import sys
+
+    from probes.net import errqueue
+
+    def msg(origin: int, itype: int, family: int, addr: bytes) -> bytes:
+        ee = struct.pack("=IBBBBII", 113, origin, itype, 0, 0, 0, 0)   # EHOSTUNREACH
+        fam = family.to_bytes(2, sys.byteorder)
+        if family == socket.AF_INET:
+            return ee + fam + b"\0\0" + addr + bytes(8)
+        return ee + fam + b"\0\0" + bytes(4) + addr + bytes(4)
+
+    v4 = errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR,
+                        msg(errqueue.ORIGIN_ICMP, 11, socket.AF_INET, bytes([192, 0, 2, 1])))
+    assert v4 is not None and v4.offender == "192.0.2.1" and v4.time_exceeded
+    v6 = errqueue.parse(socket.IPPROTO_IPV6, errqueue.IPV6_RECVERR,
+                        msg(errqueue.ORIGIN_ICMP6, 1, socket.AF_INET6,
+                            socket.inet_pton(socket.AF_INET6, "2001:db8::1")))
+    assert v6 is not None and v6.offender == "2001:db8::1" and not v6.time_exceeded
+    assert v6.errno == 113
+    # A local error (origin 1), another message type, or a short one: no ICMP error.
+    assert errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR,
+                          msg(1, 0, socket.AF_INET, bytes(4))) is None
+    assert errqueue.parse(socket.SOL_SOCKET, 35, bytes(32)) is None
+    assert errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR, bytes(8)) is None
+
+
 async def test_path_on_loopback() -> None:
     for addr in (ADDR, "::1"):
         res = await path.run(t(addr), path.PathOptions(max_hops=4, packets=2, timeout=0.5),
