@@ -326,10 +326,11 @@ def _addresses(cfg: Config) -> set[str]:
 def _freeze_heap() -> None:
     """Exempt what is alive now (config, series state: it lives as long as the config) from
     the cyclic garbage collector. Otherwise the full collections that the per-probe churn
-    triggers every few seconds traverse every series' state: ~25 % of the CPU at 10,000
-    series. What an earlier freeze exempted is collected first (unfreeze, collect), so that
-    the state of targets a reload removed cannot stay behind as frozen cycles; a reload is
-    rare enough to pay for one full collection."""
+    triggers every few seconds traverse every series' state, a large share of the CPU with
+    thousands of series (see docs/development/performance.md). What an earlier freeze
+    exempted is collected first (unfreeze, collect), so that the state of targets a reload
+    removed cannot stay behind as frozen cycles; a reload is rare enough to pay for one full
+    collection."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
