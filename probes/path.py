@@ -39,6 +39,7 @@ from probes.net.sockets import (
     make_socket,
     resolve,
 )
+from probes.net.train import wait_answered
 
 _IP_RECVTTL, _IP_TTL = 12, 2               # <linux/in.h>; Python does not export IP_RECVTTL
 _IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", 51)
@@ -174,17 +175,8 @@ async def trace(ep: Endpoint, opts: PathOptions,
                     sock.sendto(b"edgeprobe-path" + bytes(18),
                                 ep.sockaddr(opts.port + k % (MAX_HOPS_LIMIT * 10)))
                 k += 1
-        end = max(p.sent_ns for p in probes) + int(opts.timeout * 1e9)
-        while any(p.rtt is None for p in probes):
-            now = time.perf_counter_ns()
-            if now >= end:
-                break
-            done.clear()
-            try:
-                async with asyncio.timeout((end - now) / 1e9):
-                    await done.wait()
-            except TimeoutError:
-                break
+        await wait_answered(done, lambda: all(p.rtt is not None for p in probes),
+                            max(p.sent_ns for p in probes) + int(opts.timeout * 1e9))
     finally:
         for p in probes:
             loop.remove_reader(p.sock.fileno())

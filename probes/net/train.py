@@ -110,17 +110,24 @@ async def run_train(sock: socket.socket, packets: list[bytes], spacing: float, t
             except OSError:
                 pass  # counted as a loss, like a drop on the wire
         last = max(s for s in sent_ns if s is not None)
-        end = last + timeout_ns
-        while any(r is None for r in rtts):
-            now = time.perf_counter_ns()
-            if now >= end:
-                break
-            changed.clear()
-            try:
-                async with asyncio.timeout((end - now) / 1e9):
-                    await changed.wait()
-            except TimeoutError:
-                break
+        await wait_answered(changed, lambda: all(r is not None for r in rtts),
+                            last + timeout_ns)
     finally:
         loop.remove_reader(sock.fileno())
     return res
+
+
+async def wait_answered(changed: asyncio.Event, answered: Callable[[], bool],
+                        end_ns: int) -> None:
+    """Wait until ``answered()`` holds or ``time.perf_counter_ns()`` reaches ``end_ns`` (the
+    last packet's timeout), checking each time the reader sets ``changed``."""
+    while not answered():
+        now = time.perf_counter_ns()
+        if now >= end_ns:
+            return
+        changed.clear()
+        try:
+            async with asyncio.timeout((end_ns - now) / 1e9):
+                await changed.wait()
+        except TimeoutError:
+            return
