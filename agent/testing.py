@@ -26,44 +26,34 @@ class _FakeTimer:
 
 
 class FakeClock:
-    """A manually advanced clock. ``sleep_until`` parks the caller until ``advance`` passes
-    its time, and ``call_at`` callbacks run when it passes theirs; both in time order."""
+    """A manually advanced clock: ``call_at`` callbacks run, in time order, when ``advance``
+    passes their time."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self.t = start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
+        self._timers: list[tuple[float, int, _FakeTimer]] = []
         self._n = itertools.count()
 
     def call_at(self, when: float, fn: Callable[..., None], *args: Any) -> _FakeTimer:
         h = _FakeTimer(fn, args)
-        heapq.heappush(self._sleepers, (when, next(self._n), h))
+        heapq.heappush(self._timers, (when, next(self._n), h))
         return h
 
     def now(self) -> float:
         return self.t
 
-    async def sleep_until(self, when: float) -> None:
-        if when <= self.t:
-            await asyncio.sleep(0)
-            return
-        fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (when, next(self._n), fut))
-        await fut
-
     async def advance(self, dt: float, step: float | None = None) -> None:
-        """Move time forward by ``dt``, waking sleepers in order and letting them run."""
+        """Move time forward by ``dt``, firing timers in order and letting what they start
+        run."""
         end = self.t + dt
         while True:
             await _settle()
-            if not self._sleepers or self._sleepers[0][0] > end:
+            if not self._timers or self._timers[0][0] > end:
                 break
-            when, _, fut = heapq.heappop(self._sleepers)
+            when, _, timer = heapq.heappop(self._timers)
             self.t = max(self.t, when)
-            if isinstance(fut, _FakeTimer):
-                if not fut.cancelled:
-                    fut.fn(*fut.args)
-            elif not fut.done():
-                fut.set_result(None)
+            if not timer.cancelled:
+                timer.fn(*timer.args)
         self.t = end
         await _settle()
 
