@@ -20,7 +20,7 @@ from probes.base import (
     RunHandle,
     Target,
 )
-from probes.net.icmp import STRAY_REASONS, IcmpEngines, _Run
+from probes.net.icmp import STRAY_REASONS, IcmpEngines, Train
 from probes.net.resolve import ResolveError, Resolver, literal
 
 REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unavailable",
@@ -89,11 +89,11 @@ def start(target: Target, opts: IcmpOptions, ctx: ProbeContext,
         return None
     t0 = time.monotonic()
 
-    def finished(r: _Run) -> None:
+    def finished(r: Train) -> None:
         done(None if r.abandoned else _result(r.rtts, r.ids, r.errors, time.monotonic() - t0))
 
     # resolved.address is already canonical: the engine need not parse it again.
-    return engine._start(resolved.address, opts.packets, opts.spacing, opts.timeout,
+    return engine.start_canonical(resolved.address, opts.packets, opts.spacing, opts.timeout,
                          opts.payload_size, opts.tos, opts.ttl, finished)
 
 

@@ -127,9 +127,9 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         # Freeze a train in flight against an address that never answers in this test: we
         # feed forged replies straight into the receive path.
         done: list[object] = []
-        from probes.net.icmp import _Run, _Slot
+        from probes.net.icmp import Train, _Slot
         payload = eng._payload(56)[0]
-        r = _Run(1, int(1e9), done.append, payload, eng)
+        r = Train(1, int(1e9), done.append, payload, eng)
         eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
         eng._handle(_reply(eng.ident ^ 1, 7, payload), [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload, corrupt=True), [], "127.0.0.9", 1)

@@ -84,7 +84,7 @@ class PingOutcome:
         return out
 
 
-class _Run:
+class Train:
     """One train in flight. ``on_done`` is called once when every packet is settled or the
     train's deadline passed (``abandoned`` when the engine closed under it); never after
     ``cancel``."""
@@ -92,7 +92,7 @@ class _Run:
     __slots__ = ("abandoned", "engine", "error_rtts", "errors", "finished", "ids", "left",
                  "number", "on_done", "payload", "responders", "rtts", "timeout_ns", "timers")
 
-    def __init__(self, n: int, timeout_ns: int, on_done: Callable[[_Run], None],
+    def __init__(self, n: int, timeout_ns: int, on_done: Callable[[Train], None],
                  payload: bytes = b"", engine: IcmpEngine | None = None) -> None:
         self.payload = payload
         self.rtts: list[float | None] = [None] * n
@@ -128,7 +128,7 @@ class _Run:
 class _Slot:
     __slots__ = ("dest", "idx", "run", "t_mono", "t_real")
 
-    def __init__(self, run: _Run, idx: int, dest: str, t_mono: int, t_real: int) -> None:
+    def __init__(self, run: Train, idx: int, dest: str, t_mono: int, t_real: int) -> None:
         self.run = run
         self.idx = idx
         self.dest = dest
@@ -196,7 +196,7 @@ class IcmpEngine:
         # referencing every answered train until its deadline would carry them into the old
         # generation, which each full garbage collection then walks while the loop stalls.
         self._deadlines: list[tuple[float, int]] = []
-        self._unfinished: dict[int, _Run] = {}
+        self._unfinished: dict[int, Train] = {}
         self._deadline_n = 0
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_at = math.inf
@@ -293,7 +293,7 @@ class IcmpEngine:
             self._cmsgs[key] = cmsgs
         return cmsgs
 
-    def _send(self, run: _Run, idx: int, dest: str, psum: int,
+    def _send(self, run: Train, idx: int, dest: str, psum: int,
               cmsgs: list[tuple[int, int, bytes]]) -> None:
         if run.finished:
             return  # the run was abandoned (cancelled) before this packet's turn
@@ -320,22 +320,26 @@ class IcmpEngine:
         run.ids[idx] = seq
 
     def start(self, dest: str, count: int, spacing: float, timeout: float, payload_size: int,
-              tos: int, ttl: int | None, on_done: Callable[[_Run], None]) -> _Run:
+              tos: int, ttl: int | None, on_done: Callable[[Train], None]) -> Train:
         """Send the first of ``count`` echo requests now and the rest ``spacing`` seconds
         apart; ``on_done(run)`` is called (from the event loop, possibly before this returns)
         once every packet has its reply, error or timeout. ``run.cancel()`` abandons it."""
         lit = literal(dest)
         dest = lit.address if lit is not None else dest  # replies name the canonical form
-        return self._start(dest, count, spacing, timeout, payload_size, tos, ttl, on_done)
+        return self.start_canonical(dest, count, spacing, timeout, payload_size, tos, ttl,
+                                    on_done)
 
-    def _start(self, dest: str, count: int, spacing: float, timeout: float, payload_size: int,
-               tos: int, ttl: int | None, on_done: Callable[[_Run], None]) -> _Run:
+    def start_canonical(self, dest: str, count: int, spacing: float, timeout: float,
+                        payload_size: int, tos: int, ttl: int | None,
+                        on_done: Callable[[Train], None]) -> Train:
+        """``start`` for a ``dest`` already in canonical form (as ``literal`` gives it): the
+        callback form of the kind has it at hand, and parsing it again per run costs CPU."""
         loop = self._loop
         if loop is None:
             loop = asyncio.get_running_loop()
             self.attach(loop)
         payload, psum = self._payload(payload_size)
-        run = _Run(count, int(timeout * 1e9), on_done, payload, self)
+        run = Train(count, int(timeout * 1e9), on_done, payload, self)
         cmsgs = self._ancillary(tos, ttl)
         t0 = loop.time()
         self._send(run, 0, dest, psum, cmsgs)
@@ -352,7 +356,7 @@ class IcmpEngine:
         reply or its timeout. Cancelling abandons the train without settling anything."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def finished(run: _Run) -> None:
+        def finished(run: Train) -> None:
             if done.done():
                 return
             if run.abandoned:
@@ -368,7 +372,7 @@ class IcmpEngine:
             run.cancel()
         return PingOutcome(run.rtts, run.ids, run.errors, run.responders, run.error_rtts)
 
-    def _add_deadline(self, run: _Run, when: float) -> None:
+    def _add_deadline(self, run: Train, when: float) -> None:
         self._deadline_n += 1
         run.number = self._deadline_n
         self._unfinished[run.number] = run
@@ -433,7 +437,7 @@ class IcmpEngine:
             # reply is judged by its kernel timestamp against the timeout).
             self._arm(max(heap[0][0], now + DEADLINE_SLOT))
 
-    def _sent_late(self, run: _Run) -> float:
+    def _sent_late(self, run: Train) -> float:
         """The loop time at which the train's last unanswered packet times out, when that is
         still ahead (it was sent late); else 0."""
         last = 0
@@ -449,7 +453,7 @@ class IcmpEngine:
         lead = ends - time.monotonic_ns()
         return self._loop.time() + lead / 1e9 if lead > 0 and self._loop is not None else 0.0
 
-    def _finish(self, run: _Run) -> None:
+    def _finish(self, run: Train) -> None:
         if run.finished:
             return
         run.finished = True
@@ -459,7 +463,7 @@ class IcmpEngine:
             self._expire(run)
         run.on_done(run)
 
-    def _abandon(self, run: _Run) -> None:
+    def _abandon(self, run: Train) -> None:
         if run.finished:
             return
         run.finished = run.abandoned = True
@@ -468,13 +472,13 @@ class IcmpEngine:
         self._expire(run)
 
     @staticmethod
-    def _cancel_timers(run: _Run) -> None:
+    def _cancel_timers(run: Train) -> None:
         if run.timers is not None:
             for h in run.timers:
                 h.cancel()
             run.timers = None
 
-    def _expire(self, run: _Run) -> None:
+    def _expire(self, run: Train) -> None:
         now = time.monotonic_ns()
         expired = self._expired
         for idx, seq in enumerate(run.ids):
