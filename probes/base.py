@@ -222,6 +222,14 @@ class ProbeContext:
         return ctx
 
 
+class Failed(Exception):
+    """A run (or a step of one) ended with ``reason``, a bounded reason of its kind."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RunAbandoned(Exception):
     """Raised by a probe whose machinery went away under it (e.g. the ICMP engine closed by a
     reload that changed ``icmp_mode``). Not a network outcome: the scheduler records nothing

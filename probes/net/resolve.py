@@ -16,15 +16,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
-from probes.base import Counters, IpFamily
+from probes.base import Counters, Failed, IpFamily
 
 
-class ResolveError(Exception):
+class ResolveError(Failed):
     """A name did not resolve. ``reason`` is bounded: resolve_failed or resolve_empty."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

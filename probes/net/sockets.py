@@ -12,19 +12,15 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from probes.base import CommonOptions, ProbeContext
+from probes.base import CommonOptions, Failed, ProbeContext
 from probes.net.resolve import ResolvedAddress, ResolveError, Resolver, literal
 
 # Reasons the helpers below can produce; kinds include them in their declared vocabulary.
 RESOLVE_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty")
 
 
-class ProbeFailed(Exception):
+class ProbeFailed(Failed):
     """Internal control flow: the run ends with this bounded reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
