@@ -1,4 +1,5 @@
-"""Command line: ``edgeprobe run | check-config | probe`` in the Prometheus exporter style."""
+"""Command line: ``edgeprobe run | check-config | probe | route`` in the Prometheus exporter
+style."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from agent.stats import quantile
 
 log = logging.getLogger("edgeprobe")
 DEFAULT_LISTEN = ":9798"
+DEFAULT_ROUTE_LISTEN = ":9799"
 
 
 def _duration(s: str) -> float:
@@ -99,6 +101,20 @@ def _parser() -> argparse.ArgumentParser:
                     default="auto")
     pr.add_argument("--json", action="store_true", help="print JSON with per-packet RTTs")
     log_flags(pr)
+
+    ro = sub.add_parser("route", help="serve the routing map from the central Prometheus",
+                        description="Read the route candidates from the central Prometheus, "
+                                    "keep a stable first choice per region (hysteresis) and "
+                                    "serve the routing map: GET /v1/map, GET /v1/regions/"
+                                    "REGION, /metrics, /-/healthy, /-/ready. See "
+                                    "docs/routing.md.")
+    ro.add_argument("--config.file", dest="config_file", default=None, metavar="PATH",
+                    help="YAML config file (default: every setting at its default)")
+    ro.add_argument("--web.listen-address", dest="listen", default=DEFAULT_ROUTE_LISTEN,
+                    metavar="ADDR", help=f"address to serve on (default {DEFAULT_ROUTE_LISTEN})")
+    ro.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
+                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    log_flags(ro)
     return p
 
 
@@ -113,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.path}: OK ({len(cfg.jobs)} probe series, region {cfg.agent.region})")
         return 0
     logs.setup(args.log_format, args.log_level)
+    if args.command == "route":
+        return uvloop.run(_route(args))
     if args.command == "run":
         # Before the signal handlers of _run are installed, a SIGHUP (the default action
         # kills) is ignored: a reload asked for before the config is read is satisfied by
@@ -218,6 +236,45 @@ class HupReloads:
         if self.pending:
             self.pending = False
             self.request()
+
+
+async def _route(args: argparse.Namespace) -> int:
+    from agent.route import settings
+    from agent.route.server import build_app as build_route_app
+    from agent.route.service import RouteService
+    from agent.web import serve
+    from agent.webconfig import WebConfigError, WebGuard
+
+    try:
+        cfg = settings.load(args.config_file) if args.config_file else settings.RouteConfig()
+    except ConfigError as e:
+        log.error("invalid config", extra={"error": str(e)})
+        print(f"edgeprobe: config error: {e}", file=sys.stderr)
+        return 1
+    try:
+        guard = WebGuard(args.web_config_file)
+    except WebConfigError as e:
+        log.error("invalid web config", extra={"error": str(e)})
+        print(f"edgeprobe: web config error: {e}", file=sys.stderr)
+        return 1
+    svc = RouteService(cfg)
+    svc.load_state()            # served before the first query completes
+    app = build_route_app(svc, middlewares=guard.middlewares())
+    try:
+        runner = await serve(app, args.listen, ssl_context=guard.ssl_context)
+    except (OSError, ValueError) as e:
+        print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("route started", extra={"prometheus": cfg.prometheus.url,
+                                     "state_file": cfg.map.state_file})
+    await svc.run(stop)
+    log.info("shutting down")
+    await runner.cleanup()
+    return 0
 
 
 async def _watch(agent: Any, path: Path, period: float = 2.0) -> None:
