@@ -46,6 +46,7 @@ PROM_DIR = ROOT / "deploy" / "prometheus"
 AM_FILE = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 LOOPBACK_CONFIG = ROOT / "examples" / "loopback.yaml"
 CENTRAL_PORT = 9090
+ROUTE_PORT = 9799
 ALERTMANAGER_PORT = 9093
 AGENT_PORT = 9798
 PR_SET_PDEATHSIG = 1
@@ -259,11 +260,17 @@ class Timing:
     scrape_timeout: str | None = None
     evaluation_interval: str | None = None
     remote_write_queue: Mapping[str, str] = field(default_factory=dict)
+    # edgeprobe route's query interval and hold time (docs/routing.md); None: its defaults.
+    route_interval: str | None = None
+    route_hold: str | None = None
 
 
 PRODUCTION = Timing()
-# The main job: 5 s instead of 15 s, so the first best edges show within a minute.
-DEMO = Timing(scrape_interval="5s", evaluation_interval="5s")
+# The main job: 5 s instead of 15 s, so the first best edges show within a minute; a 1-minute
+# hold instead of 5, so a restored edge wins its region back while one watches.
+DEMO = Timing(scrape_interval="5s", evaluation_interval="5s", route_interval="5s",
+              route_hold="1m")
+ROUTE_JOB = "edgeprobe-route"
 
 
 def _apply_timing(cfg: dict[str, Any], timing: Timing) -> None:
@@ -281,14 +288,25 @@ def _alerting(cfg: dict[str, Any], alertmanager: str | None) -> None:
         cfg["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager]}]
 
 
+def _scrape_route(cfg: dict[str, Any], route: str | None) -> None:
+    """Point the route job (``edgeprobe-route``) at ``route``: the central Prometheus scrapes
+    the route service, whose decision region:edgeprobe_best_edge:info records."""
+    jobs = [j for j in cfg["scrape_configs"] if j.get("job_name") != ROUTE_JOB]
+    if route is not None:
+        jobs.append({"job_name": ROUTE_JOB, "static_configs": [{"targets": [route]}]})
+    cfg["scrape_configs"] = jobs
+
+
 def central_config(path: Path, rules_dir: Path, self_addr: str, timing: Timing,
-                   alertmanager: str | None = None) -> Path:
-    """deploy/prometheus/central.yml with the rules of ``rules_dir`` and this address."""
+                   alertmanager: str | None = None, route: str | None = None) -> Path:
+    """deploy/prometheus/central.yml with the rules of ``rules_dir``, this address and the
+    route service at ``route`` (host:port)."""
     cfg = yaml.safe_load((PROM_DIR / "central.yml").read_text())
     _apply_timing(cfg, timing)
     cfg["rule_files"] = [str(rules_dir / "*.yml")]
     _alerting(cfg, alertmanager)
     cfg["scrape_configs"][0]["static_configs"] = [{"targets": [self_addr]}]
+    _scrape_route(cfg, route)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -310,13 +328,14 @@ def regional_config(path: Path, region: str, agents: Sequence[str], write_url: s
 
 
 def single_config(path: Path, rules_dir: Path, agents: Sequence[str], timing: Timing,
-                  alertmanager: str | None = None) -> Path:
+                  alertmanager: str | None = None, route: str | None = None) -> Path:
     """deploy/prometheus/prometheus.yml (one server scrapes the agents and holds the rules)."""
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     _apply_timing(cfg, timing)
     cfg["rule_files"] = [str(rules_dir / "*.yml")]
     _alerting(cfg, alertmanager)
     cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
+    _scrape_route(cfg, route)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -333,12 +352,12 @@ def alertmanager_config(path: Path) -> Path:
 
 def start_central(procs: Procs, workdir: Path, rules_dir: Path, timing: Timing,
                   port: int | None = None, alertmanager: str | None = None,
-                  name: str = "prometheus-central") -> PromAPI:
-    """A central Prometheus (remote-write receiver, rules) on 127.0.0.1, storage under
-    ``workdir``; returns once it is ready."""
+                  name: str = "prometheus-central", route: str | None = None) -> PromAPI:
+    """A central Prometheus (remote-write receiver, rules; scraping the route service at
+    ``route`` if given) on 127.0.0.1, storage under ``workdir``; returns once it is ready."""
     port = port or free_port()
     cfg = central_config(workdir / "central.yml", rules_dir, f"127.0.0.1:{port}", timing,
-                         alertmanager)
+                         alertmanager, route)
     procs.start(name, [
         "prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'central-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver",
@@ -364,17 +383,103 @@ def start_regional(procs: Procs, workdir: Path, region: str, agents: Sequence[st
 
 @contextlib.contextmanager
 def two_tier(procs: Procs, workdir: Path, regions: Mapping[str, Sequence[str]],
-             rules_dir: Path, timing: Timing) -> Iterator[PromAPI]:
-    """A central Prometheus with the rules and one agent-mode Prometheus per region, on free
-    loopback ports with storage under ``workdir``. ``regions``: region → agent host:port."""
-    api = start_central(procs, workdir, rules_dir, timing)
+             rules_dir: Path, timing: Timing) -> Iterator[tuple[PromAPI, RouteAPI]]:
+    """A central Prometheus with the rules, one agent-mode Prometheus per region and the route
+    service (scraped by the central one), on free loopback ports with storage under
+    ``workdir``. ``regions``: region → agent host:port."""
+    route_port = free_port()
+    api = start_central(procs, workdir, rules_dir, timing, route=f"127.0.0.1:{route_port}")
     for region, agents in regions.items():
         start_regional(procs, workdir, region, agents, api, timing)
-    yield api
+    yield api, start_route(procs, workdir, api, timing, route_port)
+
+
+# -- edgeprobe route ------------------------------------------------------------------------------
+@dataclass
+class RouteAPI:
+    """The route service's HTTP API (docs/routing.md)."""
+
+    base: str
+
+    def map(self) -> dict[str, Any] | None:
+        """The map, or None while there is none (503) or the service does not answer."""
+        try:
+            with urllib.request.urlopen(self.base + "/v1/map", timeout=5) as r:
+                doc: dict[str, Any] = json.load(r)
+                return doc
+        except (OSError, ValueError):
+            return None
+
+    def best(self) -> dict[str, str]:
+        doc = self.map() or {}
+        return {r: v["best"] for r, v in doc.get("regions", {}).items()}
+
+
+def route_config(path: Path, prometheus: PromAPI, workdir: Path, timing: Timing,
+                 **policy: Any) -> Path:
+    """The route service's config: this Prometheus, state under ``workdir``, the timing's
+    query interval and hold, and any other ``policy`` settings."""
+    cfg: dict[str, Any] = {"prometheus": {"url": prometheus.base}, "policy": dict(policy),
+                           "map": {"state_file": str(workdir / "route-state" / "map.json"),
+                                   "output_file": str(workdir / "route-out" / "map.json")}}
+    if timing.route_interval is not None:
+        cfg["prometheus"]["interval"] = timing.route_interval
+    if timing.route_hold is not None:
+        cfg["policy"].setdefault("hold", timing.route_hold)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def start_route(procs: Procs, workdir: Path, prometheus: PromAPI, timing: Timing,
+                port: int | None = None, name: str = "edgeprobe-route",
+                **policy: Any) -> RouteAPI:
+    """``edgeprobe route`` on 127.0.0.1 against ``prometheus``; returns once it is healthy
+    (its map may still be empty: /v1/map answers 503 until the first decision)."""
+    port = port or free_port()
+    cfg = route_config(workdir / "route.yml", prometheus, workdir, timing, **policy)
+    procs.start(name, [sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
+                       f"--web.listen-address=127.0.0.1:{port}"], cwd=ROOT)
+    api = RouteAPI(f"http://127.0.0.1:{port}")
+    wait_for("edgeprobe route healthy", partial(http_ok, api.base + "/-/healthy"), 30,
+             interval=0.2, procs=procs)
+    return api
 
 
 def alertmanager_binary() -> str | None:
     return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+@dataclass(frozen=True)
+class MapView:
+    """What the main job prints of a map: per region the (edge, eligible, reason) list."""
+
+    regions: tuple[tuple[str, tuple[tuple[str, bool, str], ...]], ...] = ()
+    stale: bool = False
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> MapView:
+        return cls(tuple((r, tuple((e["edge"], e["eligible"], e["reason"])
+                                   for e in v["edges"]))
+                         for r, v in sorted(doc["regions"].items())), bool(doc["stale"]))
+
+    @property
+    def best(self) -> dict[str, str]:
+        return {r: edges[0][0] for r, edges in self.regions if edges}
+
+
+def render_map(doc: Mapping[str, Any], was: Mapping[str, str]) -> list[str]:
+    """One line per region: the ordered edges with eligibility (reason) and RTT p95."""
+    lines = []
+    for region, r in sorted(doc["regions"].items()):
+        parts = []
+        for e in r["edges"]:
+            rtt = e["score"].get("rtt_p95_ms")
+            parts.append(f"{e['edge']} {'ok' if e['eligible'] else e['reason'].upper()}"
+                         + (f" {rtt:g} ms" if rtt is not None else ""))
+        prev = was.get(region)
+        note = f"   (was {prev})" if prev is not None and prev != r["best"] else ""
+        lines.append(f"  {region:12} " + "  >  ".join(parts) + note)
+    return lines
 
 
 # -- the main job -----------------------------------------------------------------------------
@@ -403,6 +508,7 @@ class Supervisor:
         self.procs = Procs(self.logs, supervised=True)
         self.world: Any = None
         self.central: PromAPI | None = None
+        self.route: RouteAPI | None = None
         self.t0 = time.monotonic()
 
     # -- bring-up ---------------------------------------------------------------------------
@@ -460,13 +566,17 @@ class Supervisor:
                      30, procs=self.procs)
         am = self._alertmanager()
         port = port_or_free(self.want_central_port)
+        route_port = port_or_free(ROUTE_PORT)
         self.central = start_central(self.procs, self.prom_dir, PROM_DIR / "rules",
-                                     self.timing, port=port, alertmanager=am)
+                                     self.timing, port=port, alertmanager=am,
+                                     route=f"127.0.0.1:{route_port}")
         regional = {r: start_regional(self.procs, self.prom_dir, r, [a], self.central,
                                       self.timing) for r, a in agents.items()}
         for r, p in regional.items():
             wait_for(f"regional Prometheus {r} ready",
                      partial(http_ok, f"http://127.0.0.1:{p}/-/ready"), 30, procs=self.procs)
+        self.route = start_route(self.procs, self.prom_dir, self.central, self.timing,
+                                 route_port)
         self.say(self._lab_help(st.run_id, agents, regional, am))
         self.watch(len(agents))
 
@@ -488,14 +598,17 @@ class Supervisor:
             return
         am = self._alertmanager()
         port = port_or_free(self.want_central_port)
+        route_port = port_or_free(ROUTE_PORT)
         cfg = single_config(self.prom_dir / "prometheus.yml", PROM_DIR / "rules", [agent],
-                            self.timing, am)
+                            self.timing, am, route=f"127.0.0.1:{route_port}")
         self.procs.start("prometheus", [
             "prometheus", f"--config.file={cfg}",
             f"--storage.tsdb.path={self.prom_dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
         self.central = PromAPI(f"http://127.0.0.1:{port}")
         wait_for("Prometheus ready", self.central.ready, 30, procs=self.procs)
+        self.route = start_route(self.procs, self.prom_dir, self.central, self.timing,
+                                 route_port)
         lines += [f"Prometheus (single server, deploy/prometheus/prometheus.yml, with the rules)"
                   f": {self.central.base}", *self._prom_help(am)]
         self.say("\n".join([*lines, "Ctrl-C stops everything."]))
@@ -524,6 +637,11 @@ class Supervisor:
         out += [f"  {timing}; rules as shipped:",
                 "  best edges in ~30 s, the fast-burn pages after ~5 min, the other alerts after "
                 "6-35 min."]
+        if self.route is not None:
+            hold = t.route_hold or "5m"
+            out += [f"Routing map (edgeprobe route, docs/routing.md): {self.route.base}/v1/map",
+                    f"  a degraded first choice is replaced at once; a better (or restored) edge "
+                    f"takes over after a {hold} hold"]
         if am:
             out.append(f"Alertmanager (deploy/alertmanager routing; its receivers send nowhere): "
                        f"http://{am}")
@@ -566,39 +684,43 @@ class Supervisor:
         return "\n".join(lines)
 
     def watch(self, regions: int) -> None:
-        """Until a signal: check the children, and report the best edges and firing alerts
-        from the central server whenever they change (never the same line twice)."""
-        shown_best: dict[str, str] = {}
+        """Until a signal: check the children, and report the routing map and the firing
+        alerts whenever they change (never the same line twice)."""
+        shown_map: MapView = MapView()
         shown_alerts: set[tuple[str, str, str]] = set()
         while True:
             self.procs.check_alive()
+            if self.route is not None:
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    shown_map = self._report_map(shown_map, regions)
             if self.central is not None:
                 with contextlib.suppress(OSError, ValueError, AssertionError, KeyError):
-                    shown_best = self._report_best(shown_best, regions)
                     shown_alerts = self._report_alerts(shown_alerts)
             time.sleep(2)
 
     def _stamp(self) -> str:
         return f"[+{time.monotonic() - self.t0:4.0f}s]"
 
-    def _report_best(self, shown: dict[str, str], regions: int) -> dict[str, str]:
-        assert self.central is not None
-        best = self.central.best_edges()
-        if best == shown or len(best) < regions:
+    def _report_map(self, shown: MapView, regions: int) -> MapView:
+        """Print the map when its decision (per region: the order, eligibility and reasons)
+        or its staleness changes; scores alone do not reprint it."""
+        assert self.route is not None
+        doc = self.route.map()
+        if doc is None:
             return shown
-        ratio = {(s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
-                 for s in self.central.query(
-                     "region_edge:edgeprobe_connect_within_budget:ratio_rate5m")}
-        p95 = {(s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
-               for s in self.central.query("region_edge:edgeprobe_rtt_seconds:p95_5m")}
-        self.say(f"{self._stamp()} best edge per region (central Prometheus):")
-        for region, edge in sorted(best.items()):
-            r = ratio.get((region, edge), float("nan"))
-            p = p95.get((region, edge), float("nan")) * 1e3
-            was = f"  (was {shown[region]})" if shown.get(region, edge) != edge else ""
-            self.say(f"  {region:12} {edge:8} {100 * r:5.1f} % of connects within 600 ms, "
-                     f"RTT p95 {p:.1f} ms{was}")
-        return best
+        view = MapView.of(doc)
+        if view == shown or len(view.regions) < regions:
+            return shown
+        if view.regions == shown.regions:
+            what = ("STALE (edgeprobe route cannot query Prometheus; it keeps serving the "
+                    "last good map)") if view.stale else "fresh again"
+            self.say(f"{self._stamp()} routing map is {what}")
+            return view
+        self.say(f"{self._stamp()} routing map (edgeprobe route): best edge per region, then "
+                 f"the fallbacks{' [STALE]' if view.stale else ''}")
+        for line in render_map(doc, shown.best):
+            self.say(line)
+        return view
 
     def _report_alerts(self, shown: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         assert self.central is not None
@@ -613,8 +735,8 @@ class Supervisor:
     # -- teardown -----------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop everything, each step bounded; remove the state but keep the logs."""
-        self.procs.stop_tiers([["prometheus-agent-"], ["prometheus", "alertmanager"],
-                               ["agent-"]])
+        self.procs.stop_tiers([["prometheus-agent-"], ["edgeprobe-route"],
+                               ["prometheus", "alertmanager"], ["agent-"]])
         from lab.topology import iter_states, teardown
         if self.world is not None:
             self.world.down()

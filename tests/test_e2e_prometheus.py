@@ -5,7 +5,8 @@ Two tests share one harness:
 
 * ``test_two_tier_loopback``: one agent per region on loopback (no lab), two regions, one of
   which is configured so that every edge misses the budget (a fixed connect cost above it).
-  Proves the pipeline: external labels, remote write, rules, alerts.
+  Proves the pipeline: external labels, remote write, rules, alerts, and the route service's
+  decision coming back as region:edgeprobe_best_edge:info.
 * ``test_two_tier_lab``: the WAN lab with three regions, one agent inside each region's
   namespace; budget alerts for exactly the edges the lab made bad, the best edge per region,
   a degradation mid-test that moves the best edge and fires the alerts; then every Grafana
@@ -14,7 +15,8 @@ Two tests share one harness:
 The test-only overlay (``overlay_rules``, ``regional_config``, ``central_config``) starts from
 the shipped files in deploy/prometheus/ and changes only timings: 1 s scrape and evaluation
 intervals, `for:` clauses capped at 5 s and the best-edge-changed look-back (``offset 10m``)
-cut to 20 s, so that minutes of production behaviour fit in one minute. The expressions and
+cut to 20 s, and edgeprobe route querying every second with a 5 s hold, so that minutes of
+production behaviour fit in one minute. The expressions and
 windows themselves are the shipped ones: with a few minutes of history, every rate window
 simply covers all of it.
 """
@@ -39,7 +41,7 @@ import yaml
 
 # The process harness and the central server's API are shared with `make run`.
 from lab import stack
-from lab.stack import Procs, PromAPI, Timing, free_port, wait_for
+from lab.stack import Procs, PromAPI, RouteAPI, Timing, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -84,10 +86,12 @@ def overlay_rules(dst: Path) -> Path:
     return dst
 
 
-# 1 s scrape and evaluation intervals; a remote-write queue that retries within a second.
+# 1 s scrape and evaluation intervals; a remote-write queue that retries within a second; the
+# route service queries every second and holds a challenger 5 s.
 TEST_TIMING = Timing(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s",
                      remote_write_queue={"batch_send_deadline": "500ms", "min_backoff": "100ms",
-                                         "max_backoff": "1s"})
+                                         "max_backoff": "1s"},
+                     route_interval="1s", route_hold="5s")
 
 
 def central_config(path: Path, rules_dir: Path, self_port: int) -> Path:
@@ -101,11 +105,13 @@ def regional_config(path: Path, region: str, agents: Sequence[str], central_port
 
 
 @contextlib.contextmanager
-def two_tier(procs: Procs, tmp: Path, regions: Mapping[str, Sequence[str]]) -> Iterator[PromAPI]:
-    """A central Prometheus with the overlaid rules and one agent-mode Prometheus per region,
-    on free loopback ports with temporary storage. ``regions``: region → agent host:port list."""
-    with stack.two_tier(procs, tmp, regions, overlay_rules(tmp / "rules"), TEST_TIMING) as api:
-        yield api
+def two_tier(procs: Procs, tmp: Path, regions: Mapping[str, Sequence[str]]
+             ) -> Iterator[tuple[PromAPI, RouteAPI]]:
+    """A central Prometheus with the overlaid rules, one agent-mode Prometheus per region and
+    edgeprobe route (whose decision is region:edgeprobe_best_edge:info), on free loopback ports
+    with temporary storage. ``regions``: region → agent host:port list."""
+    with stack.two_tier(procs, tmp, regions, overlay_rules(tmp / "rules"), TEST_TIMING) as apis:
+        yield apis
 
 
 def agent_config(path: Path, region: str, targets: Mapping[str, str],
@@ -197,7 +203,7 @@ def test_two_tier_loopback(tmp_path: Path) -> None:
             procs.start(f"edgeprobe-{region}", [*edgeprobe_argv(), "run",
                         f"--config.file={cfg}", f"--web.listen-address=127.0.0.1:{port}"])
             agents[region] = [f"127.0.0.1:{port}"]
-        with two_tier(procs, tmp_path, agents) as api:
+        with two_tier(procs, tmp_path, agents) as (api, route):
             # External labels: `up` (which the agent does not label) arrives with its region.
             wait_for("up from both regions", lambda: {
                 s["metric"].get("region") for s in api.query('up{job="edgeprobe"} == 1')}
@@ -209,6 +215,16 @@ def test_two_tier_loopback(tmp_path: Path) -> None:
             best = wait_for("a best edge per region",
                             lambda: (b if len(b := api.best_edges()) == 2 else None), 30)
             assert set(best) == {"lo-good", "lo-bad"}
+            # The Prometheus-side best edge is the route's decision. In lo-bad no edge is
+            # eligible: the map still lists them (never an empty region), over budget.
+            assert wait_for("the map = region:edgeprobe_best_edge:info", lambda: (
+                route.best() == api.best_edges()), 15, procs=procs)
+            doc = route.map()
+            assert doc is not None and not doc["stale"]
+            assert {(e["edge"], e["eligible"], e["reason"]) for e in
+                    doc["regions"]["lo-bad"]["edges"]} == {("lo-a", False, "over_budget"),
+                                                           ("lo-b", False, "over_budget")}
+            assert all(e["eligible"] for e in doc["regions"]["lo-good"]["edges"])
             ratio = {s["metric"]["edge"]: float(s["value"][1]) for s in api.query(
                 'region_edge:edgeprobe_connect_within_budget:ratio_rate5m{region="lo-good"}')}
             assert ratio == {"lo-a": 1.0, "lo-b": 1.0}
@@ -318,7 +334,7 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                     f"--web.listen-address={info.mgmt_addr}:{port}"]),
                     env={**os.environ, "PYTHONPATH": str(ROOT)})
                 agents[region] = [f"{info.mgmt_addr}:{port}"]
-            with two_tier(procs, tmp_path, agents) as api:
+            with two_tier(procs, tmp_path, agents) as (api, route):
                 # 1. Budget alerts for exactly the bad edges. Wait for all of them, then give
                 # the good edges the same time again: none of them may have fired by then.
                 t0 = time.monotonic()
@@ -341,9 +357,11 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                            for a in api.alerts("pending") if a["labels"]["alertname"] in paging}
                 assert pending & good == set(), f"pending budget alerts for good edges: {pending}"
 
-                # 2. The best edge per region is the lab's best.
+                # 2. The best edge per region is the lab's best, in the route's map and
+                # (relayed by the rules) in Prometheus.
                 assert wait_for("best edges as the lab made them",
                                 lambda: api.best_edges() == best, 30, procs=procs)
+                assert route.best() == best
 
                 # 3. Degrade the best edge of one region: the best edge moves to the next one,
                 # the change alert fires, and the budget alerts fire for the degraded edge.

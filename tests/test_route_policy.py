@@ -2,9 +2,10 @@
 
 The property tests simulate what the recording rules feed the policy: one connect per edge
 every 10 s (the lab's connect cadence), each missing the budget with a fixed probability; the
-miss UCB is the Wilson upper bound (z = 1.645) of the misses among the last 180 connects (a
-30-minute window); the RTT p95 is the 95th percentile of the window's RTT samples, drawn
-around a fixed mean with jitter. The policy runs every 15 s (the default query interval).
+miss UCB is the Wilson upper bound (z = 1.645, the rules' z_rank) of the misses among the
+last 360 connects (the rules' 1-hour window); the RTT p95 is the 95th percentile of the
+window's RTT samples, drawn around a fixed mean with jitter. The policy runs every 15 s (the
+default query interval).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from agent.route.settings import PolicySection
 
 P = PolicySection()
 Z = 1.645
-WINDOW = 180          # connects in the 30-minute window at one per 10 s
+WINDOW = 360          # connects in the rules' 1-hour window at one per 10 s
 CONNECT_EVERY = 10.0
 QUERY_EVERY = 15.0
 DAY = 86400.0

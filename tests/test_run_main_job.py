@@ -2,11 +2,14 @@
 operator runs it, minus the package installation.
 
 * ``test_main_job_lab`` (root): the lab, an agent per region, a regional agent-mode
-  Prometheus per region and the central Prometheus come up; the central one gets the best
-  edge of all three regions through the regional tier; SIGINT stops everything within 20 s and
-  leaves no namespace, link, process or state behind (only ``logs/``).
+  Prometheus per region, the central Prometheus and edgeprobe route come up; the route's map
+  holds all three regions and the central server gets the route's decision back as the best
+  edge of each region (through the regional tier and the route's scrape); the script prints
+  the map; SIGINT stops everything within 20 s and leaves no namespace, link, process or state
+  behind (only ``logs/``).
 * ``test_main_job_loopback``: the fallback (``EDGEPROBE_LAB=0``, as without root) serves
-  /metrics, and its single Prometheus scrapes it; SIGTERM stops it cleanly.
+  /metrics, its single Prometheus scrapes it and the route service serves a map of its one
+  region; SIGTERM stops it cleanly.
 
 Every wait is bounded; the state goes to a temporary directory (``EDGEPROBE_RUN_DIR``), so a
 `make run` of the developer's in run/ is never touched.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.stack import PromAPI, http_ok, wait_for
+from lab.stack import PromAPI, RouteAPI, http_ok, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_SH = ROOT / "scripts" / "run.sh"
@@ -159,19 +162,25 @@ def test_main_job_lab(tmp_path: Path, main_job_factory: list[MainJob]) -> None:
     assert api.ready()
     # Through the regional tier: `up` carries the region only via each regional server's
     # external label, and the best edge needs the agents' series remote-written.
-    best = wait_for("the best edge of all three regions on the central Prometheus", lambda: (
+    wait_for("the best edge of all three regions on the central Prometheus", lambda: (
         b if set(b := api.best_edges()) == LAB_REGIONS else None), 90)
     up = {s["metric"].get("region") for s in api.query('up{job="edgeprobe"} == 1')}
     assert up == LAB_REGIONS
-    # The script reports what the central server holds.
-    job.printed(r"best edge per region", 20)
-    for region, edge in best.items():
-        assert re.search(rf"{region}\s+\S+", job.text()), (region, edge)
+    # The route service's map: every region, and the same decision as Prometheus holds.
+    route = RouteAPI(job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map",
+                                 20).group(1))
+    wait_for("the map = region:edgeprobe_best_edge:info", lambda: (
+        set(route.best()) == LAB_REGIONS and route.best() == api.best_edges()), 30)
+    # The script prints the map: per region the ordered edges with eligibility.
+    job.printed(r"routing map \(edgeprobe route\)", 30)
+    for region in LAB_REGIONS:
+        job.printed(rf"\n  {region}\s+\S+ (ok|[A-Z_]+)", 10)
     started = job.descendants()
     procs = job.processes()
     n_prom = sum("prometheus" in c and "--config.file" in c for c in procs.values())
     n_agents = sum(" -m agent run" in c for c in procs.values())
-    assert n_prom >= 4 and n_agents == 3, procs
+    n_route = sum(" -m agent route" in c for c in procs.values())
+    assert n_prom >= 4 and n_agents == 3 and n_route == 1, procs
 
     code, took = job.stop(signal.SIGINT, 20)
     assert code == 128 + signal.SIGINT, job.text()
@@ -199,6 +208,10 @@ def test_main_job_loopback(tmp_path: Path, main_job_factory: list[MainJob]) -> N
         # One demo scrape interval (5 s) plus start-up.
         wait_for("the single Prometheus to scrape the agent", lambda: api.query(
             'up{job="edgeprobe"} == 1'), 30)
+        route = RouteAPI(job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map",
+                                     30).group(1))
+        wait_for("a routing map of the loopback region", lambda: set(route.best()) == {
+            "local-loopback"}, 60)
     started = job.descendants()
     assert len(started) >= 1 + (shutil.which("prometheus") is not None)
     code, took = job.stop(signal.SIGTERM, 20)
