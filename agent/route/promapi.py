@@ -21,10 +21,10 @@ import aiohttp
 # The window of the route candidates in the recording rules (group edgeprobe-route-candidates
 # in deploy/prometheus/rules/edgeprobe-recording.yml); tests/test_route_service.py checks that
 # every name below is recorded by a rule there.
-WINDOW = "30m"
+WINDOW = "1h"
 CONNECTS = f"region_edge:edgeprobe_route_connects:increase{WINDOW}"
 MISS_UCB = f"region_edge:edgeprobe_route_miss_ucb:ratio{WINDOW}"
-RTT_P95 = f"region_edge:edgeprobe_route_rtt_seconds:p95{WINDOW}"
+RTT_P95 = f"region_edge:edgeprobe_route_rtt_seconds:p95_{WINDOW}"
 ELIGIBLE = "region_edge:edgeprobe_route_eligible:info"
 SERIES = (ELIGIBLE, MISS_UCB, RTT_P95, CONNECTS)
 
