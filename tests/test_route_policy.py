@@ -322,3 +322,32 @@ def test_without_hysteresis_the_same_data_switches() -> None:
     loose = PolicySection(ucb_band=0.005, ucb_margin_bands=1, rtt_margin=0.0,
                           rtt_margin_min=0.0, hold=0.0)
     assert count_false_switches(1, 12, loose) > 0
+
+
+def test_chosen_while_nothing_eligible_gives_way_at_once() -> None:
+    """The first query saw no eligibility series yet (rules younger than the data): the
+    first choice then was arbitrary, and the first eligible ranking replaces it at once."""
+    young = {"bom-1": obs(0.0, None, eligible=None, reason=NO_DATA),
+             "dxb-1": obs(0.0, None, eligible=None, reason=NO_DATA)}
+    s, ch = decide("ae-dubai", None, young, 0.0, P)
+    assert s is not None and s.incumbent == "bom-1"          # by name: nothing to go by
+    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.035), "dxb-1": obs(0.0, 0.003)}, 15.0,
+                   P)
+    assert ch is not None and ch.new == "dxb-1" and ch.reason == "incumbent_ineligible"
+    # From now on dxb-1 is a real incumbent: bom-1 does not come back without the hold.
+    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.001), "dxb-1": obs(0.0, 0.003)}, 30.0,
+                   P)
+    assert ch is None and s is not None and s.incumbent == "dxb-1"
+
+
+def test_incumbent_without_a_score_gives_way_at_once() -> None:
+    """A young series: the first decision had no RTT p95 for the better edge."""
+    s, ch = decide("r", None, {"a": obs(0.0, None), "b": obs(0.0, 0.035)}, 0.0, P)
+    assert s is not None and s.incumbent == "b"
+    s, ch = decide("r", s, {"a": obs(0.0, 0.003), "b": obs(0.0, 0.035)}, 15.0, P)
+    assert ch is None                  # b has its scores: a is an ordinary challenger
+    s2, ch = decide("r", None, {"a": obs(0.0, 0.003), "b": obs(0.0, None)}, 0.0, P)
+    assert s2 is not None and s2.incumbent == "a"
+    s3, _ = decide("r", None, {"b": obs(0.0, None)}, 0.0, P)
+    s3, ch = decide("r", s3, {"a": obs(0.0, 0.003), "b": obs(0.0, None)}, 15.0, P)
+    assert ch is not None and ch.new == "a" and ch.reason == "incumbent_no_data"

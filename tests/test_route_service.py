@@ -430,3 +430,33 @@ def test_docs_client_example(stack: Stack, candidates: tuple[Candidates, str]) -
     # First fetch 200 and the first eligible edge; the second a 304 from the cached ETag.
     assert lines[0] == "fetched map (200); id-jakarta -> sin-1 (fallbacks: hkg-1, cgk-1)", lines
     assert lines[1] == "not modified (304); id-jakarta -> sin-1 (fallbacks: hkg-1, cgk-1)", lines
+
+
+def test_web_config_basic_auth(tmp_path: Path) -> None:
+    """--web.config.file guards the route's API as it guards the agent's (same WebGuard)."""
+    import base64
+
+    import bcrypt
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump({"basic_auth_users": {
+        "signalling": bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()}}))
+    cfg = tmp_path / "route.yml"
+    cfg.write_text(yaml.safe_dump({
+        "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "interval": "1s"},
+        "map": {"state_file": str(tmp_path / "map.json")}}))
+    port = free_port()
+    procs = Procs(tmp_path)
+    try:
+        procs.start("route", [sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
+                              f"--web.listen-address=127.0.0.1:{port}",
+                              f"--web.config.file={web}"], cwd=ROOT)
+        base = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": "Basic " + base64.b64encode(b"signalling:s3cret").decode()}
+        wait_for("healthy", lambda: _get(base + "/-/healthy", auth)[0] == 200, 20,
+                 interval=0.1, procs=procs)
+        assert _get(base + "/v1/map")[0] == 401
+        assert _get(base + "/metrics")[0] == 401
+        assert _get(base + "/v1/map", auth)[0] == 503          # authorized; no map yet
+        assert _get(base + "/metrics", auth)[0] == 200
+    finally:
+        procs.stop_all()

@@ -9,8 +9,9 @@ reason. Here:
   inside a band are sampling noise and never outrank RTT.
 * Hysteresis of the first choice (the incumbent). A challenger replaces it only when it is
   significantly better (``beats``) without a break for ``hold``. An incumbent that is
-  ineligible, has no data or whose agent is down is replaced at once by the best eligible
-  edge. Fail fast, recover slowly.
+  ineligible, has no data (or lacks a score the best eligible edge has) or whose agent is
+  down is replaced at once by the best eligible edge; so is one that was chosen while no edge
+  was eligible. Fail fast, recover slowly.
 
 Time is the caller's monotonic clock, passed in as ``now``.
 """
@@ -104,6 +105,10 @@ def beats(c: EdgeEntry, i: EdgeEntry, p: PolicySection) -> bool:
     return bc <= bi and rc < ri * (1 - p.rtt_margin) and ri - rc >= p.rtt_margin_min
 
 
+def _incomplete(e: EdgeEntry) -> bool:
+    return e.miss_ucb is None or e.rtt_p95 is None
+
+
 def _entries(prev: RegionState | None, obs: Mapping[str, EdgeObs], now: float,
              p: PolicySection) -> list[EdgeEntry]:
     old = prev.by_name if prev is not None else {}
@@ -148,9 +153,16 @@ def decide(region: str, prev: RegionState | None, obs: Mapping[str, EdgeObs], no
     else:
         inc = by_name[prev.incumbent]
         first = inc.edge
-        if not inc.eligible:
-            if ranked:
-                reason = "incumbent_no_data" if inc.reason == NO_DATA else "incumbent_ineligible"
+        # Hysteresis protects an incumbent that won as an eligible edge with data. One that is
+        # ineligible now, was ineligible when last decided (nothing was eligible then: the
+        # first eligible edges are ranked afresh), or lacks a score that the best eligible
+        # edge has (a young series, a lost series) is replaced at once.
+        was_ineligible = not prev.by_name[prev.incumbent].eligible
+        incomplete = bool(ranked) and _incomplete(inc) and not _incomplete(ranked[0])
+        if not inc.eligible or was_ineligible or incomplete:
+            if ranked and ranked[0].edge != inc.edge:
+                reason = "incumbent_no_data" if inc.reason == NO_DATA or incomplete \
+                    else "incumbent_ineligible"
                 first = ranked[0].edge
                 change = Change(region, inc.edge, first, reason)
         else:
