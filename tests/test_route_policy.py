@@ -60,6 +60,9 @@ def test_initial_order_band_then_rtt_then_name() -> None:
 def test_band_is_floor_of_ucb_over_width() -> None:
     assert band(0.0, P) == 0 and band(0.049, P) == 0 and band(0.05, P) == 1
     assert band(None, P) == math.inf and band(math.nan, P) == math.inf
+    # Seen in the lab: the model's 1.0 and the Wilson bound's 0.9999983 are one band.
+    assert band(1.0, P) == band(0.9999982835484489, P) == 19
+    assert band(1.0, PolicySection(ucb_band=0.3)) == band(0.95, PolicySection(ucb_band=0.3)) == 3
 
 
 def test_challenger_needs_margin_and_hold() -> None:

@@ -83,7 +83,10 @@ class Change:
 def band(ucb: float | None, p: PolicySection) -> float:
     if ucb is None or not math.isfinite(ucb):
         return math.inf
-    return float(math.floor(max(0.0, ucb) / p.ucb_band + 1e-9))
+    # The last band is closed ([0.95, 1] at the default width): a model that is certain of a
+    # miss (1.0) and one that is nearly certain (0.99999) are the same, not a band apart.
+    last = math.ceil(1 / p.ucb_band - 1e-9) - 1
+    return float(min(last, math.floor(max(0.0, ucb) / p.ucb_band + 1e-9)))
 
 
 def _rtt(e: EdgeEntry) -> float:
