@@ -310,6 +310,28 @@ def test_prometheus_down_stale_then_restart_from_persisted(
 
 
 @needs_prometheus
+def test_prometheus_slow_is_a_timeout(stack: Stack, candidates: tuple[Candidates, str]) -> None:
+    """A Prometheus that accepts connections and never answers (stopped): each cycle times out
+    after prometheus.timeout, the map stays served, stale; fresh again when it answers."""
+    c, _ = candidates
+    c.set("r", "a")
+    stack.start_prometheus()
+    base = stack.start_route()
+    wait_for("a fresh map", lambda: (d := get_map(base)) and not d["stale"], 30,
+             procs=stack.procs)
+    prom = next(p for p in stack.procs.items if p.name == "prometheus")
+    prom.popen.send_signal(signal.SIGSTOP)
+    try:
+        wait_for("stale after a timeout", lambda: (d := get_map(base)) and d["stale"], 15,
+                 procs=stack.procs)
+        assert metric(base, "edgeprobe_route_query_errors_total", 'reason="timeout"') >= 1
+    finally:
+        prom.popen.send_signal(signal.SIGCONT)
+    wait_for("fresh again", lambda: (d := get_map(base)) and not d["stale"], 30,
+             procs=stack.procs)
+
+
+@needs_prometheus
 def test_fail_fast_recover_after_hold(stack: Stack, candidates: tuple[Candidates, str]) -> None:
     c, _ = candidates
     c.set("r", "a", rtt="0.005")
