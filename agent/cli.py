@@ -44,6 +44,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgeprobe {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def web_limit_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--web.read-header-timeout", dest="read_header_timeout",
+                        type=_duration, default="10s", metavar="DURATION",
+                        help="close a connection whose request header (TLS handshake "
+                             "included) is not complete this long after it was opened or, on "
+                             "a kept-alive connection, after its first byte (default 10s)")
+        sp.add_argument("--web.idle-timeout", dest="idle_timeout", type=_duration,
+                        default="75s", metavar="DURATION",
+                        help="close a kept-alive connection idle this long between requests "
+                             "(default 75s)")
+        sp.add_argument("--web.max-connections", dest="max_connections", type=int,
+                        default=512, metavar="N",
+                        help="most web connections open at once (default 512), also bounded "
+                             "by RLIMIT_NOFILE minus what the probes need; at the limit a new "
+                             "connection evicts the one idle longest, or is closed at accept")
+
     def log_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"),
                         default="logfmt", help="log format (default: logfmt)")
@@ -62,20 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also reload when the config file changes (polled)")
     r.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
-    r.add_argument("--web.read-header-timeout", dest="read_header_timeout", type=_duration,
-                   default="10s", metavar="DURATION",
-                   help="close a connection whose request header (TLS handshake included) "
-                        "is not complete this long after it was opened or, on a kept-alive "
-                        "connection, after its first byte (default 10s)")
-    r.add_argument("--web.idle-timeout", dest="idle_timeout", type=_duration, default="75s",
-                   metavar="DURATION",
-                   help="close a kept-alive connection idle this long between requests "
-                        "(default 75s)")
-    r.add_argument("--web.max-connections", dest="max_connections", type=int, default=512,
-                   metavar="N",
-                   help="most web connections open at once (default 512), also bounded by "
-                        "RLIMIT_NOFILE minus what the probes need; at the limit a new "
-                        "connection evicts the one idle longest, or is closed at accept")
+    web_limit_flags(r)
     log_flags(r)
 
     c = sub.add_parser("check-config", help="validate a config file and exit",
@@ -106,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Read the route candidates from the central Prometheus, "
                                     "keep a stable first choice per region (hysteresis) and "
                                     "serve the routing map: GET /v1/map, GET /v1/regions/"
-                                    "REGION, /metrics, /-/healthy, /-/ready. See "
+                                    "REGION, /metrics, /-/healthy, /-/ready. SIGHUP reloads "
+                                    "the web config; SIGTERM/SIGINT stop it. See "
                                     "docs/routing.md.")
     ro.add_argument("--config.file", dest="config_file", default=None, metavar="PATH",
                     help="YAML config file (default: every setting at its default)")
@@ -114,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                     metavar="ADDR", help=f"address to serve on (default {DEFAULT_ROUTE_LISTEN})")
     ro.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
                     help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    web_limit_flags(ro)
     log_flags(ro)
     return p
 
@@ -239,12 +244,22 @@ class HupReloads:
 
 
 async def _route(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
     from agent.route import settings
     from agent.route.server import build_app as build_route_app
     from agent.route.service import RouteService
-    from agent.web import serve
+    from agent.web import WebLimits, serve
     from agent.webconfig import WebConfigError, WebGuard
 
+    limits = WebLimits(read_header_timeout=args.read_header_timeout,
+                       idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    if limits.problems():
+        print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+        return 2
     try:
         cfg = settings.load(args.config_file) if args.config_file else settings.RouteConfig()
     except ConfigError as e:
@@ -257,18 +272,24 @@ async def _route(args: argparse.Namespace) -> int:
         log.error("invalid web config", extra={"error": str(e)})
         print(f"edgeprobe: web config error: {e}", file=sys.stderr)
         return 1
+
+    def reload_web() -> None:
+        try:
+            guard.reload()
+            log.info("web config reloaded")
+        except WebConfigError as e:
+            log.error("web config reload failed; keeping the running one",
+                      extra={"error": str(e)})
+
+    loop.add_signal_handler(signal.SIGHUP, reload_web)
     svc = RouteService(cfg)
     svc.load_state()            # served before the first query completes
     app = build_route_app(svc, middlewares=guard.middlewares())
     try:
-        runner = await serve(app, args.listen, ssl_context=guard.ssl_context)
+        runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits)
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     log.info("route started", extra={"prometheus": cfg.prometheus.url,
                                      "state_file": cfg.map.state_file})
     await svc.run(stop)

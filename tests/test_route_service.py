@@ -480,5 +480,13 @@ def test_web_config_basic_auth(tmp_path: Path) -> None:
         assert _get(base + "/metrics")[0] == 401
         assert _get(base + "/v1/map", auth)[0] == 503          # authorized; no map yet
         assert _get(base + "/metrics", auth)[0] == 200
+        # SIGHUP reloads the web config (and does not kill the process).
+        web.write_text(yaml.safe_dump({"basic_auth_users": {
+            "signalling": bcrypt.hashpw(b"n3w", bcrypt.gensalt(rounds=4)).decode()}}))
+        procs.items[0].popen.send_signal(signal.SIGHUP)
+        new = {"Authorization": "Basic " + base64.b64encode(b"signalling:n3w").decode()}
+        wait_for("the new password", lambda: _get(base + "/metrics", new)[0] == 200, 10,
+                 interval=0.1, procs=procs)
+        assert _get(base + "/metrics", auth)[0] == 401
     finally:
         procs.stop_all()

@@ -146,3 +146,17 @@ def test_atomic_write_replaces(tmp_path: Path) -> None:
     atomic_write(p, b"two")
     assert p.read_bytes() == b"two" and p.stat().st_ino != ino    # renamed over, not rewritten
     assert math.isclose(p.stat().st_mode & 0o777, 0o644)
+
+
+def test_docs_config_block_is_the_defaults() -> None:
+    """docs/routing.md's "Config file" block states every key with the code's default."""
+    import re
+    text = (Path(__file__).resolve().parent.parent / "docs" / "routing.md").read_text()
+    block = re.search(r"## Config file\n.*?```yaml\n(.*?)```", text, re.S)
+    assert block, "docs/routing.md lost its config block"
+    assert settings.loads(block.group(1)) == settings.RouteConfig()
+    import dataclasses
+    for section in dataclasses.fields(settings.RouteConfig):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                    else getattr(settings, str(section.type))):
+            assert re.search(rf"^  {f.name}:", block.group(1), re.M), (section.name, f.name)
