@@ -354,3 +354,18 @@ def test_incumbent_without_a_score_gives_way_at_once() -> None:
     s3, _ = decide("r", None, {"b": obs(0.0, None)}, 0.0, P)
     s3, ch = decide("r", s3, {"a": obs(0.0, 0.003), "b": obs(0.0, None)}, 15.0, P)
     assert ch is not None and ch.new == "a" and ch.reason == "incumbent_no_data"
+
+
+def test_chosen_before_any_rtt_gives_way_at_once() -> None:
+    """Seen in make run: the first query had every edge eligible but no RTT p95 yet, so the
+    first choice went by name (bom-1); the next query has the RTTs and dxb-1 is far better:
+    the name-based choice is not an incumbent to protect."""
+    s, _ = decide("ae-dubai", None, {"bom-1": obs(0.0, None), "dxb-1": obs(0.0, None)}, 0.0, P)
+    assert s is not None and s.incumbent == "bom-1"
+    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.034), "dxb-1": obs(0.0, 0.0028)}, 5.0,
+                   P)
+    assert ch is not None and ch.new == "dxb-1" and ch.reason == "incumbent_no_data"
+    # Edges that never have an RTT (connect-only) keep their hysteresis among themselves.
+    s, _ = decide("r", None, {"a": obs(0.01, None), "b": obs(0.01, None)}, 0.0, P)
+    s, ch = decide("r", s, {"a": obs(0.12, None), "b": obs(0.01, None)}, 15.0, P)
+    assert ch is None and s is not None and s.incumbent == "a" and s.challengers == {"b": 15.0}

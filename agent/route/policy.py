@@ -11,7 +11,7 @@ reason. Here:
   significantly better (``beats``) without a break for ``hold``. An incumbent that is
   ineligible, has no data (or lacks a score the best eligible edge has) or whose agent is
   down is replaced at once by the best eligible edge; so is one that was chosen while no edge
-  was eligible. Fail fast, recover slowly.
+  was eligible or before its scores existed. Fail fast, recover slowly.
 
 Time is the caller's monotonic clock, passed in as ``now``.
 """
@@ -156,16 +156,18 @@ def decide(region: str, prev: RegionState | None, obs: Mapping[str, EdgeObs], no
     else:
         inc = by_name[prev.incumbent]
         first = inc.edge
-        # Hysteresis protects an incumbent that won as an eligible edge with data. One that is
-        # ineligible now, was ineligible when last decided (nothing was eligible then: the
-        # first eligible edges are ranked afresh), or lacks a score that the best eligible
-        # edge has (a young series, a lost series) is replaced at once.
-        was_ineligible = not prev.by_name[prev.incumbent].eligible
-        incomplete = bool(ranked) and _incomplete(inc) and not _incomplete(ranked[0])
-        if not inc.eligible or was_ineligible or incomplete:
+        # Hysteresis protects an incumbent that won as an eligible edge with its scores. One
+        # that is ineligible now, or was ineligible when last decided (nothing was eligible
+        # then: the first eligible edges are ranked afresh), or lacks a score now or at the
+        # last decision while the best eligible edge has it (young series: the first choice
+        # was made before the RTT p95 existed) is replaced at once.
+        was = prev.by_name[prev.incumbent]
+        complete_rival = bool(ranked) and not _incomplete(ranked[0])
+        incomplete = complete_rival and (_incomplete(inc) or _incomplete(was))
+        if not inc.eligible or not was.eligible or incomplete:
             if ranked and ranked[0].edge != inc.edge:
-                reason = "incumbent_no_data" if inc.reason == NO_DATA or incomplete \
-                    else "incumbent_ineligible"
+                reason = "incumbent_no_data" if inc.reason == NO_DATA \
+                    or (inc.eligible and was.eligible) else "incumbent_ineligible"
                 first = ranked[0].edge
                 change = Change(region, inc.edge, first, reason)
         else:
