@@ -130,6 +130,25 @@ def test_persist_and_reload_round_trip(tmp_path: Path) -> None:
     assert {r: s.incumbent for r, s in again.states.items()} == {"r1": "a", "r2": "c"}
 
 
+def test_reloaded_edges_were_seen_at_the_save(tmp_path: Path) -> None:
+    """An edge in its state for longer than forget_after was still seen at the save: after a
+    restart, missing from the first query, it is listed no_data, not forgotten."""
+    import time
+    clock = Clock()
+    now = time.monotonic()
+    store = MapStore(clock=clock)
+    store.update(_states(now - 2 * P.forget_after), stale=False)     # type: ignore[arg-type]
+    store.refreshed = now - 5
+    store.save(tmp_path / "map.json")
+    again = MapStore(clock=clock)
+    again.load(tmp_path / "map.json", now=now)
+    st = again.states["r1"]
+    assert all(abs(e.last_seen - (now - 5)) < 2 for e in st.edges)
+    st2, _ = decide("r1", st, {"a": EdgeObs(True, "ok", 0.01, 0.005, 180.0)}, now + 15, P)
+    assert st2 is not None and [(e.edge, e.reason) for e in st2.edges] == [
+        ("a", "ok"), ("b", "no_data")]
+
+
 def test_load_rejects_garbage(tmp_path: Path) -> None:
     p = tmp_path / "map.json"
     for text in ("{", "[]", '{"map": {"schema": "other"}}',

@@ -87,8 +87,10 @@ def render(states: Mapping[str, RegionState], clock: Clock) -> dict[str, Any]:
             for region, st in sorted(states.items())}
 
 
-def parse_regions(regions: Any, clock: Clock) -> dict[str, RegionState]:
-    """Rebuild the policy state from a map's regions (a persisted map). Raises ValueError."""
+def parse_regions(regions: Any, clock: Clock, seen: float | None = None
+                  ) -> dict[str, RegionState]:
+    """Rebuild the policy state from a map's regions (a persisted map). ``seen``: when the
+    edges with data were last seen (the save); their ``since`` if None. Raises ValueError."""
     if not isinstance(regions, dict):
         raise ValueError("regions: expected an object")
     out: dict[str, RegionState] = {}
@@ -103,7 +105,8 @@ def parse_regions(regions: Any, clock: Clock) -> dict[str, RegionState]:
                 raise ValueError(f"regions.{region}.edges: bad entry")
             sc = e.get("score") or {}
             since = clock.mono(_parse_iso(e["since"]))
-            last = clock.mono(_parse_iso(e["last_seen"])) if "last_seen" in e else since
+            last = clock.mono(_parse_iso(e["last_seen"])) if "last_seen" in e \
+                else since if seen is None else max(since, seen)
 
             def num(k: str, sc: Any = sc) -> float | None:
                 v = sc.get(k) if isinstance(sc, dict) else None
@@ -214,14 +217,14 @@ class MapStore:
         doc = saved["map"]
         if doc.get("schema") != SCHEMA:
             raise ValueError(f"schema {doc.get('schema')!r}, expected {SCHEMA!r}")
-        states = parse_regions(doc.get("regions"), self.clock)
+        saved_at = saved.get("saved_at")
+        # Across a restart only the wall clock spans the gap: the one place it sets an age.
+        self.refreshed = now - max(0.0, time.time() - float(saved_at)) \
+            if isinstance(saved_at, int | float) and math.isfinite(saved_at) else now
+        states = parse_regions(doc.get("regions"), self.clock, self.refreshed)
         if not states:
             raise ValueError("the persisted map has no regions")
         gen = doc.get("generation")
         # The same generation as before the restart (update() counts it up again).
         self.generation = gen - 1 if isinstance(gen, int) and gen > 0 else 0
         self.update(states, stale=True)
-        saved_at = saved.get("saved_at")
-        # Across a restart only the wall clock spans the gap: the one place it sets an age.
-        self.refreshed = now - max(0.0, time.time() - float(saved_at)) \
-            if isinstance(saved_at, int | float) and math.isfinite(saved_at) else now
