@@ -116,6 +116,8 @@ def test_slo_target_is_set_in_one_place() -> None:
 def test_within_budget_uses_the_0_6_bucket() -> None:
     for r in all_rules():
         if r.get("record", "").startswith("region_edge:edgeprobe_connect_within_budget:"):
+            # Native (histogram_fraction up to the budget), then the classic 0.6 bucket.
+            assert "histogram_fraction(0, 0.6, " in r["expr"]
             assert 'edgeprobe_connect_duration_seconds_bucket{le="0.6"}' in r["expr"]
             assert "edgeprobe_connect_budget_miss_probability" in r["expr"]
 

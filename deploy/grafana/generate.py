@@ -21,6 +21,23 @@ COMPLIANCE_STEPS = [{"color": "red", "value": None}, {"color": "orange", "value"
 SEL = 'region=~"$region", edge=~"$edge"'
 
 
+def quantile(q: float, metric: str, sel: str, by: str) -> str:
+    """histogram_quantile of a histogram, native form first and the classic one as the `or`
+    fallback (a Prometheus with native histograms keeps only the native series; others only
+    the classic ones; docs/operations/alerts.md)."""
+    return (f"histogram_quantile({q}, sum by ({by}) (rate({metric}{{{sel}}}[$__rate_interval])))"
+            f" or histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{sel}}}"
+            "[$__rate_interval])))")
+
+
+def mean(metric: str, sel: str, by: str) -> str:
+    """The mean observation of a histogram over the rate interval, native form first."""
+    native = f"sum by ({by}) (rate({metric}{{{sel}}}[$__rate_interval]))"
+    return (f"histogram_sum({native}) / histogram_count({native}) or "
+            f"sum by ({by}) (rate({metric}_sum{{{sel}}}[$__rate_interval])) / "
+            f"sum by ({by}) (rate({metric}_count{{{sel}}}[$__rate_interval]))")
+
+
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False,
            fmt: str = "time_series") -> dict[str, Any]:
     t: dict[str, Any] = {"datasource": DS, "expr": expr, "refId": ref, "format": fmt,
@@ -196,10 +213,14 @@ def overview() -> dict[str, Any]:
 def edge_detail() -> dict[str, Any]:
     panels = [
         panel(1, "RTT distribution", "heatmap", (0, 0, 24, 9), [
-            target(f"sum by (le) (rate(edgeprobe_rtt_seconds_bucket{{{SEL}}}"
+            # Native first: a native histogram is one series, drawn as one heatmap (Grafana
+            # 10+); classic buckets, one series per `le`, where the server keeps those.
+            target(f"sum(rate(edgeprobe_rtt_seconds{{{SEL}}}[$__rate_interval])) or "
+                   f"sum by (le) (rate(edgeprobe_rtt_seconds_bucket{{{SEL}}}"
                    "[$__rate_interval]))", "{{le}}", fmt="heatmap")],
             "Packet RTTs from the histogram (edgeprobe_rtt_seconds), all probes of the "
-            "selected edges. Bimodal bands mean two paths.", unit="s",
+            "selected edges: native buckets (1.09 % wide) where Prometheus keeps native "
+            "histograms, else the classic ones. Bimodal bands mean two paths.", unit="s",
             options={"calculate": False, "yAxis": {"unit": "s"},
                      "color": {"mode": "scheme", "scheme": "Spectral", "steps": 64}}),
         panel(2, "RTT p50 / p95 / p99 (5m)", "timeseries", (0, 9, 12, 8), [
@@ -209,8 +230,9 @@ def edge_detail() -> dict[str, Any]:
                    "p95 {{region}} / {{edge}}", ref="B"),
             target(f"region_edge:edgeprobe_rtt_seconds:p99_5m{{{SEL}}}",
                    "p99 {{region}} / {{edge}}", ref="C")],
-            "Quantiles of the RTT histogram over 5 minutes (within ~2 % of the true value "
-            "given the bucket layout).", unit="s"),
+            "Quantiles of the RTT histogram over 5 minutes: within ~1 % of the true value "
+            "from native histograms, within one classic bucket otherwise (2 % with "
+            "metrics.classic_buckets: dense).", unit="s"),
         panel(3, "Loss (round trip)", "timeseries", (12, 9, 12, 8), [
             target(f"region_edge:edgeprobe_packets_lost:ratio_rate5m{{{SEL}}}",
                    "loss {{region}} / {{edge}}")],
@@ -221,10 +243,8 @@ def edge_detail() -> dict[str, Any]:
             "RFC 3550 interarrival-jitter estimator over consecutive RTTs, averaged over 5m; "
             "the worst probe of the edge.", unit="s"),
         panel(5, "Connect phases (stacked)", "timeseries", (8, 17, 8, 8), [
-            target("sum by (phase) (rate(edgeprobe_connect_phase_duration_seconds_sum"
-                   f"{{{SEL}}}[$__rate_interval])) / sum by (phase) (rate("
-                   f"edgeprobe_connect_phase_duration_seconds_count{{{SEL}}}"
-                   "[$__rate_interval]))", "{{phase}}")],
+            target(mean("edgeprobe_connect_phase_duration_seconds", SEL, "phase"),
+                   "{{phase}}")],
             "Mean time of each step of the connect probe (DNS, TCP, TLS, STUN, TURN), stacked: "
             "the top is the whole connect against the 600 ms budget.", unit="s",
             defaults={"custom": {"stacking": {"mode": "normal", "group": "A"},
@@ -297,8 +317,7 @@ def agent_health() -> dict[str, Any]:
             "Whether the last reload succeeded (1) and how many reloads succeeded in the last "
             "hour."),
         panel(4, "Event loop lag p99", "timeseries", (0, 6, 12, 8), [
-            target("histogram_quantile(0.99, sum by (region, instance, le) (rate("
-                   f"edgeprobe_event_loop_lag_seconds_bucket{{{r}}}[$__rate_interval])))",
+            target(quantile(0.99, "edgeprobe_event_loop_lag_seconds", r, "region, instance"),
                    "{{region}} {{instance}}")],
             "How late the agent's event loop runs callbacks. Lag shows up in every RTT it "
             "measures in user space; above a few ms the host is overloaded.", unit="s"),
@@ -307,9 +326,9 @@ def agent_health() -> dict[str, Any]:
                    f"{{{r}}}[$__rate_interval]))", "late {{region}} {{instance}}"),
             target("sum by (region, instance) (rate(edgeprobe_scheduler_skipped_ticks_total"
                    f"{{{r}}}[$__rate_interval]))", "skipped {{region}} {{instance}}", ref="B"),
-            target("histogram_quantile(0.99, sum by (region, instance, le) (rate("
-                   f"edgeprobe_scheduler_lateness_seconds_bucket{{{r}}}[$__rate_interval])))",
-                   "lateness p99 {{region}} {{instance}}", ref="C")],
+            target(quantile(0.99, "edgeprobe_scheduler_lateness_seconds", r,
+                            "region, instance"), "lateness p99 {{region}} {{instance}}",
+                   ref="C")],
             "Ticks per second that woke up late or were skipped because the previous run "
             "had not finished; and the p99 wake-up lateness.", unit="short"),
         panel(6, "Stray packets", "timeseries", (0, 14, 12, 8), [
