@@ -206,6 +206,9 @@ def test_prometheus_configs_as_mounted(compose: dict[str, Any], service: str,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cfg = yaml.safe_load(cfg_path.read_text())
     services = compose["services"]
+    # Native histograms on both tiers: scraped and forwarded by the regional servers, stored by
+    # the central one.
+    assert "--enable-feature=native-histograms" in svc["command"]
     if service == "prometheus-central":
         # The rules really load (promtool found them through the mount).
         n_rule_files = len(list((ROOT / "deploy/prometheus/rules").glob("*.yml")))
@@ -222,6 +225,8 @@ def test_prometheus_configs_as_mounted(compose: dict[str, Any], service: str,
     (target,) = job["static_configs"][0]["targets"]
     assert target == f"edgeprobe-{region}:9798" and "labels" not in job["static_configs"][0]
     (rw,) = cfg["remote_write"]
+    assert rw["send_native_histograms"] is True
+    assert "--enable-feature=agent" in svc["command"]
     host = re.match(r"https?://([^:/]+)", rw["url"])
     assert host and host.group(1) in services and rw["url"].endswith("/api/v1/write")
 

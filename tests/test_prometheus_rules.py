@@ -83,6 +83,20 @@ def test_promtool_check_agent_config() -> None:
     # Agent mode: no rules, no alerting, only remote write.
     assert "rule_files" not in cfg and "alerting" not in cfg
     assert cfg["remote_write"] and cfg["global"]["external_labels"]["region"]
+    # Native histograms are forwarded (Prometheus 2.40+; promtool 2.42 accepts the key).
+    assert all(rw["send_native_histograms"] is True for rw in cfg["remote_write"])
+
+
+@pytest.mark.parametrize("name", ["prometheus.yml", "central.yml", "regional-agent.yml"])
+def test_server_configs_give_the_native_histogram_command_line(name: str) -> None:
+    """Each shipped config says how to start its server, native histograms on (a setting of
+    the command line, not of the file)."""
+    text = (PROM / name).read_text()
+    assert "--enable-feature=native-histograms" in text
+    if name == "regional-agent.yml":
+        assert "--enable-feature=agent" in text
+    if name == "central.yml":
+        assert "--web.enable-remote-write-receiver" in text
 
 
 def test_every_rule_is_a_standard_rule() -> None:

@@ -213,8 +213,9 @@ def overview() -> dict[str, Any]:
 def edge_detail() -> dict[str, Any]:
     panels = [
         panel(1, "RTT distribution", "heatmap", (0, 0, 24, 9), [
-            # Native first: a native histogram is one series, drawn as one heatmap (Grafana
-            # 10+); classic buckets, one series per `le`, where the server keeps those.
+            # Native first: a native histogram is one series, drawn as one heatmap where
+            # Grafana supports native histograms; classic buckets, one series per `le`, where
+            # the server keeps those.
             target(f"sum(rate(edgeprobe_rtt_seconds{{{SEL}}}[$__rate_interval])) or "
                    f"sum by (le) (rate(edgeprobe_rtt_seconds_bucket{{{SEL}}}"
                    "[$__rate_interval]))", "{{le}}", fmt="heatmap")],
