@@ -50,6 +50,9 @@ ROUTE_PORT = 9799
 ALERTMANAGER_PORT = 9093
 AGENT_PORT = 9798
 PR_SET_PDEATHSIG = 1
+# Every Prometheus here runs as deploy/ ships them: native histograms on (scraped in the
+# protobuf format, remote-written with send_native_histograms, stored native by the central one).
+NATIVE_HISTOGRAMS = "--enable-feature=native-histograms"
 
 T = TypeVar("T")
 
@@ -221,8 +224,10 @@ class PromAPI:
     def ready(self) -> bool:
         return http_ok(self.base + "/-/ready")
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self._get("/api/v1/query", {"query": expr})
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query, now or at the Unix time ``at``."""
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        data = self._get("/api/v1/query", params)
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": data["result"]}]
         result: list[dict[str, Any]] = data["result"]
@@ -361,6 +366,7 @@ def start_central(procs: Procs, workdir: Path, rules_dir: Path, timing: Timing,
     procs.start(name, [
         "prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'central-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver",
+        NATIVE_HISTOGRAMS,
         "--storage.tsdb.retention.time=1h", "--log.level=warn"])
     api = PromAPI(f"http://127.0.0.1:{port}")
     wait_for("central Prometheus ready", api.ready, 30, procs=procs)
@@ -374,7 +380,7 @@ def start_regional(procs: Procs, workdir: Path, region: str, agents: Sequence[st
     rcfg = regional_config(workdir / f"regional-{region}.yml", region, agents,
                            f"{central.base}/api/v1/write", timing)
     procs.start(f"prometheus-agent-{region}", [
-        "prometheus", "--enable-feature=agent", f"--config.file={rcfg}",
+        "prometheus", "--enable-feature=agent", NATIVE_HISTOGRAMS, f"--config.file={rcfg}",
         f"--storage.agent.path={workdir / f'agent-data-{region}'}",
         f"--web.listen-address=127.0.0.1:{rport}", "--storage.remote.flush-deadline=5s",
         "--log.level=warn"])
@@ -602,7 +608,7 @@ class Supervisor:
         cfg = single_config(self.prom_dir / "prometheus.yml", PROM_DIR / "rules", [agent],
                             self.timing, am, route=f"127.0.0.1:{route_port}")
         self.procs.start("prometheus", [
-            "prometheus", f"--config.file={cfg}",
+            "prometheus", NATIVE_HISTOGRAMS, f"--config.file={cfg}",
             f"--storage.tsdb.path={self.prom_dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
         self.central = PromAPI(f"http://127.0.0.1:{port}")

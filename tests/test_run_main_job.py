@@ -8,8 +8,8 @@ operator runs it, minus the package installation.
   the map; SIGINT stops everything within 20 s and leaves no namespace, link, process or state
   behind (only ``logs/``).
 * ``test_main_job_loopback``: the fallback (``EDGEPROBE_LAB=0``, as without root) serves
-  /metrics, its single Prometheus scrapes it and the route service serves a map of its one
-  region; SIGTERM stops it cleanly.
+  /metrics, its single Prometheus scrapes it (native histograms, as shipped) and the
+  route service serves a map of its one region; SIGTERM stops it cleanly.
 
 Every wait is bounded; the state goes to a temporary directory (``EDGEPROBE_RUN_DIR``), so a
 `make run` of the developer's in run/ is never touched.
@@ -166,6 +166,10 @@ def test_main_job_lab(tmp_path: Path, main_job_factory: list[MainJob]) -> None:
         b if set(b := api.best_edges()) == LAB_REGIONS else None), 90)
     up = {s["metric"].get("region") for s in api.query('up{job="edgeprobe"} == 1')}
     assert up == LAB_REGIONS
+    # Native histograms end to end: scraped as protobuf, remote-written, stored native only.
+    rtt = api.query('edgeprobe_rtt_seconds{probe="icmp"}')
+    assert {s["metric"]["region"] for s in rtt} == LAB_REGIONS
+    assert all("histogram" in s for s in rtt) and not api.query("edgeprobe_rtt_seconds_bucket")
     # The route service's map: every region, and the same decision as Prometheus holds.
     route = RouteAPI(job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map",
                                  20).group(1))
@@ -208,6 +212,10 @@ def test_main_job_loopback(tmp_path: Path, main_job_factory: list[MainJob]) -> N
         # One demo scrape interval (5 s) plus start-up.
         wait_for("the single Prometheus to scrape the agent", lambda: api.query(
             'up{job="edgeprobe"} == 1'), 30)
+        # As shipped: native histograms on, so the RTT histogram is stored native only.
+        wait_for("a native RTT histogram", lambda: [
+            s for s in api.query("edgeprobe_rtt_seconds") if "histogram" in s], 30)
+        assert not api.query("edgeprobe_rtt_seconds_bucket")
         route = RouteAPI(job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map",
                                      30).group(1))
         wait_for("a routing map of the loopback region", lambda: set(route.best()) == {
