@@ -405,7 +405,9 @@ def check_accuracy(api: PromAPI, world: Any) -> None:
               f"({100 * a.classic_error:+.1f} %)")
     assert {a.tier for a in acc.values()} >= {"near", "far", "lossy"}
     for (region, edge), a in acc.items():
-        assert a.packets >= 100, (region, edge, a)
+        # Step 1 leaves 20-40 s of data: 100-200 packets a path, fewer on the lossy ones. The
+        # median of the same packets is compared, so a few dozen suffice.
+        assert a.packets >= 50, (region, edge, a)
         assert abs(a.native - a.truth) <= max(0.02 * a.truth, MEASUREMENT_OFFSET), (
             region, edge, a)
         lo, hi = a.bucket
