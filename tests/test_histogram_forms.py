@@ -215,7 +215,9 @@ def families(region: str, scrapes: int, native: bool) -> list[Metric]:
         histogram("edgeprobe_rtt_seconds", [per(a_icmp, RTTS), per(dark, ())],
                   LEAN_RTT_BUCKETS, native),
         sent,
-        histogram("edgeprobe_connect_duration_seconds", [per(a_connect, CONNECTS)],
+        # The webrtc probe's connects too (same distribution): the measured-vs-model rules.
+        histogram("edgeprobe_connect_duration_seconds",
+                  [per(a_connect, CONNECTS), per({**a_connect, "probe": "webrtc"}, CONNECTS)],
                   LEAN_DURATION_BUCKETS, native),
         # Lean: no classic buckets on phase histograms.
         histogram("edgeprobe_connect_phase_duration_seconds",

@@ -289,6 +289,22 @@ def edge_detail() -> dict[str, Any]:
             "1h: a sustained one). The 1h upper bound ranks eligible edges. Model-only edges "
             "have the 5m figure only. docs/routing-policy.md.", unit="percentunit",
             defaults={"min": 0}),
+        panel(10, "WebRTC connect: measured vs model (30m)", "timeseries", (0, 41, 12, 8), [
+            target(f"region_edge:edgeprobe_webrtc_connect_seconds:p50_30m{{{SEL}}}",
+                   "measured p50 {{region}} / {{edge}}"),
+            target(f"region_edge:edgeprobe_connect_estimate_seconds:max_avg30m{{{SEL}}}",
+                   "model {{region}} / {{edge}}", ref="B")],
+            "The median of real WebRTC connects (the webrtc probe: WHIP, ICE, DTLS, first "
+            "media) next to the budget model's lossless estimate n x RTT + fixed. Where they "
+            "part, set agent.model to the connect your clients make.", unit="s"),
+        panel(11, "WebRTC budget misses: measured vs model (30m)", "timeseries",
+              (12, 41, 12, 8), [
+            target(f"region_edge:edgeprobe_webrtc_connect_miss:ratio30m{{{SEL}}}",
+                   "measured {{region}} / {{edge}}"),
+            target(f"region_edge:edgeprobe_connect_budget_miss_probability:max_avg30m{{{SEL}}}",
+                   "model {{region}} / {{edge}}", ref="B")],
+            "The share of webrtc connects over 600 ms next to the model's miss probability.",
+            unit="percentunit", defaults={"min": 0}),
     ]
     return dashboard("edgeprobe-edge", "edgeprobe / edge detail",
                      "RTT, loss, jitter, connect phases and MOS for one or more edges.",
