@@ -23,14 +23,17 @@ T = TypeVar("T")
 
 # Deeper nesting than any real config needs; guards against pathological documents.
 MAX_DEPTH = 32
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+# One term of a duration: a number and its unit ("1m30s" is two terms). Units are matched
+# longest first: "ms" before "m".
+_DURATION_TERM_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d|w|y)")
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 # A quoted fragment in a YAML syntax error ("found undefined alias 'x'"): it may be the
 # document's text, even a secret (an unquoted password starting with '*', '&' or '!').
 _QUOTED_RE = re.compile(r"'((?:[^'\\]|\\.)*)'" r'|"((?:[^"\\]|\\.)*)"')
 # What such a fragment may show: a single character or escape, or a token name ('<stream end>').
 _SAFE_QUOTED_RE = re.compile(r"\\?.|<[a-z ]+>", re.DOTALL)
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-                   "h": 3600.0, None: 1.0}
+                   "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
 
 
 class ConfigError(ValueError):
@@ -49,20 +52,40 @@ class Duration(float):
 
 
 def parse_duration(value: object) -> float:
+    """Seconds from a number or a duration string, for every file the project reads.
+
+    The grammar is Prometheus's (``1m30s``, ``2h``, ``500ms``, ``1d``, ``1w``, ``1y``: terms
+    from the largest unit down, each unit once), widened so that a single term may be
+    fractional or finer than a millisecond (``1.5s``, ``250us``, ``500 ms``) and a bare
+    number counts seconds. Raises ValueError."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 500ms or 1s, got a boolean")
     if isinstance(value, int | float):
         f = float(value)
     elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
+        f = _parse_duration_text(value.strip())
+        if f is None:
             raise ValueError(f"expected a duration like 500ms or 1s, got {value!r}")
-        f = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError(f"expected a duration like 500ms or 1s, got {type(value).__name__}")
     if not math.isfinite(f) or f < 0:
         raise ValueError(f"duration must be a finite non-negative number, got {value!r}")
     return f
+
+
+def _parse_duration_text(text: str) -> float | None:
+    if _NUMBER_RE.fullmatch(text):
+        return float(text)
+    terms = list(_DURATION_TERM_RE.finditer(text))
+    pos, total, last_unit = 0, 0.0, math.inf
+    for m in terms:
+        unit = _DURATION_UNITS[m.group(2)]
+        # Largest unit first, each once; fractions only in a term of its own.
+        if m.start() != pos or unit >= last_unit or (len(terms) > 1 and "." in m.group(1)):
+            return None
+        total += float(m.group(1)) * unit
+        pos, last_unit = m.end(), unit
+    return total if terms and pos == len(text) else None
 
 
 # libyaml, where PyYAML was built with it: it composes ~10x faster than the pure-Python loader

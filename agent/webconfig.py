@@ -53,6 +53,8 @@ import bcrypt
 import yaml
 from aiohttp import web
 
+from agent import decode
+
 log = logging.getLogger("edgeprobe.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -118,9 +120,6 @@ _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31
 BCRYPT_MIN_COST, BCRYPT_MAX_COST = 4, 14
 _PEM_CERT_RE = re.compile(r"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----[A-Za-z0-9+/=\s]+"
                           r"-----END \1?CERTIFICATE-----")
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h|d|w|y)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-                   "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
 
 
 class WebConfigError(ValueError):
@@ -128,24 +127,15 @@ class WebConfigError(ValueError):
 
 
 def parse_duration(value: object, where: str) -> float:
-    """A Prometheus duration (``1m30s``, ``500ms``) or a number of seconds, in seconds."""
-    if isinstance(value, bool):
-        raise WebConfigError(f"{where}: expected a duration, got a boolean")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        pos, seconds = 0, 0.0
-        for m in _DURATION_RE.finditer(text):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-            pos = m.end()
-        if not text or pos != len(text):
-            raise WebConfigError(f"{where}: invalid duration {value[:40]!r} (e.g. 500ms, 1m30s)")
-    else:
-        raise WebConfigError(f"{where}: expected a duration, got {type(value).__name__}")
-    if not 0 <= seconds < 1e9:
+    """:func:`agent.decode.parse_duration`, below a billion seconds, as a WebConfigError."""
+    try:
+        seconds = decode.parse_duration(value)
+    except ValueError as e:
+        if isinstance(value, str):
+            raise WebConfigError(f"{where}: invalid duration {value[:40]!r} (e.g. 500ms, "
+                                 "1m30s)") from None
+        raise WebConfigError(f"{where}: {e}") from None
+    if seconds >= 1e9:
         raise WebConfigError(f"{where}: duration out of range")
     return seconds
 

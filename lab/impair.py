@@ -7,18 +7,16 @@ Gilbert-Elliott state and the last release time (for order-preserving jitter).
 
 from __future__ import annotations
 
-import math
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
+from agent import decode
+
 JitterDist = Literal["none", "uniform", "normal", "exponential", "pareto"]
 JITTER_DISTS: tuple[str, ...] = ("none", "uniform", "normal", "exponential", "pareto")
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m)?\s*$")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}
 
 
 class ImpairError(ValueError):
@@ -26,18 +24,12 @@ class ImpairError(ValueError):
 
 
 def parse_duration(value: Any, key: str) -> float:
-    """Seconds from ``"12ms"``, ``"1.5s"``, ``"250us"`` or a bare number of seconds."""
-    if isinstance(value, bool):
-        raise ImpairError(f"{key}: expected a duration like '20ms', got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0 or not math.isfinite(value):
-            raise ImpairError(f"{key}: must be a finite duration >= 0")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    raise ImpairError(f"{key}: expected a duration like '20ms', got {value!r}")
+    """:func:`agent.decode.parse_duration` (``"12ms"``, ``"1.5s"``, ``"250us"``, ``"1m30s"`` or
+    a bare number of seconds) as an ImpairError."""
+    try:
+        return decode.parse_duration(value)
+    except ValueError as e:
+        raise ImpairError(f"{key}: {e}") from None
 
 
 def parse_ratio(value: Any, key: str) -> float:

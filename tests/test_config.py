@@ -117,3 +117,28 @@ def test_every_kind_default_options_are_valid() -> None:
     # must always fit: a target that lists the kind without options must load.
     for name, kind in PROBES.items():
         assert [e for e in kind.options().validate() if not e.endswith(": required")] == [], name
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("500ms", 0.5), ("1.5s", 1.5), ("250us", 250e-6), ("500 ms", 0.5), ("2", 2.0),
+    ("1m30s", 90.0), ("1h5m", 3900.0), ("1d", 86400.0), ("1w", 604800.0), ("1y", 31536000.0),
+    ("1d12h", 129600.0),
+])
+def test_one_duration_grammar(text: str, seconds: float) -> None:
+    """The config, the web config and the lab read durations with one grammar (Prometheus's,
+    plus single fractional or sub-millisecond terms)."""
+    from agent.decode import parse_duration
+    from agent.webconfig import parse_duration as web_duration
+    from lab.impair import parse_duration as lab_duration
+
+    assert parse_duration(text) == pytest.approx(seconds)
+    assert web_duration(text, "k") == pytest.approx(seconds)
+    assert lab_duration(text, "k") == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["30s1m", "1s1s", "1.5m30s", "soon", "", "1x", "-1s"])
+def test_one_duration_grammar_refuses(text: str) -> None:
+    from agent.decode import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(text)
