@@ -63,9 +63,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         f = float(value)
     elif isinstance(value, str):
-        f = _parse_duration_text(value.strip())
-        if f is None:
+        parsed = _parse_duration_text(value.strip())
+        if parsed is None:
             raise ValueError(f"expected a duration like 500ms or 1s, got {value!r}")
+        f = parsed
     else:
         raise ValueError(f"expected a duration like 500ms or 1s, got {type(value).__name__}")
     if not math.isfinite(f) or f < 0:
