@@ -47,6 +47,7 @@ import dns.resolver
 import yaml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from agent import rules
 from agent.decode import Duration
 from agent.rules import (
     NAME_RULE,
@@ -200,17 +201,10 @@ def _common_errs(name: str, probes: tuple[str, ...], max_targets: int, interval:
 
 
 def _split_server(server: str) -> tuple[str, int]:
-    host, port = server, 53
-    if server.startswith("["):
-        host, _, rest = server[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError("expected [ip6]:port")
-            port = int(rest[1:])
-    elif server.count(":") == 1:
-        host, p = server.split(":")
-        port = int(p)
+    host, port = split_host_port(server)
     ipaddress.ip_address(host)
+    if port is None:
+        return host, 53
     if not 1 <= port <= 65535:
         raise ValueError("port must be between 1 and 65535")
     return host, port
@@ -229,21 +223,9 @@ class DiscoveredTarget:
 
 
 def split_host_port(raw: str) -> tuple[str, int | None]:
-    s = raw.strip()
-    if s.startswith("["):
-        host, _, rest = s[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise ValueError("expected [ipv6]:port")
-        port_s = rest[1:] if rest else ""
-    elif s.count(":") == 1:
-        host, port_s = s.split(":")
-    else:
-        host, port_s = s, ""
-    port: int | None = None
-    if port_s:
-        if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-            raise ValueError("invalid port")
-        port = int(port_s)
+    host, port = rules.split_host_port(raw)
+    if port == 0:
+        raise ValueError("invalid port")
     if not is_host(host):
         raise ValueError("invalid host")
     return host.rstrip("."), port

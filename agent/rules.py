@@ -47,6 +47,28 @@ def is_host(host: str) -> bool:
     return all(_HOST_LABEL_RE.fullmatch(lb) for lb in host.rstrip(".").split("."))
 
 
+def split_host_port(raw: str) -> tuple[str, int | None]:
+    """``host:port``, ``[ip6]:port``, ``[ip6]``, ``host`` or a bare IPv6 address (more than one
+    ':') -> (host, port or None; an empty port is None). The port is 0..65535; the host is not
+    checked (callers want a name, an address, or an empty listen host). Raises ValueError."""
+    s = raw.strip()
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected [ip6]:port")
+        port_s = rest[1:]
+    elif s.count(":") == 1:
+        host, port_s = s.split(":")
+    else:
+        host, port_s = s, ""
+    if not port_s:
+        return host, None
+    # isdigit() alone accepts other scripts' digits, which int() reads.
+    if not (port_s.isascii() and port_s.isdigit()) or int(port_s) > 65535:
+        raise ValueError("invalid port")
+    return host, int(port_s)
+
+
 # ---------------------------------------------------------------------------------------------
 # YAML documents: aliases and depth, checked on the composed node graph before anything walks
 # the document expanded. Composing is linear in the text (an alias is a second reference to

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.export import protobuf
+from agent.rules import split_host_port
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -32,11 +33,13 @@ INDEX = """<html><head><title>edgeprobe</title></head><body><h1>edgeprobe</h1>
 
 def parse_listen(addr: str) -> tuple[str, int]:
     """':9798' → ('0.0.0.0', 9798); '[::1]:9798' → ('::1', 9798)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    try:
+        host, port = split_host_port(addr)
+    except ValueError:
+        port = None
+    if port is None:
         raise ValueError(f"invalid listen address {addr!r}; expected HOST:PORT or :PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host or "0.0.0.0", port
 
 
 def build_app(agent: Agent, middlewares: Sequence[Any] = (),

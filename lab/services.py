@@ -47,16 +47,19 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from agent.rules import split_host_port
+
 LAB_NAME = "edge.lab.test"
 HTTP_BODY = b"edgeprobe lab"
 
 
 def split_hostport(s: str) -> tuple[str, int]:
     """``"127.0.0.1:80"`` or ``"[::1]:80"`` → (address, port)."""
-    host, _, port = s.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_host_port(s)
     ipaddress.ip_address(host)
-    return host, int(port)
+    if port is None:
+        raise ValueError(f"{s!r}: no port")
+    return host, port
 
 
 def _family(addr: str) -> int:

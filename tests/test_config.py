@@ -142,3 +142,23 @@ def test_one_duration_grammar_refuses(text: str) -> None:
 
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("edge.example.net:443", ("edge.example.net", 443)), ("[::1]:53", ("::1", 53)),
+    ("[::1]", ("::1", None)), ("::1", ("::1", None)), (":9798", ("", 9798)),
+    ("192.0.2.1", ("192.0.2.1", None)), ("host:", ("host", None)),
+])
+def test_one_host_port_splitter(raw: str, want: tuple[str, int | None]) -> None:
+    """Discovery, the DNS SD server, the listen address and the lab split host:port one way."""
+    from agent.rules import split_host_port
+
+    assert split_host_port(raw) == want
+
+
+@pytest.mark.parametrize("raw", ["[::1]x", "h:70000", "h:٥٣", "h:-1"])
+def test_one_host_port_splitter_refuses(raw: str) -> None:
+    from agent.rules import split_host_port
+
+    with pytest.raises(ValueError):
+        split_host_port(raw)
