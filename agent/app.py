@@ -241,7 +241,7 @@ class Agent:
         if self.discovery is None or not self.discovered:
             self.discovered_dropped = 0
             return cfg
-        defaults = cfg.extra.get("defaults", {})
+        defaults = cfg.defaults
         order = [s.state.name for s in self.discovery.sources]
         targets = merge_targets((self.discovered.get(n, []) for n in order),
                                 taken={j.target.name: None for j in cfg.jobs})
@@ -272,7 +272,7 @@ class Agent:
 
     async def _update_discovery(self, cfg: Config, force: bool = False) -> None:
         """(Re)start discovery when its config section changed; keep it running otherwise."""
-        new = cfg.extra.get("discovery")
+        new = cfg.discovery
         old = self.discovery.cfg if self.discovery is not None else None
         if not force and new == old:
             return
@@ -286,16 +286,15 @@ class Agent:
             await self.discovery.start()
 
     def _update_probe_endpoint(self, new: Config, old: Config | None) -> None:
-        cfg = new.extra.get("probe_endpoint")
+        cfg = new.probe_endpoint
         if old is not None and self.probe_endpoint is not None \
-                and cfg == old.extra.get("probe_endpoint") \
-                and new.extra.get("defaults") == old.extra.get("defaults"):
+                and cfg == old.probe_endpoint and new.defaults == old.defaults:
             return   # unchanged: keep the rate-limit state
         if cfg is None or not cfg.enabled:
             self.probe_endpoint = None
             return
         self.probe_endpoint = ProbeEndpoint(
-            cfg, PROBES, modules_from_defaults(new.extra.get("defaults", {})), self.ctx)
+            cfg, PROBES, modules_from_defaults(new.defaults), self.ctx)
 
 
 class _KindRunner:

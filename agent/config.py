@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -205,9 +206,10 @@ class Config:
     metrics: MetricsSection
     jobs: tuple[Job, ...]
     source: str = "<config>"
-    # Optional features: "discovery" (DiscoveryConfig), "probe_endpoint" (ProbeEndpointConfig),
-    # and "defaults" (kind -> options) for targets that do not come from this file.
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Options per kind for targets that do not come from this file (discovery, /probe).
+    defaults: Mapping[str, CommonOptions] = field(default_factory=dict)
+    discovery: DiscoveryConfig | None = None
+    probe_endpoint: ProbeEndpointConfig | None = None
 
     @property
     def target_label_keys(self) -> tuple[str, ...]:
@@ -254,7 +256,6 @@ def _mapping_items(node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yam
     return out
 
 
-# Sections optional features register to decode; value: decoder(node, path) -> object.
 TOP_LEVEL_KEYS = ("agent", "defaults", "metrics", "targets", "discovery", "probe_endpoint")
 
 
@@ -305,13 +306,12 @@ def loads(text: str, source: str = "<config>") -> Config:
         names: dict[str, int] = {}
         for i, tnode in enumerate(targets_node.value):
             jobs += _decode_target(tnode, f"targets[{i}]", defaults, names)
-    extra: dict[str, Any] = {"defaults": defaults}
-    if "discovery" in top:
-        extra["discovery"] = decode_dataclass(DiscoveryConfig, top["discovery"][1], "discovery")
-    if "probe_endpoint" in top:
-        extra["probe_endpoint"] = decode_dataclass(ProbeEndpointConfig, top["probe_endpoint"][1],
-                                                   "probe_endpoint")
-    return Config(agent=agent, metrics=metrics, jobs=tuple(jobs), source=source, extra=extra)
+    return Config(
+        agent=agent, metrics=metrics, jobs=tuple(jobs), source=source, defaults=defaults,
+        discovery=(decode_dataclass(DiscoveryConfig, top["discovery"][1], "discovery")
+                   if "discovery" in top else None),
+        probe_endpoint=(decode_dataclass(ProbeEndpointConfig, top["probe_endpoint"][1],
+                                         "probe_endpoint") if "probe_endpoint" in top else None))
 
 
 def _precount_series(text: str) -> None:

@@ -54,7 +54,8 @@ def _render(agent: Agent) -> str:
 def _agent(cfg: cfgmod.Config, discovered: list[Any]) -> Agent:
     """The agent as start() builds it, without starting probes (the names are random)."""
     agent = Agent(cfg)
-    agent.discovery = Discovery(cfg.extra["discovery"], agent._on_discovery)
+    assert cfg.discovery is not None
+    agent.discovery = Discovery(cfg.discovery, agent._on_discovery)
     agent.discovery.sources[0].state.targets = discovered
     agent.discovered = {SOURCE: discovered}
     agent.config = agent._effective(cfg)
