@@ -22,7 +22,15 @@ from typing import Any, Literal
 
 import yaml
 
-from agent.decode import ConfigError, Duration, compose, decode, decode_dataclass, fields_as_dict
+from agent.decode import (
+    ConfigError,
+    Duration,
+    Problem,
+    compose,
+    decode,
+    decode_dataclass,
+    fields_as_dict,
+)
 from agent.discovery import DiscoveryConfig
 from agent.probe_endpoint import ProbeEndpointConfig
 from agent.rules import (
@@ -99,12 +107,12 @@ class ModelConfig:
     fixed: Duration = Duration(0.1)
     exchanges: int = 4
 
-    def validate(self) -> list[str]:
-        errs = []
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
         if not 0 < self.round_trips <= 50:
-            errs.append("round_trips: must be in (0, 50]")
+            errs.append(Problem("round_trips", "must be in (0, 50]"))
         if not 1 <= self.exchanges <= 50:
-            errs.append("exchanges: must be in [1, 50]")
+            errs.append(Problem("exchanges", "must be in [1, 50]"))
         return errs
 
 
@@ -119,17 +127,17 @@ class AgentSection:
     late_tick_threshold: Duration = Duration(0.005)
     model: ModelConfig = field(default_factory=ModelConfig)
 
-    def validate(self) -> list[str]:
-        errs = []
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
         if not is_name(self.region):
-            errs.append(f"region: must be {NAME_RULE}")
+            errs.append(Problem("region", f"must be {NAME_RULE}"))
         errs += _check_labels(self.labels, "labels")
         if not 0 < self.budget <= 60:
-            errs.append("budget: must be in (0s, 60s]")
+            errs.append(Problem("budget", "must be in (0s, 60s]"))
         if not 1 <= self.max_targets <= 1_000_000:
-            errs.append("max_targets: must be in [1, 1000000]")
+            errs.append(Problem("max_targets", "must be in [1, 1000000]"))
         if self.resolve_interval < 1:
-            errs.append("resolve_interval: must be >= 1s")
+            errs.append(Problem("resolve_interval", "must be >= 1s"))
         return errs
 
 
@@ -150,16 +158,16 @@ class MetricsSection:
     # histograms enabled); the text format carries the classic buckets only.
     native_histograms: bool = True
 
-    def validate(self) -> list[str]:
-        errs = []
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
         for key, b in (("rtt_buckets", self.rtt_buckets),
                        ("duration_buckets", self.duration_buckets)):
             if b and (list(b) != sorted(set(b)) or b[0] <= 0):
-                errs.append(f"{key}: must be strictly increasing positive numbers")
+                errs.append(Problem(key, "must be strictly increasing positive numbers"))
             if len(b) > 200:
-                errs.append(f"{key}: at most 200 buckets")
+                errs.append(Problem(key, "at most 200 buckets"))
         if not 5 <= self.recent_window <= 3600:
-            errs.append("recent_window: must be between 5s and 1h")
+            errs.append(Problem("recent_window", "must be between 5s and 1h"))
         return errs
 
     @property
@@ -227,13 +235,13 @@ class _RawTarget:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def _check_labels(labels: dict[str, str], key: str) -> list[str]:
-    errs = []
+def _check_labels(labels: dict[str, str], key: str) -> list[Problem]:
+    errs: list[Problem] = []
     for k in labels:
         if not is_label_name(k) or k.startswith("__"):
-            errs.append(f"{key}: invalid label name {k!r}")
+            errs.append(Problem(key, f"invalid label name {k!r}"))
         elif k in RESERVED_LABELS:
-            errs.append(f"{key}: label name {k!r} is reserved by edgeprobe")
+            errs.append(Problem(key, f"label name {k!r} is reserved by edgeprobe"))
     return errs
 
 
@@ -423,8 +431,7 @@ def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions
         raise ConfigError(f"{path}.address", "must be an IP address or a hostname",
                           _line(items["address"][1]))
     for problem in _check_labels(raw.labels, "labels"):
-        raise ConfigError(f"{path}.{problem.split(': ', 1)[0]}", problem.split(": ", 1)[1],
-                          _line(items["labels"][1]))
+        raise ConfigError(f"{path}.{problem.key}", problem.message, _line(items["labels"][1]))
     target = Target(name=raw.name, address=raw.address.strip(), labels=dict(raw.labels))
     pnode = items["probes"][1] if "probes" in items else None
     kinds: list[tuple[str, yaml.Node | None, yaml.Node]] = []

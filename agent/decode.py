@@ -12,7 +12,17 @@ import math
 import re
 import types
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
+from typing import (
+    Any,
+    Literal,
+    NamedTuple,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
 
@@ -45,6 +55,17 @@ class ConfigError(ValueError):
         self.line = line
         where = f" (line {line})" if line is not None else ""
         super().__init__(f"{path or '<root>'}: {message}{where}")
+
+
+class Problem(NamedTuple):
+    """A ``validate()`` finding: the key (relative to the section validated) and what is wrong.
+    The decoder adds the key's path and line."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
 
 
 class Duration(float):
@@ -299,11 +320,14 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
     validate = getattr(obj, "validate", None)
     if callable(validate):
         for problem in validate():
-            key, _, msg = problem.partition(": ")
-            sub = f"{path}.{key}" if path else key
-            line = next((_line(k) for k, _ in node.value if getattr(k, "value", None) == key),
-                        _line(node))
-            raise ConfigError(sub, _redact(msg or problem, secrets), line)
+            if not isinstance(problem, Problem):
+                # The probe kinds' options still say "key: message".
+                key, _, msg = problem.partition(": ")
+                problem = Problem(key, msg or problem)
+            sub = f"{path}.{problem.key}" if path else problem.key
+            line = next((_line(k) for k, _ in node.value
+                         if getattr(k, "value", None) == problem.key), _line(node))
+            raise ConfigError(sub, _redact(problem.message, secrets), line)
     return obj
 
 

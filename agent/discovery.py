@@ -48,7 +48,7 @@ import yaml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent import rules
-from agent.decode import Duration
+from agent.decode import Duration, Problem
 from agent.rules import (
     NAME_RULE,
     RESERVED_LABELS,
@@ -92,18 +92,19 @@ class FileSDConfig:
     max_targets: int = 10000
     max_file_bytes: int = 16 << 20
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         errs = _common_errs(self.name, self.probes, self.max_targets, self.poll_interval,
                             "poll_interval")
         if not self.files:
-            errs.append("files: at least one file or pattern is required")
+            errs.append(Problem("files", "at least one file or pattern is required"))
         for f in self.files:
             if not f.endswith(SD_FILE_SUFFIXES):
-                errs.append(f"files: {f!r} must end in .json, .yml or .yaml")
+                errs.append(Problem("files", f"{f!r} must end in .json, .yml or .yaml"))
             if glob.has_magic(os.path.dirname(f)):
-                errs.append(f"files: {f!r}: patterns are only allowed in the file name")
+                errs.append(Problem("files",
+                                    f"{f!r}: patterns are only allowed in the file name"))
         if not 1 <= self.max_file_bytes <= 256 << 20:
-            errs.append("max_file_bytes: must be between 1 and 256 MiB")
+            errs.append(Problem("max_file_bytes", "must be between 1 and 256 MiB"))
         return errs
 
 
@@ -124,17 +125,17 @@ class HttpSDConfig:
     max_bytes: int = 16 << 20
     basic_auth: BasicAuth | None = None
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         errs = _common_errs(self.name, self.probes, self.max_targets, self.refresh_interval,
                             "refresh_interval")
         # Whole string: a newline or control character after the host would reach the
         # request line.
         if not (re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", self.url) and self.url.isprintable()):
-            errs.append("url: must be an http:// or https:// URL")
+            errs.append(Problem("url", "must be an http:// or https:// URL"))
         if not 0 < self.timeout <= self.refresh_interval:
-            errs.append("timeout: must be > 0 and <= refresh_interval")
+            errs.append(Problem("timeout", "must be > 0 and <= refresh_interval"))
         if not 1 <= self.max_bytes <= 256 << 20:
-            errs.append("max_bytes: must be between 1 and 256 MiB")
+            errs.append(Problem("max_bytes", "must be between 1 and 256 MiB"))
         return errs
 
 
@@ -148,21 +149,21 @@ class DnsSDConfig:
     server: str = ""            # "ip" or "ip:port" / "[ip6]:port"; "" = the system's resolvers
     max_targets: int = 10000
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         errs = _common_errs(self.name, self.probes, self.max_targets, self.refresh_interval,
                             "refresh_interval")
         if not self.names:
-            errs.append("names: at least one SRV name is required")
+            errs.append(Problem("names", "at least one SRV name is required"))
         for n in self.names:
             if not is_host(n):
-                errs.append(f"names: invalid DNS name {n!r}")
+                errs.append(Problem("names", f"invalid DNS name {n!r}"))
         if not 0 < self.timeout <= self.refresh_interval:
-            errs.append("timeout: must be > 0 and <= refresh_interval")
+            errs.append(Problem("timeout", "must be > 0 and <= refresh_interval"))
         if self.server:
             try:
                 _split_server(self.server)
             except ValueError as e:
-                errs.append(f"server: {e}")
+                errs.append(Problem("server", str(e)))
         return errs
 
 
@@ -172,31 +173,32 @@ class DiscoveryConfig:
     http_sd: tuple[HttpSDConfig, ...] = ()
     dns_sd: tuple[DnsSDConfig, ...] = ()
 
-    def validate(self) -> list[str]:
+    def validate(self) -> list[Problem]:
         names = [s.name for s in self.sources()]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        return [f"name: source name {n!r} used twice" for n in dupes]
+        return [Problem("name", f"source name {n!r} used twice") for n in dupes]
 
     def sources(self) -> list[FileSDConfig | HttpSDConfig | DnsSDConfig]:
         return [*self.file_sd, *self.http_sd, *self.dns_sd]
 
 
 def _common_errs(name: str, probes: tuple[str, ...], max_targets: int, interval: float,
-                 interval_key: str) -> list[str]:
+                 interval_key: str) -> list[Problem]:
     from probes import PROBES
 
-    errs: list[str] = []
+    errs: list[Problem] = []
     if not is_name(name):
-        errs.append(f"name: must be {NAME_RULE}")
+        errs.append(Problem("name", f"must be {NAME_RULE}"))
     if not probes:
-        errs.append("probes: at least one probe kind is required")
+        errs.append(Problem("probes", "at least one probe kind is required"))
     for p in probes:
         if p not in PROBES:
-            errs.append(f"probes: unknown probe kind {p!r} (known: {', '.join(sorted(PROBES))})")
+            errs.append(Problem("probes", f"unknown probe kind {p!r} (known: "
+                                          f"{', '.join(sorted(PROBES))})"))
     if not 1 <= max_targets <= 1_000_000:
-        errs.append("max_targets: must be between 1 and 1000000")
+        errs.append(Problem("max_targets", "must be between 1 and 1000000"))
     if not 0.1 <= interval <= 86400:
-        errs.append(f"{interval_key}: must be between 100ms and 24h")
+        errs.append(Problem(interval_key, "must be between 100ms and 24h"))
     return errs
 
 

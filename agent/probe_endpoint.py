@@ -61,7 +61,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from agent.decode import Duration
+from agent.decode import Duration, Problem
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 
 log = logging.getLogger("edgeprobe.probe_endpoint")
@@ -160,41 +160,43 @@ class ProbeEndpointConfig:
     def wide_networks(self) -> tuple[IPNetwork, ...]:
         return tuple(n for n in self.networks if n.prefixlen < WIDE_PREFIX[n.version])
 
-    def validate(self) -> list[str]:
-        errs: list[str] = []
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
         for c in self.allow_special:
             if c not in CATEGORIES:
-                errs.append(f"allow_special: unknown category {c!r}; one of "
-                            + ", ".join(CATEGORIES))
+                errs.append(Problem("allow_special", f"unknown category {c!r}; one of "
+                                    + ", ".join(CATEGORIES)))
         for n in self.allow_names:
             bare = n[2:] if n.startswith("*.") else n
             if not bare or "*" in bare or not _valid_hostname(bare):
-                errs.append(f"allow_names: invalid name pattern {n!r}")
+                errs.append(Problem("allow_names", f"invalid name pattern {n!r}"))
         for c in self.allow_cidrs:
             try:
                 net = ipaddress.ip_network(c, strict=True)
             except ValueError as e:
-                errs.append(f"allow_cidrs: {e}")
+                errs.append(Problem("allow_cidrs", str(e)))
                 continue
             if net.prefixlen < WIDE_PREFIX[net.version] and not self.allow_wide_cidrs:
-                errs.append(f"allow_cidrs: {c} is wider than /{WIDE_PREFIX[4]} (IPv4) or "
-                            f"/{WIDE_PREFIX[6]} (IPv6); set allow_wide_cidrs: true to allow it")
+                errs.append(Problem("allow_cidrs", f"{c} is wider than /{WIDE_PREFIX[4]} (IPv4) "
+                                    f"or /{WIDE_PREFIX[6]} (IPv6); set allow_wide_cidrs: true "
+                                    "to allow it"))
         if not (self.rate > 0 and math.isfinite(self.rate)):
-            errs.append("rate: must be > 0")
+            errs.append(Problem("rate", "must be > 0"))
         if not 1 <= self.burst <= 10_000:
-            errs.append("burst: must be between 1 and 10000")
+            errs.append(Problem("burst", "must be between 1 and 10000"))
         if not 1 <= self.max_clients <= 1_000_000:
-            errs.append("max_clients: must be between 1 and 1000000")
+            errs.append(Problem("max_clients", "must be between 1 and 1000000"))
         if not 1 <= self.max_concurrent <= 10_000:
-            errs.append("max_concurrent: must be between 1 and 10000")
+            errs.append(Problem("max_concurrent", "must be between 1 and 10000"))
         if not 0 < self.timeout <= 300:
-            errs.append("timeout: must be > 0 and <= 300s")
+            errs.append(Problem("timeout", "must be > 0 and <= 300s"))
         if not 0 <= self.timeout_offset < self.timeout:
-            errs.append("timeout_offset: must be >= 0 and below timeout")
+            errs.append(Problem("timeout_offset", "must be >= 0 and below timeout"))
         if not 0 < self.resolve_timeout <= 300:
-            errs.append("resolve_timeout: must be > 0 and <= 300s")
+            errs.append(Problem("resolve_timeout", "must be > 0 and <= 300s"))
         if self.enabled and not (self.allow_names or self.allow_cidrs):
-            errs.append("allow_names: an enabled /probe needs allow_names or allow_cidrs")
+            errs.append(Problem("allow_names",
+                                "an enabled /probe needs allow_names or allow_cidrs"))
         return errs
 
 
@@ -712,7 +714,7 @@ def add_probe_route(app: web.Application, cfg: ProbeEndpointConfig,
         return None
     errs = cfg.validate()
     if errs:
-        raise ValueError("; ".join(errs))
+        raise ValueError("; ".join(map(str, errs)))
     ep = ProbeEndpoint(cfg, probes, modules, ctx, **kw)
     app.router.add_get("/probe", ep.handle)
     return ep
