@@ -30,14 +30,15 @@ from agent.decode import (
     decode,
     decode_dataclass,
     fields_as_dict,
+    is_null,
+    line_of,
+    mapping_items,
 )
 from agent.discovery import DiscoveryConfig
 from agent.probe_endpoint import ProbeEndpointConfig
 from agent.rules import (
     NAME_RULE,
     RESERVED_LABELS,
-    YAMLLimitError,
-    check_yaml_graph,
     is_label_name,
     is_name,
 )
@@ -245,25 +246,6 @@ def _check_labels(labels: dict[str, str], key: str) -> list[Problem]:
     return errs
 
 
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _mapping_items(node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(path, "expected a mapping", _line(node))
-    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    for k, v in node.value:
-        key = k.value if isinstance(k, yaml.ScalarNode) else None
-        sub = f"{path}.{key}" if path else str(key)
-        if not isinstance(key, str):
-            raise ConfigError(path, "keys must be strings", _line(k))
-        if key in out:
-            raise ConfigError(sub, "duplicate key", _line(k))
-        out[key] = (k, v)
-    return out
-
-
 TOP_LEVEL_KEYS = ("agent", "defaults", "metrics", "targets", "discovery", "probe_endpoint")
 
 
@@ -275,42 +257,37 @@ def loads(text: str, source: str = "<config>") -> Config:
     root = compose(text, source)
     if root is None:
         raise ConfigError("agent", "required key is missing (the config is empty)")
-    try:
-        check_yaml_graph(root)
-    except YAMLLimitError as e:
-        raise ConfigError(source, f"invalid YAML: {e.message}", e.line) from None
-    top = _mapping_items(root, "")
+    top = mapping_items(root, "")
     for key, (knode, _) in top.items():
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(key, f"unknown key (known keys: {', '.join(TOP_LEVEL_KEYS)})",
-                              _line(knode))
+                              line_of(knode))
     if "agent" not in top:
-        raise ConfigError("agent", "required key is missing", _line(root))
+        raise ConfigError("agent", "required key is missing", line_of(root))
     agent = decode_dataclass(AgentSection, top["agent"][1], "agent")
     metrics = (decode_dataclass(MetricsSection, top["metrics"][1], "metrics")
                if "metrics" in top else MetricsSection())
 
     defaults: dict[str, CommonOptions] = {k: kind.options() for k, kind in PROBES.items()}
     if "defaults" in top:
-        for kname, (knode, vnode) in _mapping_items(top["defaults"][1], "defaults").items():
+        for kname, (knode, vnode) in mapping_items(top["defaults"][1], "defaults").items():
             if kname not in PROBES:
                 raise ConfigError(f"defaults.{kname}", "unknown probe kind (known: "
-                                  f"{', '.join(sorted(PROBES))})", _line(knode))
+                                  f"{', '.join(sorted(PROBES))})", line_of(knode))
             defaults[kname] = decode_dataclass(PROBES[kname].options, vnode,
                                                f"defaults.{kname}")
 
     jobs: list[Job] = []
     targets_node = top.get("targets", (None, None))[1]
-    if targets_node is not None and not (isinstance(targets_node, yaml.ScalarNode)
-                                         and targets_node.tag.endswith(":null")):
+    if targets_node is not None and not is_null(targets_node):
         if not isinstance(targets_node, yaml.SequenceNode):
-            raise ConfigError("targets", "expected a list", _line(targets_node))
+            raise ConfigError("targets", "expected a list", line_of(targets_node))
         # Counted on the node tree, before any target is decoded: a config far over the limit
         # is rejected at the cost of its parse, not of building every target.
         count = sum(_series_count(t) for t in targets_node.value)
         if count > agent.max_targets:
             raise ConfigError("targets", f"{count} probe series exceed agent.max_targets "
-                              f"({agent.max_targets})", _line(targets_node))
+                              f"({agent.max_targets})", line_of(targets_node))
         names: dict[str, int] = {}
         for i, tnode in enumerate(targets_node.value):
             jobs += _decode_target(tnode, f"targets[{i}]", defaults, names)
@@ -419,43 +396,43 @@ def _series_count(node: yaml.Node) -> int:
 
 def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions],
                    names: dict[str, int]) -> list[Job]:
-    items = _mapping_items(node, path)
+    items = mapping_items(node, path)
     raw = decode_dataclass(_RawTarget, node, path)
     if not is_name(raw.name):
-        raise ConfigError(f"{path}.name", f"must be {NAME_RULE}", _line(items["name"][1]))
+        raise ConfigError(f"{path}.name", f"must be {NAME_RULE}", line_of(items["name"][1]))
     if raw.name in names:
         raise ConfigError(f"{path}.name", f"duplicate target name {raw.name!r} (first at "
-                          f"line {names[raw.name]})", _line(items["name"][1]))
-    names[raw.name] = _line(items["name"][1])
+                          f"line {names[raw.name]})", line_of(items["name"][1]))
+    names[raw.name] = line_of(items["name"][1])
     if not raw.address.strip() or len(raw.address) > 253 or any(c.isspace() for c in raw.address):
         raise ConfigError(f"{path}.address", "must be an IP address or a hostname",
-                          _line(items["address"][1]))
+                          line_of(items["address"][1]))
     for problem in _check_labels(raw.labels, "labels"):
-        raise ConfigError(f"{path}.{problem.key}", problem.message, _line(items["labels"][1]))
+        raise ConfigError(f"{path}.{problem.key}", problem.message, line_of(items["labels"][1]))
     target = Target(name=raw.name, address=raw.address.strip(), labels=dict(raw.labels))
     pnode = items["probes"][1] if "probes" in items else None
     kinds: list[tuple[str, yaml.Node | None, yaml.Node]] = []
-    if pnode is None or (isinstance(pnode, yaml.ScalarNode) and pnode.tag.endswith(":null")):
+    if pnode is None or is_null(pnode):
         kinds = [("icmp", None, node)]
     elif isinstance(pnode, yaml.SequenceNode):
         for j, k in enumerate(pnode.value):
             val = decode(str, k, f"{path}.probes[{j}]")
             kinds.append((val, None, k))
     elif isinstance(pnode, yaml.MappingNode):
-        for kname, (knode, vnode) in _mapping_items(pnode, f"{path}.probes").items():
+        for kname, (knode, vnode) in mapping_items(pnode, f"{path}.probes").items():
             kinds.append((kname, vnode, knode))
     else:
         raise ConfigError(f"{path}.probes", "expected a list of probe kinds or a mapping of "
-                          "kind to options", _line(pnode))
+                          "kind to options", line_of(pnode))
     jobs = []
     seen: set[str] = set()
     for kname, opts_node, where in kinds:
         sub = f"{path}.probes.{kname}"
         if kname not in PROBES:
             raise ConfigError(sub, f"unknown probe kind (known: {', '.join(sorted(PROBES))})",
-                              _line(where))
+                              line_of(where))
         if kname in seen:
-            raise ConfigError(sub, "probe kind listed twice", _line(where))
+            raise ConfigError(sub, "probe kind listed twice", line_of(where))
         seen.add(kname)
         base = defaults[kname]
         if opts_node is None:

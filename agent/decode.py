@@ -26,7 +26,7 @@ from typing import (
 
 import yaml
 
-from agent.rules import MAX_YAML_DEPTH
+from agent.rules import MAX_YAML_DEPTH, YAMLLimitError, check_yaml_graph
 from probes.base import is_secret
 
 T = TypeVar("T")
@@ -116,14 +116,16 @@ _CLOADER: type[Any] | None = getattr(yaml, "CSafeLoader", None)
 
 
 def compose(text: str, source: str = "<config>") -> yaml.Node | None:
-    """Parse YAML into a node tree (keeping line numbers). Raises ConfigError on syntax errors."""
+    """Parse YAML into a node tree (keeping line numbers), refusing alias bombs and deep
+    nesting (:func:`agent.rules.check_yaml_graph`). Raises ConfigError."""
     # Syntax errors cannot tell which key they are in, so they quote no part of the document
     # longer than a character or an escape: that part may be a secret.
     try:
         if _CLOADER is None:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_depth(text, source)
-        return yaml.compose(text, Loader=_CLOADER)
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        else:
+            _check_depth(text, source)
+            root = yaml.compose(text, Loader=_CLOADER)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
         raise ConfigError(source, f"invalid YAML: {_unquote(str(e.problem))}", line) from None
@@ -131,6 +133,12 @@ def compose(text: str, source: str = "<config>") -> yaml.Node | None:
         raise ConfigError(source, f"invalid YAML: {_unquote(str(e))}") from None
     except RecursionError:
         raise ConfigError(source, "invalid YAML: nested too deeply") from None
+    if root is not None:
+        try:
+            check_yaml_graph(root)
+        except YAMLLimitError as e:
+            raise ConfigError(source, f"invalid YAML: {e.message}", e.line) from None
+    return root
 
 
 def _check_depth(text: str, source: str) -> None:
@@ -165,6 +173,31 @@ def _unquote(problem: str) -> str:
 
 def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+line_of = _line
+
+
+def is_null(node: yaml.Node) -> bool:
+    """An explicit YAML null (``key:`` or ``key: null``)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def mapping_items(node: yaml.Node, path: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """A mapping node's entries by key, each as (key node, value node), before decoding them:
+    for sections whose keys are names (probe kinds) rather than fields."""
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(path, "expected a mapping", _line(node))
+    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for k, v in node.value:
+        key = k.value if isinstance(k, yaml.ScalarNode) else None
+        sub = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            raise ConfigError(path, "keys must be strings", _line(k))
+        if key in out:
+            raise ConfigError(sub, "duplicate key", _line(k))
+        out[key] = (k, v)
+    return out
 
 
 def _scalar(node: yaml.Node, path: str) -> Any:
@@ -206,7 +239,7 @@ def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> A
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        if is_null(node):
             return None
         if len(args) == 1:
             return decode(args[0], node, path, depth)
@@ -282,7 +315,7 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
     """Decode a mapping node into dataclass ``cls``; unknown keys are errors. ``base`` supplies
     values for keys the node does not set (layered defaults)."""
     if not isinstance(node, yaml.MappingNode):
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        if is_null(node):
             node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
         else:
             raise ConfigError(path, "expected a mapping", _line(node))
