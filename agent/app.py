@@ -20,10 +20,10 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from agent import config as cfgmod
 from agent.collector import AgentCollector, CollectorState, SelfStats, SeriesView
-from agent.config import Config, Job
-from agent.decode import ConfigError
+from agent.config import load as cfgmod
+from agent.config.decode import ConfigError
+from agent.config.model import Config, Job
 from agent.discovery import DiscoveredTarget, Discovery, merge_targets
 from agent.export import protobuf
 from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults

@@ -18,10 +18,11 @@ from typing import Any
 
 import uvloop
 
-from agent import config as cfgmod
 from agent import logs, model
 from agent.collector import VERSION
-from agent.decode import ConfigError, parse_duration
+from agent.config import load as cfgmod
+from agent.config.decode import ConfigError, parse_duration
+from agent.config.model import ModelConfig
 from agent.stats import quantile
 
 log = logging.getLogger("edgeprobe")
@@ -366,7 +367,7 @@ def summarize(host: str, address: str, rtts: list[float | None], ids: list[int],
         if prev is not None:
             jitter += (abs(r - prev) - jitter) / 16
         prev = r
-    d = cfgmod.ModelConfig()
+    d = ModelConfig()
     pred = model.predict(answered, lost, jitter, budget, d.round_trips, d.fixed, d.exchanges)
     upper = model.wilson_interval(lost, len(rtts))[1]
     if pred is None or not answered or pred.estimate > budget or pred.miss_probability > 0.05:
@@ -409,7 +410,7 @@ def render_table(rows: list[dict[str, Any]], budget: float) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
            for row in lines]
-    d = cfgmod.ModelConfig()
+    d = ModelConfig()
     out.append(f"RTT in ms. EST = {d.round_trips:g}×median RTT + {d.fixed * 1000:g} ms (cold "
                f"connect); P(MISS) = model probability of missing the {budget * 1000:g} ms "
                "budget; ≤LOSS%95 = 95 % Wilson upper bound.")

@@ -47,9 +47,9 @@ import dns.resolver
 import yaml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent import rules
-from agent.decode import Duration, Problem
-from agent.rules import (
+from agent.config import rules
+from agent.config.decode import Duration, Problem
+from agent.config.rules import (
     NAME_RULE,
     RESERVED_LABELS,
     YAMLLimitError,

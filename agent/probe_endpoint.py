@@ -61,7 +61,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from agent.decode import Duration, Problem
+from agent.config.decode import Duration, Problem
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 
 log = logging.getLogger("edgeprobe.probe_endpoint")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.collector import SelfStats
-from agent.config import Job
+from agent.config.model import Job
 from probes.base import ProbeResult, RunAbandoned, RunHandle
 
 log = logging.getLogger("edgeprobe.scheduler")

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent.config.rules import split_host_port
 from agent.export import protobuf
-from agent.rules import split_host_port
 
 if TYPE_CHECKING:
     from agent.app import Agent

@@ -53,7 +53,7 @@ import bcrypt
 import yaml
 from aiohttp import web
 
-from agent import decode
+from agent.config import decode
 
 log = logging.getLogger("edgeprobe.web")
 

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import config as cfgmod
 from agent.app import Agent
+from agent.config import load as cfgmod
+from agent.config.model import MetricsSection
 from agent.export import catalog
 from probes import PROBES
 from probes.base import ProbeResult
@@ -114,7 +115,7 @@ def startup(n: int) -> dict[str, Any]:
 
 
 def series_per_target() -> dict[str, dict[str, int]]:
-    m = cfgmod.MetricsSection()
+    m = MetricsSection()
     counts = catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases))
     return {name: {"text": catalog.series_per_target(k, counts),
                    "native": catalog.series_per_target(k, counts, native=True)}

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-from agent import decode
+from agent.config import decode
 
 JitterDist = Literal["none", "uniform", "normal", "exponential", "pareto"]
 JITTER_DISTS: tuple[str, ...] = ("none", "uniform", "normal", "exponential", "pareto")

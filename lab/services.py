@@ -47,7 +47,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from agent.rules import split_host_port
+from agent.config.rules import split_host_port
 
 LAB_NAME = "edge.lab.test"
 HTTP_BODY = b"edgeprobe lab"

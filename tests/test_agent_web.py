@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as cfgmod
 from agent.app import Agent
+from agent.config import load as cfgmod
 from agent.scheduler import stagger
 from agent.web import build_app, serve
 

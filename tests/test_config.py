@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from agent.config import loads
-from agent.decode import ConfigError
+from agent.config.decode import ConfigError
+from agent.config.load import loads
 
 MINIMAL = """
 agent:
@@ -127,7 +127,7 @@ def test_every_kind_default_options_are_valid() -> None:
 def test_one_duration_grammar(text: str, seconds: float) -> None:
     """The config, the web config and the lab read durations with one grammar (Prometheus's,
     plus single fractional or sub-millisecond terms)."""
-    from agent.decode import parse_duration
+    from agent.config.decode import parse_duration
     from agent.webconfig import parse_duration as web_duration
     from lab.impair import parse_duration as lab_duration
 
@@ -138,7 +138,7 @@ def test_one_duration_grammar(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["30s1m", "1s1s", "1.5m30s", "soon", "", "1x", "-1s"])
 def test_one_duration_grammar_refuses(text: str) -> None:
-    from agent.decode import parse_duration
+    from agent.config.decode import parse_duration
 
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -151,14 +151,14 @@ def test_one_duration_grammar_refuses(text: str) -> None:
 ])
 def test_one_host_port_splitter(raw: str, want: tuple[str, int | None]) -> None:
     """Discovery, the DNS SD server, the listen address and the lab split host:port one way."""
-    from agent.rules import split_host_port
+    from agent.config.rules import split_host_port
 
     assert split_host_port(raw) == want
 
 
 @pytest.mark.parametrize("raw", ["[::1]x", "h:70000", "h:٥٣", "h:-1"])
 def test_one_host_port_splitter_refuses(raw: str) -> None:
-    from agent.rules import split_host_port
+    from agent.config.rules import split_host_port
 
     with pytest.raises(ValueError):
         split_host_port(raw)

@@ -276,7 +276,7 @@ def test_grafana_provisioning_as_mounted(compose: dict[str, Any], tmp_path: Path
 @pytest.mark.parametrize("region", REGIONS)
 def test_agent_configs_load(region: str) -> None:
     # The agent's own strict loader: parsing and validation only, no name is resolved.
-    from agent import config as cfgmod
+    from agent.config import load as cfgmod
 
     cfg = cfgmod.load(ROOT / "deploy" / "agent" / f"{region}.yml")
     assert cfg.agent.region == region

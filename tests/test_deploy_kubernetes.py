@@ -141,7 +141,7 @@ def test_overlay_deployment(rendered: dict[str, list[dict[str, Any]]], region: s
 
 @pytest.mark.parametrize("region", REGIONS)
 def test_overlay_config_is_the_region_config(region: str) -> None:
-    from agent import config as cfgmod
+    from agent.config import load as cfgmod
 
     copy = K8S / "overlays" / region / "edgeprobe.yml"
     source = ROOT / "deploy" / "agent" / f"{region}.yml"

@@ -23,8 +23,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import pytest
 import yaml
 
-from agent import config as agent_config
-from agent.decode import ConfigError, decode
+from agent.config import load as agent_config
+from agent.config.decode import ConfigError, decode
+from agent.config.model import AgentSection, MetricsSection
 from agent.discovery import DiscoveryConfig
 from agent.probe_endpoint import ProbeEndpointConfig
 from probes import PROBES
@@ -37,8 +38,8 @@ REFERENCE = DOCS / "configuration.md"
 # Each top-level section the decoder reads into a dataclass, and the key path its fields get.
 # "defaults" is a map of kind -> that kind's options class (checked per kind below).
 SECTIONS: dict[str, type[Any]] = {
-    "agent": agent_config.AgentSection,
-    "metrics": agent_config.MetricsSection,
+    "agent": AgentSection,
+    "metrics": MetricsSection,
     "targets[]": agent_config._RawTarget,
     "discovery": DiscoveryConfig,
     "probe_endpoint": ProbeEndpointConfig,

@@ -266,7 +266,7 @@ def expected_miss(path: Mapping[str, Any]) -> tuple[float, float]:
     """(model miss probability, RTT) for a lab path, from its configured impairment, with the
     agent's own model and default parameters (cold connect: 7.5 round trips, 100 ms fixed,
     4 exchanges, 600 ms budget)."""
-    from agent.config import ModelConfig
+    from agent.config.model import ModelConfig
     from agent.model import miss_probability
 
     up, down = path["up"], path["down"]

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as cfgmod
 from agent.app import Agent
-from agent.decode import ConfigError
+from agent.config import load as cfgmod
+from agent.config.decode import ConfigError
 from agent.web import build_app, serve
 from probes.net.resolve import Resolver
 

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from agent.decode import ConfigError, Duration, compose, decode_dataclass
+from agent.config.decode import ConfigError, Duration, compose, decode_dataclass
 from agent.discovery import (
     BasicAuth,
     DiscoveredTarget,
@@ -573,7 +573,7 @@ def test_yaml_alias_limits() -> None:
 
 
 def test_config_alias_bomb_is_refused(tmp_path: Path) -> None:
-    from agent import config as cfgmod
+    from agent.config import load as cfgmod
 
     # The main config has the same hole: each target's labels are decoded once per alias.
     p = tmp_path / "edgeprobe.yml"
@@ -588,7 +588,7 @@ def test_config_alias_bomb_is_refused(tmp_path: Path) -> None:
 
 
 def test_config_ordinary_anchors_still_work() -> None:
-    from agent import config as cfgmod
+    from agent.config import load as cfgmod
 
     cfg = cfgmod.loads(
         "agent: {region: r}\n"

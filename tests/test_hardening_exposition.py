@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as cfgmod
 from agent.app import Agent
-from agent.decode import ConfigError
+from agent.config import load as cfgmod
+from agent.config.decode import ConfigError
+from agent.config.model import Config
+from agent.config.rules import is_host, is_label_name, is_name
 from agent.discovery import (
     DiscoveredTarget,
     Discovery,
@@ -30,7 +32,6 @@ from agent.discovery import (
     merge_targets,
     parse_groups,
 )
-from agent.rules import is_host, is_label_name, is_name
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 SOURCE = "inv"
@@ -51,7 +52,7 @@ def _render(agent: Agent) -> str:
     return b"".join(agent.render_metrics()).decode()
 
 
-def _agent(cfg: cfgmod.Config, discovered: list[Any]) -> Agent:
+def _agent(cfg: Config, discovered: list[Any]) -> Agent:
     """The agent as start() builds it, without starting probes (the names are random)."""
     agent = Agent(cfg)
     assert cfg.discovery is not None

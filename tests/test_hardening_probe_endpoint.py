@@ -33,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.decode import ConfigError, compose, decode_dataclass
+from agent.config.decode import ConfigError, compose, decode_dataclass
 from agent.probe_endpoint import (
     CATEGORIES,
     ClientLimiter,

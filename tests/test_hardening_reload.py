@@ -21,10 +21,10 @@ import bcrypt
 import pytest
 import yaml
 
-from agent import config as cfgmod
 from agent import logs
 from agent.app import Agent
-from agent.decode import ConfigError
+from agent.config import load as cfgmod
+from agent.config.decode import ConfigError
 from agent.web import build_app, serve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -48,8 +48,8 @@ import uvloop
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as cfgmod
 from agent.app import Agent
+from agent.config import load as cfgmod
 from agent.web import build_app, serve
 from agent.webconfig import WebGuard
 from probes.net.icmp import IcmpEngines

@@ -430,7 +430,7 @@ def test_probe_fd_reserve_by_kind(tmp_path: Path) -> None:
     connect, packets x max_hops for path, and three per /probe request in flight."""
     from types import SimpleNamespace
 
-    from agent import config as cfgmod
+    from agent.config import load as cfgmod
     from agent.web import ProbeFdReserve
 
     p = tmp_path / "e.yml"

@@ -628,8 +628,8 @@ MISTAGGED = f"tls_server_config: {{cert_file: server.crt, key_file: server.key}}
 
 async def test_reload_with_a_mistagged_hash_fails_cleanly(
         pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
-    from agent import config as cfgmod
     from agent.app import Agent
+    from agent.config import load as cfgmod
     from agent.web import build_app
     from agent.web import serve as serve_app
 

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as cfgmod
 from agent.app import Agent
-from agent.decode import ConfigError
+from agent.config import load as cfgmod
+from agent.config.decode import ConfigError
 from agent.web import build_app, serve
 from probes import PROBES
 from probes.base import (

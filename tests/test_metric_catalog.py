@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import config as cfgmod
 from agent.app import Agent
-from agent.config import MetricsSection
+from agent.config import load as cfgmod
+from agent.config.model import MetricsSection
 from agent.export import catalog
 from probes import PROBES
 from probes.base import HopResult, ProbeResult

@@ -272,8 +272,8 @@ async def test_agent_serves_native_histograms_to_prometheus(tmp_path: Path) -> N
     """A live agent probing loopback: Prometheus asks for protobuf and gets native RTT buckets,
     whose median agrees with the agent's exact window median within 2 %; a text scraper still
     gets the text format."""
-    from agent import config as cfgmod
     from agent.app import Agent
+    from agent.config import load as cfgmod
     from agent.web import build_app, serve
 
     path = tmp_path / "edgeprobe.yml"

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 
 from agent.collector import SelfStats
-from agent.config import Job
+from agent.config.model import Job
 from agent.scheduler import Done, Scheduler, stagger
 from agent.testing import FakeClock
 from probes.base import ProbeResult, RunHandle, Target

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from agent.config import dense_rtt_buckets
+from agent.config.model import dense_rtt_buckets
 from agent.stats import BURST_BUCKETS, IPDV_BUCKETS, Histogram, PacketStats, Window, quantile
 
 

@@ -372,7 +372,7 @@ def test_make_run_agent_config_probes_webrtc_and_relay(world: Any) -> None:
     relay; the options it decodes to connect and stream through the lab."""
     import dataclasses
 
-    from agent import config as agent_config
+    from agent.config import load as agent_config
     from lab.agentconf import agent_config as lab_agent_config
     from lab.agentconf import dump
     cfg = agent_config.loads(dump(lab_agent_config(world.state, REGION, services=True)))

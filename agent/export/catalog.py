@@ -257,7 +257,7 @@ def _cell(text: str) -> str:
 
 def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
     """docs/metrics.md."""
-    from agent.config import MetricsSection
+    from agent.config.model import MetricsSection
 
     lean, dense = MetricsSection(), MetricsSection(classic_buckets="dense")
     lean_n = bucket_counts(len(lean.rtt), len(lean.durations), len(lean.phases))

@@ -26,7 +26,7 @@ from typing import (
 
 import yaml
 
-from agent.rules import MAX_YAML_DEPTH, YAMLLimitError, check_yaml_graph
+from agent.config.rules import MAX_YAML_DEPTH, YAMLLimitError, check_yaml_graph
 from probes.base import is_secret
 
 T = TypeVar("T")
