@@ -24,7 +24,8 @@ from agent.collector import AgentCollector, CollectorState, SelfStats, SeriesVie
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.config.model import Config, Job
-from agent.discovery import DiscoveredTarget, Discovery, merge_targets
+from agent.discovery.groups import DiscoveredTarget, merge_targets
+from agent.discovery.manager import Discovery
 from agent.export import protobuf
 from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults
 from agent.scheduler import Done, Scheduler, loop_lag_monitor

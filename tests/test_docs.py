@@ -26,7 +26,7 @@ import yaml
 from agent.config import load as agent_config
 from agent.config.decode import ConfigError, decode
 from agent.config.model import AgentSection, MetricsSection
-from agent.discovery import DiscoveryConfig
+from agent.discovery.config import DiscoveryConfig
 from agent.probe_endpoint import ProbeEndpointConfig
 from probes import PROBES
 from probes.base import COMMON_REASONS, CommonOptions

@@ -27,21 +27,23 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from agent.config.decode import ConfigError, Duration, compose, decode_dataclass
-from agent.discovery import (
+from agent.discovery.config import (
     BasicAuth,
-    DiscoveredTarget,
-    Discovery,
     DiscoveryConfig,
     DnsSDConfig,
     FileSDConfig,
-    HttpSD,
     HttpSDConfig,
+)
+from agent.discovery.groups import (
+    DiscoveredTarget,
     SDError,
     decode_sd_text,
     merge_targets,
     parse_groups,
     split_host_port,
 )
+from agent.discovery.http_sd import HttpSD
+from agent.discovery.manager import Discovery
 from probes.base import Target
 
 

@@ -24,14 +24,14 @@ from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.config.model import Config
 from agent.config.rules import is_host, is_label_name, is_name
-from agent.discovery import (
+from agent.discovery.groups import (
     DiscoveredTarget,
-    Discovery,
     SDError,
     decode_sd_text,
     merge_targets,
     parse_groups,
 )
+from agent.discovery.manager import Discovery
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 SOURCE = "inv"

@@ -137,7 +137,7 @@ def test_options_validation_messages() -> None:
 
 
 def test_options_decode_strictly_from_yaml() -> None:
-    decode = pytest.importorskip("agent.decode")
+    decode = pytest.importorskip("agent.config.decode")
     node = decode.compose("port: 8443\nserver_name: edge.lab.test\nalpn: [h2]\ntimeout: 500ms\n"
                           "dscp: EF\n")
     opts = decode.decode_dataclass(tls.TlsOptions, node)

@@ -39,7 +39,7 @@ from agent.config.model import (
     check_labels,
 )
 from agent.config.rules import NAME_RULE, is_name
-from agent.discovery import DiscoveryConfig
+from agent.discovery.config import DiscoveryConfig
 from agent.probe_endpoint import ProbeEndpointConfig
 from probes import PROBES
 from probes.base import CommonOptions, Target

@@ -13,7 +13,7 @@ from agent.config.rules import NAME_RULE, RESERVED_LABELS, is_label_name, is_nam
 from probes.base import CommonOptions, Target
 
 if TYPE_CHECKING:
-    from agent.discovery import DiscoveryConfig
+    from agent.discovery.config import DiscoveryConfig
     from agent.probe_endpoint import ProbeEndpointConfig
 
 DEFAULT_MAX_TARGETS = 10000
