@@ -27,10 +27,11 @@ from agent.config.model import Config, Job
 from agent.discovery.groups import DiscoveredTarget, merge_targets
 from agent.discovery.manager import Discovery
 from agent.export import protobuf
-from agent.probe_endpoint import ProbeEndpoint, modules_from_defaults
 from agent.scheduler import Done, Scheduler, loop_lag_monitor
+from agent.server.guard import WebGuard
+from agent.server.probe.handler import ProbeEndpoint, modules_from_defaults
+from agent.server.webconfig import WebConfigError
 from agent.stats import SeriesShape, new_series
-from agent.webconfig import WebConfigError, WebGuard
 from probes import PROBES
 from probes.base import ProbeContext, ProbeResult, Resources, RunHandle
 

@@ -163,8 +163,9 @@ async def _run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGHUP, hups.request)
 
     from agent.app import Agent
-    from agent.web import ProbeFdReserve, WebLimits, build_app, serve
-    from agent.webconfig import WebConfigError, WebGuard
+    from agent.server.guard import WebGuard
+    from agent.server.http import ProbeFdReserve, WebLimits, build_app, serve
+    from agent.server.webconfig import WebConfigError
 
     limits = WebLimits(read_header_timeout=args.read_header_timeout,
                        idle_timeout=args.idle_timeout, max_connections=args.max_connections)

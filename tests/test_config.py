@@ -128,7 +128,7 @@ def test_one_duration_grammar(text: str, seconds: float) -> None:
     """The config, the web config and the lab read durations with one grammar (Prometheus's,
     plus single fractional or sub-millisecond terms)."""
     from agent.config.decode import parse_duration
-    from agent.webconfig import parse_duration as web_duration
+    from agent.server.webconfig import parse_duration as web_duration
     from lab.impair import parse_duration as lab_duration
 
     assert parse_duration(text) == pytest.approx(seconds)

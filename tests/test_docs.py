@@ -27,7 +27,7 @@ from agent.config import load as agent_config
 from agent.config.decode import ConfigError, decode
 from agent.config.model import AgentSection, MetricsSection
 from agent.discovery.config import DiscoveryConfig
-from agent.probe_endpoint import ProbeEndpointConfig
+from agent.server.probe.config import ProbeEndpointConfig
 from probes import PROBES
 from probes.base import COMMON_REASONS, CommonOptions
 

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.app import Agent
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
-from agent.web import build_app, serve
+from agent.server.http import build_app, serve
 from probes.net.resolve import Resolver
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,20 +34,11 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config.decode import ConfigError, compose, decode_dataclass
-from agent.probe_endpoint import (
-    CATEGORIES,
-    ClientLimiter,
-    DnsResolver,
-    ProbeEndpoint,
-    ProbeEndpointConfig,
-    Refused,
-    TargetPolicy,
-    add_probe_route,
-    credential_fields,
-    modules_from_defaults,
-    parse_target,
-    special_category,
-)
+from agent.server.probe.config import CATEGORIES, ProbeEndpointConfig, special_category
+from agent.server.probe.handler import ProbeEndpoint, add_probe_route, modules_from_defaults
+from agent.server.probe.policy import Refused, TargetPolicy, credential_fields, parse_target
+from agent.server.probe.resolver import DnsResolver
+from agent.server.ratelimit import ClientLimiter
 from probes import PROBES
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.connect import ConnectOptions as ConnectKindOptions

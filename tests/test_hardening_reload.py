@@ -25,7 +25,7 @@ from agent import logs
 from agent.app import Agent
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
-from agent.web import build_app, serve
+from agent.server.http import build_app, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Hunter2Secret"

@@ -50,8 +50,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app import Agent
 from agent.config import load as cfgmod
-from agent.web import build_app, serve
-from agent.webconfig import WebGuard
+from agent.server.guard import WebGuard
+from agent.server.http import build_app, serve
 from probes.net.icmp import IcmpEngines
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]

@@ -431,7 +431,7 @@ def test_probe_fd_reserve_by_kind(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from agent.config import load as cfgmod
-    from agent.web import ProbeFdReserve
+    from agent.server.http import ProbeFdReserve
 
     p = tmp_path / "e.yml"
     p.write_text("""agent: {region: test}
@@ -459,7 +459,7 @@ def test_server_log_demotes_only_malformed_requests(caplog: pytest.LogCaptureFix
 
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from agent.web import _ServerLog
+    from agent.server.http import _ServerLog
 
     adapter = _ServerLog(logging.getLogger("aiohttp.server"), {})
     with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):

@@ -29,7 +29,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.webconfig import WebConfigError, WebGuard, load_web_config, parse_web_config
+from agent.server.guard import WebGuard
+from agent.server.webconfig import WebConfigError, load_web_config, parse_web_config
 
 PASSWORD = "s3cret-pw"
 # Cost 4 is bcrypt's minimum: the test exercises the code path, not the work factor.
@@ -484,7 +485,7 @@ def test_a_mistagged_hash_is_a_clean_error_naming_key_and_line(pki: Pki, tag: st
 
 def test_an_unforeseen_decoder_failure_is_still_clean(pki: Pki,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.webconfig as wc
+    import agent.server.webconfig as wc
 
     def boom(users: object) -> bytes:
         raise ValueError(f"something quoting {HASH}")
@@ -630,8 +631,8 @@ async def test_reload_with_a_mistagged_hash_fails_cleanly(
         pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     from agent.app import Agent
     from agent.config import load as cfgmod
-    from agent.web import build_app
-    from agent.web import serve as serve_app
+    from agent.server.http import build_app
+    from agent.server.http import serve as serve_app
 
     caplog.set_level(logging.DEBUG)
     cfg_path = pki.dir / "edgeprobe.yml"

@@ -274,7 +274,7 @@ async def test_agent_serves_native_histograms_to_prometheus(tmp_path: Path) -> N
     gets the text format."""
     from agent.app import Agent
     from agent.config import load as cfgmod
-    from agent.web import build_app, serve
+    from agent.server.http import build_app, serve
 
     path = tmp_path / "edgeprobe.yml"
     path.write_text(AGENT_CONFIG)

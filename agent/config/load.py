@@ -40,7 +40,7 @@ from agent.config.model import (
 )
 from agent.config.rules import NAME_RULE, is_name
 from agent.discovery.config import DiscoveryConfig
-from agent.probe_endpoint import ProbeEndpointConfig
+from agent.server.probe.config import ProbeEndpointConfig
 from probes import PROBES
 from probes.base import CommonOptions, Target
 

@@ -14,7 +14,7 @@ from probes.base import CommonOptions, Target
 
 if TYPE_CHECKING:
     from agent.discovery.config import DiscoveryConfig
-    from agent.probe_endpoint import ProbeEndpointConfig
+    from agent.server.probe.config import ProbeEndpointConfig
 
 DEFAULT_MAX_TARGETS = 10000
 

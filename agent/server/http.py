@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.config.rules import split_host_port
 from agent.export import protobuf
+from agent.server.probe import handler as probe_handler
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -105,14 +106,7 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
     app.router.add_get("/-/ready", ready)
     app.router.add_post("/-/reload", reload)
 
-    async def probe(request: web.Request) -> web.Response:
-        # Looked up per request: a reload may enable, disable or reconfigure /probe.
-        ep = agent.probe_endpoint
-        if ep is None:
-            return web.Response(status=404, text="/probe is disabled (probe_endpoint.enabled)\n")
-        return await ep.handle(request)
-
-    app.router.add_get("/probe", probe)
+    probe_handler.mount(app, lambda: agent.probe_endpoint)
     app.router.add_put("/-/reload", reload)
     app.add_routes(list(routes))
     return app
