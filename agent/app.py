@@ -20,18 +20,19 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from agent.collector import AgentCollector, CollectorState, SelfStats, SeriesView
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.config.model import Config, Job
 from agent.discovery.groups import DiscoveredTarget, merge_targets
 from agent.discovery.manager import Discovery
 from agent.export import protobuf
-from agent.scheduler import Done, Scheduler, loop_lag_monitor
+from agent.export.collector import AgentCollector, CollectorState, SeriesView
+from agent.runtime.scheduler import Done, Scheduler, loop_lag_monitor
+from agent.runtime.selfstats import SelfStats
+from agent.runtime.stats import SeriesShape, new_series
 from agent.server.guard import WebGuard
 from agent.server.probe.handler import ProbeEndpoint, modules_from_defaults
 from agent.server.webconfig import WebConfigError
-from agent.stats import SeriesShape, new_series
 from probes import PROBES
 from probes.base import ProbeContext, ProbeResult, Resources, RunHandle
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import uvloop
 
-from agent import logs, model
-from agent.collector import VERSION
+from agent import VERSION, logs
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError, parse_duration
 from agent.config.model import ModelConfig
-from agent.stats import quantile
+from agent.runtime import model
+from agent.runtime.stats import jitter_of, quantile
 
 log = logging.getLogger("edgeprobe")
 DEFAULT_LISTEN = ":9798"
@@ -360,14 +360,7 @@ def summarize(host: str, address: str, rtts: list[float | None], ids: list[int],
               budget: float, icmp_id: int | None) -> dict[str, Any]:
     answered = sorted(r for r in rtts if r is not None)
     lost = len(rtts) - len(answered)
-    jitter = 0.0
-    prev = None
-    for r in rtts:
-        if r is None:
-            continue
-        if prev is not None:
-            jitter += (abs(r - prev) - jitter) / 16
-        prev = r
+    jitter = jitter_of(rtts)
     d = ModelConfig()
     pred = model.predict(answered, lost, jitter, budget, d.round_trips, d.fixed, d.exchanges)
     upper = model.wilson_interval(lost, len(rtts))[1]

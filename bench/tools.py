@@ -131,7 +131,7 @@ class Edgeprobe:
         self.start_scrape = start_scrape
 
     def version(self) -> str:
-        from agent.collector import VERSION
+        from agent import VERSION
         return VERSION
 
     def config(self, job: Job) -> dict[str, object]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent.stats import quantile as sorted_quantile
+from agent.runtime.stats import quantile as sorted_quantile
 from lab import packet
 
 RECORD = struct.Struct("<BBBBBBH16s16sHHqqq")

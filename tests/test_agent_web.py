@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app import Agent
 from agent.config import load as cfgmod
-from agent.scheduler import stagger
+from agent.runtime.scheduler import stagger
 from agent.server.http import build_app, serve
 
 pytestmark = pytest.mark.skipif(not shutil.which("ip"), reason="linux only")

@@ -267,7 +267,7 @@ def expected_miss(path: Mapping[str, Any]) -> tuple[float, float]:
     agent's own model and default parameters (cold connect: 7.5 round trips, 100 ms fixed,
     4 exchanges, 600 ms budget)."""
     from agent.config.model import ModelConfig
-    from agent.model import miss_probability
+    from agent.runtime.model import miss_probability
 
     up, down = path["up"], path["down"]
     rtt = float(up["delay"] + down["delay"])

@@ -29,7 +29,7 @@ pytestmark = [
 
 SCRIPT = textwrap.dedent(r'''
     import asyncio, json, socket, struct, sys, time
-    from agent.collector import SelfStats
+    from agent.runtime.selfstats import SelfStats
     from probes.base import ProbeContext, Target
     from probes.icmp import IcmpOptions, run
     from probes.net.icmp import EXPIRED_MEMORY, IcmpEngines

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.collector import SelfStats
+from agent.runtime.selfstats import SelfStats
 from agent.testing import can_netns, in_netns, netns
 from probes.base import ProbeContext, ProbeResult, Target
 from probes.icmp import IcmpOptions, run

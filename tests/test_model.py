@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import model
+from agent.runtime import model
 
 
 @pytest.mark.parametrize(("n", "upper"), [(20, 0.161), (50, 0.071), (100, 0.037), (600, 0.0064)])

@@ -244,7 +244,7 @@ def test_connect_misses_budget_at_the_predicted_rate(world: Any, edge: str, p: f
     connects lies within 3.29 binomial standard deviations (99.9 %) of that interval; the
     lab's own loss draws are Bernoulli(p), so their deviation from p is inside that spread.
     """
-    model = pytest.importorskip("agent.model")
+    model = pytest.importorskip("agent.runtime.model")
     s = _services(world)
     ports = s["ports"]
     # Concurrency is kept low on purpose: 40 concurrent handshakes load the shared CPU (the

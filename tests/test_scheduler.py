@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from agent.collector import SelfStats
 from agent.config.model import Job
-from agent.scheduler import Done, Scheduler, stagger
+from agent.runtime.scheduler import Done, Scheduler, stagger
+from agent.runtime.selfstats import SelfStats
 from agent.testing import FakeClock
 from probes.base import ProbeResult, RunHandle, Target
 from probes.icmp import IcmpOptions

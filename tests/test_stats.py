@@ -8,7 +8,14 @@ import math
 import pytest
 
 from agent.config.model import dense_rtt_buckets
-from agent.stats import BURST_BUCKETS, IPDV_BUCKETS, Histogram, PacketStats, Window, quantile
+from agent.runtime.stats import (
+    BURST_BUCKETS,
+    IPDV_BUCKETS,
+    Histogram,
+    PacketStats,
+    Window,
+    quantile,
+)
 
 
 def packets() -> PacketStats:

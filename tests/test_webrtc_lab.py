@@ -222,7 +222,7 @@ def test_loss_raises_connect_time_and_miss_rate_as_modelled(world: Any) -> None:
     The observed miss ratio lies within 3.29 binomial standard deviations (99.9 %) of
     [P(E=6), P(E=12)].
     """
-    model = pytest.importorskip("agent.model")
+    model = pytest.importorskip("agent.runtime.model")
     n = 120
     # Three at a time: more concurrent handshakes load the shared CPU enough to push lossless
     # connects towards the budget, which would measure the host, not the path.
@@ -266,7 +266,7 @@ def test_measured_and_modelled_connect_side_by_side(world: Any) -> None:
     fixed 0.1 s) and the median measured webrtc connect. The figures are printed; the check is
     only that the measured connect grows with the RTT at the rate the phases add up to, which
     is where the model (4.5 round trips) and aiortc (9) differ."""
-    model = pytest.importorskip("agent.model")
+    model = pytest.importorskip("agent.runtime.model")
     rows = []
     for edge in ("zero", "near", "far"):
         stun = run_probes(world, "stun", edge, {"port": world.state.ports["turn"],

@@ -84,6 +84,23 @@ class Window:
         return answered, len(self.values) - len(answered)
 
 
+def next_jitter(jitter: float, delta: float) -> float:
+    """One step of the RFC 3550 interarrival jitter estimator, ``delta`` = |D|."""
+    return jitter + (delta - jitter) * JITTER_GAIN
+
+
+def jitter_of(rtts: Iterable[float | None]) -> float:
+    """The estimator over a train's round trips in send order (a lost packet is skipped)."""
+    jitter, prev = 0.0, None
+    for r in rtts:
+        if r is None:
+            continue
+        if prev is not None:
+            jitter = next_jitter(jitter, abs(r - prev))
+        prev = r
+    return jitter
+
+
 def quantile(sorted_vals: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile (the 'type 7' estimator) of pre-sorted values."""
     if not sorted_vals:
@@ -126,7 +143,7 @@ class PacketStats:
             self.rtt.observe(r)
             if self.last_rtt is not None:
                 d = abs(r - self.last_rtt)
-                self.jitter += (d - self.jitter) * JITTER_GAIN
+                self.jitter = next_jitter(self.jitter, d)
                 if self.ipdv is not None:
                     self.ipdv.observe(d)
             self.last_rtt = r

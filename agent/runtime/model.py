@@ -21,6 +21,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from agent.runtime.stats import quantile
+
 Z95 = 1.959963984540054
 
 
@@ -93,8 +95,7 @@ def predict(answered: Sequence[float], lost: int, jitter: float, budget: float,
     loss = lost / n
     if not answered:
         return Prediction(math.inf, 1.0, 0.0, 1.0)
-    median = answered[len(answered) // 2] if len(answered) % 2 else \
-        (answered[len(answered) // 2 - 1] + answered[len(answered) // 2]) / 2
+    median = quantile(answered, 0.5)
     mean = sum(answered) / len(answered)
     sd = math.sqrt(sum((x - mean) ** 2 for x in answered) / (len(answered) - 1)) \
         if len(answered) > 1 else 0.0

@@ -18,37 +18,15 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from agent import model
+from agent import VERSION
 from agent.export import catalog as C
 from agent.export import metrics_pb2 as pb
 from agent.export import protobuf
 from agent.export.catalog import Family
-from agent.stats import Histogram, SeriesStats, quantile
+from agent.runtime import model
+from agent.runtime.selfstats import SelfStats
+from agent.runtime.stats import Histogram, SeriesStats, quantile
 from probes import PROBES
-
-VERSION = "0.1.0"
-
-
-@dataclass
-class SelfStats:
-    """Agent-wide counters and gauges about the agent itself."""
-
-    stray_counts: dict[tuple[str, str], int] = field(default_factory=dict)
-    late_ticks: int = 0
-    skipped_ticks: int = 0
-    run_exceptions: int = 0
-    lateness: Histogram = field(default_factory=lambda: Histogram(C.SCHEDULER_BUCKETS, True))
-    loop_lag: Histogram = field(default_factory=lambda: Histogram(C.SCHEDULER_BUCKETS, True))
-    reload_ok: float = 1.0
-    reload_success_time: float = 0.0
-    reloads_total: int = 0
-    reload_failures_total: int = 0
-    # Facts the shared probe resources report (e.g. icmp_mode), for edgeprobe_build_info.
-    info: dict[str, str] = field(default_factory=dict)
-
-    def stray(self, probe: str, reason: str, n: int = 1) -> None:
-        key = (probe, reason)
-        self.stray_counts[key] = self.stray_counts.get(key, 0) + n
 
 
 @dataclass(slots=True)

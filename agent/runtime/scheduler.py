@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.collector import SelfStats
 from agent.config.model import Job
+from agent.runtime.selfstats import SelfStats
 from probes.base import ProbeResult, RunAbandoned, RunHandle
 
 log = logging.getLogger("edgeprobe.scheduler")
