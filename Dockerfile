@@ -38,7 +38,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agent/ ./agent/
 COPY probes/ ./probes/
-COPY lab/ ./lab/
 # The slim base has no compiler: every dependency must come as a wheel (uvloop, aiohttp,
 # bcrypt, ...). A missing wheel fails the build here instead of compiling from source.
 RUN python -m venv /opt/edgeprobe \

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import can_netns, in_netns, netns
 
 from agent.runtime.selfstats import SelfStats
-from agent.testing import can_netns, in_netns, netns
 from probes.base import ProbeContext, ProbeResult, Target
 from probes.icmp import IcmpOptions, run
 from probes.net.icmp import IcmpEngine, IcmpEngines, _checksum

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
+from lab_helpers import ipdv, lab_world, requires_lab, rfc3550_jitter, wilson
 
 from lab import World
 from lab import groundtruth as gt
 from lab.agentconf import agent_config
 from lab.spec import decode_profile
-from lab.testing import ipdv, lab_world, requires_lab, rfc3550_jitter, wilson
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, requires_lab]
 LAB_PROFILES = ["id-jakarta", "br-saopaulo", "ae-dubai"]

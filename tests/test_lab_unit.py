@@ -7,12 +7,12 @@ import math
 import struct
 
 import pytest
+from lab_helpers import ipdv, rfc3550_jitter, wilson
 
 from lab import groundtruth as gt
 from lab import packet
 from lab.impair import DirState, Gilbert, ImpairError, Impairment, parse_duration, split_directions
 from lab.spec import DEFAULT_PROFILES, decode_profile, load_profile, merge_edges
-from lab.testing import ipdv, rfc3550_jitter, wilson
 
 
 def test_durations_and_ratios() -> None:

@@ -10,11 +10,11 @@ import subprocess
 import time
 
 import pytest
+from lab_helpers import lab_world, requires_lab
 
 from lab import World
 from lab import groundtruth as gt
 from lab.spec import decode_profile, load_profile
-from lab.testing import lab_world, requires_lab
 from lab.topology import leftovers
 
 pytestmark = [pytest.mark.lab, requires_lab]

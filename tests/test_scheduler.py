@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from helpers import FakeClock
+
 from agent.config.model import Job
 from agent.runtime.scheduler import Done, Scheduler, stagger
 from agent.runtime.selfstats import SelfStats
-from agent.testing import FakeClock
 from probes.base import ProbeResult, RunHandle, Target
 from probes.icmp import IcmpOptions
 

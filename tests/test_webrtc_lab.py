@@ -320,7 +320,8 @@ def test_relay_stream_against_the_ground_truth(world: Any) -> None:
     packet entering the forwarder to its echo leaving it; the measured one adds the host's
     send and receive path, which is the same for every packet, so jitter and IPDV compare
     directly and the RTT within the host cost."""
-    from lab.testing import ipdv, rfc3550_jitter
+    from lab_helpers import ipdv, rfc3550_jitter
+
     from probes.relay import RelayOptions
     n = RelayOptions().packets
     res = None

@@ -1,6 +1,6 @@
 """pytest helpers for tests that go through the lab.
 
-``from lab.testing import lab_world, requires_lab`` in a test module; set ``LAB_PROFILES`` /
+``from lab_helpers import lab_world, requires_lab`` in a test module; set ``LAB_PROFILES`` /
 ``LAB_SERVICES`` module globals to choose the world. The fixture is module-scoped (a world
 takes ~0.3 s without services, ~1.5 s with) and always tears down, also after a failure.
 """

@@ -1,4 +1,4 @@
-"""Test helpers that live beside the code: a fake clock for the scheduler, config builders."""
+"""Test helpers: a fake clock for the scheduler, network-namespace helpers."""
 
 from __future__ import annotations
 
