@@ -44,6 +44,7 @@ from probes.net.sockets import (
     Endpoint,
     ProbeFailed,
     check_ports,
+    check_secret,
     check_source,
     os_reasons,
     read_secret,
@@ -87,8 +88,7 @@ class ConnectOptions(CommonOptions):
             errs.append("dns_server: must be an IP address")
         if self.turn and not self.username:
             errs.append("username: required when turn is true")
-        if self.password and self.password_file:
-            errs.append("password: set either password or password_file, not both")
+        errs += check_secret(self.password, self.password_file)
         return errs + check_source(self)
 
 

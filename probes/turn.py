@@ -38,6 +38,7 @@ from probes.net.sockets import (
     Endpoint,
     ProbeFailed,
     check_ports,
+    check_secret,
     check_source,
     make_socket,
     read_secret,
@@ -63,8 +64,7 @@ class TurnOptions(CommonOptions):
     def validate(self) -> list[str]:
         errs = super().validate()
         errs += check_ports(self, "port")
-        if self.password and self.password_file:
-            errs.append("password: set either password or password_file, not both")
+        errs += check_secret(self.password, self.password_file)
         if not self.username:
             errs.append("username: required")
         return errs + check_source(self)

@@ -121,6 +121,13 @@ def os_reasons(prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}_{s}" for s in ("refused", "unreachable", "timeout", "reset", "error"))
 
 
+def check_secret(password: str, password_file: str) -> list[str]:
+    """The rule for a secret given inline (``password``) or as a file (``password_file``)."""
+    if password and password_file:
+        return ["password: set either password or password_file, not both"]
+    return []
+
+
 def read_secret(password: str, password_file: str) -> str:
     """The secret from the option or the file (first line). Never logged."""
     if password_file:
