@@ -11,11 +11,7 @@ from dataclasses import dataclass
 
 from agent.config import rules
 from agent.config.decode import Duration, Problem
-from agent.config.rules import (
-    NAME_RULE,
-    is_host,
-    is_name,
-)
+from agent.config.rules import NAME_RULE, is_host, is_name
 from probes.base import secret_field
 
 SD_FILE_SUFFIXES = (".json", ".yml", ".yaml")

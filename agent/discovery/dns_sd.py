@@ -9,15 +9,9 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
-from agent.discovery.config import (
-    DnsSDConfig,
-    split_server,
-)
-from agent.discovery.groups import (
-    DiscoveredTarget,
-    SDError,
-)
-from agent.discovery.source import Partial, Source
+from agent.discovery.config import DnsSDConfig, split_server
+from agent.discovery.groups import DiscoveredTarget, SDError
+from agent.discovery.source import Source, outcome
 from probes.base import Target
 
 
@@ -79,8 +73,4 @@ class DnsSD(Source):
                 if t.target.name not in seen:
                     seen.add(t.target.name)
                     merged.append(t)
-        if len(merged) > self.cfg.max_targets:
-            raise SDError("too_many", f"more than {self.cfg.max_targets} targets")
-        if errors:
-            raise Partial(merged, errors)
-        return merged
+        return outcome(merged, errors, self.cfg.max_targets)

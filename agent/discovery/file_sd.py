@@ -8,16 +8,9 @@ import glob
 import os
 from pathlib import Path
 
-from agent.discovery.config import (
-    FileSDConfig,
-)
-from agent.discovery.groups import (
-    DiscoveredTarget,
-    SDError,
-    decode_sd_text,
-    parse_groups,
-)
-from agent.discovery.source import Partial, Source
+from agent.discovery.config import FileSDConfig
+from agent.discovery.groups import DiscoveredTarget, SDError, decode_sd_text, parse_groups
+from agent.discovery.source import Source, outcome
 
 
 class FileSD(Source):
@@ -71,11 +64,7 @@ class FileSD(Source):
                     continue
                 seen.add(t.target.name)
                 merged.append(t)
-        if len(merged) > self.cfg.max_targets:
-            raise SDError("too_many", f"more than {self.cfg.max_targets} targets")
-        if errors:
-            raise Partial(merged, errors)
-        return merged
+        return outcome(merged, errors, self.cfg.max_targets)
 
     def _read(self, path: str, size: int) -> list[DiscoveredTarget]:
         if size > self.cfg.max_file_bytes:

@@ -7,15 +7,8 @@ from pathlib import Path
 
 import aiohttp
 
-from agent.discovery.config import (
-    HttpSDConfig,
-)
-from agent.discovery.groups import (
-    DiscoveredTarget,
-    SDError,
-    decode_sd_text,
-    parse_groups,
-)
+from agent.discovery.config import HttpSDConfig
+from agent.discovery.groups import DiscoveredTarget, SDError, decode_sd_text, parse_groups
 from agent.discovery.source import Source
 
 

@@ -34,18 +34,10 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.discovery.config import (
-    DiscoveryConfig,
-    FileSDConfig,
-    HttpSDConfig,
-)
+from agent.discovery.config import DiscoveryConfig, FileSDConfig, HttpSDConfig
 from agent.discovery.dns_sd import DnsSD
 from agent.discovery.file_sd import FileSD
-from agent.discovery.groups import (
-    DiscoveredTarget,
-    SDError,
-    merge_targets,
-)
+from agent.discovery.groups import DiscoveredTarget, SDError, merge_targets
 from agent.discovery.http_sd import HttpSD
 from agent.discovery.source import Partial, Source
 

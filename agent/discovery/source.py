@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.discovery.groups import (
-    REASONS,
-    DiscoveredTarget,
-    SDError,
-)
+from agent.discovery.groups import REASONS, DiscoveredTarget, SDError
 
 
 @dataclass
@@ -45,3 +41,14 @@ class Partial(Exception):
         super().__init__("; ".join(str(e) for e in errors))
         self.targets = targets
         self.errors = errors
+
+
+def outcome(merged: list[DiscoveredTarget], errors: list[SDError],
+            max_targets: int) -> list[DiscoveredTarget]:
+    """The merged list of a source made of parts (files, DNS names): an error when it is too
+    long, :class:`Partial` when some part failed (its last good targets are in ``merged``)."""
+    if len(merged) > max_targets:
+        raise SDError("too_many", f"more than {max_targets} targets")
+    if errors:
+        raise Partial(merged, errors)
+    return merged
