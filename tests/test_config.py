@@ -162,3 +162,15 @@ def test_one_host_port_splitter_refuses(raw: str) -> None:
 
     with pytest.raises(ValueError):
         split_host_port(raw)
+
+
+@pytest.mark.parametrize(("name", "ok"), [
+    ("edge.example.net", True), ("edge.example.net.", True), ("_srv.example", True),
+    ("192.0.2.1", True), ("-bad.example", False), ("bad-.example", False), ("a..b", False),
+    ("::1", False), ("x" * 64, False), ("", False), ("é.example", False),
+])
+def test_probe_allow_names_use_the_host_rule(name: str, ok: bool) -> None:
+    """/probe's allow_names patterns are checked with the one host rule (no IPv6 literal)."""
+    from agent.server.probe.config import is_host_name
+
+    assert is_host_name(name) is ok

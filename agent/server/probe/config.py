@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from agent.config.decode import Duration, Problem
+from agent.config.rules import is_host
 
 log = logging.getLogger("edgeprobe.probe_endpoint")
 
@@ -116,7 +117,7 @@ class ProbeEndpointConfig:
                                     + ", ".join(CATEGORIES)))
         for n in self.allow_names:
             bare = n[2:] if n.startswith("*.") else n
-            if not bare or "*" in bare or not _valid_hostname(bare):
+            if not bare or "*" in bare or not is_host_name(bare):
                 errs.append(Problem("allow_names", f"invalid name pattern {n!r}"))
         for c in self.allow_cidrs:
             try:
@@ -148,10 +149,6 @@ class ProbeEndpointConfig:
         return errs
 
 
-def _valid_hostname(name: str) -> bool:
-    if len(name) > 253:
-        return False
-    labels = name.rstrip(".").split(".")
-    return all(0 < len(lb) <= 63 and not lb.startswith("-") and not lb.endswith("-")
-               and all(c.isascii() and (c.isalnum() or c in "-_") for c in lb)
-               for lb in labels)
+def is_host_name(name: str) -> bool:
+    """A DNS name (:func:`agent.config.rules.is_host`), not an IPv6 literal."""
+    return is_host(name) and ":" not in name
