@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.server.guard import WebGuard
-from agent.server.webconfig import WebConfigError, load_web_config, parse_web_config
+from agent.server.tls import load_web_config, server_context
+from agent.server.webconfig import WebConfigError, parse_web_config
 
 PASSWORD = "s3cret-pw"
 # Cost 4 is bcrypt's minimum: the test exercises the code path, not the work factor.
@@ -250,7 +251,7 @@ def test_inline_cert_and_key(pki: Pki) -> None:
         "cert": (pki.dir / "server.crt").read_text(), "key": (pki.dir / "server.key").read_text(),
         "curve_preferences": ["X25519", "CurveP256"], "cipher_suites": [
             "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]}}))
-    assert cfg.ssl_context() is not None
+    assert server_context(cfg) is not None
     assert "PRIVATE KEY" not in repr(cfg)
 
 

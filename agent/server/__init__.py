@@ -1,3 +1,3 @@
-"""The agent's HTTP side: the server (:mod:`.http`), the web config (:mod:`.webconfig`: TLS, basic
-auth, headers, rate limit; put to work by :mod:`.guard`), token buckets (:mod:`.ratelimit`) and
-`/probe` (:mod:`.probe`)."""
+"""The agent's HTTP side: the server (:mod:`.http`), the web config (:mod:`.webconfig` decodes
+it, :mod:`.tls` builds its SSL contexts, :mod:`.guard` puts auth, headers and the rate limit to
+work), token buckets (:mod:`.ratelimit`) and `/probe` (:mod:`.probe`)."""

@@ -25,7 +25,8 @@ import bcrypt
 from aiohttp import web
 
 from agent.server.ratelimit import TokenBucket
-from agent.server.webconfig import RateLimit, WebConfig, WebConfigError, load_with_tls
+from agent.server.tls import load_with_tls
+from agent.server.webconfig import RateLimit, WebConfig, WebConfigError
 
 log = logging.getLogger("edgeprobe.web")
 
