@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from agent.config.rules import load_yaml
 from lab.impair import (
     ImpairError,
     Impairment,
@@ -193,8 +192,7 @@ def load_profile(name_or_path: str) -> Profile:
     p = Path(name_or_path)
     if not p.suffix:
         p = PROFILE_DIR / f"{name_or_path}.yaml"
-    with p.open() as f:
-        return decode_profile(yaml.safe_load(f), str(p))
+    return decode_profile(load_yaml(p.read_text()), str(p))
 
 
 def merge_edges(profiles: Sequence[Profile]) -> dict[str, Edge]:
