@@ -254,8 +254,9 @@ async def _route(args: argparse.Namespace) -> int:
     from agent.route import settings
     from agent.route.server import build_app as build_route_app
     from agent.route.service import RouteService
-    from agent.web import WebLimits, serve
-    from agent.webconfig import WebConfigError, WebGuard
+    from agent.server.guard import WebGuard
+    from agent.server.http import WebLimits, serve
+    from agent.server.webconfig import WebConfigError
 
     limits = WebLimits(read_header_timeout=args.read_header_timeout,
                        idle_timeout=args.idle_timeout, max_connections=args.max_connections)

@@ -24,8 +24,8 @@ class ImpairError(ValueError):
 
 
 def parse_duration(value: Any, key: str) -> float:
-    """:func:`agent.decode.parse_duration` (``"12ms"``, ``"1.5s"``, ``"250us"``, ``"1m30s"`` or
-    a bare number of seconds) as an ImpairError."""
+    """:func:`agent.config.decode.parse_duration` (``"12ms"``, ``"1.5s"``, ``"250us"``,
+    ``"1m30s"`` or a bare number of seconds) as an ImpairError."""
     try:
         return decode.parse_duration(value)
     except ValueError as e:

@@ -1,7 +1,7 @@
 """The documentation: the site builds without a warning, and the configuration reference says
 exactly what the config decoder accepts, with the code's defaults.
 
-The accepted keys come from the code's own definitions (the dataclasses agent.decode decodes
+The accepted keys come from the code's own definitions (the dataclasses agent.config.decode decodes
 each section into, and each probe kind's options class), so a key added, removed or re-defaulted
 in the code fails here until docs/configuration.md or the kind's page says the same.
 """
@@ -62,7 +62,7 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def accepted_keys(cls: type[Any], prefix: str) -> Iterator[tuple[str, Any, dataclasses.Field[Any]]]:
     """Every leaf key ``cls`` accepts, as (dotted path, type, field), following nested
-    dataclasses (``a.b``) and lists of dataclasses (``a[].b``) the way agent.decode does."""
+    dataclasses (``a.b``) and lists of dataclasses (``a[].b``) the way agent.config.decode does."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.model import wilson_interval
 from agent.route.policy import (
     NO_DATA,
     EdgeObs,
@@ -29,6 +28,7 @@ from agent.route.policy import (
     decide,
 )
 from agent.route.settings import PolicySection
+from agent.runtime.model import wilson_interval
 
 P = PolicySection()
 Z = 1.645

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.decode import ConfigError
+from agent.config.decode import ConfigError
 from agent.route import settings
 from agent.route.policy import EdgeObs, decide
 from agent.route.promapi import QueryError, parse_vector

@@ -117,7 +117,7 @@ _CLOADER: type[Any] | None = getattr(yaml, "CSafeLoader", None)
 
 def compose(text: str, source: str = "<config>") -> yaml.Node | None:
     """Parse YAML into a node tree (keeping line numbers), refusing alias bombs and deep
-    nesting (:func:`agent.rules.check_yaml_graph`). Raises ConfigError."""
+    nesting (:func:`agent.config.rules.check_yaml_graph`). Raises ConfigError."""
     # Syntax errors cannot tell which key they are in, so they quote no part of the document
     # longer than a character or an escape: that part may be a secret.
     try:

@@ -52,10 +52,10 @@ DENSE_DURATION_BUCKETS: tuple[float, ...] = (
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The connect-time model (see agent/model.py). Defaults: a cold connect (DNS, TCP, TLS 1.3,
-    STUN, DTLS 1.2, half an RTT to first media) has ~7.5 round trips on its critical path and
-    ~100 ms of fixed processing; E = 4 critical-path exchanges whose loss costs a retransmit
-    timer larger than the slack."""
+    """The connect-time model (see agent/runtime/model.py). Defaults: a cold connect (DNS, TCP,
+    TLS 1.3, STUN, DTLS 1.2, half an RTT to first media) has ~7.5 round trips on its critical
+    path and ~100 ms of fixed processing; E = 4 critical-path exchanges whose loss costs a
+    retransmit timer larger than the slack."""
 
     round_trips: float = 7.5
     fixed: Duration = Duration(0.1)

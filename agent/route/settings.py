@@ -1,6 +1,6 @@
 """The ``edgeprobe route`` config file: strict keys, every threshold with a documented default.
 
-Decoded with the agent's strict decoder (agent/decode.py): an unknown key, a wrong type or an
+Decoded with the agent's strict decoder (agent/config/decode.py): an unknown key, a wrong type or an
 out-of-range value is a ConfigError naming the key and its line.
 """
 
@@ -10,7 +10,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.decode import ConfigError, Duration, compose, decode_dataclass
+from agent.config.decode import ConfigError, Duration, compose, decode_dataclass
 
 MAX_CONFIG_BYTES = 1 << 20
 

@@ -110,7 +110,7 @@ class WebConfigError(ValueError):
 
 
 def parse_duration(value: object, where: str) -> float:
-    """:func:`agent.decode.parse_duration`, below a billion seconds, as a WebConfigError."""
+    """:func:`agent.config.decode.parse_duration`, below a billion seconds, as a WebConfigError."""
     try:
         seconds = decode.parse_duration(value)
     except ValueError as e:

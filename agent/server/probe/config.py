@@ -86,7 +86,7 @@ def special_category(addr: IPAddress) -> tuple[str, IPNetwork] | None:
 
 @dataclass(frozen=True)
 class ProbeEndpointConfig:
-    """The ``probe_endpoint`` config section (decoded strictly by agent.decode)."""
+    """The ``probe_endpoint`` config section (decoded strictly by agent.config.decode)."""
 
     enabled: bool = False
     allow_names: tuple[str, ...] = ()              # "edge-sg-1.example.net", "*.example.net"
