@@ -29,6 +29,7 @@ from agent.config.decode import (
     is_null,
     line_of,
     mapping_items,
+    read_config,
 )
 from agent.config.model import (
     DEFAULT_MAX_TARGETS,
@@ -270,16 +271,7 @@ def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions
 
 
 def load(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(str(p), f"config larger than {MAX_CONFIG_BYTES} bytes")
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(str(p), f"cannot read config file: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(p), "config file is not valid UTF-8") from None
-    return loads(text, str(p))
+    return loads(read_config(path, MAX_CONFIG_BYTES), str(path))
 
 
 async def load_isolated(path: str | Path, timeout: float = DECODE_TIMEOUT) -> Config:

@@ -10,7 +10,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config.decode import ConfigError, Duration, compose, decode_dataclass
+from agent.config.decode import ConfigError, Duration, compose, decode_dataclass, read_config
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -109,13 +109,4 @@ def loads(text: str, source: str = "<config>") -> RouteConfig:
 
 
 def load(path: str | Path) -> RouteConfig:
-    p = Path(path)
-    try:
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(str(p), f"config larger than {MAX_CONFIG_BYTES} bytes")
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(str(p), f"cannot read config file: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(p), "config file is not valid UTF-8") from None
-    return loads(text, str(p))
+    return loads(read_config(path, MAX_CONFIG_BYTES), str(path))
