@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from agent.config import LEAN_DURATION_BUCKETS, LEAN_RTT_BUCKETS
+from agent.config.model import LEAN_DURATION_BUCKETS, LEAN_RTT_BUCKETS
 from agent.export import catalog
 from agent.export.native import NativeBuckets
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
