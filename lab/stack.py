@@ -9,8 +9,9 @@ Two users:
   at, reports the best edges and alerts as they change, and on SIGINT/SIGTERM stops
   everything it started (by PID) and removes its state. Without root it runs the loopback
   agent and a single Prometheus instead.
-* tests/test_e2e_prometheus.py and tests/test_run_main_job.py: the process harness
-  (``Procs``, ``wait_for``, ``PromAPI``) and the config renderers.
+* tests/test_e2e_prometheus.py and tests/test_run_main_job.py: the ``start_*`` functions here,
+  with the process supervisor (``lab.procs``: ``Procs``, ``wait_for``), the servers' clients
+  (``lab.prom``: ``PromAPI``, ``RouteAPI``) and the config renderers (``lab.promconfig``).
 
 Configs are the shipped ones in deploy/ rendered per region; only addresses, ports, storage
 and (see ``Timing``) intervals change.
@@ -20,339 +21,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
+from lab.procs import Procs, free_port, http_ok, port_or_free, wait_for
+from lab.prom import PromAPI, RouteAPI
+from lab.promconfig import (
+    DEMO,
+    NATIVE_HISTOGRAMS,
+    PRODUCTION,
+    PROM_DIR,
+    ROOT,
+    Timing,
+    alertmanager_config,
+    central_config,
+    regional_config,
+    route_config,
+    single_config,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-PROM_DIR = ROOT / "deploy" / "prometheus"
-AM_FILE = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 LOOPBACK_CONFIG = ROOT / "examples" / "loopback.yaml"
 CENTRAL_PORT = 9090
 ROUTE_PORT = 9799
 ALERTMANAGER_PORT = 9093
 AGENT_PORT = 9798
-PR_SET_PDEATHSIG = 1
-# Every Prometheus here runs as deploy/ ships them: native histograms on (scraped in the
-# protobuf format, remote-written with send_native_histograms, stored native by the central one).
-NATIVE_HISTOGRAMS = "--enable-feature=native-histograms"
-
-T = TypeVar("T")
-
-
-# -- processes --------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def port_or_free(port: int, host: str = "127.0.0.1") -> int:
-    """``port`` if it can be bound on ``host`` now, else a free one. SO_REUSEADDR as Go's
-    listeners set it, so a TIME_WAIT left by the previous run does not count as taken."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return free_port(host)
-    return port
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies, even by SIGKILL, so a killed
-    ``make run`` leaves no Prometheus or agent behind (it survives ``ip netns exec``, which
-    execs). Also unblock what the parent blocked around the fork (see ``Procs.start``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-@dataclass
-class Procs:
-    """Processes started here; stopped by PID (never by name), in reverse order.
-
-    ``supervised=True`` (the main job): each child gets its own process group, so a Ctrl-C on
-    the terminal reaches only the supervisor, which then stops the children in order; and it
-    dies with the supervisor. The start is shielded from SIGINT/SIGTERM, so no child is ever
-    started without being recorded."""
-
-    logdir: Path
-    items: list[Proc] = field(default_factory=list)
-    supervised: bool = False
-
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
-        log = self.logdir / f"{name}.log"
-        kw: dict[str, Any] = {}
-        if self.supervised:
-            kw = {"process_group": 0, "preexec_fn": _die_with_parent}
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) \
-            if self.supervised else None
-        try:
-            with log.open("wb") as f:
-                p = subprocess.Popen(list(argv), stdout=f, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=dict(env) if env else None,
-                                     cwd=cwd, **kw)
-            proc = Proc(name, p, log)
-            self.items.append(proc)
-        finally:
-            if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return proc
-
-    def check_alive(self) -> None:
-        for p in self.items:
-            if p.popen.poll() is not None:
-                raise AssertionError(f"{p.name} exited with {p.popen.returncode}:\n{p.tail()}")
-
-    def stop_all(self, timeout: float = 15.0) -> dict[str, int | None]:
-        """SIGTERM each process and wait for it, newest first: the regional servers flush
-        their remote write while the central one still listens, then the central one stops,
-        then the agents."""
-        codes: dict[str, int | None] = {}
-        for p in reversed(self.items):
-            codes.update(self._stop([p], timeout))
-        self.items.clear()
-        return codes
-
-    def stop_tiers(self, tiers: Sequence[Sequence[str]], timeout: float = 8.0
-                   ) -> dict[str, int | None]:
-        """Stop by tiers of name prefixes, in order, each tier's processes together (three
-        agents draining at once, not one after another); then whatever is left."""
-        codes: dict[str, int | None] = {}
-        for prefixes in tiers:
-            tier = [p for p in self.items if p.name.startswith(tuple(prefixes))]
-            codes.update(self._stop(tier, timeout))
-            self.items = [p for p in self.items if p not in tier]
-        codes.update(self._stop(list(reversed(self.items)), timeout))
-        self.items.clear()
-        return codes
-
-    @staticmethod
-    def _stop(procs: Sequence[Proc], timeout: float) -> dict[str, int | None]:
-        for p in procs:
-            if p.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        codes: dict[str, int | None] = {}
-        for p in procs:
-            try:
-                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait(timeout=5)
-            codes[p.name] = p.popen.returncode
-        return codes
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.5,
-             procs: Procs | None = None) -> T:
-    """Poll ``fn`` until it returns a truthy value; bounded in time and count."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for _ in range(int(timeout / interval) + 2):
-        if procs is not None:
-            procs.check_alive()
-        try:
-            last = fn()
-        except (OSError, ValueError) as e:
-            last = e
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            break
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
-
-
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as r:
-        return bool(r.status == 200)
-
-
-# -- a Prometheus server's HTTP API -----------------------------------------------------------
-@dataclass
-class PromAPI:
-    base: str
-
-    def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
-        url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                body = json.load(r)
-        except urllib.error.HTTPError as e:
-            body = json.load(e)
-            raise ValueError(f"{path} {params}: {body.get('errorType')}: "
-                             f"{body.get('error')}") from None
-        if body.get("status") != "success":
-            raise ValueError(f"{path} {params}: {body}")
-        return body["data"]
-
-    def ready(self) -> bool:
-        return http_ok(self.base + "/-/ready")
-
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """An instant query, now or at the Unix time ``at``."""
-        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
-        data = self._get("/api/v1/query", params)
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": data["result"]}]
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        data = self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}",
-                                                 "end": f"{end:.3f}", "step": f"{step:g}"})
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
-        return [a for a in self._get("/api/v1/alerts")["alerts"] if a["state"] == state]
-
-    def firing(self, name_prefix: str) -> set[tuple[str, str]]:
-        return {(a["labels"].get("region", ""), a["labels"].get("edge", ""))
-                for a in self.alerts() if a["labels"]["alertname"].startswith(name_prefix)}
-
-    def best_edges(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for s in self.query("region:edgeprobe_best_edge:info"):
-            region = s["metric"]["region"]
-            assert region not in out, f"two best edges for {region}"
-            out[region] = s["metric"]["edge"]
-        return out
-
-
-# -- configs rendered from deploy/ ------------------------------------------------------------
-@dataclass(frozen=True)
-class Timing:
-    """Scrape and rule-evaluation intervals; ``None`` keeps the shipped value. Rule windows
-    and ``for:`` clauses are in the rule files and never change here."""
-
-    scrape_interval: str | None = None
-    scrape_timeout: str | None = None
-    evaluation_interval: str | None = None
-    remote_write_queue: Mapping[str, str] = field(default_factory=dict)
-    # edgeprobe route's query interval and hold time (docs/routing.md); None: its defaults.
-    route_interval: str | None = None
-    route_hold: str | None = None
-
-
-PRODUCTION = Timing()
-# The main job: 5 s instead of 15 s, so the first best edges show within a minute; a 1-minute
-# hold instead of 5, so a restored edge wins its region back while one watches.
-DEMO = Timing(scrape_interval="5s", evaluation_interval="5s", route_interval="5s",
-              route_hold="1m")
-ROUTE_JOB = "edgeprobe-route"
-
-
-def _apply_timing(cfg: dict[str, Any], timing: Timing) -> None:
-    g = cfg.setdefault("global", {})
-    for key in ("scrape_interval", "scrape_timeout", "evaluation_interval"):
-        value = getattr(timing, key)
-        if value is not None:
-            g[key] = value
-
-
-def _alerting(cfg: dict[str, Any], alertmanager: str | None) -> None:
-    if alertmanager is None:
-        cfg.pop("alerting", None)       # /api/v1/alerts and /alerts still show the state
-    else:
-        cfg["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager]}]
-
-
-def _scrape_route(cfg: dict[str, Any], route: str | None) -> None:
-    """Point the route job (``edgeprobe-route``) at ``route``: the central Prometheus scrapes
-    the route service, whose decision region:edgeprobe_best_edge:info records."""
-    jobs = [j for j in cfg["scrape_configs"] if j.get("job_name") != ROUTE_JOB]
-    if route is not None:
-        jobs.append({"job_name": ROUTE_JOB, "static_configs": [{"targets": [route]}]})
-    cfg["scrape_configs"] = jobs
-
-
-def central_config(path: Path, rules_dir: Path, self_addr: str, timing: Timing,
-                   alertmanager: str | None = None, route: str | None = None) -> Path:
-    """deploy/prometheus/central.yml with the rules of ``rules_dir``, this address and the
-    route service at ``route`` (host:port)."""
-    cfg = yaml.safe_load((PROM_DIR / "central.yml").read_text())
-    _apply_timing(cfg, timing)
-    cfg["rule_files"] = [str(rules_dir / "*.yml")]
-    _alerting(cfg, alertmanager)
-    cfg["scrape_configs"][0]["static_configs"] = [{"targets": [self_addr]}]
-    _scrape_route(cfg, route)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def regional_config(path: Path, region: str, agents: Sequence[str], write_url: str,
-                    timing: Timing) -> Path:
-    """deploy/prometheus/regional-agent.yml for one region: its agents, its external label,
-    the central server's remote-write URL."""
-    cfg = yaml.safe_load((PROM_DIR / "regional-agent.yml").read_text())
-    _apply_timing(cfg, timing)
-    cfg["global"].pop("evaluation_interval", None)    # agent mode evaluates nothing
-    cfg["global"]["external_labels"]["region"] = region
-    cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
-    rw = cfg["remote_write"][0]
-    rw["url"] = write_url
-    rw["queue_config"].update(timing.remote_write_queue)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def single_config(path: Path, rules_dir: Path, agents: Sequence[str], timing: Timing,
-                  alertmanager: str | None = None, route: str | None = None) -> Path:
-    """deploy/prometheus/prometheus.yml (one server scrapes the agents and holds the rules)."""
-    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    _apply_timing(cfg, timing)
-    cfg["rule_files"] = [str(rules_dir / "*.yml")]
-    _alerting(cfg, alertmanager)
-    cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
-    _scrape_route(cfg, route)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def alertmanager_config(path: Path) -> Path:
-    """deploy/alertmanager/alertmanager.yml with its routing, grouping and inhibition, and
-    every receiver stripped of its integrations: alerts show in the UI and go nowhere (the
-    shipped webhooks point at placeholder hosts)."""
-    cfg = yaml.safe_load(AM_FILE.read_text())
-    cfg["receivers"] = [{"name": r["name"]} for r in cfg["receivers"]]
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def start_central(procs: Procs, workdir: Path, rules_dir: Path, timing: Timing,
@@ -398,42 +102,6 @@ def two_tier(procs: Procs, workdir: Path, regions: Mapping[str, Sequence[str]],
     for region, agents in regions.items():
         start_regional(procs, workdir, region, agents, api, timing)
     yield api, start_route(procs, workdir, api, timing, route_port)
-
-
-# -- edgeprobe route ------------------------------------------------------------------------------
-@dataclass
-class RouteAPI:
-    """The route service's HTTP API (docs/routing.md)."""
-
-    base: str
-
-    def map(self) -> dict[str, Any] | None:
-        """The map, or None while there is none (503) or the service does not answer."""
-        try:
-            with urllib.request.urlopen(self.base + "/v1/map", timeout=5) as r:
-                doc: dict[str, Any] = json.load(r)
-                return doc
-        except (OSError, ValueError):
-            return None
-
-    def best(self) -> dict[str, str]:
-        doc = self.map() or {}
-        return {r: v["best"] for r, v in doc.get("regions", {}).items()}
-
-
-def route_config(path: Path, prometheus: PromAPI, workdir: Path, timing: Timing,
-                 **policy: Any) -> Path:
-    """The route service's config: this Prometheus, state under ``workdir``, the timing's
-    query interval and hold, and any other ``policy`` settings."""
-    cfg: dict[str, Any] = {"prometheus": {"url": prometheus.base}, "policy": dict(policy),
-                           "map": {"state_file": str(workdir / "route-state" / "map.json"),
-                                   "output_file": str(workdir / "route-out" / "map.json")}}
-    if timing.route_interval is not None:
-        cfg["prometheus"]["interval"] = timing.route_interval
-    if timing.route_hold is not None:
-        cfg["policy"].setdefault("hold", timing.route_hold)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def start_route(procs: Procs, workdir: Path, prometheus: PromAPI, timing: Timing,

@@ -49,8 +49,10 @@ import pytest
 import yaml
 
 # The process harness and the central server's API are shared with `make run`.
-from lab import stack
-from lab.stack import Procs, PromAPI, RouteAPI, Timing, free_port, wait_for
+from lab import promconfig, stack
+from lab.procs import Procs, free_port, wait_for
+from lab.prom import PromAPI, RouteAPI
+from lab.promconfig import Timing
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -105,11 +107,11 @@ TEST_TIMING = Timing(scrape_interval="1s", scrape_timeout="1s", evaluation_inter
 
 def central_config(path: Path, rules_dir: Path, self_port: int) -> Path:
     # No Alertmanager here; /api/v1/alerts shows the state.
-    return stack.central_config(path, rules_dir, f"127.0.0.1:{self_port}", TEST_TIMING)
+    return promconfig.central_config(path, rules_dir, f"127.0.0.1:{self_port}", TEST_TIMING)
 
 
 def regional_config(path: Path, region: str, agents: Sequence[str], central_port: int) -> Path:
-    return stack.regional_config(path, region, agents,
+    return promconfig.regional_config(path, region, agents,
                                  f"http://127.0.0.1:{central_port}/api/v1/write", TEST_TIMING)
 
 
@@ -353,7 +355,7 @@ def median_accuracy(api: PromAPI, world: Any) -> dict[tuple[str, str], PathAccur
     ``ACCURACY_WINDOW`` against the lab's true median of the same packets, those answered
     between the window's first and last scrape (Prometheus' timestamps are wall-clock, the
     truth's CLOCK_MONOTONIC: one offset between the two, read here, maps one onto the other)."""
-    from agent.config import MetricsSection
+    from agent.config.model import MetricsSection
     from lab import groundtruth as gt
 
     at = time.time()

@@ -36,7 +36,9 @@ import pytest
 import yaml
 
 from lab import stack
-from lab.stack import Procs, PromAPI, RouteAPI, Timing, free_port, http_ok, wait_for
+from lab.procs import Procs, free_port, http_ok, wait_for
+from lab.prom import PromAPI, RouteAPI
+from lab.promconfig import Timing
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"

@@ -31,7 +31,8 @@ import pytest
 import yaml
 
 from agent.route import promapi
-from lab.stack import Procs, PromAPI, free_port, wait_for
+from lab.procs import Procs, free_port, wait_for
+from lab.prom import PromAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.stack import PromAPI, RouteAPI, http_ok, wait_for
+from lab.procs import http_ok, wait_for
+from lab.prom import PromAPI, RouteAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_SH = ROOT / "scripts" / "run.sh"
