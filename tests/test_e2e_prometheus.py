@@ -61,8 +61,10 @@ DOCS_IMG = ROOT / "docs" / "img"
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("prometheus") is None,
-                       reason="prometheus not installed (Debian package prometheus)"),
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None,
+        reason="prometheus not installed (Debian package prometheus)",
+    ),
     pytest.mark.skipif(sys.platform != "linux", reason="Linux only"),
 ]
 
@@ -91,18 +93,28 @@ def overlay_rules(dst: Path) -> Path:
                 for key in ("expr",):
                     r[key] = r[key].replace("offset 10m", f"offset {BEST_EDGE_LOOKBACK}")
                 if "annotations" in r:
-                    r["annotations"] = {k: v.replace("offset 10m", f"offset {BEST_EDGE_LOOKBACK}")
-                                        for k, v in r["annotations"].items()}
+                    r["annotations"] = {
+                        k: v.replace("offset 10m", f"offset {BEST_EDGE_LOOKBACK}")
+                        for k, v in r["annotations"].items()
+                    }
         (dst / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
     return dst
 
 
 # 1 s scrape and evaluation intervals; a remote-write queue that retries within a second; the
 # route service queries every second and holds a challenger 5 s.
-TEST_TIMING = Timing(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s",
-                     remote_write_queue={"batch_send_deadline": "500ms", "min_backoff": "100ms",
-                                         "max_backoff": "1s"},
-                     route_interval="1s", route_hold="5s")
+TEST_TIMING = Timing(
+    scrape_interval="1s",
+    scrape_timeout="1s",
+    evaluation_interval="1s",
+    remote_write_queue={
+        "batch_send_deadline": "500ms",
+        "min_backoff": "100ms",
+        "max_backoff": "1s",
+    },
+    route_interval="1s",
+    route_hold="5s",
+)
 
 
 def central_config(path: Path, rules_dir: Path, self_port: int) -> Path:
@@ -111,13 +123,15 @@ def central_config(path: Path, rules_dir: Path, self_port: int) -> Path:
 
 
 def regional_config(path: Path, region: str, agents: Sequence[str], central_port: int) -> Path:
-    return promconfig.regional_config(path, region, agents,
-                                 f"http://127.0.0.1:{central_port}/api/v1/write", TEST_TIMING)
+    return promconfig.regional_config(
+        path, region, agents, f"http://127.0.0.1:{central_port}/api/v1/write", TEST_TIMING
+    )
 
 
 @contextlib.contextmanager
-def two_tier(procs: Procs, tmp: Path, regions: Mapping[str, Sequence[str]]
-             ) -> Iterator[tuple[PromAPI, RouteAPI]]:
+def two_tier(
+    procs: Procs, tmp: Path, regions: Mapping[str, Sequence[str]]
+) -> Iterator[tuple[PromAPI, RouteAPI]]:
     """A central Prometheus with the overlaid rules, one agent-mode Prometheus per region and
     edgeprobe route (whose decision is region:edgeprobe_best_edge:info), on free loopback ports
     with temporary storage. ``regions``: region → agent host:port list."""
@@ -125,22 +139,39 @@ def two_tier(procs: Procs, tmp: Path, regions: Mapping[str, Sequence[str]]
         yield apis
 
 
-def agent_config(path: Path, region: str, targets: Mapping[str, str],
-                 extra_agent: Mapping[str, Any] | None = None,
-                 connect: Mapping[str, Any] | None = None,
-                 connect_edges: frozenset[str] = frozenset()) -> Path:
+def agent_config(
+    path: Path,
+    region: str,
+    targets: Mapping[str, str],
+    extra_agent: Mapping[str, Any] | None = None,
+    connect: Mapping[str, Any] | None = None,
+    connect_edges: frozenset[str] = frozenset(),
+    webrtc: Mapping[str, Any] | None = None,
+) -> Path:
     """An agent config: ICMP to every target; the connect probe (options ``connect``) to the
-    ``connect_edges`` too."""
+    ``connect_edges`` too, and the webrtc probe (options ``webrtc``) where given."""
     cfg: dict[str, Any] = {
         "agent": {"region": region, "labels": {"provider": "lab"}, **(extra_agent or {})},
         # 5 packets a second per edge: 300 in a minute, past the rules' low-sample guards.
-        "defaults": {"icmp": {"interval": "1s", "packets": 5, "spacing": "20ms",
-                              "timeout": "900ms"}},
+        "defaults": {
+            "icmp": {"interval": "1s", "packets": 5, "spacing": "20ms", "timeout": "900ms"}
+        },
         # A short window, so the model follows a degradation within seconds.
         "metrics": {"recent_window": "10s"},
-        "targets": [{"name": n, "address": a,
-                     "probes": {"icmp": {}, "connect": dict(connect or {})}
-                     if n in connect_edges else ["icmp"]} for n, a in targets.items()],
+        "targets": [
+            {
+                "name": n,
+                "address": a,
+                "probes": {
+                    "icmp": {},
+                    "connect": dict(connect or {}),
+                    **({"webrtc": dict(webrtc)} if webrtc is not None else {}),
+                }
+                if n in connect_edges
+                else ["icmp"],
+            }
+            for n, a in targets.items()
+        ],
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -175,8 +206,15 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 
 
 def substitute(expr: str) -> str:
-    subs = {"region": ".*", "edge": ".*", "probe": ".*", "instance": ".*",
-            "__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
+    subs = {
+        "region": ".*",
+        "edge": ".*",
+        "probe": ".*",
+        "instance": ".*",
+        "__rate_interval": "1m",
+        "__interval": "15s",
+        "__range": "5m",
+    }
     for var, value in subs.items():
         expr = expr.replace(f"${{{var}:regex}}", value).replace(f"${{{var}}}", value)
         expr = re.sub(rf"\${var}\b", value, expr)
@@ -209,35 +247,65 @@ def test_two_tier_loopback(tmp_path: Path) -> None:
         agents: dict[str, list[str]] = {}
         for region, extra in (("lo-good", {}), ("lo-bad", {"model": {"fixed": "700ms"}})):
             port = free_port()
-            cfg = agent_config(tmp_path / f"agent-{region}.yml", region,
-                               {"lo-a": "127.0.0.1", "lo-b": "127.0.0.2"}, extra)
-            procs.start(f"edgeprobe-{region}", [*edgeprobe_argv(), "run",
-                        f"--config.file={cfg}", f"--web.listen-address=127.0.0.1:{port}"])
+            cfg = agent_config(
+                tmp_path / f"agent-{region}.yml",
+                region,
+                {"lo-a": "127.0.0.1", "lo-b": "127.0.0.2"},
+                extra,
+            )
+            procs.start(
+                f"edgeprobe-{region}",
+                [
+                    *edgeprobe_argv(),
+                    "run",
+                    f"--config.file={cfg}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+            )
             agents[region] = [f"127.0.0.1:{port}"]
         with two_tier(procs, tmp_path, agents) as (api, route):
             # External labels: `up` (which the agent does not label) arrives with its region.
-            wait_for("up from both regions", lambda: {
-                s["metric"].get("region") for s in api.query('up{job="edgeprobe"} == 1')}
-                >= {"lo-good", "lo-bad"}, 30, procs=procs)
+            wait_for(
+                "up from both regions",
+                lambda: (
+                    {s["metric"].get("region") for s in api.query('up{job="edgeprobe"} == 1')}
+                    >= {"lo-good", "lo-bad"}
+                ),
+                30,
+                procs=procs,
+            )
             bad = {("lo-bad", "lo-a"), ("lo-bad", "lo-b")}
-            wait_for("fast-burn alerts for lo-bad", lambda: api.firing(
-                "EdgeprobeConnectBudgetBurnFast") >= bad, 60, procs=procs)
+            wait_for(
+                "fast-burn alerts for lo-bad",
+                lambda: api.firing("EdgeprobeConnectBudgetBurnFast") >= bad,
+                60,
+                procs=procs,
+            )
             assert api.firing("EdgeprobeConnectBudgetBurn") <= bad
-            best = wait_for("a best edge per region",
-                            lambda: (b if len(b := api.best_edges()) == 2 else None), 30)
+            best = wait_for(
+                "a best edge per region", lambda: b if len(b := api.best_edges()) == 2 else None, 30
+            )
             assert set(best) == {"lo-good", "lo-bad"}
             # The Prometheus-side best edge is the route's decision. In lo-bad no edge is
             # eligible: the map still lists them (never an empty region), over budget.
-            assert wait_for("the map = region:edgeprobe_best_edge:info", lambda: (
-                route.best() == api.best_edges()), 15, procs=procs)
+            assert wait_for(
+                "the map = region:edgeprobe_best_edge:info",
+                lambda: route.best() == api.best_edges(),
+                15,
+                procs=procs,
+            )
             doc = route.map()
             assert doc is not None and not doc["stale"]
-            assert {(e["edge"], e["eligible"], e["reason"]) for e in
-                    doc["regions"]["lo-bad"]["edges"]} == {("lo-a", False, "over_budget"),
-                                                           ("lo-b", False, "over_budget")}
+            assert {
+                (e["edge"], e["eligible"], e["reason"]) for e in doc["regions"]["lo-bad"]["edges"]
+            } == {("lo-a", False, "over_budget"), ("lo-b", False, "over_budget")}
             assert all(e["eligible"] for e in doc["regions"]["lo-good"]["edges"])
-            ratio = {s["metric"]["edge"]: float(s["value"][1]) for s in api.query(
-                'region_edge:edgeprobe_connect_within_budget:ratio_rate5m{region="lo-good"}')}
+            ratio = {
+                s["metric"]["edge"]: float(s["value"][1])
+                for s in api.query(
+                    'region_edge:edgeprobe_connect_within_budget:ratio_rate5m{region="lo-good"}'
+                )
+            }
             assert ratio == {"lo-a": 1.0, "lo-b": 1.0}
             # Per-target series keep the agent's own labels (no exported_region clash).
             assert not api.query('{__name__=~"edgeprobe_.+", exported_region!=""}')
@@ -285,9 +353,9 @@ def expected_miss(path: Mapping[str, Any]) -> tuple[float, float]:
     return miss_probability(p_rt, rtt, sd, 0.6, m.round_trips, float(m.fixed), m.exchanges), rtt
 
 
-def classify(paths: Mapping[str, Mapping[str, Any]]) -> tuple[set[tuple[str, str]],
-                                                               set[tuple[str, str]],
-                                                               dict[str, str]]:
+def classify(
+    paths: Mapping[str, Mapping[str, Any]],
+) -> tuple[set[tuple[str, str]], set[tuple[str, str]], dict[str, str]]:
     """(bad, good, best per region). Bad: the model misses more than 50 % of connects, far over
     the fast-burn line (14.4 % at a 99 % SLO). Good: under 0.5 %, half the error budget, where
     no burn-rate alert can fire. Between the two an edge is marginal and not asserted either
@@ -324,10 +392,10 @@ ACCURACY_WINDOW = "60s"
 class PathAccuracy:
     tier: str
     packets: int
-    truth: float            # the lab's median RTT of the packets the window holds
-    native: float           # the central server's histogram_quantile(0.5) of the native histogram
-    classic: float          # the same quantile from the default classic buckets (computed)
-    bucket: tuple[float, float]     # the classic bucket that holds the true median
+    truth: float  # the lab's median RTT of the packets the window holds
+    native: float  # the central server's histogram_quantile(0.5) of the native histogram
+    classic: float  # the same quantile from the default classic buckets (computed)
+    bucket: tuple[float, float]  # the classic bucket that holds the true median
 
     @property
     def native_error(self) -> float:
@@ -361,12 +429,18 @@ def median_accuracy(api: PromAPI, world: Any) -> dict[tuple[str, str], PathAccur
     at = time.time()
     wall_minus_mono = at - time.monotonic()
     sel = 'probe="icmp"'
-    native = {(s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
-              for s in api.query(f"histogram_quantile(0.5, sum by (region, edge) (rate("
-                                 f"edgeprobe_rtt_seconds{{{sel}}}[{ACCURACY_WINDOW}])))", at)}
-    scrapes = {(s["metric"]["region"], s["metric"]["edge"]): [float(v[0]) for v in s["values"]]
-               for s in api.query(f"edgeprobe_packets_sent_total{{{sel}}}[{ACCURACY_WINDOW}]",
-                                  at)}
+    native = {
+        (s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
+        for s in api.query(
+            f"histogram_quantile(0.5, sum by (region, edge) (rate("
+            f"edgeprobe_rtt_seconds{{{sel}}}[{ACCURACY_WINDOW}])))",
+            at,
+        )
+    }
+    scrapes = {
+        (s["metric"]["region"], s["metric"]["edge"]): [float(v[0]) for v in s["values"]]
+        for s in api.query(f"edgeprobe_packets_sent_total{{{sel}}}[{ACCURACY_WINDOW}]", at)
+    }
     records = world.records()
     meta = world.meta()
     bounds = MetricsSection().rtt
@@ -377,14 +451,24 @@ def median_accuracy(api: PromAPI, world: Any) -> dict[tuple[str, str], PathAccur
             ts = scrapes[(region, edge)]
             lo, hi = ((t - wall_minus_mono) * 1e9 for t in (ts[0], ts[-1]))
             addr = world.state.edges[edge]["ipv4"]
-            rtts = [x.rtt_ns / 1e9 for x in exchanges if x.edge == addr and x.rtt_ns is not None
-                    and x.reply is not None and lo < x.reply.actual_ns <= hi]
+            rtts = [
+                x.rtt_ns / 1e9
+                for x in exchanges
+                if x.edge == addr
+                and x.rtt_ns is not None
+                and x.reply is not None
+                and lo < x.reply.actual_ns <= hi
+            ]
             truth = gt.quantile(rtts, 0.5)
             i = bisect.bisect_left(bounds, truth)
             out[(region, edge)] = PathAccuracy(
-                path["tier"], len(rtts), truth, native[(region, edge)],
+                path["tier"],
+                len(rtts),
+                truth,
+                native[(region, edge)],
                 classic_quantile(bounds, rtts, 0.5),
-                (bounds[i - 1] if i else 0.0, bounds[i] if i < len(bounds) else math.inf))
+                (bounds[i - 1] if i else 0.0, bounds[i] if i < len(bounds) else math.inf),
+            )
     return out
 
 
@@ -401,17 +485,18 @@ def check_accuracy(api: PromAPI, world: Any) -> None:
     acc = median_accuracy(api, world)
     print(f"\nmedian RTT over {ACCURACY_WINDOW}, central Prometheus vs the lab's truth:")
     for (region, edge), a in sorted(acc.items(), key=lambda kv: kv[1].truth):
-        print(f"  {region:12} {edge:6} {a.tier:8} {a.packets:4d} packets  truth "
-              f"{a.truth * 1e3:8.3f} ms  native {a.native * 1e3:8.3f} ms "
-              f"({100 * a.native_error:+.2f} %)  classic {a.classic * 1e3:8.3f} ms "
-              f"({100 * a.classic_error:+.1f} %)")
+        print(
+            f"  {region:12} {edge:6} {a.tier:8} {a.packets:4d} packets  truth "
+            f"{a.truth * 1e3:8.3f} ms  native {a.native * 1e3:8.3f} ms "
+            f"({100 * a.native_error:+.2f} %)  classic {a.classic * 1e3:8.3f} ms "
+            f"({100 * a.classic_error:+.1f} %)"
+        )
     assert {a.tier for a in acc.values()} >= {"near", "far", "lossy"}
     for (region, edge), a in acc.items():
         # Step 1 leaves 20-40 s of data: 100-200 packets a path, fewer on the lossy ones. The
         # median of the same packets is compared, so a few dozen suffice.
         assert a.packets >= 50, (region, edge, a)
-        assert abs(a.native - a.truth) <= max(0.02 * a.truth, MEASUREMENT_OFFSET), (
-            region, edge, a)
+        assert abs(a.native - a.truth) <= max(0.02 * a.truth, MEASUREMENT_OFFSET), (region, edge, a)
         lo, hi = a.bucket
         assert abs(a.classic - a.truth) <= hi - lo, (region, edge, a)
     recent = api.query('edgeprobe_rtt_recent_seconds{probe="icmp"}')
@@ -447,24 +532,52 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 # not reproduce for the far edges.
                 # Phase timeout 700 ms: generous for a loaded CI machine, still longer than
                 # a degraded phase (300 ms). Four phases fit in the 3 s interval.
-                connect = {"interval": "3s", "timeout": "700ms", "signalling_port": 443,
-                           "stun_port": 3478, "ca_file": world.state.ca}
-                cfg = agent_config(tmp_path / f"agent-{region}.yml", region, targets,
-                                   connect=connect, connect_edges=frozenset(
-                                       e for r, e in good if r == region))
-                procs.start(f"edgeprobe-{region}", world.cmd(region, [
-                    *edgeprobe_argv(), "run", f"--config.file={cfg}",
-                    f"--web.listen-address={info.mgmt_addr}:{port}"]),
-                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+                connect = {
+                    "interval": "3s",
+                    "timeout": "700ms",
+                    "signalling_port": 443,
+                    "stun_port": 3478,
+                    "ca_file": world.state.ca,
+                }
+                # The real client too, for the dashboards' measured-vs-model panels: a WebRTC
+                # connect to the good edges' WHIP answerers (a few RTTs of a few ms each).
+                webrtc = {"interval": "5s", "port": 443, "ca_file": world.state.ca}
+                cfg = agent_config(
+                    tmp_path / f"agent-{region}.yml",
+                    region,
+                    targets,
+                    connect=connect,
+                    connect_edges=frozenset(e for r, e in good if r == region),
+                    webrtc=webrtc,
+                )
+                procs.start(
+                    f"edgeprobe-{region}",
+                    world.cmd(
+                        region,
+                        [
+                            *edgeprobe_argv(),
+                            "run",
+                            f"--config.file={cfg}",
+                            f"--web.listen-address={info.mgmt_addr}:{port}",
+                        ],
+                    ),
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
                 agents[region] = [f"{info.mgmt_addr}:{port}"]
             with two_tier(procs, tmp_path, agents) as (api, route):
                 # 1. Budget alerts for exactly the bad edges. Wait for all of them, then give
                 # the good edges the same time again: none of them may have fired by then.
                 t0 = time.monotonic()
                 wall_t0 = time.time()
-                wait_for("fast, medium and slow burn alerts for every bad edge", lambda: all(
-                    api.firing(f"EdgeprobeConnectBudgetBurn{k}") >= bad
-                    for k in ("Fast", "Medium", "Slow")), 90, procs=procs)
+                wait_for(
+                    "fast, medium and slow burn alerts for every bad edge",
+                    lambda: all(
+                        api.firing(f"EdgeprobeConnectBudgetBurn{k}") >= bad
+                        for k in ("Fast", "Medium", "Slow")
+                    ),
+                    90,
+                    procs=procs,
+                )
                 time.sleep(min(20.0, time.monotonic() - t0))
                 # The paging alerts (fast 14.4, medium 6), firing or pending, only for the bad
                 # edges. The ticket alert (burn > 1: one miss in a hundred) is asserted for the
@@ -476,8 +589,11 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 assert firing & good == set(), f"budget alerts for good edges: {firing & good}"
                 assert api.firing(paging[0]) >= bad and api.firing(paging[1]) >= bad
                 assert api.firing("EdgeprobeConnectBudgetBurnSlow") >= bad
-                pending = {(a["labels"]["region"], a["labels"]["edge"])
-                           for a in api.alerts("pending") if a["labels"]["alertname"] in paging}
+                pending = {
+                    (a["labels"]["region"], a["labels"]["edge"])
+                    for a in api.alerts("pending")
+                    if a["labels"]["alertname"] in paging
+                }
                 assert pending & good == set(), f"pending budget alerts for good edges: {pending}"
 
                 # 2. The native RTT histograms' medians against the lab's truth.
@@ -485,38 +601,64 @@ def test_two_tier_lab(tmp_path: Path) -> None:
 
                 # 3. The best edge per region is the lab's best, in the route's map and
                 # (relayed by the rules) in Prometheus.
-                assert wait_for("best edges as the lab made them",
-                                lambda: api.best_edges() == best, 30, procs=procs)
+                assert wait_for(
+                    "best edges as the lab made them",
+                    lambda: api.best_edges() == best,
+                    30,
+                    procs=procs,
+                )
                 assert route.best() == best
 
                 # 4. Degrade the best edge of one region: the best edge moves to the next one,
                 # the change alert fires, and the budget alerts fire for the degraded edge.
                 victim = best[DEGRADE_REGION]
                 world.set_path(DEGRADE_REGION, victim, delay=DEGRADE_DELAY)
-                degraded = {**paths, DEGRADE_REGION: {
-                    **paths[DEGRADE_REGION], victim: {
-                        "up": {**paths[DEGRADE_REGION][victim]["up"], "delay": 0.15},
-                        "down": {**paths[DEGRADE_REGION][victim]["down"], "delay": 0.15}}}}
+                degraded = {
+                    **paths,
+                    DEGRADE_REGION: {
+                        **paths[DEGRADE_REGION],
+                        victim: {
+                            "up": {**paths[DEGRADE_REGION][victim]["up"], "delay": 0.15},
+                            "down": {**paths[DEGRADE_REGION][victim]["down"], "delay": 0.15},
+                        },
+                    },
+                }
                 _, _, best_after = classify(degraded)
                 assert best_after[DEGRADE_REGION] != victim
-                wait_for(f"best edge of {DEGRADE_REGION} to move to "
-                         f"{best_after[DEGRADE_REGION]}",
-                         lambda: api.best_edges() == best_after, 60, procs=procs)
+                wait_for(
+                    f"best edge of {DEGRADE_REGION} to move to {best_after[DEGRADE_REGION]}",
+                    lambda: api.best_edges() == best_after,
+                    60,
+                    procs=procs,
+                )
+
                 def changed_alert() -> dict[str, Any] | None:
-                    return next((a for a in api.alerts() if a["labels"]["alertname"]
-                                 == "EdgeprobeBestEdgeChanged" and a["labels"]["region"]
-                                 == DEGRADE_REGION), None)
+                    return next(
+                        (
+                            a
+                            for a in api.alerts()
+                            if a["labels"]["alertname"] == "EdgeprobeBestEdgeChanged"
+                            and a["labels"]["region"] == DEGRADE_REGION
+                        ),
+                        None,
+                    )
 
                 changed = wait_for("best-edge-changed alert", changed_alert, 30, procs=procs)
                 assert changed["labels"]["edge"] == best_after[DEGRADE_REGION]
                 # "... is now sin-1; 20 seconds ago it was cgk-1."
                 assert f"it was {victim}." in changed["annotations"]["description"]
-                wait_for(f"fast-burn alert for the degraded {victim}", lambda: (
-                    DEGRADE_REGION, victim) in api.firing("EdgeprobeConnectBudgetBurnFast"),
-                    60, procs=procs)
+                wait_for(
+                    f"fast-burn alert for the degraded {victim}",
+                    lambda: (
+                        (DEGRADE_REGION, victim) in api.firing("EdgeprobeConnectBudgetBurnFast")
+                    ),
+                    60,
+                    procs=procs,
+                )
                 # The other regions kept their best edge.
                 assert {r: e for r, e in api.best_edges().items() if r != DEGRADE_REGION} == {
-                    r: e for r, e in best.items() if r != DEGRADE_REGION}
+                    r: e for r, e in best.items() if r != DEGRADE_REGION
+                }
 
                 # 5. Every Grafana panel's PromQL returns data from the live central server.
                 failures = check_all_panels(api)
@@ -551,13 +693,18 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
     step = max(1.0, round((end - since) / 200))
     fig = plt.figure(figsize=(15, 11), dpi=90)
     gs = fig.add_gridspec(2, 2, hspace=0.35, wspace=0.25)
-    fig.suptitle("edgeprobe: connect budget (600 ms) per region and edge - live from the "
-                 "central Prometheus in the end-to-end test", fontsize=13)
+    fig.suptitle(
+        "edgeprobe: connect budget (600 ms) per region and edge - live from the "
+        "central Prometheus in the end-to-end test",
+        fontsize=13,
+    )
 
     # (1) Overview: region x edge, coloured by compliance, best edge outlined.
     ax = fig.add_subplot(gs[0, 0])
-    ratio = {(s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
-             for s in api.query("region_edge:edgeprobe_connect_within_budget:ratio_rate5m")}
+    ratio = {
+        (s["metric"]["region"], s["metric"]["edge"]): float(s["value"][1])
+        for s in api.query("region_edge:edgeprobe_connect_within_budget:ratio_rate5m")
+    }
     best = api.best_edges()
     regions = sorted({r for r, _ in ratio})
     edges_of = {r: sorted(e for rr, e in ratio if rr == r) for r in regions}
@@ -568,16 +715,30 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
 
     def colour_of(key: str) -> Any:
         return palette(keys.index(key) % 20 if key in keys else 19)
+
     for y, r in enumerate(regions):
         for x, e in enumerate(edges_of[r]):
-            v = max(0.0, ratio[(r, e)])       # 1 - 1.0000000002 would print as -0.0 %
+            v = max(0.0, ratio[(r, e)])  # 1 - 1.0000000002 would print as -0.0 %
             # Colour scale: 90 % (red) ... 99 % target (yellow) ... 100 % (green).
             c = cmap(min(1.0, max(0.0, (v - 0.9) / 0.1)))
-            ax.add_patch(Rectangle((x, y), 0.95, 0.9, color=c,
-                                       ec="black" if best.get(r) == e else c,
-                                       lw=3 if best.get(r) == e else 0))
-            ax.text(x + 0.47, y + 0.45, f"{e}\n{v:.1%}" + ("\nbest" if best.get(r) == e else ""),
-                    ha="center", va="center", fontsize=8)
+            ax.add_patch(
+                Rectangle(
+                    (x, y),
+                    0.95,
+                    0.9,
+                    color=c,
+                    ec="black" if best.get(r) == e else c,
+                    lw=3 if best.get(r) == e else 0,
+                )
+            )
+            ax.text(
+                x + 0.47,
+                y + 0.45,
+                f"{e}\n{v:.1%}" + ("\nbest" if best.get(r) == e else ""),
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
     ax.set_xlim(0, width)
     ax.set_ylim(0, len(regions))
     ax.set_yticks([i + 0.45 for i in range(len(regions))], regions)
@@ -593,8 +754,14 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
         key = f"{srs['metric']['region']}/{srs['metric']['edge']}"
         ax.plot(xs, ys, label=key, lw=1.2, color=colour_of(key))
     ax.axhline(1000 * (0.6 - 0.1) / 7.5, color="grey", ls="--", lw=1)
-    ax.text(0.99, 1000 * (0.6 - 0.1) / 7.5 * 1.05, "cold-connect RTT ceiling (67 ms)",
-            fontsize=7, ha="right", transform=ax.get_yaxis_transform())
+    ax.text(
+        0.99,
+        1000 * (0.6 - 0.1) / 7.5 * 1.05,
+        "cold-connect RTT ceiling (67 ms)",
+        fontsize=7,
+        ha="right",
+        transform=ax.get_yaxis_transform(),
+    )
     ax.set_yscale("log")
     ax.set_xlabel("seconds into the test")
     ax.set_ylabel("RTT p95 (ms)")
@@ -602,15 +769,21 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
 
     # (3) Fast burn rate per edge with the page threshold.
     ax = fig.add_subplot(gs[1, 0])
-    for srs in api.query_range("region_edge:edgeprobe_connect_budget:burnrate5m", since, end,
-                               step):
+    for srs in api.query_range("region_edge:edgeprobe_connect_budget:burnrate5m", since, end, step):
         xs = [float(v[0]) - since for v in srs["values"]]
         ys = [max(float(v[1]), 0.01) for v in srs["values"]]
         key = f"{srs['metric']['region']}/{srs['metric']['edge']}"
         ax.plot(xs, ys, lw=1.2, color=colour_of(key))
     ax.axhline(14.4, color="red", ls="--", lw=1)
-    ax.text(0.99, 16, "page: 14.4x (with the 1h window)", fontsize=7, color="red", ha="right",
-            transform=ax.get_yaxis_transform())
+    ax.text(
+        0.99,
+        16,
+        "page: 14.4x (with the 1h window)",
+        fontsize=7,
+        color="red",
+        ha="right",
+        transform=ax.get_yaxis_transform(),
+    )
     ax.set_yscale("log")
     ax.set_xlabel("seconds into the test")
     ax.set_ylabel("error-budget burn rate (5m)")
@@ -632,8 +805,14 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
     ax.set_title("Best edge per region (region:edgeprobe_best_edge:info)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     handles, labels = fig.axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8,
-               title="region / edge (RTT and burn-rate panels)")
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=6,
+        fontsize=8,
+        title="region / edge (RTT and burn-rate panels)",
+    )
     fig.subplots_adjust(bottom=0.16)
     fig.savefig(out)
     plt.close(fig)
