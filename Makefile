@@ -19,8 +19,7 @@ docs:
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint:
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	@scripts/lint.sh
 
 bootstrap:
 	scripts/bootstrap.sh test

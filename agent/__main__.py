@@ -13,6 +13,7 @@ def main() -> int:
     if sys.argv[1:2] in (["run"], ["route"]):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from agent.cli import main as cli_main
+
     return cli_main()
 
 

@@ -43,11 +43,12 @@ log = logging.getLogger("edgeprobe.agent")
 class Agent:
     config: Config
     config_path: Path | None = None
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(
-        auto_describe=False))
+    registry: CollectorRegistry = field(
+        default_factory=lambda: CollectorRegistry(auto_describe=False)
+    )
     self_stats: SelfStats = field(default_factory=SelfStats)
     ready: bool = False
-    web_guard: WebGuard | None = None       # reloaded together with the config
+    web_guard: WebGuard | None = None  # reloaded together with the config
 
     def __post_init__(self) -> None:
         # The config as loaded from the file; self.config adds the discovered targets to it.
@@ -65,11 +66,17 @@ class Agent:
             for need in kind.needs:
                 self.resources.need(need)
         self.resources.configure(self.config.agent, _addresses(self.config))
-        self.ctx = ProbeContext(resources=self.resources, counters=self.self_stats,
-                                budget=self.config.agent.budget,
-                                log=logging.getLogger("edgeprobe.probe"))
-        self.scheduler = Scheduler(_KindRunner(self), stats=self.self_stats,
-                                   late_threshold=self.config.agent.late_tick_threshold)
+        self.ctx = ProbeContext(
+            resources=self.resources,
+            counters=self.self_stats,
+            budget=self.config.agent.budget,
+            log=logging.getLogger("edgeprobe.probe"),
+        )
+        self.scheduler = Scheduler(
+            _KindRunner(self),
+            stats=self.self_stats,
+            late_threshold=self.config.agent.late_tick_threshold,
+        )
         self._bg: list[asyncio.Task[None]] = []
         self._failing: dict[tuple[str, str], bool] = {}
         self._on_failure = tuple(n for n, k in PROBES.items() if k.run_on_target_failure)
@@ -92,28 +99,41 @@ class Agent:
 
     def render_metrics_protobuf(self) -> Iterator[bytes]:
         """``render_metrics`` in the protobuf exposition format, native buckets included."""
-        return itertools.chain(self.state.render_protobuf(),
-                               (protobuf.encode(self.aux_registry.collect()),))
+        return itertools.chain(
+            self.state.render_protobuf(), (protobuf.encode(self.aux_registry.collect()),)
+        )
 
     # ------------------------------------------------------------------ wiring
     def _state_for(self, cfg: Config) -> CollectorState:
         a = cfg.agent
-        return CollectorState(region=a.region, agent_labels=dict(a.labels),
-                              target_label_keys=cfg.target_label_keys, budget=a.budget,
-                              round_trips=a.model.round_trips, fixed=a.model.fixed,
-                              exchanges=a.model.exchanges, full=cfg.metrics.full,
-                              self_stats=self.self_stats)
+        return CollectorState(
+            region=a.region,
+            agent_labels=dict(a.labels),
+            target_label_keys=cfg.target_label_keys,
+            budget=a.budget,
+            round_trips=a.model.round_trips,
+            fixed=a.model.fixed,
+            exchanges=a.model.exchanges,
+            full=cfg.metrics.full,
+            self_stats=self.self_stats,
+        )
 
     def _new_view(self, job: Job, cfg: Config) -> SeriesView:
         kind = PROBES[job.kind]
         m = cfg.metrics
-        stats = new_series(kind.packet_based, kind.phases, kind.all_reasons, SeriesShape(
-            m.rtt, m.durations, m.phases, m.recent_window, m.native_histograms, m.full))
-        return SeriesView(edge=job.target.name, kind=job.kind, labels=dict(job.target.labels),
-                          stats=stats)
+        stats = new_series(
+            kind.packet_based,
+            kind.phases,
+            kind.all_reasons,
+            SeriesShape(m.rtt, m.durations, m.phases, m.recent_window, m.native_histograms, m.full),
+        )
+        return SeriesView(
+            edge=job.target.name, kind=job.kind, labels=dict(job.target.labels), stats=stats
+        )
 
-    def _views_for(self, cfg: Config, old: dict[tuple[str, str], SeriesView] | None,
-                   same_identity: bool) -> dict[tuple[str, str], SeriesView]:
+    def _views_for(
+        self, cfg: Config, old: dict[tuple[str, str], SeriesView] | None, same_identity: bool
+    ) -> dict[tuple[str, str], SeriesView]:
         views = {}
         for job in cfg.jobs:
             prev = old.get(job.key) if old else None
@@ -148,15 +168,23 @@ class Agent:
         self.state.series = self._views_for(self.config, None, True)
         self.scheduler.apply(self.config.jobs)
         _freeze_heap()
-        self._bg.append(asyncio.get_running_loop().create_task(
-            loop_lag_monitor(self.self_stats), name="loop-lag"))
+        self._bg.append(
+            asyncio.get_running_loop().create_task(
+                loop_lag_monitor(self.self_stats), name="loop-lag"
+            )
+        )
         # Open what the configured kinds need now, so start-up logs what it got and why.
         self.resources.open(PROBES[k] for k in dict.fromkeys(j.kind for j in self.config.jobs))
         self.self_stats.info = self.resources.info()
         self.ready = True
-        log.info("agent started", extra={"region": self.config.agent.region,
-                                         "series": len(self.config.jobs),
-                                         **self.self_stats.info})
+        log.info(
+            "agent started",
+            extra={
+                "region": self.config.agent.region,
+                "series": len(self.config.jobs),
+                **self.self_stats.info,
+            },
+        )
 
     async def stop(self, grace: float = 3.0) -> None:
         self.ready = False
@@ -181,8 +209,9 @@ class Agent:
                 except ConfigError as e:
                     self.self_stats.reload_ok = 0.0
                     self.self_stats.reload_failures_total += 1
-                    log.error("config reload failed; keeping the running config",
-                              extra={"error": str(e)})
+                    log.error(
+                        "config reload failed; keeping the running config", extra={"error": str(e)}
+                    )
                     return False, str(e)
             if self.web_guard is not None:
                 # Validated (and swapped atomically) before the agent config changes.
@@ -191,8 +220,10 @@ class Agent:
                 except WebConfigError as e:
                     self.self_stats.reload_ok = 0.0
                     self.self_stats.reload_failures_total += 1
-                    log.error("web config reload failed; keeping the running config",
-                              extra={"error": str(e)})
+                    log.error(
+                        "web config reload failed; keeping the running config",
+                        extra={"error": str(e)},
+                    )
                     return False, str(e)
             self._in_reload = True
             try:
@@ -213,10 +244,12 @@ class Agent:
         self._update_probe_endpoint(new, old)
         # Another bucket layout or detail is another series shape: start them afresh
         # (Prometheus reads it as a counter reset).
-        same_identity = (new.agent.region == old.agent.region
-                         and new.agent.labels == old.agent.labels
-                         and new.target_label_keys == old.target_label_keys
-                         and new.metrics == old.metrics)
+        same_identity = (
+            new.agent.region == old.agent.region
+            and new.agent.labels == old.agent.labels
+            and new.target_label_keys == old.target_label_keys
+            and new.metrics == old.metrics
+        )
         views = self._views_for(new, self.state.series, same_identity)
         state = self._state_for(new)
         # Swap the state in place: the registered collector keeps pointing at self.state.
@@ -246,8 +279,10 @@ class Agent:
             return cfg
         defaults = cfg.defaults
         order = [s.state.name for s in self.discovery.sources]
-        targets = merge_targets((self.discovered.get(n, []) for n in order),
-                                taken={j.target.name: None for j in cfg.jobs})
+        targets = merge_targets(
+            (self.discovered.get(n, []) for n in order),
+            taken={j.target.name: None for j in cfg.jobs},
+        )
         room = cfg.agent.max_targets - len(cfg.jobs)
         jobs: list[Job] = []
         dropped = 0
@@ -263,8 +298,10 @@ class Agent:
                     opts = dataclasses.replace(opts, port=dt.port)
                 jobs.append(Job(target=dt.target, kind=kind, options=opts))
         if dropped and dropped != self.discovered_dropped:
-            log.warning("discovered targets exceed agent.max_targets; some are not probed",
-                        extra={"dropped_series": dropped})
+            log.warning(
+                "discovered targets exceed agent.max_targets; some are not probed",
+                extra={"dropped_series": dropped},
+            )
         self.discovered_dropped = dropped
         return dataclasses.replace(cfg, jobs=cfg.jobs + tuple(jobs))
 
@@ -290,14 +327,19 @@ class Agent:
 
     def _update_probe_endpoint(self, new: Config, old: Config | None) -> None:
         cfg = new.probe_endpoint
-        if old is not None and self.probe_endpoint is not None \
-                and cfg == old.probe_endpoint and new.defaults == old.defaults:
-            return   # unchanged: keep the rate-limit state
+        if (
+            old is not None
+            and self.probe_endpoint is not None
+            and cfg == old.probe_endpoint
+            and new.defaults == old.defaults
+        ):
+            return  # unchanged: keep the rate-limit state
         if cfg is None or not cfg.enabled:
             self.probe_endpoint = None
             return
         self.probe_endpoint = ProbeEndpoint(
-            cfg, PROBES, modules_from_defaults(new.defaults), self.ctx)
+            cfg, PROBES, modules_from_defaults(new.defaults), self.ctx
+        )
 
 
 class _KindRunner:
@@ -349,8 +391,10 @@ class _FeatureCollector:
         a = self.agent
         if a.discovery is not None:
             yield from a.discovery.collect()
-            g = GaugeMetricFamily("edgeprobe_sd_dropped_series",
-                                  "Discovered probe series not run: over agent.max_targets")
+            g = GaugeMetricFamily(
+                "edgeprobe_sd_dropped_series",
+                "Discovered probe series not run: over agent.max_targets",
+            )
             g.add_metric([], float(a.discovered_dropped))
             yield g
         if a.probe_endpoint is not None:

@@ -41,84 +41,150 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeprobe",
         description="Probe RTC edge nodes continuously and export RTT, jitter, loss and "
-                    "connect-budget metrics to Prometheus.")
+        "connect-budget metrics to Prometheus.",
+    )
     p.add_argument("--version", action="version", version=f"edgeprobe {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def web_limit_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--web.read-header-timeout", dest="read_header_timeout",
-                        type=_duration, default="10s", metavar="DURATION",
-                        help="close a connection whose request header (TLS handshake "
-                             "included) is not complete this long after it was opened or, on "
-                             "a kept-alive connection, after its first byte (default 10s)")
-        sp.add_argument("--web.idle-timeout", dest="idle_timeout", type=_duration,
-                        default="75s", metavar="DURATION",
-                        help="close a kept-alive connection idle this long between requests "
-                             "(default 75s)")
-        sp.add_argument("--web.max-connections", dest="max_connections", type=int,
-                        default=512, metavar="N",
-                        help="most web connections open at once (default 512), also bounded "
-                             "by RLIMIT_NOFILE minus what the probes need; at the limit a new "
-                             "connection evicts the one idle longest, or is closed at accept")
+        sp.add_argument(
+            "--web.read-header-timeout",
+            dest="read_header_timeout",
+            type=_duration,
+            default="10s",
+            metavar="DURATION",
+            help="close a connection whose request header (TLS handshake "
+            "included) is not complete this long after it was opened or, on "
+            "a kept-alive connection, after its first byte (default 10s)",
+        )
+        sp.add_argument(
+            "--web.idle-timeout",
+            dest="idle_timeout",
+            type=_duration,
+            default="75s",
+            metavar="DURATION",
+            help="close a kept-alive connection idle this long between requests (default 75s)",
+        )
+        sp.add_argument(
+            "--web.max-connections",
+            dest="max_connections",
+            type=int,
+            default=512,
+            metavar="N",
+            help="most web connections open at once (default 512), also bounded "
+            "by RLIMIT_NOFILE minus what the probes need; at the limit a new "
+            "connection evicts the one idle longest, or is closed at accept",
+        )
 
     def log_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--log.format", dest="log_format", choices=("logfmt", "json"),
-                        default="logfmt", help="log format (default: logfmt)")
-        sp.add_argument("--log.level", dest="log_level", default="info",
-                        choices=("debug", "info", "warning", "error"))
+        sp.add_argument(
+            "--log.format",
+            dest="log_format",
+            choices=("logfmt", "json"),
+            default="logfmt",
+            help="log format (default: logfmt)",
+        )
+        sp.add_argument(
+            "--log.level",
+            dest="log_level",
+            default="info",
+            choices=("debug", "info", "warning", "error"),
+        )
 
-    r = sub.add_parser("run", help="run the agent and serve /metrics",
-                       description="Run the agent: probe the configured targets and serve "
-                                   "/metrics, /-/healthy, /-/ready and POST /-/reload. "
-                                   "SIGHUP reloads the config; SIGTERM/SIGINT stop it.")
-    r.add_argument("--config.file", dest="config_file", required=True, metavar="PATH",
-                   help="YAML config file")
-    r.add_argument("--web.listen-address", dest="listen", default=DEFAULT_LISTEN,
-                   metavar="ADDR", help=f"address to serve on (default {DEFAULT_LISTEN})")
-    r.add_argument("--config.watch", dest="config_watch", action="store_true",
-                   help="also reload when the config file changes (polled)")
-    r.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
-                   help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    r = sub.add_parser(
+        "run",
+        help="run the agent and serve /metrics",
+        description="Run the agent: probe the configured targets and serve "
+        "/metrics, /-/healthy, /-/ready and POST /-/reload. "
+        "SIGHUP reloads the config; SIGTERM/SIGINT stop it.",
+    )
+    r.add_argument(
+        "--config.file", dest="config_file", required=True, metavar="PATH", help="YAML config file"
+    )
+    r.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default=DEFAULT_LISTEN,
+        metavar="ADDR",
+        help=f"address to serve on (default {DEFAULT_LISTEN})",
+    )
+    r.add_argument(
+        "--config.watch",
+        dest="config_watch",
+        action="store_true",
+        help="also reload when the config file changes (polled)",
+    )
+    r.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        metavar="PATH",
+        help="TLS and basic auth, in the Prometheus exporter-toolkit format",
+    )
     web_limit_flags(r)
     log_flags(r)
 
-    c = sub.add_parser("check-config", help="validate a config file and exit",
-                       description="Validate a config file: exit 0 if it is valid, non-zero "
-                                   "with the error (key path and line) otherwise.")
+    c = sub.add_parser(
+        "check-config",
+        help="validate a config file and exit",
+        description="Validate a config file: exit 0 if it is valid, non-zero "
+        "with the error (key path and line) otherwise.",
+    )
     c.add_argument("path", metavar="PATH")
 
-    pr = sub.add_parser("probe", help="one-shot probe of hosts, with a budget verdict",
-                        description="Ping each HOST once with a train of ICMP echoes and print "
-                                    "an mtr/fping-style summary plus a verdict against the "
-                                    "connect budget.")
+    pr = sub.add_parser(
+        "probe",
+        help="one-shot probe of hosts, with a budget verdict",
+        description="Ping each HOST once with a train of ICMP echoes and print "
+        "an mtr/fping-style summary plus a verdict against the "
+        "connect budget.",
+    )
     pr.add_argument("hosts", nargs="+", metavar="HOST")
     pr.add_argument("-c", "--count", type=int, default=10, help="packets per host (default 10)")
-    pr.add_argument("--spacing", type=_duration, default=0.1,
-                    help="time between packets (default 100ms)")
-    pr.add_argument("--timeout", type=_duration, default=1.0,
-                    help="per-packet timeout (default 1s)")
-    pr.add_argument("--budget", type=_duration, default=0.6,
-                    help="connect budget (default 600ms)")
+    pr.add_argument(
+        "--spacing", type=_duration, default=0.1, help="time between packets (default 100ms)"
+    )
+    pr.add_argument(
+        "--timeout", type=_duration, default=1.0, help="per-packet timeout (default 1s)"
+    )
+    pr.add_argument("--budget", type=_duration, default=0.6, help="connect budget (default 600ms)")
     pr.add_argument("--size", type=int, default=56, help="payload bytes (default 56)")
     pr.add_argument("--ip-family", choices=("auto", "ipv4", "ipv6"), default="auto")
-    pr.add_argument("--icmp-mode", choices=("auto", "privileged", "unprivileged"),
-                    default="auto")
+    pr.add_argument("--icmp-mode", choices=("auto", "privileged", "unprivileged"), default="auto")
     pr.add_argument("--json", action="store_true", help="print JSON with per-packet RTTs")
     log_flags(pr)
 
-    ro = sub.add_parser("route", help="serve the routing map from the central Prometheus",
-                        description="Read the route candidates from the central Prometheus, "
-                                    "keep a stable first choice per region (hysteresis) and "
-                                    "serve the routing map: GET /v1/map, GET /v1/regions/"
-                                    "REGION, /metrics, /-/healthy, /-/ready. SIGHUP reloads "
-                                    "the web config; SIGTERM/SIGINT stop it. See "
-                                    "docs/routing.md.")
-    ro.add_argument("--config.file", dest="config_file", default=None, metavar="PATH",
-                    help="YAML config file (default: every setting at its default)")
-    ro.add_argument("--web.listen-address", dest="listen", default=DEFAULT_ROUTE_LISTEN,
-                    metavar="ADDR", help=f"address to serve on (default {DEFAULT_ROUTE_LISTEN})")
-    ro.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="PATH",
-                    help="TLS and basic auth, in the Prometheus exporter-toolkit format")
+    ro = sub.add_parser(
+        "route",
+        help="serve the routing map from the central Prometheus",
+        description="Read the route candidates from the central Prometheus, "
+        "keep a stable first choice per region (hysteresis) and "
+        "serve the routing map: GET /v1/map, GET /v1/regions/"
+        "REGION, /metrics, /-/healthy, /-/ready. SIGHUP reloads "
+        "the web config; SIGTERM/SIGINT stop it. See "
+        "docs/routing.md.",
+    )
+    ro.add_argument(
+        "--config.file",
+        dest="config_file",
+        default=None,
+        metavar="PATH",
+        help="YAML config file (default: every setting at its default)",
+    )
+    ro.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        default=DEFAULT_ROUTE_LISTEN,
+        metavar="ADDR",
+        help=f"address to serve on (default {DEFAULT_ROUTE_LISTEN})",
+    )
+    ro.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        metavar="PATH",
+        help="TLS and basic auth, in the Prometheus exporter-toolkit format",
+    )
     web_limit_flags(ro)
     log_flags(ro)
     return p
@@ -167,8 +233,11 @@ async def _run(args: argparse.Namespace) -> int:
     from agent.server.http import ProbeFdReserve, WebLimits, build_app, serve
     from agent.server.webconfig import WebConfigError
 
-    limits = WebLimits(read_header_timeout=args.read_header_timeout,
-                       idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    limits = WebLimits(
+        read_header_timeout=args.read_header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+    )
     if limits.problems():
         print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
         return 2
@@ -187,15 +256,19 @@ async def _run(args: argparse.Namespace) -> int:
     agent = Agent(cfg, Path(args.config_file), web_guard=guard)
     app = build_app(agent, middlewares=guard.middlewares())
     try:
-        runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits,
-                             reserve=ProbeFdReserve(agent))
+        runner = await serve(
+            app,
+            args.listen,
+            ssl_context=guard.ssl_context,
+            limits=limits,
+            reserve=ProbeFdReserve(agent),
+        )
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1
     await agent.start()
     hups.start(agent)
-    watcher = loop.create_task(_watch(agent, Path(args.config_file))) if args.config_watch \
-        else None
+    watcher = loop.create_task(_watch(agent, Path(args.config_file))) if args.config_watch else None
     await stop.wait()
     log.info("shutting down")
     if watcher is not None:
@@ -258,8 +331,11 @@ async def _route(args: argparse.Namespace) -> int:
     from agent.server.http import WebLimits, serve
     from agent.server.webconfig import WebConfigError
 
-    limits = WebLimits(read_header_timeout=args.read_header_timeout,
-                       idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    limits = WebLimits(
+        read_header_timeout=args.read_header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+    )
     if limits.problems():
         print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
         return 2
@@ -281,20 +357,20 @@ async def _route(args: argparse.Namespace) -> int:
             guard.reload()
             log.info("web config reloaded")
         except WebConfigError as e:
-            log.error("web config reload failed; keeping the running one",
-                      extra={"error": str(e)})
+            log.error("web config reload failed; keeping the running one", extra={"error": str(e)})
 
     loop.add_signal_handler(signal.SIGHUP, reload_web)
     svc = RouteService(cfg)
-    svc.load_state()            # served before the first query completes
+    svc.load_state()  # served before the first query completes
     app = build_route_app(svc, middlewares=guard.middlewares())
     try:
         runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits)
     except (OSError, ValueError) as e:
         print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return 1
-    log.info("route started", extra={"prometheus": cfg.prometheus.url,
-                                     "state_file": cfg.map.state_file})
+    log.info(
+        "route started", extra={"prometheus": cfg.prometheus.url, "state_file": cfg.map.state_file}
+    )
     await svc.run(stop)
     log.info("shutting down")
     await runner.cleanup()
@@ -303,12 +379,14 @@ async def _route(args: argparse.Namespace) -> int:
 
 async def _watch(agent: Any, path: Path, period: float = 2.0) -> None:
     """Reload when the file's (mtime, size, inode) changes: works with ConfigMap symlink swaps."""
+
     def sig() -> tuple[float, int, int] | None:
         try:
             st = path.stat()
         except OSError:
             return None
         return st.st_mtime, st.st_size, st.st_ino
+
     last = sig()
     while True:
         await asyncio.sleep(period)
@@ -329,8 +407,14 @@ async def _probe(args: argparse.Namespace) -> int:
     resolver = Resolver()
     ctx = ProbeContext.with_resources(engines, resolver)
     run_time = (args.count - 1) * args.spacing + args.timeout
-    opts = IcmpOptions(interval=run_time, packets=args.count, spacing=args.spacing,
-                       timeout=args.timeout, payload_size=args.size, ip_family=args.ip_family)
+    opts = IcmpOptions(
+        interval=run_time,
+        packets=args.count,
+        spacing=args.spacing,
+        timeout=args.timeout,
+        payload_size=args.size,
+        ip_family=args.ip_family,
+    )
     problems = opts.validate()
     if problems:
         print(f"edgeprobe: {problems[0]}", file=sys.stderr)
@@ -343,8 +427,15 @@ async def _probe(args: argparse.Namespace) -> int:
         res = await icmp_run(Target(name=host, address=host), opts, ctx)
         fam = socket.AF_INET6 if ":" in address else socket.AF_INET
         eng = engines.engines.get(fam)
-        return summarize(host, address, res.rtts, res.packet_ids, res.reason, args.budget,
-                         eng.ident if eng else None)
+        return summarize(
+            host,
+            address,
+            res.rtts,
+            res.packet_ids,
+            res.reason,
+            args.budget,
+            eng.ident if eng else None,
+        )
 
     try:
         rows = await asyncio.gather(*(one(h) for h in args.hosts))
@@ -357,8 +448,15 @@ async def _probe(args: argparse.Namespace) -> int:
     return 0 if all(r["verdict"] != "FAIL" for r in rows) else 3
 
 
-def summarize(host: str, address: str, rtts: list[float | None], ids: list[int], reason: str,
-              budget: float, icmp_id: int | None) -> dict[str, Any]:
+def summarize(
+    host: str,
+    address: str,
+    rtts: list[float | None],
+    ids: list[int],
+    reason: str,
+    budget: float,
+    icmp_id: int | None,
+) -> dict[str, Any]:
     answered = sorted(r for r in rtts if r is not None)
     lost = len(rtts) - len(answered)
     jitter = jitter_of(rtts)
@@ -376,15 +474,25 @@ def summarize(host: str, address: str, rtts: list[float | None], ids: list[int],
         return None if math.isnan(v) or math.isinf(v) else round(v * 1000, 3)
 
     return {
-        "host": host, "address": address, "icmp_id": icmp_id, "sent": len(rtts), "lost": lost,
-        "loss_ratio": lost / len(rtts) if rtts else 0.0, "loss_ratio_upper95": upper,
+        "host": host,
+        "address": address,
+        "icmp_id": icmp_id,
+        "sent": len(rtts),
+        "lost": lost,
+        "loss_ratio": lost / len(rtts) if rtts else 0.0,
+        "loss_ratio_upper95": upper,
         "min_ms": ms(answered[0]) if answered else None,
-        "median_ms": ms(quantile(answered, 0.5)), "p95_ms": ms(quantile(answered, 0.95)),
-        "max_ms": ms(answered[-1]) if answered else None, "jitter_ms": ms(jitter),
+        "median_ms": ms(quantile(answered, 0.5)),
+        "p95_ms": ms(quantile(answered, 0.95)),
+        "max_ms": ms(answered[-1]) if answered else None,
+        "jitter_ms": ms(jitter),
         "connect_estimate_ms": ms(pred.estimate) if pred else None,
         "budget_miss_probability": pred.miss_probability if pred else 1.0,
         "mos": round(pred.mos, 2) if pred else None,
-        "reason": reason, "verdict": verdict, "rtts": rtts, "packet_ids": ids,
+        "reason": reason,
+        "verdict": verdict,
+        "rtts": rtts,
+        "packet_ids": ids,
     }
 
 
@@ -392,21 +500,50 @@ def render_table(rows: list[dict[str, Any]], budget: float) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    head = ("HOST", "SENT", "LOST", "LOSS%", "≤LOSS%95", "MIN", "MED", "P95", "MAX", "JITTER",
-            "EST", "P(MISS)", "VERDICT")
+    head = (
+        "HOST",
+        "SENT",
+        "LOST",
+        "LOSS%",
+        "≤LOSS%95",
+        "MIN",
+        "MED",
+        "P95",
+        "MAX",
+        "JITTER",
+        "EST",
+        "P(MISS)",
+        "VERDICT",
+    )
     lines = [head]
     for r in rows:
-        lines.append((r["host"], str(r["sent"]), str(r["lost"]), f"{100 * r['loss_ratio']:.1f}",
-                      f"{100 * r['loss_ratio_upper95']:.1f}", f(r["min_ms"]), f(r["median_ms"]),
-                      f(r["p95_ms"]), f(r["max_ms"]), f(r["jitter_ms"]),
-                      f(r["connect_estimate_ms"]), f"{r['budget_miss_probability']:.3f}",
-                      r["verdict"] if r["verdict"] != "FAIL" or r["reason"] == "ok"
-                      else f"FAIL ({r['reason']})"))
+        lines.append(
+            (
+                r["host"],
+                str(r["sent"]),
+                str(r["lost"]),
+                f"{100 * r['loss_ratio']:.1f}",
+                f"{100 * r['loss_ratio_upper95']:.1f}",
+                f(r["min_ms"]),
+                f(r["median_ms"]),
+                f(r["p95_ms"]),
+                f(r["max_ms"]),
+                f(r["jitter_ms"]),
+                f(r["connect_estimate_ms"]),
+                f"{r['budget_miss_probability']:.3f}",
+                r["verdict"]
+                if r["verdict"] != "FAIL" or r["reason"] == "ok"
+                else f"FAIL ({r['reason']})",
+            )
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-           for row in lines]
+    out = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines
+    ]
     d = ModelConfig()
-    out.append(f"RTT in ms. EST = {d.round_trips:g}×median RTT + {d.fixed * 1000:g} ms (cold "
-               f"connect); P(MISS) = model probability of missing the {budget * 1000:g} ms "
-               "budget; ≤LOSS%95 = 95 % Wilson upper bound.")
+    out.append(
+        f"RTT in ms. EST = {d.round_trips:g}×median RTT + {d.fixed * 1000:g} ms (cold "
+        f"connect); P(MISS) = model probability of missing the {budget * 1000:g} ms "
+        "budget; ≤LOSS%95 = 95 % Wilson upper bound."
+    )
     return "\n".join(out)

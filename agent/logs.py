@@ -24,14 +24,20 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 def _ts(record: logging.LogRecord) -> str:
     # Log timestamps are for people reading logs; measurements never use the wall clock.
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
-        f".{int(record.msecs):03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
 
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [f"ts={_ts(record)}", f"level={record.levelname.lower()}",
-                 f"logger={record.name}", f"msg={_quote(record.getMessage())}"]
+        parts = [
+            f"ts={_ts(record)}",
+            f"level={record.levelname.lower()}",
+            f"logger={record.name}",
+            f"msg={_quote(record.getMessage())}",
+        ]
         parts += [f"{k}={_quote(str(v))}" for k, v in _fields(record).items()]
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
@@ -40,8 +46,12 @@ class LogfmtFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"ts": _ts(record), "level": record.levelname.lower(),
-                               "logger": record.name, "msg": record.getMessage()}
+        doc: dict[str, Any] = {
+            "ts": _ts(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         doc.update(_fields(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
@@ -65,5 +75,6 @@ def setup(fmt: str = "logfmt", level: str = "info") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # aioice logs every ICE check and state change at INFO, with addresses: dozens of lines per
     # webrtc run. Its warnings stay; its details need the debug level.
-    logging.getLogger("aioice").setLevel(max(logging.WARNING, root.level)
-                                         if root.level > logging.DEBUG else logging.DEBUG)
+    logging.getLogger("aioice").setLevel(
+        max(logging.WARNING, root.level) if root.level > logging.DEBUG else logging.DEBUG
+    )

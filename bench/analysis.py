@@ -30,8 +30,8 @@ def parse_prom(text: str, names: Iterable[str]) -> dict[str, list[tuple[dict[str
         if brace >= 0:
             name = line[:brace]
             end = line.rfind("}")
-            labels = dict(_LABEL.findall(line[brace + 1:end]))
-            rest = line[end + 1:].split()
+            labels = dict(_LABEL.findall(line[brace + 1 : end]))
+            rest = line[end + 1 :].split()
         else:
             parts = line.split()
             name, labels, rest = parts[0], {}, parts[1:]
@@ -65,8 +65,9 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
     return bs[-1][0]
 
 
-def group_buckets(samples: Sequence[tuple[dict[str, str], float]], key: str
-                  ) -> dict[str, list[tuple[float, float]]]:
+def group_buckets(
+    samples: Sequence[tuple[dict[str, str], float]], key: str
+) -> dict[str, list[tuple[float, float]]]:
     """``x_bucket`` samples grouped by one label: label value -> [(le, cumulative count)]."""
     out: dict[str, list[tuple[float, float]]] = {}
     for labels, v in samples:
@@ -74,8 +75,9 @@ def group_buckets(samples: Sequence[tuple[dict[str, str], float]], key: str
     return out
 
 
-def subset_buckets(buckets: Sequence[tuple[float, float]], keep: Sequence[float]
-                   ) -> list[tuple[float, float]]:
+def subset_buckets(
+    buckets: Sequence[tuple[float, float]], keep: Sequence[float]
+) -> list[tuple[float, float]]:
     """The histogram a coarser layout would have produced: cumulative counts are exact at the
     bounds the two layouts share, so keeping only ``keep`` (and +Inf) re-buckets losslessly."""
     ks = {round(k, 12) for k in keep}
@@ -86,7 +88,7 @@ def subset_buckets(buckets: Sequence[tuple[float, float]], keep: Sequence[float]
 class Measured:
     """What one tool reported for one workload."""
 
-    per_target_median: dict[str, float] = field(default_factory=dict)    # address -> s
+    per_target_median: dict[str, float] = field(default_factory=dict)  # address -> s
     per_packet: dict[str, dict[int, float]] = field(default_factory=dict)  # address -> idx->s
     # smokeping_prober only: the same run read through its default bucket layout.
     default_bucket_median: dict[str, float] = field(default_factory=dict)
@@ -128,7 +130,8 @@ def truth_window(exchanges: Iterable[object], start_ns: int, end_ns: int) -> Tru
             continue
         rtt = ex.rtt_ns  # type: ignore[attr-defined]
         per.setdefault(ex.edge, []).append(  # type: ignore[attr-defined]
-            None if rtt is None else rtt / 1e9)
+            None if rtt is None else rtt / 1e9
+        )
     return Truth(per)
 
 
@@ -142,8 +145,9 @@ class ErrorStats:
 
 def error_stats(errors_s: Sequence[float]) -> ErrorStats:
     ms = [e * 1e3 for e in errors_s]
-    return ErrorStats(len(ms), quantile(ms, 0.5), quantile(ms, 0.99),
-                      quantile([abs(x) for x in ms], 0.99))
+    return ErrorStats(
+        len(ms), quantile(ms, 0.5), quantile(ms, 0.99), quantile([abs(x) for x in ms], 0.99)
+    )
 
 
 def per_target_errors(measured: Mapping[str, float], truth: Truth | None) -> list[float]:
@@ -159,8 +163,9 @@ def per_target_errors(measured: Mapping[str, float], truth: Truth | None) -> lis
     return out
 
 
-def per_packet_errors(measured: Mapping[str, Mapping[int, float]], truth: Truth | None
-                      ) -> list[float]:
+def per_packet_errors(
+    measured: Mapping[str, Mapping[int, float]], truth: Truth | None
+) -> list[float]:
     """Packet i of a target (the tool's own per-target index) against the i-th echo request
     the lab saw to that target in the tool's window."""
     out: list[float] = []

@@ -38,11 +38,16 @@ READY_TIMEOUT = 120.0
 
 def config_text(n: int) -> str:
     """N ICMP targets on distinct loopback addresses (127.16.0.0/12: never a packet out)."""
-    lines = ["agent: {region: bench, max_targets: 100000}",
-             "defaults: {icmp: {interval: 1s, packets: 1, timeout: 900ms}}", "targets:"]
+    lines = [
+        "agent: {region: bench, max_targets: 100000}",
+        "defaults: {icmp: {interval: 1s, packets: 1, timeout: 900ms}}",
+        "targets:",
+    ]
     for i in range(n):
-        lines.append(f"  - {{name: e{i}, address: 127.{16 + (i >> 16) % 16}.{(i >> 8) & 255}."
-                     f"{(i & 255) or 1}}}")
+        lines.append(
+            f"  - {{name: e{i}, address: 127.{16 + (i >> 16) % 16}.{(i >> 8) & 255}."
+            f"{(i & 255) or 1}}}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -57,7 +62,8 @@ def filled_agent(n: int, observations: int = 60, seed: int = 14) -> Agent:
         base = rnd.uniform(0.005, 0.25)
         rtts: list[float | None] = [
             None if rnd.random() < 0.01 else base * math.exp(rnd.gauss(0, 0.05))
-            for _ in range(observations)]
+            for _ in range(observations)
+        ]
         agent._record(job, ProbeResult(success=True, rtts=rtts))
     return agent
 
@@ -78,8 +84,14 @@ def render_cost(n: int) -> dict[str, Any]:
     proto_s, proto_b = _time(agent.render_metrics_protobuf)
     text = b"".join(agent.render_metrics()).decode()
     lines = sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
-    return {"targets": n, "series": lines, "text_bytes": text_b, "text_s": round(text_s, 4),
-            "protobuf_bytes": proto_b, "protobuf_s": round(proto_s, 4)}
+    return {
+        "targets": n,
+        "series": lines,
+        "text_bytes": text_b,
+        "text_s": round(text_s, 4),
+        "protobuf_bytes": proto_b,
+        "protobuf_s": round(proto_s, 4),
+    }
 
 
 def _free_port() -> int:
@@ -95,37 +107,56 @@ def startup(n: int) -> dict[str, Any]:
         path = Path(d) / "agent.yml"
         path.write_text(config_text(n))
         port = 9798
-        probe = (f"import time,urllib.request\n"
-                 f"t=time.monotonic()\n"
-                 f"while time.monotonic()-t<{READY_TIMEOUT}:\n"
-                 f"  try:\n"
-                 f"    urllib.request.urlopen('http://127.0.0.1:{port}/-/ready',timeout=1)\n"
-                 f"    print(time.monotonic()-t); break\n"
-                 f"  except Exception: time.sleep(0.05)\n")
-        script = (f"ip link set lo up && "
-                  f"({sys.executable} -m agent run --config.file {path} "
-                  f"--web.listen-address 127.0.0.1:{port} --log.level warning & "
-                  f"pid=$!; {sys.executable} -c \"$PROBE\"; kill $pid; wait $pid)")
+        probe = (
+            f"import time,urllib.request\n"
+            f"t=time.monotonic()\n"
+            f"while time.monotonic()-t<{READY_TIMEOUT}:\n"
+            f"  try:\n"
+            f"    urllib.request.urlopen('http://127.0.0.1:{port}/-/ready',timeout=1)\n"
+            f"    print(time.monotonic()-t); break\n"
+            f"  except Exception: time.sleep(0.05)\n"
+        )
+        script = (
+            f"ip link set lo up && "
+            f"({sys.executable} -m agent run --config.file {path} "
+            f"--web.listen-address 127.0.0.1:{port} --log.level warning & "
+            f'pid=$!; {sys.executable} -c "$PROBE"; kill $pid; wait $pid)'
+        )
         env = {**os.environ, "PROBE": probe, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True,
-                             text=True, timeout=READY_TIMEOUT + 30, env=env, cwd=ROOT)
+        out = subprocess.run(
+            ["unshare", "-n", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=READY_TIMEOUT + 30,
+            env=env,
+            cwd=ROOT,
+        )
         first = out.stdout.strip().splitlines()
-        return {"targets": n, "ready_s": round(float(first[0]), 2) if first else None,
-                "config_bytes": path.stat().st_size}
+        return {
+            "targets": n,
+            "ready_s": round(float(first[0]), 2) if first else None,
+            "config_bytes": path.stat().st_size,
+        }
 
 
 def series_per_target() -> dict[str, dict[str, int]]:
     m = MetricsSection()
     counts = catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases))
-    return {name: {"text": catalog.series_per_target(k, counts),
-                   "native": catalog.series_per_target(k, counts, native=True)}
-            for name, k in PROBES.items()}
+    return {
+        name: {
+            "text": catalog.series_per_target(k, counts),
+            "native": catalog.series_per_target(k, counts, native=True),
+        }
+        for name, k in PROBES.items()
+    }
 
 
 def measure(sizes: Sequence[int] = (1000, 10000), start_at: int = 10000) -> dict[str, Any]:
-    return {"series_per_target": series_per_target(),
-            "render": [render_cost(n) for n in sizes],
-            "startup": startup(start_at) if start_at else None}
+    return {
+        "series_per_target": series_per_target(),
+        "render": [render_cost(n) for n in sizes],
+        "startup": startup(start_at) if start_at else None,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

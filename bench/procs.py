@@ -22,10 +22,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class CpuSample:
-    at_ns: int          # CLOCK_MONOTONIC, same clock as the lab's ground truth
-    cpu_s: float        # utime + stime + cutime + cstime
-    out_echos: int      # ICMP echo requests sent in the tool's namespace (/proc/PID/net/snmp)
-    in_echo_reps: int   # ICMP echo replies received there
+    at_ns: int  # CLOCK_MONOTONIC, same clock as the lab's ground truth
+    cpu_s: float  # utime + stime + cutime + cstime
+    out_echos: int  # ICMP echo requests sent in the tool's namespace (/proc/PID/net/snmp)
+    in_echo_reps: int  # ICMP echo replies received there
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -56,8 +56,11 @@ def peak_rss_bytes(pid: int) -> int:
 
 def icmp_counters(pid: int) -> tuple[int, int]:
     """(OutEchos, InEchoReps) of the network namespace the process lives in."""
-    lines = [ln.split() for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
-             if ln.startswith("Icmp:")]
+    lines = [
+        ln.split()
+        for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+        if ln.startswith("Icmp:")
+    ]
     head, vals = lines[0], lines[1]
     d = dict(zip(head[1:], (int(v) for v in vals[1:]), strict=True))
     return d["OutEchos"], d["InEchoReps"]
@@ -71,8 +74,9 @@ def sample(pid: int) -> CpuSample:
 class Child:
     """A tool running in a namespace, with stdout/stderr to files. Always stopped on exit."""
 
-    def __init__(self, ns: str, argv: Sequence[str], out: Path, err: Path,
-                 stop_signal: int = signal.SIGTERM) -> None:
+    def __init__(
+        self, ns: str, argv: Sequence[str], out: Path, err: Path, stop_signal: int = signal.SIGTERM
+    ) -> None:
         self.argv = ["ip", "netns", "exec", ns, *argv]
         self.out_path, self.err_path = out, err
         self.stop_signal = stop_signal
@@ -82,8 +86,9 @@ class Child:
 
     def __enter__(self) -> Child:
         with self.out_path.open("wb") as o, self.err_path.open("wb") as e:
-            self.proc = subprocess.Popen(self.argv, stdout=o, stderr=e, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=o, stderr=e, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.start = start_ticks(self.proc.pid)
         return self
 
@@ -93,8 +98,11 @@ class Child:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return (self.proc is not None and self.proc.poll() is None
-                and start_ticks(self.proc.pid) == self.start)
+        return (
+            self.proc is not None
+            and self.proc.poll() is None
+            and start_ticks(self.proc.pid) == self.start
+        )
 
     def stop(self, grace: float = 10.0) -> int | None:
         """The tool's stop signal (fping prints its summary on SIGINT), then SIGKILL."""
@@ -113,15 +121,18 @@ class Child:
         self.returncode = p.returncode
         return p.returncode
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
-def run_in(ns: str, argv: Sequence[str], timeout: float = 120.0) -> subprocess.CompletedProcess[
-        bytes]:
-    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
-                          timeout=timeout, check=False)
+def run_in(
+    ns: str, argv: Sequence[str], timeout: float = 120.0
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], capture_output=True, timeout=timeout, check=False
+    )
 
 
 class LoopbackNs:
@@ -134,17 +145,26 @@ class LoopbackNs:
     def __enter__(self) -> LoopbackNs:
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
         try:
-            subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["ip", "-n", self.name, "link", "set", "lo", "up"], check=True, capture_output=True
+            )
             # Unprivileged ping sockets for smokeping_prober's default mode. Echo replies are
             # outside icmp_ratemask, so no rate limit applies to them anyway.
-            run_in(self.name, ["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647",
-                               "net.ipv4.icmp_ratelimit=0"])
+            run_in(
+                self.name,
+                [
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ping_group_range=0 2147483647",
+                    "net.ipv4.icmp_ratelimit=0",
+                ],
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 ADDR = "10.98.0.1"
-NETNS_SETUP = (f"ip link set lo up && ip link add b0 type veth peer name b1 && "
-               f"ip addr add {ADDR}/24 dev b0 && ip link set b0 up && ip link set b1 up")
+NETNS_SETUP = (
+    f"ip link set lo up && ip link add b0 type veth peer name b1 && "
+    f"ip addr add {ADDR}/24 dev b0 && ip link set b0 up && ip link set b1 up"
+)
 
 
 def _self_cpu() -> float:
@@ -38,12 +40,11 @@ def _self_cpu() -> float:
 def _pid_cpu(pid: int) -> float:
     """User + system seconds of ``pid`` (and its reaped children), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(x) for x in fields[11:15])      # utime, stime, cutime, cstime
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def _measure(state: Path, connects: int, streams: int,
-                   services_pid: int) -> dict[str, Any]:
+async def _measure(state: Path, connects: int, streams: int, services_pid: int) -> dict[str, Any]:
     from probes import PROBES
     from probes.base import ProbeContext, Target
 
@@ -53,7 +54,7 @@ async def _measure(state: Path, connects: int, streams: int,
     wopts = w.options(scheme="http", port=8080, timeout=5.0)
     ropts = rl.options(username="bench", password="bench-secret")
     target = Target("bench", ADDR)
-    for _ in range(2):      # warm-up: imports and first-use state
+    for _ in range(2):  # warm-up: imports and first-use state
         await w.run(target, wopts, ctx)
     c0, s0, t0 = _self_cpu(), _pid_cpu(services_pid), time.perf_counter()
     ok = 0
@@ -69,12 +70,16 @@ async def _measure(state: Path, connects: int, streams: int,
         stream_s += (ropts.packets - 1) * ropts.spacing
     c2, s2, tu1 = _self_cpu(), _pid_cpu(services_pid), _pid_cpu(turn_pid)
     return {
-        "connects": connects, "connects_ok": ok,
+        "connects": connects,
+        "connects_ok": ok,
         "connect_wall_ms": (t1 - t0) / connects * 1000,
         "cpu_ms_per_connect_probe": (c1 - c0) / connects * 1000,
         "cpu_ms_per_connect_answerer": (s1 - s0) / connects * 1000,
-        "streams": streams, "streams_ok": r_ok, "stream_seconds": stream_s,
-        "packets_per_second": 1 / ropts.spacing, "payload_bytes": ropts.payload_size,
+        "streams": streams,
+        "streams_ok": r_ok,
+        "stream_seconds": stream_s,
+        "packets_per_second": 1 / ropts.spacing,
+        "payload_bytes": ropts.payload_size,
         "cpu_ms_per_stream_second_probe": (c2 - c1) / stream_s * 1000,
         "cpu_ms_per_stream_second_turn": (tu1 - tu0) / stream_s * 1000,
         "cpu_ms_per_stream_second_reflector": (s2 - s1) / stream_s * 1000,
@@ -86,27 +91,35 @@ def inner(connects: int, streams: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="edgeprobe-bench-rtc-") as d:
         state = Path(d)
-        cfg = {"state_dir": str(state / "services"), "http": [f"{ADDR}:8080"],
-               "udp_echo": [f"{ADDR}:7"],
-               "turn": {"listen": [ADDR], "port": 3478, "users": {"bench": "bench-secret"}}}
+        cfg = {
+            "state_dir": str(state / "services"),
+            "http": [f"{ADDR}:8080"],
+            "udp_echo": [f"{ADDR}:7"],
+            "turn": {"listen": [ADDR], "port": 3478, "users": {"bench": "bench-secret"}},
+        }
         with ServicesProcess(cfg) as sp:
             assert sp.proc is not None
             return asyncio.run(_measure(state, connects, streams, sp.proc.pid))
 
 
 def markdown(r: dict[str, Any]) -> str:
-    return "\n".join([
-        "| measurement | probe | server side |",
-        "|---|---:|---:|",
-        f"| CPU per webrtc connect ({r['connects_ok']}/{r['connects']} ok, "
-        f"{r['connect_wall_ms']:.0f} ms each) | {r['cpu_ms_per_connect_probe']:.1f} ms | "
-        f"{r['cpu_ms_per_connect_answerer']:.1f} ms (aiortc answerer) |",
-        f"| CPU per second of relay stream ({r['packets_per_second']:.0f} packets/s of "
-        f"{r['payload_bytes']} bytes, {r['streams_ok']}/{r['streams']} ok) | "
-        f"{r['cpu_ms_per_stream_second_probe']:.2f} ms | "
-        f"{r['cpu_ms_per_stream_second_turn']:.2f} ms (coturn) + "
-        f"{r['cpu_ms_per_stream_second_reflector']:.2f} ms (reflector) |",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "| measurement | probe | server side |",
+                "|---|---:|---:|",
+                f"| CPU per webrtc connect ({r['connects_ok']}/{r['connects']} ok, "
+                f"{r['connect_wall_ms']:.0f} ms each) | {r['cpu_ms_per_connect_probe']:.1f} ms | "
+                f"{r['cpu_ms_per_connect_answerer']:.1f} ms (aiortc answerer) |",
+                f"| CPU per second of relay stream ({r['packets_per_second']:.0f} packets/s of "
+                f"{r['payload_bytes']} bytes, {r['streams_ok']}/{r['streams']} ok) | "
+                f"{r['cpu_ms_per_stream_second_probe']:.2f} ms | "
+                f"{r['cpu_ms_per_stream_second_turn']:.2f} ms (coturn) + "
+                f"{r['cpu_ms_per_stream_second_reflector']:.2f} ms (reflector) |",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,10 +136,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     root = str(Path(__file__).resolve().parent.parent)
     p = subprocess.run(
-        ["unshare", "-n", "sh", "-c", NETNS_SETUP + ' && exec "$@"', "sh", sys.executable,
-         "-m", "bench.rtc", "--inner", "--connects", str(a.connects), "--streams",
-         str(a.streams)], capture_output=True, text=True, cwd=root, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": root})
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            NETNS_SETUP + ' && exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "bench.rtc",
+            "--inner",
+            "--connects",
+            str(a.connects),
+            "--streams",
+            str(a.streams),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": root},
+    )
     if p.returncode != 0:
         sys.stderr.write(p.stderr[-3000:])
         return 1

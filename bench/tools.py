@@ -32,9 +32,28 @@ from bench.procs import run_in
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKEPING = "prometheus-smokeping-prober"
-SMOKEPING_DEFAULT_BUCKETS = (5e-05, 0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064,
-                             0.0128, 0.0256, 0.0512, 0.1024, 0.2048, 0.4096, 0.8192, 1.6384,
-                             3.2768, 6.5536, 13.1072, 26.2144)
+SMOKEPING_DEFAULT_BUCKETS = (
+    5e-05,
+    0.0001,
+    0.0002,
+    0.0004,
+    0.0008,
+    0.0016,
+    0.0032,
+    0.0064,
+    0.0128,
+    0.0256,
+    0.0512,
+    0.1024,
+    0.2048,
+    0.4096,
+    0.8192,
+    1.6384,
+    3.2768,
+    6.5536,
+    13.1072,
+    26.2144,
+)
 TIMEOUT_MS = 900
 # Retries while the port is not open yet (an agent with 10,000 targets takes a while to start).
 _SCRAPE = """
@@ -58,10 +77,10 @@ class Job:
 
     ns: str
     addrs: Sequence[str]
-    nominal_rtts: Sequence[float]    # seconds; the lab's configured RTTs (0 on loopback)
+    nominal_rtts: Sequence[float]  # seconds; the lab's configured RTTs (0 on loopback)
     workdir: Path
     port: int
-    total_seconds: float             # warm-up + measured window
+    total_seconds: float  # warm-up + measured window
 
 
 class Tool(Protocol):
@@ -87,7 +106,7 @@ while True:
             sys.exit("not listening after %s s" % sys.argv[2])
         time.sleep(0.2)
 """
-READY_WAIT = 180.0   # smokeping_prober starts its pingers one by one: ~2 min for 10,000
+READY_WAIT = 180.0  # smokeping_prober starts its pingers one by one: ~2 min for 10,000
 
 
 def wait_port(ns: str, port: int, wait: float = READY_WAIT) -> None:
@@ -99,8 +118,11 @@ def wait_port(ns: str, port: int, wait: float = READY_WAIT) -> None:
 
 def scrape(ns: str, port: int, dest: Path, wait: float = READY_WAIT) -> str:
     """GET /metrics from inside the namespace (the tools listen on its 127.0.0.1)."""
-    r = run_in(ns, [sys.executable, "-c", _SCRAPE, f"http://127.0.0.1:{port}/metrics",
-                    str(wait)], timeout=wait + 330)
+    r = run_in(
+        ns,
+        [sys.executable, "-c", _SCRAPE, f"http://127.0.0.1:{port}/metrics", str(wait)],
+        timeout=wait + 330,
+    )
     if r.returncode != 0:
         last = r.stderr.decode(errors="replace").strip().splitlines()[-1:]
         raise RuntimeError(f"scrape failed: {' '.join(last)}")
@@ -132,25 +154,34 @@ class Edgeprobe:
 
     def version(self) -> str:
         from agent import VERSION
+
         return VERSION
 
     def config(self, job: Job) -> dict[str, object]:
         window = max(60, math.ceil(job.total_seconds + 15))
         return {
             "agent": {"region": "bench", "max_targets": max(10000, len(job.addrs))},
-            "defaults": {"icmp": {"interval": "1s", "packets": 1,
-                                  "timeout": f"{TIMEOUT_MS}ms"}},
+            "defaults": {"icmp": {"interval": "1s", "packets": 1, "timeout": f"{TIMEOUT_MS}ms"}},
             # The window covers the whole run, so the exported median is over every packet.
             "metrics": {"recent_window": f"{window}s"},
-            "targets": [{"name": f"t{i:05d}", "address": a, "probes": ["icmp"]}
-                        for i, a in enumerate(job.addrs)],
+            "targets": [
+                {"name": f"t{i:05d}", "address": a, "probes": ["icmp"]}
+                for i, a in enumerate(job.addrs)
+            ],
         }
 
     def argv(self, job: Job) -> list[str]:
         cfg = job.workdir / "edgeprobe.yml"
         cfg.write_text(yaml.safe_dump(self.config(job), sort_keys=False))
-        return [sys.executable, "-m", "agent", "run", f"--config.file={cfg}",
-                f"--web.listen-address=127.0.0.1:{job.port}", "--log.level=warning"]
+        return [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            f"--config.file={cfg}",
+            f"--web.listen-address=127.0.0.1:{job.port}",
+            "--log.level=warning",
+        ]
 
     def at_window_start(self, job: Job) -> None:
         # The lateness and lag histograms count from the agent's start; this first reading
@@ -167,12 +198,18 @@ class Edgeprobe:
     def collect(self, job: Job) -> Measured:
         text = (job.workdir / "edgeprobe.metrics").read_text()
         names = {f"t{i:05d}": a for i, a in enumerate(job.addrs)}
-        fam = parse_prom(text, ["edgeprobe_rtt_recent_seconds", "edgeprobe_packets_sent_total",
-                                "edgeprobe_packets_lost_total",
-                                "edgeprobe_scheduler_lateness_seconds_bucket",
-                                "edgeprobe_event_loop_lag_seconds_bucket",
-                                "edgeprobe_scheduler_skipped_ticks_total",
-                                "edgeprobe_scheduler_late_ticks_total"])
+        fam = parse_prom(
+            text,
+            [
+                "edgeprobe_rtt_recent_seconds",
+                "edgeprobe_packets_sent_total",
+                "edgeprobe_packets_lost_total",
+                "edgeprobe_scheduler_lateness_seconds_bucket",
+                "edgeprobe_event_loop_lag_seconds_bucket",
+                "edgeprobe_scheduler_skipped_ticks_total",
+                "edgeprobe_scheduler_late_ticks_total",
+            ],
+        )
         m = Measured()
         for labels, v in fam["edgeprobe_rtt_recent_seconds"]:
             if labels.get("quantile") == "0.5" and labels.get("edge") in names:
@@ -180,11 +217,14 @@ class Edgeprobe:
         m.sent = int(sum(v for _, v in fam["edgeprobe_packets_sent_total"]))
         m.received = m.sent - int(sum(v for _, v in fam["edgeprobe_packets_lost_total"]))
         first = job.workdir / "edgeprobe.start.metrics"
-        start = parse_prom(first.read_text() if first.exists() else "",
-                           [f"edgeprobe_{k}_seconds_bucket" for k in ("scheduler_lateness",
-                                                                      "event_loop_lag")])
-        for key, metric in (("scheduler_lateness", "edgeprobe_scheduler_lateness_seconds_bucket"),
-                            ("event_loop_lag", "edgeprobe_event_loop_lag_seconds_bucket")):
+        start = parse_prom(
+            first.read_text() if first.exists() else "",
+            [f"edgeprobe_{k}_seconds_bucket" for k in ("scheduler_lateness", "event_loop_lag")],
+        )
+        for key, metric in (
+            ("scheduler_lateness", "edgeprobe_scheduler_lateness_seconds_bucket"),
+            ("event_loop_lag", "edgeprobe_event_loop_lag_seconds_bucket"),
+        ):
             before = {lb["le"]: v for lb, v in start[metric]}
             b = [(float(lb["le"]), v - before.get(lb["le"], 0.0)) for lb, v in fam[metric]]
             m.extra[f"{key}_p50_ms"] = histogram_quantile(0.5, b) * 1e3
@@ -196,7 +236,7 @@ class Edgeprobe:
 
 class Fping:
     name: str = "fping"
-    stop_signal: int = signal.SIGINT          # fping prints its per-target summary on SIGINT
+    stop_signal: int = signal.SIGINT  # fping prints its per-target summary on SIGINT
     _LINE = re.compile(r"^(\S+)\s+: \[(\d+)\], \d+ bytes, ([0-9.]+) ms")
     _SUMMARY = re.compile(r"^(\S+)\s+: xmt/rcv/%loss = (\d+)/(\d+)/")
 
@@ -209,8 +249,18 @@ class Fping:
         tf.write_text("".join(f"{a}\n" for a in job.addrs))
         # -i is the gap between any two sends: half of 1 s / N leaves fping room to catch up.
         gap_ms = max(0.01, min(10.0, 500.0 / max(1, len(job.addrs))))
-        return ["fping", "-l", "-p", "1000", "-t", str(TIMEOUT_MS), "-i", f"{gap_ms:.3f}",
-                "-f", str(tf)]
+        return [
+            "fping",
+            "-l",
+            "-p",
+            "1000",
+            "-t",
+            str(TIMEOUT_MS),
+            "-i",
+            f"{gap_ms:.3f}",
+            "-f",
+            str(tf),
+        ]
 
     def at_window_start(self, job: Job) -> None:
         return None
@@ -225,7 +275,8 @@ class Fping:
                 mt = self._LINE.match(line)
                 if mt:
                     m.per_packet.setdefault(mt.group(1), {})[int(mt.group(2))] = (
-                        float(mt.group(3)) / 1e3)
+                        float(mt.group(3)) / 1e3
+                    )
         for addr, pkts in m.per_packet.items():
             m.per_target_median[addr] = quantile(list(pkts.values()), 0.5)
         # Loss as the per-packet lines show it: a missing index is a lost echo. fping 5.1's own
@@ -253,21 +304,37 @@ class SmokepingProber:
     stop_signal: int = signal.SIGTERM
 
     def version(self) -> str:
-        r = subprocess.run([SMOKEPING, "--version"], capture_output=True, text=True,
-                           check=False)
+        r = subprocess.run([SMOKEPING, "--version"], capture_output=True, text=True, check=False)
         out = (r.stdout + r.stderr).split()
         return out[2].rstrip(",") if len(out) > 2 else "unknown"
 
     def argv(self, job: Job) -> list[str]:
         cfg = job.workdir / "smokeping.yml"
-        cfg.write_text(yaml.safe_dump({"targets": [{
-            "hosts": list(job.addrs), "interval": "1s", "network": "ip4",
-            "protocol": "icmp", "size": 56}]}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "targets": [
+                        {
+                            "hosts": list(job.addrs),
+                            "interval": "1s",
+                            "network": "ip4",
+                            "protocol": "icmp",
+                            "size": 56,
+                        }
+                    ]
+                }
+            )
+        )
         buckets = ",".join(f"{b:g}" for b in fine_buckets(job.nominal_rtts))
         # Its default ICMP mode (unprivileged ping sockets: the kernel hands each pinger only
         # its own replies); --privileged would give every pinger every reply.
-        return [SMOKEPING, f"--config.file={cfg}", f"--web.listen-address=127.0.0.1:{job.port}",
-                f"--buckets={buckets}", "--log.level=warn"]
+        return [
+            SMOKEPING,
+            f"--config.file={cfg}",
+            f"--web.listen-address=127.0.0.1:{job.port}",
+            f"--buckets={buckets}",
+            "--log.level=warn",
+        ]
 
     def at_window_start(self, job: Job) -> None:
         # It serves /metrics only once every pinger has started; the window starts then.
@@ -278,9 +345,14 @@ class SmokepingProber:
 
     def collect(self, job: Job) -> Measured:
         text = (job.workdir / "smokeping.metrics").read_text()
-        fam = parse_prom(text, ["smokeping_requests_total",
-                                "smokeping_response_duration_seconds_bucket",
-                                "smokeping_response_duration_seconds_count"])
+        fam = parse_prom(
+            text,
+            [
+                "smokeping_requests_total",
+                "smokeping_response_duration_seconds_bucket",
+                "smokeping_response_duration_seconds_count",
+            ],
+        )
         m = Measured()
         m.sent = int(sum(v for _, v in fam["smokeping_requests_total"]))
         m.received = int(sum(v for _, v in fam["smokeping_response_duration_seconds_count"]))
@@ -288,7 +360,8 @@ class SmokepingProber:
         for host, b in by_host.items():
             m.per_target_median[host] = histogram_quantile(0.5, b)
             m.default_bucket_median[host] = histogram_quantile(
-                0.5, subset_buckets(b, SMOKEPING_DEFAULT_BUCKETS))
+                0.5, subset_buckets(b, SMOKEPING_DEFAULT_BUCKETS)
+            )
         return m
 
 

@@ -55,8 +55,11 @@ def load_groups(rule_files: list[Path]) -> list[dict[str, Any]]:
     seen: dict[str, Path] = {}
     for path in rule_files:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or set(doc) != {"groups"} or not isinstance(
-                doc["groups"], list):
+        if (
+            not isinstance(doc, dict)
+            or set(doc) != {"groups"}
+            or not isinstance(doc["groups"], list)
+        ):
             raise RulesError(f"{path}: expected a Prometheus rule file with only `groups:`")
         for g in doc["groups"]:
             name = g.get("name") if isinstance(g, dict) else None
@@ -70,8 +73,7 @@ def load_groups(rule_files: list[Path]) -> list[dict[str, Any]]:
     return groups
 
 
-def render(rule_files: list[Path], name: str = "edgeprobe",
-           namespace: str = "edgeprobe") -> str:
+def render(rule_files: list[Path], name: str = "edgeprobe", namespace: str = "edgeprobe") -> str:
     doc = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -82,9 +84,14 @@ def render(rule_files: list[Path], name: str = "edgeprobe",
         },
         "spec": {"groups": load_groups(rule_files)},
     }
-    body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                     width=1 << 16,
-                     default_flow_style=False)
+    body = yaml.dump(
+        doc,
+        Dumper=_Dumper,
+        sort_keys=False,
+        allow_unicode=True,
+        width=1 << 16,
+        default_flow_style=False,
+    )
     return HEADER + body
 
 
@@ -106,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
     if args.check:
         if current != text:
-            print(f"{args.output} is stale: run python deploy/gen_prometheusrule.py",
-                  file=sys.stderr)
+            print(
+                f"{args.output} is stale: run python deploy/gen_prometheusrule.py", file=sys.stderr
+            )
             return 1
         return 0
     if current != text:

@@ -23,26 +23,39 @@ def _fmt(x: float) -> str:
 def cmd_up(a: argparse.Namespace) -> int:
     state = Path(a.state)
     if (state / "state.json").exists():
-        print(f"lab: a world is already described in {state}/state.json; "
-              f"run `python -m lab down --state {state}` first", file=sys.stderr)
+        print(
+            f"lab: a world is already described in {state}/state.json; "
+            f"run `python -m lab down --state {state}` first",
+            file=sys.stderr,
+        )
         return 1
-    world = World.up(profiles=a.profile or list(DEFAULT_PROFILES), state_dir=state,
-                     services=None if a.services == "auto" else a.services == "on",
-                     seed=a.seed, detach=True)
+    world = World.up(
+        profiles=a.profile or list(DEFAULT_PROFILES),
+        state_dir=state,
+        services=None if a.services == "auto" else a.services == "on",
+        seed=a.seed,
+        detach=True,
+    )
     st = world.state
     if a.json:
         print(json.dumps(st.to_json(), indent=2))
         return 0
     print(f"lab {st.run_id} up: state {state}/state.json, ground truth {st.truth}")
     for r in st.regions.values():
-        print(f"  {r.name:12} ns {r.ns}  agent {r.agent4} / {r.agent6}  "
-              f"mgmt {r.mgmt_addr} (root side {r.mgmt_host})")
+        print(
+            f"  {r.name:12} ns {r.ns}  agent {r.agent4} / {r.agent6}  "
+            f"mgmt {r.mgmt_addr} (root side {r.mgmt_host})"
+        )
         for edge, p in st.paths[r.name].items():
             e = st.edges[edge]
-            print(f"      {edge:6} {p['tier']:8} {e['ipv4']:12} {e['dns']:18} "
-                  f"one-way {p['up']['delay'] * 1e3:.1f} ms")
-    print(f"  edge ns {st.edge_ns}; services: {'on' if st.services else 'off'}"
-          + (f", DNS {', '.join(st.dns_servers)}, CA {st.ca}" if st.services else ""))
+            print(
+                f"      {edge:6} {p['tier']:8} {e['ipv4']:12} {e['dns']:18} "
+                f"one-way {p['up']['delay'] * 1e3:.1f} ms"
+            )
+    print(
+        f"  edge ns {st.edge_ns}; services: {'on' if st.services else 'off'}"
+        + (f", DNS {', '.join(st.dns_servers)}, CA {st.ca}" if st.services else "")
+    )
     return 0
 
 
@@ -83,23 +96,35 @@ def cmd_truth(a: argparse.Namespace) -> int:
     prec = gt.precision(recs)
     rows = list(gt.iter_summary(recs, meta))
     if a.json:
-        print(json.dumps({"precision": prec.to_json(), "echo": rows,
-                          "forwarder": world.stats()}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"precision": prec.to_json(), "echo": rows, "forwarder": world.stats()},
+                indent=2,
+                default=str,
+            )
+        )
         return 0
-    print(f"records {len(recs)}; release lateness p50 {_fmt(prec.p50_us)} us, "
-          f"p99 {_fmt(prec.p99_us)} us, max {_fmt(prec.max_us)} us; "
-          f"peak {prec.peak_pps:.0f} packets/s")
-    print(f"{'region':12} {'edge':14} {'address':16} {'sent':>6} {'lost':>5} {'loss%':>6} "
-          f"{'p50 ms':>8} {'p95 ms':>8} {'burst':>5}")
+    print(
+        f"records {len(recs)}; release lateness p50 {_fmt(prec.p50_us)} us, "
+        f"p99 {_fmt(prec.p99_us)} us, max {_fmt(prec.max_us)} us; "
+        f"peak {prec.peak_pps:.0f} packets/s"
+    )
+    print(
+        f"{'region':12} {'edge':14} {'address':16} {'sent':>6} {'lost':>5} {'loss%':>6} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'burst':>5}"
+    )
     for r in rows:
-        print(f"{r['region']:12} {r['edge']:14} {r['address']:16} {r['sent']:6d} {r['lost']:5d} "
-              f"{100 * r['loss_ratio']:6.2f} {_fmt(r['rtt_p50_ms']):>8} "
-              f"{_fmt(r['rtt_p95_ms']):>8} {r['max_burst']:5d}")
+        print(
+            f"{r['region']:12} {r['edge']:14} {r['address']:16} {r['sent']:6d} {r['lost']:5d} "
+            f"{100 * r['loss_ratio']:6.2f} {_fmt(r['rtt_p50_ms']):>8} "
+            f"{_fmt(r['rtt_p95_ms']):>8} {r['max_burst']:5d}"
+        )
     return 0
 
 
 def cmd_agent_config(a: argparse.Namespace) -> int:
     from lab.agentconf import agent_config, dump
+
     world = World.attach(a.state)
     regions = [a.region] if a.region else list(world.state.regions)
     for r in regions:
@@ -116,19 +141,26 @@ def cmd_agent_config(a: argparse.Namespace) -> int:
 
 def cmd_selftest(a: argparse.Namespace) -> int:
     from lab.selftest import main as selftest
+
     res = selftest([int(x) for x in a.rates.split(",")], a.seconds)
-    print(f"{'offered/s':>10} {'sent':>7} {'read':>7} {'late p50 us':>12} {'p99 us':>9} "
-          f"{'max us':>9} {'read/cpu-s':>11}")
+    print(
+        f"{'offered/s':>10} {'sent':>7} {'read':>7} {'late p50 us':>12} {'p99 us':>9} "
+        f"{'max us':>9} {'read/cpu-s':>11}"
+    )
     for r in res:
-        print(f"{r.offered_pps:10.0f} {r.sent:7d} {r.read:7d} {r.late_p50_us:12.1f} "
-              f"{r.late_p99_us:9.1f} {r.late_max_us:9.1f} {r.capacity_pps:11.0f}")
+        print(
+            f"{r.offered_pps:10.0f} {r.sent:7d} {r.read:7d} {r.late_p50_us:12.1f} "
+            f"{r.late_p99_us:9.1f} {r.late_max_us:9.1f} {r.capacity_pps:11.0f}"
+        )
     return 0
 
 
 def cmd_status(a: argparse.Namespace) -> int:
     for st in iter_states():
-        print(f"{st.run_id} state {st.state_dir} regions {','.join(st.regions)} "
-              f"forwarder {st.forwarder_pid}")
+        print(
+            f"{st.run_id} state {st.state_dir} regions {','.join(st.regions)} "
+            f"forwarder {st.forwarder_pid}"
+        )
     return 0
 
 
@@ -142,14 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring a world up (root)")
-    up.add_argument("--profile", action="append",
-                    help=f"region profile name or YAML path (repeatable; default all: "
-                         f"{', '.join(available_profiles())})")
+    up.add_argument(
+        "--profile",
+        action="append",
+        help=f"region profile name or YAML path (repeatable; default all: "
+        f"{', '.join(available_profiles())})",
+    )
     up.add_argument("--services", choices=("auto", "on", "off"), default="auto")
     up.add_argument("--seed", type=int, default=1)
     up.add_argument("--json", action="store_true", help="print the state as JSON")
-    for name, fn in (("down", cmd_down), ("truth", cmd_truth), ("status", cmd_status),
-                     ("cleanup", cmd_cleanup)):
+    for name, fn in (
+        ("down", cmd_down),
+        ("truth", cmd_truth),
+        ("status", cmd_status),
+        ("cleanup", cmd_cleanup),
+    ):
         p = sub.add_parser(name)
         p.set_defaults(fn=fn)
         if name == "truth":

@@ -87,27 +87,38 @@ class Region:
     index: int
     name: str
     fd: int
-    paths: dict[str, Path]                              # edge name -> path
+    paths: dict[str, Path]  # edge name -> path
     by_addr: dict[bytes, Path]
-    prefixes: list[tuple[int, int, int, Path]]          # (version, network int, mask int, path)
+    prefixes: list[tuple[int, int, int, Path]]  # (version, network int, mask int, path)
     default: Path
 
 
 def _seed(base: int, *parts: str) -> int:
     import zlib
+
     return (base * 1_000_003 + zlib.crc32("/".join(parts).encode())) & 0xFFFFFFFF
 
 
 def build_path(spec: Mapping[str, Any], region: str, seed: int) -> Path:
     key = f"{region}.{spec.get('edge', 'default')}"
     up, down = split_directions(spec.get("impair", {}), key)
-    hops = [Hop(name=h["name"], addr4=ipaddress.ip_address(h["addr4"]).packed,
-                addr6=ipaddress.ip_address(h["addr6"]).packed,
-                delay_ns=int(h.get("delay", 0.0) * 1e9), loss=float(h.get("loss", 0.0)),
-                icmp_loss=float(h.get("icmp_loss", 0.0)))
-            for h in spec.get("hops", [])]
-    return Path(edge=spec.get("edge", ""), up=DirState(up, _seed(seed, key, "up")),
-                down=DirState(down, _seed(seed, key, "down")), hops=hops)
+    hops = [
+        Hop(
+            name=h["name"],
+            addr4=ipaddress.ip_address(h["addr4"]).packed,
+            addr6=ipaddress.ip_address(h["addr6"]).packed,
+            delay_ns=int(h.get("delay", 0.0) * 1e9),
+            loss=float(h.get("loss", 0.0)),
+            icmp_loss=float(h.get("icmp_loss", 0.0)),
+        )
+        for h in spec.get("hops", [])
+    ]
+    return Path(
+        edge=spec.get("edge", ""),
+        up=DirState(up, _seed(seed, key, "up")),
+        down=DirState(down, _seed(seed, key, "down")),
+        hops=hops,
+    )
 
 
 class Forwarder:
@@ -124,8 +135,19 @@ class Forwarder:
         self.counter = 0
         self.late_us: deque[float] = deque(maxlen=200_000)
         self.stats: dict[str, int] = dict.fromkeys(
-            ("read", "delivered", "dropped", "expired", "generated", "unroutable",
-             "malformed", "write_errors", "rt_demotions"), 0)
+            (
+                "read",
+                "delivered",
+                "dropped",
+                "expired",
+                "generated",
+                "unroutable",
+                "malformed",
+                "write_errors",
+                "rt_demotions",
+            ),
+            0,
+        )
         self.spin_ns_total = 0
         self.truth = gt.Writer(cfg["truth"])
         self.t0_ns = 0
@@ -166,10 +188,10 @@ class Forwarder:
                     by_addr[ipaddress.ip_address(a).packed] = paths[p["edge"]]
                 for pfx in p.get("prefixes", []):
                     net = ipaddress.ip_network(pfx)
-                    prefixes.append((net.version, int(net.network_address),
-                                     int(net.netmask), paths[p["edge"]]))
-            default = build_path({"edge": "", "impair": r.get("default", {})}, r["name"],
-                                 self.seed)
+                    prefixes.append(
+                        (net.version, int(net.network_address), int(net.netmask), paths[p["edge"]])
+                    )
+            default = build_path({"edge": "", "impair": r.get("default", {})}, r["name"], self.seed)
             reg = Region(r["index"], r["name"], fd, paths, by_addr, prefixes, default)
             self.regions.append(reg)
             for a in r["agents"]:
@@ -177,8 +199,9 @@ class Forwarder:
         for name, ns in moves:
             subprocess.run(["ip", "link", "set", "dev", name, "netns", ns], check=True)
         for ch in cfg.get("schedule", []):
-            self.schedule.append((int(float(ch["at"]) * 1e9), ch["region"], ch["edge"],
-                                  dict(ch["set"])))
+            self.schedule.append(
+                (int(float(ch["at"]) * 1e9), ch["region"], ch["edge"], dict(ch["set"]))
+            )
         self.schedule.sort(key=lambda c: c[0])
         if cfg.get("control"):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -268,8 +291,9 @@ class Forwarder:
             if hop.icmp_loss > 0 and self.hop_rng.random() < hop.icmp_loss:
                 return
             back = self._hop_survives(hops, k - 1)
-            te = packet.time_exceeded(pkt, hop.addr4 if info.version == 4 else hop.addr6,
-                                      ttl=64 - (k - 1))
+            te = packet.time_exceeded(
+                pkt, hop.addr4 if info.version == 4 else hop.addr6, ttl=64 - (k - 1)
+            )
             te_info = packet.parse(te)
             assert te_info is not None
             if back:
@@ -340,14 +364,28 @@ class Forwarder:
 
         def q(x: float) -> float:
             return late[min(len(late) - 1, int(x * len(late)))] if late else 0.0
+
         cpu = time.process_time()
-        return {"uptime_s": up, "stats": dict(self.stats), "queued": len(self.heap),
-                "late_p50_us": q(0.5), "late_p99_us": q(0.99), "late_n": len(late),
-                "cpu_s": cpu, "spin_s": self.spin_ns_total / 1e9, "realtime": self.fifo,
-                "records": self.truth.records,
-                "pps_capacity": self.stats["read"] / cpu if cpu > 0 else 0.0,
-                "paths": {r.name: {e: {"up": p.up.imp.to_json(), "down": p.down.imp.to_json()}
-                                   for e, p in r.paths.items()} for r in self.regions}}
+        return {
+            "uptime_s": up,
+            "stats": dict(self.stats),
+            "queued": len(self.heap),
+            "late_p50_us": q(0.5),
+            "late_p99_us": q(0.99),
+            "late_n": len(late),
+            "cpu_s": cpu,
+            "spin_s": self.spin_ns_total / 1e9,
+            "realtime": self.fifo,
+            "records": self.truth.records,
+            "pps_capacity": self.stats["read"] / cpu if cpu > 0 else 0.0,
+            "paths": {
+                r.name: {
+                    e: {"up": p.up.imp.to_json(), "down": p.down.imp.to_json()}
+                    for e, p in r.paths.items()
+                }
+                for r in self.regions
+            },
+        }
 
     def serve_control(self) -> None:
         assert self.ctl is not None
@@ -457,12 +495,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(_sig: int, _frm: object) -> None:
         fwd.running = False
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     fwd.setup()
-    meta = {"regions": [r.name for r in sorted(fwd.regions, key=lambda r: r.index)],
-            "edges": cfg.get("edge_names", {}), "t0_ns": fwd.t0_ns,
-            "record": gt.RECORD.format}
+    meta = {
+        "regions": [r.name for r in sorted(fwd.regions, key=lambda r: r.index)],
+        "edges": cfg.get("edge_names", {}),
+        "t0_ns": fwd.t0_ns,
+        "record": gt.RECORD.format,
+    }
     with open(cfg["truth_meta"], "w") as f:
         json.dump(meta, f)
     print("READY", flush=True)

@@ -22,27 +22,27 @@ from lab import packet
 
 RECORD = struct.Struct("<BBBBBBH16s16sHHqqq")
 
-UP, DOWN = 0, 1                     # agent -> edge, edge -> agent
+UP, DOWN = 0, 1  # agent -> edge, edge -> agent
 DELIVERED, DROPPED, EXPIRED, GENERATED, UNROUTABLE = 0, 1, 2, 3, 4
 STATUS_NAMES = ("delivered", "dropped", "expired", "generated", "unroutable")
 
 
 class Record(NamedTuple):
-    direction: int        # UP or DOWN
-    status: int           # DELIVERED, DROPPED (random/bursty/hop loss), EXPIRED (TTL ran out
-                          # at a hop), GENERATED (a hop's ICMP Time Exceeded), UNROUTABLE
-    proto: int            # IP protocol number
-    icmp_type: int        # 255 when not ICMP
-    version: int          # 4 or 6
-    hop: int              # 1-based hop where dropped/expired/generated; 0 = end-to-end path
-    region: int           # region index (see the meta file)
-    src: bytes            # 4 or 16 bytes (IPv4 zero-padded to 16 in the file)
+    direction: int  # UP or DOWN
+    status: int  # DELIVERED, DROPPED (random/bursty/hop loss), EXPIRED (TTL ran out
+    # at a hop), GENERATED (a hop's ICMP Time Exceeded), UNROUTABLE
+    proto: int  # IP protocol number
+    icmp_type: int  # 255 when not ICMP
+    version: int  # 4 or 6
+    hop: int  # 1-based hop where dropped/expired/generated; 0 = end-to-end path
+    region: int  # region index (see the meta file)
+    src: bytes  # 4 or 16 bytes (IPv4 zero-padded to 16 in the file)
     dst: bytes
-    a: int                # ICMP identifier, or source port
-    b: int                # ICMP sequence number, or destination port
-    arrival_ns: int       # read from the TUN device
-    intended_ns: int      # when the impairment said it should leave (0 when dropped)
-    actual_ns: int        # when it was written to the other TUN device (0 when not sent)
+    a: int  # ICMP identifier, or source port
+    b: int  # ICMP sequence number, or destination port
+    arrival_ns: int  # read from the TUN device
+    intended_ns: int  # when the impairment said it should leave (0 when dropped)
+    actual_ns: int  # when it was written to the other TUN device (0 when not sent)
 
     @property
     def delivered(self) -> bool:
@@ -64,11 +64,13 @@ class Record(NamedTuple):
 
 def ip_str(raw: bytes) -> str:
     import ipaddress
+
     return str(ipaddress.ip_address(raw))
 
 
 def ip_bytes(addr: str) -> bytes:
     import ipaddress
+
     return ipaddress.ip_address(addr).packed
 
 
@@ -83,11 +85,33 @@ class Writer:
         self._batch = batch
         self.records = 0
 
-    def add(self, direction: int, status: int, info: packet.Info, hop: int, region: int,
-            arrival_ns: int, intended_ns: int, actual_ns: int) -> None:
-        self._buf += RECORD.pack(direction, status, info.proto, info.icmp_type, info.version,
-                                 hop, region, info.src, info.dst, info.a, info.b,
-                                 arrival_ns, intended_ns, actual_ns)
+    def add(
+        self,
+        direction: int,
+        status: int,
+        info: packet.Info,
+        hop: int,
+        region: int,
+        arrival_ns: int,
+        intended_ns: int,
+        actual_ns: int,
+    ) -> None:
+        self._buf += RECORD.pack(
+            direction,
+            status,
+            info.proto,
+            info.icmp_type,
+            info.version,
+            hop,
+            region,
+            info.src,
+            info.dst,
+            info.a,
+            info.b,
+            arrival_ns,
+            intended_ns,
+            actual_ns,
+        )
         self._pending += 1
         self.records += 1
         if self._pending >= self._batch:
@@ -123,8 +147,8 @@ class Meta:
     """The truth file's companion: region names by index and edge names by address."""
 
     regions: list[str]
-    edges: dict[str, str]              # address -> edge name
-    t0_ns: int                         # forwarder start, CLOCK_MONOTONIC
+    edges: dict[str, str]  # address -> edge name
+    t0_ns: int  # forwarder start, CLOCK_MONOTONIC
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Meta:
@@ -137,7 +161,7 @@ class Exchange:
     """One ICMP echo exchange as the forwarder saw it."""
 
     region: int
-    edge: str                           # edge address (the echo's destination)
+    edge: str  # edge address (the echo's destination)
     icmp_id: int
     seq: int
     request: Record
@@ -155,8 +179,9 @@ class Exchange:
         return self.request.delay_ns + self.reply.delay_ns
 
 
-def echo_exchanges(records: Iterable[Record], region: int | None = None,
-                   icmp_id: int | None = None) -> list[Exchange]:
+def echo_exchanges(
+    records: Iterable[Record], region: int | None = None, icmp_id: int | None = None
+) -> list[Exchange]:
     """ICMP echo exchanges in request-arrival order, each with its reply if one came back.
 
     Keyed by (region, icmp id, seq); a later request with the same key (sequence wrap)
@@ -169,15 +194,19 @@ def echo_exchanges(records: Iterable[Record], region: int | None = None,
             continue
         if icmp_id is not None and r.a != icmp_id:
             continue
-        if r.direction == UP and r.icmp_type in (packet.ICMP4_ECHO_REQUEST,
-                                                 packet.ICMP6_ECHO_REQUEST) and r.proto in (
-                packet.PROTO_ICMP, packet.PROTO_ICMP6):
+        if (
+            r.direction == UP
+            and r.icmp_type in (packet.ICMP4_ECHO_REQUEST, packet.ICMP6_ECHO_REQUEST)
+            and r.proto in (packet.PROTO_ICMP, packet.PROTO_ICMP6)
+        ):
             ex = Exchange(r.region, r.dst_ip, r.a, r.b, r)
             open_[(r.region, r.a, r.b)] = ex
             out.append(ex)
-        elif r.direction == DOWN and r.icmp_type in (packet.ICMP4_ECHO_REPLY,
-                                                     packet.ICMP6_ECHO_REPLY) and r.proto in (
-                packet.PROTO_ICMP, packet.PROTO_ICMP6):
+        elif (
+            r.direction == DOWN
+            and r.icmp_type in (packet.ICMP4_ECHO_REPLY, packet.ICMP6_ECHO_REPLY)
+            and r.proto in (packet.PROTO_ICMP, packet.PROTO_ICMP6)
+        ):
             ex2 = open_.get((r.region, r.a, r.b))
             if ex2 is not None and ex2.reply is None and ex2.edge == r.src_ip:
                 ex2.reply = r
@@ -205,8 +234,12 @@ def burst_lengths(lost: Iterable[bool]) -> list[int]:
     return out
 
 
-def drop_ratio(records: Iterable[Record], direction: int | None = None,
-               region: int | None = None, address: str | None = None) -> tuple[int, int]:
+def drop_ratio(
+    records: Iterable[Record],
+    direction: int | None = None,
+    region: int | None = None,
+    address: str | None = None,
+) -> tuple[int, int]:
     """(dropped, total) packets, optionally for one direction, region and edge address."""
     dropped = total = 0
     for r in records:
@@ -231,7 +264,7 @@ class Precision:
     p50_us: float
     p99_us: float
     max_us: float
-    peak_pps: float                     # most packets read in any 1 s window
+    peak_pps: float  # most packets read in any 1 s window
     mean_pps: float
 
     def to_json(self) -> dict[str, Any]:
@@ -239,8 +272,7 @@ class Precision:
 
 
 def precision(records: Sequence[Record]) -> Precision:
-    late = [(r.actual_ns - r.intended_ns) / 1e3 for r in records
-            if r.actual_ns and r.intended_ns]
+    late = [(r.actual_ns - r.intended_ns) / 1e3 for r in records if r.actual_ns and r.intended_ns]
     arrivals = sorted(r.arrival_ns for r in records)
     peak = 0
     j = 0
@@ -249,9 +281,14 @@ def precision(records: Sequence[Record]) -> Precision:
             j += 1
         peak = max(peak, i - j + 1)
     span = (arrivals[-1] - arrivals[0]) / 1e9 if len(arrivals) > 1 else 0.0
-    return Precision(n=len(late), p50_us=quantile(late, 0.5), p99_us=quantile(late, 0.99),
-                     max_us=max(late) if late else math.nan, peak_pps=float(peak),
-                     mean_pps=len(arrivals) / span if span > 0 else 0.0)
+    return Precision(
+        n=len(late),
+        p50_us=quantile(late, 0.5),
+        p99_us=quantile(late, 0.99),
+        max_us=max(late) if late else math.nan,
+        peak_pps=float(peak),
+        mean_pps=len(arrivals) / span if span > 0 else 0.0,
+    )
 
 
 def iter_summary(records: Sequence[Record], meta: Meta) -> Iterator[dict[str, Any]]:
@@ -265,8 +302,12 @@ def iter_summary(records: Sequence[Record], meta: Meta) -> Iterator[dict[str, An
         bursts = burst_lengths(lost)
         yield {
             "region": meta.regions[reg] if reg < len(meta.regions) else str(reg),
-            "edge": meta.edges.get(addr, addr), "address": addr, "sent": len(exs),
-            "lost": sum(lost), "loss_ratio": sum(lost) / len(exs) if exs else 0.0,
-            "rtt_p50_ms": quantile(rtts, 0.5), "rtt_p95_ms": quantile(rtts, 0.95),
+            "edge": meta.edges.get(addr, addr),
+            "address": addr,
+            "sent": len(exs),
+            "lost": sum(lost),
+            "loss_ratio": sum(lost) / len(exs) if exs else 0.0,
+            "rtt_p50_ms": quantile(rtts, 0.5),
+            "rtt_p95_ms": quantile(rtts, 0.95),
             "max_burst": max(bursts, default=0),
         }

@@ -18,7 +18,6 @@ JitterDist = Literal["none", "uniform", "normal", "exponential", "pareto"]
 JITTER_DISTS: tuple[str, ...] = ("none", "uniform", "normal", "exponential", "pareto")
 
 
-
 class ImpairError(ValueError):
     """A bad impairment or profile value; the message starts with the key path."""
 
@@ -71,12 +70,12 @@ class Gilbert:
 class Impairment:
     """One direction of a path. Durations in seconds, ratios 0..1."""
 
-    delay: float = 0.0                 # base one-way delay
-    jitter: float = 0.0                # scale of the jitter distribution
+    delay: float = 0.0  # base one-way delay
+    jitter: float = 0.0  # scale of the jitter distribution
     jitter_dist: JitterDist = "normal"
-    reorder: bool = False              # False: releases keep arrival order on this path
-    loss: float = 0.0                  # independent random loss
-    gilbert: Gilbert | None = None     # bursty loss, on top of ``loss``
+    reorder: bool = False  # False: releases keep arrival order on this path
+    loss: float = 0.0  # independent random loss
+    gilbert: Gilbert | None = None  # bursty loss, on top of ``loss``
 
     def nominal_loss(self) -> float:
         g = self.gilbert.mean_loss if self.gilbert else 0.0
@@ -95,8 +94,9 @@ def update_impairment(base: Impairment, raw: Mapping[str, Any], key: str) -> Imp
     """``base`` with the fields given in ``raw`` replaced (strict: unknown keys fail)."""
     unknown = set(raw) - _IMPAIR_KEYS
     if unknown:
-        raise ImpairError(f"{key}: unknown field(s) {sorted(unknown)}; known: "
-                          f"{sorted(_IMPAIR_KEYS)}")
+        raise ImpairError(
+            f"{key}: unknown field(s) {sorted(unknown)}; known: {sorted(_IMPAIR_KEYS)}"
+        )
     kw: dict[str, Any] = {}
     if "delay" in raw:
         kw["delay"] = parse_duration(raw["delay"], f"{key}.delay")
@@ -122,18 +122,22 @@ def update_impairment(base: Impairment, raw: Mapping[str, Any], key: str) -> Imp
             if bad or "p" not in g or "r" not in g:
                 raise ImpairError(f"{gk}: needs p and r, optional loss_bad, loss_good")
             kw["gilbert"] = Gilbert(
-                p=parse_ratio(g["p"], f"{gk}.p"), r=parse_ratio(g["r"], f"{gk}.r"),
+                p=parse_ratio(g["p"], f"{gk}.p"),
+                r=parse_ratio(g["r"], f"{gk}.r"),
                 loss_bad=parse_ratio(g.get("loss_bad", 1.0), f"{gk}.loss_bad"),
-                loss_good=parse_ratio(g.get("loss_good", 0.0), f"{gk}.loss_good"))
+                loss_good=parse_ratio(g.get("loss_good", 0.0), f"{gk}.loss_good"),
+            )
         else:
             raise ImpairError(f"{key}.gilbert: expected a map with p and r")
     return replace(base, **kw)
 
 
-def split_directions(raw: Mapping[str, Any], key: str,
-                     base: tuple[Impairment, Impairment] = (Impairment(), Impairment()),
-                     extra_keys: frozenset[str] = frozenset()
-                     ) -> tuple[Impairment, Impairment]:
+def split_directions(
+    raw: Mapping[str, Any],
+    key: str,
+    base: tuple[Impairment, Impairment] = (Impairment(), Impairment()),
+    extra_keys: frozenset[str] = frozenset(),
+) -> tuple[Impairment, Impairment]:
     """Decode a path spec: common fields apply to both directions, ``up:``/``down:`` override.
 
     ``up`` is agent -> edge, ``down`` edge -> agent.

@@ -64,10 +64,11 @@ def parse(pkt: bytes) -> Info | None:
         icmp_type = pkt[off]
         a, b = struct.unpack_from("!HH", pkt, off + 4)
         if (icmp_type in (ICMP4_TIME_EXCEEDED, 3) and proto == PROTO_ICMP) or (
-                proto == PROTO_ICMP6 and icmp_type in (1, ICMP6_TIME_EXCEEDED)):
+            proto == PROTO_ICMP6 and icmp_type in (1, ICMP6_TIME_EXCEEDED)
+        ):
             # An error quotes the offending packet: record the quoted echo's id/seq so the
             # ground truth can be matched with the probe that caused it.
-            inner = parse(pkt[off + 8:])
+            inner = parse(pkt[off + 8 :])
             if inner is not None and inner.proto == proto:
                 a, b = inner.a, inner.b
     elif proto in (PROTO_TCP, PROTO_UDP) and len(pkt) >= off + 4:
@@ -100,8 +101,21 @@ def time_exceeded(pkt: bytes, router: bytes, ttl: int = 64) -> bytes:
         quote = pkt[: max(ihl + 8, 576 - 28)]
         icmp = bytearray(struct.pack("!BBHI", ICMP4_TIME_EXCEEDED, 0, 0, 0) + quote)
         struct.pack_into("!H", icmp, 2, checksum(icmp))
-        hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, ttl,
-                                    PROTO_ICMP, 0, router, pkt[12:16]))
+        hdr = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                0,
+                20 + len(icmp),
+                0,
+                0,
+                ttl,
+                PROTO_ICMP,
+                0,
+                router,
+                pkt[12:16],
+            )
+        )
         struct.pack_into("!H", hdr, 10, checksum(hdr))
         return bytes(hdr + icmp)
     # RFC 4443 §2.4(c): as much of the invoking packet as fits in the minimum MTU (1280).

@@ -76,19 +76,33 @@ class Procs:
     items: list[Proc] = field(default_factory=list)
     supervised: bool = False
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
         log = self.logdir / f"{name}.log"
         kw: dict[str, Any] = {}
         if self.supervised:
             kw = {"process_group": 0, "preexec_fn": _die_with_parent}
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) \
-            if self.supervised else None
+        old = (
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            if self.supervised
+            else None
+        )
         try:
             with log.open("wb") as f:
-                p = subprocess.Popen(list(argv), stdout=f, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=dict(env) if env else None,
-                                     cwd=cwd, **kw)
+                p = subprocess.Popen(
+                    list(argv),
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=dict(env) if env else None,
+                    cwd=cwd,
+                    **kw,
+                )
             proc = Proc(name, p, log)
             self.items.append(proc)
         finally:
@@ -111,8 +125,9 @@ class Procs:
         self.items.clear()
         return codes
 
-    def stop_tiers(self, tiers: Sequence[Sequence[str]], timeout: float = 8.0
-                   ) -> dict[str, int | None]:
+    def stop_tiers(
+        self, tiers: Sequence[Sequence[str]], timeout: float = 8.0
+    ) -> dict[str, int | None]:
         """Stop by tiers of name prefixes, in order, each tier's processes together (three
         agents draining at once, not one after another); then whatever is left."""
         codes: dict[str, int | None] = {}
@@ -142,8 +157,13 @@ class Procs:
         return codes
 
 
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.5,
-             procs: Procs | None = None) -> T:
+def wait_for(
+    what: str,
+    fn: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.5,
+    procs: Procs | None = None,
+) -> T:
     """Poll ``fn`` until it returns a truthy value; bounded in time and count."""
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -25,8 +25,9 @@ class PromAPI:
                 body = json.load(r)
         except urllib.error.HTTPError as e:
             body = json.load(e)
-            raise ValueError(f"{path} {params}: {body.get('errorType')}: "
-                             f"{body.get('error')}") from None
+            raise ValueError(
+                f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
+            ) from None
         if body.get("status") != "success":
             raise ValueError(f"{path} {params}: {body}")
         return body["data"]
@@ -44,8 +45,10 @@ class PromAPI:
         return result
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        data = self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}",
-                                                 "end": f"{end:.3f}", "step": f"{step:g}"})
+        data = self._get(
+            "/api/v1/query_range",
+            {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"},
+        )
         result: list[dict[str, Any]] = data["result"]
         return result
 
@@ -53,8 +56,11 @@ class PromAPI:
         return [a for a in self._get("/api/v1/alerts")["alerts"] if a["state"] == state]
 
     def firing(self, name_prefix: str) -> set[tuple[str, str]]:
-        return {(a["labels"].get("region", ""), a["labels"].get("edge", ""))
-                for a in self.alerts() if a["labels"]["alertname"].startswith(name_prefix)}
+        return {
+            (a["labels"].get("region", ""), a["labels"].get("edge", ""))
+            for a in self.alerts()
+            if a["labels"]["alertname"].startswith(name_prefix)
+        }
 
     def best_edges(self) -> dict[str, str]:
         out: dict[str, str] = {}

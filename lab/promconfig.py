@@ -38,8 +38,7 @@ class Timing:
 PRODUCTION = Timing()
 # The main job: 5 s instead of 15 s, so the first best edges show within a minute; a 1-minute
 # hold instead of 5, so a restored edge wins its region back while one watches.
-DEMO = Timing(scrape_interval="5s", evaluation_interval="5s", route_interval="5s",
-              route_hold="1m")
+DEMO = Timing(scrape_interval="5s", evaluation_interval="5s", route_interval="5s", route_hold="1m")
 ROUTE_JOB = "edgeprobe-route"
 
 
@@ -53,7 +52,7 @@ def _apply_timing(cfg: dict[str, Any], timing: Timing) -> None:
 
 def _alerting(cfg: dict[str, Any], alertmanager: str | None) -> None:
     if alertmanager is None:
-        cfg.pop("alerting", None)       # /api/v1/alerts and /alerts still show the state
+        cfg.pop("alerting", None)  # /api/v1/alerts and /alerts still show the state
     else:
         cfg["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager]}]
 
@@ -67,8 +66,14 @@ def _scrape_route(cfg: dict[str, Any], route: str | None) -> None:
     cfg["scrape_configs"] = jobs
 
 
-def central_config(path: Path, rules_dir: Path, self_addr: str, timing: Timing,
-                   alertmanager: str | None = None, route: str | None = None) -> Path:
+def central_config(
+    path: Path,
+    rules_dir: Path,
+    self_addr: str,
+    timing: Timing,
+    alertmanager: str | None = None,
+    route: str | None = None,
+) -> Path:
     """deploy/prometheus/central.yml with the rules of ``rules_dir``, this address and the
     route service at ``route`` (host:port)."""
     cfg = yaml.safe_load((PROM_DIR / "central.yml").read_text())
@@ -81,13 +86,14 @@ def central_config(path: Path, rules_dir: Path, self_addr: str, timing: Timing,
     return path
 
 
-def regional_config(path: Path, region: str, agents: Sequence[str], write_url: str,
-                    timing: Timing) -> Path:
+def regional_config(
+    path: Path, region: str, agents: Sequence[str], write_url: str, timing: Timing
+) -> Path:
     """deploy/prometheus/regional-agent.yml for one region: its agents, its external label,
     the central server's remote-write URL."""
     cfg = yaml.safe_load((PROM_DIR / "regional-agent.yml").read_text())
     _apply_timing(cfg, timing)
-    cfg["global"].pop("evaluation_interval", None)    # agent mode evaluates nothing
+    cfg["global"].pop("evaluation_interval", None)  # agent mode evaluates nothing
     cfg["global"]["external_labels"]["region"] = region
     cfg["scrape_configs"][0]["static_configs"] = [{"targets": list(agents)}]
     rw = cfg["remote_write"][0]
@@ -97,8 +103,14 @@ def regional_config(path: Path, region: str, agents: Sequence[str], write_url: s
     return path
 
 
-def single_config(path: Path, rules_dir: Path, agents: Sequence[str], timing: Timing,
-                  alertmanager: str | None = None, route: str | None = None) -> Path:
+def single_config(
+    path: Path,
+    rules_dir: Path,
+    agents: Sequence[str],
+    timing: Timing,
+    alertmanager: str | None = None,
+    route: str | None = None,
+) -> Path:
     """deploy/prometheus/prometheus.yml (one server scrapes the agents and holds the rules)."""
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     _apply_timing(cfg, timing)
@@ -120,13 +132,19 @@ def alertmanager_config(path: Path) -> Path:
     return path
 
 
-def route_config(path: Path, prometheus: PromAPI, workdir: Path, timing: Timing,
-                 **policy: Any) -> Path:
+def route_config(
+    path: Path, prometheus: PromAPI, workdir: Path, timing: Timing, **policy: Any
+) -> Path:
     """The route service's config: this Prometheus, state under ``workdir``, the timing's
     query interval and hold, and any other ``policy`` settings."""
-    cfg: dict[str, Any] = {"prometheus": {"url": prometheus.base}, "policy": dict(policy),
-                           "map": {"state_file": str(workdir / "route-state" / "map.json"),
-                                   "output_file": str(workdir / "route-out" / "map.json")}}
+    cfg: dict[str, Any] = {
+        "prometheus": {"url": prometheus.base},
+        "policy": dict(policy),
+        "map": {
+            "state_file": str(workdir / "route-state" / "map.json"),
+            "output_file": str(workdir / "route-out" / "map.json"),
+        },
+    }
     if timing.route_interval is not None:
         cfg["prometheus"]["interval"] = timing.route_interval
     if timing.route_hold is not None:

@@ -43,15 +43,15 @@ _SENDER = textwrap.dedent("""
 class RateResult:
     offered_pps: float
     sent: int
-    read: int                       # packets the forwarder read (both directions)
+    read: int  # packets the forwarder read (both directions)
     delivered: int
     late_p50_us: float
     late_p99_us: float
     late_max_us: float
     cpu_s: float
-    capacity_pps: float             # packets read per CPU second of the forwarder (busy-poll
-                                    # time included, so a lower bound at low rates)
-    realtime: bool                  # the forwarder ran in SCHED_FIFO at the end
+    capacity_pps: float  # packets read per CPU second of the forwarder (busy-poll
+    # time included, so a lower bound at low rates)
+    realtime: bool  # the forwarder ran in SCHED_FIFO at the end
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,36 +61,56 @@ def measure(world: World, region: str, address: str, pps: int, seconds: float) -
     """Offer ``pps`` datagrams/s for ``seconds`` from ``region`` to ``address``."""
     before = world.stats()
     n0 = len(world.records())
-    r = world.run(region, [_python(), "-c", _SENDER, address, str(pps), str(seconds)],
-                  timeout=seconds + 10)
+    r = world.run(
+        region, [_python(), "-c", _SENDER, address, str(pps), str(seconds)], timeout=seconds + 10
+    )
     sent = int(r.stdout.strip() or 0)
     import time
-    time.sleep(0.3)                 # let the last replies through the forwarder
+
+    time.sleep(0.3)  # let the last replies through the forwarder
     after = world.stats()
     recs = world.records()[n0:]
     prec = gt.precision(recs)
     read = after["stats"]["read"] - before["stats"]["read"]
     cpu = after["cpu_s"] - before["cpu_s"]
-    return RateResult(offered_pps=pps, sent=sent, read=read,
-                      delivered=sum(1 for x in recs if x.status == gt.DELIVERED),
-                      late_p50_us=prec.p50_us, late_p99_us=prec.p99_us,
-                      late_max_us=prec.max_us, cpu_s=cpu,
-                      capacity_pps=read / cpu if cpu > 0 else 0.0,
-                      realtime=bool(after.get("realtime")))
+    return RateResult(
+        offered_pps=pps,
+        sent=sent,
+        read=read,
+        delivered=sum(1 for x in recs if x.status == gt.DELIVERED),
+        late_p50_us=prec.p50_us,
+        late_p99_us=prec.p99_us,
+        late_max_us=prec.max_us,
+        cpu_s=cpu,
+        capacity_pps=read / cpu if cpu > 0 else 0.0,
+        realtime=bool(after.get("realtime")),
+    )
 
 
 def _python() -> str:
     import sys
+
     return sys.executable
 
 
 def main(rates: list[int], seconds: float = 2.0) -> list[RateResult]:
     """``python -m lab selftest``: a throw-away one-region world with a zero-delay path."""
     from lab.spec import decode_profile
-    prof = decode_profile({
-        "region": "selftest", "source": "synthetic",
-        "edges": [{"name": "sink", "ipv4": "198.18.250.1", "ipv6": "2001:db8:e:fa::1",
-                   "path": {"delay": "1ms"}}]})
+
+    prof = decode_profile(
+        {
+            "region": "selftest",
+            "source": "synthetic",
+            "edges": [
+                {
+                    "name": "sink",
+                    "ipv4": "198.18.250.1",
+                    "ipv6": "2001:db8:e:fa::1",
+                    "path": {"delay": "1ms"},
+                }
+            ],
+        }
+    )
     out: list[RateResult] = []
     with World.up(profiles=[prof], services=False) as w:
         for pps in rates:

@@ -146,8 +146,10 @@ class Services:
         self._ctx_wrong = self._server_ctx(ca.issue_cert("wrong.lab.test"))
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
         self._ctx_expired = self._server_ctx(
-            ca.issue_cert(*self._names(), not_before=past - datetime.timedelta(days=30),
-                          not_after=past))
+            ca.issue_cert(
+                *self._names(), not_before=past - datetime.timedelta(days=30), not_after=past
+            )
+        )
 
     @staticmethod
     def _server_ctx(leaf: Any) -> ssl.SSLContext:
@@ -166,8 +168,11 @@ class Services:
             await self._tcp(a, self._close_conn, None)
         for a in cfg.get("tcp_silent", []):
             await self._tcp(a, self._hold_conn, None)
-        for key, attr in (("tls", "_ctx_ok"), ("tls_wrong_name", "_ctx_wrong"),
-                          ("tls_expired", "_ctx_expired")):
+        for key, attr in (
+            ("tls", "_ctx_ok"),
+            ("tls_wrong_name", "_ctx_wrong"),
+            ("tls_expired", "_ctx_expired"),
+        ):
             for a in cfg.get(key, []):
                 await self._tcp(a, self._tls_conn, getattr(self, attr))
         for key in ("http", "https"):
@@ -176,7 +181,8 @@ class Services:
         for a in cfg.get("udp_echo", []):
             host, port = split_hostport(a)
             transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                _Echo, local_addr=(host, port), family=_family(host))
+                _Echo, local_addr=(host, port), family=_family(host)
+            )
             self._transports.append(transport)
         if cfg.get("dns"):
             await self._dnsmasq(cfg["dns"])
@@ -222,8 +228,14 @@ class Services:
     # -- TCP family -----------------------------------------------------------------------------
     async def _tcp(self, addr: str, handler: Any, sslctx: ssl.SSLContext | None) -> None:
         host, port = split_hostport(addr)
-        srv = await asyncio.start_server(handler, host, port, ssl=sslctx, reuse_address=True,
-                                         ssl_handshake_timeout=5.0 if sslctx else None)
+        srv = await asyncio.start_server(
+            handler,
+            host,
+            port,
+            ssl=sslctx,
+            reuse_address=True,
+            ssl_handshake_timeout=5.0 if sslctx else None,
+        )
         self._servers.append(srv)
 
     @staticmethod
@@ -262,8 +274,12 @@ class Services:
         log = open(self.state_dir / f"{name}.out", "wb")  # noqa: SIM115, ASYNC230 - tiny, local
         try:
             p = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self._procs.append(p)
@@ -271,11 +287,22 @@ class Services:
 
     async def _dnsmasq(self, dns: dict[str, Any]) -> None:
         port = int(dns.get("port", 53))
-        argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-                "--no-hosts", "--no-poll", "--bind-interfaces", f"--port={port}",
-                "--user=root", "--group=root", "--cache-size=0",
-                f"--pid-file={self.state_dir / 'dnsmasq.pid'}",
-                f"--log-facility={self.state_dir / 'dnsmasq.log'}", "--log-queries"]
+        argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            f"--port={port}",
+            "--user=root",
+            "--group=root",
+            "--cache-size=0",
+            f"--pid-file={self.state_dir / 'dnsmasq.pid'}",
+            f"--log-facility={self.state_dir / 'dnsmasq.log'}",
+            "--log-queries",
+        ]
         argv += [f"--listen-address={a}" for a in dns["listen"]]
         # Authoritative-style NXDOMAIN for unknown lab names instead of REFUSED.
         argv += [f"--local=/{d}/" for d in dns.get("local", ["lab.test"])]
@@ -289,14 +316,24 @@ class Services:
     async def _coturn(self, turn: dict[str, Any]) -> None:
         port = int(turn.get("port", 3478))
         conf = self.state_dir / "turnserver.conf"
-        lines = [f"listening-port={port}", f"realm={turn.get('realm', 'lab.test')}",
-                 "lt-cred-mech", "fingerprint", "no-cli", "no-tls", "no-dtls",
-                 "allow-loopback-peers", "no-multicast-peers", "simple-log",
-                 "no-stdout-log", f"log-file={self.state_dir / 'turnserver.log'}",
-                 f"pidfile={self.state_dir / 'turnserver.pid'}",
-                 f"userdb={self.state_dir / 'turndb'}",
-                 f"min-port={int(turn.get('min_port', 49152))}",
-                 f"max-port={int(turn.get('max_port', 65535))}"]
+        lines = [
+            f"listening-port={port}",
+            f"realm={turn.get('realm', 'lab.test')}",
+            "lt-cred-mech",
+            "fingerprint",
+            "no-cli",
+            "no-tls",
+            "no-dtls",
+            "allow-loopback-peers",
+            "no-multicast-peers",
+            "simple-log",
+            "no-stdout-log",
+            f"log-file={self.state_dir / 'turnserver.log'}",
+            f"pidfile={self.state_dir / 'turnserver.pid'}",
+            f"userdb={self.state_dir / 'turndb'}",
+            f"min-port={int(turn.get('min_port', 49152))}",
+            f"max-port={int(turn.get('max_port', 65535))}",
+        ]
         for a in turn["listen"]:
             lines += [f"listening-ip={a}", f"relay-ip={a}"]
         for user, pw in turn.get("users", {}).items():
@@ -308,8 +345,9 @@ class Services:
             await self._wait_udp(p, a, port, _stun_binding(), "turnserver")
 
     @staticmethod
-    async def _wait_udp(p: asyncio.subprocess.Process, host: str, port: int, query: bytes,
-                        name: str) -> None:
+    async def _wait_udp(
+        p: asyncio.subprocess.Process, host: str, port: int, query: bytes, name: str
+    ) -> None:
         """Until the server answers ``query`` on (host, port); bounded to 10 s."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(_family(host), socket.SOCK_DGRAM)
@@ -369,8 +407,9 @@ class ServicesProcess:
             raise RuntimeError(f"lab services failed to start (see {state})")
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -26,16 +26,16 @@ from lab.impair import (
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILES = ("id-jakarta", "br-saopaulo", "ae-dubai")
-EDGE_NET4 = ipaddress.ip_network("198.18.0.0/16")     # RFC 2544 benchmarking range
-EDGE_NET6 = ipaddress.ip_network("2001:db8:e::/48")   # RFC 3849 documentation range
-DNS_SUFFIX = ".lab.test"                              # RFC 6761
+EDGE_NET4 = ipaddress.ip_network("198.18.0.0/16")  # RFC 2544 benchmarking range
+EDGE_NET6 = ipaddress.ip_network("2001:db8:e::/48")  # RFC 3849 documentation range
+DNS_SUFFIX = ".lab.test"  # RFC 6761
 
 
 @dataclass(frozen=True)
 class Hop:
     name: str
-    delay: float          # one-way delay added by the link up to this router, seconds
-    loss: float = 0.0     # loss of every packet crossing this router, both directions
+    delay: float  # one-way delay added by the link up to this router, seconds
+    loss: float = 0.0  # loss of every packet crossing this router, both directions
     icmp_loss: float = 0.0  # extra loss of this router's own Time Exceeded replies
 
 
@@ -45,7 +45,7 @@ class Edge:
     ipv4: str
     ipv6: str
     dns: str
-    prefixes: tuple[str, ...] = ()    # extra address ranges that share this edge's path
+    prefixes: tuple[str, ...] = ()  # extra address ranges that share this edge's path
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,13 @@ class PathSpec:
 
     def impair_json(self) -> dict[str, Any]:
         """The forwarder's raw form: durations as seconds, both directions explicit."""
+
         def one(i: Impairment) -> dict[str, Any]:
             d = i.to_json()
             if d["gilbert"] is None:
                 del d["gilbert"]
             return d
+
         return {"up": one(self.up), "down": one(self.down)}
 
 
@@ -114,8 +116,9 @@ def decode_profile(raw: Any, file: str = "") -> Profile:
         ek = f"{key}.edges[{i}]"
         if not isinstance(e, Mapping):
             raise ImpairError(f"{ek}: expected a map")
-        _check_keys(e, {"name", "tier", "ipv4", "ipv6", "dns", "prefixes", "path", "hops",
-                        "note"}, ek)
+        _check_keys(
+            e, {"name", "tier", "ipv4", "ipv6", "dns", "prefixes", "path", "hops", "note"}, ek
+        )
         name = _need(e, "name", ek, str)
         v4 = ipaddress.ip_address(_need(e, "ipv4", ek, str))
         v6 = ipaddress.ip_address(_need(e, "ipv6", ek, str))
@@ -127,8 +130,12 @@ def decode_profile(raw: Any, file: str = "") -> Profile:
         pfx = tuple(str(p) for p in e.get("prefixes", []))
         for p in pfx:
             net = ipaddress.ip_network(p)
-            if not (net.subnet_of(EDGE_NET4) if net.version == 4  # type: ignore[arg-type]
-                    else net.subnet_of(EDGE_NET6)):  # type: ignore[arg-type]
+            inside = (
+                net.subnet_of(EDGE_NET4)  # type: ignore[arg-type]
+                if net.version == 4
+                else net.subnet_of(EDGE_NET6)  # type: ignore[arg-type]
+            )
+            if not inside:
                 raise ImpairError(f"{ek}.prefixes: {p} outside the lab's edge ranges")
         edges.append(Edge(name, str(v4), str(v6), str(dns), pfx))
         up, down = split_directions(e.get("path", {}), f"{ek}.path")
@@ -138,17 +145,23 @@ def decode_profile(raw: Any, file: str = "") -> Profile:
             if not isinstance(h, Mapping):
                 raise ImpairError(f"{hk}: expected a map")
             _check_keys(h, {"name", "delay", "loss", "icmp_loss"}, hk)
-            hops.append(Hop(name=_need(h, "name", hk, str),
-                            delay=parse_duration(h.get("delay", 0), f"{hk}.delay"),
-                            loss=parse_ratio(h.get("loss", 0), f"{hk}.loss"),
-                            icmp_loss=parse_ratio(h.get("icmp_loss", 0), f"{hk}.icmp_loss")))
+            hops.append(
+                Hop(
+                    name=_need(h, "name", hk, str),
+                    delay=parse_duration(h.get("delay", 0), f"{hk}.delay"),
+                    loss=parse_ratio(h.get("loss", 0), f"{hk}.loss"),
+                    icmp_loss=parse_ratio(h.get("icmp_loss", 0), f"{hk}.icmp_loss"),
+                )
+            )
         if len(hops) > 30:
             raise ImpairError(f"{ek}.hops: at most 30")
         if hops and sum(h.delay for h in hops) > min(up.delay, down.delay) + 1e-9:
-            raise ImpairError(f"{ek}.hops: the hops' delays add up to more than the path's "
-                              f"one-way delay")
-        paths.append(PathSpec(name, str(e.get("tier", "")), up, down, tuple(hops),
-                              str(e.get("note", ""))))
+            raise ImpairError(
+                f"{ek}.hops: the hops' delays add up to more than the path's one-way delay"
+            )
+        paths.append(
+            PathSpec(name, str(e.get("tier", "")), up, down, tuple(hops), str(e.get("note", "")))
+        )
     names = [e.name for e in edges]
     if len(set(names)) != len(names):
         raise ImpairError(f"{key}.edges: duplicate edge names")
@@ -162,12 +175,23 @@ def decode_profile(raw: Any, file: str = "") -> Profile:
         if edge not in names:
             raise ImpairError(f"{ck}.edge: {edge!r} is not an edge of this profile")
         change = _need(c, "set", ck, Mapping)
-        split_directions(change, f"{ck}.set")        # validate now, not at t=60 s
-        sched.append(Change(parse_duration(_need(c, "at", ck, (int, float, str)), f"{ck}.at"),
-                            edge, _jsonable(change, f"{ck}.set")))
-    return Profile(region=region, description=str(raw.get("description", "")),
-                   source=str(raw.get("source", "")), edges=tuple(edges), paths=tuple(paths),
-                   schedule=tuple(sched), file=file)
+        split_directions(change, f"{ck}.set")  # validate now, not at t=60 s
+        sched.append(
+            Change(
+                parse_duration(_need(c, "at", ck, (int, float, str)), f"{ck}.at"),
+                edge,
+                _jsonable(change, f"{ck}.set"),
+            )
+        )
+    return Profile(
+        region=region,
+        description=str(raw.get("description", "")),
+        source=str(raw.get("source", "")),
+        edges=tuple(edges),
+        paths=tuple(paths),
+        schedule=tuple(sched),
+        file=file,
+    )
 
 
 def _jsonable(change: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -182,8 +206,7 @@ def _jsonable(change: Mapping[str, Any], key: str) -> dict[str, Any]:
             out[k] = parse_ratio(v, f"{key}.{k}")
         else:
             out[k] = v
-    update_impairment(Impairment(), {k: v for k, v in out.items() if k not in ("up", "down")},
-                      key)
+    update_impairment(Impairment(), {k: v for k, v in out.items() if k not in ("up", "down")}, key)
     return out
 
 
@@ -202,8 +225,9 @@ def merge_edges(profiles: Sequence[Profile]) -> dict[str, Edge]:
         for e in prof.edges:
             old = out.get(e.name)
             if old is not None and (old.ipv4, old.ipv6, old.dns) != (e.ipv4, e.ipv6, e.dns):
-                raise ImpairError(f"{prof.file}: edge {e.name!r} has other addresses than in "
-                                  f"another profile")
+                raise ImpairError(
+                    f"{prof.file}: edge {e.name!r} has other addresses than in another profile"
+                )
             out.setdefault(e.name, e)
     addrs: dict[str, str] = {}
     for e in out.values():
@@ -217,5 +241,15 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-__all__ = ["DEFAULT_PROFILES", "Change", "Edge", "Hop", "PathSpec", "Profile",
-           "available_profiles", "decode_profile", "load_profile", "merge_edges"]
+__all__ = [
+    "DEFAULT_PROFILES",
+    "Change",
+    "Edge",
+    "Hop",
+    "PathSpec",
+    "Profile",
+    "available_profiles",
+    "decode_profile",
+    "load_profile",
+    "merge_edges",
+]

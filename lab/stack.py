@@ -59,41 +59,77 @@ ALERTMANAGER_PORT = 9093
 AGENT_PORT = 9798
 
 
-def start_central(procs: Procs, workdir: Path, rules_dir: Path, timing: Timing,
-                  port: int | None = None, alertmanager: str | None = None,
-                  name: str = "prometheus-central", route: str | None = None) -> PromAPI:
+def start_central(
+    procs: Procs,
+    workdir: Path,
+    rules_dir: Path,
+    timing: Timing,
+    port: int | None = None,
+    alertmanager: str | None = None,
+    name: str = "prometheus-central",
+    route: str | None = None,
+) -> PromAPI:
     """A central Prometheus (remote-write receiver, rules; scraping the route service at
     ``route`` if given) on 127.0.0.1, storage under ``workdir``; returns once it is ready."""
     port = port or free_port()
-    cfg = central_config(workdir / "central.yml", rules_dir, f"127.0.0.1:{port}", timing,
-                         alertmanager, route)
-    procs.start(name, [
-        "prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'central-data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver",
-        NATIVE_HISTOGRAMS,
-        "--storage.tsdb.retention.time=1h", "--log.level=warn"])
+    cfg = central_config(
+        workdir / "central.yml", rules_dir, f"127.0.0.1:{port}", timing, alertmanager, route
+    )
+    procs.start(
+        name,
+        [
+            "prometheus",
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={workdir / 'central-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-remote-write-receiver",
+            NATIVE_HISTOGRAMS,
+            "--storage.tsdb.retention.time=1h",
+            "--log.level=warn",
+        ],
+    )
     api = PromAPI(f"http://127.0.0.1:{port}")
     wait_for("central Prometheus ready", api.ready, 30, procs=procs)
     return api
 
 
-def start_regional(procs: Procs, workdir: Path, region: str, agents: Sequence[str],
-                   central: PromAPI, timing: Timing) -> int:
+def start_regional(
+    procs: Procs,
+    workdir: Path,
+    region: str,
+    agents: Sequence[str],
+    central: PromAPI,
+    timing: Timing,
+) -> int:
     """One agent-mode Prometheus for ``region``; returns its (loopback) port."""
     rport = free_port()
-    rcfg = regional_config(workdir / f"regional-{region}.yml", region, agents,
-                           f"{central.base}/api/v1/write", timing)
-    procs.start(f"prometheus-agent-{region}", [
-        "prometheus", "--enable-feature=agent", NATIVE_HISTOGRAMS, f"--config.file={rcfg}",
-        f"--storage.agent.path={workdir / f'agent-data-{region}'}",
-        f"--web.listen-address=127.0.0.1:{rport}", "--storage.remote.flush-deadline=5s",
-        "--log.level=warn"])
+    rcfg = regional_config(
+        workdir / f"regional-{region}.yml", region, agents, f"{central.base}/api/v1/write", timing
+    )
+    procs.start(
+        f"prometheus-agent-{region}",
+        [
+            "prometheus",
+            "--enable-feature=agent",
+            NATIVE_HISTOGRAMS,
+            f"--config.file={rcfg}",
+            f"--storage.agent.path={workdir / f'agent-data-{region}'}",
+            f"--web.listen-address=127.0.0.1:{rport}",
+            "--storage.remote.flush-deadline=5s",
+            "--log.level=warn",
+        ],
+    )
     return rport
 
 
 @contextlib.contextmanager
-def two_tier(procs: Procs, workdir: Path, regions: Mapping[str, Sequence[str]],
-             rules_dir: Path, timing: Timing) -> Iterator[tuple[PromAPI, RouteAPI]]:
+def two_tier(
+    procs: Procs,
+    workdir: Path,
+    regions: Mapping[str, Sequence[str]],
+    rules_dir: Path,
+    timing: Timing,
+) -> Iterator[tuple[PromAPI, RouteAPI]]:
     """A central Prometheus with the rules, one agent-mode Prometheus per region and the route
     service (scraped by the central one), on free loopback ports with storage under
     ``workdir``. ``regions``: region → agent host:port."""
@@ -104,18 +140,39 @@ def two_tier(procs: Procs, workdir: Path, regions: Mapping[str, Sequence[str]],
     yield api, start_route(procs, workdir, api, timing, route_port)
 
 
-def start_route(procs: Procs, workdir: Path, prometheus: PromAPI, timing: Timing,
-                port: int | None = None, name: str = "edgeprobe-route",
-                **policy: Any) -> RouteAPI:
+def start_route(
+    procs: Procs,
+    workdir: Path,
+    prometheus: PromAPI,
+    timing: Timing,
+    port: int | None = None,
+    name: str = "edgeprobe-route",
+    **policy: Any,
+) -> RouteAPI:
     """``edgeprobe route`` on 127.0.0.1 against ``prometheus``; returns once it is healthy
     (its map may still be empty: /v1/map answers 503 until the first decision)."""
     port = port or free_port()
     cfg = route_config(workdir / "route.yml", prometheus, workdir, timing, **policy)
-    procs.start(name, [sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
-                       f"--web.listen-address=127.0.0.1:{port}"], cwd=ROOT)
+    procs.start(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "route",
+            f"--config.file={cfg}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+    )
     api = RouteAPI(f"http://127.0.0.1:{port}")
-    wait_for("edgeprobe route healthy", partial(http_ok, api.base + "/-/healthy"), 30,
-             interval=0.2, procs=procs)
+    wait_for(
+        "edgeprobe route healthy",
+        partial(http_ok, api.base + "/-/healthy"),
+        30,
+        interval=0.2,
+        procs=procs,
+    )
     return api
 
 
@@ -132,9 +189,13 @@ class MapView:
 
     @classmethod
     def of(cls, doc: Mapping[str, Any]) -> MapView:
-        return cls(tuple((r, tuple((e["edge"], e["eligible"], e["reason"])
-                                   for e in v["edges"]))
-                         for r, v in sorted(doc["regions"].items())), bool(doc["stale"]))
+        return cls(
+            tuple(
+                (r, tuple((e["edge"], e["eligible"], e["reason"]) for e in v["edges"]))
+                for r, v in sorted(doc["regions"].items())
+            ),
+            bool(doc["stale"]),
+        )
 
     @property
     def best(self) -> dict[str, str]:
@@ -148,8 +209,10 @@ def render_map(doc: Mapping[str, Any], was: Mapping[str, str]) -> list[str]:
         parts = []
         for e in r["edges"]:
             rtt = e["score"].get("rtt_p95_ms")
-            parts.append(f"{e['edge']} {'ok' if e['eligible'] else e['reason'].upper()}"
-                         + (f" {rtt:g} ms" if rtt is not None else ""))
+            parts.append(
+                f"{e['edge']} {'ok' if e['eligible'] else e['reason'].upper()}"
+                + (f" {rtt:g} ms" if rtt is not None else "")
+            )
         prev = was.get(region)
         note = f"   (was {prev})" if prev is not None and prev != r["best"] else ""
         lines.append(f"  {region:12} " + "  >  ".join(parts) + note)
@@ -169,8 +232,14 @@ class Supervisor:
     """What ``make run`` runs, one world at a time; everything it starts lives under
     ``run_dir`` (``run/`` by default) and is removed on exit, except ``run_dir/logs``."""
 
-    def __init__(self, run_dir: Path, timing: Timing, central_port: int,
-                 alertmanager: bool, out: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        timing: Timing,
+        central_port: int,
+        alertmanager: bool,
+        out: Callable[[str], None],
+    ) -> None:
         self.run_dir = run_dir.resolve()
         self.timing = timing
         self.want_central_port = central_port
@@ -190,6 +259,7 @@ class Supervisor:
         # A world left by a killed run (or `python -m lab up`) in our state dir: take it down.
         if (self.lab_dir / "state.json").exists():
             from lab.topology import World
+
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 World.attach(self.lab_dir).down()
         for d in (self.prom_dir, self.lab_dir, self.logs):
@@ -203,19 +273,35 @@ class Supervisor:
             return None
         port = port_or_free(ALERTMANAGER_PORT)
         cfg = alertmanager_config(self.prom_dir / "alertmanager.yml")
-        self.procs.start("alertmanager", [
-            binary, f"--config.file={cfg}", f"--storage.path={self.prom_dir / 'am-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            # No gossip port: one instance, nothing listening beyond its web port.
-            "--cluster.listen-address=", "--log.level=warn"])
-        wait_for("Alertmanager ready", lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
-                 30, procs=self.procs)
+        self.procs.start(
+            "alertmanager",
+            [
+                binary,
+                f"--config.file={cfg}",
+                f"--storage.path={self.prom_dir / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                # No gossip port: one instance, nothing listening beyond its web port.
+                "--cluster.listen-address=",
+                "--log.level=warn",
+            ],
+        )
+        wait_for(
+            "Alertmanager ready",
+            lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+            30,
+            procs=self.procs,
+        )
         return f"127.0.0.1:{port}"
 
-    def _start_agent(self, name: str, config: Path, listen: str,
-                     netns: str | None = None) -> str:
-        argv = [sys.executable, "-m", "agent", "run", f"--config.file={config}",
-                f"--web.listen-address={listen}"]
+    def _start_agent(self, name: str, config: Path, listen: str, netns: str | None = None) -> str:
+        argv = [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            f"--config.file={config}",
+            f"--web.listen-address={listen}",
+        ]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.procs.start(name, argv, cwd=ROOT)
@@ -236,21 +322,36 @@ class Supervisor:
             agents[region] = f"{info.mgmt_addr}:{AGENT_PORT}"
             self._start_agent(f"agent-{region}", cfg, agents[region], netns=info.ns)
         for region, addr in agents.items():
-            wait_for(f"agent {region} ready", partial(http_ok, f"http://{addr}/-/ready"),
-                     30, procs=self.procs)
+            wait_for(
+                f"agent {region} ready",
+                partial(http_ok, f"http://{addr}/-/ready"),
+                30,
+                procs=self.procs,
+            )
         am = self._alertmanager()
         port = port_or_free(self.want_central_port)
         route_port = port_or_free(ROUTE_PORT)
-        self.central = start_central(self.procs, self.prom_dir, PROM_DIR / "rules",
-                                     self.timing, port=port, alertmanager=am,
-                                     route=f"127.0.0.1:{route_port}")
-        regional = {r: start_regional(self.procs, self.prom_dir, r, [a], self.central,
-                                      self.timing) for r, a in agents.items()}
+        self.central = start_central(
+            self.procs,
+            self.prom_dir,
+            PROM_DIR / "rules",
+            self.timing,
+            port=port,
+            alertmanager=am,
+            route=f"127.0.0.1:{route_port}",
+        )
+        regional = {
+            r: start_regional(self.procs, self.prom_dir, r, [a], self.central, self.timing)
+            for r, a in agents.items()
+        }
         for r, p in regional.items():
-            wait_for(f"regional Prometheus {r} ready",
-                     partial(http_ok, f"http://127.0.0.1:{p}/-/ready"), 30, procs=self.procs)
-        self.route = start_route(self.procs, self.prom_dir, self.central, self.timing,
-                                 route_port)
+            wait_for(
+                f"regional Prometheus {r} ready",
+                partial(http_ok, f"http://127.0.0.1:{p}/-/ready"),
+                30,
+                procs=self.procs,
+            )
+        self.route = start_route(self.procs, self.prom_dir, self.central, self.timing, route_port)
         self.say(self._lab_help(st.run_id, agents, regional, am))
         self.watch(len(agents))
 
@@ -260,31 +361,48 @@ class Supervisor:
         port = port_or_free(AGENT_PORT)
         agent = f"127.0.0.1:{port}"
         self._start_agent("agent-loopback", LOOPBACK_CONFIG, agent)
-        wait_for("agent ready", lambda: http_ok(f"http://{agent}/-/ready"), 30,
-                 procs=self.procs)
-        lines = ["", f"Agent: http://{agent}/metrics   (log {self._rel(self.logs)}"
-                     "/agent-loopback.log)"]
+        wait_for("agent ready", lambda: http_ok(f"http://{agent}/-/ready"), 30, procs=self.procs)
+        lines = [
+            "",
+            f"Agent: http://{agent}/metrics   (log {self._rel(self.logs)}/agent-loopback.log)",
+        ]
         if shutil.which("prometheus") is None:
-            lines.append("Prometheus: not installed (Debian package prometheus), so only the "
-                         "agent runs.")
+            lines.append(
+                "Prometheus: not installed (Debian package prometheus), so only the agent runs."
+            )
             self.say("\n".join([*lines, "Ctrl-C stops it."]))
             self.watch(0)
             return
         am = self._alertmanager()
         port = port_or_free(self.want_central_port)
         route_port = port_or_free(ROUTE_PORT)
-        cfg = single_config(self.prom_dir / "prometheus.yml", PROM_DIR / "rules", [agent],
-                            self.timing, am, route=f"127.0.0.1:{route_port}")
-        self.procs.start("prometheus", [
-            "prometheus", NATIVE_HISTOGRAMS, f"--config.file={cfg}",
-            f"--storage.tsdb.path={self.prom_dir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
+        cfg = single_config(
+            self.prom_dir / "prometheus.yml",
+            PROM_DIR / "rules",
+            [agent],
+            self.timing,
+            am,
+            route=f"127.0.0.1:{route_port}",
+        )
+        self.procs.start(
+            "prometheus",
+            [
+                "prometheus",
+                NATIVE_HISTOGRAMS,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.prom_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+        )
         self.central = PromAPI(f"http://127.0.0.1:{port}")
         wait_for("Prometheus ready", self.central.ready, 30, procs=self.procs)
-        self.route = start_route(self.procs, self.prom_dir, self.central, self.timing,
-                                 route_port)
-        lines += [f"Prometheus (single server, deploy/prometheus/prometheus.yml, with the rules)"
-                  f": {self.central.base}", *self._prom_help(am)]
+        self.route = start_route(self.procs, self.prom_dir, self.central, self.timing, route_port)
+        lines += [
+            f"Prometheus (single server, deploy/prometheus/prometheus.yml, with the rules)"
+            f": {self.central.base}",
+            *self._prom_help(am),
+        ]
         self.say("\n".join([*lines, "Ctrl-C stops everything."]))
         self.watch(1)
 
@@ -296,29 +414,41 @@ class Supervisor:
 
     def _graph(self, expr: str) -> str:
         assert self.central is not None
-        return (f"{self.central.base}/graph?"
-                + urllib.parse.urlencode({"g0.expr": expr, "g0.tab": "1"}))
+        return f"{self.central.base}/graph?" + urllib.parse.urlencode(
+            {"g0.expr": expr, "g0.tab": "1"}
+        )
 
     def _prom_help(self, am: str | None) -> list[str]:
         assert self.central is not None
         t = self.timing
-        timing = (f"Demo timing: scrape and evaluate every {t.scrape_interval} (production 15s: "
-                  "--production-intervals)" if t != PRODUCTION
-                  else "Timing: scrape and evaluate every 15s, as shipped")
-        out = [f"  (127.0.0.1:{self.want_central_port} was taken, so it listens on a free "
-               "port)"] if self.central.base != f"http://127.0.0.1:{self.want_central_port}" \
+        timing = (
+            f"Demo timing: scrape and evaluate every {t.scrape_interval} (production 15s: "
+            "--production-intervals)"
+            if t != PRODUCTION
+            else "Timing: scrape and evaluate every 15s, as shipped"
+        )
+        out = (
+            [f"  (127.0.0.1:{self.want_central_port} was taken, so it listens on a free port)"]
+            if self.central.base != f"http://127.0.0.1:{self.want_central_port}"
             else []
-        out += [f"  {timing}; rules as shipped:",
-                "  best edges in ~30 s, the fast-burn pages after ~5 min, the other alerts after "
-                "6-35 min."]
+        )
+        out += [
+            f"  {timing}; rules as shipped:",
+            "  best edges in ~30 s, the fast-burn pages after ~5 min, the other alerts after "
+            "6-35 min.",
+        ]
         if self.route is not None:
             hold = t.route_hold or "5m"
-            out += [f"Routing map (edgeprobe route, docs/routing.md): {self.route.base}/v1/map",
-                    f"  a degraded first choice is replaced at once; a better (or restored) edge "
-                    f"takes over after a {hold} hold"]
+            out += [
+                f"Routing map (edgeprobe route, docs/routing.md): {self.route.base}/v1/map",
+                f"  a degraded first choice is replaced at once; a better (or restored) edge "
+                f"takes over after a {hold} hold",
+            ]
         if am:
-            out.append(f"Alertmanager (deploy/alertmanager routing; its receivers send nowhere): "
-                       f"http://{am}")
+            out.append(
+                f"Alertmanager (deploy/alertmanager routing; its receivers send nowhere): "
+                f"http://{am}"
+            )
         out += [
             "",
             "What to look at:",
@@ -332,22 +462,26 @@ class Supervisor:
         ]
         return out
 
-    def _lab_help(self, run_id: str, agents: Mapping[str, str], regional: Mapping[str, int],
-                  am: str | None) -> str:
+    def _lab_help(
+        self, run_id: str, agents: Mapping[str, str], regional: Mapping[str, int], am: str | None
+    ) -> str:
         assert self.central is not None
         state = self._rel(self.lab_dir)
         lines = ["", f"Lab {run_id} is up. Agents (one per region, in its namespace):"]
         lines += [f"  {r:12} http://{a}/metrics" for r, a in agents.items()]
-        lines += ["Regional Prometheus (agent mode: scrapes its region's agent, remote-writes):",
-                  "  " + "  ".join(f"{r} 127.0.0.1:{p}" for r, p in regional.items())]
-        lines += [f"Central Prometheus: {self.central.base}   (rules from "
-                  "deploy/prometheus/rules/)"]
+        lines += [
+            "Regional Prometheus (agent mode: scrapes its region's agent, remote-writes):",
+            "  " + "  ".join(f"{r} 127.0.0.1:{p}" for r, p in regional.items()),
+        ]
+        lines += [
+            f"Central Prometheus: {self.central.base}   (rules from deploy/prometheus/rules/)"
+        ]
         lines += self._prom_help(am)
         lines += [
             "The lab:",
             f"  .venv/bin/python -m lab truth --state {state}       what the lab really did",
             f"  .venv/bin/python -m lab set --state {state} id-jakarta cgk-1 "
-            "'{\"delay\": \"150ms\"}'",
+            '\'{"delay": "150ms"}\'',
             "      degrade Jakarta's nearest edge now and watch the best edge move (fra-1 "
             "degrades by itself at t=60 s)",
             f"  .venv/bin/python -m lab exec --state {state} id-jakarta -- "
@@ -386,20 +520,30 @@ class Supervisor:
         if view == shown or len(view.regions) < regions:
             return shown
         if view.regions == shown.regions:
-            what = ("STALE (edgeprobe route cannot query Prometheus; it keeps serving the "
-                    "last good map)") if view.stale else "fresh again"
+            what = (
+                (
+                    "STALE (edgeprobe route cannot query Prometheus; it keeps serving the "
+                    "last good map)"
+                )
+                if view.stale
+                else "fresh again"
+            )
             self.say(f"{self._stamp()} routing map is {what}")
             return view
-        self.say(f"{self._stamp()} routing map (edgeprobe route): best edge per region, then "
-                 f"the fallbacks{' [STALE]' if view.stale else ''}")
+        self.say(
+            f"{self._stamp()} routing map (edgeprobe route): best edge per region, then "
+            f"the fallbacks{' [STALE]' if view.stale else ''}"
+        )
         for line in render_map(doc, shown.best):
             self.say(line)
         return view
 
     def _report_alerts(self, shown: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
         assert self.central is not None
-        now = {(a["labels"]["alertname"], a["labels"].get("region", ""),
-                a["labels"].get("edge", "")) for a in self.central.alerts()}
+        now = {
+            (a["labels"]["alertname"], a["labels"].get("region", ""), a["labels"].get("edge", ""))
+            for a in self.central.alerts()
+        }
         for name, region, edge in sorted(now - shown):
             self.say(f"{self._stamp()} firing: {name} {region}{'/' + edge if edge else ''}")
         for name, region, edge in sorted(shown - now):
@@ -409,9 +553,11 @@ class Supervisor:
     # -- teardown -----------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop everything, each step bounded; remove the state but keep the logs."""
-        self.procs.stop_tiers([["prometheus-agent-"], ["edgeprobe-route"],
-                               ["prometheus", "alertmanager"], ["agent-"]])
+        self.procs.stop_tiers(
+            [["prometheus-agent-"], ["edgeprobe-route"], ["prometheus", "alertmanager"], ["agent-"]]
+        )
         from lab.topology import iter_states, teardown
+
         if self.world is not None:
             self.world.down()
         # A world whose World.up was interrupted before it returned is still ours.
@@ -427,24 +573,45 @@ class Supervisor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.stack", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", default=os.environ.get("EDGEPROBE_RUN_DIR", "run"),
-                    help="state directory (default run/; removed on exit except logs/)")
-    ap.add_argument("--lab", choices=("auto", "off"),
-                    default="off" if os.environ.get("EDGEPROBE_LAB") == "0" else "auto")
-    ap.add_argument("--prometheus-port", type=int, default=CENTRAL_PORT,
-                    help="central Prometheus port on 127.0.0.1 (a free one if taken)")
-    ap.add_argument("--production-intervals", action="store_true",
-                    help="scrape and evaluate every 15s as shipped (default: 5s for the demo)")
+    ap = argparse.ArgumentParser(
+        prog="python -m lab.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--run-dir",
+        default=os.environ.get("EDGEPROBE_RUN_DIR", "run"),
+        help="state directory (default run/; removed on exit except logs/)",
+    )
+    ap.add_argument(
+        "--lab",
+        choices=("auto", "off"),
+        default="off" if os.environ.get("EDGEPROBE_LAB") == "0" else "auto",
+    )
+    ap.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=CENTRAL_PORT,
+        help="central Prometheus port on 127.0.0.1 (a free one if taken)",
+    )
+    ap.add_argument(
+        "--production-intervals",
+        action="store_true",
+        help="scrape and evaluate every 15s as shipped (default: 5s for the demo)",
+    )
     ap.add_argument("--no-alertmanager", action="store_true")
     a = ap.parse_args(argv)
 
     def out(line: str) -> None:
         print(line, flush=True)
 
-    sup = Supervisor(Path(a.run_dir), PRODUCTION if a.production_intervals else DEMO,
-                     a.prometheus_port, not a.no_alertmanager, out)
+    sup = Supervisor(
+        Path(a.run_dir),
+        PRODUCTION if a.production_intervals else DEMO,
+        a.prometheus_port,
+        not a.no_alertmanager,
+        out,
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise Stopped(signum)
@@ -457,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = "EDGEPROBE_LAB=0" if a.lab == "off" else ""
         if not why:
             from lab.topology import lab_available
+
             ok, reason = lab_available()
             why = "" if ok else f"the lab is not available here ({reason})"
         if why:
@@ -465,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sup.run_lab()
     except Stopped as s:
         code = 128 + s.signum
-    except AssertionError as e:       # a child died or never became ready
+    except AssertionError as e:  # a child died or never became ready
         print(f"make run: {e}", file=sys.stderr, flush=True)
         code = 1
     finally:

@@ -43,8 +43,7 @@ NETNS_ETC = Path("/etc/netns")
 MGMT_NET = ipaddress.ip_network("198.19.192.0/18")
 HOP_NET4 = ipaddress.ip_network("198.19.64.0/18")
 DNS4, DNS6 = "198.18.0.53", "2001:db8:e::53"
-PORTS = {"tcp": 9000, "tls": 8443, "http": 80, "https": 443, "udp_echo": 7, "dns": 53,
-         "turn": 3478}
+PORTS = {"tcp": 9000, "tls": 8443, "http": 80, "https": 443, "udp_echo": 7, "dns": 53, "turn": 3478}
 TURN_USERS = {"edgeprobe": "lab-secret"}
 _NS_RE = re.compile(r"^ep([0-9a-f]{6})-")
 
@@ -137,9 +136,9 @@ class RegionInfo:
     tun: str
     agent4: str
     agent6: str
-    mgmt_if: str            # root-side veth
-    mgmt_host: str          # root-side address (where Prometheus scrapes from)
-    mgmt_addr: str          # region-side address: listen here for /metrics
+    mgmt_if: str  # root-side veth
+    mgmt_host: str  # root-side address (where Prometheus scrapes from)
+    mgmt_addr: str  # region-side address: listen here for /metrics
     hops: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # edge -> hops
 
 
@@ -152,8 +151,8 @@ class WorldState:
     edge_ns: str
     edge_tun: str
     regions: dict[str, RegionInfo]
-    edges: dict[str, dict[str, str]]     # name -> {ipv4, ipv6, dns}
-    paths: dict[str, dict[str, dict[str, Any]]]   # region -> edge -> {tier, note, up, down}
+    edges: dict[str, dict[str, str]]  # name -> {ipv4, ipv6, dns}
+    paths: dict[str, dict[str, dict[str, Any]]]  # region -> edge -> {tier, note, up, down}
     truth: str
     truth_meta: str
     control: str
@@ -271,10 +270,16 @@ class World:
 
     # -- bring-up -------------------------------------------------------------------------
     @classmethod
-    def up(cls, profiles: Sequence[str | Profile] = DEFAULT_PROFILES,
-           state_dir: str | os.PathLike[str] | None = None, services: bool | None = None,
-           seed: int = 1, detach: bool = False, spin_us: int = 300,
-           extra_paths: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> World:
+    def up(
+        cls,
+        profiles: Sequence[str | Profile] = DEFAULT_PROFILES,
+        state_dir: str | os.PathLike[str] | None = None,
+        services: bool | None = None,
+        seed: int = 1,
+        detach: bool = False,
+        spin_us: int = 300,
+        extra_paths: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    ) -> World:
         """Build a world. ``services=None`` starts the edge services if ``lab/services.py``
         exists. ``detach=True`` (the CLI) lets processes outlive this Python process.
         ``extra_paths``: region -> extra raw forwarder path specs (benchmarks: prefixes)."""
@@ -297,23 +302,43 @@ class World:
         regions: dict[str, RegionInfo] = {}
         for i, p in enumerate(profs):
             regions[p.region] = RegionInfo(
-                name=p.region, index=i, ns=f"ep{rid}-{p.region}", tun=f"ep{rid}r{i}",
-                agent4=f"198.19.{i + 1}.2", agent6=f"2001:db8:a:{i + 1:x}::2",
-                mgmt_if=f"ep{rid}m{i}", mgmt_host="", mgmt_addr="")
+                name=p.region,
+                index=i,
+                ns=f"ep{rid}-{p.region}",
+                tun=f"ep{rid}r{i}",
+                agent4=f"198.19.{i + 1}.2",
+                agent6=f"2001:db8:a:{i + 1:x}::2",
+                mgmt_if=f"ep{rid}m{i}",
+                mgmt_host="",
+                mgmt_addr="",
+            )
         st = WorldState(
-            run_id=rid, state_dir=str(sdir), edge_ns=f"ep{rid}-edge", edge_tun=f"ep{rid}e",
+            run_id=rid,
+            state_dir=str(sdir),
+            edge_ns=f"ep{rid}-edge",
+            edge_tun=f"ep{rid}e",
             regions=regions,
             edges={n: {"ipv4": e.ipv4, "ipv6": e.ipv6, "dns": e.dns} for n, e in edges.items()},
-            paths={p.region: {x.edge: {"tier": x.tier, "note": x.note, **x.impair_json()}
-                              for x in p.paths} for p in profs},
-            truth=str(shm / "truth.bin"), truth_meta=str(shm / "truth.json"),
-            control=str(sdir / "forwarder.sock"), dns_servers=[DNS4, DNS6], ports=dict(PORTS),
-            turn_users=dict(TURN_USERS), services=bool(services),
+            paths={
+                p.region: {
+                    x.edge: {"tier": x.tier, "note": x.note, **x.impair_json()} for x in p.paths
+                }
+                for p in profs
+            },
+            truth=str(shm / "truth.bin"),
+            truth_meta=str(shm / "truth.json"),
+            control=str(sdir / "forwarder.sock"),
+            dns_servers=[DNS4, DNS6],
+            ports=dict(PORTS),
+            turn_users=dict(TURN_USERS),
+            services=bool(services),
             # The builder owns the world while building it, so a concurrent cleanup_stale()
             # never mistakes a half-built detached world for a dead one.
-            owner_pid=os.getpid(), owner_start=_pid_start(os.getpid()),
+            owner_pid=os.getpid(),
+            owner_start=_pid_start(os.getpid()),
             namespaces=[f"ep{rid}-edge"] + [r.ns for r in regions.values()],
-            profiles=[p.file or p.region for p in profs])
+            profiles=[p.file or p.region for p in profs],
+        )
         REGISTRY.mkdir(parents=True, exist_ok=True)
         st.save(_registry_path(rid))
         world = cls(st, owned=not detach)
@@ -328,9 +353,15 @@ class World:
             st.save(_registry_path(rid))
         return world
 
-    def _build(self, profs: Sequence[Profile], edges: Mapping[str, Any], seed: int,
-               detach: bool, spin_us: int,
-               extra_paths: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    def _build(
+        self,
+        profs: Sequence[Profile],
+        edges: Mapping[str, Any],
+        seed: int,
+        detach: bool,
+        spin_us: int,
+        extra_paths: Mapping[str, Sequence[Mapping[str, Any]]],
+    ) -> None:
         st = self.state
         sdir = Path(st.state_dir)
         for ns in st.namespaces:
@@ -338,12 +369,18 @@ class World:
         for ns in st.namespaces:
             _batch(["link set lo up"], ns=ns)
             # No ICMP error rate limit: the path probe's traceroute needs one error per probe.
-            _sysctl(ns, {"net.ipv4.icmp_ratelimit": "0", "net.ipv6.icmp.ratelimit": "0",
-                         "net.ipv4.icmp_msgs_per_sec": "1000000",
-                         "net.ipv4.icmp_msgs_burst": "1000000",
-                         "net.ipv4.conf.all.rp_filter": "0",
-                           "net.ipv4.conf.default.rp_filter": "0",
-                           "net.ipv4.ping_group_range": "0 2147483647"})
+            _sysctl(
+                ns,
+                {
+                    "net.ipv4.icmp_ratelimit": "0",
+                    "net.ipv6.icmp.ratelimit": "0",
+                    "net.ipv4.icmp_msgs_per_sec": "1000000",
+                    "net.ipv4.icmp_msgs_burst": "1000000",
+                    "net.ipv4.conf.all.rp_filter": "0",
+                    "net.ipv4.conf.default.rp_filter": "0",
+                    "net.ipv4.ping_group_range": "0 2147483647",
+                },
+            )
         # Management veths, allocated under a lock so parallel worlds pick different /30s.
         REGISTRY.mkdir(parents=True, exist_ok=True)
         with open(REGISTRY / ".lock", "w") as lockf:
@@ -353,17 +390,23 @@ class World:
             for r, net in zip(st.regions.values(), nets, strict=True):
                 host, addr = net.network_address + 1, net.network_address + 2
                 r.mgmt_host, r.mgmt_addr = str(host), str(addr)
-                cmds += [f"link add {r.mgmt_if} type veth peer name mgmt0 netns {r.ns}",
-                         f"addr add {host}/30 dev {r.mgmt_if}", f"link set {r.mgmt_if} up"]
+                cmds += [
+                    f"link add {r.mgmt_if} type veth peer name mgmt0 netns {r.ns}",
+                    f"addr add {host}/30 dev {r.mgmt_if}",
+                    f"link set {r.mgmt_if} up",
+                ]
             _batch(cmds)
         for r in st.regions.values():
             _batch([f"addr add {r.mgmt_addr}/30 dev mgmt0", "link set mgmt0 up"], ns=r.ns)
         # Edge namespace: every edge address is local. Whole ranges via local routes (the
         # benchmark uses thousands of addresses); the profile's addresses and the DNS server
         # also explicitly, so servers can bind them.
-        cmds = ["route add local 198.18.0.0/16 dev lo",
-                "route add local 2001:db8:e::/48 dev lo",
-                f"addr add {DNS4}/32 dev lo", f"addr add {DNS6}/128 dev lo"]
+        cmds = [
+            "route add local 198.18.0.0/16 dev lo",
+            "route add local 2001:db8:e::/48 dev lo",
+            f"addr add {DNS4}/32 dev lo",
+            f"addr add {DNS6}/128 dev lo",
+        ]
         for e in edges.values():
             cmds += [f"addr add {e.ipv4}/32 dev lo", f"addr add {e.ipv6}/128 dev lo"]
         _batch(cmds, ns=st.edge_ns)
@@ -381,52 +424,106 @@ class World:
                 hops = []
                 for hi, h in enumerate(x.hops):
                     a4, a6 = hop_address(r.index, ei, hi)
-                    hops.append({"name": h.name, "addr4": a4, "addr6": a6, "delay": h.delay,
-                                 "loss": h.loss, "icmp_loss": h.icmp_loss})
+                    hops.append(
+                        {
+                            "name": h.name,
+                            "addr4": a4,
+                            "addr6": a6,
+                            "delay": h.delay,
+                            "loss": h.loss,
+                            "icmp_loss": h.icmp_loss,
+                        }
+                    )
                     edge_names[a4] = f"{x.edge}/{h.name}"
                     edge_names[a6] = f"{x.edge}/{h.name}"
                 if hops:
                     r.hops[x.edge] = hops
-                paths.append({"edge": x.edge, "addresses": [e.ipv4, e.ipv6],
-                              "prefixes": list(e.prefixes), "impair": x.impair_json(),
-                              "hops": hops})
+                paths.append(
+                    {
+                        "edge": x.edge,
+                        "addresses": [e.ipv4, e.ipv6],
+                        "prefixes": list(e.prefixes),
+                        "impair": x.impair_json(),
+                        "hops": hops,
+                    }
+                )
             paths += [dict(x) for x in extra_paths.get(p.region, [])]
-            fwd_regions.append({"name": p.region, "index": r.index, "tun": r.tun, "ns": r.ns,
-                                "agents": [r.agent4, r.agent6], "paths": paths})
-        schedule = [{"at": c.at, "region": p.region, "edge": c.edge, "set": dict(c.set)}
-                    for p in profs for c in p.schedule]
-        cfg = {"run_id": st.run_id, "seed": seed, "truth": st.truth,
-               "truth_meta": st.truth_meta, "control": st.control, "edge_tun": st.edge_tun,
-               "edge_ns": st.edge_ns, "regions": fwd_regions, "schedule": schedule,
-               "edge_names": edge_names, "spin_us": spin_us, "die_with_parent": not detach}
+            fwd_regions.append(
+                {
+                    "name": p.region,
+                    "index": r.index,
+                    "tun": r.tun,
+                    "ns": r.ns,
+                    "agents": [r.agent4, r.agent6],
+                    "paths": paths,
+                }
+            )
+        schedule = [
+            {"at": c.at, "region": p.region, "edge": c.edge, "set": dict(c.set)}
+            for p in profs
+            for c in p.schedule
+        ]
+        cfg = {
+            "run_id": st.run_id,
+            "seed": seed,
+            "truth": st.truth,
+            "truth_meta": st.truth_meta,
+            "control": st.control,
+            "edge_tun": st.edge_tun,
+            "edge_ns": st.edge_ns,
+            "regions": fwd_regions,
+            "schedule": schedule,
+            "edge_names": edge_names,
+            "spin_us": spin_us,
+            "die_with_parent": not detach,
+        }
         cfg_path = sdir / "forwarder.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
         # stdout and stderr go to files, never pipes: a detached child must not die of
         # SIGPIPE after `python -m lab up` has exited.
-        with open(sdir / "forwarder.out", "wb") as out, \
-                open(sdir / "forwarder.log", "wb") as log:
+        with open(sdir / "forwarder.out", "wb") as out, open(sdir / "forwarder.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "lab.forwarder", str(cfg_path),
-                 f"edgeprobe-lab-{st.run_id}"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=log, start_new_session=detach,
-                cwd=str(Path(__file__).resolve().parent.parent))
+                [
+                    sys.executable,
+                    "-m",
+                    "lab.forwarder",
+                    str(cfg_path),
+                    f"edgeprobe-lab-{st.run_id}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=log,
+                start_new_session=detach,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
         self._procs.append(proc)
         st.forwarder_pid, st.forwarder_start = proc.pid, _pid_start(proc.pid)
         st.save(_registry_path(st.run_id))
-        self._wait_ready(proc, "forwarder", sdir / "forwarder.out", sdir / "forwarder.log",
-                         15.0)
+        self._wait_ready(proc, "forwarder", sdir / "forwarder.out", sdir / "forwarder.log", 15.0)
         # The TUN devices are now in their namespaces: address and route them.
-        _batch([f"link set {st.edge_tun} addrgenmode none", f"link set {st.edge_tun} up",
+        _batch(
+            [
+                f"link set {st.edge_tun} addrgenmode none",
+                f"link set {st.edge_tun} up",
                 f"route add 198.19.0.0/18 dev {st.edge_tun}",
-                f"route add 2001:db8:a::/48 dev {st.edge_tun}"], ns=st.edge_ns)
+                f"route add 2001:db8:a::/48 dev {st.edge_tun}",
+            ],
+            ns=st.edge_ns,
+        )
         for r in st.regions.values():
-            _batch([f"link set {r.tun} addrgenmode none", f"link set {r.tun} up",
+            _batch(
+                [
+                    f"link set {r.tun} addrgenmode none",
+                    f"link set {r.tun} up",
                     f"addr add {r.agent4}/32 dev {r.tun}",
                     f"addr add {r.agent6}/128 dev {r.tun} nodad",
                     f"route add 198.18.0.0/16 dev {r.tun} src {r.agent4}",
                     f"route add {HOP_NET4} dev {r.tun} src {r.agent4}",
                     f"route add 2001:db8:e::/48 dev {r.tun} src {r.agent6}",
-                    f"route add 2001:db8:f::/48 dev {r.tun} src {r.agent6}"], ns=r.ns)
+                    f"route add 2001:db8:f::/48 dev {r.tun} src {r.agent6}",
+                ],
+                ns=r.ns,
+            )
         if st.services:
             self._start_services(edges, detach)
             # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf,
@@ -436,12 +533,14 @@ class World:
                 d.mkdir(parents=True, exist_ok=True)
                 (d / "resolv.conf").write_text(
                     "".join(f"nameserver {a}\n" for a in st.dns_servers)
-                    + "options timeout:1 attempts:2\n")
+                    + "options timeout:1 attempts:2\n"
+                )
         st.save(sdir / "state.json")
         st.save(_registry_path(st.run_id))
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], what: str, out: Path, log: Path,
-                    timeout: float) -> None:
+    def _wait_ready(
+        self, proc: subprocess.Popen[bytes], what: str, out: Path, log: Path, timeout: float
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -462,28 +561,49 @@ class World:
 
         def hp(port: int) -> list[str]:
             return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addrs]
+
         records = {e.dns: [e.ipv4, e.ipv6] for e in edges.values()}
-        cfg = {"state_dir": str(sdir / "services"), "tcp": hp(PORTS["tcp"]),
-               "tls": hp(PORTS["tls"]), "http": hp(PORTS["http"]), "https": hp(PORTS["https"]),
-               "udp_echo": hp(PORTS["udp_echo"]),
-               "dns": {"listen": [DNS4, DNS6], "port": PORTS["dns"], "records": records},
-               "turn": {"listen": addrs, "port": PORTS["turn"], "realm": "lab.test",
-                        "users": dict(TURN_USERS)}}
+        cfg = {
+            "state_dir": str(sdir / "services"),
+            "tcp": hp(PORTS["tcp"]),
+            "tls": hp(PORTS["tls"]),
+            "http": hp(PORTS["http"]),
+            "https": hp(PORTS["https"]),
+            "udp_echo": hp(PORTS["udp_echo"]),
+            "dns": {"listen": [DNS4, DNS6], "port": PORTS["dns"], "records": records},
+            "turn": {
+                "listen": addrs,
+                "port": PORTS["turn"],
+                "realm": "lab.test",
+                "users": dict(TURN_USERS),
+            },
+        }
         (sdir / "services").mkdir(exist_ok=True)
         cfg_path = sdir / "services.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
-        with open(sdir / "services.out", "wb") as out, \
-                open(sdir / "services.log", "wb") as log:
+        with open(sdir / "services.out", "wb") as out, open(sdir / "services.log", "wb") as log:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", st.edge_ns, sys.executable, "-m", "lab.services",
-                 "--config", str(cfg_path)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=log, start_new_session=True,
-                cwd=str(Path(__file__).resolve().parent.parent))
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    st.edge_ns,
+                    sys.executable,
+                    "-m",
+                    "lab.services",
+                    "--config",
+                    str(cfg_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=log,
+                start_new_session=True,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
         self._procs.append(proc)
         st.services_pid, st.services_start = proc.pid, _pid_start(proc.pid)
         st.save(_registry_path(st.run_id))
-        self._wait_ready(proc, "edge services", sdir / "services.out", sdir / "services.log",
-                         30.0)
+        self._wait_ready(proc, "edge services", sdir / "services.out", sdir / "services.log", 30.0)
         st.ca = str(sdir / "services" / "ca.pem")
 
     # -- use ------------------------------------------------------------------------------
@@ -499,20 +619,24 @@ class World:
         try:
             return self.state.regions[region].ns
         except KeyError:
-            raise LabError(f"unknown region {region!r}; one of "
-                           f"{sorted(self.state.regions)} or 'edge'") from None
+            raise LabError(
+                f"unknown region {region!r}; one of {sorted(self.state.regions)} or 'edge'"
+            ) from None
 
     def cmd(self, region: str, argv: Sequence[str]) -> list[str]:
         """The argv that runs ``argv`` inside a region's (or the edge) namespace."""
         return ["ip", "netns", "exec", self.ns(region), *argv]
 
-    def run(self, region: str, argv: Sequence[str], timeout: float = 60.0,
-            **kw: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cmd(region, argv), capture_output=True, text=True,
-                              timeout=timeout, **kw)
+    def run(
+        self, region: str, argv: Sequence[str], timeout: float = 60.0, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.cmd(region, argv), capture_output=True, text=True, timeout=timeout, **kw
+        )
 
     def control(self, req: Mapping[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         import socket
+
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(self.state.control)
@@ -558,19 +682,25 @@ class World:
     def __enter__(self) -> World:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.down()
 
 
 def leftovers(run_id: str, state_dir: str = "") -> list[str]:
     """Namespaces, links and processes of a run that still exist (tests assert none)."""
     tags = [f"edgeprobe-lab-{run_id}".encode()] + ([state_dir.encode()] if state_dir else [])
-    out = [f"netns {n}" for n in _ip("netns", "list", check=False).split()
-           if n.startswith(f"ep{run_id}")]
-    out += [f"link {line.split(':')[1].strip()}" for line in
-            _ip("-o", "link", "show", check=False).splitlines()
-            if f"ep{run_id}" in line]
+    out = [
+        f"netns {n}"
+        for n in _ip("netns", "list", check=False).split()
+        if n.startswith(f"ep{run_id}")
+    ]
+    out += [
+        f"link {line.split(':')[1].strip()}"
+        for line in _ip("-o", "link", "show", check=False).splitlines()
+        if f"ep{run_id}" in line
+    ]
     out += [f"file {p}" for p in NETNS_ETC.glob(f"ep{run_id}-*")] if NETNS_ETC.is_dir() else []
     out += [f"file {p}" for p in SHM.glob(f"edgeprobe-lab-{run_id}")]
     out += [f"file {p}" for p in REGISTRY.glob(f"{run_id}.json")] if REGISTRY.is_dir() else []

@@ -30,11 +30,10 @@ from typing import Any
 from aiohttp import web
 
 MAX_SESSIONS = 200
-SESSION_LIFETIME = 30.0           # seconds before an un-DELETEd session is closed anyway
+SESSION_LIFETIME = 30.0  # seconds before an un-DELETEd session is closed anyway
 MAX_OFFER_BYTES = 64 << 10
 
-_HOST_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("whip_host_address",
-                                                                   default="")
+_HOST_ADDRESS: contextvars.ContextVar[str] = contextvars.ContextVar("whip_host_address", default="")
 
 
 def _patch_gathering() -> None:
@@ -103,6 +102,7 @@ class WhipAnswerer:
             def on_message(msg: Any) -> None:
                 if ch.readyState == "open":
                     ch.send(msg)
+
             ch.on("message", on_message)
 
         pc.on("datachannel", on_channel)
@@ -129,9 +129,14 @@ class WhipAnswerer:
         sid = secrets.token_hex(8)
         self.sessions[sid] = pc
         self._expiry[sid] = asyncio.get_running_loop().call_later(
-            SESSION_LIFETIME, lambda: asyncio.ensure_future(self._end(sid)))
-        return web.Response(status=201, body=sdp.encode(), content_type="application/sdp",
-                            headers={"Location": f"/whip/{sid}"})
+            SESSION_LIFETIME, lambda: asyncio.ensure_future(self._end(sid))
+        )
+        return web.Response(
+            status=201,
+            body=sdp.encode(),
+            content_type="application/sdp",
+            headers={"Location": f"/whip/{sid}"},
+        )
 
     async def delete(self, req: web.Request) -> web.Response:
         return web.Response(status=200 if await self._end(req.match_info["id"]) else 404)
@@ -143,24 +148,38 @@ class WhipAnswerer:
         if mode == "status403":
             return web.Response(status=403, text="forbidden")
         if mode == "badsdp":
-            return web.Response(status=201, body=b"v=0\r\nthis is not sdp\r\n",
-                                content_type="application/sdp",
-                                headers={"Location": "/whip/none"})
+            return web.Response(
+                status=201,
+                body=b"v=0\r\nthis is not sdp\r\n",
+                content_type="application/sdp",
+                headers={"Location": "/whip/none"},
+            )
         if mode == "wrongtype":
-            return web.Response(status=201, text="<html></html>", content_type="text/html",
-                                headers={"Location": "/whip/none"})
+            return web.Response(
+                status=201,
+                text="<html></html>",
+                content_type="text/html",
+                headers={"Location": "/whip/none"},
+            )
         if mode == "oversized":
-            return web.Response(status=201, body=b"a=x\r\n" * (300 << 10),
-                                content_type="application/sdp",
-                                headers={"Location": "/whip/none"})
+            return web.Response(
+                status=201,
+                body=b"a=x\r\n" * (300 << 10),
+                content_type="application/sdp",
+                headers={"Location": "/whip/none"},
+            )
         if mode not in ("nolocation", "noice"):
             return web.Response(status=404)
         sdp, pc = await self._answer(req)
         await pc.close()
         if mode == "nolocation":
             return web.Response(status=201, body=sdp.encode(), content_type="application/sdp")
-        return web.Response(status=201, body=self._blackhole(sdp).encode(),
-                            content_type="application/sdp", headers={"Location": "/whip/none"})
+        return web.Response(
+            status=201,
+            body=self._blackhole(sdp).encode(),
+            content_type="application/sdp",
+            headers={"Location": "/whip/none"},
+        )
 
     def _blackhole(self, sdp: str) -> str:
         """``sdp`` with its candidates replaced by one UDP port that reads and never answers."""

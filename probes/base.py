@@ -26,23 +26,33 @@ def secret_field(default: str = "") -> Any:
 def is_secret(f: Field[Any]) -> bool:
     return bool(f.metadata.get(SECRET))
 
+
 # DSCP code points operators mark media with (RFC 4594): EF for voice/interactive, AF41 for video.
-DSCP_CODEPOINTS: dict[str, int] = {"": 0, "BE": 0, "CS0": 0, "EF": 46, "AF41": 34, "AF42": 36,
-                                   "AF43": 38, "CS4": 32, "CS5": 40}
+DSCP_CODEPOINTS: dict[str, int] = {
+    "": 0,
+    "BE": 0,
+    "CS0": 0,
+    "EF": 46,
+    "AF41": 34,
+    "AF42": 36,
+    "AF43": 38,
+    "CS4": 32,
+    "CS5": 40,
+}
 
 
 @dataclass(frozen=True)
 class CommonOptions:
     """Options every probe kind has. Kinds subclass this and add their own fields."""
 
-    interval: float = 1.0          # seconds between runs
-    timeout: float = 1.0           # seconds a single packet/exchange may take
-    packets: int = 1               # packets (or exchanges) per run
-    spacing: float = 0.02          # seconds between packets of one run
-    payload_size: int = 56         # bytes of payload where the kind sends a payload
+    interval: float = 1.0  # seconds between runs
+    timeout: float = 1.0  # seconds a single packet/exchange may take
+    packets: int = 1  # packets (or exchanges) per run
+    spacing: float = 0.02  # seconds between packets of one run
+    payload_size: int = 56  # bytes of payload where the kind sends a payload
     ip_family: IpFamily = "auto"
-    source_address: str = ""       # bind to this local address ("" = kernel's choice)
-    dscp: str = ""                 # "", "EF", "AF41", ... (see DSCP_CODEPOINTS)
+    source_address: str = ""  # bind to this local address ("" = kernel's choice)
+    dscp: str = ""  # "", "EF", "AF41", ... (see DSCP_CODEPOINTS)
 
     def run_time(self) -> float:
         """Worst-case seconds one run takes: the last packet's send time plus its timeout."""
@@ -64,13 +74,16 @@ class CommonOptions:
         if not 0 <= self.payload_size <= 65000:
             errs.append("payload_size: must be between 0 and 65000")
         if self.dscp.upper() not in DSCP_CODEPOINTS:
-            errs.append(f"dscp: unknown code point {self.dscp!r}; one of "
-                        + ", ".join(sorted(k for k in DSCP_CODEPOINTS if k)))
+            errs.append(
+                f"dscp: unknown code point {self.dscp!r}; one of "
+                + ", ".join(sorted(k for k in DSCP_CODEPOINTS if k))
+            )
         if self.interval > 0 and self.run_time() > self.interval:
             errs.append(
                 f"interval: a run takes up to {self.run_time():g}s "
                 f"((packets-1)*spacing + timeout) which does not fit in the interval of "
-                f"{self.interval:g}s")
+                f"{self.interval:g}s"
+            )
         return errs
 
     @property
@@ -83,8 +96,8 @@ class CommonOptions:
 class Target:
     """One edge node as a probe sees it."""
 
-    name: str                      # becomes the `edge` label
-    address: str                   # IP literal or hostname, as configured
+    name: str  # becomes the `edge` label
+    address: str  # IP literal or hostname, as configured
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -249,8 +262,9 @@ ProbeFn = Callable[[Target, OptT, ProbeContext], Awaitable[ProbeResult]]
 # under it, e.g. its socket closed) goes to the callback exactly once, from the event loop,
 # possibly before ``start`` returns. ``start`` returns None, without calling back, when this
 # run needs the async ``run`` instead (e.g. a name to look up).
-StartFn = Callable[[Target, OptT, ProbeContext, Callable[[ProbeResult | None], None]],
-                   RunHandle | None]
+StartFn = Callable[
+    [Target, OptT, ProbeContext, Callable[[ProbeResult | None], None]], RunHandle | None
+]
 
 # Reasons every kind may produce, beyond its own.
 COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty", "deadline", "exception")
@@ -264,7 +278,7 @@ class ProbeKind(Generic[OptT]):
     packet_based: bool = False
     phases: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
-    gauges: Mapping[str, str] = field(default_factory=dict)   # name -> HELP text
+    gauges: Mapping[str, str] = field(default_factory=dict)  # name -> HELP text
     metric_prefix: str = "probe"
     # Reasons a reply can be a stray (not a valid answer to anything in flight); pre-created in
     # edgeprobe_stray_packets_total{probe,reason} for every configured kind.
@@ -290,8 +304,9 @@ class ProbeKind(Generic[OptT]):
 
     def failed(self, result: ProbeResult) -> bool:
         """Whether this run counts as a failure of its target."""
-        return not result.success or any(result.gauges.get(g, 0.0) >= 1
-                                          for g in self.failure_gauges)
+        return not result.success or any(
+            result.gauges.get(g, 0.0) >= 1 for g in self.failure_gauges
+        )
 
     @property
     def all_reasons(self) -> tuple[str, ...]:

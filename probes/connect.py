@@ -61,17 +61,17 @@ PHASES: tuple[str, ...] = ("dns", "tcp", "tls", "stun", "turn")
 @dataclass(frozen=True)
 class ConnectOptions(CommonOptions):
     interval: float = 15.0
-    timeout: float = 2.0                 # per phase
+    timeout: float = 2.0  # per phase
     signalling_port: int = 443
-    server_name: str = ""                # SNI / verified name; "" = the target's address
+    server_name: str = ""  # SNI / verified name; "" = the target's address
     ca_file: str = ""
     insecure_skip_verify: bool = False
     min_tls_version: Literal["TLS1.2", "TLS1.3"] = "TLS1.2"
-    dns_server: str = ""                 # IP literal; "" = system resolver (uncached)
+    dns_server: str = ""  # IP literal; "" = system resolver (uncached)
     dns_port: int = 53
     stun_port: int = 3478
     turn: bool = False
-    turn_port: int = 0                   # 0 = stun_port
+    turn_port: int = 0  # 0 = stun_port
     username: str = ""
     password: str = secret_field()
     password_file: str = secret_field()
@@ -100,15 +100,18 @@ async def _dns_phase(target: Target, opts: ConnectOptions, ctx: ProbeContext) ->
         # Uncached on purpose: the shared resolver's cache would hide what a client pays.
         try:
             res = await Resolver(ttl=0.0, lookup_timeout=opts.timeout).resolve(
-                target.address, opts.ip_family)
+                target.address, opts.ip_family
+            )
         except Exception as e:  # ResolveError carries the bounded reason
             raise ProbeFailed(getattr(e, "reason", "resolve_failed")) from None
         return Endpoint(res.family, res.address)
-    server = await resolve(opts.dns_server, CommonOptions(source_address=opts.source_address,
-                                                          dscp=opts.dscp), ctx)
+    server = await resolve(
+        opts.dns_server, CommonOptions(source_address=opts.source_address, dscp=opts.dscp), ctx
+    )
     rdtype = "AAAA" if opts.ip_family == "ipv6" else "A"
-    ans = await dnsprobe.query(server, opts.dns_port, target.address, rdtype, opts,
-                               opts.timeout, ctx)
+    ans = await dnsprobe.query(
+        server, opts.dns_port, target.address, rdtype, opts, opts.timeout, ctx
+    )
     if ans.rcode != "NOERROR":
         raise ProbeFailed("dns_rcode")
     if not ans.addresses:
@@ -141,7 +144,8 @@ async def run(target: Target, opts: ConnectOptions, ctx: ProbeContext) -> ProbeR
         sock, _ = await tcp_connect(ep, opts.signalling_port, opts, opts.timeout)
         t = lap("tcp", t)
         transport, _, info, _ = await handshake(
-            sock, sslctx, opts.server_name or target.address.strip("[]"), opts.timeout)
+            sock, sslctx, opts.server_name or target.address.strip("[]"), opts.timeout
+        )
         t = lap("tls", t)
         transport.abort()
         res, family = await binding_train(ep, opts.stun_port, opts, 1, 0.0, opts.timeout, ctx)
@@ -150,27 +154,54 @@ async def run(target: Target, opts: ConnectOptions, ctx: ProbeContext) -> ProbeR
         t = lap("stun", t)
         info["mapped_family"] = family
         if opts.turn:
-            await allocate(ep, opts.turn_port or opts.stun_port, opts, user, password,
-                           opts.timeout, ctx)
+            await allocate(
+                ep, opts.turn_port or opts.stun_port, opts, user, password, opts.timeout, ctx
+            )
             t = lap("turn", t)
     except ProbeFailed as e:
         # Phases that completed are still reported: they say where the time went.
-        return ProbeResult.failure(e.reason, math.inf, phases=phases,
-                                   gauges={"connect_over_budget": 1.0})
+        return ProbeResult.failure(
+            e.reason, math.inf, phases=phases, gauges={"connect_over_budget": 1.0}
+        )
     duration = (time.perf_counter_ns() - t0) / 1e9
     over = duration > ctx.budget
-    return ProbeResult(success=True, duration=duration, phases=phases, info=info,
-                       gauges={"connect_over_budget": float(over)})
+    return ProbeResult(
+        success=True,
+        duration=duration,
+        phases=phases,
+        info=info,
+        gauges={"connect_over_budget": float(over)},
+    )
 
 
 REASONS: tuple[str, ...] = (
-    *RESOLVE_REASONS, "dns_timeout", "dns_refused", "dns_unreachable", "dns_error", "dns_rcode",
-    *os_reasons("tcp"), *TLS_REASONS, "stun_timeout", "stun_refused", "stun_unreachable",
-    *TURN_REASONS, *SOCKET_REASONS)
+    *RESOLVE_REASONS,
+    "dns_timeout",
+    "dns_refused",
+    "dns_unreachable",
+    "dns_error",
+    "dns_rcode",
+    *os_reasons("tcp"),
+    *TLS_REASONS,
+    "stun_timeout",
+    "stun_refused",
+    "stun_unreachable",
+    *TURN_REASONS,
+    *SOCKET_REASONS,
+)
 
 KIND = ProbeKind(
-    name="connect", options=ConnectOptions, run=run, phases=PHASES, reasons=REASONS,
-    metric_prefix="connect", info_labels=("tls_version", "alpn", "mapped_family"),
-    gauges={"connect_over_budget": "1 if the last successful connect took longer than the "
-                                   "budget (failed connects count as over budget)."},
-    needs=(Resolver,), failure_gauges=("connect_over_budget",))
+    name="connect",
+    options=ConnectOptions,
+    run=run,
+    phases=PHASES,
+    reasons=REASONS,
+    metric_prefix="connect",
+    info_labels=("tls_version", "alpn", "mapped_family"),
+    gauges={
+        "connect_over_budget": "1 if the last successful connect took longer than the "
+        "budget (failed connects count as over budget)."
+    },
+    needs=(Resolver,),
+    failure_gauges=("connect_over_budget",),
+)

@@ -33,18 +33,25 @@ from probes.net.sockets import (
 
 _RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
-DNS_REASONS: tuple[str, ...] = ("dns_timeout", "dns_refused", "dns_unreachable", "dns_error",
-                                "dns_rcode", "dns_answer_mismatch", "dns_truncated")
+DNS_REASONS: tuple[str, ...] = (
+    "dns_timeout",
+    "dns_refused",
+    "dns_unreachable",
+    "dns_error",
+    "dns_rcode",
+    "dns_answer_mismatch",
+    "dns_truncated",
+)
 
 
 @dataclass(frozen=True)
 class DnsOptions(CommonOptions):
     query_name: str = ""
     record_type: str = "A"
-    server: str = ""               # IP of the server to ask; "" = the target's address
+    server: str = ""  # IP of the server to ask; "" = the target's address
     port: int = 53
     expect_rcode: str = "NOERROR"
-    expect_answer: tuple[str, ...] = ()   # every one must be in the answer (any order)
+    expect_answer: tuple[str, ...] = ()  # every one must be in the answer (any order)
     recursion_desired: bool = True
 
     def validate(self) -> list[str]:
@@ -74,8 +81,16 @@ def _rcode_text(code: int) -> str:
     return text if text in _RCODES else "other"
 
 
-async def query(ep: Endpoint, port: int, name: str, rdtype: str, opts: CommonOptions,
-                timeout: float, ctx: ProbeContext, rd: bool = True) -> Answer:
+async def query(
+    ep: Endpoint,
+    port: int,
+    name: str,
+    rdtype: str,
+    opts: CommonOptions,
+    timeout: float,
+    ctx: ProbeContext,
+    rd: bool = True,
+) -> Answer:
     """Ask ``ep`` once. Raises ProbeFailed(dns_timeout|dns_refused|dns_unreachable|dns_error)."""
     loop = asyncio.get_running_loop()
     q = dns.message.make_query(name, rdtype)
@@ -104,10 +119,15 @@ async def query(ep: Endpoint, port: int, name: str, rdtype: str, opts: CommonOpt
                     if not q.is_response(r):
                         ctx.counters.stray("dns", "wrong_id")
                         continue
-                    addrs = sorted({rd_.to_text() for rrset in r.answer for rd_ in rrset
-                                    if rrset.rdtype == q.question[0].rdtype})
-                    return Answer(took, _rcode_text(r.rcode()), addrs,
-                                  bool(r.flags & dns.flags.TC))
+                    addrs = sorted(
+                        {
+                            rd_.to_text()
+                            for rrset in r.answer
+                            for rd_ in rrset
+                            if rrset.rdtype == q.question[0].rdtype
+                        }
+                    )
+                    return Answer(took, _rcode_text(r.rcode()), addrs, bool(r.flags & dns.flags.TC))
         except TimeoutError:
             raise ProbeFailed("dns_timeout") from None
         except OSError as e:
@@ -142,20 +162,39 @@ async def run(target: Target, opts: DnsOptions, ctx: ProbeContext) -> ProbeResul
     t0 = time.perf_counter_ns()
     try:
         ep = await resolve(opts.server or target.address, opts, ctx)
-        ans = await query(ep, opts.port, opts.query_name, opts.record_type, opts, opts.timeout,
-                          ctx, opts.recursion_desired)
+        ans = await query(
+            ep,
+            opts.port,
+            opts.query_name,
+            opts.record_type,
+            opts,
+            opts.timeout,
+            ctx,
+            opts.recursion_desired,
+        )
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
     reason = check(ans, opts)
-    return ProbeResult(success=reason == "ok", reason=reason,
-                       duration=(time.perf_counter_ns() - t0) / 1e9,
-                       phases={"resolve": ans.took}, info={"rcode": ans.rcode},
-                       gauges={"dns_answer_count": float(len(ans.addresses))})
+    return ProbeResult(
+        success=reason == "ok",
+        reason=reason,
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        phases={"resolve": ans.took},
+        info={"rcode": ans.rcode},
+        gauges={"dns_answer_count": float(len(ans.addresses))},
+    )
 
 
 REASONS: tuple[str, ...] = (*DNS_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
-KIND = ProbeKind(name="dns", options=DnsOptions, run=run, phases=("resolve",), reasons=REASONS,
-                 gauges={"dns_answer_count": "Records of the asked type in the last answer."},
-                 stray_reasons=("malformed", "wrong_id"), info_labels=("rcode",),
-                 needs=(Resolver,))
+KIND = ProbeKind(
+    name="dns",
+    options=DnsOptions,
+    run=run,
+    phases=("resolve",),
+    reasons=REASONS,
+    gauges={"dns_answer_count": "Records of the asked type in the last answer."},
+    stray_reasons=("malformed", "wrong_id"),
+    info_labels=("rcode",),
+    needs=(Resolver,),
+)

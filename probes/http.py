@@ -36,9 +36,15 @@ from probes.net.sockets import (
 )
 from probes.tls import TLS_REASONS, _ssl_reason, make_context
 
-HTTP_REASONS: tuple[str, ...] = ("http_timeout", "http_status", "http_body_mismatch",
-                                 "http_body_too_large", "http_malformed", "http_reset",
-                                 "http_error")
+HTTP_REASONS: tuple[str, ...] = (
+    "http_timeout",
+    "http_status",
+    "http_body_mismatch",
+    "http_body_too_large",
+    "http_malformed",
+    "http_reset",
+    "http_error",
+)
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,12 @@ class HttpOptions(CommonOptions):
     timeout: float = 5.0
     interval: float = 15.0
     scheme: Literal["http", "https"] = "https"
-    port: int = 0                        # 0 = 80 or 443 by scheme
+    port: int = 0  # 0 = 80 or 443 by scheme
     path: str = "/"
     method: Literal["GET", "HEAD"] = "GET"
-    server_name: str = ""                # Host header and SNI; "" = the target's address
+    server_name: str = ""  # Host header and SNI; "" = the target's address
     expect_status: tuple[int, ...] = ()  # empty = any 2xx
-    expect_body: str = ""                # substring the body must contain
+    expect_body: str = ""  # substring the body must contain
     max_body_bytes: int = 1 << 20
     ca_file: str = ""
     insecure_skip_verify: bool = False
@@ -98,12 +104,21 @@ class _Resolver(AbstractResolver):
     def __init__(self, opts: HttpOptions, ctx: ProbeContext, address: str) -> None:
         self.opts, self.ctx, self.address = opts, ctx, address
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         # The URL's host is the server name; the address probed is the target's.
         ep = await resolve(self.address, self.opts, self.ctx)
-        return [{"hostname": host, "host": ep.address, "port": port, "family": ep.family,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
+        return [
+            {
+                "hostname": host,
+                "host": ep.address,
+                "port": port,
+                "family": ep.family,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
 
     async def close(self) -> None:
         return None
@@ -115,6 +130,7 @@ def _trace(st: _Stamps) -> aiohttp.TraceConfig:
     def stamp(name: str) -> Any:
         async def on(_s: Any, _c: Any, _p: Any) -> None:
             setattr(st, name, time.perf_counter_ns())
+
         return on
 
     tc.on_dns_resolvehost_start.append(stamp("dns_start"))
@@ -148,23 +164,32 @@ async def run(target: Target, opts: HttpOptions, ctx: ProbeContext) -> ProbeResu
             sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, "TLS1.2")
         except (OSError, ssl.SSLError):
             return ProbeResult.failure("tls_config")
-    family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(opts.ip_family,
-                                                                   socket.AF_UNSPEC)
+    family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(opts.ip_family, socket.AF_UNSPEC)
     connector = aiohttp.TCPConnector(
-        force_close=True, use_dns_cache=False, ttl_dns_cache=None, limit=1, family=family,
-        resolver=_Resolver(opts, ctx, target.address), socket_factory=factory,
+        force_close=True,
+        use_dns_cache=False,
+        ttl_dns_cache=None,
+        limit=1,
+        family=family,
+        resolver=_Resolver(opts, ctx, target.address),
+        socket_factory=factory,
         local_addr=(opts.source_address, 0) if opts.source_address else None,
-        ssl=sslctx)
+        ssl=sslctx,
+    )
     headers = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in opts.headers)}
     status = 0
     body = b""
     reason = "ok"
     try:
-        async with aiohttp.ClientSession(
-                connector=connector, trace_configs=[_trace(st)], auto_decompress=True,
-                timeout=aiohttp.ClientTimeout(total=opts.timeout)) as session, \
-                session.request(opts.method, url, headers=headers,
-                                allow_redirects=False) as resp:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector,
+                trace_configs=[_trace(st)],
+                auto_decompress=True,
+                timeout=aiohttp.ClientTimeout(total=opts.timeout),
+            ) as session,
+            session.request(opts.method, url, headers=headers, allow_redirects=False) as resp,
+        ):
             status = resp.status
             while len(body) <= opts.max_body_bytes:
                 chunk = await resp.content.read(opts.max_body_bytes + 1 - len(body))
@@ -200,9 +225,13 @@ async def run(target: Target, opts: HttpOptions, ctx: ProbeContext) -> ProbeResu
         reason = "http_status"
     elif opts.expect_body and opts.expect_body.encode() not in body:
         reason = "http_body_mismatch"
-    return ProbeResult(success=reason == "ok", reason=reason, duration=duration, phases=phases,
-                       gauges={"http_status_code": float(status),
-                               "http_content_length": float(len(body))})
+    return ProbeResult(
+        success=reason == "ok",
+        reason=reason,
+        duration=duration,
+        phases=phases,
+        gauges={"http_status_code": float(status), "http_content_length": float(len(body))},
+    )
 
 
 def _connected(socks: list[_TimedSocket]) -> int:
@@ -236,12 +265,23 @@ def _phases(st: _Stamps, socks: list[_TimedSocket], tls: bool) -> dict[str, floa
     return {k: v for k, v in out.items() if v is not None}
 
 
-REASONS: tuple[str, ...] = (*os_reasons("tcp"), *TLS_REASONS, "tls_config", *HTTP_REASONS,
-                            *RESOLVE_REASONS)
+REASONS: tuple[str, ...] = (
+    *os_reasons("tcp"),
+    *TLS_REASONS,
+    "tls_config",
+    *HTTP_REASONS,
+    *RESOLVE_REASONS,
+)
 
 KIND = ProbeKind(
-    name="http", options=HttpOptions, run=run,
-    phases=("resolve", "connect", "tls", "ttfb", "transfer"), reasons=REASONS,
-    gauges={"http_status_code": "Status code of the last response.",
-            "http_content_length": "Body bytes read in the last response."},
-    needs=(Resolver,))
+    name="http",
+    options=HttpOptions,
+    run=run,
+    phases=("resolve", "connect", "tls", "ttfb", "transfer"),
+    reasons=REASONS,
+    gauges={
+        "http_status_code": "Status code of the last response.",
+        "http_content_length": "Body bytes read in the last response.",
+    },
+    needs=(Resolver,),
+)

@@ -23,8 +23,7 @@ from probes.base import (
 from probes.net.icmp import STRAY_REASONS, IcmpEngines, Train
 from probes.net.resolve import ResolveError, Resolver, literal
 
-REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unavailable",
-           "overload")
+REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unavailable", "overload")
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,9 @@ class IcmpOptions(CommonOptions):
         return errs
 
 
-async def resolve_target(target: Target, opts: CommonOptions, ctx: ProbeContext) -> tuple[
-        str, int] | str:
+async def resolve_target(
+    target: Target, opts: CommonOptions, ctx: ProbeContext
+) -> tuple[str, int] | str:
     """(address, family), or a bounded failure reason."""
     resolver = ctx.resources.get(Resolver) or Resolver()
     try:
@@ -62,13 +62,15 @@ async def run(target: Target, opts: IcmpOptions, ctx: ProbeContext) -> ProbeResu
     engine = engines.get(family) if engines is not None else None
     if engine is None:
         return ProbeResult.failure("socket_unavailable", time.monotonic() - t0)
-    out = await engine.ping(address, opts.packets, opts.spacing, opts.timeout, opts.payload_size,
-                            opts.tos, opts.ttl)
+    out = await engine.ping(
+        address, opts.packets, opts.spacing, opts.timeout, opts.payload_size, opts.tos, opts.ttl
+    )
     return _result(out.rtts, out.ids, out.errors, time.monotonic() - t0)
 
 
-def start(target: Target, opts: IcmpOptions, ctx: ProbeContext,
-          done: Callable[[ProbeResult | None], None]) -> RunHandle | None:
+def start(
+    target: Target, opts: IcmpOptions, ctx: ProbeContext, done: Callable[[ProbeResult | None], None]
+) -> RunHandle | None:
     """The callback form of ``run``: send now, deliver the result to ``done`` (None if the
     engine closed under the run). None when this run needs ``run`` instead: a name to look
     up, or an error that ``run`` reports."""
@@ -82,7 +84,8 @@ def start(target: Target, opts: IcmpOptions, ctx: ProbeContext,
         if resolved is None:
             return None
     elif opts.ip_family != "auto" and (opts.ip_family == "ipv6") != (
-            resolved.family == socket.AF_INET6):
+        resolved.family == socket.AF_INET6
+    ):
         return None
     engine = engines.get(resolved.family)
     if engine is None:
@@ -93,12 +96,21 @@ def start(target: Target, opts: IcmpOptions, ctx: ProbeContext,
         done(None if r.abandoned else _result(r.rtts, r.ids, r.errors, time.monotonic() - t0))
 
     # resolved.address is already canonical: the engine need not parse it again.
-    return engine.start_canonical(resolved.address, opts.packets, opts.spacing, opts.timeout,
-                         opts.payload_size, opts.tos, opts.ttl, finished)
+    return engine.start_canonical(
+        resolved.address,
+        opts.packets,
+        opts.spacing,
+        opts.timeout,
+        opts.payload_size,
+        opts.tos,
+        opts.ttl,
+        finished,
+    )
 
 
-def _result(rtts: list[float | None], ids: list[int], errs: list[str | None],
-            duration: float) -> ProbeResult:
+def _result(
+    rtts: list[float | None], ids: list[int], errs: list[str | None], duration: float
+) -> ProbeResult:
     errors: dict[str, int] = {}
     answered = 0
     for r, e in zip(rtts, errs, strict=True):
@@ -110,10 +122,24 @@ def _result(rtts: list[float | None], ids: list[int], errs: list[str | None],
     if not answered:
         reason = max(errors, key=lambda k: errors[k]) if errors else "timeout"
     errors.pop("timeout", None)  # plain loss is counted by packets_lost_total, not as an error
-    return ProbeResult(success=answered > 0, reason=reason, duration=duration, rtts=rtts,
-                       packet_ids=ids, errors=errors)
+    return ProbeResult(
+        success=answered > 0,
+        reason=reason,
+        duration=duration,
+        rtts=rtts,
+        packet_ids=ids,
+        errors=errors,
+    )
 
 
-KIND = ProbeKind(name="icmp", options=IcmpOptions, run=run, packet_based=True, reasons=REASONS,
-                 stray_reasons=STRAY_REASONS, self_bounded=True, start=start,
-                 needs=(IcmpEngines, Resolver))
+KIND = ProbeKind(
+    name="icmp",
+    options=IcmpOptions,
+    run=run,
+    packet_based=True,
+    reasons=REASONS,
+    stray_reasons=STRAY_REASONS,
+    self_bounded=True,
+    start=start,
+    needs=(IcmpEngines, Resolver),
+)

@@ -41,7 +41,7 @@ from probes.net.sockets import (
 )
 from probes.net.train import wait_answered
 
-_IP_RECVTTL, _IP_TTL = 12, 2               # <linux/in.h>; Python does not export IP_RECVTTL
+_IP_RECVTTL, _IP_TTL = 12, 2  # <linux/in.h>; Python does not export IP_RECVTTL
 _IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", 51)
 _IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", 52)
 MAX_HOPS_LIMIT = 32
@@ -51,10 +51,10 @@ MAX_HOPS_LIMIT = 32
 class PathOptions(CommonOptions):
     interval: float = 60.0
     timeout: float = 2.0
-    packets: int = 3                       # rounds: probes per hop
-    spacing: float = 0.01                  # between probes (all hops of all rounds)
+    packets: int = 3  # rounds: probes per hop
+    spacing: float = 0.01  # between probes (all hops of all rounds)
     max_hops: int = 16
-    port: int = 33434                      # first destination port (traceroute's), +1 per probe
+    port: int = 33434  # first destination port (traceroute's), +1 per probe
     method: Literal["udp"] = "udp"
 
     def run_time(self) -> float:
@@ -79,7 +79,7 @@ class _Probe:
     rtt: float | None = None
     address: str = ""
     reached: bool = False
-    reply_ttl: int = 0                     # TTL / hop limit the ICMP answer arrived with
+    reply_ttl: int = 0  # TTL / hop limit the ICMP answer arrived with
 
 
 def _read_errqueue(p: _Probe) -> bool:
@@ -94,8 +94,10 @@ def _read_errqueue(p: _Probe) -> bool:
             return got
         now = time.perf_counter_ns()
         for level, ctype, data in anc:
-            if (level, ctype) in ((socket.IPPROTO_IP, _IP_TTL),
-                                  (socket.IPPROTO_IPV6, _IPV6_HOPLIMIT)) and len(data) >= 4:
+            if (level, ctype) in (
+                (socket.IPPROTO_IP, _IP_TTL),
+                (socket.IPPROTO_IPV6, _IPV6_HOPLIMIT),
+            ) and len(data) >= 4:
                 p.reply_ttl = int.from_bytes(data[:4], sys.byteorder)
                 continue
             err = errqueue.parse(level, ctype, data)
@@ -104,8 +106,12 @@ def _read_errqueue(p: _Probe) -> bool:
             p.rtt = (now - p.sent_ns) / 1e9
             p.address = err.offender
             p.reached = not err.time_exceeded and err.errno in (
-                errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES,
-                errno.EPERM)
+                errno.ECONNREFUSED,
+                errno.EHOSTUNREACH,
+                errno.ENETUNREACH,
+                errno.EACCES,
+                errno.EPERM,
+            )
             got = True
     return got
 
@@ -125,8 +131,9 @@ def route_hash(addresses: list[str]) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-async def trace(ep: Endpoint, opts: PathOptions,
-                ctx: ProbeContext) -> tuple[list[HopResult], int, bool]:
+async def trace(
+    ep: Endpoint, opts: PathOptions, ctx: ProbeContext
+) -> tuple[list[HopResult], int, bool]:
     """(hops 1..n, hop count, destination reached)."""
     loop = asyncio.get_running_loop()
     v6 = ep.family == socket.AF_INET6
@@ -172,18 +179,26 @@ async def trace(ep: Endpoint, opts: PathOptions,
                 p.sent_ns = time.perf_counter_ns()
                 # A local send error (no route) gets no answer: a loss at this hop.
                 with contextlib.suppress(OSError):
-                    sock.sendto(b"edgeprobe-path" + bytes(18),
-                                ep.sockaddr(opts.port + k % (MAX_HOPS_LIMIT * 10)))
+                    sock.sendto(
+                        b"edgeprobe-path" + bytes(18),
+                        ep.sockaddr(opts.port + k % (MAX_HOPS_LIMIT * 10)),
+                    )
                 k += 1
-        await wait_answered(done, lambda: all(p.rtt is not None for p in probes),
-                            max(p.sent_ns for p in probes) + int(opts.timeout * 1e9))
+        await wait_answered(
+            done,
+            lambda: all(p.rtt is not None for p in probes),
+            max(p.sent_ns for p in probes) + int(opts.timeout * 1e9),
+        )
     finally:
         for p in probes:
             loop.remove_reader(p.sock.fileno())
             p.sock.close()
     reached_ttls = [p.ttl for p in probes if p.reached]
-    hop_count = min(reached_ttls) if reached_ttls else max(
-        (p.ttl for p in probes if p.rtt is not None), default=0)
+    hop_count = (
+        min(reached_ttls)
+        if reached_ttls
+        else max((p.ttl for p in probes if p.rtt is not None), default=0)
+    )
     if reached_ttls:
         # The lowest TTL that reached the edge is only an upper bound when probes are lost;
         # the answer's TTL (initial 64/128/255 minus the return path) gives the distance.
@@ -197,8 +212,9 @@ async def trace(ep: Endpoint, opts: PathOptions,
     for ttl in range(1, last + 1):
         mine = [p for p in probes if p.ttl == ttl]
         seen = Counter(p.address for p in mine if p.address)
-        hops.append(HopResult(ttl, [p.rtt for p in mine],
-                              seen.most_common(1)[0][0] if seen else ""))
+        hops.append(
+            HopResult(ttl, [p.rtt for p in mine], seen.most_common(1)[0][0] if seen else "")
+        )
     return hops, hop_count, bool(reached_ttls)
 
 
@@ -210,16 +226,29 @@ async def run(target: Target, opts: PathOptions, ctx: ProbeContext) -> ProbeResu
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
     return ProbeResult(
-        success=reached, reason="ok" if reached else "path_incomplete",
-        duration=(time.perf_counter_ns() - t0) / 1e9, hops=hops,
-        gauges={"path_hops": float(count),
-                "path_route_hash": float(route_hash([h.address for h in hops]))})
+        success=reached,
+        reason="ok" if reached else "path_incomplete",
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        hops=hops,
+        gauges={
+            "path_hops": float(count),
+            "path_route_hash": float(route_hash([h.address for h in hops])),
+        },
+    )
 
 
 REASONS: tuple[str, ...] = ("path_incomplete", *RESOLVE_REASONS, *SOCKET_REASONS)
 
 KIND = ProbeKind(
-    name="path", options=PathOptions, run=run, reasons=REASONS, per_hop=True,
-    needs=(Resolver,), run_on_target_failure=True,
-    gauges={"path_hops": "Hops to the edge in the last path run (TTL that reached it).",
-            "path_route_hash": "Hash of the ordered hop addresses; a change is a route change."})
+    name="path",
+    options=PathOptions,
+    run=run,
+    reasons=REASONS,
+    per_hop=True,
+    needs=(Resolver,),
+    run_on_target_failure=True,
+    gauges={
+        "path_hops": "Hops to the edge in the last path run (TTL that reached it).",
+        "path_route_hash": "Hash of the ordered hop addresses; a change is a route change.",
+    },
+)

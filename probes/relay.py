@@ -33,21 +33,21 @@ from probes.net.sockets import RESOLVE_REASONS, SOCKET_REASONS, ProbeFailed, res
 from probes.net.train import run_train
 from probes.turn import TURN_REASONS, TurnOptions, credentials, open_allocation
 
-CHANNEL = 0x4000                       # the first channel number (RFC 8656 §12)
+CHANNEL = 0x4000  # the first channel number (RFC 8656 §12)
 _CHANNEL_HEADER = struct.Struct("!HH")  # channel number, length
 _MAGIC = b"EPRL"
-_HEADER = struct.Struct("!4s8sI")       # magic, run nonce, sequence number
+_HEADER = struct.Struct("!4s8sI")  # magic, run nonce, sequence number
 MIN_PAYLOAD = _HEADER.size
 
 
 @dataclass(frozen=True)
 class RelayOptions(TurnOptions):
     interval: float = 30.0
-    timeout: float = 1.0                 # per TURN exchange, and per stream packet
+    timeout: float = 1.0  # per TURN exchange, and per stream packet
     packets: int = 250
-    spacing: float = 0.02                # 50 packets/s
+    spacing: float = 0.02  # 50 packets/s
     payload_size: int = 200
-    peer_address: str = ""               # the reflector; "" = the relayed address's IP
+    peer_address: str = ""  # the reflector; "" = the relayed address's IP
     peer_port: int = 7
     max_inflight: int = 1000
 
@@ -62,8 +62,10 @@ class RelayOptions(TurnOptions):
         if self.payload_size < MIN_PAYLOAD:
             errs.append(f"payload_size: must be >= {MIN_PAYLOAD} (magic, nonce, sequence)")
         if self.payload_size > 1200:
-            errs.append("payload_size: must be <= 1200 (a media packet, under the path MTU "
-                        "with the ChannelData and IP headers)")
+            errs.append(
+                "payload_size: must be <= 1200 (a media packet, under the path MTU "
+                "with the ChannelData and IP headers)"
+            )
         if not 1 <= self.max_inflight <= 1000:
             errs.append("max_inflight: must be between 1 and 1000")
         return errs
@@ -78,14 +80,14 @@ async def run(target: Target, opts: RelayOptions, ctx: ProbeContext) -> ProbeRes
 
     def match(data: bytes) -> int | str:
         if len(data) < _CHANNEL_HEADER.size + MIN_PAYLOAD:
-            return "malformed"      # also the server's STUN messages (a Refresh answer...)
+            return "malformed"  # also the server's STUN messages (a Refresh answer...)
         channel, length = _CHANNEL_HEADER.unpack_from(data)
         if channel != CHANNEL or length != opts.payload_size:
             return "foreign"
         magic, n, seq = _HEADER.unpack_from(data, _CHANNEL_HEADER.size)
         if magic != _MAGIC or n != nonce:
             return "foreign"
-        if seq >= len(frames) or data[:len(frames[seq])] != frames[seq]:
+        if seq >= len(frames) or data[: len(frames[seq])] != frames[seq]:
             return "corrupt"
         return int(seq)
 
@@ -102,35 +104,69 @@ async def run(target: Target, opts: RelayOptions, ctx: ProbeContext) -> ProbeRes
         if not peer:
             raise ProbeFailed("relay_no_address")
         t = time.perf_counter_ns()
-        resp = await a.request(stun.Method.CHANNEL_BIND, {
-            "CHANNEL-NUMBER": CHANNEL, "XOR-PEER-ADDRESS": (peer, opts.peer_port)},
-            opts.timeout, ctx)
+        resp = await a.request(
+            stun.Method.CHANNEL_BIND,
+            {"CHANNEL-NUMBER": CHANNEL, "XOR-PEER-ADDRESS": (peer, opts.peer_port)},
+            opts.timeout,
+            ctx,
+        )
         if resp.message_class != stun.Class.RESPONSE:
             raise ProbeFailed("relay_bind_failed")
         phases["bind"] = (time.perf_counter_ns() - t) / 1e9
-        res = await run_train(a.sock, frames, opts.spacing, opts.timeout, match, "relay", ctx,
-                              opts.max_inflight)
+        res = await run_train(
+            a.sock, frames, opts.spacing, opts.timeout, match, "relay", ctx, opts.max_inflight
+        )
     except ProbeFailed as e:
-        return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9,
-                                   phases=phases, info={"relayed_family":
-                                                        a.allocation.relayed_family})
+        return ProbeResult.failure(
+            e.reason,
+            (time.perf_counter_ns() - t0) / 1e9,
+            phases=phases,
+            info={"relayed_family": a.allocation.relayed_family},
+        )
     finally:
         await a.release(min(opts.timeout, 0.5), ctx)
-    errors = {k: v for k, v in (("reordered", res.reordered), ("duplicate", res.duplicates))
-              if v}
+    errors = {k: v for k, v in (("reordered", res.reordered), ("duplicate", res.duplicates)) if v}
     answered = sum(r is not None for r in res.rtts)
-    return ProbeResult(success=answered > 0, reason="ok" if answered else "relay_timeout",
-                       duration=(time.perf_counter_ns() - t0) / 1e9, rtts=res.rtts,
-                       packet_ids=list(range(opts.packets)), phases=phases, errors=errors,
-                       info={"relayed_family": a.allocation.relayed_family})
+    return ProbeResult(
+        success=answered > 0,
+        reason="ok" if answered else "relay_timeout",
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        rtts=res.rtts,
+        packet_ids=list(range(opts.packets)),
+        phases=phases,
+        errors=errors,
+        info={"relayed_family": a.allocation.relayed_family},
+    )
 
 
-REASONS: tuple[str, ...] = (*TURN_REASONS, "relay_no_address", "relay_bind_failed",
-                            "relay_timeout", "reordered", "duplicate", *RESOLVE_REASONS,
-                            *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (
+    *TURN_REASONS,
+    "relay_no_address",
+    "relay_bind_failed",
+    "relay_timeout",
+    "reordered",
+    "duplicate",
+    *RESOLVE_REASONS,
+    *SOCKET_REASONS,
+)
 
-KIND = ProbeKind(name="relay", options=RelayOptions, run=run, packet_based=True,
-                 phases=("challenge", "allocate", "bind"), reasons=REASONS,
-                 stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late",
-                                "unknown", "bad_cookie", "unknown_txid"),
-                 info_labels=("relayed_family",), needs=(Resolver,))
+KIND = ProbeKind(
+    name="relay",
+    options=RelayOptions,
+    run=run,
+    packet_based=True,
+    phases=("challenge", "allocate", "bind"),
+    reasons=REASONS,
+    stray_reasons=(
+        "malformed",
+        "foreign",
+        "corrupt",
+        "duplicate",
+        "late",
+        "unknown",
+        "bad_cookie",
+        "unknown_txid",
+    ),
+    info_labels=("relayed_family",),
+    needs=(Resolver,),
+)

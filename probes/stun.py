@@ -34,7 +34,7 @@ from probes.net.sockets import (
 from probes.net.train import TrainResult, run_train
 
 SOFTWARE = "edgeprobe"
-MAX_INFLIGHT = 10                      # RFC 8489 §6.2: at most 10 outstanding to one server
+MAX_INFLIGHT = 10  # RFC 8489 §6.2: at most 10 outstanding to one server
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ class StunOptions(CommonOptions):
 
 
 def binding_request() -> stun.Message:
-    msg = stun.Message(stun.Method.BINDING, stun.Class.REQUEST,
-                       attributes={"SOFTWARE": SOFTWARE})
+    msg = stun.Message(stun.Method.BINDING, stun.Class.REQUEST, attributes={"SOFTWARE": SOFTWARE})
     msg.add_fingerprint()
     return msg
 
@@ -62,7 +61,7 @@ def classify(data: bytes, pending: dict[bytes, int]) -> tuple[int | str, stun.Me
         return "malformed", None
     mtype, _, cookie, txid = struct.unpack_from("!HHI12s", data)
     if mtype & 0xC000:
-        return "not_stun", None        # the two top bits of every STUN message are zero
+        return "not_stun", None  # the two top bits of every STUN message are zero
     if cookie != stun.COOKIE:
         return "bad_cookie", None
     if txid not in pending:
@@ -89,9 +88,15 @@ def _family_of(msg: stun.Message) -> str:
     return "ipv6" if ":" in str(addr[0]) else "ipv4"
 
 
-async def binding_train(ep: Endpoint, port: int, opts: CommonOptions, count: int,
-                        spacing: float, timeout: float,
-                        ctx: ProbeContext) -> tuple[TrainResult, str]:
+async def binding_train(
+    ep: Endpoint,
+    port: int,
+    opts: CommonOptions,
+    count: int,
+    spacing: float,
+    timeout: float,
+    ctx: ProbeContext,
+) -> tuple[TrainResult, str]:
     """Send ``count`` Binding requests; (train result, mapped address family)."""
     requests = [binding_request() for _ in range(count)]
     pending = {m.transaction_id: i for i, m in enumerate(requests)}
@@ -109,8 +114,9 @@ async def binding_train(ep: Endpoint, port: int, opts: CommonOptions, count: int
             sock.connect(ep.sockaddr(port))  # the kernel then drops datagrams from elsewhere
         except OSError:
             raise ProbeFailed("stun_unreachable") from None
-        res = await run_train(sock, [bytes(m) for m in requests], spacing, timeout, match,
-                              "stun", ctx, MAX_INFLIGHT)
+        res = await run_train(
+            sock, [bytes(m) for m in requests], spacing, timeout, match, "stun", ctx, MAX_INFLIGHT
+        )
     finally:
         sock.close()
     return res, mapped["family"]
@@ -120,27 +126,64 @@ async def run(target: Target, opts: StunOptions, ctx: ProbeContext) -> ProbeResu
     t0 = time.perf_counter_ns()
     try:
         ep = await resolve(target.address, opts, ctx)
-        res, family = await binding_train(ep, opts.port, opts, opts.packets, opts.spacing,
-                                          opts.timeout, ctx)
+        res, family = await binding_train(
+            ep, opts.port, opts, opts.packets, opts.spacing, opts.timeout, ctx
+        )
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
-    errors = {k: v for k, v in (("stun_refused", res.refused), ("reordered", res.reordered),
-                                ("duplicate", res.duplicates),
-                                ("error_response", res.strays.get("error_response", 0))) if v}
+    errors = {
+        k: v
+        for k, v in (
+            ("stun_refused", res.refused),
+            ("reordered", res.reordered),
+            ("duplicate", res.duplicates),
+            ("error_response", res.strays.get("error_response", 0)),
+        )
+        if v
+    }
     answered = sum(r is not None for r in res.rtts)
     reason = "ok" if answered else ("stun_refused" if res.refused else "stun_timeout")
-    return ProbeResult(success=answered > 0, reason=reason,
-                       duration=(time.perf_counter_ns() - t0) / 1e9, rtts=res.rtts,
-                       packet_ids=list(range(opts.packets)), errors=errors,
-                       info={"mapped_family": family})
+    return ProbeResult(
+        success=answered > 0,
+        reason=reason,
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        rtts=res.rtts,
+        packet_ids=list(range(opts.packets)),
+        errors=errors,
+        info={"mapped_family": family},
+    )
 
 
-REASONS: tuple[str, ...] = ("stun_timeout", "stun_refused", "stun_unreachable", "reordered",
-                            "duplicate", "error_response", *RESOLVE_REASONS, *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (
+    "stun_timeout",
+    "stun_refused",
+    "stun_unreachable",
+    "reordered",
+    "duplicate",
+    "error_response",
+    *RESOLVE_REASONS,
+    *SOCKET_REASONS,
+)
 
-KIND = ProbeKind(name="stun", options=StunOptions, run=run, packet_based=True, reasons=REASONS,
-                 stray_reasons=("malformed", "not_stun", "bad_cookie", "unknown_txid",
-                                "bad_fingerprint", "wrong_method", "wrong_class",
-                                "error_response", "duplicate", "late", "unknown"),
-                 info_labels=("mapped_family",),
-                 needs=(Resolver,))
+KIND = ProbeKind(
+    name="stun",
+    options=StunOptions,
+    run=run,
+    packet_based=True,
+    reasons=REASONS,
+    stray_reasons=(
+        "malformed",
+        "not_stun",
+        "bad_cookie",
+        "unknown_txid",
+        "bad_fingerprint",
+        "wrong_method",
+        "wrong_class",
+        "error_response",
+        "duplicate",
+        "late",
+        "unknown",
+    ),
+    info_labels=("mapped_family",),
+    needs=(Resolver,),
+)

@@ -38,8 +38,9 @@ class TcpOptions(CommonOptions):
         return errs + check_source(self)
 
 
-async def connect(ep: Endpoint, port: int, opts: CommonOptions,
-                  timeout: float) -> tuple[socket.socket, float]:
+async def connect(
+    ep: Endpoint, port: int, opts: CommonOptions, timeout: float
+) -> tuple[socket.socket, float]:
     """A connected non-blocking socket and the connect time in seconds.
 
     Raises ProbeFailed with ``tcp_refused|tcp_unreachable|tcp_timeout|...``.
@@ -72,13 +73,22 @@ async def run(target: Target, opts: TcpOptions, ctx: ProbeContext) -> ProbeResul
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
     sock.close()
-    return ProbeResult(success=True, duration=(time.perf_counter_ns() - t0) / 1e9,
-                       phases={"connect": took},
-                       info={"ip_family": "ipv6" if ep.family == socket.AF_INET6 else "ipv4"})
+    return ProbeResult(
+        success=True,
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        phases={"connect": took},
+        info={"ip_family": "ipv6" if ep.family == socket.AF_INET6 else "ipv4"},
+    )
 
 
 REASONS: tuple[str, ...] = (*os_reasons("tcp"), *RESOLVE_REASONS, *SOCKET_REASONS)
 
-KIND = ProbeKind(name="tcp", options=TcpOptions, run=run, phases=("connect",), reasons=REASONS,
-                 info_labels=("ip_family",),
-                 needs=(Resolver,))
+KIND = ProbeKind(
+    name="tcp",
+    options=TcpOptions,
+    run=run,
+    phases=("connect",),
+    reasons=REASONS,
+    info_labels=("ip_family",),
+    needs=(Resolver,),
+)

@@ -30,19 +30,25 @@ from probes.tcp import connect
 TlsVersion = Literal["TLS1.2", "TLS1.3"]
 
 # OpenSSL X509_V_ERR_* codes worth their own reason.
-_EXPIRED = {9, 10}                   # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
-_HOSTNAME = {62, 64}                 # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+_EXPIRED = {9, 10}  # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
+_HOSTNAME = {62, 64}  # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
 _VERSIONS = {"TLSv1.2": "TLS1.2", "TLSv1.3": "TLS1.3", "TLSv1.1": "TLS1.1", "TLSv1": "TLS1.0"}
 
-TLS_REASONS: tuple[str, ...] = ("tls_timeout", "tls_cert_expired", "tls_cert_hostname",
-                                "tls_cert_untrusted", "tls_handshake_failed", "tls_reset")
+TLS_REASONS: tuple[str, ...] = (
+    "tls_timeout",
+    "tls_cert_expired",
+    "tls_cert_hostname",
+    "tls_cert_untrusted",
+    "tls_handshake_failed",
+    "tls_reset",
+)
 
 
 @dataclass(frozen=True)
 class TlsOptions(CommonOptions):
     port: int = 443
-    server_name: str = ""            # SNI and the name verified; "" = the target's address
-    ca_file: str = ""                # PEM bundle to trust instead of the system store
+    server_name: str = ""  # SNI and the name verified; "" = the target's address
+    ca_file: str = ""  # PEM bundle to trust instead of the system store
     insecure_skip_verify: bool = False
     min_version: TlsVersion = "TLS1.2"
     alpn: tuple[str, ...] = ()
@@ -53,14 +59,16 @@ class TlsOptions(CommonOptions):
         return errs + check_source(self)
 
 
-def make_context(ca_file: str, insecure: bool, min_version: str,
-                 alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+def make_context(
+    ca_file: str, insecure: bool, min_version: str, alpn: tuple[str, ...] = ()
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca_file or None)
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if min_version == "TLS1.3"
-                           else ssl.TLSVersion.TLSv1_2)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if min_version == "TLS1.3" else ssl.TLSVersion.TLSv1_2
+    )
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
@@ -94,17 +102,21 @@ def _not_after(obj: ssl.SSLObject) -> float | None:
     return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
 
 
-async def handshake(sock: socket.socket, sslctx: ssl.SSLContext, server_name: str,
-                    timeout: float) -> tuple[asyncio.Transport, float, dict[str, str],
-                                             float | None]:
+async def handshake(
+    sock: socket.socket, sslctx: ssl.SSLContext, server_name: str, timeout: float
+) -> tuple[asyncio.Transport, float, dict[str, str], float | None]:
     """Run TLS over the connected ``sock``: (transport, seconds, info, cert notAfter)."""
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter_ns()
     try:
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
-                asyncio.Protocol, sock=sock, ssl=sslctx, server_hostname=server_name,
-                ssl_handshake_timeout=timeout + 1.0)
+                asyncio.Protocol,
+                sock=sock,
+                ssl=sslctx,
+                server_hostname=server_name,
+                ssl_handshake_timeout=timeout + 1.0,
+            )
     except TimeoutError:
         sock.close()
         raise ProbeFailed("tls_timeout") from None
@@ -125,30 +137,45 @@ async def handshake(sock: socket.socket, sslctx: ssl.SSLContext, server_name: st
 async def run(target: Target, opts: TlsOptions, ctx: ProbeContext) -> ProbeResult:
     t0 = time.perf_counter_ns()
     try:
-        sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, opts.min_version,
-                              opts.alpn)
+        sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, opts.min_version, opts.alpn)
     except (OSError, ssl.SSLError):
         return ProbeResult.failure("tls_config")
     try:
         ep = await resolve(target.address, opts, ctx)
         sock, tcp_took = await connect(ep, opts.port, opts, opts.timeout)
         transport, tls_took, info, not_after = await handshake(
-            sock, sslctx, opts.server_name or target.address.strip("[]"), opts.timeout)
+            sock, sslctx, opts.server_name or target.address.strip("[]"), opts.timeout
+        )
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
     transport.abort()
     gauges = {} if not_after is None else {"tls_cert_not_after_seconds": not_after}
-    return ProbeResult(success=True, duration=(time.perf_counter_ns() - t0) / 1e9,
-                       phases={"connect": tcp_took, "tls": tls_took}, info=info,
-                       gauges=gauges)
+    return ProbeResult(
+        success=True,
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        phases={"connect": tcp_took, "tls": tls_took},
+        info=info,
+        gauges=gauges,
+    )
 
 
-REASONS: tuple[str, ...] = (*os_reasons("tcp"), *TLS_REASONS, "tls_config", *RESOLVE_REASONS,
-                            *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (
+    *os_reasons("tcp"),
+    *TLS_REASONS,
+    "tls_config",
+    *RESOLVE_REASONS,
+    *SOCKET_REASONS,
+)
 
 KIND = ProbeKind(
-    name="tls", options=TlsOptions, run=run, phases=("connect", "tls"), reasons=REASONS,
-    gauges={"tls_cert_not_after_seconds":
-            "Expiry (notAfter) of the leaf certificate, as Unix seconds."},
+    name="tls",
+    options=TlsOptions,
+    run=run,
+    phases=("connect", "tls"),
+    reasons=REASONS,
+    gauges={
+        "tls_cert_not_after_seconds": "Expiry (notAfter) of the leaf certificate, as Unix seconds."
+    },
     info_labels=("tls_version", "alpn"),
-    needs=(Resolver,))
+    needs=(Resolver,),
+)

@@ -46,11 +46,19 @@ from probes.net.sockets import (
 )
 from probes.stun import SOFTWARE
 
-UDP_TRANSPORT = 17 << 24               # REQUESTED-TRANSPORT: protocol number in the top byte
+UDP_TRANSPORT = 17 << 24  # REQUESTED-TRANSPORT: protocol number in the top byte
 
 TURN_REASONS: tuple[str, ...] = (
-    "turn_timeout", "turn_refused", "turn_unreachable", "turn_auth_failed", "turn_quota",
-    "turn_error", "turn_bad_integrity", "turn_no_credentials", "turn_credentials_unreadable")
+    "turn_timeout",
+    "turn_refused",
+    "turn_unreachable",
+    "turn_auth_failed",
+    "turn_quota",
+    "turn_error",
+    "turn_bad_integrity",
+    "turn_no_credentials",
+    "turn_credentials_unreadable",
+)
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,9 @@ class Allocation:
     relayed_family: str
 
 
-async def _exchange(sock: socket.socket, msg: stun.Message, timeout: float,
-                    ctx: ProbeContext) -> tuple[stun.Message, float]:
+async def _exchange(
+    sock: socket.socket, msg: stun.Message, timeout: float, ctx: ProbeContext
+) -> tuple[stun.Message, float]:
     """Send ``msg`` once and wait for the response with its transaction ID."""
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter_ns()
@@ -120,21 +129,40 @@ def _error_reason(code: int | None) -> str:
     return "turn_error"
 
 
-async def _signed(sock: socket.socket, method: stun.Method, attributes: dict[str, object],
-                  username: str, realm: str, nonce: bytes, key: bytes, timeout: float,
-                  ctx: ProbeContext) -> tuple[stun.Message, float, bytes]:
+async def _signed(
+    sock: socket.socket,
+    method: stun.Method,
+    attributes: dict[str, object],
+    username: str,
+    realm: str,
+    nonce: bytes,
+    key: bytes,
+    timeout: float,
+    ctx: ProbeContext,
+) -> tuple[stun.Message, float, bytes]:
     """A request signed with MESSAGE-INTEGRITY: (response, seconds, the nonce now valid). A 438
     Stale Nonce gets one retry with the fresh nonce, and both exchanges are timed."""
     took = 0.0
     for _ in range(2):
-        req = stun.Message(method, stun.Class.REQUEST, attributes={
-            **attributes, "SOFTWARE": SOFTWARE, "USERNAME": username, "REALM": realm,
-            "NONCE": nonce})
+        req = stun.Message(
+            method,
+            stun.Class.REQUEST,
+            attributes={
+                **attributes,
+                "SOFTWARE": SOFTWARE,
+                "USERNAME": username,
+                "REALM": realm,
+                "NONCE": nonce,
+            },
+        )
         req.add_message_integrity(key)
         resp, t = await _exchange(sock, req, timeout, ctx)
         took += t
-        if resp.message_class == stun.Class.ERROR and resp.error_code == 438 \
-                and "NONCE" in resp.attributes:
+        if (
+            resp.message_class == stun.Class.ERROR
+            and resp.error_code == 438
+            and "NONCE" in resp.attributes
+        ):
             nonce = resp.attributes["NONCE"]
             continue
         break
@@ -153,24 +181,40 @@ class OpenAllocation:
     relayed: tuple[str, int] | None
     allocation: Allocation
 
-    async def request(self, method: stun.Method, attributes: dict[str, object],
-                      timeout: float, ctx: ProbeContext) -> stun.Message:
+    async def request(
+        self, method: stun.Method, attributes: dict[str, object], timeout: float, ctx: ProbeContext
+    ) -> stun.Message:
         """One signed request on the allocation (a 438 Stale Nonce gets one retry)."""
-        resp, _, self.nonce = await _signed(self.sock, method, attributes, self.username,
-                                            self.realm, self.nonce, self.key, timeout, ctx)
+        resp, _, self.nonce = await _signed(
+            self.sock,
+            method,
+            attributes,
+            self.username,
+            self.realm,
+            self.nonce,
+            self.key,
+            timeout,
+            ctx,
+        )
         return resp
 
     async def release(self, timeout: float, ctx: ProbeContext) -> None:
         """Refresh with LIFETIME 0, then close the socket."""
         try:
-            await _release(self.sock, self.username, self.realm, self.nonce, self.key,
-                           timeout, ctx)
+            await _release(self.sock, self.username, self.realm, self.nonce, self.key, timeout, ctx)
         finally:
             self.sock.close()
 
 
-async def open_allocation(ep: Endpoint, port: int, opts: CommonOptions, username: str,
-                          password: str, timeout: float, ctx: ProbeContext) -> OpenAllocation:
+async def open_allocation(
+    ep: Endpoint,
+    port: int,
+    opts: CommonOptions,
+    username: str,
+    password: str,
+    timeout: float,
+    ctx: ProbeContext,
+) -> OpenAllocation:
     """One authenticated Allocate, kept: the caller must ``release()`` it. Raises
     ProbeFailed(turn_*), with the socket closed."""
     sock = make_socket(ep, socket.SOCK_DGRAM, opts)
@@ -179,48 +223,90 @@ async def open_allocation(ep: Endpoint, port: int, opts: CommonOptions, username
             sock.connect(ep.sockaddr(port))
         except OSError:
             raise ProbeFailed("turn_unreachable") from None
-        req = stun.Message(stun.Method.ALLOCATE, stun.Class.REQUEST,
-                           attributes={"REQUESTED-TRANSPORT": UDP_TRANSPORT,
-                                       "SOFTWARE": SOFTWARE})
+        req = stun.Message(
+            stun.Method.ALLOCATE,
+            stun.Class.REQUEST,
+            attributes={"REQUESTED-TRANSPORT": UDP_TRANSPORT, "SOFTWARE": SOFTWARE},
+        )
         req.add_fingerprint()
         resp, challenge = await _exchange(sock, req, timeout, ctx)
-        if resp.message_class != stun.Class.ERROR or resp.error_code != 401 \
-                or "NONCE" not in resp.attributes or "REALM" not in resp.attributes:
+        if (
+            resp.message_class != stun.Class.ERROR
+            or resp.error_code != 401
+            or "NONCE" not in resp.attributes
+            or "REALM" not in resp.attributes
+        ):
             # A server that allocates without auth is misconfigured for this probe.
             raise ProbeFailed(_error_reason(resp.error_code))
         realm = str(resp.attributes["REALM"])
         nonce = resp.attributes["NONCE"]
         key = make_integrity_key(username, realm, password)
-        resp, took, nonce = await _signed(sock, stun.Method.ALLOCATE,
-                                          {"REQUESTED-TRANSPORT": UDP_TRANSPORT}, username,
-                                          realm, nonce, key, timeout, ctx)
+        resp, took, nonce = await _signed(
+            sock,
+            stun.Method.ALLOCATE,
+            {"REQUESTED-TRANSPORT": UDP_TRANSPORT},
+            username,
+            realm,
+            nonce,
+            key,
+            timeout,
+            ctx,
+        )
         if resp.message_class != stun.Class.RESPONSE:
             raise ProbeFailed(_error_reason(resp.error_code))
         if not resp.check_message_integrity(key):
             raise ProbeFailed("turn_bad_integrity")
         relayed = resp.attributes.get("XOR-RELAYED-ADDRESS")
         family = "none" if not relayed else ("ipv6" if ":" in str(relayed[0]) else "ipv4")
-        return OpenAllocation(sock, username, realm, resp.attributes.get("NONCE", nonce), key,
-                              (str(relayed[0]), int(relayed[1])) if relayed else None,
-                              Allocation(challenge, took, family))
+        return OpenAllocation(
+            sock,
+            username,
+            realm,
+            resp.attributes.get("NONCE", nonce),
+            key,
+            (str(relayed[0]), int(relayed[1])) if relayed else None,
+            Allocation(challenge, took, family),
+        )
     except BaseException:
         sock.close()
         raise
 
 
-async def allocate(ep: Endpoint, port: int, opts: CommonOptions, username: str, password: str,
-                   timeout: float, ctx: ProbeContext) -> Allocation:
+async def allocate(
+    ep: Endpoint,
+    port: int,
+    opts: CommonOptions,
+    username: str,
+    password: str,
+    timeout: float,
+    ctx: ProbeContext,
+) -> Allocation:
     """One authenticated Allocate, released afterwards. Raises ProbeFailed(turn_*)."""
     a = await open_allocation(ep, port, opts, username, password, timeout, ctx)
     await a.release(min(timeout, 0.5), ctx)
     return a.allocation
 
 
-async def _release(sock: socket.socket, username: str, realm: str, nonce: bytes, key: bytes,
-                   timeout: float, ctx: ProbeContext) -> None:
-    req = stun.Message(stun.Method.REFRESH, stun.Class.REQUEST, attributes={
-        "LIFETIME": 0, "SOFTWARE": SOFTWARE, "USERNAME": username, "REALM": realm,
-        "NONCE": nonce})
+async def _release(
+    sock: socket.socket,
+    username: str,
+    realm: str,
+    nonce: bytes,
+    key: bytes,
+    timeout: float,
+    ctx: ProbeContext,
+) -> None:
+    req = stun.Message(
+        stun.Method.REFRESH,
+        stun.Class.REQUEST,
+        attributes={
+            "LIFETIME": 0,
+            "SOFTWARE": SOFTWARE,
+            "USERNAME": username,
+            "REALM": realm,
+            "NONCE": nonce,
+        },
+    )
     req.add_message_integrity(key)
     # Without an answer the allocation expires by itself; not this run's outcome.
     with contextlib.suppress(ProbeFailed):
@@ -245,14 +331,23 @@ async def run(target: Target, opts: TurnOptions, ctx: ProbeContext) -> ProbeResu
         a = await allocate(ep, opts.port, opts, user, password, opts.timeout, ctx)
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
-    return ProbeResult(success=True, duration=(time.perf_counter_ns() - t0) / 1e9,
-                       phases={"challenge": a.challenge, "allocate": a.allocate},
-                       info={"relayed_family": a.relayed_family})
+    return ProbeResult(
+        success=True,
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        phases={"challenge": a.challenge, "allocate": a.allocate},
+        info={"relayed_family": a.relayed_family},
+    )
 
 
 REASONS: tuple[str, ...] = (*TURN_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
 
-KIND = ProbeKind(name="turn", options=TurnOptions, run=run, phases=("challenge", "allocate"),
-                 reasons=REASONS, stray_reasons=("malformed", "bad_cookie", "unknown_txid"),
-                 info_labels=("relayed_family",),
-                 needs=(Resolver,))
+KIND = ProbeKind(
+    name="turn",
+    options=TurnOptions,
+    run=run,
+    phases=("challenge", "allocate"),
+    reasons=REASONS,
+    stray_reasons=("malformed", "bad_cookie", "unknown_txid"),
+    info_labels=("relayed_family",),
+    needs=(Resolver,),
+)

@@ -27,7 +27,7 @@ from probes.net.sockets import (
 from probes.net.train import run_train
 
 _MAGIC = b"EPRB"
-_HEADER = struct.Struct("!4s8sI")          # magic, run nonce, sequence number
+_HEADER = struct.Struct("!4s8sI")  # magic, run nonce, sequence number
 MIN_PAYLOAD = _HEADER.size
 
 
@@ -74,22 +74,48 @@ async def run(target: Target, opts: UdpOptions, ctx: ProbeContext) -> ProbeResul
             sock.connect(ep.sockaddr(opts.port))
         except OSError:
             return ProbeResult.failure("udp_unreachable", (time.perf_counter_ns() - t0) / 1e9)
-        res = await run_train(sock, packets, opts.spacing, opts.timeout, match, "udp", ctx,
-                              opts.max_inflight)
+        res = await run_train(
+            sock, packets, opts.spacing, opts.timeout, match, "udp", ctx, opts.max_inflight
+        )
     finally:
         sock.close()
-    errors = {k: v for k, v in (("udp_refused", res.refused), ("reordered", res.reordered),
-                                ("duplicate", res.duplicates)) if v}
+    errors = {
+        k: v
+        for k, v in (
+            ("udp_refused", res.refused),
+            ("reordered", res.reordered),
+            ("duplicate", res.duplicates),
+        )
+        if v
+    }
     answered = sum(r is not None for r in res.rtts)
     reason = "ok" if answered else ("udp_refused" if res.refused else "udp_timeout")
-    return ProbeResult(success=answered > 0, reason=reason,
-                       duration=(time.perf_counter_ns() - t0) / 1e9, rtts=res.rtts,
-                       packet_ids=list(range(opts.packets)), errors=errors)
+    return ProbeResult(
+        success=answered > 0,
+        reason=reason,
+        duration=(time.perf_counter_ns() - t0) / 1e9,
+        rtts=res.rtts,
+        packet_ids=list(range(opts.packets)),
+        errors=errors,
+    )
 
 
-REASONS: tuple[str, ...] = ("udp_timeout", "udp_refused", "udp_unreachable", "reordered",
-                            "duplicate", *RESOLVE_REASONS, *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (
+    "udp_timeout",
+    "udp_refused",
+    "udp_unreachable",
+    "reordered",
+    "duplicate",
+    *RESOLVE_REASONS,
+    *SOCKET_REASONS,
+)
 
-KIND = ProbeKind(name="udp", options=UdpOptions, run=run, packet_based=True, reasons=REASONS,
-                 stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late", "unknown"),
-                 needs=(Resolver,))
+KIND = ProbeKind(
+    name="udp",
+    options=UdpOptions,
+    run=run,
+    packet_based=True,
+    reasons=REASONS,
+    stray_reasons=("malformed", "foreign", "corrupt", "duplicate", "late", "unknown"),
+    needs=(Resolver,),
+)

@@ -62,22 +62,22 @@ ECHO_BYTES = 32
 @dataclass(frozen=True)
 class WebrtcOptions(CommonOptions):
     interval: float = 30.0
-    timeout: float = 5.0                 # the whole connect (teardown not included)
+    timeout: float = 5.0  # the whole connect (teardown not included)
     scheme: Literal["http", "https"] = "https"
-    port: int = 0                        # 0 = 80 or 443 by scheme
+    port: int = 0  # 0 = 80 or 443 by scheme
     path: str = "/whip"
-    server_name: str = ""                # Host header and SNI; "" = the target's address
+    server_name: str = ""  # Host header and SNI; "" = the target's address
     ca_file: str = ""
     insecure_skip_verify: bool = False
-    token_file: str = ""                 # bearer token (first line); "" = no Authorization
+    token_file: str = ""  # bearer token (first line); "" = no Authorization
     first_media: Literal["datachannel", "none"] = "datachannel"
-    relay_only: bool = False             # ICE transport policy "relay"
-    turn_url: str = ""                   # "turn:host:port"; "" = turn:<target address>:3478
+    relay_only: bool = False  # ICE transport policy "relay"
+    turn_url: str = ""  # "turn:host:port"; "" = turn:<target address>:3478
     username: str = ""
     password_file: str = ""
     max_answer_bytes: int = 65536
     teardown_timeout: float = 1.0
-    candidates_from_target_only: bool = False   # ICE checks only to the signalled address
+    candidates_from_target_only: bool = False  # ICE checks only to the signalled address
 
     def run_time(self) -> float:
         # The connect, then the DELETE and closing the peer, each bounded by teardown_timeout.
@@ -92,8 +92,9 @@ class WebrtcOptions(CommonOptions):
         if self.dscp:
             errs.append("dscp: not supported by webrtc (aiortc marks no DSCP)")
         if self.source_address:
-            errs.append("source_address: not supported by webrtc (ICE gathers every "
-                        "interface address)")
+            errs.append(
+                "source_address: not supported by webrtc (ICE gathers every interface address)"
+            )
         if self.relay_only and not (self.username and self.password_file):
             errs.append("relay_only: needs username and password_file")
         if self.turn_url and not self.turn_url.startswith(("turn:", "turns:")):
@@ -117,7 +118,7 @@ def keep_candidates(sdp: str, ip_family: str, only: str = "") -> str:
             try:
                 ip = ipaddress.ip_address(f[4] if len(f) > 5 else "")
             except ValueError:
-                continue        # a name (mDNS) or garbage: never resolved, never checked
+                continue  # a name (mDNS) or garbage: never resolved, never checked
             if (want and ip.version != want) or (only and ip != ipaddress.ip_address(only)):
                 continue
         out.append(line)
@@ -163,11 +164,9 @@ class _Run:
             RTCPeerConnection,
         )
 
-        policy = RTCIceTransportPolicy.RELAY if self.opts.relay_only else \
-            RTCIceTransportPolicy.ALL
+        policy = RTCIceTransportPolicy.RELAY if self.opts.relay_only else RTCIceTransportPolicy.ALL
         # iceServers must never be None: aiortc would then use a public STUN server.
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers,
-                                                iceTransportPolicy=policy))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers, iceTransportPolicy=policy))
 
         def settle(fut: asyncio.Future[bool], ok: bool) -> None:
             if not fut.done():
@@ -211,13 +210,17 @@ class _Run:
     async def close(self, ctx: ProbeContext) -> None:
         if self.location is not None and self.session is not None:
             try:
-                async with asyncio.timeout(self.opts.teardown_timeout), \
-                        self.session.delete(self.location, headers=self.headers,
-                                            server_hostname=self.server_hostname,
-                                            allow_redirects=False) as resp:
+                async with (
+                    asyncio.timeout(self.opts.teardown_timeout),
+                    self.session.delete(
+                        self.location,
+                        headers=self.headers,
+                        server_hostname=self.server_hostname,
+                        allow_redirects=False,
+                    ) as resp,
+                ):
                     # 2xx ends the session; 404 means it is already gone (expired).
-                    self.teardown_failed = not (200 <= resp.status < 300
-                                                or resp.status == 404)
+                    self.teardown_failed = not (200 <= resp.status < 300 or resp.status == 404)
             except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError):
                 self.teardown_failed = True
         if self.pc is not None:
@@ -261,9 +264,12 @@ async def _signal(r: _Run, target: Target, ep_address: str, offer: str, token: s
     r.server_hostname = name if opts.scheme == "https" and literal(name) is None else None
     try:
         async with r.session.post(
-                url, data=offer.encode(), allow_redirects=False,
-                server_hostname=r.server_hostname,
-                headers={**r.headers, "Content-Type": "application/sdp"}) as resp:
+            url,
+            data=offer.encode(),
+            allow_redirects=False,
+            server_hostname=r.server_hostname,
+            headers={**r.headers, "Content-Type": "application/sdp"},
+        ) as resp:
             loc = resp.headers.get("Location", "")
             if loc:
                 r.location = same_origin(url.join(URL(loc)), url, name)
@@ -313,23 +319,27 @@ async def _connect(r: _Run, target: Target, ctx: ProbeContext) -> None:
             password = read_secret("", opts.password_file)
         except OSError:
             raise ProbeFailed("turn_credentials_unreadable") from None
-        servers = [RTCIceServer(urls=_turn_url(opts, ep.address), username=opts.username,
-                                credential=password)]
+        servers = [
+            RTCIceServer(
+                urls=_turn_url(opts, ep.address), username=opts.username, credential=password
+            )
+        ]
     r.stage = "gathering"
     t = time.perf_counter_ns()
     pc = r.peer(servers)
     await pc.setLocalDescription(await pc.createOffer())
     offer = str(pc.localDescription.sdp)
     if "a=candidate:" not in offer:
-        raise ProbeFailed("gather_failed")   # relay_only: no relayed candidate (TURN failed)
+        raise ProbeFailed("gather_failed")  # relay_only: no relayed candidate (TURN failed)
     t = r.lap("gathering", t)
     r.stage = "signalling"
     answer = await _signal(r, target, ep.address, offer, token)
     t = r.lap("signalling", t)
     r.stage = "ice"
     try:
-        answer = keep_candidates(answer, opts.ip_family,
-                                 ep.address if opts.candidates_from_target_only else "")
+        answer = keep_candidates(
+            answer, opts.ip_family, ep.address if opts.candidates_from_target_only else ""
+        )
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
     except Exception:  # aiortc raises ValueError and friends for any malformed answer
         raise ProbeFailed("bad_answer") from None
@@ -362,9 +372,8 @@ async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeRe
             reason = e.reason
         except TimeoutError:
             reason = f"{r.stage}_timeout"
-        except OSError:      # a socket aiortc opens itself (gathering, ICE, DTLS)
-            reason = {"gathering": "gather_failed", "ice": "ice_failed"}.get(r.stage,
-                                                                             "dtls_failed")
+        except OSError:  # a socket aiortc opens itself (gathering, ICE, DTLS)
+            reason = {"gathering": "gather_failed", "ice": "ice_failed"}.get(r.stage, "dtls_failed")
         duration = (time.perf_counter_ns() - t0) / 1e9
     finally:
         # Also when the run is cancelled (a reload removed the target, shutdown): the peer's
@@ -372,22 +381,57 @@ async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeRe
         await r.close(ctx)
     errors = {"teardown_failed": 1} if r.teardown_failed else {}
     if reason != "ok":
-        return ProbeResult.failure(reason, float("inf"), phases=r.phases, errors=errors,
-                                   gauges={"connect_over_budget": 1.0})
-    return ProbeResult(success=True, duration=duration, phases=r.phases, errors=errors,
-                       info={"relayed": "true" if opts.relay_only else "false"},
-                       gauges={"connect_over_budget": float(duration > ctx.budget)})
+        return ProbeResult.failure(
+            reason,
+            float("inf"),
+            phases=r.phases,
+            errors=errors,
+            gauges={"connect_over_budget": 1.0},
+        )
+    return ProbeResult(
+        success=True,
+        duration=duration,
+        phases=r.phases,
+        errors=errors,
+        info={"relayed": "true" if opts.relay_only else "false"},
+        gauges={"connect_over_budget": float(duration > ctx.budget)},
+    )
 
 
 REASONS: tuple[str, ...] = (
-    "gather_failed", "signalling_timeout", "signalling_status", "signalling_content_type",
-    "signalling_reset", "signalling_error", "no_location", "answer_too_large", "bad_answer",
-    "ice_timeout", "ice_failed", "dtls_timeout", "dtls_failed", "media_timeout",
-    "gathering_timeout", "teardown_failed", "token_unreadable", "turn_credentials_unreadable",
-    "tls_config", *os_reasons("tcp"), *TLS_REASONS, *RESOLVE_REASONS)
+    "gather_failed",
+    "signalling_timeout",
+    "signalling_status",
+    "signalling_content_type",
+    "signalling_reset",
+    "signalling_error",
+    "no_location",
+    "answer_too_large",
+    "bad_answer",
+    "ice_timeout",
+    "ice_failed",
+    "dtls_timeout",
+    "dtls_failed",
+    "media_timeout",
+    "gathering_timeout",
+    "teardown_failed",
+    "token_unreadable",
+    "turn_credentials_unreadable",
+    "tls_config",
+    *os_reasons("tcp"),
+    *TLS_REASONS,
+    *RESOLVE_REASONS,
+)
 
 KIND = ProbeKind(
-    name="webrtc", options=WebrtcOptions, run=run, phases=PHASES, reasons=REASONS,
-    metric_prefix="connect", info_labels=("relayed",),
-    gauges=connect.KIND.gauges,   # the same family as the modelled connect's
-    needs=(Resolver,), failure_gauges=connect.KIND.failure_gauges)
+    name="webrtc",
+    options=WebrtcOptions,
+    run=run,
+    phases=PHASES,
+    reasons=REASONS,
+    metric_prefix="connect",
+    info_labels=("relayed",),
+    gauges=connect.KIND.gauges,  # the same family as the modelled connect's
+    needs=(Resolver,),
+    failure_gauges=connect.KIND.failure_gauges,
+)

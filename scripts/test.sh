@@ -16,8 +16,7 @@ if [ -z "${EDGEPROBE_TEST_NETNS:-}" ] && command -v unshare >/dev/null && unshar
   export EDGEPROBE_TEST_NETNS=1
   exec unshare -n -- bash -c 'ip link set lo up && exec "$0" "$@"' "$0" "$@"
 fi
+scripts/lint.sh
 export PATH="$PWD/.venv/bin:$PATH"
-echo "== ruff"; ruff check .
-echo "== mypy"; mypy
 echo "== pytest"
 exec python -m pytest -q -p no:cacheprovider "$@"

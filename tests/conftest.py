@@ -10,5 +10,4 @@ from pathlib import Path
 ROOT = str(Path(__file__).resolve().parents[1])
 
 if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT,
-                                                             os.environ.get("PYTHONPATH"))))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))

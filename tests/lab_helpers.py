@@ -56,5 +56,4 @@ def rfc3550_jitter(rtts: Sequence[float | None]) -> float:
 
 def ipdv(rtts: Sequence[float | None]) -> list[float]:
     """|RTT(i) - RTT(i-1)| for consecutive sequence numbers that were both answered."""
-    return [abs(b - a) for a, b in itertools.pairwise(rtts)
-            if a is not None and b is not None]
+    return [abs(b - a) for a, b in itertools.pairwise(rtts) if a is not None and b is not None]

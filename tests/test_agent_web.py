@@ -38,8 +38,9 @@ def free_port() -> int:
 
 
 def write(path: Path, names: list[str], interval: str = "500ms", extra: str = "") -> None:
-    targets = "\n".join(f"  - {{name: {n}, address: 127.0.0.1, labels: {{tier: near}}}}"
-                        for n in names)
+    targets = "\n".join(
+        f"  - {{name: {n}, address: 127.0.0.1, labels: {{tier: near}}}}" for n in names
+    )
     path.write_text(CONFIG.format(interval=interval, targets=targets) + extra)
 
 
@@ -96,8 +97,11 @@ async def test_label_sets_exist_before_the_first_result(tmp_path: Path) -> None:
     assert value(m, "edgeprobe_rtt_seconds_count", "edge-8") == 0
     errors = {dict(lbl)["reason"] for (n, lbl) in m if n == "edgeprobe_probe_errors_total"}
     assert {"timeout", "unreachable", "resolve_failed", "deadline", "exception"} <= errors
-    strays = {dict(lbl)["reason"]: v for (n, lbl), v in m.items()
-              if n == "edgeprobe_stray_packets_total" and dict(lbl)["probe"] == "icmp"}
+    strays = {
+        dict(lbl)["reason"]: v
+        for (n, lbl), v in m.items()
+        if n == "edgeprobe_stray_packets_total" and dict(lbl)["probe"] == "icmp"
+    }
     assert {"foreign", "late", "wrong_source", "bad_checksum", "malformed"} <= strays.keys()
     les = {dict(lbl)["le"] for (n, lbl) in m if n == "edgeprobe_rtt_seconds_bucket"}
     assert "0.6" in les and "+Inf" in les
@@ -109,27 +113,46 @@ async def test_metrics_parse_and_pass_promtool(running: tuple[Agent, str, Path])
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
         text = await r.text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("edgeprobe_rtt_seconds", "edgeprobe_rtt_recent_seconds",
-                 "edgeprobe_packets_sent", "edgeprobe_packets_lost", "edgeprobe_jitter_seconds",
-                 "edgeprobe_loss_periods", "edgeprobe_probe_runs", "edgeprobe_probe_success",
-                 "edgeprobe_event_loop_lag_seconds", "edgeprobe_scheduler_late_ticks",
-                 "edgeprobe_stray_packets", "edgeprobe_build_info",
-                 "edgeprobe_connect_budget_miss_probability",
-                 "edgeprobe_config_last_reload_successful"):
+    for name in (
+        "edgeprobe_rtt_seconds",
+        "edgeprobe_rtt_recent_seconds",
+        "edgeprobe_packets_sent",
+        "edgeprobe_packets_lost",
+        "edgeprobe_jitter_seconds",
+        "edgeprobe_loss_periods",
+        "edgeprobe_probe_runs",
+        "edgeprobe_probe_success",
+        "edgeprobe_event_loop_lag_seconds",
+        "edgeprobe_scheduler_late_ticks",
+        "edgeprobe_stray_packets",
+        "edgeprobe_build_info",
+        "edgeprobe_connect_budget_miss_probability",
+        "edgeprobe_config_last_reload_successful",
+    ):
         assert name in families, name
     # metrics.detail: full only.
-    for name in ("edgeprobe_ipdv_seconds", "edgeprobe_loss_burst_length",
-                 "edgeprobe_loss_ratio_upper95", "edgeprobe_mos_estimate"):
+    for name in (
+        "edgeprobe_ipdv_seconds",
+        "edgeprobe_loss_burst_length",
+        "edgeprobe_loss_ratio_upper95",
+        "edgeprobe_mos_estimate",
+    ):
         assert name not in families, name
     sent = [s for s in families["edgeprobe_packets_sent"].samples if s.labels["edge"] == "edge-1"]
     assert sent[0].value >= 3
-    assert sent[0].labels == {"region": "id-jakarta", "edge": "edge-1", "probe": "icmp",
-                              "agent": "a1", "tier": "near"}
+    assert sent[0].labels == {
+        "region": "id-jakarta",
+        "edge": "edge-1",
+        "probe": "icmp",
+        "agent": "a1",
+        "tier": "near",
+    }
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed")
-    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
     async with aiohttp.ClientSession() as s:
@@ -168,15 +191,16 @@ async def test_reload_keeps_series_continuous(running: tuple[Agent, str, Path]) 
 async def test_budget_failure_triggers_a_path_run_once(tmp_path: Path) -> None:
     from probes.base import ProbeResult
 
-    cfg = cfgmod.loads("agent: {region: r}\ntargets:\n"
-                       "  - {name: e, address: 127.0.0.1, probes: [icmp, path]}\n")
+    cfg = cfgmod.loads(
+        "agent: {region: r}\ntargets:\n  - {name: e, address: 127.0.0.1, probes: [icmp, path]}\n"
+    )
     agent = Agent(cfg)
     calls: list[tuple[str, str]] = []
     agent.scheduler.trigger = lambda key: calls.append(key) or True  # type: ignore[method-assign]
     icmp_job = cfg.jobs[0]
     agent._record(icmp_job, ProbeResult(success=True))
     agent._record(icmp_job, ProbeResult.failure("timeout"))
-    agent._record(icmp_job, ProbeResult.failure("timeout"))   # still failing: no new trigger
+    agent._record(icmp_job, ProbeResult.failure("timeout"))  # still failing: no new trigger
     agent._record(icmp_job, ProbeResult(success=True))
     agent._record(icmp_job, ProbeResult.failure("timeout"))
     assert calls == [("e", "path"), ("e", "path")]
@@ -192,21 +216,31 @@ def test_fast_text_path_equals_the_registry() -> None:
     cfg = cfgmod.loads(
         'agent: {region: r, labels: {agent: "a\\"1"}}\ntargets:\n'
         "  - {name: e1, address: 127.0.0.1, probes: [icmp, path, connect], labels: {t: x}}\n"
-        "  - {name: e2, address: 127.0.0.1, probes: [tls]}\n")
+        "  - {name: e2, address: 127.0.0.1, probes: [tls]}\n"
+    )
     agent = Agent(cfg)
     agent.state.series = agent._views_for(cfg, None, True)
     for job in cfg.jobs:
-        agent._record(job, ProbeResult(
-            success=True, rtts=[0.01, None, 0.012], phases={"tcp": 0.01, "tls": 0.02},
-            gauges={"path_hops": 7.0} if job.kind == "path" else {},
-            info={"tls_version": "TLSv1.3"} if job.kind == "tls" else {},
-            hops=[HopResult(1, [0.001, None])] if job.kind == "path" else None))
+        agent._record(
+            job,
+            ProbeResult(
+                success=True,
+                rtts=[0.01, None, 0.012],
+                phases={"tcp": 0.01, "tls": 0.02},
+                gauges={"path_hops": 7.0} if job.kind == "path" else {},
+                info={"tls_version": "TLSv1.3"} if job.kind == "tls" else {},
+                hops=[HopResult(1, [0.001, None])] if job.kind == "path" else None,
+            ),
+        )
     fast = b"".join(agent.render_metrics()).decode()
     slow = generate_latest(agent.registry).decode()
 
     def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
 
     a, b = samples(fast), samples(slow)
     assert a.keys() == b.keys()

@@ -39,8 +39,7 @@ def test_rebucketing_to_default_layout_is_exact() -> None:
 
 
 def test_parse_prom_reads_only_wanted_samples() -> None:
-    text = ('# HELP x_total a\nx_total{a="1",b="q\\"uote"} 3\nx_totalish 9\n'
-            'y_bucket{le="+Inf"} 2\n')
+    text = '# HELP x_total a\nx_total{a="1",b="q\\"uote"} 3\nx_totalish 9\ny_bucket{le="+Inf"} 2\n'
     got = parse_prom(text, ["x_total", "y_bucket"])
     assert got["x_total"] == [({"a": "1", "b": 'q\\"uote'}, 3.0)]
     assert got["y_bucket"] == [({"le": "+Inf"}, 2.0)]
@@ -50,13 +49,18 @@ def test_parse_prom_reads_only_wanted_samples() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the bench needs root (network namespaces)")
 def test_bench_quick_outputs(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.terminate()        # the bench's SIGTERM handler tears its namespaces down
+            proc.terminate()  # the bench's SIGTERM handler tears its namespaces down
             proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     doc = json.loads((tmp_path / "latest.json").read_text())

@@ -17,8 +17,7 @@ EP = [sys.executable, "-m", "agent"]
 
 
 def ep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EP, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    return subprocess.run([*EP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["check-config"], ["probe"]])
@@ -71,9 +70,19 @@ def test_run_serves_reloads_on_sighup_and_exits_zero_on_sigterm(tmp_path: Path) 
     cfg = tmp_path / "c.yml"
     cfg.write_text((ROOT / "examples/loopback.yaml").read_text())
     port = _free_port()
-    proc = subprocess.Popen([*EP, "run", f"--config.file={cfg}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.format=json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            *EP,
+            "run",
+            f"--config.file={cfg}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.format=json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -87,8 +96,8 @@ def test_run_serves_reloads_on_sighup_and_exits_zero_on_sigterm(tmp_path: Path) 
         assert 'edge="loopback-v6"' in _get(f"http://127.0.0.1:{port}/metrics")
         cfg.write_text("agent: {region: x}\ntargets: 7\n")
         proc.send_signal(signal.SIGHUP)
-        failed = "edgeprobe_config_last_reload_successful{region=\"local-loopback\"} 0.0"
-        deadline = time.monotonic() + 20   # the new config is decoded in a child process
+        failed = 'edgeprobe_config_last_reload_successful{region="local-loopback"} 0.0'
+        deadline = time.monotonic() + 20  # the new config is decoded in a child process
         while failed not in (body := _get(f"http://127.0.0.1:{port}/metrics")):
             assert time.monotonic() < deadline, "the reload did not fail"
             time.sleep(0.2)

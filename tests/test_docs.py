@@ -46,11 +46,16 @@ SECTIONS: dict[str, type[Any]] = {
 }
 
 # Pages whose ```yaml blocks are agent configs (fragments get a minimal `agent:` section).
-CONFIG_EXAMPLE_PAGES = ["configuration.md", "probes/*.md", "operations/discovery.md",
-                        "operations/probe-endpoint.md"]
+CONFIG_EXAMPLE_PAGES = [
+    "configuration.md",
+    "probes/*.md",
+    "operations/discovery.md",
+    "operations/probe-endpoint.md",
+]
 
 
 # -- the code's side --------------------------------------------------------------------------
+
 
 def _unwrap_optional(tp: Any) -> Any:
     if get_origin(tp) in (Union, types.UnionType):
@@ -82,8 +87,11 @@ def accepted_keys(cls: type[Any], prefix: str) -> Iterator[tuple[str, Any, datac
 
 def kind_specific_fields(kind: str) -> dict[str, dataclasses.Field[Any]]:
     common = {f.name for f in dataclasses.fields(CommonOptions)}
-    return {f.name: f for f in dataclasses.fields(PROBES[kind].options)
-            if f.init and f.name not in common}
+    return {
+        f.name: f
+        for f in dataclasses.fields(PROBES[kind].options)
+        if f.init and f.name not in common
+    }
 
 
 def field_default(f: dataclasses.Field[Any]) -> Any:
@@ -95,6 +103,7 @@ def field_default(f: dataclasses.Field[Any]) -> Any:
 
 
 # -- the documentation's side -----------------------------------------------------------------
+
 
 def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     """Markdown tables outside code fences, as (header cells, row cells)."""
@@ -108,8 +117,9 @@ def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
             block.append(line)
             continue
         if len(block) >= 2:
-            cells = [[c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
-                     for row in block]
+            cells = [
+                [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]] for row in block
+            ]
             out.append((cells[0], cells[2:]))
         block = []
     return out
@@ -141,8 +151,11 @@ def check_default(where: str, cell: str, tp: Any, f: dataclasses.Field[Any]) -> 
     """A problem with the documented default of ``f``, or None."""
     expected = field_default(f)
     if expected is dataclasses.MISSING:
-        return None if cell.startswith("required") else f"{where}: the code requires it; " \
-            f"the docs give default {cell!r}"
+        return (
+            None
+            if cell.startswith("required")
+            else f"{where}: the code requires it; the docs give default {cell!r}"
+        )
     literal = code(cell)
     if literal is None:
         return f"{where}: no default in backticks (the code's is {expected!r})"
@@ -157,26 +170,34 @@ def check_default(where: str, cell: str, tp: Any, f: dataclasses.Field[Any]) -> 
 
 # -- tests ------------------------------------------------------------------------------------
 
+
 def test_sections_cover_the_top_level() -> None:
     # A new top-level key must get its section here (and in the reference) before it passes.
-    assert {s.removesuffix("[]") for s in SECTIONS} | {"defaults"} == \
-        set(agent_config.TOP_LEVEL_KEYS)
-    documented = {code(r["key"]) for r in table_rows(REFERENCE.read_text(), "key")
-                  if "." not in (code(r["key"]) or ".")}
+    assert {s.removesuffix("[]") for s in SECTIONS} | {"defaults"} == set(
+        agent_config.TOP_LEVEL_KEYS
+    )
+    documented = {
+        code(r["key"])
+        for r in table_rows(REFERENCE.read_text(), "key")
+        if "." not in (code(r["key"]) or ".")
+    }
     assert documented == set(agent_config.TOP_LEVEL_KEYS)
 
 
 def test_reference_documents_every_accepted_key_and_nothing_else() -> None:
     rows = {code(r["key"]) or "": r for r in table_rows(REFERENCE.read_text(), "key")}
     rows = {k: r for k, r in rows.items() if "." in k}
-    accepted = {path: (tp, f) for section, cls in SECTIONS.items()
-                for path, tp, f in accepted_keys(cls, section)}
+    accepted = {
+        path: (tp, f)
+        for section, cls in SECTIONS.items()
+        for path, tp, f in accepted_keys(cls, section)
+    }
     assert sorted(set(accepted) - set(rows)) == [], "accepted by the code, not documented"
     assert sorted(set(rows) - set(accepted)) == [], "documented, rejected by the code"
     problems = []
     for path, (tp, f) in accepted.items():
         if path == "targets[].probes":
-            continue                    # `Any` in the code; its default is checked below
+            continue  # `Any` in the code; its default is checked below
         problem = check_default(path, rows[path].get("default", ""), tp, f)
         if problem:
             problems.append(problem)
@@ -184,8 +205,9 @@ def test_reference_documents_every_accepted_key_and_nothing_else() -> None:
 
 
 def test_target_without_probes_gets_the_documented_kinds() -> None:
-    row = next(r for r in table_rows(REFERENCE.read_text(), "key")
-               if code(r["key"]) == "targets[].probes")
+    row = next(
+        r for r in table_rows(REFERENCE.read_text(), "key") if code(r["key"]) == "targets[].probes"
+    )
     kinds = yaml.safe_load(code(row["default"]) or "")
     cfg = agent_config.loads("agent: {region: docs}\ntargets: [{name: a, address: 127.0.0.1}]\n")
     assert [j.kind for j in cfg.jobs] == kinds
@@ -227,9 +249,11 @@ def test_kind_page_documents_its_options(kind: str) -> None:
     assert sorted(set(fields) - set(rows)) == [], f"{kind}: accepted, not documented"
     assert sorted(set(rows) - set(fields)) == [], f"{kind}: documented, rejected by the code"
     hints = get_type_hints(PROBES[kind].options)
-    problems = [p for name, f in fields.items()
-                if (p := check_default(f"{kind}.{name}", rows[name].get("default", ""),
-                                       hints[name], f))]
+    problems = [
+        p
+        for name, f in fields.items()
+        if (p := check_default(f"{kind}.{name}", rows[name].get("default", ""), hints[name], f))
+    ]
     assert problems == []
 
 
@@ -240,11 +264,15 @@ def test_kind_page_names_its_reasons_and_strays() -> None:
     missing = [f"common: {r}" for r in COMMON_REASONS if f"`{r}`" not in index]
     for kind, pk in PROBES.items():
         page = (DOCS / "probes" / f"{kind}.md").read_text()
-        linked = [(DOCS / "probes" / m).read_text()
-                  for m in re.findall(r"\]\(([a-z]+\.md)\)", page)]
+        linked = [
+            (DOCS / "probes" / m).read_text() for m in re.findall(r"\]\(([a-z]+\.md)\)", page)
+        ]
         text = "\n".join([page, *linked])
-        missing += [f"{kind}: {r}" for r in (*pk.reasons, *pk.stray_reasons)
-                    if r not in COMMON_REASONS and f"`{r}`" not in text]
+        missing += [
+            f"{kind}: {r}"
+            for r in (*pk.reasons, *pk.stray_reasons)
+            if r not in COMMON_REASONS and f"`{r}`" not in text
+        ]
     assert missing == []
 
 
@@ -256,8 +284,9 @@ def config_examples() -> Iterator[tuple[str, str]]:
                 yield f"{page.relative_to(DOCS)}#{i}", block
 
 
-@pytest.mark.parametrize(("where", "block"), list(config_examples()),
-                         ids=[w for w, _ in config_examples()])
+@pytest.mark.parametrize(
+    ("where", "block"), list(config_examples()), ids=[w for w, _ in config_examples()]
+)
 def test_config_examples_load(where: str, block: str) -> None:
     doc = yaml.safe_load(block)
     if "agent" not in doc:
@@ -268,13 +297,28 @@ def test_config_examples_load(where: str, block: str) -> None:
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     # Not a skip: mkdocs-material is a dev dependency, and a docs check that silently does not
     # run is how warnings pile up.
-    assert importlib.util.find_spec("material") is not None, \
+    assert importlib.util.find_spec("material") is not None, (
         "mkdocs-material is not installed: `pip install -e .[dev]` (make bootstrap)"
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
-                        "--config-file", str(ROOT / "mkdocs.yml"),
-                        "--site-dir", str(tmp_path / "site")],
-                       capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert not re.search(r"\bWARNING\b", out), out

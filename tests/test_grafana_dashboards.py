@@ -30,8 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
-VARIABLE_VALUES = {"region": ".*", "edge": ".*", "instance": ".*", "probe": ".*",
-                   "__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
+VARIABLE_VALUES = {
+    "region": ".*",
+    "edge": ".*",
+    "instance": ".*",
+    "probe": ".*",
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "5m",
+}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -56,7 +63,10 @@ def substitute(expr: str) -> str:
 
 def test_three_dashboards() -> None:
     assert [p.name for p in DASHBOARDS] == [
-        "edgeprobe-agent.json", "edgeprobe-edge.json", "edgeprobe-overview.json"]
+        "edgeprobe-agent.json",
+        "edgeprobe-edge.json",
+        "edgeprobe-overview.json",
+    ]
 
 
 def test_generated_json_is_committed() -> None:
@@ -69,7 +79,8 @@ def test_generated_json_is_committed() -> None:
     for path in DASHBOARDS:
         assert path.read_text() == rendered[path.name], (
             f"{path.name} differs from generate.py's output: run "
-            "python deploy/grafana/generate.py and commit")
+            "python deploy/grafana/generate.py and commit"
+        )
 
 
 def test_provisioning() -> None:
@@ -101,44 +112,80 @@ def test_dashboard_structure(path: Path) -> None:
         for t in p["targets"]:
             used = set(re.findall(r"\$\{?(\w+)", t["expr"]))
             assert used <= var_names | {"__rate_interval", "__interval", "__range"}, (
-                p["title"], used - var_names)
+                p["title"],
+                used - var_names,
+            )
     links = {ln["url"] for ln in dash["links"]}
     assert links <= {"/d/edgeprobe-overview", "/d/edgeprobe-edge", "/d/edgeprobe-agent"}
 
 
 def test_required_panels() -> None:
     titles = {path.stem: {p["title"] for p in panels(load(path))} for path in DASHBOARDS}
-    assert {"Best edge per region", "Connects within budget: region x edge (1h)",
-            "Edges meeting the budget SLO", "Route candidates: eligibility and reason",
-            "Route candidates: miss upper bound (1h)",
-            "Route decision over time"} <= titles["edgeprobe-overview"]
-    assert {"RTT distribution", "RTT p50 / p95 / p99 (5m)",
-            "Loss (round trip)", "Jitter (RFC 3550, round trip)",
-            "Connect phases (stacked)", "Mean loss burst (packets)",
-            "Route eligibility: miss-ratio bounds"} <= titles["edgeprobe-edge"]
-    assert {"Agents up", "Event loop lag p99", "Scheduler: late and skipped ticks",
-            "Stray packets", "Last config reload"} <= titles["edgeprobe-agent"]
-    heat = next(p for p in panels(load(GRAFANA / "dashboards" / "edgeprobe-edge.json"))
-                if p["title"] == "RTT distribution")
+    assert {
+        "Best edge per region",
+        "Connects within budget: region x edge (1h)",
+        "Edges meeting the budget SLO",
+        "Route candidates: eligibility and reason",
+        "Route candidates: miss upper bound (1h)",
+        "Route decision over time",
+    } <= titles["edgeprobe-overview"]
+    assert {
+        "RTT distribution",
+        "RTT p50 / p95 / p99 (5m)",
+        "Loss (round trip)",
+        "Jitter (RFC 3550, round trip)",
+        "Connect phases (stacked)",
+        "Mean loss burst (packets)",
+        "Route eligibility: miss-ratio bounds",
+    } <= titles["edgeprobe-edge"]
+    assert {
+        "Agents up",
+        "Event loop lag p99",
+        "Scheduler: late and skipped ticks",
+        "Stray packets",
+        "Last config reload",
+    } <= titles["edgeprobe-agent"]
+    heat = next(
+        p
+        for p in panels(load(GRAFANA / "dashboards" / "edgeprobe-edge.json"))
+        if p["title"] == "RTT distribution"
+    )
     assert heat["type"] == "heatmap" and heat["targets"][0]["format"] == "heatmap"
     assert "edgeprobe_rtt_seconds_bucket" in heat["targets"][0]["expr"]
 
 
 def all_exprs() -> list[tuple[str, str]]:
-    return [(f"{path.stem} / {p['title']}", substitute(t["expr"]))
-            for path in DASHBOARDS for p in panels(load(path)) for t in p["targets"]]
+    return [
+        (f"{path.stem} / {p['title']}", substitute(t["expr"]))
+        for path in DASHBOARDS
+        for p in panels(load(path))
+        for t in p["targets"]
+    ]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_every_expr_parses(tmp_path: Path) -> None:
     # promtool has no offline "check expression"; a rule file of the expressions is the same.
-    rules = {"groups": [{"name": "dashboards", "rules": [
-        {"record": f"dashboard:expr_{i}:check", "expr": e} for i, (_, e) in
-        enumerate(all_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboards",
+                "rules": [
+                    {"record": f"dashboard:expr_{i}:check", "expr": e}
+                    for i, (_, e) in enumerate(all_exprs())
+                ],
+            }
+        ]
+    }
     f = tmp_path / "dashboard-exprs.yml"
     f.write_text(yaml.safe_dump(rules))
-    r = subprocess.run(["promtool", "check", "rules", "--lint=none", str(f)],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        ["promtool", "check", "rules", "--lint=none", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -146,20 +193,27 @@ def test_exprs_use_known_series() -> None:
     # The metrics reference is the list of what the agent exports.
     reference = (ROOT / "docs" / "metrics.md").read_text()
     exported = set(re.findall(r"`(edgeprobe_[a-z0-9_]+)", reference))
-    recorded = {r["record"] for p in RULES for g in yaml.safe_load(p.read_text())["groups"]
-                for r in g["rules"] if "record" in r}
+    recorded = {
+        r["record"]
+        for p in RULES
+        for g in yaml.safe_load(p.read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    }
     known = exported | recorded | {"up", "ALERTS"}
     for where, expr in all_exprs():
-        stripped = re.sub(r'"[^"]*"', '""', expr)       # label values are not names
+        stripped = re.sub(r'"[^"]*"', '""', expr)  # label values are not names
         for name in re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{|\[|\)|$)", stripped):
             if name.startswith("edgeprobe") or ":" in name or name in {"up", "ALERTS"}:
                 base = re.sub(r"_(bucket|count|sum)$", "", name)
                 assert name in known or base in known, f"{where}: unknown series {name}"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("grafana_foundation_sdk") is None,
-                    reason="grafana-foundation-sdk not installed: no dashboard schema to check "
-                           "against (the structural checks above still ran)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("grafana_foundation_sdk") is None,
+    reason="grafana-foundation-sdk not installed: no dashboard schema to check "
+    "against (the structural checks above still ran)",
+)
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
 def test_dashboard_schema_round_trip(path: Path) -> None:
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
@@ -185,7 +239,9 @@ def test_dashboard_schema_round_trip(path: Path) -> None:
         opts = getattr(p, "options", None)
         # A known panel type decodes its options into its plugin's class, not a plain dict.
         assert opts is None or not isinstance(opts, dict) or not opts, (
-            getattr(p, "title", ""), type(opts))
+            getattr(p, "title", ""),
+            type(opts),
+        )
 
 
 if __name__ == "__main__":

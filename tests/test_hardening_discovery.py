@@ -81,22 +81,42 @@ def sample(d: Discovery, name: str, **labels: str) -> float:
 async def test_file_sd_watch_and_keep_last_good(tmp_path: Path) -> None:
     a = tmp_path / "a.json"
     b = tmp_path / "b.yml"
-    a.write_text(json.dumps([{"targets": ["edge-sg-1.example.net", "edge-sg-2.example.net:3478"],
-                              "labels": {"tier": "near", "__meta_x": "dropped"}}]))
-    b.write_text(yaml.safe_dump([{"targets": ["198.51.100.7"],
-                                  "labels": {"__edge__": "jkt-1", "__probes__": "icmp",
-                                             "rack": 7}}]))
-    cfg = DiscoveryConfig(file_sd=(FileSDConfig(name="inv", files=(str(tmp_path / "*.json"),
-                                                                   "b.yml"),
-                                                poll_interval=Duration(0.05)),))
+    a.write_text(
+        json.dumps(
+            [
+                {
+                    "targets": ["edge-sg-1.example.net", "edge-sg-2.example.net:3478"],
+                    "labels": {"tier": "near", "__meta_x": "dropped"},
+                }
+            ]
+        )
+    )
+    b.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "targets": ["198.51.100.7"],
+                    "labels": {"__edge__": "jkt-1", "__probes__": "icmp", "rack": 7},
+                }
+            ]
+        )
+    )
+    cfg = DiscoveryConfig(
+        file_sd=(
+            FileSDConfig(
+                name="inv", files=(str(tmp_path / "*.json"), "b.yml"), poll_interval=Duration(0.05)
+            ),
+        )
+    )
     ch = Changes()
     d = Discovery(cfg, ch, base_dir=tmp_path)
     await d.start()
     try:
         assert ch.names() == ["edge-sg-1.example.net", "edge-sg-2.example.net", "jkt-1"]
         t = ch.calls[-1][1]
-        assert t[0].target == Target("edge-sg-1.example.net", "edge-sg-1.example.net",
-                                     {"tier": "near"})
+        assert t[0].target == Target(
+            "edge-sg-1.example.net", "edge-sg-1.example.net", {"tier": "near"}
+        )
         assert t[1].port == 3478 and t[0].port is None
         assert t[2].target == Target("jkt-1", "198.51.100.7", {"rack": "7"})
         assert sample(d, "edgeprobe_sd_last_refresh_successful", source="inv") == 1
@@ -104,25 +124,27 @@ async def test_file_sd_watch_and_keep_last_good(tmp_path: Path) -> None:
 
         # A half-written file: its previous targets stay, the source says it failed.
         a.write_text('[{"targets": ["edge-sg-1.exa')
-        await wait_for(lambda: sample(d, "edgeprobe_sd_last_refresh_successful",
-                                      source="inv") == 0)
+        await wait_for(lambda: sample(d, "edgeprobe_sd_last_refresh_successful", source="inv") == 0)
         assert sample(d, "edgeprobe_sd_targets", source="inv") == 3
-        assert sample(d, "edgeprobe_sd_refresh_failures_total", source="inv",
-                      reason="parse") >= 1
+        assert sample(d, "edgeprobe_sd_refresh_failures_total", source="inv", reason="parse") >= 1
         n_calls = len(ch.calls)
 
         a.write_text(json.dumps([{"targets": ["edge-sg-3.example.net"]}]))
         await wait_for(lambda: ch.names() == ["edge-sg-3.example.net", "jkt-1"])
         assert sample(d, "edgeprobe_sd_last_refresh_successful", source="inv") == 1
-        assert len(ch.calls) == n_calls + 1       # one change, not one per poll
+        assert len(ch.calls) == n_calls + 1  # one change, not one per poll
 
         # Reserved label: invalid, the old list stays.
         b.write_text(yaml.safe_dump([{"targets": ["x.example.net"], "labels": {"edge": "y"}}]))
-        await wait_for(lambda: sample(d, "edgeprobe_sd_refresh_failures_total", source="inv",
-                                      reason="invalid") >= 1)
+        await wait_for(
+            lambda: (
+                sample(d, "edgeprobe_sd_refresh_failures_total", source="inv", reason="invalid")
+                >= 1
+            )
+        )
         assert ch.names() == ["edge-sg-3.example.net", "jkt-1"]
 
-        b.unlink()                                # a removed file removes its targets
+        b.unlink()  # a removed file removes its targets
         await wait_for(lambda: ch.names() == ["edge-sg-3.example.net"])
     finally:
         await d.stop()
@@ -132,8 +154,9 @@ async def test_file_sd_limits(tmp_path: Path) -> None:
     big = tmp_path / "big.json"
     big.write_text(json.dumps([{"targets": [f"e{i}.example.net" for i in range(50)]}]))
     ch = Changes()
-    d = Discovery(DiscoveryConfig(file_sd=(FileSDConfig(name="inv", files=(str(big),),
-                                                        max_targets=10),)), ch)
+    d = Discovery(
+        DiscoveryConfig(file_sd=(FileSDConfig(name="inv", files=(str(big),), max_targets=10),)), ch
+    )
     await d.start()
     await d.stop()
     assert ch.calls == []
@@ -146,8 +169,10 @@ async def test_file_sd_limits(tmp_path: Path) -> None:
     bomb.write_text("\n".join(lines) + "\n")
     with pytest.raises(SDError):
         parse_groups(decode_sd_text(bomb.read_text(), True), "s", ("icmp",), 1000)
-    doc = yaml.safe_load("- targets: &t [a.example.net, b.example.net]\n"
-                         + "".join("- targets: *t\n" for _ in range(5)))
+    doc = yaml.safe_load(
+        "- targets: &t [a.example.net, b.example.net]\n"
+        + "".join("- targets: *t\n" for _ in range(5))
+    )
     with pytest.raises(SDError, match="duplicate"):
         parse_groups(doc, "s", ("icmp",), 1000)
 
@@ -173,8 +198,9 @@ async def http_sd() -> AsyncIterator[tuple[str, HttpState]]:
         state.seen_headers.append(dict(request.headers))
         if state.delay:
             await asyncio.sleep(state.delay)
-        return web.Response(status=state.status, body=state.body,
-                            headers={"Content-Type": state.content_type})
+        return web.Response(
+            status=state.status, body=state.body, headers={"Content-Type": state.content_type}
+        )
 
     app = web.Application()
     app.router.add_get("/sd", handler)
@@ -190,12 +216,19 @@ async def http_sd() -> AsyncIterator[tuple[str, HttpState]]:
 async def test_http_sd_good_bad_slow(http_sd: tuple[str, HttpState], tmp_path: Path) -> None:
     url, state = http_sd
     (tmp_path / "pw").write_text("hunter2\n")
-    state.body = json.dumps([{"targets": ["edge-sg-1.example.net:443"],
-                              "labels": {"dc": "sg"}}]).encode()
+    state.body = json.dumps(
+        [{"targets": ["edge-sg-1.example.net:443"], "labels": {"dc": "sg"}}]
+    ).encode()
     ch = Changes()
-    cfg = HttpSDConfig(name="cmdb", url=url, refresh_interval=Duration(60), timeout=Duration(0.5),
-                       max_bytes=4096, probes=("icmp",),
-                       basic_auth=BasicAuth("edgeprobe", "pw"))
+    cfg = HttpSDConfig(
+        name="cmdb",
+        url=url,
+        refresh_interval=Duration(60),
+        timeout=Duration(0.5),
+        max_bytes=4096,
+        probes=("icmp",),
+        basic_auth=BasicAuth("edgeprobe", "pw"),
+    )
     d = Discovery(DiscoveryConfig(http_sd=(cfg,)), ch, base_dir=tmp_path)
     src = d.sources[0]
     await d.start()
@@ -220,13 +253,14 @@ async def test_http_sd_good_bad_slow(http_sd: tuple[str, HttpState], tmp_path: P
             t0 = time.monotonic()
             await d.refresh(src)
             assert time.monotonic() - t0 < 1.5
-            assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb",
-                          reason=reason) == 1, reason
+            assert (
+                sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb", reason=reason) == 1
+            ), reason
             assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == 0
             assert sample(d, "edgeprobe_sd_targets", source="cmdb") == 1
         assert len(ch.calls) == 1
 
-        state.delay, state.body = 0.0, b"[]"      # an explicit empty list does empty it
+        state.delay, state.body = 0.0, b"[]"  # an explicit empty list does empty it
         await d.refresh(src)
         assert ch.names() == [] and len(ch.calls) == 2
         assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == 1
@@ -235,13 +269,18 @@ async def test_http_sd_good_bad_slow(http_sd: tuple[str, HttpState], tmp_path: P
 
 
 async def test_http_sd_unreachable() -> None:
-    with socket.socket() as s:          # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ch = Changes()
-    d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb",
-                                                        url=f"http://127.0.0.1:{port}/sd",
-                                                        timeout=Duration(1.0)),)), ch)
+    d = Discovery(
+        DiscoveryConfig(
+            http_sd=(
+                HttpSDConfig(name="cmdb", url=f"http://127.0.0.1:{port}/sd", timeout=Duration(1.0)),
+            )
+        ),
+        ch,
+    )
     await d.start()
     await d.stop()
     assert ch.calls == []
@@ -255,7 +294,7 @@ async def test_http_sd_unreachable() -> None:
 @dataclass
 class DnsState:
     records: dict[str, list[tuple[int, int, int, str]]] = field(default_factory=dict)
-    mode: str = "ok"            # ok | servfail | drop | garbage
+    mode: str = "ok"  # ok | servfail | drop | garbage
     queries: int = 0
 
 
@@ -293,8 +332,9 @@ class DnsServer(asyncio.DatagramProtocol):
 async def dns_server() -> AsyncIterator[tuple[str, DnsState]]:
     state = DnsState()
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: DnsServer(state),
-                                                       local_addr=("127.0.0.1", 0))
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: DnsServer(state), local_addr=("127.0.0.1", 0)
+    )
     port = transport.get_extra_info("sockname")[1]
     yield f"127.0.0.1:{port}", state
     transport.close()
@@ -302,35 +342,52 @@ async def dns_server() -> AsyncIterator[tuple[str, DnsState]]:
 
 async def test_dns_srv(dns_server: tuple[str, DnsState]) -> None:
     server, state = dns_server
-    state.records["_edge._udp.example.net."] = [(10, 5, 3478, "edge-sg-1.example.net."),
-                                                (20, 5, 3478, "edge-sg-2.example.net.")]
-    state.records["_edge._tcp.example.net."] = [(10, 5, 443, "edge-sg-1.example.net."),
-                                                (10, 5, 443, "edge-hk-1.example.net.")]
-    cfg = DnsSDConfig(name="srv", names=("_edge._udp.example.net", "_edge._tcp.example.net"),
-                      server=server, timeout=Duration(0.5), probes=("icmp",))
+    state.records["_edge._udp.example.net."] = [
+        (10, 5, 3478, "edge-sg-1.example.net."),
+        (20, 5, 3478, "edge-sg-2.example.net."),
+    ]
+    state.records["_edge._tcp.example.net."] = [
+        (10, 5, 443, "edge-sg-1.example.net."),
+        (10, 5, 443, "edge-hk-1.example.net."),
+    ]
+    cfg = DnsSDConfig(
+        name="srv",
+        names=("_edge._udp.example.net", "_edge._tcp.example.net"),
+        server=server,
+        timeout=Duration(0.5),
+        probes=("icmp",),
+    )
     ch = Changes()
     d = Discovery(DiscoveryConfig(dns_sd=(cfg,)), ch)
     src = d.sources[0]
     await d.start()
     try:
-        assert ch.names() == ["edge-sg-1.example.net", "edge-sg-2.example.net",
-                              "edge-hk-1.example.net"]
+        assert ch.names() == [
+            "edge-sg-1.example.net",
+            "edge-sg-2.example.net",
+            "edge-hk-1.example.net",
+        ]
         assert [t.port for t in ch.calls[-1][1]] == [3478, 3478, 443]
 
-        for mode, reason in (("servfail", "dns_error"), ("drop", "timeout"),
-                             ("garbage", "dns_error")):
+        for mode, reason in (
+            ("servfail", "dns_error"),
+            ("drop", "timeout"),
+            ("garbage", "dns_error"),
+        ):
             state.mode = mode
             await d.refresh(src)
-            assert sample(d, "edgeprobe_sd_refresh_failures_total", source="srv",
-                          reason=reason) >= 1, mode
+            assert (
+                sample(d, "edgeprobe_sd_refresh_failures_total", source="srv", reason=reason) >= 1
+            ), mode
             assert sample(d, "edgeprobe_sd_targets", source="srv") == 3
         state.mode = "ok"
         del state.records["_edge._tcp.example.net."]
-        await d.refresh(src)                    # nxdomain for one name: its last good stays
-        assert sample(d, "edgeprobe_sd_refresh_failures_total", source="srv",
-                      reason="nxdomain") == 1
+        await d.refresh(src)  # nxdomain for one name: its last good stays
+        assert (
+            sample(d, "edgeprobe_sd_refresh_failures_total", source="srv", reason="nxdomain") == 1
+        )
         assert len(ch.names()) == 3
-        state.records["_edge._tcp.example.net."] = [(0, 0, 0, ".")]   # "not available"
+        state.records["_edge._tcp.example.net."] = [(0, 0, 0, ".")]  # "not available"
         state.records["_edge._udp.example.net."] = [(10, 5, 3478, "edge-sg-9.example.net.")]
         await d.refresh(src)
         assert ch.names() == ["edge-sg-9.example.net"]
@@ -343,9 +400,19 @@ async def test_dns_unreachable_server() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = Discovery(DiscoveryConfig(dns_sd=(DnsSDConfig(
-        name="srv", names=("_edge._udp.example.net",), server=f"127.0.0.1:{port}",
-        timeout=Duration(0.5)),)), Changes())
+    d = Discovery(
+        DiscoveryConfig(
+            dns_sd=(
+                DnsSDConfig(
+                    name="srv",
+                    names=("_edge._udp.example.net",),
+                    server=f"127.0.0.1:{port}",
+                    timeout=Duration(0.5),
+                ),
+            )
+        ),
+        Changes(),
+    )
     await d.start()
     await d.stop()
     assert sample(d, "edgeprobe_sd_last_refresh_successful", source="srv") == 0
@@ -356,23 +423,26 @@ async def test_dns_unreachable_server() -> None:
 
 
 def test_config_decoding() -> None:
-    node = compose("file_sd:\n  - {name: inv, files: [/etc/edgeprobe/*.json], "
-                   "poll_interval: 10s, probes: [icmp]}\n"
-                   "dns_sd:\n  - {name: srv, names: [_edge._udp.example.net], "
-                   "server: '127.0.0.1:5353'}\n")
+    node = compose(
+        "file_sd:\n  - {name: inv, files: [/etc/edgeprobe/*.json], "
+        "poll_interval: 10s, probes: [icmp]}\n"
+        "dns_sd:\n  - {name: srv, names: [_edge._udp.example.net], "
+        "server: '127.0.0.1:5353'}\n"
+    )
     assert node is not None
     cfg = decode_dataclass(DiscoveryConfig, node, "discovery")
     assert cfg.file_sd[0].poll_interval == 10.0
     assert cfg.dns_sd[0].server == "127.0.0.1:5353"
     for text, match in (
-            ("file_sd: [{name: a, files: [x.txt]}]", "json"),
-            ("file_sd: [{name: a, files: ['/etc/*/x.json']}]", "only allowed"),
-            ("file_sd: [{name: a, files: [x.json], probes: [nope]}]", "unknown probe"),
-            ("file_sd: [{name: a, files: [x.json]}, {name: a, files: [y.json]}]", "twice"),
-            ("http_sd: [{name: a, url: 'ftp://x'}]", "url"),
-            ("http_sd: [{name: a, url: 'http://x', timeout: 2m}]", "timeout"),
-            ("dns_sd: [{name: a, names: [x], server: 'not-an-ip'}]", "server"),
-            ("dns_sd: [{name: a, names: [x], sever: '127.0.0.1'}]", "unknown key")):
+        ("file_sd: [{name: a, files: [x.txt]}]", "json"),
+        ("file_sd: [{name: a, files: ['/etc/*/x.json']}]", "only allowed"),
+        ("file_sd: [{name: a, files: [x.json], probes: [nope]}]", "unknown probe"),
+        ("file_sd: [{name: a, files: [x.json]}, {name: a, files: [y.json]}]", "twice"),
+        ("http_sd: [{name: a, url: 'ftp://x'}]", "url"),
+        ("http_sd: [{name: a, url: 'http://x', timeout: 2m}]", "timeout"),
+        ("dns_sd: [{name: a, names: [x], server: 'not-an-ip'}]", "server"),
+        ("dns_sd: [{name: a, names: [x], sever: '127.0.0.1'}]", "unknown key"),
+    ):
         n = compose(text)
         assert n is not None
         with pytest.raises(ConfigError, match=match):
@@ -383,17 +453,25 @@ def test_merge_targets() -> None:
     def t(name: str, src: str) -> DiscoveredTarget:
         return DiscoveredTarget(Target(name, name), ("icmp",), source=src)
 
-    out = merge_targets([[t("a", "s1"), t("b", "s1")], [t("b", "s2"), t("c", "s2")]],
-                        taken={"a": None})
+    out = merge_targets(
+        [[t("a", "s1"), t("b", "s1")], [t("b", "s2"), t("c", "s2")]], taken={"a": None}
+    )
     assert [(x.target.name, x.source) for x in out] == [("b", "s1"), ("c", "s2")]
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(["targets", "labels", "__edge__", "__probes__", "tier",
-                                       "edge", "x"]) | st.text(max_size=8), inner, max_size=4),
-    max_leaves=25)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["targets", "labels", "__edge__", "__probes__", "tier", "edge", "x"])
+            | st.text(max_size=8),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=25,
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -431,8 +509,9 @@ def test_deep_nesting() -> None:
 
 
 def inventory(n: int) -> bytes:
-    return json.dumps([{"targets": [f"edge-{i}.example.net:3478" for i in range(n)],
-                        "labels": {"tier": "near"}}]).encode()
+    return json.dumps(
+        [{"targets": [f"edge-{i}.example.net:3478" for i in range(n)], "labels": {"tier": "near"}}]
+    ).encode()
 
 
 @contextlib.asynccontextmanager
@@ -450,7 +529,7 @@ async def raw_http(body: bytes, chunk: int | None) -> AsyncIterator[str]:
             else:
                 writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
                 for i, off in enumerate(range(0, len(body), chunk)):
-                    part = body[off:off + chunk]
+                    part = body[off : off + chunk]
                     writer.write(b"%x\r\n%s\r\n" % (len(part), part))
                     await writer.drain()
                     if i % 64 == 0:
@@ -474,23 +553,29 @@ async def test_http_sd_reads_the_whole_body(chunk: int | None) -> None:
     assert len(body) > 290_000
     async with raw_http(body, chunk) as url:
         ch = Changes()
-        d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url,
-                                                            timeout=Duration(10)),)), ch)
+        d = Discovery(
+            DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url, timeout=Duration(10)),)), ch
+        )
         await d.start()
         await d.stop()
-    assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == 1, \
-        d.sources[0].state.last_error
+    assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == 1, d.sources[
+        0
+    ].state.last_error
     assert len(ch.names()) == 10_000 and ch.names()[-1] == "edge-9999.example.net"
 
 
 @pytest.mark.parametrize("chunk", [None, 65536], ids=["content_length", "chunked"])
 async def test_http_sd_body_over_the_limit_is_too_large(chunk: int | None) -> None:
     good = inventory(3)
-    big = b"[" + b" " * (20 << 20) + b"]"       # valid JSON, 20 MB: over the 16 MiB default
+    big = b"[" + b" " * (20 << 20) + b"]"  # valid JSON, 20 MB: over the 16 MiB default
     async with raw_http(good, None) as url_good, raw_http(big, chunk) as url_big:
         ch = Changes()
-        d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url_good,
-                                                            timeout=Duration(20)),)), ch)
+        d = Discovery(
+            DiscoveryConfig(
+                http_sd=(HttpSDConfig(name="cmdb", url=url_good, timeout=Duration(20)),)
+            ),
+            ch,
+        )
         src = d.sources[0]
         await d.start()
         assert len(ch.names()) == 3
@@ -498,18 +583,19 @@ async def test_http_sd_body_over_the_limit_is_too_large(chunk: int | None) -> No
         src.cfg = dataclasses.replace(src.cfg, url=url_big)
         await d.refresh(src)
         await d.stop()
-    assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb",
-                  reason="too_large") == 1
+    assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb", reason="too_large") == 1
     assert sample(d, "edgeprobe_sd_refresh_failures_total", source="cmdb", reason="parse") == 0
-    assert len(ch.names()) == 3 and len(ch.calls) == 1        # the last good list stays
+    assert len(ch.names()) == 3 and len(ch.calls) == 1  # the last good list stays
 
 
 async def test_http_sd_body_exactly_at_the_limit() -> None:
     body = inventory(2000)
     for limit, ok in ((len(body), 1), (len(body) - 1, 0)):
         async with raw_http(body, 4096) as url:
-            d = Discovery(DiscoveryConfig(http_sd=(HttpSDConfig(
-                name="cmdb", url=url, max_bytes=limit),)), Changes())
+            d = Discovery(
+                DiscoveryConfig(http_sd=(HttpSDConfig(name="cmdb", url=url, max_bytes=limit),)),
+                Changes(),
+            )
             await d.start()
             await d.stop()
         assert sample(d, "edgeprobe_sd_last_refresh_successful", source="cmdb") == ok, limit
@@ -523,8 +609,10 @@ def label_bomb(labels: int, groups: int) -> str:
     """Every group refers to one big label block: (labels x groups) label checks, in
     a file of a few bytes per group."""
     block = ", ".join(f"l{i}: v" for i in range(labels))
-    return (f"- {{targets: [edge-0.example.net], labels: &L {{{block}}}}}\n"
-            + "- {labels: *L}\n" * groups)
+    return (
+        f"- {{targets: [edge-0.example.net], labels: &L {{{block}}}}}\n"
+        + "- {labels: *L}\n" * groups
+    )
 
 
 def nested_bomb(levels: int) -> str:
@@ -533,10 +621,10 @@ def nested_bomb(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("text", [label_bomb(300, 3000), nested_bomb(40)],
-                         ids=["label_block_x3000", "nested_x2^40"])
-async def test_file_sd_alias_bomb_is_refused_and_last_good_kept(text: str,
-                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text", [label_bomb(300, 3000), nested_bomb(40)], ids=["label_block_x3000", "nested_x2^40"]
+)
+async def test_file_sd_alias_bomb_is_refused_and_last_good_kept(text: str, tmp_path: Path) -> None:
     inv = tmp_path / "inv.yml"
     inv.write_text("- targets: [edge-1.example.net, edge-2.example.net]\n")
     ch = Changes()
@@ -547,8 +635,9 @@ async def test_file_sd_alias_bomb_is_refused_and_last_good_kept(text: str,
         assert ch.names() == ["edge-1.example.net", "edge-2.example.net"]
         inv.write_text(text)
         await d.refresh(src)
-        assert sample(d, "edgeprobe_sd_refresh_failures_total", source="inv",
-                      reason="too_large") == 1
+        assert (
+            sample(d, "edgeprobe_sd_refresh_failures_total", source="inv", reason="too_large") == 1
+        )
         assert sample(d, "edgeprobe_sd_last_refresh_successful", source="inv") == 0
         assert ch.names() == ["edge-1.example.net", "edge-2.example.net"]
         assert len(ch.calls) == 1
@@ -560,10 +649,13 @@ async def test_file_sd_alias_bomb_is_refused_and_last_good_kept(text: str,
 
 def test_yaml_alias_limits() -> None:
     # Ordinary use of an anchor: one label block shared by 10,000 groups.
-    text = ("- targets: [edge-0.example.net]\n  labels: &common "
-            "{tier: near, dc: sg, owner: rtc, rack: r1, pod: p1}\n"
-            + "".join(f"- {{targets: [edge-{i}.example.net], labels: *common}}\n"
-                      for i in range(1, 10_000)))
+    text = (
+        "- targets: [edge-0.example.net]\n  labels: &common "
+        "{tier: near, dc: sg, owner: rtc, rack: r1, pod: p1}\n"
+        + "".join(
+            f"- {{targets: [edge-{i}.example.net], labels: *common}}\n" for i in range(1, 10_000)
+        )
+    )
     out = parse_groups(decode_sd_text(text, True), "s", ("icmp",), 10_000)
     assert len(out) == 10_000 and out[-1].target.labels["pod"] == "p1"
     with pytest.raises(SDError) as e:
@@ -579,11 +671,13 @@ def test_config_alias_bomb_is_refused(tmp_path: Path) -> None:
 
     # The main config has the same hole: each target's labels are decoded once per alias.
     p = tmp_path / "edgeprobe.yml"
-    p.write_text("agent: {region: r, max_targets: 100000}\n"
-                 "targets:\n  - {name: t0, address: 127.0.0.1, labels: &L {"
-                 + ", ".join(f"l{i}: v" for i in range(300)) + "}}\n"
-                 + "".join(f"  - {{name: t{i}, address: 127.0.0.1, labels: *L}}\n"
-                           for i in range(1, 1000)))
+    p.write_text(
+        "agent: {region: r, max_targets: 100000}\n"
+        "targets:\n  - {name: t0, address: 127.0.0.1, labels: &L {"
+        + ", ".join(f"l{i}: v" for i in range(300))
+        + "}}\n"
+        + "".join(f"  - {{name: t{i}, address: 127.0.0.1, labels: *L}}\n" for i in range(1, 1000))
+    )
     with pytest.raises(ConfigError, match="aliases expand the document") as e:
         cfgmod.load(p)
     assert str(p) in str(e.value) and "line" in str(e.value)
@@ -597,5 +691,6 @@ def test_config_ordinary_anchors_still_work() -> None:
         "targets:\n"
         "  - {name: a, address: 127.0.0.1, labels: &l {tier: near},"
         " probes: &p {icmp: {packets: 3}}}\n"
-        "  - {name: b, address: 127.0.0.2, labels: *l, probes: *p}\n")
+        "  - {name: b, address: 127.0.0.2, labels: *l, probes: *p}\n"
+    )
     assert [j.target.labels for j in cfg.jobs] == [{"tier": "near"}] * 2

@@ -23,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                       reason="needs root and iproute2 for a network namespace"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None,
+        reason="needs root and iproute2 for a network namespace",
+    ),
 ]
 
-SCRIPT = textwrap.dedent(r'''
+SCRIPT = textwrap.dedent(r"""
     import asyncio, json, socket, struct, sys, time
     from agent.runtime.selfstats import SelfStats
     from probes.base import ProbeContext, Target
@@ -142,7 +144,7 @@ SCRIPT = textwrap.dedent(r'''
         print(json.dumps(out))
 
     asyncio.run(main())
-''')
+""")
 
 
 @pytest.fixture
@@ -160,8 +162,14 @@ def run_in(netns: str, tmp_path: Path, *args: str) -> dict[str, Any]:
     script = tmp_path / "hostile.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(script), *args],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    res = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -174,8 +182,14 @@ def test_hostile_icmp_and_blackout(netns: str, tmp_path: Path) -> None:
     assert out["pending_after_hostile"] == 1
     # Exactly one valid reply counted; each hostile packet counted under its own reason.
     assert out["success"] is True and len(out["rtts"]) == 1 and out["rtts"][0] is not None
-    assert out["stray"] == {"foreign": 1, "unmatched": 1, "bad_checksum": 1, "wrong_source": 1,
-                            "bad_payload": 1, "late": 1}, out["stray"]
+    assert out["stray"] == {
+        "foreign": 1,
+        "unmatched": 1,
+        "bad_checksum": 1,
+        "wrong_source": 1,
+        "bad_payload": 1,
+        "late": 1,
+    }, out["stray"]
     # The flood: every packet counted (the socket buffer is 4 MiB: none dropped at this size),
     # state bounded, nothing in flight left behind.
     assert out["stray_after_flood"] >= 6 + 20000 * 0.99

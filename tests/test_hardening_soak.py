@@ -69,13 +69,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _profile() -> str:
-    lines = [f"region: {REGION}", "description: soak test", "source: tests/test_hardening_soak.py",
-             "edges:"]
+    lines = [
+        f"region: {REGION}",
+        "description: soak test",
+        "source: tests/test_hardening_soak.py",
+        "edges:",
+    ]
     for i, n in enumerate(STABLE + FLAP + INV):
         delay = 2 + 3 * (i % 7)
         loss = ", loss: 1%" if n in LOSSY else ""
-        lines.append(f'  - {{name: {n}, ipv4: 198.18.{40 + i}.1, ipv6: "2001:db8:e:{40 + i:x}::1",'
-                     f" path: {{delay: {delay}ms, jitter: 0.2ms{loss}}}}}")
+        lines.append(
+            f'  - {{name: {n}, ipv4: 198.18.{40 + i}.1, ipv6: "2001:db8:e:{40 + i:x}::1",'
+            f" path: {{delay: {delay}ms, jitter: 0.2ms{loss}}}}}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -90,19 +96,25 @@ def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def config(addr: dict[str, str], flap_on: bool, poll: str = "200ms",
-           broken: bool = False) -> str:
+def config(addr: dict[str, str], flap_on: bool, poll: str = "200ms", broken: bool = False) -> str:
     targets = [{"name": n, "address": addr[n]} for n in STABLE]
     if flap_on:
         targets += [{"name": n, "address": addr[n]} for n in FLAP]
-    doc = {"agent": {"region": "soak", "max_targets": 100},
-           "defaults": {"icmp": {"interval": "250ms", "packets": 3, "spacing": "10ms",
-                                 "timeout": "150ms"}},
-           "targets": targets,
-           "discovery": {"file_sd": [{"name": "inv", "files": ["inv.json"],
-                                      "poll_interval": poll}]},
-           "probe_endpoint": {"enabled": True, "allow_names": ["localhost"],
-                              "allow_special": ["loopback"], "burst": 1000, "rate": 1000}}
+    doc = {
+        "agent": {"region": "soak", "max_targets": 100},
+        "defaults": {
+            "icmp": {"interval": "250ms", "packets": 3, "spacing": "10ms", "timeout": "150ms"}
+        },
+        "targets": targets,
+        "discovery": {"file_sd": [{"name": "inv", "files": ["inv.json"], "poll_interval": poll}]},
+        "probe_endpoint": {
+            "enabled": True,
+            "allow_names": ["localhost"],
+            "allow_special": ["loopback"],
+            "burst": 1000,
+            "rate": 1000,
+        },
+    }
     text = yaml.safe_dump(doc)
     return text.replace("region: soak", "region: [soak") if broken else text
 
@@ -117,8 +129,12 @@ def forwarder_set(control: str, edge: str, loss: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
         c.settimeout(5.0)
         c.connect(control)
-        c.sendall(json.dumps({"cmd": "set", "region": REGION, "edge": edge,
-                              "set": {"loss": loss}}).encode() + b"\n")
+        c.sendall(
+            json.dumps(
+                {"cmd": "set", "region": REGION, "edge": edge, "set": {"loss": loss}}
+            ).encode()
+            + b"\n"
+        )
         assert json.loads(c.makefile().readline())["ok"]
 
 
@@ -130,11 +146,14 @@ def icmp_reply(ident: int, seq: int) -> bytes:
     return h[:2] + struct.pack("!H", ~s & 0xFFFF) + h[4:]
 
 
-def edge_counter(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-                 edge: str) -> float:
-    return sum(v for (n, labels), v in samples.items()
-               if n == name and dict(labels).get("edge") == edge
-               and dict(labels).get("probe") == "icmp")
+def edge_counter(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, edge: str
+) -> float:
+    return sum(
+        v
+        for (n, labels), v in samples.items()
+        if n == name and dict(labels).get("edge") == edge and dict(labels).get("probe") == "icmp"
+    )
 
 
 async def soak(a: dict[str, Any]) -> dict[str, Any]:
@@ -178,9 +197,13 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
         while time.monotonic() - t_start < seconds:
             step += 1
             elapsed = time.monotonic() - t_start
-            for _ in range(50):                        # ~100 stray replies per second
-                with_id = rng.choice([rng.randrange(1, 65536), *(
-                    e.ident for e in agent.resources.need(IcmpEngines).engines.values())])
+            for _ in range(50):  # ~100 stray replies per second
+                with_id = rng.choice(
+                    [
+                        rng.randrange(1, 65536),
+                        *(e.ident for e in agent.resources.need(IcmpEngines).engines.values()),
+                    ]
+                )
                 try:
                     raw.sendto(icmp_reply(with_id, rng.randrange(65536)), ("127.0.0.1", 0))
                     strays += 1
@@ -189,15 +212,16 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
             if black_state == "before" and elapsed >= black_from:
                 forwarder_set(a["control"], BLACK, "100%")
                 black_state = "black"
-                black["lost_at_start"] = edge_counter(last, "edgeprobe_packets_lost_total",
-                                                      BLACK)
+                black["lost_at_start"] = edge_counter(last, "edgeprobe_packets_lost_total", BLACK)
             elif black_state == "black" and elapsed >= black_to:
                 forwarder_set(a["control"], BLACK, "0%")
                 black_state = "back"
-                black["lost_while_black"] = (edge_counter(last, "edgeprobe_packets_lost_total",
-                                                          BLACK) - black["lost_at_start"])
+                black["lost_while_black"] = (
+                    edge_counter(last, "edgeprobe_packets_lost_total", BLACK)
+                    - black["lost_at_start"]
+                )
                 black["back_at"] = elapsed
-            if step % 6 == 0:                          # a reload every ~3 s
+            if step % 6 == 0:  # a reload every ~3 s
                 flap_on = (step // 6) % 2 == 0
                 broken = (step // 6) % 5 == 4
                 poll = "300ms" if (step // 6) % 7 == 6 else "200ms"
@@ -212,20 +236,26 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
             if step % 4 == 0:
                 inv_path.write_text(inventory(addr, step // 4))
             if step % 3 == 0:
-                async with session.get(base + "/probe", headers=auth,
-                                       params={"target": "localhost", "module": "icmp"}) as r:
+                async with session.get(
+                    base + "/probe", headers=auth, params={"target": "localhost", "module": "icmp"}
+                ) as r:
                     assert r.status == 200
-                async with session.get(base + "/metrics",
-                                       headers={"Authorization": "Basic Zm9vOmJhcg=="}) as r:
+                async with session.get(
+                    base + "/metrics", headers={"Authorization": "Basic Zm9vOmJhcg=="}
+                ) as r:
                     assert r.status == 401
             async with session.get(base + "/metrics", headers=auth) as r:
                 assert r.status == 200
                 text = await r.text()
             scrapes += 1
             fams = list(text_string_to_metric_families(text))
-            cur = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in fams if f.type == "counter"
-                   for s in f.samples if s.name.endswith("_total")}
+            cur = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in fams
+                if f.type == "counter"
+                for s in f.samples
+                if s.name.endswith("_total")
+            }
             for key, v in cur.items():
                 labels = dict(key[1])
                 stable = labels.get("edge", "") in STABLE or "edge" not in labels
@@ -233,12 +263,21 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
                     resets.append(f"{key}: {last[key]} -> {v}")
             last = cur
             if black_state == "back":
-                replies = sum(x.value for f in fams if f.name == "edgeprobe_rtt_seconds"
-                              for x in f.samples if x.name == "edgeprobe_rtt_seconds_count"
-                              and x.labels.get("edge") == BLACK)
-                after_back.append((elapsed, replies,
-                                   edge_counter(last, "edgeprobe_packets_sent_total", BLACK),
-                                   edge_counter(last, "edgeprobe_packets_lost_total", BLACK)))
+                replies = sum(
+                    x.value
+                    for f in fams
+                    if f.name == "edgeprobe_rtt_seconds"
+                    for x in f.samples
+                    if x.name == "edgeprobe_rtt_seconds_count" and x.labels.get("edge") == BLACK
+                )
+                after_back.append(
+                    (
+                        elapsed,
+                        replies,
+                        edge_counter(last, "edgeprobe_packets_sent_total", BLACK),
+                        edge_counter(last, "edgeprobe_packets_lost_total", BLACK),
+                    )
+                )
             if baseline is None and elapsed >= a["warmup"] and applied == (True, "200ms"):
                 # Same config state as at the end: flapping targets on, default poll.
                 gc.collect()
@@ -261,21 +300,32 @@ async def soak(a: dict[str, Any]) -> dict[str, Any]:
         # The first scrape that shows a new reply, and the loss over the rest of the soak once
         # the runs in flight when the path returned (150 ms timeout) have ended.
         t0, replies0 = after_back[0][0], after_back[0][1]
-        black["first_reply_after"] = next(
-            (t for t, r, _, _ in after_back if r > replies0), math.inf) - black["back_at"]
+        black["first_reply_after"] = (
+            next((t for t, r, _, _ in after_back if r > replies0), math.inf) - black["back_at"]
+        )
         settled = [x for x in after_back if x[0] >= t0 + 1.0] or after_back[-1:]
         sent = settled[-1][2] - settled[0][2]
         black["loss_after"] = (settled[-1][3] - settled[0][3]) / sent if sent else math.nan
         black["sent_after"] = sent
     stray_total = sum(v for (n, _), v in last.items() if n == "edgeprobe_stray_packets_total")
-    return {"seconds": round(time.monotonic() - t_start), "scrapes": scrapes,
-            "reloads": reloads, "failed_reloads": failed_reloads, "strays_sent_local": strays,
-            "strays_counted": stray_total, "baseline": baseline, "end": end,
-            "resets": resets[:5], "black": black,
-            "lost": {n: edge_counter(last, "edgeprobe_packets_lost_total", n) for n in STABLE},
-            "received_stable": {n: edge_counter(last, "edgeprobe_packets_sent_total", n)
-                                - edge_counter(last, "edgeprobe_packets_lost_total", n)
-                                for n in STABLE}}
+    return {
+        "seconds": round(time.monotonic() - t_start),
+        "scrapes": scrapes,
+        "reloads": reloads,
+        "failed_reloads": failed_reloads,
+        "strays_sent_local": strays,
+        "strays_counted": stray_total,
+        "baseline": baseline,
+        "end": end,
+        "resets": resets[:5],
+        "black": black,
+        "lost": {n: edge_counter(last, "edgeprobe_packets_lost_total", n) for n in STABLE},
+        "received_stable": {
+            n: edge_counter(last, "edgeprobe_packets_sent_total", n)
+            - edge_counter(last, "edgeprobe_packets_lost_total", n)
+            for n in STABLE
+        },
+    }
 
 
 # Stray echo replies from the edge side (built by ``icmp_reply``, random identifiers and
@@ -318,18 +368,44 @@ def test_soak(world: Any, tmp_path: Path) -> None:
     st = world.state
     addr = {n: st.edges[n]["ipv4"] for n in STABLE + FLAP + INV}
     rng = random.Random(11)
-    arg = {"dir": str(tmp_path), "addr": addr, "seconds": SOAK_SECONDS, "warmup": WARMUP,
-           "control": st.control}
+    arg = {
+        "dir": str(tmp_path),
+        "addr": addr,
+        "seconds": SOAK_SECONDS,
+        "warmup": WARMUP,
+        "control": st.control,
+    }
     strays = subprocess.Popen(
-        world.cmd("edge", [sys.executable, "-c", EDGE_STRAYS, json.dumps(
-            {"sources": [st.edges[n]["ipv4"] for n in STABLE + FLAP],
-             "dst": st.regions[REGION].agent4, "seconds": SOAK_SECONDS, "max": 20_000,
-             "packets": [icmp_reply(rng.randrange(1, 65536), rng.randrange(65536)).hex()
-                         for _ in range(256)]})]),
-        stdout=subprocess.PIPE, text=True)
+        world.cmd(
+            "edge",
+            [
+                sys.executable,
+                "-c",
+                EDGE_STRAYS,
+                json.dumps(
+                    {
+                        "sources": [st.edges[n]["ipv4"] for n in STABLE + FLAP],
+                        "dst": st.regions[REGION].agent4,
+                        "seconds": SOAK_SECONDS,
+                        "max": 20_000,
+                        "packets": [
+                            icmp_reply(rng.randrange(1, 65536), rng.randrange(65536)).hex()
+                            for _ in range(256)
+                        ],
+                    }
+                ),
+            ],
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        p = world.run(REGION, [sys.executable, __file__, json.dumps(arg)],
-                      timeout=SOAK_SECONDS + 120, cwd=str(ROOT))
+        p = world.run(
+            REGION,
+            [sys.executable, __file__, json.dumps(arg)],
+            timeout=SOAK_SECONDS + 120,
+            cwd=str(ROOT),
+        )
     finally:
         try:
             edge_sent = int(strays.communicate(timeout=SOAK_SECONDS + 30)[0] or 0)
@@ -341,6 +417,7 @@ def test_soak(world: Any, tmp_path: Path) -> None:
     report["strays_sent_edge"] = edge_sent
     # Ground truth: what the lab dropped between the agent and each stable edge.
     from lab import groundtruth as gt
+
     agent4 = st.regions[REGION].agent4
     dropped = {n: 0 for n in STABLE}
     by_addr = {st.edges[n]["ipv4"]: n for n in STABLE}
@@ -377,6 +454,7 @@ def test_soak(world: Any, tmp_path: Path) -> None:
     # is as clean as before: no loss at all, over >= 12 packets.
     assert black["first_reply_after"] <= 1.5, black
     assert black["sent_after"] >= 12 and black["loss_after"] == 0, black
+
 
 if __name__ == "__main__":
     # uvloop: the event loop `edgeprobe run` uses.

@@ -36,6 +36,7 @@ def free_port() -> int:
 def nofile(n: int) -> Callable[[], None]:
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
     return apply
 
 
@@ -50,17 +51,29 @@ class Child:
 
 
 @contextlib.contextmanager
-def child(tmp: Path, config: str, flags: tuple[str, ...] = (),
-          preexec: Callable[[], None] | None = None) -> Iterator[Child]:
+def child(
+    tmp: Path, config: str, flags: tuple[str, ...] = (), preexec: Callable[[], None] | None = None
+) -> Iterator[Child]:
     cfg = tmp / "edgeprobe.yml"
     cfg.write_text(config)
     port = free_port()
     log = tmp / "agent.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", f"--config.file={cfg}",
-             f"--web.listen-address=127.0.0.1:{port}", *flags],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                f"--config.file={cfg}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                *flags,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+        )
     try:
         yield Child(proc, f"http://127.0.0.1:{port}", log)
     finally:
@@ -90,12 +103,17 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 async def scrape(url: str) -> Samples:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
-            s.get(url + "/metrics") as r:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
+        s.get(url + "/metrics") as r,
+    ):
         assert r.status == 200
         text = await r.text()
-    return {(m.name, tuple(sorted(m.labels.items()))): m.value
-            for f in text_string_to_metric_families(text) for m in f.samples}
+    return {
+        (m.name, tuple(sorted(m.labels.items()))): m.value
+        for f in text_string_to_metric_families(text)
+        for m in f.samples
+    }
 
 
 def total(m: Samples, name: str, **labels: str) -> float:
@@ -106,6 +124,7 @@ def total(m: Samples, name: str, **labels: str) -> float:
 @contextlib.asynccontextmanager
 async def tcp_target() -> AsyncIterator[int]:
     """A loopback TCP server that accepts and closes: the TCP probe's target."""
+
     async def handle(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.close()
 
@@ -179,9 +198,12 @@ async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -
     the agent closes each slowloris connection, by eviction or at the header timeout."""
     n = 30
     async with tcp_target() as port:
-        with child(tmp_path, TCP_CONFIG.format(port=port),
-                   (f"--web.read-header-timeout={HEADER_TIMEOUT}s", "--web.idle-timeout=60s"),
-                   preexec=nofile(64)) as c:
+        with child(
+            tmp_path,
+            TCP_CONFIG.format(port=port),
+            (f"--web.read-header-timeout={HEADER_TIMEOUT}s", "--web.idle-timeout=60s"),
+            preexec=nofile(64),
+        ) as c:
             await wait_ready(c)
             before = await scrape(c.url)
             idle = open_held(c.url, n)
@@ -196,25 +218,29 @@ async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -
                 trickle(slow, first=False)
                 poll_closed(idle + slow)
                 scrapes += 1
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError,
-                                         AssertionError):
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, AssertionError):
                     after = await scrape(c.url)
                     ok += 1
             poll_closed(idle + slow)
             lifetimes = sorted(h.closed - h.opened for h in slow if h.closed is not None)
             cap = re.search(r"msg=listening .*max_connections=(\d+)", c.text())
-            print(f"web connection cap {cap and cap[1]}; scrapes {ok}/{scrapes}; slowloris "
-                  f"closed {len(lifetimes)}/{len(slow)} after {lifetimes[:1]}..{lifetimes[-1:]}"
-                  f" s; idle closed {sum(h.closed is not None for h in idle)}/{len(idle)}")
+            print(
+                f"web connection cap {cap and cap[1]}; scrapes {ok}/{scrapes}; slowloris "
+                f"closed {len(lifetimes)}/{len(slow)} after {lifetimes[:1]}..{lifetimes[-1:]}"
+                f" s; idle closed {sum(h.closed is not None for h in idle)}/{len(idle)}"
+            )
             for h in idle + slow:
                 h.sock.close()
             assert c.proc.poll() is None, c.text()
     log = c.text()
     assert ok == scrapes, f"{scrapes - ok} of {scrapes} scrapes failed\n{log}"
-    runs = total(after, "edgeprobe_probe_duration_seconds_count", edge="t1") \
-        - total(before, "edgeprobe_probe_duration_seconds_count", edge="t1")
-    print(f"TCP probe runs while held: {runs:g}, errors "
-          f"{total(after, 'edgeprobe_probe_errors_total', edge='t1'):g}")
+    runs = total(after, "edgeprobe_probe_duration_seconds_count", edge="t1") - total(
+        before, "edgeprobe_probe_duration_seconds_count", edge="t1"
+    )
+    print(
+        f"TCP probe runs while held: {runs:g}, errors "
+        f"{total(after, 'edgeprobe_probe_errors_total', edge='t1'):g}"
+    )
     assert runs >= 10
     assert total(after, "edgeprobe_probe_errors_total", edge="t1") == 0, log
     assert total(after, "edgeprobe_probe_exceptions_total") == 0, log
@@ -229,12 +255,19 @@ async def test_header_and_idle_timeouts(tmp_path: Path) -> None:
     passed, not before; a kept-alive connection idle after its request is closed once the
     idle timeout has passed, not before."""
     idle_timeout = 4.0
-    with child(tmp_path, SMALL_CONFIG, (f"--web.read-header-timeout={HEADER_TIMEOUT}s",
-                                        f"--web.idle-timeout={idle_timeout}s")) as c:
+    with child(
+        tmp_path,
+        SMALL_CONFIG,
+        (f"--web.read-header-timeout={HEADER_TIMEOUT}s", f"--web.idle-timeout={idle_timeout}s"),
+    ) as c:
         await wait_ready(c)
         silent, slow, idle, partial = (open_held(c.url, 1)[0] for _ in range(4))
-        conns = {"silent": silent, "slowloris": slow, "kept-alive, idle": idle,
-                 "kept-alive, then a partial header": partial}
+        conns = {
+            "silent": silent,
+            "slowloris": slow,
+            "kept-alive, idle": idle,
+            "kept-alive, then a partial header": partial,
+        }
         for h in (idle, partial):
             h.sock.send(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
         trickle([slow], first=True)
@@ -245,13 +278,14 @@ async def test_header_and_idle_timeouts(tmp_path: Path) -> None:
             trickle([slow], first=False)
             if not partial_sent and time.monotonic() - partial.opened >= 1.0:
                 partial.sock.send(b"GET / HTTP/1.1\r\n")
-                partial.opened = time.monotonic()   # its header timeout starts now
+                partial.opened = time.monotonic()  # its header timeout starts now
                 partial_sent = True
-            poll_closed(list(conns.values()))   # also drains the answers to the requests
+            poll_closed(list(conns.values()))  # also drains the answers to the requests
         for h in conns.values():
             h.sock.close()
-        life = {k: None if h.closed is None else round(h.closed - h.opened, 2)
-                for k, h in conns.items()}
+        life = {
+            k: None if h.closed is None else round(h.closed - h.opened, 2) for k, h in conns.items()
+        }
         print("lifetimes (s):", life)
         assert c.proc.poll() is None
     for name in ("silent", "slowloris", "kept-alive, then a partial header"):
@@ -270,11 +304,18 @@ async def test_tls_handshake_counts_against_the_header_timeout(tmp_path: Path) -
     leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
     leaf.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
     (tmp_path / "web.yml").write_text(
-        "tls_server_config: {cert_file: tls.crt, key_file: tls.key}\n")
+        "tls_server_config: {cert_file: tls.crt, key_file: tls.key}\n"
+    )
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    with child(tmp_path, SMALL_CONFIG, (f"--web.read-header-timeout={HEADER_TIMEOUT}s",
-                                        f"--web.config.file={tmp_path / 'web.yml'}")) as c:
+    with child(
+        tmp_path,
+        SMALL_CONFIG,
+        (
+            f"--web.read-header-timeout={HEADER_TIMEOUT}s",
+            f"--web.config.file={tmp_path / 'web.yml'}",
+        ),
+    ) as c:
         url = c.url.replace("http:", "https:")
         deadline = time.monotonic() + 20
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
@@ -287,9 +328,8 @@ async def test_tls_handshake_counts_against_the_header_timeout(tmp_path: Path) -
                 await asyncio.sleep(0.1)
         host, port = c.url.removeprefix("http://").split(":")
         silent = open_held(c.url, 1)[0]
-        half = Held(socket.socket(), time.monotonic())     # the deadline runs from accept
-        r, w = await asyncio.open_connection(host, int(port), ssl=ctx,
-                                             server_hostname="127.0.0.1")
+        half = Held(socket.socket(), time.monotonic())  # the deadline runs from accept
+        r, w = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname="127.0.0.1")
         w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         with contextlib.suppress(asyncio.TimeoutError, ConnectionError, ssl.SSLError):
             await asyncio.wait_for(r.read(), 3 * HEADER_TIMEOUT)
@@ -301,8 +341,10 @@ async def test_tls_handshake_counts_against_the_header_timeout(tmp_path: Path) -
             await asyncio.sleep(0.1)
             poll_closed([silent])
         silent.sock.close()
-    life = {k: None if h.closed is None else round(h.closed - h.opened, 2)
-            for k, h in (("no ClientHello", silent), ("half a header", half))}
+    life = {
+        k: None if h.closed is None else round(h.closed - h.opened, 2)
+        for k, h in (("no ClientHello", silent), ("half a header", half))
+    }
     print("TLS lifetimes (s):", life)
     for k, v in life.items():
         assert v is not None and HEADER_TIMEOUT - 0.1 <= v < 3 * HEADER_TIMEOUT, (k, v)
@@ -344,8 +386,9 @@ async def test_sighup_from_spawn_is_never_a_death(tmp_path: Path) -> None:
                                 ready_at = time.monotonic()
                 if ready_at is not None and time.monotonic() > ready_at + 0.5:
                     break
-        assert c.proc.poll() is None, f"agent died ({c.proc.returncode}) after {sent} " \
-                                      f"SIGHUPs:\n{c.text()}"
+        assert c.proc.poll() is None, (
+            f"agent died ({c.proc.returncode}) after {sent} SIGHUPs:\n{c.text()}"
+        )
         await wait_ready(c)
         m = await scrape(c.url)
         assert total(m, "edgeprobe_config_last_reload_successful") == 1
@@ -467,6 +510,8 @@ def test_server_log_demotes_only_malformed_requests(caplog: pytest.LogCaptureFix
         adapter.debug("Error handling request from %s", "x", exc_info=BadHttpMessage("m"))
         adapter.exception("Error handling request from %s", "x", exc_info=RuntimeError("bug"))
     got = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records]
-    assert got == [(logging.DEBUG, "malformed HTTP request", False),
-                   (logging.DEBUG, "malformed HTTP request", False),
-                   (logging.ERROR, "Error handling request from x", True)]
+    assert got == [
+        (logging.DEBUG, "malformed HTTP request", False),
+        (logging.DEBUG, "malformed HTTP request", False),
+        (logging.ERROR, "Error handling request from x", True),
+    ]

@@ -43,8 +43,9 @@ class Pki:
     ca: trustme.CA
     dir: Path
 
-    def client_ctx(self, cert: bool = False, max_version: ssl.TLSVersion | None = None
-                   ) -> ssl.SSLContext:
+    def client_ctx(
+        self, cert: bool = False, max_version: ssl.TLSVersion | None = None
+    ) -> ssl.SSLContext:
         ctx = ssl.create_default_context()
         self.ca.configure_trust(ctx)
         if cert:
@@ -71,6 +72,7 @@ def write_cfg(pki: Pki, doc: dict[str, object]) -> Path:
 
 
 TLS = {"cert_file": "server.crt", "key_file": "server.key"}
+
 
 def basic(user: str, password: str) -> str:
     return aiohttp.encode_basic_auth(user, password)
@@ -103,18 +105,20 @@ async def serve() -> AsyncIterator[Serve]:
         await r.cleanup()
 
 
-async def get(url: str, ctx: ssl.SSLContext | bool | None = None,
-              auth: str | None = None) -> tuple[int, str, dict[str, str]]:
+async def get(
+    url: str, ctx: ssl.SSLContext | bool | None = None, auth: str | None = None
+) -> tuple[int, str, dict[str, str]]:
     headers = {"Authorization": auth} if auth else {}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
-            s.get(url, ssl=ctx if ctx is not None else True, headers=headers) as r:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
+        s.get(url, ssl=ctx if ctx is not None else True, headers=headers) as r,
+    ):
         return r.status, await r.text(), dict(r.headers)
 
 
 async def test_tls_and_basic_auth(pki: Pki, serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    guard = WebGuard(write_cfg(pki, {"tls_server_config": TLS,
-                                     "basic_auth_users": {"prom": HASH}}))
+    guard = WebGuard(write_cfg(pki, {"tls_server_config": TLS, "basic_auth_users": {"prom": HASH}}))
     url = await serve(guard)
     ctx = pki.client_ctx()
 
@@ -149,8 +153,11 @@ async def test_min_version_refuses_old_clients(pki: Pki, serve: Serve) -> None:
 
 
 async def test_client_certificates_and_sans(pki: Pki, serve: Serve) -> None:
-    tls: dict[str, object] = {**TLS, "client_auth_type": "RequireAndVerifyClientCert",
-                              "client_ca_file": "ca.crt"}
+    tls: dict[str, object] = {
+        **TLS,
+        "client_auth_type": "RequireAndVerifyClientCert",
+        "client_ca_file": "ca.crt",
+    }
     url = await serve(WebGuard(write_cfg(pki, {"tls_server_config": tls})))
     assert (await get(url, pki.client_ctx(cert=True)))[0] == 200
     with pytest.raises(aiohttp.ClientError):
@@ -166,10 +173,18 @@ async def test_client_certificates_and_sans(pki: Pki, serve: Serve) -> None:
 
 async def test_headers_and_rate_limit(pki: Pki, serve: Serve) -> None:
     now = [0.0]
-    guard = WebGuard(write_cfg(pki, {
-        "http_server_config": {"headers": {"X-Frame-Options": "deny",
-                                           "X-Content-Type-Options": "nosniff"}},
-        "rate_limit": {"interval": "1s", "burst": 2}}), clock=lambda: now[0])
+    guard = WebGuard(
+        write_cfg(
+            pki,
+            {
+                "http_server_config": {
+                    "headers": {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+                },
+                "rate_limit": {"interval": "1s", "burst": 2},
+            },
+        ),
+        clock=lambda: now[0],
+    )
     url = await serve(guard)
     status, _, headers = await get(url)
     assert status == 200 and headers["X-Frame-Options"] == "deny"
@@ -198,8 +213,13 @@ async def test_reload_rotates_certs_and_keeps_old_on_error(pki: Pki, serve: Serv
     assert (await get(url, pki.client_ctx(), auth))[0] == 200
 
     new_hash = bcrypt.hashpw(b"rotated", bcrypt.gensalt(4)).decode()
-    write_cfg(pki, {"tls_server_config": {"cert_file": "server2.crt", "key_file": "server2.key"},
-                    "basic_auth_users": {"prom": new_hash}})
+    write_cfg(
+        pki,
+        {
+            "tls_server_config": {"cert_file": "server2.crt", "key_file": "server2.key"},
+            "basic_auth_users": {"prom": new_hash},
+        },
+    )
     guard.reload()
     ctx2 = ssl.create_default_context()
     ca2.configure_trust(ctx2)
@@ -213,25 +233,33 @@ async def test_reload_rotates_certs_and_keeps_old_on_error(pki: Pki, serve: Serv
         guard.reload()
 
 
-@pytest.mark.parametrize(("doc", "match"), [
-    ({"basic_auth_user": {"a": HASH}}, "unknown key 'basic_auth_user'"),
-    ({"tls_server_config": {**TLS, "min_versoin": "TLS12"}}, "unknown key 'min_versoin'"),
-    ({"tls_server_config": {"cert_file": "server.crt"}}, "key_file"),
-    ({"tls_server_config": {**TLS, "min_version": "TLS9"}}, "min_version"),
-    ({"tls_server_config": {**TLS, "min_version": "TLS13", "max_version": "TLS12"}}, "above"),
-    ({"tls_server_config": {**TLS, "client_auth_type": "RequireAnyClientCert"}}, "not supported"),
-    ({"tls_server_config": {**TLS, "client_auth_type": "RequireAndVerifyClientCert"}},
-     "client_ca_file"),
-    ({"tls_server_config": {**TLS, "cipher_suites": ["TLS_NULL"]}}, "cipher_suites"),
-    ({"tls_server_config": {"cert_file": "nope.crt", "key_file": "server.key"}}, "cannot load"),
-    ({"basic_auth_users": {"prom": "plaintext-password"}}, "not a bcrypt hash"),
-    ({"basic_auth_users": {"a:b": HASH}}, "no ':'"),
-    ({"basic_auth_users": ["prom"]}, "expected a mapping"),
-    ({"http_server_config": {"headers": {"X-Frame-Options": "allow"}}}, "deny"),
-    ({"http_server_config": {"headers": {"Server": "x"}}}, "unknown key"),
-    ({"rate_limit": {"interval": "1 second", "burst": 1}}, "invalid duration"),
-    ({"rate_limit": {"interval": "1s"}}, "burst"),
-])
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ({"basic_auth_user": {"a": HASH}}, "unknown key 'basic_auth_user'"),
+        ({"tls_server_config": {**TLS, "min_versoin": "TLS12"}}, "unknown key 'min_versoin'"),
+        ({"tls_server_config": {"cert_file": "server.crt"}}, "key_file"),
+        ({"tls_server_config": {**TLS, "min_version": "TLS9"}}, "min_version"),
+        ({"tls_server_config": {**TLS, "min_version": "TLS13", "max_version": "TLS12"}}, "above"),
+        (
+            {"tls_server_config": {**TLS, "client_auth_type": "RequireAnyClientCert"}},
+            "not supported",
+        ),
+        (
+            {"tls_server_config": {**TLS, "client_auth_type": "RequireAndVerifyClientCert"}},
+            "client_ca_file",
+        ),
+        ({"tls_server_config": {**TLS, "cipher_suites": ["TLS_NULL"]}}, "cipher_suites"),
+        ({"tls_server_config": {"cert_file": "nope.crt", "key_file": "server.key"}}, "cannot load"),
+        ({"basic_auth_users": {"prom": "plaintext-password"}}, "not a bcrypt hash"),
+        ({"basic_auth_users": {"a:b": HASH}}, "no ':'"),
+        ({"basic_auth_users": ["prom"]}, "expected a mapping"),
+        ({"http_server_config": {"headers": {"X-Frame-Options": "allow"}}}, "deny"),
+        ({"http_server_config": {"headers": {"Server": "x"}}}, "unknown key"),
+        ({"rate_limit": {"interval": "1 second", "burst": 1}}, "invalid duration"),
+        ({"rate_limit": {"interval": "1s"}}, "burst"),
+    ],
+)
 def test_strict_errors(pki: Pki, doc: dict[str, object], match: str) -> None:
     with pytest.raises(WebConfigError, match=match) as e:
         load_web_config(write_cfg(pki, doc))
@@ -247,22 +275,50 @@ def test_yaml_error_does_not_quote_the_file(pki: Pki) -> None:
 
 
 def test_inline_cert_and_key(pki: Pki) -> None:
-    cfg = load_web_config(write_cfg(pki, {"tls_server_config": {
-        "cert": (pki.dir / "server.crt").read_text(), "key": (pki.dir / "server.key").read_text(),
-        "curve_preferences": ["X25519", "CurveP256"], "cipher_suites": [
-            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]}}))
+    cfg = load_web_config(
+        write_cfg(
+            pki,
+            {
+                "tls_server_config": {
+                    "cert": (pki.dir / "server.crt").read_text(),
+                    "key": (pki.dir / "server.key").read_text(),
+                    "curve_preferences": ["X25519", "CurveP256"],
+                    "cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"],
+                }
+            },
+        )
+    )
     assert server_context(cfg) is not None
     assert "PRIVATE KEY" not in repr(cfg)
 
 
 yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(["tls_server_config", "basic_auth_users", "cert_file",
-                                       "key_file", "http_server_config", "headers", "rate_limit",
-                                       "interval", "burst", "min_version", "x"]) | st.text(
-                                           max_size=8), inner, max_size=4),
-    max_leaves=20)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "tls_server_config",
+                    "basic_auth_users",
+                    "cert_file",
+                    "key_file",
+                    "http_server_config",
+                    "headers",
+                    "rate_limit",
+                    "interval",
+                    "burst",
+                    "min_version",
+                    "x",
+                ]
+            )
+            | st.text(max_size=8),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -354,10 +410,10 @@ def test_reload_revokes_a_removed_client_ca(pki: Pki, loop: str) -> None:
 
             write_cfg(pki, {"tls_server_config": {**tls, "client_ca_file": "ca_b.crt"}})
             guard.reload()
-            assert await refused(url, from_a)      # CA a is gone, not merely joined by CA b
+            assert await refused(url, from_a)  # CA a is gone, not merely joined by CA b
             assert (await get(url, from_b))[0] == 200
 
-            write_cfg(pki, {"tls_server_config": TLS})   # client certificates off again
+            write_cfg(pki, {"tls_server_config": TLS})  # client certificates off again
             guard.reload()
             assert (await get(url, pki.client_ctx()))[0] == 200
 
@@ -375,8 +431,10 @@ def test_reload_closes_kept_alive_connections_of_a_replaced_policy(pki: Pki, loo
 
     async def scenario() -> None:
         guard = WebGuard(write_cfg(pki, {"tls_server_config": tls}))
-        async with serving(guard) as url, aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=5)) as s:
+        async with (
+            serving(guard) as url,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
+        ):
             url = url.replace("/metrics", "/peer")
             from_a = client_cert_ctx(pki, pki.ca)
 
@@ -386,12 +444,20 @@ def test_reload_closes_kept_alive_connections_of_a_replaced_policy(pki: Pki, loo
                     return await r.text()
 
             first = await peer_port()
-            assert await peer_port() == first               # kept alive
+            assert await peer_port() == first  # kept alive
 
             # Same client policy (server certificate rotated, a header added): kept.
-            write_cfg(pki, {"tls_server_config": {**tls, "cert_file": "server2.crt",
-                                                  "key_file": "server2.key"},
-                            "http_server_config": {"headers": {"X-Frame-Options": "deny"}}})
+            write_cfg(
+                pki,
+                {
+                    "tls_server_config": {
+                        **tls,
+                        "cert_file": "server2.crt",
+                        "key_file": "server2.key",
+                    },
+                    "http_server_config": {"headers": {"X-Frame-Options": "deny"}},
+                },
+            )
             guard.reload()
             assert await peer_port() == first
 
@@ -408,8 +474,11 @@ def test_reload_closes_kept_alive_connections_of_a_replaced_policy(pki: Pki, loo
 
 @LOOPS
 def test_reload_lifts_and_restores_a_cipher_restriction(pki: Pki, loop: str) -> None:
-    only_128 = {**TLS, "max_version": "TLS12",
-                "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]}
+    only_128 = {
+        **TLS,
+        "max_version": "TLS12",
+        "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"],
+    }
 
     async def scenario() -> None:
         guard = WebGuard(write_cfg(pki, {"tls_server_config": only_128}))
@@ -454,8 +523,16 @@ def test_failed_reload_leaves_the_tls_policy_untouched(pki: Pki, loop: str) -> N
         guard = WebGuard(write_cfg(pki, {"tls_server_config": tls}))
         async with serving(guard) as url:
             # A valid policy with an unusable key: nothing of it may reach the running policy.
-            write_cfg(pki, {"tls_server_config": {**tls, "client_auth_type": "NoClientCert",
-                                                  "key_file": "missing.key"}})
+            write_cfg(
+                pki,
+                {
+                    "tls_server_config": {
+                        **tls,
+                        "client_auth_type": "NoClientCert",
+                        "key_file": "missing.key",
+                    }
+                },
+            )
             with pytest.raises(WebConfigError):
                 guard.reload()
             assert await refused(url, pki.client_ctx())
@@ -478,14 +555,15 @@ def test_a_mistagged_hash_is_a_clean_error_naming_key_and_line(pki: Pki, tag: st
         load_web_config(p)
     msg = str(e.value)
     assert "prom" in msg and "\n" not in msg
-    assert HASH[7:29].lower() not in msg.lower()       # not even a piece of the salt
+    assert HASH[7:29].lower() not in msg.lower()  # not even a piece of the salt
     # These cannot decode a hash; the others may (to a value of the wrong type, found later).
     if tag in ("!!int", "!!float", "!!bool", "!!timestamp"):
         assert "web.yml:3:" in msg
 
 
-def test_an_unforeseen_decoder_failure_is_still_clean(pki: Pki,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unforeseen_decoder_failure_is_still_clean(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import agent.server.webconfig as wc
 
     def boom(users: object) -> bytes:
@@ -497,12 +575,15 @@ def test_an_unforeseen_decoder_failure_is_still_clean(pki: Pki,
     assert HASH not in str(e.value) and "ValueError" in str(e.value)
 
 
-@pytest.mark.parametrize("doc", [
-    {"tls_server_config": {}}, {"tls_server_config": None},
-    {"tls_server_config": {}, "basic_auth_users": {"prom": HASH}},
-])
-def test_an_empty_tls_section_is_an_error_not_plain_http(pki: Pki, doc: dict[str, object]
-                                                         ) -> None:
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"tls_server_config": {}},
+        {"tls_server_config": None},
+        {"tls_server_config": {}, "basic_auth_users": {"prom": HASH}},
+    ],
+)
+def test_an_empty_tls_section_is_an_error_not_plain_http(pki: Pki, doc: dict[str, object]) -> None:
     with pytest.raises(WebConfigError, match="tls_server_config"):
         WebGuard(write_cfg(pki, doc))
 
@@ -517,23 +598,29 @@ def _hash(cost: int, password: bytes = PASSWORD.encode()) -> str:
 
 
 def _alter(h: str, i: int, c: str) -> str:
-    return h[:i] + c + h[i + 1:]
+    return h[:i] + c + h[i + 1 :]
 
 
-@pytest.mark.parametrize(("hashed", "match"), [
-    pytest.param(HASH + "\n", "not a bcrypt hash", id="trailing-newline"),
-    pytest.param(" " + HASH, "not a bcrypt hash", id="leading-space"),
-    pytest.param("$2$" + HASH[4:], "not a bcrypt hash", id="prefix-2"),
-    pytest.param("$2x$" + HASH[4:], "not a bcrypt hash", id="prefix-2x"),
-    pytest.param(HASH[:-1], "not a bcrypt hash", id="short"),
-    pytest.param(HASH + "a", "not a bcrypt hash", id="long"),
-    pytest.param("$2b$03$" + HASH[7:], "cost outside 4..14", id="cost-3"),
-    pytest.param("$2b$15$" + HASH[7:], "cost outside 4..14", id="cost-15"),
-    pytest.param("$2b$31$" + HASH[7:], "cost outside 4..14", id="cost-31"),
-    pytest.param(_alter(HASH, 28, "P" if HASH[28] != "P" else "Q"), "never match",
-                 id="salt-not-canonical"),
-    pytest.param(_alter(HASH, 59, "/"), "never match", id="digest-not-canonical"),
-])
+@pytest.mark.parametrize(
+    ("hashed", "match"),
+    [
+        pytest.param(HASH + "\n", "not a bcrypt hash", id="trailing-newline"),
+        pytest.param(" " + HASH, "not a bcrypt hash", id="leading-space"),
+        pytest.param("$2$" + HASH[4:], "not a bcrypt hash", id="prefix-2"),
+        pytest.param("$2x$" + HASH[4:], "not a bcrypt hash", id="prefix-2x"),
+        pytest.param(HASH[:-1], "not a bcrypt hash", id="short"),
+        pytest.param(HASH + "a", "not a bcrypt hash", id="long"),
+        pytest.param("$2b$03$" + HASH[7:], "cost outside 4..14", id="cost-3"),
+        pytest.param("$2b$15$" + HASH[7:], "cost outside 4..14", id="cost-15"),
+        pytest.param("$2b$31$" + HASH[7:], "cost outside 4..14", id="cost-31"),
+        pytest.param(
+            _alter(HASH, 28, "P" if HASH[28] != "P" else "Q"),
+            "never match",
+            id="salt-not-canonical",
+        ),
+        pytest.param(_alter(HASH, 59, "/"), "never match", id="digest-not-canonical"),
+    ],
+)
 def test_hashes_that_cannot_work_are_refused_at_load(pki: Pki, hashed: str, match: str) -> None:
     with pytest.raises(WebConfigError, match=match) as e:
         WebGuard(write_cfg(pki, {"basic_auth_users": {"prom": hashed}}))
@@ -541,7 +628,8 @@ def test_hashes_that_cannot_work_are_refused_at_load(pki: Pki, hashed: str, matc
 
 
 async def test_unknown_users_cost_as_much_bcrypt_as_configured_ones(
-        pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checked: list[bytes] = []
     real = bcrypt.checkpw
 
@@ -569,7 +657,8 @@ async def test_unknown_users_cost_as_much_bcrypt_as_configured_ones(
 
 
 async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
-        pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lock = threading.Lock()
     running, peak = [0], [0]
     real = bcrypt.checkpw
@@ -587,14 +676,15 @@ async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
     monkeypatch.setattr(bcrypt, "checkpw", spy)
     # Cost 11 (~100 ms a check): a burst of 60 connections outruns 2 workers.
     users = {"prom": _hash(11), "ops": _hash(11)}
-    guard = WebGuard(write_cfg(pki, {"basic_auth_users": users}), bcrypt_workers=2,
-                     bcrypt_queue=4)
+    guard = WebGuard(write_cfg(pki, {"basic_auth_users": users}), bcrypt_workers=2, bcrypt_queue=4)
     url = await serve(guard)
-    assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200    # now cached
+    assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200  # now cached
 
     n = 60
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=n),
-                                     timeout=aiohttp.ClientTimeout(total=30)) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=n), timeout=aiohttp.ClientTimeout(total=30)
+    ) as s:
+
         async def attempt(i: int) -> tuple[int, str | None]:
             user = ("nobody", "prom")[i % 2]
             async with s.get(url, headers={"Authorization": basic(user, f"wrong-{i}")}) as r:
@@ -602,7 +692,7 @@ async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
 
         flood = [asyncio.create_task(attempt(i)) for i in range(n)]
         await asyncio.sleep(0.05)
-        cached = await get(url, auth=basic("prom", PASSWORD))     # during the flood
+        cached = await get(url, auth=basic("prom", PASSWORD))  # during the flood
         results = await asyncio.gather(*flood)
 
     statuses = collections.Counter(status for status, _ in results)
@@ -610,8 +700,8 @@ async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
     assert statuses[503] >= 1 and statuses[401] >= 1, statuses
     assert all(ra == "1" for status, ra in results if status == 503)
     assert guard.bcrypt_shed_total == statuses[503]
-    assert peak[0] <= 2                              # never more than the worker threads
-    assert cached[0] == 200                          # a verified scraper is never shed
+    assert peak[0] <= 2  # never more than the worker threads
+    assert cached[0] == 200  # a verified scraper is never shed
     # Nothing is left counted as pending: an uncached valid login works right after.
     await asyncio.sleep(0)
     assert guard._bcrypt_pending == 0
@@ -624,12 +714,15 @@ async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_CFG = "agent: {region: id-jakarta}\ntargets: []\n"
-MISTAGGED = f"tls_server_config: {{cert_file: server.crt, key_file: server.key}}\n" \
+MISTAGGED = (
+    f"tls_server_config: {{cert_file: server.crt, key_file: server.key}}\n"
     f"basic_auth_users:\n  prom: !!int {HASH}\n"
+)
 
 
 async def test_reload_with_a_mistagged_hash_fails_cleanly(
-        pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     from agent.app import Agent
     from agent.config import load as cfgmod
     from agent.server.http import build_app
@@ -644,8 +737,11 @@ async def test_reload_with_a_mistagged_hash_fails_cleanly(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    runner = await serve_app(build_app(agent, middlewares=guard.middlewares()),
-                             f"127.0.0.1:{port}", ssl_context=guard.ssl_context)
+    runner = await serve_app(
+        build_app(agent, middlewares=guard.middlewares()),
+        f"127.0.0.1:{port}",
+        ssl_context=guard.ssl_context,
+    )
     base, ctx, auth = f"https://127.0.0.1:{port}", pki.client_ctx(), basic("prom", PASSWORD)
     try:
         path.write_text(MISTAGGED)
@@ -656,7 +752,7 @@ async def test_reload_with_a_mistagged_hash_fails_cleanly(
                 metrics = await r.text()
         assert status == 500 and "web.yml:3:" in body and "basic_auth_users.prom" in body
         assert 'edgeprobe_config_last_reload_successful{region="id-jakarta"} 0.0' in metrics
-        assert guard.config.basic_auth_users["prom"] == HASH.encode()   # the old one serves
+        assert guard.config.basic_auth_users["prom"] == HASH.encode()  # the old one serves
     finally:
         await runner.cleanup()
     for secret in (HASH, HASH.lower()):
@@ -670,10 +766,22 @@ def test_start_up_with_a_mistagged_hash_exits_with_one_line(pki: Pki) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    res = subprocess.run([sys.executable, "-m", "agent", "run", f"--config.file={cfg_path}",
-                          f"--web.listen-address=127.0.0.1:{port}",
-                          f"--web.config.file={pki.dir / 'web.yml'}", "--log.format=logfmt"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            f"--config.file={cfg_path}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.config.file={pki.dir / 'web.yml'}",
+            "--log.format=logfmt",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 1
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("edgeprobe:")]
     assert len(lines) == 1 and "basic_auth_users.prom" in lines[0], res.stderr
@@ -711,18 +819,35 @@ async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         prom_port = sock.getsockname()[1]
-    (pki.dir / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{
-            "job_name": "edgeprobe", "scheme": "https",
-            "tls_config": {"ca_file": str(pki.dir / "ca.crt"),
-                           "cert_file": str(pki.dir / "client.crt"),
-                           "key_file": str(pki.dir / "client.key")},
-            "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
+    (pki.dir / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "edgeprobe",
+                        "scheme": "https",
+                        "tls_config": {
+                            "ca_file": str(pki.dir / "ca.crt"),
+                            "cert_file": str(pki.dir / "client.crt"),
+                            "key_file": str(pki.dir / "client.key"),
+                        },
+                        "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+                    }
+                ],
+            }
+        )
+    )
     prom = subprocess.Popen(
-        ["prometheus", f"--config.file={pki.dir / 'prometheus.yml'}",
-         f"--storage.tsdb.path={pki.dir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "prometheus",
+            f"--config.file={pki.dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={pki.dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     async def scrapes(n: int) -> None:
         deadline = time.monotonic() + 30
@@ -736,10 +861,14 @@ async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
         write_cfg(pki, {"tls_server_config": {**tls, "client_ca_file": "bundle.crt"}})
         guard.reload()
         await scrapes(before + 3)
-        await asyncio.sleep(1.5)          # let Prometheus commit the last samples
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
-                s.get(f"http://127.0.0.1:{prom_port}/api/v1/query",
-                      params={"query": 'up{job="edgeprobe"}[5m]'}) as r:
+        await asyncio.sleep(1.5)  # let Prometheus commit the last samples
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
+            s.get(
+                f"http://127.0.0.1:{prom_port}/api/v1/query",
+                params={"query": 'up{job="edgeprobe"}[5m]'},
+            ) as r,
+        ):
             samples = [float(v) for _, v in (await r.json())["data"]["result"][0]["values"]]
     finally:
         prom.send_signal(signal.SIGTERM)
@@ -749,13 +878,14 @@ async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
             prom.kill()
             prom.wait(5)
         await runner.cleanup()
-    assert len(set(ports[:before])) == 1                     # one kept-alive connection
-    assert set(ports[before:]).isdisjoint(ports[:before])    # a new one after the reload
-    assert len(samples) >= 5 and set(samples) == {1.0}, samples   # no scrape failed
+    assert len(set(ports[:before])) == 1  # one kept-alive connection
+    assert set(ports[before:]).isdisjoint(ports[:before])  # a new one after the reload
+    assert len(samples) >= 5 and set(samples) == {1.0}, samples  # no scrape failed
 
 
-async def test_a_scraper_in_use_stays_cached(pki: Pki, serve: Serve,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_scraper_in_use_stays_cached(
+    pki: Pki, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Used at least once a minute, a verified credential never needs bcrypt again: a flood
     that fills the bcrypt queue cannot fail a steady scraper's scrapes."""
     calls = [0]
@@ -769,10 +899,10 @@ async def test_a_scraper_in_use_stays_cached(pki: Pki, serve: Serve,
     now = [0.0]
     guard = WebGuard(write_cfg(pki, {"basic_auth_users": {"prom": HASH}}), clock=lambda: now[0])
     url = await serve(guard)
-    for t in (0.0, 50.0, 100.0, 150.0):         # a 50 s scrape interval, past the 60 s TTL
+    for t in (0.0, 50.0, 100.0, 150.0):  # a 50 s scrape interval, past the 60 s TTL
         now[0] = t
         assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200
     assert calls[0] == 1
-    now[0] += 61.0                                # unused for longer than the TTL: verified anew
+    now[0] += 61.0  # unused for longer than the TTL: verified anew
     assert (await get(url, auth=basic("prom", PASSWORD)))[0] == 200
     assert calls[0] == 2

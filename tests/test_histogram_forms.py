@@ -47,17 +47,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 PROMETHEUSRULE = ROOT / "deploy" / "kubernetes" / "cluster" / "prometheusrule.yaml"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
-HISTOGRAMS = frozenset(f.name for f in (*catalog.SERIES, *catalog.AGENT)
-                       if f.type == "histogram")
-DASHBOARD_VARS = {"edge": ".*", "instance": ".*", "probe": ".*", "__rate_interval": "1m",
-                  "__interval": "15s", "__range": "5m"}
+HISTOGRAMS = frozenset(f.name for f in (*catalog.SERIES, *catalog.AGENT) if f.type == "histogram")
+DASHBOARD_VARS = {
+    "edge": ".*",
+    "instance": ".*",
+    "probe": ".*",
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "5m",
+}
 
 
 # -- static: both forms, native first ---------------------------------------------------------
 @dataclass(frozen=True)
 class Reads:
-    native: tuple[int, ...]       # offsets of reads of the histogram itself
-    classic: tuple[int, ...]      # offsets of reads of its _bucket/_count/_sum series
+    native: tuple[int, ...]  # offsets of reads of the histogram itself
+    classic: tuple[int, ...]  # offsets of reads of its _bucket/_count/_sum series
 
 
 def strip(expr: str) -> str:
@@ -78,8 +83,10 @@ def histogram_reads(expr: str) -> dict[str, Reads]:
             native.setdefault(name, []).append(m.start())
         elif base != name and base in HISTOGRAMS:
             classic.setdefault(base, []).append(m.start())
-    return {h: Reads(tuple(native.get(h, ())), tuple(classic.get(h, ())))
-            for h in native.keys() | classic.keys()}
+    return {
+        h: Reads(tuple(native.get(h, ())), tuple(classic.get(h, ())))
+        for h in native.keys() | classic.keys()
+    }
 
 
 def form_problems(expr: str) -> list[str]:
@@ -92,7 +99,7 @@ def form_problems(expr: str) -> list[str]:
             out.append(f"{h}: native form only")
         elif max(r.native) > min(r.classic):
             out.append(f"{h}: the classic form comes before the native one")
-        elif not re.search(r"\bor\b", text[max(r.native):min(r.classic)]):
+        elif not re.search(r"\bor\b", text[max(r.native) : min(r.classic)]):
             out.append(f"{h}: no `or` between the native form and the classic fallback")
     return out
 
@@ -127,18 +134,24 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 
 def test_the_checker_tells_the_forms_apart() -> None:
-    classic = 'histogram_quantile(0.5, sum by (le) (rate(edgeprobe_rtt_seconds_bucket[5m])))'
+    classic = "histogram_quantile(0.5, sum by (le) (rate(edgeprobe_rtt_seconds_bucket[5m])))"
     native = "histogram_quantile(0.5, sum(rate(edgeprobe_rtt_seconds[5m])))"
     assert form_problems(classic) == ["edgeprobe_rtt_seconds: classic form only"]
     assert form_problems(native) == ["edgeprobe_rtt_seconds: native form only"]
     assert form_problems(f"{classic} or {native}") == [
-        "edgeprobe_rtt_seconds: the classic form comes before the native one"]
+        "edgeprobe_rtt_seconds: the classic form comes before the native one"
+    ]
     assert form_problems(f"{native} and {classic}") == [
-        "edgeprobe_rtt_seconds: no `or` between the native form and the classic fallback"]
+        "edgeprobe_rtt_seconds: no `or` between the native form and the classic fallback"
+    ]
     assert form_problems(f"{native}\nor\n{classic}") == []
     # Label values and comments are not reads; gauges and summaries are not histograms.
-    assert form_problems('# edgeprobe_rtt_seconds_bucket{le="0.6"}\n'
-                         'up{job="edgeprobe_rtt_seconds_count[5m]"}') == []
+    assert (
+        form_problems(
+            '# edgeprobe_rtt_seconds_bucket{le="0.6"}\nup{job="edgeprobe_rtt_seconds_count[5m]"}'
+        )
+        == []
+    )
     assert not histogram_reads("edgeprobe_rtt_recent_seconds_count[5m]")
 
 
@@ -155,8 +168,12 @@ def test_every_histogram_read_in_rules_and_alerts_has_both_forms() -> None:
 def test_every_histogram_read_in_dashboards_has_both_forms() -> None:
     exprs = dashboard_exprs()
     reading = {w.split(": ", 1)[1] for w, e in exprs if histogram_reads(e)}
-    assert {"RTT distribution", "Connect phases (stacked)", "Event loop lag p99",
-            "Scheduler: late and skipped ticks"} <= reading
+    assert {
+        "RTT distribution",
+        "Connect phases (stacked)",
+        "Event loop lag p99",
+        "Scheduler: late and skipped ticks",
+    } <= reading
     problems = [f"{w}: {p}" for w, e in exprs for p in form_problems(e)]
     assert not problems, "\n".join(problems)
 
@@ -178,8 +195,12 @@ def exact_quantile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
 
 
-def histogram(name: str, series: Iterable[tuple[dict[str, str], Sequence[float]]],
-              bounds: Sequence[float], native: bool) -> Metric:
+def histogram(
+    name: str,
+    series: Iterable[tuple[dict[str, str], Sequence[float]]],
+    bounds: Sequence[float],
+    native: bool,
+) -> Metric:
     """A histogram family as the agent exports it: classic buckets (+Inf, count, sum), and in
     the native exporter the native buckets beside them."""
     fam = Metric(name, "test histogram", "histogram")
@@ -189,11 +210,13 @@ def histogram(name: str, series: Iterable[tuple[dict[str, str], Sequence[float]]
             nb = NativeBuckets()
             for v in values:
                 nb.observe(v)
-            fam.samples.append(Sample(name, labels, 0.0, None, None,
-                                      nb.sample(count=len(values), total=finite)))
+            fam.samples.append(
+                Sample(name, labels, 0.0, None, None, nb.sample(count=len(values), total=finite))
+            )
         for b in bounds:
-            fam.add_sample(f"{name}_bucket", {**labels, "le": repr(b)},
-                           float(sum(v <= b for v in values)))
+            fam.add_sample(
+                f"{name}_bucket", {**labels, "le": repr(b)}, float(sum(v <= b for v in values))
+            )
         fam.add_sample(f"{name}_bucket", {**labels, "le": "+Inf"}, float(len(values)))
         fam.add_sample(f"{name}_count", labels, float(len(values)))
         fam.add_sample(f"{name}_sum", labels, finite)
@@ -203,6 +226,7 @@ def histogram(name: str, series: Iterable[tuple[dict[str, str], Sequence[float]]
 def families(region: str, scrapes: int, native: bool) -> list[Metric]:
     """The exporter's families after ``scrapes`` scrapes: each added the observations above.
     Edge ``a`` answers; edge ``dark`` sends packets and never gets an answer."""
+
     def per(lbl: dict[str, str], base: Sequence[float]) -> tuple[dict[str, str], list[float]]:
         return lbl, list(base) * scrapes
 
@@ -212,20 +236,36 @@ def families(region: str, scrapes: int, native: bool) -> list[Metric]:
     sent = Metric("edgeprobe_packets_sent", "test counter", "counter")
     sent.add_sample("edgeprobe_packets_sent_total", dark, 5.0 * scrapes)
     return [
-        histogram("edgeprobe_rtt_seconds", [per(a_icmp, RTTS), per(dark, ())],
-                  LEAN_RTT_BUCKETS, native),
+        histogram(
+            "edgeprobe_rtt_seconds", [per(a_icmp, RTTS), per(dark, ())], LEAN_RTT_BUCKETS, native
+        ),
         sent,
         # The webrtc probe's connects too (same distribution): the measured-vs-model rules.
-        histogram("edgeprobe_connect_duration_seconds",
-                  [per(a_connect, CONNECTS), per({**a_connect, "probe": "webrtc"}, CONNECTS)],
-                  LEAN_DURATION_BUCKETS, native),
+        histogram(
+            "edgeprobe_connect_duration_seconds",
+            [per(a_connect, CONNECTS), per({**a_connect, "probe": "webrtc"}, CONNECTS)],
+            LEAN_DURATION_BUCKETS,
+            native,
+        ),
         # Lean: no classic buckets on phase histograms.
-        histogram("edgeprobe_connect_phase_duration_seconds",
-                  [per({**a_connect, "phase": p}, v) for p, v in PHASES.items()], (), native),
-        histogram("edgeprobe_scheduler_lateness_seconds", [per({"region": region}, LATENESS)],
-                  catalog.SCHEDULER_BUCKETS, native),
-        histogram("edgeprobe_event_loop_lag_seconds", [per({"region": region}, LATENESS)],
-                  catalog.SCHEDULER_BUCKETS, native),
+        histogram(
+            "edgeprobe_connect_phase_duration_seconds",
+            [per({**a_connect, "phase": p}, v) for p, v in PHASES.items()],
+            (),
+            native,
+        ),
+        histogram(
+            "edgeprobe_scheduler_lateness_seconds",
+            [per({"region": region}, LATENESS)],
+            catalog.SCHEDULER_BUCKETS,
+            native,
+        ),
+        histogram(
+            "edgeprobe_event_loop_lag_seconds",
+            [per({"region": region}, LATENESS)],
+            catalog.SCHEDULER_BUCKETS,
+            native,
+        ),
     ]
 
 
@@ -252,8 +292,12 @@ async def exporters() -> AsyncIterator[dict[str, tuple[int, list[str]]]]:
     for region, native in ((NATIVE_REGION, True), (CLASSIC_REGION, False)):
         seen: list[str] = []
 
-        async def metrics(request: web.Request, region: str = region, native: bool = native,
-                          seen: list[str] = seen) -> web.Response:
+        async def metrics(
+            request: web.Request,
+            region: str = region,
+            native: bool = native,
+            seen: list[str] = seen,
+        ) -> web.Response:
             accept = request.headers.get("Accept", "")
             seen.append(accept)
             fams = families(region, len(seen), native)
@@ -261,8 +305,10 @@ async def exporters() -> AsyncIterator[dict[str, tuple[int, list[str]]]]:
                 return web.Response(body=encode(fams), headers={"Content-Type": CONTENT_TYPE})
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Fixed(fams))
-            return web.Response(body=generate_latest(registry),
-                                headers={"Content-Type": "text/plain; version=0.0.4"})
+            return web.Response(
+                body=generate_latest(registry),
+                headers={"Content-Type": "text/plain; version=0.0.4"},
+            )
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
@@ -303,32 +349,58 @@ def classic_bucket(bounds: Sequence[float], v: float) -> tuple[float, float]:
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
 async def test_rules_and_dashboards_in_both_modes(
-        exporters: dict[str, tuple[int, list[str]]], tmp_path: Path) -> None:
+    exporters: dict[str, tuple[int, list[str]]], tmp_path: Path
+) -> None:
     prom_port = free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in RULE_FILES],
-        "scrape_configs": [{"job_name": "edgeprobe", "static_configs": [
-            {"targets": [f"127.0.0.1:{port}" for port, _ in exporters.values()]}]}],
-    }))
-    recorded = {r["record"]: r["expr"] for p in RULE_FILES
-                for g in yaml.safe_load(p.read_text())["groups"] for r in g["rules"]
-                if "record" in r}
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(p) for p in RULE_FILES],
+                "scrape_configs": [
+                    {
+                        "job_name": "edgeprobe",
+                        "static_configs": [
+                            {"targets": [f"127.0.0.1:{port}" for port, _ in exporters.values()]}
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    recorded = {
+        r["record"]: r["expr"]
+        for p in RULE_FILES
+        for g in yaml.safe_load(p.read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    }
     reading = sorted(n for n, e in recorded.items() if histogram_reads(e))
-    alerts = {r["alert"]: r["expr"] for p in RULE_FILES
-              for g in yaml.safe_load(p.read_text())["groups"] for r in g["rules"]
-              if "alert" in r}
+    alerts = {
+        r["alert"]: r["expr"]
+        for p in RULE_FILES
+        for g in yaml.safe_load(p.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
     # The alerts that read a histogram, each with its scenario below.
     assert {a for a, e in alerts.items() if histogram_reads(e)} == {"EdgeprobeTargetNoData"}
 
     log = tmp_path / "prometheus.log"
     with log.open("wb") as f:
         proc = subprocess.Popen(
-            ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}",
-             "--enable-feature=native-histograms", "--log.level=warn"],
-            stdout=f, stderr=subprocess.STDOUT)
+            [
+                "prometheus",
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--enable-feature=native-histograms",
+                "--log.level=warn",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{prom_port}"
     regions = {NATIVE_REGION, CLASSIC_REGION}
     try:
@@ -337,8 +409,11 @@ async def test_rules_and_dashboards_in_both_modes(
             for _ in range(80):  # bounded: 40 s
                 await asyncio.sleep(0.5)
                 try:
-                    missing = [n for n in reading if set(by_region(
-                        await query(s, base, f"{n} >= 0"))) != regions]
+                    missing = [
+                        n
+                        for n in reading
+                        if set(by_region(await query(s, base, f"{n} >= 0"))) != regions
+                    ]
                 except aiohttp.ClientError:
                     continue
                 if not missing:
@@ -349,39 +424,58 @@ async def test_rules_and_dashboards_in_both_modes(
             assert accepts_protobuf(exporters[NATIVE_REGION][1][-1])
             stored = by_region(await query(s, base, '{__name__=~"edgeprobe_rtt_seconds.*"}'))
             assert {srs["metric"]["__name__"] for srs in stored[NATIVE_REGION]} == {
-                "edgeprobe_rtt_seconds"}
+                "edgeprobe_rtt_seconds"
+            }
             assert "histogram" in stored[NATIVE_REGION][0]
             assert "edgeprobe_rtt_seconds" not in {
-                srs["metric"]["__name__"] for srs in stored[CLASSIC_REGION]}
+                srs["metric"]["__name__"] for srs in stored[CLASSIC_REGION]
+            }
 
             # Quantiles against the exact ones: native within 2 %, classic within its bucket.
-            for name, q in (("region_edge:edgeprobe_rtt_seconds:p50_5m", 0.5),
-                            ("region_edge:edgeprobe_rtt_seconds:p95_5m", 0.95),
-                            ("region_edge:edgeprobe_rtt_seconds:p99_5m", 0.99),
-                            ("region_edge:edgeprobe_route_rtt_seconds:p95_1h", 0.95)):
+            for name, q in (
+                ("region_edge:edgeprobe_rtt_seconds:p50_5m", 0.5),
+                ("region_edge:edgeprobe_rtt_seconds:p95_5m", 0.95),
+                ("region_edge:edgeprobe_rtt_seconds:p99_5m", 0.99),
+                ("region_edge:edgeprobe_route_rtt_seconds:p95_1h", 0.95),
+            ):
                 got = {r: value(v[0]) for r, v in by_region(await query(s, base, name)).items()}
                 want = exact_quantile(RTTS, q)
-                print(f"{name}: exact {want * 1e3:.2f} ms, native {got[NATIVE_REGION] * 1e3:.2f}"
-                      f" ms, classic {got[CLASSIC_REGION] * 1e3:.2f} ms")
+                print(
+                    f"{name}: exact {want * 1e3:.2f} ms, native {got[NATIVE_REGION] * 1e3:.2f}"
+                    f" ms, classic {got[CLASSIC_REGION] * 1e3:.2f} ms"
+                )
                 assert abs(got[NATIVE_REGION] / want - 1) < 0.02, (name, got, want)
                 lo, hi = classic_bucket(LEAN_RTT_BUCKETS, want)
                 assert lo <= got[CLASSIC_REGION] <= hi, (name, got, want, lo, hi)
             # The SLI: 8 of 10 connects within 0.6 s, in both forms (no connect near 0.6).
             for w in ("5m", "30m", "1h", "6h", "3d"):
-                got = {r: value(v[0]) for r, v in by_region(await query(
-                    s, base, f"region_edge:edgeprobe_connect_within_budget:ratio_rate{w}"))
-                    .items()}
-                assert got == pytest.approx({NATIVE_REGION: 0.8, CLASSIC_REGION: 0.8},
-                                            abs=1e-9), (w, got)
+                got = {
+                    r: value(v[0])
+                    for r, v in by_region(
+                        await query(
+                            s, base, f"region_edge:edgeprobe_connect_within_budget:ratio_rate{w}"
+                        )
+                    ).items()
+                }
+                assert got == pytest.approx({NATIVE_REGION: 0.8, CLASSIC_REGION: 0.8}, abs=1e-9), (
+                    w,
+                    got,
+                )
             # Connect counts: from the histogram in both forms, not from a fallback.
-            for name in ("region_edge:edgeprobe_connect_sli_events:increase5m",
-                         "region_edge:edgeprobe_route_connects:increase1h"):
-                got = {r: value(v[0]) for r, v in by_region(await query(
-                    s, base, f'{name}{{edge="a"}}')).items()}
+            for name in (
+                "region_edge:edgeprobe_connect_sli_events:increase5m",
+                "region_edge:edgeprobe_route_connects:increase1h",
+            ):
+                got = {
+                    r: value(v[0])
+                    for r, v in by_region(await query(s, base, f'{name}{{edge="a"}}')).items()
+                }
                 assert set(got) == regions and min(got.values()) >= len(CONNECTS), (name, got)
             # The no-data alert: the silent edge, in both forms, and nothing else.
-            nodata = {(srs["metric"]["region"], srs["metric"]["edge"]) for srs in await query(
-                s, base, alerts["EdgeprobeTargetNoData"])}
+            nodata = {
+                (srs["metric"]["region"], srs["metric"]["edge"])
+                for srs in await query(s, base, alerts["EdgeprobeTargetNoData"])
+            }
             assert nodata == {(NATIVE_REGION, "dark"), (CLASSIC_REGION, "dark")}
 
             # Every dashboard query that reads a histogram returns data for each region alone.
@@ -396,10 +490,14 @@ async def test_rules_and_dashboards_in_both_modes(
                     if not await query(s, base, e):
                         empty.append(f"{where} [{region}]: {e}")
             assert not empty, "\n".join(empty)
-            phases = await query(s, base, next(
-                e for w, e in dashboard_exprs() if w.endswith("Connect phases (stacked)"))
-                .replace("$__rate_interval", "1m").replace("$region", NATIVE_REGION)
-                .replace("$edge", ".*"))
+            phases = await query(
+                s,
+                base,
+                next(e for w, e in dashboard_exprs() if w.endswith("Connect phases (stacked)"))
+                .replace("$__rate_interval", "1m")
+                .replace("$region", NATIVE_REGION)
+                .replace("$edge", ".*"),
+            )
             got = {srs["metric"]["phase"]: value(srs) for srs in phases}
             assert got == pytest.approx({p: sum(v) / len(v) for p, v in PHASES.items()})
     finally:

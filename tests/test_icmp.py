@@ -32,8 +32,9 @@ async def test_privileged_loopback_no_loss(addr: str) -> None:
     engines = IcmpEngines(mode="privileged", counters=stats)
     try:
         ctx = ProbeContext.with_resources(engines)
-        res = await run(Target("lo", addr), IcmpOptions(packets=20, spacing=0.005, timeout=0.5),
-                        ctx)
+        res = await run(
+            Target("lo", addr), IcmpOptions(packets=20, spacing=0.005, timeout=0.5), ctx
+        )
     finally:
         engines.close()
     assert res.success and res.reason == "ok"
@@ -47,6 +48,7 @@ async def test_privileged_loopback_no_loss(addr: str) -> None:
 async def test_callback_form_delivers_results_and_cancel_abandons() -> None:
     from probes.icmp import start
     from probes.net.resolve import Resolver
+
     engines = IcmpEngines(mode="privileged")
     ctx = ProbeContext.with_resources(engines, Resolver())
     loop = asyncio.get_running_loop()
@@ -54,22 +56,26 @@ async def test_callback_form_delivers_results_and_cancel_abandons() -> None:
     try:
         for addr in ("127.0.0.1", "127.0.0.2", "::1"):
             fut = results[addr] = loop.create_future()
-            h = start(Target("lo", addr), IcmpOptions(packets=3, spacing=0.005, timeout=0.5),
-                      ctx, fut.set_result)
+            h = start(
+                Target("lo", addr),
+                IcmpOptions(packets=3, spacing=0.005, timeout=0.5),
+                ctx,
+                fut.set_result,
+            )
             assert h is not None
         # A name needs a lookup first: the callback form declines, the async form runs.
         assert start(Target("n", "localhost"), IcmpOptions(), ctx, lambda r: None) is None
         # A literal of the other family is the async form's resolve_empty.
-        assert start(Target("f", "::1"), IcmpOptions(ip_family="ipv4"), ctx,
-                     lambda r: None) is None
+        assert start(Target("f", "::1"), IcmpOptions(ip_family="ipv4"), ctx, lambda r: None) is None
         got = [await asyncio.wait_for(f, 2) for f in results.values()]
         for r in got:
             assert isinstance(r, ProbeResult) and r.success and len(r.rtts) == 3
             assert all(x is not None for x in r.rtts)
         eng = engines.engines[socket.AF_INET]
         abandoned: list[object] = []
-        h = start(Target("lo", "127.0.0.1"), IcmpOptions(packets=5, spacing=0.05), ctx,
-                  abandoned.append)
+        h = start(
+            Target("lo", "127.0.0.1"), IcmpOptions(packets=5, spacing=0.05), ctx, abandoned.append
+        )
         assert h is not None
         h.cancel()
         await asyncio.sleep(0.3)
@@ -83,16 +89,21 @@ async def test_callback_form_delivers_results_and_cancel_abandons() -> None:
 async def test_concurrent_pinger_replies_are_stray_not_counted(tool: str) -> None:
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} not installed")
-    cmd = (["ping", "-q", "-i", "0.002", "-c", "400", "127.0.0.1"] if tool == "ping"
-           else ["fping", "-q", "-p", "2", "-c", "400", "127.0.0.1"])
+    cmd = (
+        ["ping", "-q", "-i", "0.002", "-c", "400", "127.0.0.1"]
+        if tool == "ping"
+        else ["fping", "-q", "-p", "2", "-c", "400", "127.0.0.1"]
+    )
     other = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stats = SelfStats()
     engines = IcmpEngines(mode="privileged", counters=stats)
     try:
         await asyncio.sleep(0.1)
-        res = await run(Target("lo", "127.0.0.1"),
-                        IcmpOptions(packets=100, spacing=0.005, interval=2.0, timeout=0.5),
-                        ProbeContext.with_resources(engines))
+        res = await run(
+            Target("lo", "127.0.0.1"),
+            IcmpOptions(packets=100, spacing=0.005, interval=2.0, timeout=0.5),
+            ProbeContext.with_resources(engines),
+        )
     finally:
         engines.close()
         other.wait(timeout=10)
@@ -106,15 +117,27 @@ def _engine_for_unit() -> tuple[IcmpEngine, SelfStats]:
     return IcmpEngine(socket.AF_INET, "privileged", stats), stats
 
 
-def _reply(ident: int, seq: int, payload: bytes, src_ip: str = "127.0.0.1",
-           corrupt: bool = False) -> bytes:
+def _reply(
+    ident: int, seq: int, payload: bytes, src_ip: str = "127.0.0.1", corrupt: bool = False
+) -> bytes:
     hdr = struct.pack("!BBHHH", 0, 0, 0, ident, seq)
     csum = _checksum(hdr + payload)
     if corrupt:
         csum ^= 0x5555
     icmp = struct.pack("!BBHHH", 0, 0, csum, ident, seq) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0,
-                     socket.inet_aton(src_ip), socket.inet_aton("127.0.0.1"))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(icmp),
+        0,
+        0,
+        64,
+        1,
+        0,
+        socket.inet_aton(src_ip),
+        socket.inet_aton("127.0.0.1"),
+    )
     return ip + icmp
 
 
@@ -128,6 +151,7 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         # feed forged replies straight into the receive path.
         done: list[object] = []
         from probes.net.icmp import Train, _Slot
+
         payload = eng._payload(56)[0]
         r = Train(1, int(1e9), done.append, payload, eng)
         eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
@@ -140,9 +164,14 @@ async def test_spoofed_and_malformed_replies_are_stray() -> None:
         eng._handle(_reply(eng.ident, 7, payload)[:24], [], "127.0.0.9", 1)
         eng._handle(_reply(eng.ident, 7, payload[:5]), [], "127.0.0.9", 1)
         assert r.rtts == [None] and not done
-        assert stats.stray_counts == {("icmp", "foreign"): 1, ("icmp", "bad_checksum"): 1,
-                                      ("icmp", "wrong_source"): 1, ("icmp", "bad_payload"): 2,
-                                      ("icmp", "unmatched"): 1, ("icmp", "malformed"): 2}
+        assert stats.stray_counts == {
+            ("icmp", "foreign"): 1,
+            ("icmp", "bad_checksum"): 1,
+            ("icmp", "wrong_source"): 1,
+            ("icmp", "bad_payload"): 2,
+            ("icmp", "unmatched"): 1,
+            ("icmp", "malformed"): 2,
+        }
         # The genuine reply is accepted once; its duplicate is a stray ("late").
         eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
         eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
@@ -156,9 +185,14 @@ def _probe_json(ns: str, *args: str, user: str | None = None) -> list[dict[str, 
     cmd = [*EDGEPROBE, "probe", "--json", *args]
     if user:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    out = subprocess.run(in_netns(ns, *cmd), capture_output=True, text=True, timeout=60,
-                         cwd=ROOT, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                        "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        in_netns(ns, *cmd),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode in (0, 3), out.stderr
     rows: list[dict[str, object]] = json.loads(out.stdout)
     return rows
@@ -167,10 +201,21 @@ def _probe_json(ns: str, *args: str, user: str | None = None) -> list[dict[str, 
 @needs_root
 def test_unprivileged_mode_as_nobody_in_a_namespace() -> None:
     with netns() as ns:
-        subprocess.run(in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"),
-                       check=True)
-        rows = _probe_json(ns, "-c", "5", "--spacing", "10ms", "--icmp-mode", "unprivileged",
-                           "127.0.0.1", "::1", user="65534")
+        subprocess.run(
+            in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"), check=True
+        )
+        rows = _probe_json(
+            ns,
+            "-c",
+            "5",
+            "--spacing",
+            "10ms",
+            "--icmp-mode",
+            "unprivileged",
+            "127.0.0.1",
+            "::1",
+            user="65534",
+        )
         for row in rows:
             assert row["lost"] == 0 and row["verdict"] == "PASS", row
 
@@ -178,11 +223,16 @@ def test_unprivileged_mode_as_nobody_in_a_namespace() -> None:
 @needs_root
 def test_unprivileged_refused_is_explained() -> None:
     with netns() as ns:
-        subprocess.run(in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=1 0"),
-                       check=True)
-        out = subprocess.run(in_netns(ns, *EDGEPROBE, "probe", "-c", "1", "--icmp-mode",
-                                      "unprivileged", "127.0.0.1"),
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        subprocess.run(in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=1 0"), check=True)
+        out = subprocess.run(
+            in_netns(
+                ns, *EDGEPROBE, "probe", "-c", "1", "--icmp-mode", "unprivileged", "127.0.0.1"
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert out.returncode == 3
         assert "FAIL (socket_unavailable)" in out.stdout
         assert "ping_group_range is 1 0" in out.stderr
@@ -192,10 +242,35 @@ def test_unprivileged_refused_is_explained() -> None:
 def test_loss_and_unreachable_in_a_namespace() -> None:
     with netns() as ns:
         # Drop every echo request to 127.0.0.9 inside the namespace: pure loss.
-        subprocess.run(in_netns(ns, "iptables", "-A", "INPUT", "-p", "icmp", "--icmp-type",
-                                "echo-request", "-d", "127.0.0.9", "-j", "DROP"), check=True)
-        rows = _probe_json(ns, "-c", "4", "--spacing", "10ms", "--timeout", "200ms",
-                           "127.0.0.9", "198.18.0.1", "127.0.0.1")
+        subprocess.run(
+            in_netns(
+                ns,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "echo-request",
+                "-d",
+                "127.0.0.9",
+                "-j",
+                "DROP",
+            ),
+            check=True,
+        )
+        rows = _probe_json(
+            ns,
+            "-c",
+            "4",
+            "--spacing",
+            "10ms",
+            "--timeout",
+            "200ms",
+            "127.0.0.9",
+            "198.18.0.1",
+            "127.0.0.1",
+        )
         by_host = {r["host"]: r for r in rows}
         assert by_host["127.0.0.9"]["lost"] == 4
         assert by_host["127.0.0.9"]["reason"] == "timeout"
@@ -211,6 +286,7 @@ async def test_a_reply_queued_when_its_deadline_fires_is_not_a_loss() -> None:
     queue first and judges the reply by its kernel timestamp. Simulated exactly: the engine's
     reader is detached, so the reply is still queued when the 50 ms deadline fires."""
     from probes.icmp import start
+
     engines = IcmpEngines(mode="privileged")
     try:
         eng = engines.get(socket.AF_INET)
@@ -219,8 +295,12 @@ async def test_a_reply_queued_when_its_deadline_fires_is_not_a_loss() -> None:
         eng.attach(loop)
         loop.remove_reader(eng.sock.fileno())
         done: asyncio.Future[ProbeResult | None] = loop.create_future()
-        h = start(Target("lo", "127.0.0.1"), IcmpOptions(packets=1, timeout=0.05),
-                  ProbeContext.with_resources(engines), done.set_result)
+        h = start(
+            Target("lo", "127.0.0.1"),
+            IcmpOptions(packets=1, timeout=0.05),
+            ProbeContext.with_resources(engines),
+            done.set_result,
+        )
         assert h is not None
         res = await asyncio.wait_for(done, 2.0)
     finally:
@@ -235,11 +315,13 @@ async def test_an_engine_closed_under_a_run_abandons_it_without_ending_the_loop(
     probe gets RunAbandoned (the scheduler records nothing), never a CancelledError that
     would end the scheduler's task for that target."""
     from probes.base import RunAbandoned
+
     engines = IcmpEngines(mode="privileged")
     ctx = ProbeContext.with_resources(engines)
     # A train of five over 0.8 s: the engine closes after the first packet.
-    t = asyncio.ensure_future(run(Target("lo", "127.0.0.1"),
-                                  IcmpOptions(packets=5, spacing=0.2, timeout=1.0), ctx))
+    t = asyncio.ensure_future(
+        run(Target("lo", "127.0.0.1"), IcmpOptions(packets=5, spacing=0.2, timeout=1.0), ctx)
+    )
     await asyncio.sleep(0.05)
     engines.close()
     with pytest.raises(RunAbandoned):
@@ -278,10 +360,30 @@ def test_a_train_sent_late_times_out_from_when_it_really_left() -> None:
     from the plan, the train would end at 0.31 s, and a reply to the late packet arriving
     200 ms after it left would count as a loss."""
     with netns() as ns:
-        subprocess.run(in_netns(ns, "iptables", "-A", "INPUT", "-p", "icmp", "--icmp-type",
-                                "echo-request", "-d", "127.0.0.9", "-j", "DROP"), check=True)
-        p = subprocess.run(in_netns(ns, sys.executable, "-c", LATE_SEND), capture_output=True,
-                           text=True, timeout=30, cwd=ROOT)
+        subprocess.run(
+            in_netns(
+                ns,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "echo-request",
+                "-d",
+                "127.0.0.9",
+                "-j",
+                "DROP",
+            ),
+            check=True,
+        )
+        p = subprocess.run(
+            in_netns(ns, sys.executable, "-c", LATE_SEND),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["reason"] == "timeout", out

@@ -91,11 +91,22 @@ async def watch_run(target: Target, opts: CommonOptions, ctx: ProbeContext) -> P
     return ProbeResult(success=True, duration=0.001)
 
 
-TOY = ProbeKind(name="toy", options=ToyOptions, run=toy_run, reasons=("toy_refused",),
-                gauges={"toy_word_length": "Letters in the toy kind's word."}, needs=(Tally,))
+TOY = ProbeKind(
+    name="toy",
+    options=ToyOptions,
+    run=toy_run,
+    reasons=("toy_refused",),
+    gauges={"toy_word_length": "Letters in the toy kind's word."},
+    needs=(Tally,),
+)
 # Runs on a long interval, and once more whenever another series of its target starts failing.
-WATCH = ProbeKind(name="toywatch", options=CommonOptions, run=watch_run, needs=(Tally,),
-                  run_on_target_failure=True)
+WATCH = ProbeKind(
+    name="toywatch",
+    options=CommonOptions,
+    run=watch_run,
+    needs=(Tally,),
+    run_on_target_failure=True,
+)
 
 CONFIG = """
 agent: {region: toy-land}
@@ -127,11 +138,15 @@ def test_config_decodes_the_toy_options(toy_kinds: None) -> None:
     assert opts[("bad", "toy")] == ToyOptions(interval=0.1, timeout=0.05, word="fail")
     assert opts[("good", "toywatch")].interval == 3600
     with pytest.raises(ConfigError, match=r"targets\[0\]\.probes\.toy\.wrod: unknown key"):
-        cfgmod.loads("agent: {region: r}\ntargets:\n"
-                     "  - {name: t, address: 127.0.0.1, probes: {toy: {wrod: x}}}\n")
+        cfgmod.loads(
+            "agent: {region: r}\ntargets:\n"
+            "  - {name: t, address: 127.0.0.1, probes: {toy: {wrod: x}}}\n"
+        )
     with pytest.raises(ConfigError, match="word: must not be empty"):
-        cfgmod.loads("agent: {region: r}\ntargets:\n"
-                     "  - {name: t, address: 127.0.0.1, probes: {toy: {word: ''}}}\n")
+        cfgmod.loads(
+            "agent: {region: r}\ntargets:\n"
+            "  - {name: t, address: 127.0.0.1, probes: {toy: {word: ''}}}\n"
+        )
 
 
 async def test_a_toy_kind_runs_through_the_whole_agent(toy_kinds: None, tmp_path: Path) -> None:
@@ -145,13 +160,12 @@ async def test_a_toy_kind_runs_through_the_whole_agent(toy_kinds: None, tmp_path
     runner = await serve(build_app(agent), f"127.0.0.1:{port}")
     await agent.start()
     try:
-        assert tally.opened == 1            # once, though two configured kinds need it
-        for _ in range(100):                # at most 5 s
+        assert tally.opened == 1  # once, though two configured kinds need it
+        for _ in range(100):  # at most 5 s
             if min(tally.runs.get(("toy", "good"), 0), tally.runs.get(("toy", "bad"), 0)) >= 5:
                 break
             await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as s, \
-                s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
             assert r.status == 200
             text = await r.text()
     finally:
@@ -166,8 +180,11 @@ async def test_a_toy_kind_runs_through_the_whole_agent(toy_kinds: None, tmp_path
     assert tally.runs.get(("toywatch", "bad")) == 1
     assert ("toywatch", "good") not in tally.runs
 
-    m = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
-         for fam in text_string_to_metric_families(text) for smp in fam.samples}
+    m = {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+    }
 
     def get(name: str, **labels: str) -> float:
         want = set(labels.items())
@@ -177,8 +194,7 @@ async def test_a_toy_kind_runs_through_the_whole_agent(toy_kinds: None, tmp_path
 
     assert get("edgeprobe_probe_success", edge="good", probe="toy") == 1
     assert get("edgeprobe_probe_success", edge="bad", probe="toy") == 0
-    assert get("edgeprobe_probe_errors_total", edge="bad", probe="toy",
-               reason="toy_refused") >= 5
+    assert get("edgeprobe_probe_errors_total", edge="bad", probe="toy", reason="toy_refused") >= 5
     assert get("edgeprobe_toy_word_length", edge="good", probe="toy") == 5
     assert get("edgeprobe_toy_word_length", edge="bad", probe="toy") == 4
     assert get("edgeprobe_probe_success", edge="bad", probe="toywatch") == 1

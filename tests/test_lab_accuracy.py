@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, requires_lab]
 LAB_PROFILES = ["id-jakarta", "br-saopaulo", "ae-dubai"]
 __all__ = ["lab_world"]
 
-N = 400              # echoes per edge: 4 s at 10 ms spacing, all edges of a region at once
+N = 400  # echoes per edge: 4 s at 10 ms spacing, all edges of a region at once
 SPACING = "10ms"
 TIMEOUT = 1.0
 EDGEPROBE = str(Path(sys.executable).with_name("edgeprobe"))
@@ -43,18 +43,35 @@ def _probe_all(world: World) -> dict[str, list[dict[str, Any]]]:
     for region in world.state.regions:
         hosts = [world.state.edges[e]["ipv4"] for e in world.state.paths[region]]
         p = subprocess.Popen(
-            world.cmd(region, [EDGEPROBE, "probe", "-c", str(N), "--spacing", SPACING,
-                               "--timeout", f"{TIMEOUT}s", "--json", *hosts]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            world.cmd(
+                region,
+                [
+                    EDGEPROBE,
+                    "probe",
+                    "-c",
+                    str(N),
+                    "--spacing",
+                    SPACING,
+                    "--timeout",
+                    f"{TIMEOUT}s",
+                    "--json",
+                    *hosts,
+                ],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         stdout, stderr = p.communicate(timeout=60)
-        assert p.returncode in (0, 3), stderr        # 3 = some edge failed its verdict
+        assert p.returncode in (0, 3), stderr  # 3 = some edge failed its verdict
         out[region] = json.loads(stdout)
     return out
 
 
 @pytest.fixture(scope="module")
-def paired(lab_world: World) -> dict[tuple[str, str], tuple[list[float | None],
-                                                           list[float | None]]]:
+def paired(
+    lab_world: World,
+) -> dict[tuple[str, str], tuple[list[float | None], list[float | None]]]:
     """(region, edge) -> (agent RTTs, ground-truth RTTs), same packets in send order."""
     results = _probe_all(lab_world)
     records = lab_world.records()
@@ -64,9 +81,11 @@ def paired(lab_world: World) -> dict[tuple[str, str], tuple[list[float | None],
         ridx = meta.regions.index(region)
         for h in hosts:
             edge = meta.edges[h["host"]]
-            exs = {e.seq: e for e in gt.echo_exchanges(records, region=ridx,
-                                                       icmp_id=h["icmp_id"])
-                   if e.edge == h["host"]}
+            exs = {
+                e.seq: e
+                for e in gt.echo_exchanges(records, region=ridx, icmp_id=h["icmp_id"])
+                if e.edge == h["host"]
+            }
             truth: list[float | None] = []
             for seq in h["packet_ids"]:
                 e = exs.get(seq)
@@ -79,15 +98,14 @@ def paired(lab_world: World) -> dict[tuple[str, str], tuple[list[float | None],
     return out
 
 
-def _both(pair: tuple[list[float | None], list[float | None]]) -> tuple[list[float],
-                                                                          list[float]]:
+def _both(pair: tuple[list[float | None], list[float | None]]) -> tuple[list[float], list[float]]:
     a, t = pair
     idx = [i for i in range(len(a)) if a[i] is not None and t[i] is not None]
     return [a[i] for i in idx], [t[i] for i in idx]  # type: ignore[misc]
 
 
 def test_every_edge_was_measured(paired: dict[Any, Any]) -> None:
-    assert len(paired) == 11      # 4 + 3 + 4 candidate edges
+    assert len(paired) == 11  # 4 + 3 + 4 candidate edges
 
 
 def test_rtt_median_and_p95(paired: dict[tuple[str, str], Any]) -> None:
@@ -123,10 +141,12 @@ def test_loss_and_bursts(paired: dict[tuple[str, str], Any]) -> None:
         lo, hi = wilson(k_t, N, 2.576)
         assert lo <= k_a / N <= hi, (region, edge, k_a, k_t)
         # Bursts: the same packets, so the runs of consecutive losses must be identical.
-        assert gt.burst_lengths(x is None for x in a) == gt.burst_lengths(
-            x is None for x in t), (region, edge)
+        assert gt.burst_lengths(x is None for x in a) == gt.burst_lengths(x is None for x in t), (
+            region,
+            edge,
+        )
         lossy += k_t > 0
-    assert lossy >= 3          # fra-1 (Jakarta), iad-1 (São Paulo), fra-1 (Dubai) lose
+    assert lossy >= 3  # fra-1 (Jakarta), iad-1 (São Paulo), fra-1 (Dubai) lose
 
 
 def test_jitter_and_ipdv(paired: dict[tuple[str, str], Any]) -> None:
@@ -189,11 +209,22 @@ def test_scheduled_change_visible_in_metrics_within_two_intervals(tmp_path: Path
     the management veth) within two probe intervals. A run that started just before the
     change may still report old RTTs; the next run starts at most one interval later and
     completes (5 packets, 20 ms apart, at ~60 ms RTT) well within the following interval."""
-    prof = decode_profile({
-        "region": "xx-metrics", "source": "test",
-        "edges": [{"name": "dxb-1", "tier": "near", "ipv4": "198.18.8.1",
-                   "ipv6": "2001:db8:e:8::1", "path": {"delay": "2ms"}}],
-        "schedule": [{"at": "3s", "edge": "dxb-1", "set": {"delay": "30ms"}}]})
+    prof = decode_profile(
+        {
+            "region": "xx-metrics",
+            "source": "test",
+            "edges": [
+                {
+                    "name": "dxb-1",
+                    "tier": "near",
+                    "ipv4": "198.18.8.1",
+                    "ipv6": "2001:db8:e:8::1",
+                    "path": {"delay": "2ms"},
+                }
+            ],
+            "schedule": [{"at": "3s", "edge": "dxb-1", "set": {"delay": "30ms"}}],
+        }
+    )
     interval = 1.0
     with World.up(profiles=[prof], services=False) as w:
         r = w.state.regions["xx-metrics"]
@@ -201,9 +232,18 @@ def test_scheduled_change_visible_in_metrics_within_two_intervals(tmp_path: Path
         cfg.write_text(yaml.safe_dump(agent_config(w.state, "xx-metrics", interval="1s")))
         log = (tmp_path / "agent.log").open("wb")
         agent = subprocess.Popen(
-            w.cmd("xx-metrics", [EDGEPROBE, "run", f"--config.file={cfg}",
-                                 f"--web.listen-address={r.mgmt_addr}:9798"]),
-            stdout=log, stderr=subprocess.STDOUT)
+            w.cmd(
+                "xx-metrics",
+                [
+                    EDGEPROBE,
+                    "run",
+                    f"--config.file={cfg}",
+                    f"--web.listen-address={r.mgmt_addr}:9798",
+                ],
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             url = f"http://{r.mgmt_addr}:9798/metrics"
             change = w.meta().t0_ns + 3_000_000_000

@@ -22,7 +22,7 @@ def test_durations_and_ratios() -> None:
     with pytest.raises(ImpairError, match="k: expected a duration"):
         parse_duration("soon", "k")
     up, down = split_directions({"delay": "10ms", "loss": "2%", "down": {"delay": "30ms"}}, "p")
-    assert (up.delay, down.delay, up.loss, down.loss) == pytest.approx((0.01, 0.03, .02, .02))
+    assert (up.delay, down.delay, up.loss, down.loss) == pytest.approx((0.01, 0.03, 0.02, 0.02))
     with pytest.raises(ImpairError, match=r"p: unknown field\(s\) \['dealy'\]"):
         split_directions({"dealy": "10ms"}, "p")
 
@@ -40,7 +40,7 @@ def test_gilbert_matches_its_closed_form() -> None:
 
 def test_order_preserving_jitter_never_reorders() -> None:
     d = DirState(Impairment(delay=0.01, jitter=0.005, jitter_dist="normal"), seed=1)
-    rel = [d.release_ns(i * 1_000_000) for i in range(2000)]   # 1 ms apart, 5 ms jitter
+    rel = [d.release_ns(i * 1_000_000) for i in range(2000)]  # 1 ms apart, 5 ms jitter
     assert rel == sorted(rel)
     r = DirState(Impairment(delay=0.01, jitter=0.005, jitter_dist="normal", reorder=True), 1)
     rel2 = [r.release_ns(i * 1_000_000) for i in range(2000)]
@@ -58,8 +58,21 @@ def test_jitter_distributions_are_non_negative(dist: str) -> None:
 def _echo4(ttl: int = 64) -> bytes:
     icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x1234, 7) + b"x" * 16)
     struct.pack_into("!H", icmp, 2, packet.checksum(icmp))
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, ttl, 1, 0,
-                                bytes([198, 19, 1, 2]), bytes([198, 18, 2, 1])))
+    hdr = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(icmp),
+            1,
+            0,
+            ttl,
+            1,
+            0,
+            bytes([198, 19, 1, 2]),
+            bytes([198, 18, 2, 1]),
+        )
+    )
     struct.pack_into("!H", hdr, 10, packet.checksum(hdr))
     return bytes(hdr + icmp)
 
@@ -70,7 +83,7 @@ def test_parse_age_and_time_exceeded_v4() -> None:
     assert info is not None and (info.icmp_type, info.a, info.b, info.ttl) == (8, 0x1234, 7, 5)
     b = bytearray(p)
     packet.age(b, 3)
-    assert b[8] == 2 and packet.checksum(b[:20]) == 0       # header checksum still valid
+    assert b[8] == 2 and packet.checksum(b[:20]) == 0  # header checksum still valid
     te = packet.time_exceeded(p, bytes([198, 19, 64, 3]))
     assert packet.checksum(te[:20]) == 0 and packet.checksum(te[20:]) == 0
     ti = packet.parse(te)
@@ -79,8 +92,10 @@ def test_parse_age_and_time_exceeded_v4() -> None:
 
 
 def test_time_exceeded_v6_checksum() -> None:
-    src, dst = (ipaddress.ip_address("2001:db8:a:1::2").packed,
-                ipaddress.ip_address("2001:db8:e:2::1").packed)
+    src, dst = (
+        ipaddress.ip_address("2001:db8:a:1::2").packed,
+        ipaddress.ip_address("2001:db8:e:2::1").packed,
+    )
     icmp = struct.pack("!BBHHH", 128, 0, 0, 9, 3) + b"y" * 8
     p = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), 58, 2, src, dst) + icmp
     router = ipaddress.ip_address("2001:db8:f::5").packed
@@ -102,7 +117,7 @@ def test_shipped_profiles_have_their_roles() -> None:
             rtt = x.up.delay + x.down.delay
             if x.tier == "near":
                 assert rtt < 0.04 and x.up.nominal_loss() == 0
-            if x.tier == "far":       # marginal: between the cold and warm RTT ceilings
+            if x.tier == "far":  # marginal: between the cold and warm RTT ceilings
                 assert 0.067 < rtt < 0.125
             if x.tier in ("lossy", "jittery"):
                 assert x.up.nominal_loss() >= 0.01 or x.up.jitter >= 0.01
@@ -112,21 +127,33 @@ def test_shipped_profiles_have_their_roles() -> None:
 
 
 def test_profiles_are_strict() -> None:
-    base = {"region": "xx-test", "edges": [{"name": "a", "ipv4": "198.18.9.9",
-                                            "ipv6": "2001:db8:e:99::1", "path": {}}]}
+    base = {
+        "region": "xx-test",
+        "edges": [{"name": "a", "ipv4": "198.18.9.9", "ipv6": "2001:db8:e:99::1", "path": {}}],
+    }
     decode_profile(base)
     with pytest.raises(ImpairError, match="edge addresses must be in"):
         decode_profile({**base, "edges": [{**base["edges"][0], "ipv4": "10.0.0.1"}]})  # type: ignore[dict-item]
     with pytest.raises(ImpairError, match=r"schedule\[0\].edge"):
         decode_profile({**base, "schedule": [{"at": "1s", "edge": "zz", "set": {}}]})
     with pytest.raises(ImpairError, match="hops' delays add up"):
-        decode_profile({**base, "edges": [{**base["edges"][0], "path": {"delay": "1ms"},  # type: ignore[dict-item]
-                                           "hops": [{"name": "h", "delay": "2ms"}]}]})
+        decode_profile(
+            {
+                **base,
+                "edges": [
+                    {
+                        **base["edges"][0],
+                        "path": {"delay": "1ms"},  # type: ignore[dict-item]
+                        "hops": [{"name": "h", "delay": "2ms"}],
+                    }
+                ],
+            }
+        )
 
 
 def test_wilson_and_jitter_helpers() -> None:
     lo, hi = wilson(0, 100, 1.96)
-    assert lo == 0 and hi == pytest.approx(0.037, abs=0.001)       # reference table value
+    assert lo == 0 and hi == pytest.approx(0.037, abs=0.001)  # reference table value
     assert rfc3550_jitter([0.01, 0.02, None, 0.01]) == pytest.approx((0.01 + 0.01 * 15 / 16) / 16)
     assert ipdv([0.01, 0.02, None, 0.01]) == pytest.approx([0.01])
     assert math.isnan(gt.quantile([], 0.5))

@@ -51,8 +51,9 @@ def test_isolation(lab_world: World) -> None:
     rid = w.state.run_id
     root = subprocess.run(["ip", "-o", "route", "show"], capture_output=True, text=True).stdout
     ours = [line for line in root.splitlines() if f"ep{rid}" in line]
-    assert ours and all(line.startswith("198.19.192.") or line.startswith("198.19.19")
-                        for line in ours), ours
+    assert ours and all(
+        line.startswith("198.19.192.") or line.startswith("198.19.19") for line in ours
+    ), ours
     assert not any(line.startswith("198.18.") for line in root.splitlines())
     # A real-looking address is unreachable from a region (no packet leaves).
     r = w.run("id-jakarta", ["ping", "-n", "-c", "1", "-W", "1", "192.0.2.1"])
@@ -64,9 +65,11 @@ def test_traceroute_sees_every_hop(lab_world: World) -> None:
     hops = w.state.regions["id-jakarta"].hops["fra-1"]
     assert len(hops) == 8
     for ttl, hop in enumerate(hops, start=1):
-        r = w.run("id-jakarta", ["ping", "-n", "-c", "3", "-i", "0.05", "-W", "1",
-                                 "-t", str(ttl), "198.18.4.1"])
-        if ttl < 5:     # before the bad hop (2 % loss) a Time Exceeded always comes back
+        r = w.run(
+            "id-jakarta",
+            ["ping", "-n", "-c", "3", "-i", "0.05", "-W", "1", "-t", str(ttl), "198.18.4.1"],
+        )
+        if ttl < 5:  # before the bad hop (2 % loss) a Time Exceeded always comes back
             assert f"From {hop['addr4']} icmp_seq=1 Time to live exceeded" in r.stdout, r.stdout
     r = w.run("id-jakarta", ["ping", "-n", "-c", "1", "-W", "2", "-t", "9", "198.18.4.1"])
     assert "bytes from 198.18.4.1" in r.stdout or "100% packet loss" in r.stdout
@@ -90,15 +93,27 @@ def test_scheduled_change_and_teardown_after_failure() -> None:
     """A profile change at t=2.5 s shows up in the ground truth and in ping within two probe
     intervals; and a failing test body still leaves no namespace, link or process behind."""
     base = load_profile("ae-dubai")
-    prof = decode_profile({
-        "region": "xx-sched", "source": "test",
-        "edges": [{"name": "dxb-1", "ipv4": "198.18.8.1", "ipv6": "2001:db8:e:8::1",
-                   "path": {"delay": "2ms"}}],
-        "schedule": [{"at": "2.5s", "edge": "dxb-1", "set": {"delay": "20ms"}}]})
+    prof = decode_profile(
+        {
+            "region": "xx-sched",
+            "source": "test",
+            "edges": [
+                {
+                    "name": "dxb-1",
+                    "ipv4": "198.18.8.1",
+                    "ipv6": "2001:db8:e:8::1",
+                    "path": {"delay": "2ms"},
+                }
+            ],
+            "schedule": [{"at": "2.5s", "edge": "dxb-1", "set": {"delay": "20ms"}}],
+        }
+    )
     assert base.region == "ae-dubai"
     rid = ""
-    with pytest.raises(RuntimeError, match="deliberate"), \
-            World.up(profiles=[prof], services=False) as w:
+    with (
+        pytest.raises(RuntimeError, match="deliberate"),
+        World.up(profiles=[prof], services=False) as w,
+    ):
         rid = w.state.run_id
         t0 = w.meta().t0_ns
         interval = 0.1
@@ -124,9 +139,10 @@ def test_forwarder_precision_and_rate(lab_world: World) -> None:
     margin for CI machines; without a real-time class (a container without CAP_SYS_NICE)
     the VM's scheduling noise allows only a loose bound."""
     from lab.selftest import measure
+
     res = measure(lab_world, "ae-dubai", "198.18.8.1", pps=1000, seconds=1.5)
     print("forwarder self-measurement:", res.to_json())
-    assert res.read >= 0.95 * 2 * res.sent            # every datagram and its ICMP error
+    assert res.read >= 0.95 * 2 * res.sent  # every datagram and its ICMP error
     assert res.late_p50_us < 100
     assert res.late_p99_us < (500 if res.realtime else 5000)
 
@@ -137,11 +153,13 @@ def test_a_killed_owner_leaves_nothing_after_cleanup() -> None:
     import sys
 
     from lab.topology import cleanup_stale
-    code = ("import os, signal, sys; from lab import World; "
-            "w = World.up(profiles=['ae-dubai'], services=False); "
-            "print(w.state.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60)
+
+    code = (
+        "import os, signal, sys; from lab import World; "
+        "w = World.up(profiles=['ae-dubai'], services=False); "
+        "print(w.state.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     rid = r.stdout.strip()
     assert len(rid) == 6, r.stderr
     assert any(x.startswith("netns") for x in leftovers(rid))
@@ -156,11 +174,21 @@ def test_prefix_paths_for_many_addresses() -> None:
     """A benchmark's thousands of edges: one path for a whole prefix, any address in it
     answers (local route in the edge namespace), and unknown lab addresses take the
     region's default (unimpaired) path."""
-    prof = decode_profile({
-        "region": "xx-bulk", "source": "test",
-        "edges": [{"name": "bulk", "ipv4": "198.18.128.1", "ipv6": "2001:db8:e:80::1",
-                   "prefixes": ["198.18.128.0/20", "2001:db8:e:80::/64"],
-                   "path": {"delay": "15ms"}}]})
+    prof = decode_profile(
+        {
+            "region": "xx-bulk",
+            "source": "test",
+            "edges": [
+                {
+                    "name": "bulk",
+                    "ipv4": "198.18.128.1",
+                    "ipv6": "2001:db8:e:80::1",
+                    "prefixes": ["198.18.128.0/20", "2001:db8:e:80::/64"],
+                    "path": {"delay": "15ms"},
+                }
+            ],
+        }
+    )
     with World.up(profiles=[prof], services=False) as w:
         for addr in ("198.18.131.77", "2001:db8:e:80::abcd"):
             r = w.run("xx-bulk", ["ping", "-n", "-c", "3", "-i", "0.05", addr])

@@ -23,18 +23,21 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_docs_metrics_is_generated_from_the_catalog() -> None:
     want = catalog.markdown(PROBES)
     assert (ROOT / "docs" / "metrics.md").read_text() == want, (
-        "docs/metrics.md is stale: python -m agent.export.catalog > docs/metrics.md")
+        "docs/metrics.md is stale: python -m agent.export.catalog > docs/metrics.md"
+    )
 
 
 def full_result(kind: str) -> ProbeResult:
     """A result that fills every family the kind can emit."""
     k = PROBES[kind]
     return ProbeResult(
-        success=True, rtts=[0.01, None, 0.012] if k.packet_based else [],
+        success=True,
+        rtts=[0.01, None, 0.012] if k.packet_based else [],
         phases={p: 0.01 for p in k.phases},
         gauges={g: 1.0 for g in k.gauges},
         info={key: "x" for key in k.info_labels},
-        hops=[HopResult(i, [0.001, None]) for i in range(1, 4)] if k.per_hop else None)
+        hops=[HopResult(i, [0.001, None]) for i in range(1, 4)] if k.per_hop else None,
+    )
 
 
 def series_by_kind(text: str) -> Counter[str]:
@@ -52,29 +55,38 @@ def render(detail: str, buckets: str) -> tuple[str, dict[str, int]]:
     cfg = cfgmod.loads(
         f"agent: {{region: r, labels: {{agent: a1}}}}\n"
         f"metrics: {{detail: {detail}, classic_buckets: {buckets}}}\ntargets:\n"
-        f"  - {{name: e1, address: 127.0.0.1, probes: [{', '.join(kinds)}], labels: {{t: x}}}}\n")
+        f"  - {{name: e1, address: 127.0.0.1, probes: [{', '.join(kinds)}], labels: {{t: x}}}}\n"
+    )
     agent = Agent(cfg)
     agent.state.series = agent._views_for(cfg, None, True)
     for job in cfg.jobs:
         agent._record(job, full_result(job.kind))
     m = cfg.metrics
-    return (b"".join(agent.render_metrics()).decode(),
-            catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases)))
+    return (
+        b"".join(agent.render_metrics()).decode(),
+        catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases)),
+    )
 
 
 @pytest.mark.parametrize(("detail", "buckets"), [("lean", "lean"), ("full", "dense")])
 def test_every_exported_family_is_in_the_catalog_and_costs_what_it_says(
-        detail: str, buckets: str) -> None:
+    detail: str, buckets: str
+) -> None:
     text, counts = render(detail, buckets)
     declared = set(catalog.walk_names()) | {
-        f"edgeprobe_{g}" for k in PROBES.values() for g in k.gauges}
-    exported = {f.name for f in text_string_to_metric_families(text)
-                if f.name.startswith("edgeprobe_") and f.samples}
+        f"edgeprobe_{g}" for k in PROBES.values() for g in k.gauges
+    }
+    exported = {
+        f.name
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("edgeprobe_") and f.samples
+    }
     assert exported - declared == set()
     got = series_by_kind(text)
     for kind in PROBES:
-        assert got[kind] == catalog.series_per_target(PROBES[kind], counts, full=detail == "full",
-                                                      hops=3), kind
+        assert got[kind] == catalog.series_per_target(
+            PROBES[kind], counts, full=detail == "full", hops=3
+        ), kind
 
 
 def test_every_kind_fits_its_series_budget() -> None:
@@ -98,9 +110,11 @@ def test_lean_buckets_keep_the_budget_bound() -> None:
 
 async def test_a_live_icmp_target_costs_what_the_catalog_says(tmp_path: Path) -> None:
     path = tmp_path / "c.yml"
-    path.write_text("agent: {region: r}\ndefaults: {icmp: {interval: 200ms, packets: 3, "
-                    "spacing: 10ms, timeout: 100ms}}\ntargets:\n"
-                    "  - {name: e1, address: 127.0.0.1}\n")
+    path.write_text(
+        "agent: {region: r}\ndefaults: {icmp: {interval: 200ms, packets: 3, "
+        "spacing: 10ms, timeout: 100ms}}\ntargets:\n"
+        "  - {name: e1, address: 127.0.0.1}\n"
+    )
     agent = Agent(cfgmod.load(path), path)
     await agent.start()
     try:

@@ -16,11 +16,14 @@ def test_wilson_no_data_is_uninformative() -> None:
     assert model.wilson_interval(0, 0) == (0.0, 1.0)
 
 
-@pytest.mark.parametrize(("lat", "jit", "loss", "r", "mos"), [
-    (0.050, 0.005, 0.00, 91.5, 4.37),
-    (0.150, 0.020, 0.01, 82.7, 4.12),
-    (0.300, 0.030, 0.02, 63.2, 3.26),
-])
+@pytest.mark.parametrize(
+    ("lat", "jit", "loss", "r", "mos"),
+    [
+        (0.050, 0.005, 0.00, 91.5, 4.37),
+        (0.150, 0.020, 0.01, 82.7, 4.12),
+        (0.300, 0.030, 0.02, 63.2, 3.26),
+    ],
+)
 def test_simplified_e_model(lat: float, jit: float, loss: float, r: float, mos: float) -> None:
     got = model.r_factor(lat, jit, loss)
     assert got == pytest.approx(r, abs=0.06)
@@ -30,7 +33,7 @@ def test_simplified_e_model(lat: float, jit: float, loss: float, r: float, mos: 
 def test_miss_probability_loss_term() -> None:
     # With no RTT spread and slack left, only loss matters: 1 - (1 - p)^E.
     p = model.miss_probability(0.05, 0.02, 0.0, 0.6, 7.5, 0.1, 4)
-    assert p == pytest.approx(1 - 0.95 ** 4)
+    assert p == pytest.approx(1 - 0.95**4)
     assert model.miss_probability(0.0, 0.02, 0.0, 0.6, 7.5, 0.1, 4) == 0.0
 
 

@@ -26,7 +26,8 @@ from probes.net.sockets import Endpoint, ProbeFailed, make_socket
 
 pytestmark = pytest.mark.skipif(
     not (Path("/usr/sbin/dnsmasq").exists() and Path("/usr/bin/turnserver").exists()),
-    reason="dnsmasq and coturn are installed by scripts/bootstrap.sh")
+    reason="dnsmasq and coturn are installed by scripts/bootstrap.sh",
+)
 
 ADDR = f"127.0.{os.getpid() % 200 + 20}.{os.getpid() % 250 + 2}"
 NAME = "edge.lab.test"
@@ -60,8 +61,22 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    names = ["tcp", "tls", "tls_wrong_name", "tls_expired", "tcp_silent", "http", "https",
-             "udp_echo", "dns", "turn", "closed", "udp_silent", "tls6", "udp6"]
+    names = [
+        "tcp",
+        "tls",
+        "tls_wrong_name",
+        "tls_expired",
+        "tcp_silent",
+        "http",
+        "https",
+        "udp_echo",
+        "dns",
+        "turn",
+        "closed",
+        "udp_silent",
+        "tls6",
+        "udp6",
+    ]
     ports = {n: _free_port(ADDR) for n in names}
     ports["tls6"] = _free_port("::1")
     ports["udp6"] = _free_port("::1")
@@ -77,8 +92,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "https": [f"{ADDR}:{ports['https']}"],
         "udp_echo": [f"{ADDR}:{ports['udp_echo']}", f"[::1]:{ports['udp6']}"],
         "dns": {"listen": [ADDR], "port": ports["dns"], "records": {NAME: [ADDR]}},
-        "turn": {"listen": [ADDR], "port": ports["turn"], "realm": "lab.test",
-                 "users": {"probe": "s3cret-lab"}},
+        "turn": {
+            "listen": [ADDR],
+            "port": ports["turn"],
+            "realm": "lab.test",
+            "users": {"probe": "s3cret-lab"},
+        },
     }
     # A UDP socket that swallows datagrams: a silent host for the UDP kinds.
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -108,6 +127,7 @@ def assert_valid(kind: str, res: ProbeResult) -> None:
 
 # -- options ---------------------------------------------------------------------------------
 
+
 def test_default_options_are_valid_and_kinds_registered() -> None:
     for name in ("tcp", "tls", "http", "dns", "udp", "stun", "turn", "path", "connect"):
         k = PROBES[name]
@@ -123,23 +143,33 @@ def test_default_options_are_valid_and_kinds_registered() -> None:
 
 def test_options_validation_messages() -> None:
     assert "port: must be between 1 and 65535" in tcp.TcpOptions(port=0).validate()
-    assert any(e.startswith("source_address:")
-               for e in tcp.TcpOptions(source_address="nope").validate())
-    assert any(e.startswith("source_address:")
-               for e in tcp.TcpOptions(source_address="::1", ip_family="ipv4").validate())
+    assert any(
+        e.startswith("source_address:") for e in tcp.TcpOptions(source_address="nope").validate()
+    )
+    assert any(
+        e.startswith("source_address:")
+        for e in tcp.TcpOptions(source_address="::1", ip_family="ipv4").validate()
+    )
     assert any(e.startswith("max_hops:") for e in path.PathOptions(max_hops=99).validate())
-    assert any(e.startswith("record_type:")
-               for e in dns.DnsOptions(query_name="x", record_type="NOPE").validate())
-    assert any(e.startswith("password:") for e in turn.TurnOptions(
-        username="u", password="p", password_file="/f").validate())
-    assert any(e.startswith("dns_server:")
-               for e in connect.ConnectOptions(dns_server="dns.example.net").validate())
+    assert any(
+        e.startswith("record_type:")
+        for e in dns.DnsOptions(query_name="x", record_type="NOPE").validate()
+    )
+    assert any(
+        e.startswith("password:")
+        for e in turn.TurnOptions(username="u", password="p", password_file="/f").validate()
+    )
+    assert any(
+        e.startswith("dns_server:")
+        for e in connect.ConnectOptions(dns_server="dns.example.net").validate()
+    )
 
 
 def test_options_decode_strictly_from_yaml() -> None:
     decode = pytest.importorskip("agent.config.decode")
-    node = decode.compose("port: 8443\nserver_name: edge.lab.test\nalpn: [h2]\ntimeout: 500ms\n"
-                          "dscp: EF\n")
+    node = decode.compose(
+        "port: 8443\nserver_name: edge.lab.test\nalpn: [h2]\ntimeout: 500ms\ndscp: EF\n"
+    )
     opts = decode.decode_dataclass(tls.TlsOptions, node)
     assert opts.port == 8443 and opts.alpn == ("h2",) and opts.timeout == 0.5
     assert opts.tos == 46 << 2
@@ -174,6 +204,7 @@ def test_dscp_and_source_address_on_sockets() -> None:
 
 
 # -- tcp -----------------------------------------------------------------------------------
+
 
 async def test_tcp_ok_refused_timeout(lab: dict[str, Any]) -> None:
     p = lab["ports"]
@@ -214,6 +245,7 @@ async def test_tcp_ipv6_and_resolution_failures(lab: dict[str, Any]) -> None:
 
 # -- tls -----------------------------------------------------------------------------------
 
+
 async def test_tls_ok_and_certificate_failures(lab: dict[str, Any]) -> None:
     p, ca = lab["ports"], lab["ca"]
     res = await tls.run(t(), tls.TlsOptions(port=p["tls"], server_name=NAME, ca_file=ca), ctx())
@@ -222,37 +254,49 @@ async def test_tls_ok_and_certificate_failures(lab: dict[str, Any]) -> None:
     assert res.gauges["tls_cert_not_after_seconds"] > time.time()
     assert set(res.phases) == {"connect", "tls"}
     assert_valid("tls", res)
-    res = await tls.run(t("::1"), tls.TlsOptions(port=p["tls6"], server_name=NAME, ca_file=ca),
-                        ctx())
+    res = await tls.run(
+        t("::1"), tls.TlsOptions(port=p["tls6"], server_name=NAME, ca_file=ca), ctx()
+    )
     assert res.success, res.reason
     cases = [
         (tls.TlsOptions(port=p["tls"], server_name=NAME), "tls_cert_untrusted"),
-        (tls.TlsOptions(port=p["tls_wrong_name"], server_name=NAME, ca_file=ca),
-         "tls_cert_hostname"),
-        (tls.TlsOptions(port=p["tls_expired"], server_name=NAME, ca_file=ca),
-         "tls_cert_expired"),
-        (tls.TlsOptions(port=p["tcp_silent"], server_name=NAME, ca_file=ca, timeout=0.3),
-         "tls_timeout"),
+        (
+            tls.TlsOptions(port=p["tls_wrong_name"], server_name=NAME, ca_file=ca),
+            "tls_cert_hostname",
+        ),
+        (tls.TlsOptions(port=p["tls_expired"], server_name=NAME, ca_file=ca), "tls_cert_expired"),
+        (
+            tls.TlsOptions(port=p["tcp_silent"], server_name=NAME, ca_file=ca, timeout=0.3),
+            "tls_timeout",
+        ),
         (tls.TlsOptions(port=p["closed"], server_name=NAME, ca_file=ca), "tcp_refused"),
         (tls.TlsOptions(port=p["tcp"], server_name=NAME, ca_file=ca), "tls_reset"),
     ]
     for opts, want in cases:
         res = await tls.run(t(), opts, ctx())
         assert (res.success, res.reason) == (False, want) or (
-            want == "tls_reset" and res.reason == "tls_handshake_failed"), (opts, res.reason)
+            want == "tls_reset" and res.reason == "tls_handshake_failed"
+        ), (opts, res.reason)
         assert_valid("tls", res)
     # insecure_skip_verify still reports the expiry (parsed from the DER certificate).
-    res = await tls.run(t(), tls.TlsOptions(port=p["tls_expired"], insecure_skip_verify=True),
-                        ctx())
+    res = await tls.run(
+        t(), tls.TlsOptions(port=p["tls_expired"], insecure_skip_verify=True), ctx()
+    )
     assert res.success and res.gauges["tls_cert_not_after_seconds"] < time.time()
 
 
 # -- http ----------------------------------------------------------------------------------
 
+
 async def test_http_phases_and_failures(lab: dict[str, Any]) -> None:
     p, ca = lab["ports"], lab["ca"]
-    res = await http.run(t(), http.HttpOptions(port=p["https"], server_name=NAME, ca_file=ca,
-                                               expect_body="edgeprobe lab"), ctx())
+    res = await http.run(
+        t(),
+        http.HttpOptions(
+            port=p["https"], server_name=NAME, ca_file=ca, expect_body="edgeprobe lab"
+        ),
+        ctx(),
+    )
     assert res.success, res.reason
     assert {"resolve", "connect", "tls", "ttfb", "transfer"} <= set(res.phases)
     assert res.gauges["http_status_code"] == 200
@@ -269,8 +313,10 @@ async def test_http_phases_and_failures(lab: dict[str, Any]) -> None:
         (dataclasses.replace(plain, port=p["tcp_silent"]), "http_timeout"),
         (dataclasses.replace(plain, port=p["closed"]), "tcp_refused"),
         (http.HttpOptions(port=p["https"], server_name=NAME), "tls_cert_untrusted"),
-        (http.HttpOptions(port=p["tls_wrong_name"], server_name=NAME, ca_file=ca),
-         "tls_cert_hostname"),
+        (
+            http.HttpOptions(port=p["tls_wrong_name"], server_name=NAME, ca_file=ca),
+            "tls_cert_hostname",
+        ),
     ]
     for opts, want in cases:
         res = await http.run(t(), opts, ctx())
@@ -279,6 +325,7 @@ async def test_http_phases_and_failures(lab: dict[str, Any]) -> None:
 
 
 # -- dns -----------------------------------------------------------------------------------
+
 
 async def test_dns_against_dnsmasq(lab: dict[str, Any]) -> None:
     p = lab["ports"]
@@ -296,25 +343,28 @@ async def test_dns_against_dnsmasq(lab: dict[str, Any]) -> None:
         res = await dns.run(t(), opts, ctx())
         assert (res.success, res.reason) == (False, want), (opts, res)
         assert_valid("dns", res)
-    res = await dns.run(t(), dataclasses.replace(ok, query_name="missing.lab.test",
-                                                 expect_answer=(), expect_rcode="NXDOMAIN"),
-                        ctx())
+    res = await dns.run(
+        t(),
+        dataclasses.replace(
+            ok, query_name="missing.lab.test", expect_answer=(), expect_rcode="NXDOMAIN"
+        ),
+        ctx(),
+    )
     assert res.success and res.info["rcode"] == "NXDOMAIN"
 
 
 # -- udp / stun ----------------------------------------------------------------------------
 
+
 async def test_udp_echo(lab: dict[str, Any]) -> None:
     p = lab["ports"]
-    res = await udp.run(t(), udp.UdpOptions(port=p["udp_echo"], packets=10, spacing=0.005),
-                        ctx())
+    res = await udp.run(t(), udp.UdpOptions(port=p["udp_echo"], packets=10, spacing=0.005), ctx())
     assert res.success and len(res.rtts) == 10 and all(r is not None for r in res.rtts)
     assert res.packet_ids == list(range(10))
     assert_valid("udp", res)
     res = await udp.run(t("::1"), udp.UdpOptions(port=p["udp6"], packets=3), ctx())
     assert res.success
-    res = await udp.run(t(), udp.UdpOptions(port=p["udp_silent"], packets=3, timeout=0.2),
-                        ctx())
+    res = await udp.run(t(), udp.UdpOptions(port=p["udp_silent"], packets=3, timeout=0.2), ctx())
     assert (res.reason, res.rtts) == ("udp_timeout", [None] * 3)
     res = await udp.run(t(), udp.UdpOptions(port=p["closed"], packets=2, timeout=0.2), ctx())
     assert res.reason == "udp_refused"
@@ -328,8 +378,7 @@ async def test_stun_binding_train_against_coturn(lab: dict[str, Any]) -> None:
     assert res.info["mapped_family"] == "ipv4"
     assert_valid("stun", res)
     assert not c.counters.counts  # type: ignore[attr-defined]
-    res = await stun.run(t(), stun.StunOptions(port=p["udp_silent"], packets=3, timeout=0.2),
-                         ctx())
+    res = await stun.run(t(), stun.StunOptions(port=p["udp_silent"], packets=3, timeout=0.2), ctx())
     assert (res.reason, res.rtts) == ("stun_timeout", [None] * 3)
     res = await stun.run(t(), stun.StunOptions(port=p["closed"], packets=2, timeout=0.2), ctx())
     assert res.reason == "stun_refused"
@@ -340,8 +389,9 @@ async def test_stun_at_most_ten_in_flight(lab: dict[str, Any]) -> None:
     # 11th waits for the 1st to time out (0.2 s) and the run takes >= 2 timeouts.
     p = lab["ports"]
     t0 = time.monotonic()
-    res = await stun.run(t(), stun.StunOptions(port=p["udp_silent"], packets=25, spacing=0.0,
-                                               timeout=0.2), ctx())
+    res = await stun.run(
+        t(), stun.StunOptions(port=p["udp_silent"], packets=25, spacing=0.0, timeout=0.2), ctx()
+    )
     took = time.monotonic() - t0
     assert res.rtts == [None] * 25
     assert took >= 0.2 * 3 - 0.05, took
@@ -349,25 +399,31 @@ async def test_stun_at_most_ten_in_flight(lab: dict[str, Any]) -> None:
 
 # -- turn ----------------------------------------------------------------------------------
 
-async def test_turn_allocate(lab: dict[str, Any], tmp_path: Path,
-                             caplog: pytest.LogCaptureFixture) -> None:
+
+async def test_turn_allocate(
+    lab: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     p = lab["ports"]
     pw = tmp_path / "turn.pass"
     pw.write_text("s3cret-lab\n")
-    res = await turn.run(t(), turn.TurnOptions(port=p["turn"], username="probe",
-                                               password_file=str(pw)), ctx())
+    res = await turn.run(
+        t(), turn.TurnOptions(port=p["turn"], username="probe", password_file=str(pw)), ctx()
+    )
     assert res.success, res
     assert set(res.phases) == {"challenge", "allocate"}
     assert res.info["relayed_family"] == "ipv4"
     assert_valid("turn", res)
     cases = [
-        (turn.TurnOptions(port=p["turn"], username="probe", password="wrong"),
-         "turn_auth_failed"),
+        (turn.TurnOptions(port=p["turn"], username="probe", password="wrong"), "turn_auth_failed"),
         (turn.TurnOptions(port=p["turn"], username="probe"), "turn_no_credentials"),
-        (turn.TurnOptions(port=p["turn"], username="probe", password_file="/nonexistent/x"),
-         "turn_credentials_unreadable"),
-        (turn.TurnOptions(port=p["udp_silent"], username="probe", password="x", timeout=0.2),
-         "turn_timeout"),
+        (
+            turn.TurnOptions(port=p["turn"], username="probe", password_file="/nonexistent/x"),
+            "turn_credentials_unreadable",
+        ),
+        (
+            turn.TurnOptions(port=p["udp_silent"], username="probe", password="x", timeout=0.2),
+            "turn_timeout",
+        ),
         (turn.TurnOptions(port=p["closed"], username="probe", password="x"), "turn_refused"),
     ]
     for opts, want in cases:
@@ -379,6 +435,7 @@ async def test_turn_allocate(lab: dict[str, Any], tmp_path: Path,
 
 # -- path ----------------------------------------------------------------------------------
 
+
 def test_error_queue_messages_parse_for_both_families() -> None:
     """The sock_extended_err + offender layout the icmp engine and the path kind both read."""
     import struct
@@ -387,31 +444,42 @@ def test_error_queue_messages_parse_for_both_families() -> None:
     from probes.net import errqueue
 
     def msg(origin: int, itype: int, family: int, addr: bytes) -> bytes:
-        ee = struct.pack("=IBBBBII", 113, origin, itype, 0, 0, 0, 0)   # EHOSTUNREACH
+        ee = struct.pack("=IBBBBII", 113, origin, itype, 0, 0, 0, 0)  # EHOSTUNREACH
         fam = family.to_bytes(2, sys.byteorder)
         if family == socket.AF_INET:
             return ee + fam + b"\0\0" + addr + bytes(8)
         return ee + fam + b"\0\0" + bytes(4) + addr + bytes(4)
 
-    v4 = errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR,
-                        msg(errqueue.ORIGIN_ICMP, 11, socket.AF_INET, bytes([192, 0, 2, 1])))
+    v4 = errqueue.parse(
+        socket.IPPROTO_IP,
+        errqueue.IP_RECVERR,
+        msg(errqueue.ORIGIN_ICMP, 11, socket.AF_INET, bytes([192, 0, 2, 1])),
+    )
     assert v4 is not None and v4.offender == "192.0.2.1" and v4.time_exceeded
-    v6 = errqueue.parse(socket.IPPROTO_IPV6, errqueue.IPV6_RECVERR,
-                        msg(errqueue.ORIGIN_ICMP6, 1, socket.AF_INET6,
-                            socket.inet_pton(socket.AF_INET6, "2001:db8::1")))
+    v6 = errqueue.parse(
+        socket.IPPROTO_IPV6,
+        errqueue.IPV6_RECVERR,
+        msg(
+            errqueue.ORIGIN_ICMP6,
+            1,
+            socket.AF_INET6,
+            socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+        ),
+    )
     assert v6 is not None and v6.offender == "2001:db8::1" and not v6.time_exceeded
     assert v6.errno == 113
     # A local error (origin 1), another message type, or a short one: no ICMP error.
-    assert errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR,
-                          msg(1, 0, socket.AF_INET, bytes(4))) is None
+    assert (
+        errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR, msg(1, 0, socket.AF_INET, bytes(4)))
+        is None
+    )
     assert errqueue.parse(socket.SOL_SOCKET, 35, bytes(32)) is None
     assert errqueue.parse(socket.IPPROTO_IP, errqueue.IP_RECVERR, bytes(8)) is None
 
 
 async def test_path_on_loopback() -> None:
     for addr in (ADDR, "::1"):
-        res = await path.run(t(addr), path.PathOptions(max_hops=4, packets=2, timeout=0.5),
-                             ctx())
+        res = await path.run(t(addr), path.PathOptions(max_hops=4, packets=2, timeout=0.5), ctx())
         assert res.success, res
         assert res.gauges["path_hops"] == 1
         assert res.hops is not None and len(res.hops) == 1
@@ -423,11 +491,20 @@ async def test_path_on_loopback() -> None:
 
 # -- connect -------------------------------------------------------------------------------
 
+
 def _connect_opts(lab: dict[str, Any], **kw: Any) -> connect.ConnectOptions:
     p = lab["ports"]
     base = connect.ConnectOptions(
-        signalling_port=p["tls"], ca_file=lab["ca"], dns_server=ADDR, dns_port=p["dns"],
-        stun_port=p["turn"], turn=True, username="probe", password="s3cret-lab", timeout=0.5)
+        signalling_port=p["tls"],
+        ca_file=lab["ca"],
+        dns_server=ADDR,
+        dns_port=p["dns"],
+        stun_port=p["turn"],
+        turn=True,
+        username="probe",
+        password="s3cret-lab",
+        timeout=0.5,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -447,14 +524,19 @@ async def test_connect_full_sequence(lab: dict[str, Any]) -> None:
 async def test_connect_failures_are_over_budget(lab: dict[str, Any]) -> None:
     p = lab["ports"]
     cases = [
-        (_connect_opts(lab, stun_port=p["udp_silent"], timeout=0.2), "stun_timeout",
-         ["dns", "tcp", "tls"]),
-        (_connect_opts(lab, signalling_port=p["tcp_silent"], timeout=0.2), "tls_timeout",
-         ["dns", "tcp"]),
+        (
+            _connect_opts(lab, stun_port=p["udp_silent"], timeout=0.2),
+            "stun_timeout",
+            ["dns", "tcp", "tls"],
+        ),
+        (
+            _connect_opts(lab, signalling_port=p["tcp_silent"], timeout=0.2),
+            "tls_timeout",
+            ["dns", "tcp"],
+        ),
         (_connect_opts(lab, signalling_port=p["closed"]), "tcp_refused", ["dns"]),
         (_connect_opts(lab, dns_port=p["udp_silent"], timeout=0.2), "dns_timeout", []),
-        (_connect_opts(lab, password="wrong"), "turn_auth_failed",
-         ["dns", "tcp", "tls", "stun"]),
+        (_connect_opts(lab, password="wrong"), "turn_auth_failed", ["dns", "tcp", "tls", "stun"]),
     ]
     for opts, want, phases in cases:
         res = await connect.run(t(NAME), opts, ctx())

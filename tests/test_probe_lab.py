@@ -92,10 +92,24 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield w
 
 
-def run_probes(w: Any, kind: str, edge: str, opts: dict[str, Any], runs: int = 1,
-               concurrency: int = 1, family: str = "ipv4") -> list[dict[str, Any]]:
-    arg = json.dumps({"kind": kind, "address": w.state.edges[edge][family], "opts": opts,
-                      "runs": runs, "concurrency": concurrency})
+def run_probes(
+    w: Any,
+    kind: str,
+    edge: str,
+    opts: dict[str, Any],
+    runs: int = 1,
+    concurrency: int = 1,
+    family: str = "ipv4",
+) -> list[dict[str, Any]]:
+    arg = json.dumps(
+        {
+            "kind": kind,
+            "address": w.state.edges[edge][family],
+            "opts": opts,
+            "runs": runs,
+            "concurrency": concurrency,
+        }
+    )
     p = w.run(REGION, [sys.executable, "-c", RUNNER, arg], timeout=120, cwd=str(ROOT))
     assert p.returncode == 0, p.stderr[-3000:]
     out: list[dict[str, Any]] = json.loads(p.stdout)
@@ -103,8 +117,11 @@ def run_probes(w: Any, kind: str, edge: str, opts: dict[str, Any], runs: int = 1
 
 
 def _services(w: Any) -> dict[str, Any]:
-    return {"ports": w.state.ports, "ca": w.state.ca,
-            "turn": next(iter(w.state.turn_users.items()))}
+    return {
+        "ports": w.state.ports,
+        "ca": w.state.ca,
+        "turn": next(iter(w.state.turn_users.items())),
+    }
 
 
 def test_every_kind_passes_through_the_lab(world: Any) -> None:
@@ -114,22 +131,49 @@ def test_every_kind_passes_through_the_lab(world: Any) -> None:
     cases: list[tuple[str, dict[str, Any]]] = [
         ("tcp", {"port": ports["tcp"]}),
         ("tls", {"port": ports["tls"], "server_name": name, "ca_file": s["ca"]}),
-        ("http", {"scheme": "https", "port": ports["https"], "server_name": name,
-                  "ca_file": s["ca"], "timeout": 2.0}),
-        ("dns", {"query_name": name, "server": world.state.dns_servers[0],
-                 "expect_answer": [world.state.edges["clean"]["ipv4"]]}),
+        (
+            "http",
+            {
+                "scheme": "https",
+                "port": ports["https"],
+                "server_name": name,
+                "ca_file": s["ca"],
+                "timeout": 2.0,
+            },
+        ),
+        (
+            "dns",
+            {
+                "query_name": name,
+                "server": world.state.dns_servers[0],
+                "expect_answer": [world.state.edges["clean"]["ipv4"]],
+            },
+        ),
         ("udp", {"port": ports["udp_echo"], "packets": 5}),
         ("stun", {"port": ports["turn"], "packets": 5}),
         ("turn", {"port": ports["turn"], "username": user, "password": pw}),
-        ("connect", {"signalling_port": ports["tls"], "server_name": name, "ca_file": s["ca"],
-                     "stun_port": ports["turn"], "turn": True, "username": user,
-                     "password": pw}),
+        (
+            "connect",
+            {
+                "signalling_port": ports["tls"],
+                "server_name": name,
+                "ca_file": s["ca"],
+                "stun_port": ports["turn"],
+                "turn": True,
+                "username": user,
+                "password": pw,
+            },
+        ),
     ]
     for family in ("ipv4", "ipv6"):
         for kind, opts in cases:
             if family == "ipv6" and kind == "dns":
-                opts = {**opts, "server": world.state.dns_servers[1], "record_type": "AAAA",
-                        "expect_answer": [world.state.edges["clean"]["ipv6"]]}
+                opts = {
+                    **opts,
+                    "server": world.state.dns_servers[1],
+                    "record_type": "AAAA",
+                    "expect_answer": [world.state.edges["clean"]["ipv6"]],
+                }
             res = run_probes(world, kind, "clean", {**opts, "dscp": "AF41"}, family=family)[0]
             assert res["success"], (kind, family, res)
 
@@ -170,22 +214,25 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
                 rs = run_probes(world, kind, edge, opts, runs=5)
                 assert all(r["success"] for r in rs), rs
                 measured.setdefault(kind, {}).setdefault(edge, []).extend(
-                    r["phases"][phase] for r in rs)
-            rs = run_probes(world, "stun", edge, {"port": ports["turn"], "packets": 5,
-                                                    "spacing": 0.02})
+                    r["phases"][phase] for r in rs
+                )
+            rs = run_probes(
+                world, "stun", edge, {"port": ports["turn"], "packets": 5, "spacing": 0.02}
+            )
             assert all(x is not None for x in rs[0]["rtts"]), rs
             measured.setdefault("stun", {}).setdefault(edge, []).extend(rs[0]["rtts"])
     from lab import groundtruth
+
     mine = {world.state.edges[e]["ipv4"] for e in ("zero", "clean")}
-    prec = groundtruth.precision([r for r in world.records()
-                                  if r.src_ip in mine or r.dst_ip in mine])
+    prec = groundtruth.precision(
+        [r for r in world.records() if r.src_ip in mine or r.dst_ip in mine]
+    )
     lateness = 2 * prec.max_us / 1e6
     for kind, by_edge in measured.items():
         zero, clean = by_edge["zero"], by_edge["clean"]
         qz = statistics.quantiles(zero, n=4)
         qc = statistics.quantiles(clean, n=4)
-        tol = (lateness + (qz[2] - qz[0]) + (qc[2] - qc[0]) + 0.0005
-               + statistics.median(zero))
+        tol = lateness + (qz[2] - qz[0]) + (qc[2] - qc[0]) + 0.0005 + statistics.median(zero)
         diff = statistics.median(clean) - statistics.median(zero)
         assert min(clean) >= 0.040 - 0.0005, (kind, min(clean))
         assert abs(diff - 0.040) <= tol, (kind, diff, tol, zero, clean)
@@ -194,14 +241,19 @@ def test_measured_phases_match_the_applied_rtt(world: Any) -> None:
 def test_path_probe_finds_the_bad_hop(world: Any) -> None:
     # 10 probes per hop through r3 (50 % loss on everything that crosses it): hops 1-2 lose
     # nothing, every hop from 3 on loses; P(hop 3 shows no loss at all) = 0.5**10 < 0.1 %.
-    res = run_probes(world, "path", "hops", {"max_hops": 8, "packets": 10, "spacing": 0.005,
-                                             "timeout": 1.0, "interval": 60.0})[0]
+    res = run_probes(
+        world,
+        "path",
+        "hops",
+        {"max_hops": 8, "packets": 10, "spacing": 0.005, "timeout": 1.0, "interval": 60.0},
+    )[0]
     hops = res["hops"]
-    assert res["gauges"]["path_hops"] == 6, res   # five routers, then the edge
+    assert res["gauges"]["path_hops"] == 6, res  # five routers, then the edge
     assert [h["index"] for h in hops] == [1, 2, 3, 4, 5, 6]
 
     def loss(h: dict[str, Any]) -> float:
         return sum(r is None for r in h["rtts"]) / len(h["rtts"])
+
     first_bad = next(h["index"] for h in hops if loss(h) > 0)
     assert first_bad == 3, [loss(h) for h in hops]
     assert statistics.mean(loss(h) for h in hops[2:]) > 0.25
@@ -211,6 +263,7 @@ def test_path_probe_finds_the_bad_hop(world: Any) -> None:
     assert rtt6 - rtt1 > 0.015
     # The hash covers the answering hops, in order.
     from probes.path import route_hash
+
     assert res["gauges"]["path_route_hash"] == route_hash([h["address"] for h in hops])
 
 
@@ -251,17 +304,32 @@ def test_connect_misses_budget_at_the_predicted_rate(world: Any, edge: str, p: f
     # Python forwarder, the TLS server, the probe) enough to push lossless connects over the
     # budget, which would measure the host, not the path.
     n = 300
-    rs = run_probes(world, "connect", edge, {
-        "signalling_port": ports["tls"], "server_name": world.state.edges[edge]["dns"],
-        "ca_file": s["ca"], "stun_port": ports["turn"], "timeout": 1.5, "interval": 60.0},
-        runs=n, concurrency=10)
+    rs = run_probes(
+        world,
+        "connect",
+        edge,
+        {
+            "signalling_port": ports["tls"],
+            "server_name": world.state.edges[edge]["dns"],
+            "ca_file": s["ca"],
+            "stun_port": ports["turn"],
+            "timeout": 1.5,
+            "interval": 60.0,
+        },
+        runs=n,
+        concurrency=10,
+    )
     missed = sum(1 for r in rs if not (r["duration"] <= 0.6))
     # Lossless connects must be inside the budget, or the test would measure delay, not loss.
     ok = [r["duration"] for r in rs if r["success"] and r["duration"] <= 0.6]
     assert ok and statistics.median(ok) < 0.6
     p_rt = 1 - (1 - p) ** 2
-    lo, hi = (model.miss_probability(loss=p_rt, mean_rtt=0.14, sd_rtt=0.0, budget=0.6,
-                                     round_trips=3, fixed=0.03, exchanges=e) for e in (3, 4))
+    lo, hi = (
+        model.miss_probability(
+            loss=p_rt, mean_rtt=0.14, sd_rtt=0.0, budget=0.6, round_trips=3, fixed=0.03, exchanges=e
+        )
+        for e in (3, 4)
+    )
     assert math.isclose(lo, 1 - (1 - p) ** 6) and math.isclose(hi, 1 - (1 - p) ** 8)
     observed = missed / n
     assert lo - 3.29 * math.sqrt(lo * (1 - lo) / n) <= observed, (observed, lo, hi)

@@ -48,7 +48,8 @@ async def udp_fake() -> AsyncIterator[Callable[[Reply], asyncio.Future[int]]]:
 
     async def start(reply: Reply) -> int:
         tr, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Fake(reply), local_addr=("127.0.0.1", 0))
+            lambda: _Fake(reply), local_addr=("127.0.0.1", 0)
+        )
         transports.append(tr)
         return int(tr.get_extra_info("sockname")[1])
 
@@ -59,8 +60,12 @@ async def udp_fake() -> AsyncIterator[Callable[[Reply], asyncio.Future[int]]]:
 
 def _stun_response(req: bytes) -> bytes:
     msg = codec.parse_message(req)
-    resp = codec.Message(codec.Method.BINDING, codec.Class.RESPONSE, msg.transaction_id,
-                         {"XOR-MAPPED-ADDRESS": ("127.0.0.1", 4242)})
+    resp = codec.Message(
+        codec.Method.BINDING,
+        codec.Class.RESPONSE,
+        msg.transaction_id,
+        {"XOR-MAPPED-ADDRESS": ("127.0.0.1", 4242)},
+    )
     resp.add_fingerprint()
     return bytes(resp)
 
@@ -73,37 +78,62 @@ def _bad_stun(req: bytes) -> list[bytes]:
     length_lie = good[:2] + struct.pack("!H", 400) + good[4:]
     # A short attribute header inside a valid-length message (struct.error in a naive codec).
     short_attr = good[:2] + struct.pack("!H", 4) + good[4:20] + b"\x00\x20\x00\x08"
-    err = codec.Message(codec.Method.BINDING, codec.Class.ERROR,
-                        codec.parse_message(req).transaction_id,
-                        {"ERROR-CODE": (400, "Bad Request")})
+    err = codec.Message(
+        codec.Method.BINDING,
+        codec.Class.ERROR,
+        codec.parse_message(req).transaction_id,
+        {"ERROR-CODE": (400, "Bad Request")},
+    )
     err.add_fingerprint()
     error = bytes(err)
-    return [b"\x00\x01", wrong_cookie, wrong_txid, bad_fp, length_lie, short_attr,
-            bytes(60000), b"\xff" * 30, bytes(error), good, good]
+    return [
+        b"\x00\x01",
+        wrong_cookie,
+        wrong_txid,
+        bad_fp,
+        length_lie,
+        short_attr,
+        bytes(60000),
+        b"\xff" * 30,
+        bytes(error),
+        good,
+        good,
+    ]
 
 
-async def test_stun_malformed_counted_and_skipped(udp_fake: Callable[[Reply], asyncio.Future[int]]
-                                                  ) -> None:
+async def test_stun_malformed_counted_and_skipped(
+    udp_fake: Callable[[Reply], asyncio.Future[int]],
+) -> None:
     port = await udp_fake(_bad_stun)
     rec = Recorder()
-    res = await stun.run(Target("f", "127.0.0.1"),
-                         stun.StunOptions(port=port, packets=5, spacing=0.01, timeout=0.5),
-                         ProbeContext(counters=rec))
+    res = await stun.run(
+        Target("f", "127.0.0.1"),
+        stun.StunOptions(port=port, packets=5, spacing=0.01, timeout=0.5),
+        ProbeContext(counters=rec),
+    )
     assert res.success and all(r is not None for r in res.rtts), res
     got = {r: n for (k, r), n in rec.counts.items() if k == "stun"}
-    for reason in ("malformed", "bad_cookie", "unknown_txid", "bad_fingerprint", "not_stun",
-                   "duplicate", "error_response"):
+    for reason in (
+        "malformed",
+        "bad_cookie",
+        "unknown_txid",
+        "bad_fingerprint",
+        "not_stun",
+        "duplicate",
+        "error_response",
+    ):
         assert got.get(reason, 0) >= 5, (reason, got)
     assert res.info["mapped_family"] == "ipv4"
 
 
-async def test_stun_only_garbage_is_loss(udp_fake: Callable[[Reply], asyncio.Future[int]]
-                                         ) -> None:
+async def test_stun_only_garbage_is_loss(udp_fake: Callable[[Reply], asyncio.Future[int]]) -> None:
     port = await udp_fake(lambda req: _bad_stun(req)[:-2])
     rec = Recorder()
-    res = await stun.run(Target("f", "127.0.0.1"),
-                         stun.StunOptions(port=port, packets=3, timeout=0.2),
-                         ProbeContext(counters=rec))
+    res = await stun.run(
+        Target("f", "127.0.0.1"),
+        stun.StunOptions(port=port, packets=3, timeout=0.2),
+        ProbeContext(counters=rec),
+    )
     assert (res.success, res.reason, res.rtts) == (False, "stun_timeout", [None] * 3)
     assert sum(rec.counts.values()) >= 3 * 8
 
@@ -116,8 +146,9 @@ def _bad_dns(req: bytes) -> list[bytes]:
     return [good[:5], wrong_id, good[:12] + b"\xff" * 40, bytes(65000), b"", good]
 
 
-async def test_dns_malformed_counted_and_skipped(udp_fake: Callable[[Reply], asyncio.Future[int]]
-                                                 ) -> None:
+async def test_dns_malformed_counted_and_skipped(
+    udp_fake: Callable[[Reply], asyncio.Future[int]],
+) -> None:
     port = await udp_fake(_bad_dns)
     rec = Recorder()
     opts = dnsprobe.DnsOptions(port=port, query_name="edge.lab.test", timeout=0.5)
@@ -126,22 +157,31 @@ async def test_dns_malformed_counted_and_skipped(udp_fake: Callable[[Reply], asy
     assert rec.counts[("dns", "wrong_id")] == 1
     assert rec.counts[("dns", "malformed")] >= 3
     port = await udp_fake(lambda req: _bad_dns(req)[:-1])
-    res = await dnsprobe.run(Target("f", "127.0.0.1"),
-                             dnsprobe.DnsOptions(port=port, query_name="x.test", timeout=0.2),
-                             ProbeContext(counters=rec))
+    res = await dnsprobe.run(
+        Target("f", "127.0.0.1"),
+        dnsprobe.DnsOptions(port=port, query_name="x.test", timeout=0.2),
+        ProbeContext(counters=rec),
+    )
     assert (res.success, res.reason) == (False, "dns_timeout")
 
 
 async def test_turn_malformed_counted(udp_fake: Callable[[Reply], asyncio.Future[int]]) -> None:
     def reply(req: bytes) -> list[bytes]:
         good = bytearray(_stun_response(req))
-        return [b"\x01", bytes(good[:4]) + b"\0\0\0\0" + bytes(good[8:]),
-                bytes(good[:8]) + bytes(12) + bytes(good[20:]), bytes(60000)]
+        return [
+            b"\x01",
+            bytes(good[:4]) + b"\0\0\0\0" + bytes(good[8:]),
+            bytes(good[:8]) + bytes(12) + bytes(good[20:]),
+            bytes(60000),
+        ]
+
     port = await udp_fake(reply)
     rec = Recorder()
-    res = await turn.run(Target("f", "127.0.0.1"),
-                         turn.TurnOptions(port=port, username="u", password="p", timeout=0.2),
-                         ProbeContext(counters=rec))
+    res = await turn.run(
+        Target("f", "127.0.0.1"),
+        turn.TurnOptions(port=port, username="u", password="p", timeout=0.2),
+        ProbeContext(counters=rec),
+    )
     assert (res.success, res.reason) == (False, "turn_timeout")
     assert rec.counts[("turn", "malformed")] >= 1
     assert rec.counts[("turn", "bad_cookie")] >= 1
@@ -160,26 +200,33 @@ async def _tcp_fake(payload: bytes, close: bool = True) -> tuple[asyncio.Server,
             pass
         finally:
             w.close()
+
     srv = await asyncio.start_server(handle, "127.0.0.1", 0)
     return srv, int(srv.sockets[0].getsockname()[1])
 
 
-@pytest.mark.parametrize(("payload", "want"), [
-    (b"NOT HTTP AT ALL\r\n\r\n", "http_malformed"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n", "http_malformed"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "http_malformed"),
-    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "http_malformed"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300000,
-     "http_body_too_large"),
-    (b"", "http_reset"),
-])
+@pytest.mark.parametrize(
+    ("payload", "want"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "http_malformed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n", "http_malformed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "http_malformed"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "http_malformed"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300000,
+            "http_body_too_large",
+        ),
+        (b"", "http_reset"),
+    ],
+)
 async def test_http_malformed_never_crashes(payload: bytes, want: str) -> None:
     srv, port = await _tcp_fake(payload)
     try:
-        res = await http.run(Target("f", "127.0.0.1"),
-                             http.HttpOptions(scheme="http", port=port, timeout=1.0,
-                                              max_body_bytes=100000),
-                             ProbeContext())
+        res = await http.run(
+            Target("f", "127.0.0.1"),
+            http.HttpOptions(scheme="http", port=port, timeout=1.0, max_body_bytes=100000),
+            ProbeContext(),
+        )
     finally:
         srv.close()
     assert not res.success
@@ -190,12 +237,16 @@ async def test_http_malformed_never_crashes(payload: bytes, want: str) -> None:
 def test_socket_errors_do_not_leak() -> None:
     # Every probe closes its sockets: a burst of failing runs leaves no fds behind.
     import os
+
     before = len(os.listdir("/proc/self/fd"))
 
     async def burst() -> None:
         for _ in range(20):
-            await stun.run(Target("f", "127.0.0.1"),
-                           stun.StunOptions(port=9, packets=1, timeout=0.01), ProbeContext())
+            await stun.run(
+                Target("f", "127.0.0.1"),
+                stun.StunOptions(port=9, packets=1, timeout=0.01),
+                ProbeContext(),
+            )
+
     asyncio.run(burst())
     assert len(os.listdir("/proc/self/fd")) <= before + 2
-

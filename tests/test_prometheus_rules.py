@@ -28,15 +28,18 @@ RULES = sorted((PROM / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                                    reason="promtool not installed (Debian package prometheus)")
-needs_amtool = pytest.mark.skipif(shutil.which("amtool") is None,
-                                  reason="amtool not installed (prometheus-alertmanager)")
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)"
+)
+needs_amtool = pytest.mark.skipif(
+    shutil.which("amtool") is None, reason="amtool not installed (prometheus-alertmanager)"
+)
 
 
 def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, check=False)
+    return subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False
+    )
 
 
 def load(path: Path) -> Any:
@@ -121,8 +124,11 @@ def test_slo_target_is_set_in_one_place() -> None:
     assert len(targets) == 1 and targets[0]["expr"] == "vector(0.99)"
     text = "".join(p.read_text() for p in RULES)
     # No other literal 0.99 in an expression: every burn rate reads the target series.
-    exprs = " ".join(r["expr"] for r in all_rules() if "record" not in r or
-                     r["record"] != "edgeprobe:connect_budget_slo:target")
+    exprs = " ".join(
+        r["expr"]
+        for r in all_rules()
+        if "record" not in r or r["record"] != "edgeprobe:connect_budget_slo:target"
+    )
     assert not re.search(r"(?<!histogram_quantile\()0\.99\b", exprs)
     assert text.count("connect_budget_slo:error_budget") >= 5
 
@@ -138,9 +144,11 @@ def test_within_budget_uses_the_0_6_bucket() -> None:
 
 def test_burn_rate_windows_follow_the_sre_workbook() -> None:
     alerts = {r["alert"]: r for r in all_rules() if "alert" in r}
-    expect = {"EdgeprobeConnectBudgetBurnFast": ("1h", "5m", "14.4", "page"),
-              "EdgeprobeConnectBudgetBurnMedium": ("6h", "30m", "6", "page"),
-              "EdgeprobeConnectBudgetBurnSlow": ("3d", "6h", "1", "ticket")}
+    expect = {
+        "EdgeprobeConnectBudgetBurnFast": ("1h", "5m", "14.4", "page"),
+        "EdgeprobeConnectBudgetBurnMedium": ("6h", "30m", "6", "page"),
+        "EdgeprobeConnectBudgetBurnSlow": ("3d", "6h", "1", "ticket"),
+    }
     for name, (long_w, short_w, factor, severity) in expect.items():
         expr = alerts[name]["expr"]
         assert f"burnrate{long_w} > {factor}\n" in expr, expr
@@ -152,11 +160,19 @@ def test_burn_rate_windows_follow_the_sre_workbook() -> None:
 def test_every_alert_has_a_runbook_style_description() -> None:
     alerts = [r for r in all_rules() if "alert" in r]
     assert {a["alert"] for a in alerts} >= {
-        "EdgeprobeConnectBudgetBurnFast", "EdgeprobeConnectBudgetBurnMedium",
-        "EdgeprobeConnectBudgetBurnSlow", "EdgeprobeHighLoss", "EdgeprobeHighJitter",
-        "EdgeprobeBestEdgeChanged", "EdgeprobeAgentDown", "EdgeprobeAgentAbsent",
-        "EdgeprobeProbeFailing", "EdgeprobeTargetNoData", "EdgeprobeRouteMapStale",
-        "EdgeprobeRouteAbsent"}
+        "EdgeprobeConnectBudgetBurnFast",
+        "EdgeprobeConnectBudgetBurnMedium",
+        "EdgeprobeConnectBudgetBurnSlow",
+        "EdgeprobeHighLoss",
+        "EdgeprobeHighJitter",
+        "EdgeprobeBestEdgeChanged",
+        "EdgeprobeAgentDown",
+        "EdgeprobeAgentAbsent",
+        "EdgeprobeProbeFailing",
+        "EdgeprobeTargetNoData",
+        "EdgeprobeRouteMapStale",
+        "EdgeprobeRouteAbsent",
+    }
     for a in alerts:
         ann = a["annotations"]
         assert ann["summary"] and len(ann["description"]) > 120, a["alert"]
@@ -175,19 +191,29 @@ def test_amtool_check_config() -> None:
 
 
 @needs_amtool
-@pytest.mark.parametrize(("labels", "receiver"), [
-    (["severity=page", "region=id-jakarta"], "edgeprobe-page-apac"),
-    (["severity=page", "region=ae-dubai"], "edgeprobe-page-emea"),
-    (["severity=page", "region=br-saopaulo"], "edgeprobe-page-americas"),
-    (["severity=page", "region=xx-elsewhere"], "edgeprobe-page"),
-    (["severity=ticket", "region=ae-dubai"], "edgeprobe-ticket"),
-    (["severity=warning", "region=id-jakarta"], "edgeprobe-warning-apac"),
-    (["severity=warning", "region=br-saopaulo"], "edgeprobe-warning"),
-    (["severity=info", "region=br-saopaulo"], "edgeprobe-info"),
-])
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["severity=page", "region=id-jakarta"], "edgeprobe-page-apac"),
+        (["severity=page", "region=ae-dubai"], "edgeprobe-page-emea"),
+        (["severity=page", "region=br-saopaulo"], "edgeprobe-page-americas"),
+        (["severity=page", "region=xx-elsewhere"], "edgeprobe-page"),
+        (["severity=ticket", "region=ae-dubai"], "edgeprobe-ticket"),
+        (["severity=warning", "region=id-jakarta"], "edgeprobe-warning-apac"),
+        (["severity=warning", "region=br-saopaulo"], "edgeprobe-warning"),
+        (["severity=info", "region=br-saopaulo"], "edgeprobe-info"),
+    ],
+)
 def test_alertmanager_routes_by_region_and_severity(labels: list[str], receiver: str) -> None:
-    r = run("amtool", "config", "routes", "test", f"--config.file={ALERTMANAGER}",
-            "alertname=EdgeprobeTest", *labels)
+    r = run(
+        "amtool",
+        "config",
+        "routes",
+        "test",
+        f"--config.file={ALERTMANAGER}",
+        "alertname=EdgeprobeTest",
+        *labels,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == receiver
 
@@ -198,20 +224,20 @@ def test_alertmanager_routes_by_region_and_severity(labels: list[str], receiver:
 # connects every 10 s (the lab's connect probe), ICMP RTTs (5 packets / 2 s) in a histogram,
 # the model's miss probability as a gauge. promtool evaluates the real rules over all of it.
 
-STEP = 15                   # s: scrape and rule evaluation interval
+STEP = 15  # s: scrape and rule evaluation interval
 HOURS = 6
 N_STEPS = HOURS * 3600 // STEP + 1
-CONNECT_EVERY = 10          # s
+CONNECT_EVERY = 10  # s
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.6)
 PACKETS_PER_STEP = 5 * STEP // 2
-DEGRADE_AT = 3 * 3600       # s
-DOWN_AT = 4 * 3600          # s
+DEGRADE_AT = 3 * 3600  # s
+DOWN_AT = 4 * 3600  # s
 # The documented bound (docs/routing-policy.md): a hard breach makes the pair ineligible
 # within 2 minutes of its start at a 15 s scrape; the measured figure is in the doc.
-DETECT_BOUND = 120          # s
+DETECT_BOUND = 120  # s
 # A 20 % miss rate: the 5m bound hovers around its line (first hit after ~5 minutes, on and
 # off), the 1h bound holds it out for good after ~12 minutes.
-PARTIAL_BOUND = 900         # s
+PARTIAL_BOUND = 900  # s
 # What this seed gives (docs/routing-policy.md quotes them).
 MEASURED_DETECTION = {"hard": 60, "lossy": 90, "partial": 285}
 # Evaluations of the connects-only young series before it has min_connects connects.
@@ -225,15 +251,15 @@ UCB_BAND = 0.05
 class Pair:
     region: str
     edge: str
-    rtt: float                      # s, median RTT
-    miss: float = 0.0               # probability that one connect misses the budget
-    start: int = 0                  # s: the series are born here (young series)
+    rtt: float  # s, median RTT
+    miss: float = 0.0  # probability that one connect misses the budget
+    start: int = 0  # s: the series are born here (young series)
     connects: bool = True
     model: bool = True
-    degrade: str = ""               # "", "hard" (every connect misses), "partial" (20 %),
-                                    # "loss" (10 % packet loss, seen by the model)
-    stop: str = ""                  # "", "gap" (samples stop), "stale" (staleness markers)
-    twin_of: str = ""               # reuse another pair's random draws: an exact tie
+    degrade: str = ""  # "", "hard" (every connect misses), "partial" (20 %),
+    # "loss" (10 % packet loss, seen by the model)
+    stop: str = ""  # "", "gap" (samples stop), "stale" (staleness markers)
+    twin_of: str = ""  # reuse another pair's random draws: an exact tie
 
 
 PAIRS = (
@@ -284,8 +310,11 @@ def _series(pair: Pair, rng: random.Random) -> dict[str, list[str]]:
             first = max(t - STEP, pair.start - 5)
             n = (t - 5) // CONNECT_EVERY - (first - 5) // CONNECT_EVERY
             for _ in range(n):
-                miss = {"hard": 1.0, "partial": 0.2}.get(pair.degrade, pair.miss) \
-                    if degraded else pair.miss
+                miss = (
+                    {"hard": 1.0, "partial": 0.2}.get(pair.degrade, pair.miss)
+                    if degraded
+                    else pair.miss
+                )
                 count += 1
                 within += rng.random() >= miss
             for _ in range(PACKETS_PER_STEP):
@@ -296,21 +325,25 @@ def _series(pair: Pair, rng: random.Random) -> dict[str, list[str]]:
         model = 1 - (1 - lost / 150) ** 4
         v = token or None
         if pair.connects:
-            put(f"edgeprobe_connect_duration_seconds_count{{{base},probe=\"connect\"}}",
-                v or str(count))
-            put(f"edgeprobe_connect_duration_seconds_bucket{{{base},probe=\"connect\",le=\"0.6\"}}",
-                v or str(within))
-        put(f"edgeprobe_probe_runs_total{{{base},probe=\"icmp\"}}",
-            v or str(i - pair.start // STEP))
+            put(
+                f'edgeprobe_connect_duration_seconds_count{{{base},probe="connect"}}',
+                v or str(count),
+            )
+            put(
+                f'edgeprobe_connect_duration_seconds_bucket{{{base},probe="connect",le="0.6"}}',
+                v or str(within),
+            )
+        put(f'edgeprobe_probe_runs_total{{{base},probe="icmp"}}', v or str(i - pair.start // STEP))
         cum = 0
         for le, n_le in zip((*RTT_BUCKETS, math.inf), rtt_cum, strict=True):
             cum += n_le
             le_s = "+Inf" if le == math.inf else repr(le)
-            put(f"edgeprobe_rtt_seconds_bucket{{{base},probe=\"icmp\",le=\"{le_s}\"}}",
-                v or str(cum))
+            put(f'edgeprobe_rtt_seconds_bucket{{{base},probe="icmp",le="{le_s}"}}', v or str(cum))
         if pair.model:
-            put(f"edgeprobe_connect_budget_miss_probability{{{base},probe=\"icmp\"}}",
-                v or repr(model))
+            put(
+                f'edgeprobe_connect_budget_miss_probability{{{base},probe="icmp"}}',
+                v or repr(model),
+            )
     return out
 
 
@@ -332,8 +365,11 @@ def _at(seconds: int) -> str:
 
 def _eligible(region: str, edge: str, reason: str) -> dict[str, Any]:
     value = 1 if reason == "ok" else 0
-    return {"labels": f'region_edge:edgeprobe_route_eligible:info{{region="{region}",'
-                      f'edge="{edge}",reason="{reason}"}}', "value": value}
+    return {
+        "labels": f'region_edge:edgeprobe_route_eligible:info{{region="{region}",'
+        f'edge="{edge}",reason="{reason}"}}',
+        "value": value,
+    }
 
 
 def _noisy_tests() -> list[dict[str, Any]]:
@@ -348,87 +384,163 @@ def _noisy_tests() -> list[dict[str, Any]]:
     n_young = (end - young_from) // STEP + 1
     t: list[dict[str, Any]] = [
         # Stationary: never anything but ok, and ok without a gap: zero eligibility changes.
-        {"expr": f'count_over_time({elig}{{region=~"steady|tie|young",reason!="ok"}}[{whole}])'
-                 ' unless on (edge) {edge="yconn"}',
-         "eval_time": _at(end), "exp_samples": []},
-        {"expr": f'count_over_time({elig}{{region=~"steady|tie",reason="ok"}}[{whole}])',
-         "eval_time": _at(end), "exp_samples": [
-             {"labels": f'{{region="{p.region}",edge="{p.edge}",reason="ok"}}',
-              "value": n_whole} for p in PAIRS if p.region in ("steady", "tie")]},
+        {
+            "expr": f'count_over_time({elig}{{region=~"steady|tie|young",reason!="ok"}}[{whole}])'
+            ' unless on (edge) {edge="yconn"}',
+            "eval_time": _at(end),
+            "exp_samples": [],
+        },
+        {
+            "expr": f'count_over_time({elig}{{region=~"steady|tie",reason="ok"}}[{whole}])',
+            "eval_time": _at(end),
+            "exp_samples": [
+                {"labels": f'{{region="{p.region}",edge="{p.edge}",reason="ok"}}', "value": n_whole}
+                for p in PAIRS
+                if p.region in ("steady", "tie")
+            ],
+        },
         # Young: with the model, ok from its first evaluation with two samples; with connects
         # only, too_few_samples until min_connects (100 connects at 10 s: 66 evaluations,
         # 16.5 minutes), then ok for good. One series at every evaluation since birth.
-        {"expr": f'count_over_time({elig}{{region="young",edge=~"ymodel|yconn"}}'
-                 f'[{end - young_from}s])',
-         "eval_time": _at(end), "exp_samples": [
-             {"labels": f'{{region="young",edge="{e}",reason="{r}"}}', "value": v}
-             for e, r, v in (("ymodel", "ok", n_young), ("yconn", "ok", n_young - YCONN_WARMUP),
-                             ("yconn", "too_few_samples", YCONN_WARMUP))]},
-        {"expr": f'{elig}{{edge="yconn"}}', "eval_time": _at(young_from + YCONN_WARMUP * STEP),
-         "exp_samples": [_eligible("young", "yconn", "ok")]},
-        {"expr": f'{elig}{{edge="yconn"}}',
-         "eval_time": _at(young_from + (YCONN_WARMUP - 1) * STEP),
-         "exp_samples": [_eligible("young", "yconn", "too_few_samples")]},
+        {
+            "expr": f'count_over_time({elig}{{region="young",edge=~"ymodel|yconn"}}'
+            f"[{end - young_from}s])",
+            "eval_time": _at(end),
+            "exp_samples": [
+                {"labels": f'{{region="young",edge="{e}",reason="{r}"}}', "value": v}
+                for e, r, v in (
+                    ("ymodel", "ok", n_young),
+                    ("yconn", "ok", n_young - YCONN_WARMUP),
+                    ("yconn", "too_few_samples", YCONN_WARMUP),
+                )
+            ],
+        },
+        {
+            "expr": f'{elig}{{edge="yconn"}}',
+            "eval_time": _at(young_from + YCONN_WARMUP * STEP),
+            "exp_samples": [_eligible("young", "yconn", "ok")],
+        },
+        {
+            "expr": f'{elig}{{edge="yconn"}}',
+            "eval_time": _at(young_from + (YCONN_WARMUP - 1) * STEP),
+            "exp_samples": [_eligible("young", "yconn", "too_few_samples")],
+        },
         # The ranking inputs: every stationary bound inside the first UCB band all along, and
         # the RTT order never reversed.
         # yconn, with connects only, has a wide bound while its window fills (at 100 connects,
         # 2 misses give 6.9 %): the first band holds once the window is full, an hour on.
-        {"expr": f'max_over_time({ucb}{{region=~"steady|tie|young",edge!="yconn"}}[{whole}])'
-                 f' < bool {UCB_BAND}', "eval_time": _at(end), "exp_samples": [
-             {"labels": f'{{region="{p.region}",edge="{p.edge}"}}', "value": 1}
-             for p in PAIRS if p.region in ("steady", "tie", "young") and p.edge != "yconn"]},
-        {"expr": f'max_over_time({ucb}{{edge="yconn"}}[{end - young_from - 3600}s])'
-                 f' < bool {UCB_BAND}', "eval_time": _at(end), "exp_samples": [
-             {"labels": '{region="young",edge="yconn"}', "value": 1}]},
-        {"expr": f'min_over_time({p95}{{region="steady",edge="slow"}}[{whole}])'
-                 f' > bool ignoring (edge)'
-                 f' max_over_time({p95}{{region="steady",edge="fast"}}[{whole}])',
-         "eval_time": _at(end), "exp_samples": [{"labels": '{region="steady"}', "value": 1}]},
+        {
+            "expr": f'max_over_time({ucb}{{region=~"steady|tie|young",edge!="yconn"}}[{whole}])'
+            f" < bool {UCB_BAND}",
+            "eval_time": _at(end),
+            "exp_samples": [
+                {"labels": f'{{region="{p.region}",edge="{p.edge}"}}', "value": 1}
+                for p in PAIRS
+                if p.region in ("steady", "tie", "young") and p.edge != "yconn"
+            ],
+        },
+        {
+            "expr": f'max_over_time({ucb}{{edge="yconn"}}[{end - young_from - 3600}s])'
+            f" < bool {UCB_BAND}",
+            "eval_time": _at(end),
+            "exp_samples": [{"labels": '{region="young",edge="yconn"}', "value": 1}],
+        },
+        {
+            "expr": f'min_over_time({p95}{{region="steady",edge="slow"}}[{whole}])'
+            f" > bool ignoring (edge)"
+            f' max_over_time({p95}{{region="steady",edge="fast"}}[{whole}])',
+            "eval_time": _at(end),
+            "exp_samples": [{"labels": '{region="steady"}', "value": 1}],
+        },
         # The tie is exact at every evaluation: the route breaks it by name.
-        {"expr": f'max_over_time(('
-                 f'abs({ucb}{{edge="twin-a"}} - ignoring (edge) {ucb}{{edge="twin-b"}})'
-                 f' + abs({p95}{{edge="twin-a"}} - ignoring (edge) {p95}{{edge="twin-b"}})'
-                 f')[{whole}:{STEP}s])',
-         "eval_time": _at(end), "exp_samples": [{"labels": '{region="tie"}', "value": 0}]},
+        {
+            "expr": f"max_over_time(("
+            f'abs({ucb}{{edge="twin-a"}} - ignoring (edge) {ucb}{{edge="twin-b"}})'
+            f' + abs({p95}{{edge="twin-a"}} - ignoring (edge) {p95}{{edge="twin-b"}})'
+            f")[{whole}:{STEP}s])",
+            "eval_time": _at(end),
+            "exp_samples": [{"labels": '{region="tie"}', "value": 0}],
+        },
     ]
     # Degradations at 3h: ok until then, over_budget within the bound, and it stays so from
     # there; the measured first over_budget, in seconds after the degradation's start (the
     # rule evaluations see a connect that finished at most 15 s earlier).
-    t.append({"expr": f'min_over_time(timestamp({elig}{{region="degrade",reason="over_budget"}})'
-                      f'[{end - DEGRADE_AT}s:{STEP}s]) - {DEGRADE_AT}',
-              "eval_time": _at(end), "exp_samples": [
-                  {"labels": f'{{region="degrade",edge="{e}",reason="over_budget"}}', "value": v}
-                  for e, v in MEASURED_DETECTION.items()]})
-    for edge, bound in (("hard", DETECT_BOUND), ("lossy", DETECT_BOUND),
-                        ("partial", PARTIAL_BOUND)):
+    t.append(
+        {
+            "expr": f'min_over_time(timestamp({elig}{{region="degrade",reason="over_budget"}})'
+            f"[{end - DEGRADE_AT}s:{STEP}s]) - {DEGRADE_AT}",
+            "eval_time": _at(end),
+            "exp_samples": [
+                {"labels": f'{{region="degrade",edge="{e}",reason="over_budget"}}', "value": v}
+                for e, v in MEASURED_DETECTION.items()
+            ],
+        }
+    )
+    for edge, bound in (
+        ("hard", DETECT_BOUND),
+        ("lossy", DETECT_BOUND),
+        ("partial", PARTIAL_BOUND),
+    ):
         t += [
-            {"expr": f'{elig}{{edge="{edge}"}}', "eval_time": _at(DEGRADE_AT),
-             "exp_samples": [_eligible("degrade", edge, "ok")]},
-            {"expr": f'{elig}{{edge="{edge}"}}', "eval_time": _at(DEGRADE_AT + bound),
-             "exp_samples": [_eligible("degrade", edge, "over_budget")]},
-            {"expr": f'count_over_time({elig}{{edge="{edge}",reason="over_budget"}}'
-                     f'[{end - DEGRADE_AT - bound}s])',
-             "eval_time": _at(end), "exp_samples": [
-                 {"labels": f'{{region="degrade",edge="{edge}",reason="over_budget"}}',
-                  "value": (end - DEGRADE_AT - bound) // STEP + 1}]},
+            {
+                "expr": f'{elig}{{edge="{edge}"}}',
+                "eval_time": _at(DEGRADE_AT),
+                "exp_samples": [_eligible("degrade", edge, "ok")],
+            },
+            {
+                "expr": f'{elig}{{edge="{edge}"}}',
+                "eval_time": _at(DEGRADE_AT + bound),
+                "exp_samples": [_eligible("degrade", edge, "over_budget")],
+            },
+            {
+                "expr": f'count_over_time({elig}{{edge="{edge}",reason="over_budget"}}'
+                f"[{end - DEGRADE_AT - bound}s])",
+                "eval_time": _at(end),
+                "exp_samples": [
+                    {
+                        "labels": f'{{region="degrade",edge="{edge}",reason="over_budget"}}',
+                        "value": (end - DEGRADE_AT - bound) // STEP + 1,
+                    }
+                ],
+            },
         ]
     # Agents that stop at 4h.
     t += [
-        {"expr": f'{elig}{{region=~"down|gone"}}', "eval_time": _at(DOWN_AT - STEP),
-         "exp_samples": [_eligible("down", "d1", "ok"), _eligible("down", "d2", "ok"),
-                         _eligible("gone", "g1", "ok")]},
+        {
+            "expr": f'{elig}{{region=~"down|gone"}}',
+            "eval_time": _at(DOWN_AT - STEP),
+            "exp_samples": [
+                _eligible("down", "d1", "ok"),
+                _eligible("down", "d2", "ok"),
+                _eligible("gone", "g1", "ok"),
+            ],
+        },
         # Staleness markers: agent_down at once.
-        {"expr": f'{elig}{{region="gone"}}', "eval_time": _at(DOWN_AT),
-         "exp_samples": [_eligible("gone", "g1", "agent_down")]},
+        {
+            "expr": f'{elig}{{region="gone"}}',
+            "eval_time": _at(DOWN_AT),
+            "exp_samples": [_eligible("gone", "g1", "agent_down")],
+        },
         # Samples that stop: once the newest is older than stale_after (60 s).
-        {"expr": f'{elig}{{region="down"}}', "eval_time": _at(DOWN_AT - STEP + 60),
-         "exp_samples": [_eligible("down", "d1", "ok"), _eligible("down", "d2", "ok")]},
-        {"expr": f'{elig}{{region="down"}}', "eval_time": _at(DOWN_AT + 60),
-         "exp_samples": [_eligible("down", "d1", "agent_down"),
-                         _eligible("down", "d2", "agent_down")]},
+        {
+            "expr": f'{elig}{{region="down"}}',
+            "eval_time": _at(DOWN_AT - STEP + 60),
+            "exp_samples": [_eligible("down", "d1", "ok"), _eligible("down", "d2", "ok")],
+        },
+        {
+            "expr": f'{elig}{{region="down"}}',
+            "eval_time": _at(DOWN_AT + 60),
+            "exp_samples": [
+                _eligible("down", "d1", "agent_down"),
+                _eligible("down", "d2", "agent_down"),
+            ],
+        },
         # An hour on, the pairs have no SLI over the window: no series at all.
-        {"expr": f'{elig}{{region=~"down|gone"}}', "eval_time": _at(DOWN_AT + 3600 + 5 * 60),
-         "exp_samples": []},
+        {
+            "expr": f'{elig}{{region=~"down|gone"}}',
+            "eval_time": _at(DOWN_AT + 3600 + 5 * 60),
+            "exp_samples": [],
+        },
     ]
     return t
 
@@ -440,14 +552,28 @@ def test_route_candidates_on_six_noisy_hours(tmp_path: Path) -> None:
     doc = {
         "rule_files": [str(p) for p in RULES if p.name == "edgeprobe-recording.yml"],
         "evaluation_interval": f"{STEP}s",
-        "group_eval_order": ["edgeprobe-packets", "edgeprobe-connect-sli",
-                             "edgeprobe-route-candidates", "edgeprobe-route-decision"],
-        "tests": [{"name": "route candidates, six noisy hours", "interval": f"{STEP}s",
-                   "input_series": _noisy_input(seed=12),
-                   "promql_expr_test": _noisy_tests()}],
+        "group_eval_order": [
+            "edgeprobe-packets",
+            "edgeprobe-connect-sli",
+            "edgeprobe-route-candidates",
+            "edgeprobe-route-decision",
+        ],
+        "tests": [
+            {
+                "name": "route candidates, six noisy hours",
+                "interval": f"{STEP}s",
+                "input_series": _noisy_input(seed=12),
+                "promql_expr_test": _noisy_tests(),
+            }
+        ],
     }
     f = tmp_path / "route_candidates_test.yml"
     f.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))
-    r = subprocess.run(["promtool", "test", "rules", str(f)], capture_output=True, text=True,
-                       timeout=600, check=False)
+    r = subprocess.run(
+        ["promtool", "test", "rules", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout[-20000:] + r.stderr[-5000:]

@@ -36,11 +36,23 @@ def test_committed_module_is_what_the_proto_generates(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
     out = tmp_path / "out"
     (out / "agent" / "export").mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out}",
-                    f"--pyi_out={out}", str(PROTO.relative_to(ROOT))], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            str(PROTO.relative_to(ROOT)),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     for name in ("metrics_pb2.py", "metrics_pb2.pyi"):
         assert (out / "agent" / "export" / name).read_text() == (PROTO.parent / name).read_text(), (
-            f"{name} is stale: run `make proto` and commit it")
+            f"{name} is stale: run `make proto` and commit it"
+        )
 
 
 @given(st.floats(min_value=1e-9, max_value=1e6, allow_nan=False), st.integers(-4, 8))
@@ -90,8 +102,10 @@ def test_spans_and_deltas() -> None:
 
 
 def test_accept_negotiation() -> None:
-    prom = ("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
-            "encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.2")
+    prom = (
+        "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+        "encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+    )
     assert accepts_protobuf(prom)
     assert not accepts_protobuf("text/plain;version=0.0.4;q=1,*/*;q=0.1")
     assert not accepts_protobuf("*/*")
@@ -110,7 +124,7 @@ def _decode(body: bytes) -> list[pb.MetricFamily]:
             shift += 7
             if not b & 0x80:
                 break
-        out.append(pb.MetricFamily.FromString(body[pos:pos + n]))
+        out.append(pb.MetricFamily.FromString(body[pos : pos + n]))
         pos += n
     return out
 
@@ -125,8 +139,11 @@ def rtt_family(paths: dict[str, list[float]], bounds: tuple[float, ...]) -> Metr
         nh = h.sample(count=len(values), total=sum(values))
         fam.samples.append(Sample("edgeprobe_rtt_seconds", labels, 0.0, None, None, nh))
         for b in bounds:
-            fam.add_sample("edgeprobe_rtt_seconds_bucket", {**labels, "le": repr(b)},
-                           float(sum(v <= b for v in values)))
+            fam.add_sample(
+                "edgeprobe_rtt_seconds_bucket",
+                {**labels, "le": repr(b)},
+                float(sum(v <= b for v in values)),
+            )
         fam.add_sample("edgeprobe_rtt_seconds_bucket", {**labels, "le": "+Inf"}, len(values))
         fam.add_sample("edgeprobe_rtt_seconds_count", labels, len(values))
         fam.add_sample("edgeprobe_rtt_seconds_sum", labels, sum(values))
@@ -137,12 +154,15 @@ def test_round_trip_of_every_type() -> None:
     c = CounterMetricFamily("edgeprobe_packets_sent", "Packets sent.", labels=["edge"])
     c.add_metric(["a"], 7)
     g = GaugeMetricFamily("edgeprobe_up", "Up.", labels=["edge"])
-    g.add_metric(["a\n\"b"], 1)
+    g.add_metric(['a\n"b'], 1)
     fams = _decode(encode([c, g, rtt_family({"a": [0.01, 0.02, 0.7]}, (0.05, 0.6))]))
-    assert [f.name for f in fams] == ["edgeprobe_packets_sent_total", "edgeprobe_up",
-                                      "edgeprobe_rtt_seconds"]
+    assert [f.name for f in fams] == [
+        "edgeprobe_packets_sent_total",
+        "edgeprobe_up",
+        "edgeprobe_rtt_seconds",
+    ]
     assert fams[0].metric[0].counter.value == 7
-    assert fams[1].metric[0].label[0].value == "a\n\"b"  # no escaping needed in protobuf
+    assert fams[1].metric[0].label[0].value == 'a\n"b'  # no escaping needed in protobuf
     h = fams[2].metric[0].histogram
     assert h.sample_count == 3 and [b.cumulative_count for b in h.bucket] == [2, 2]
     assert h.schema == 6 and sum(h.positive_delta) >= 0 and len(h.positive_span) >= 1
@@ -205,8 +225,9 @@ async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[di
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
-async def test_prometheus_scrapes_native_histograms(exporter: tuple[int, list[str]],
-                                                    tmp_path: Path) -> None:
+async def test_prometheus_scrapes_native_histograms(
+    exporter: tuple[int, list[str]], tmp_path: Path
+) -> None:
     port, accepts = exporter
     prom_port = free_port()
     cfg = tmp_path / "prometheus.yml"
@@ -217,9 +238,17 @@ scrape_configs:
     static_configs: [{{targets: ['127.0.0.1:{port}']}}]
 """)
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--enable-feature=native-histograms",
-         "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            "prometheus",
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--enable-feature=native-histograms",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{prom_port}"
     try:
         async with aiohttp.ClientSession() as s:
@@ -227,8 +256,7 @@ scrape_configs:
             for _ in range(60):  # bounded: 30 s
                 await asyncio.sleep(0.5)
                 try:
-                    medians = await query(
-                        s, base, "histogram_quantile(0.5, edgeprobe_rtt_seconds)")
+                    medians = await query(s, base, "histogram_quantile(0.5, edgeprobe_rtt_seconds)")
                 except aiohttp.ClientError:
                     continue
                 if len(medians) == 3:
@@ -239,8 +267,10 @@ scrape_configs:
                 edge = series["metric"]["edge"]
                 got = float(series["value"][1])
                 want = exact_quantile(paths()[edge], 0.5)
-                print(f"native median {edge}: {got * 1e3:.3f} ms vs exact {want * 1e3:.3f} ms "
-                      f"({(got / want - 1) * 100:+.2f} %)")
+                print(
+                    f"native median {edge}: {got * 1e3:.3f} ms vs exact {want * 1e3:.3f} ms "
+                    f"({(got / want - 1) * 100:+.2f} %)"
+                )
                 assert abs(got / want - 1) < 0.02, (edge, got, want)
             within = await query(s, base, "histogram_fraction(0, 0.1, edgeprobe_rtt_seconds)")
             for series in within:
@@ -266,8 +296,9 @@ targets:
 """
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None or not shutil.which("ip"),
-                    reason="needs Debian's prometheus")
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None or not shutil.which("ip"), reason="needs Debian's prometheus"
+)
 async def test_agent_serves_native_histograms_to_prometheus(tmp_path: Path) -> None:
     """A live agent probing loopback: Prometheus asks for protobuf and gets native RTT buckets,
     whose median agrees with the agent's exact window median within 2 %; a text scraper still
@@ -291,27 +322,43 @@ scrape_configs:
     static_configs: [{{targets: ['127.0.0.1:{port}']}}]
 """)
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--enable-feature=native-histograms",
-         "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "prometheus",
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--enable-feature=native-histograms",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{prom_port}"
     try:
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert r.headers["Content-Type"].startswith("text/plain")
                 assert "edgeprobe_rtt_seconds_bucket" in await r.text()
-            async with s.get(f"http://127.0.0.1:{port}/metrics",
-                             headers={"Accept": CONTENT_TYPE}) as r:
+            async with s.get(
+                f"http://127.0.0.1:{port}/metrics", headers={"Accept": CONTENT_TYPE}
+            ) as r:
                 assert r.headers["Content-Type"] == CONTENT_TYPE
                 names = {f.name for f in _decode(await r.read())}
-            assert {"edgeprobe_rtt_seconds", "edgeprobe_packets_sent_total",
-                    "edgeprobe_scheduler_lateness_seconds"} <= names
+            assert {
+                "edgeprobe_rtt_seconds",
+                "edgeprobe_packets_sent_total",
+                "edgeprobe_scheduler_lateness_seconds",
+            } <= names
             await asyncio.sleep(6)  # ~90 packets per edge, all inside the 60 s window
             both: list[dict[str, Any]] = []
             for _ in range(40):  # bounded: 20 s
-                both = await query(s, base, """
+                both = await query(
+                    s,
+                    base,
+                    """
                   histogram_quantile(0.5, edgeprobe_rtt_seconds)
-                  / on (edge) edgeprobe_rtt_recent_seconds{quantile="0.5"}""")
+                  / on (edge) edgeprobe_rtt_recent_seconds{quantile="0.5"}""",
+                )
                 if len(both) == 2:
                     break
                 await asyncio.sleep(0.5)
@@ -327,10 +374,14 @@ scrape_configs:
             from probes import PROBES
 
             m = agent.config.metrics
-            want = catalog.series_per_target(PROBES["icmp"], catalog.bucket_counts(
-                len(m.rtt), len(m.durations), len(m.phases)), native=True)
-            stored = await query(s, base, 'count by (edge) ({__name__=~"edgeprobe_.+", '
-                                          'probe="icmp", edge!=""})')
+            want = catalog.series_per_target(
+                PROBES["icmp"],
+                catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases)),
+                native=True,
+            )
+            stored = await query(
+                s, base, 'count by (edge) ({__name__=~"edgeprobe_.+", probe="icmp", edge!=""})'
+            )
             assert sorted(int(x["value"][1]) for x in stored) == [want, want]
     finally:
         proc.terminate()

@@ -45,7 +45,7 @@ RULES = ROOT / "deploy" / "prometheus" / "rules"
 REGIONS = ("id-jakarta", "br-saopaulo", "ae-dubai")
 VICTIM_REGION = "id-jakarta"
 HOLD = 60.0
-PRODUCTION_ROUTE = Timing(route_hold=f"{HOLD:g}s")    # 15 s everywhere, as shipped
+PRODUCTION_ROUTE = Timing(route_hold=f"{HOLD:g}s")  # 15 s everywhere, as shipped
 ROUTE_GROUP = "edgeprobe-route-candidates"
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.e2e]
@@ -63,13 +63,15 @@ def write_rules(dst: Path, slow_burn_off: bool, short_windows: bool) -> None:
                 if slow_burn_off and r.get("record") == "edgeprobe:route_policy:slow_burn":
                     r["expr"] = "vector(1e6)"
                 if short_windows and "record" in r:
-                    r["expr"] = r["expr"].replace("[1h]", "[5m]").replace(
-                        "ratio_rate1h", "ratio_rate5m")
+                    r["expr"] = (
+                        r["expr"].replace("[1h]", "[5m]").replace("ratio_rate1h", "ratio_rate5m")
+                    )
         (dst / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def _lab() -> Any:
     import lab
+
     ok, why = lab.lab_available()
     if not ok:
         pytest.skip(f"the lab cannot run here: {why}")
@@ -82,8 +84,10 @@ def first(route: RouteAPI, region: str) -> str | None:
 
 def entry(route: RouteAPI, region: str, edge: str) -> dict[str, Any] | None:
     doc = route.map() or {}
-    return next((e for e in doc.get("regions", {}).get(region, {}).get("edges", [])
-                 if e["edge"] == edge), None)
+    return next(
+        (e for e in doc.get("regions", {}).get(region, {}).get("edges", []) if e["edge"] == edge),
+        None,
+    )
 
 
 def test_route_in_the_lab(tmp_path: Path) -> None:
@@ -107,17 +111,35 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
                 cfg = tmp_path / f"agent-{region}.yaml"
                 cfg.write_text(dump(agent_config(st, region)))
                 port = free_port()
-                procs.start(f"agent-{region}", world.cmd(region, [
-                    str(ROOT / ".venv" / "bin" / "python"), "-m", "agent", "run",
-                    f"--config.file={cfg}", f"--web.listen-address={info.mgmt_addr}:{port}"]),
-                    env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+                procs.start(
+                    f"agent-{region}",
+                    world.cmd(
+                        region,
+                        [
+                            str(ROOT / ".venv" / "bin" / "python"),
+                            "-m",
+                            "agent",
+                            "run",
+                            f"--config.file={cfg}",
+                            f"--web.listen-address={info.mgmt_addr}:{port}",
+                        ],
+                    ),
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    cwd=ROOT,
+                )
                 agents[region] = f"{info.mgmt_addr}:{port}"
             rules = tmp_path / "rules"
             write_rules(rules, slow_burn_off=True, short_windows=False)
             route_port = free_port()
             central_port = free_port()
-            central = stack.start_central(procs, tmp_path, rules, PRODUCTION_ROUTE,
-                                          port=central_port, route=f"127.0.0.1:{route_port}")
+            central = stack.start_central(
+                procs,
+                tmp_path,
+                rules,
+                PRODUCTION_ROUTE,
+                port=central_port,
+                route=f"127.0.0.1:{route_port}",
+            )
             for region, a in agents.items():
                 stack.start_regional(procs, tmp_path, region, [a], central, PRODUCTION_ROUTE)
             route = stack.start_route(procs, tmp_path, central, PRODUCTION_ROUTE, route_port)
@@ -125,10 +147,20 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
 
             # 1. The lab's best edge first in every region. Then let the 5-minute window of
             # the fast path fill, so that the degradation meets a steady state.
-            wait_for("the lab's best edges in the map", lambda: route.best() == best, 300,
-                     interval=2, procs=procs)
-            wait_for("Prometheus' best edge = the map's", lambda: central.best_edges() == best,
-                     60, interval=2, procs=procs)
+            wait_for(
+                "the lab's best edges in the map",
+                lambda: route.best() == best,
+                300,
+                interval=2,
+                procs=procs,
+            )
+            wait_for(
+                "Prometheus' best edge = the map's",
+                lambda: central.best_edges() == best,
+                60,
+                interval=2,
+                procs=procs,
+            )
             time.sleep(max(0.0, 300 - (time.monotonic() - t_up)))
             assert route.best() == best, "the first choice changed on stationary data"
 
@@ -137,16 +169,27 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
             orig = st.paths[VICTIM_REGION][victim]
             world.set_path(VICTIM_REGION, victim, delay="150ms")
             t0 = time.monotonic()
-            wait_for(f"{VICTIM_REGION} first choice to leave {victim}", lambda: first(
-                route, VICTIM_REGION) not in (victim, None), 240, interval=1, procs=procs)
+            wait_for(
+                f"{VICTIM_REGION} first choice to leave {victim}",
+                lambda: first(route, VICTIM_REGION) not in (victim, None),
+                240,
+                interval=1,
+                procs=procs,
+            )
             figures["degrade_to_map_s"] = time.monotonic() - t0
             new = first(route, VICTIM_REGION)
             e = entry(route, VICTIM_REGION, victim)
             assert e is not None and not e["eligible"] and e["reason"] == "over_budget", e
             assert {r: b for r, b in route.best().items() if r != VICTIM_REGION} == {
-                r: b for r, b in best.items() if r != VICTIM_REGION}
-            wait_for("Prometheus' best edge follows", lambda: central.best_edges().get(
-                VICTIM_REGION) == new, 60, interval=1, procs=procs)
+                r: b for r, b in best.items() if r != VICTIM_REGION
+            }
+            wait_for(
+                "Prometheus' best edge follows",
+                lambda: central.best_edges().get(VICTIM_REGION) == new,
+                60,
+                interval=1,
+                procs=procs,
+            )
             figures["degrade_to_prometheus_s"] = time.monotonic() - t0
             assert figures["degrade_to_map_s"] <= 120, figures
 
@@ -155,16 +198,29 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
             write_rules(rules, slow_burn_off=True, short_windows=True)
             central_proc = next(p for p in procs.items if p.name == "prometheus-central")
             central_proc.popen.send_signal(signal.SIGHUP)
-            world.set_path(VICTIM_REGION, victim, up={"delay": orig["up"]["delay"]},
-                           down={"delay": orig["down"]["delay"]})
+            world.set_path(
+                VICTIM_REGION,
+                victim,
+                up={"delay": orig["up"]["delay"]},
+                down={"delay": orig["down"]["delay"]},
+            )
             t1 = time.monotonic()
-            wait_for(f"{victim} eligible again", lambda: (
-                e := entry(route, VICTIM_REGION, victim)) is not None and e["eligible"], 600,
-                interval=1, procs=procs)
+            wait_for(
+                f"{victim} eligible again",
+                lambda: (e := entry(route, VICTIM_REGION, victim)) is not None and e["eligible"],
+                600,
+                interval=1,
+                procs=procs,
+            )
             t_eligible = time.monotonic()
             assert first(route, VICTIM_REGION) == new
-            wait_for(f"{victim} first again", lambda: first(route, VICTIM_REGION) == victim,
-                     600, interval=1, procs=procs)
+            wait_for(
+                f"{victim} first again",
+                lambda: first(route, VICTIM_REGION) == victim,
+                600,
+                interval=1,
+                procs=procs,
+            )
             figures["eligible_to_back_s"] = time.monotonic() - t_eligible
             figures["restore_to_back_s"] = time.monotonic() - t1
             # The route acts on its own 15 s cycle; the polls above add up to a second.
@@ -176,8 +232,12 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
             central_proc.popen.send_signal(signal.SIGKILL)
             central_proc.popen.wait(timeout=10)
             procs.items.remove(central_proc)
-            stale = wait_for("the map marked stale", lambda: (
-                d if (d := route.map()) and d["stale"] else None), 60, interval=1)
+            stale = wait_for(
+                "the map marked stale",
+                lambda: d if (d := route.map()) and d["stale"] else None,
+                60,
+                interval=1,
+            )
             assert stale["regions"] == fresh["regions"]
             assert http_ok(route.base + "/-/ready")
 
@@ -187,8 +247,14 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
             assert rp.popen.wait(timeout=15) == 0
             procs.items.remove(rp)
             t2 = time.monotonic()
-            route2 = stack.start_route(procs, tmp_path, PromAPI(central.base), PRODUCTION_ROUTE,
-                                       route_port, name="edgeprobe-route-2")
+            route2 = stack.start_route(
+                procs,
+                tmp_path,
+                PromAPI(central.base),
+                PRODUCTION_ROUTE,
+                route_port,
+                name="edgeprobe-route-2",
+            )
             again = route2.map()
             figures["restart_to_map_s"] = time.monotonic() - t2
             assert again is not None and again["stale"] and again["regions"] == fresh["regions"]

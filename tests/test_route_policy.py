@@ -32,25 +32,39 @@ from agent.runtime.model import wilson_interval
 
 P = PolicySection()
 Z = 1.645
-WINDOW = 360          # connects in the rules' 1-hour window at one per 10 s
+WINDOW = 360  # connects in the rules' 1-hour window at one per 10 s
 CONNECT_EVERY = 10.0
 QUERY_EVERY = 15.0
 DAY = 86400.0
 
 
-def obs(ucb: float | None = 0.01, rtt: float | None = 0.01, eligible: bool | None = True,
-        reason: str = "ok") -> EdgeObs:
-    return EdgeObs(eligible, reason if eligible or reason != "ok" else "over_budget", ucb, rtt,
-                   180.0)
+def obs(
+    ucb: float | None = 0.01,
+    rtt: float | None = 0.01,
+    eligible: bool | None = True,
+    reason: str = "ok",
+) -> EdgeObs:
+    return EdgeObs(
+        eligible, reason if eligible or reason != "ok" else "over_budget", ucb, rtt, 180.0
+    )
 
 
 # -- ordering and the basic transitions -------------------------------------------------------
 def test_initial_order_band_then_rtt_then_name() -> None:
-    st_, ch = decide("r", None, {
-        "slow": obs(0.01, 0.050), "fast": obs(0.01, 0.005), "fast2": obs(0.01, 0.005),
-        "lossy": obs(0.2, 0.001), "bad": obs(0.001, 0.001, eligible=False,
-                                              reason="over_budget"),
-        "gone": obs(None, None, eligible=None, reason=NO_DATA)}, 0.0, P)
+    st_, ch = decide(
+        "r",
+        None,
+        {
+            "slow": obs(0.01, 0.050),
+            "fast": obs(0.01, 0.005),
+            "fast2": obs(0.01, 0.005),
+            "lossy": obs(0.2, 0.001),
+            "bad": obs(0.001, 0.001, eligible=False, reason="over_budget"),
+            "gone": obs(None, None, eligible=None, reason=NO_DATA),
+        },
+        0.0,
+        P,
+    )
     assert st_ is not None and ch is not None and ch.reason == "initial"
     # The lossy edge is 4 bands worse: RTT does not outrank that. Ineligible last, no data last.
     assert [e.edge for e in st_.edges] == ["fast", "fast2", "slow", "lossy", "bad", "gone"]
@@ -70,7 +84,7 @@ def test_challenger_needs_margin_and_hold() -> None:
     # b is 10 % faster: not significant, never replaces a.
     s1, ch = decide("r", s0, {"a": obs(0.01, 0.010), "b": obs(0.01, 0.009)}, 15.0, P)
     assert s1 is not None and ch is None and s1.incumbent == "a" and not s1.challengers
-    assert [e.edge for e in s1.edges] == ["a", "b"]     # the incumbent stays first
+    assert [e.edge for e in s1.edges] == ["a", "b"]  # the incumbent stays first
     # c is 50 % faster: a challenger from now, the incumbent until the hold has passed.
     s = s1
     t = 30.0
@@ -101,16 +115,21 @@ def test_quality_margin_beats_rtt() -> None:
     a = i.edges[0]
     b = replace(a, edge="b", miss_ucb=0.01, rtt_p95=0.050)
     c = replace(a, edge="c", miss_ucb=0.06, rtt_p95=0.050)
-    assert beats(b, a, P)          # band 0 vs band 2: two bands better, RTT does not matter
-    assert not beats(c, a, P)      # band 1 vs 2: one band is not significant, and it is slower
+    assert beats(b, a, P)  # band 0 vs band 2: two bands better, RTT does not matter
+    assert not beats(c, a, P)  # band 1 vs 2: one band is not significant, and it is slower
 
 
 def test_ineligible_incumbent_replaced_at_once() -> None:
     s, _ = decide("r", None, {"a": obs(0.01, 0.005), "b": obs(0.01, 0.050)}, 0.0, P)
     assert s is not None and s.incumbent == "a"
     for reason in ("over_budget", "agent_down", "too_few_samples"):
-        s2, ch = decide("r", s, {"a": obs(0.01, 0.005, eligible=False, reason=reason),
-                                 "b": obs(0.01, 0.050)}, 15.0, P)
+        s2, ch = decide(
+            "r",
+            s,
+            {"a": obs(0.01, 0.005, eligible=False, reason=reason), "b": obs(0.01, 0.050)},
+            15.0,
+            P,
+        )
         assert ch is not None and ch.reason == "incumbent_ineligible" and ch.new == "b"
         assert s2 is not None and [e.edge for e in s2.edges] == ["b", "a"]
         assert s2.edges[1].reason == reason and not s2.edges[1].eligible
@@ -121,14 +140,17 @@ def test_incumbent_without_data_replaced_at_once_and_kept_listed() -> None:
     s, ch = decide("r", s, {"b": obs(0.01, 0.050)}, 15.0, P)
     assert ch is not None and ch.reason == "incumbent_no_data" and ch.new == "b"
     assert s is not None and [(e.edge, e.eligible, e.reason) for e in s.edges] == [
-        ("b", True, "ok"), ("a", False, NO_DATA)]
+        ("b", True, "ok"),
+        ("a", False, NO_DATA),
+    ]
     assert s.by_name["a"].last_seen == 0.0 and s.by_name["a"].since == 15.0
 
 
 def test_recovered_incumbent_comes_back_only_after_hold() -> None:
     s, _ = decide("r", None, {"a": obs(0.01, 0.005), "b": obs(0.01, 0.050)}, 0.0, P)
-    s, _ = decide("r", s, {"a": obs(0.01, 0.005, False, "over_budget"),
-                           "b": obs(0.01, 0.050)}, 15.0, P)
+    s, _ = decide(
+        "r", s, {"a": obs(0.01, 0.005, False, "over_budget"), "b": obs(0.01, 0.050)}, 15.0, P
+    )
     assert s is not None and s.incumbent == "b"
     t = 30.0
     changed_at = None
@@ -148,16 +170,34 @@ def test_region_never_dropped_and_nothing_eligible_keeps_incumbent() -> None:
     s, ch = decide("r", s, {}, 15.0, P)
     assert ch is None and s is not None and s.incumbent == "a"
     assert [(e.edge, e.eligible, e.reason) for e in s.edges] == [
-        ("a", False, NO_DATA), ("b", False, NO_DATA)]
+        ("a", False, NO_DATA),
+        ("b", False, NO_DATA),
+    ]
     # Past forget_after the region still keeps one edge: the last seen.
     s, ch = decide("r", s, {}, P.forget_after + 100.0, P)
     assert s is not None and [e.edge for e in s.edges] == ["a"]
     # No eligible edge at all: the incumbent stays first (nothing to replace it with).
-    s2, ch = decide("r", None, {"a": obs(eligible=False, reason="over_budget"),
-                                "b": obs(eligible=False, reason="too_few_samples")}, 0.0, P)
+    s2, ch = decide(
+        "r",
+        None,
+        {
+            "a": obs(eligible=False, reason="over_budget"),
+            "b": obs(eligible=False, reason="too_few_samples"),
+        },
+        0.0,
+        P,
+    )
     assert s2 is not None and s2.incumbent in ("a", "b")
-    s3, ch = decide("r", s2, {"a": obs(eligible=False, reason="over_budget"),
-                              "b": obs(eligible=False, reason="over_budget")}, 15.0, P)
+    s3, ch = decide(
+        "r",
+        s2,
+        {
+            "a": obs(eligible=False, reason="over_budget"),
+            "b": obs(eligible=False, reason="over_budget"),
+        },
+        15.0,
+        P,
+    )
     assert ch is None and s3 is not None and s3.incumbent == s2.incumbent
 
 
@@ -171,9 +211,9 @@ def test_never_a_region_without_edges() -> None:
 class SimEdge:
     """One edge as the rules see it over a sliding window of connects."""
 
-    rtt: float            # mean RTT (s)
-    miss: float           # probability that a connect misses the budget
-    jitter: float         # RTT standard deviation as a fraction of the mean
+    rtt: float  # mean RTT (s)
+    miss: float  # probability that a connect misses the budget
+    jitter: float  # RTT standard deviation as a fraction of the mean
     misses: deque[bool] = field(default_factory=deque)
     rtts: deque[float] = field(default_factory=deque)
     sorted_rtts: list[float] = field(default_factory=list)
@@ -196,9 +236,14 @@ class SimEdge:
         return EdgeObs(True, "ok", ucb, p95, float(n))
 
 
-def simulate(edges: dict[str, SimEdge], seconds: float, seed: int,
-             step_at: float | None = None, step: dict[str, SimEdge] | None = None,
-             policy: PolicySection = P) -> tuple[list[tuple[float, str, str]], str]:
+def simulate(
+    edges: dict[str, SimEdge],
+    seconds: float,
+    seed: int,
+    step_at: float | None = None,
+    step: dict[str, SimEdge] | None = None,
+    policy: PolicySection = P,
+) -> tuple[list[tuple[float, str, str]], str]:
     """Run the connects and the policy for ``seconds`` after a full window of warm-up;
     return the first-choice changes after the initial one (time, new, reason) and the
     initial choice. ``step``: replacement parameters applied at ``step_at``."""
@@ -231,27 +276,40 @@ def simulate(edges: dict[str, SimEdge], seconds: float, seed: int,
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
-@given(fast_rtt=st.floats(0.002, 0.040), ratio=st.floats(1.3, 20.0),
-       fast_miss=st.floats(0.0, 0.005), slow_miss=st.floats(0.0, 0.005),
-       jitter=st.floats(0.0, 0.3), seed=st.integers(0, 2**32 - 1))
-def test_stationary_noise_no_switch_in_a_day(fast_rtt: float, ratio: float, fast_miss: float,
-                                            slow_miss: float, jitter: float,
-                                            seed: int) -> None:
+@given(
+    fast_rtt=st.floats(0.002, 0.040),
+    ratio=st.floats(1.3, 20.0),
+    fast_miss=st.floats(0.0, 0.005),
+    slow_miss=st.floats(0.0, 0.005),
+    jitter=st.floats(0.0, 0.3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_stationary_noise_no_switch_in_a_day(
+    fast_rtt: float, ratio: float, fast_miss: float, slow_miss: float, jitter: float, seed: int
+) -> None:
     """Both edges far inside the budget with up to 0.5 % random misses, RTT jitter up to 30 %:
     over a simulated day the first choice never changes (goal: 0 false switches a day), and
     it is the faster edge."""
-    edges = {"fast": SimEdge(fast_rtt, fast_miss, jitter),
-             "slow": SimEdge(fast_rtt * ratio, slow_miss, jitter)}
+    edges = {
+        "fast": SimEdge(fast_rtt, fast_miss, jitter),
+        "slow": SimEdge(fast_rtt * ratio, slow_miss, jitter),
+    }
     changes, first = simulate(edges, DAY, seed)
     assert changes == [], changes
     assert first == "fast"
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
-@given(rtt=st.floats(0.002, 0.040), delta=st.floats(0.0, 0.15), miss=st.floats(0.0, 0.005),
-       jitter=st.floats(0.0, 0.3), seed=st.integers(0, 2**32 - 1))
-def test_stationary_near_tie_no_switch_in_a_day(rtt: float, delta: float, miss: float,
-                                               jitter: float, seed: int) -> None:
+@given(
+    rtt=st.floats(0.002, 0.040),
+    delta=st.floats(0.0, 0.15),
+    miss=st.floats(0.0, 0.005),
+    jitter=st.floats(0.0, 0.3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_stationary_near_tie_no_switch_in_a_day(
+    rtt: float, delta: float, miss: float, jitter: float, seed: int
+) -> None:
     """Two edges within 15 % of each other (a tie for routing purposes), both with rare
     misses: whichever is chosen first stays chosen all day."""
     edges = {"a": SimEdge(rtt, miss, jitter), "b": SimEdge(rtt * (1 + delta), miss, jitter)}
@@ -268,11 +326,16 @@ def rtt_step_bound(policy: PolicySection = P) -> float:
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
-@given(fast_rtt=st.floats(0.002, 0.030), ratio=st.floats(1.5, 5.0),
-       factor=st.floats(3.0, 20.0), jitter=st.floats(0.0, 0.1),
-       seed=st.integers(0, 2**32 - 1))
-def test_rtt_step_switches_within_bound(fast_rtt: float, ratio: float, factor: float,
-                                        jitter: float, seed: int) -> None:
+@given(
+    fast_rtt=st.floats(0.002, 0.030),
+    ratio=st.floats(1.5, 5.0),
+    factor=st.floats(3.0, 20.0),
+    jitter=st.floats(0.0, 0.1),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_rtt_step_switches_within_bound(
+    fast_rtt: float, ratio: float, factor: float, jitter: float, seed: int
+) -> None:
     """The best edge's RTT steps up (still eligible) to well above the other's: the first
     choice moves within the documented bound, once."""
     slow_rtt = fast_rtt * ratio
@@ -324,24 +387,25 @@ def test_issue_case_zero_false_switches_per_day() -> None:
 def test_without_hysteresis_the_same_data_switches() -> None:
     """The counter-check: the same simulation with a 0 s hold and no margins (the old
     ranking's behaviour) does switch, so the zero above is the policy's doing."""
-    loose = PolicySection(ucb_band=0.005, ucb_margin_bands=1, rtt_margin=0.0,
-                          rtt_margin_min=0.0, hold=0.0)
+    loose = PolicySection(
+        ucb_band=0.005, ucb_margin_bands=1, rtt_margin=0.0, rtt_margin_min=0.0, hold=0.0
+    )
     assert count_false_switches(1, 12, loose) > 0
 
 
 def test_chosen_while_nothing_eligible_gives_way_at_once() -> None:
     """The first query saw no eligibility series yet (rules younger than the data): the
     first choice then was arbitrary, and the first eligible ranking replaces it at once."""
-    young = {"bom-1": obs(0.0, None, eligible=None, reason=NO_DATA),
-             "dxb-1": obs(0.0, None, eligible=None, reason=NO_DATA)}
+    young = {
+        "bom-1": obs(0.0, None, eligible=None, reason=NO_DATA),
+        "dxb-1": obs(0.0, None, eligible=None, reason=NO_DATA),
+    }
     s, ch = decide("ae-dubai", None, young, 0.0, P)
-    assert s is not None and s.incumbent == "bom-1"          # by name: nothing to go by
-    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.035), "dxb-1": obs(0.0, 0.003)}, 15.0,
-                   P)
+    assert s is not None and s.incumbent == "bom-1"  # by name: nothing to go by
+    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.035), "dxb-1": obs(0.0, 0.003)}, 15.0, P)
     assert ch is not None and ch.new == "dxb-1" and ch.reason == "incumbent_ineligible"
     # From now on dxb-1 is a real incumbent: bom-1 does not come back without the hold.
-    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.001), "dxb-1": obs(0.0, 0.003)}, 30.0,
-                   P)
+    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.001), "dxb-1": obs(0.0, 0.003)}, 30.0, P)
     assert ch is None and s is not None and s.incumbent == "dxb-1"
 
 
@@ -350,7 +414,7 @@ def test_incumbent_without_a_score_gives_way_at_once() -> None:
     s, ch = decide("r", None, {"a": obs(0.0, None), "b": obs(0.0, 0.035)}, 0.0, P)
     assert s is not None and s.incumbent == "b"
     s, ch = decide("r", s, {"a": obs(0.0, 0.003), "b": obs(0.0, 0.035)}, 15.0, P)
-    assert ch is None                  # b has its scores: a is an ordinary challenger
+    assert ch is None  # b has its scores: a is an ordinary challenger
     s2, ch = decide("r", None, {"a": obs(0.0, 0.003), "b": obs(0.0, None)}, 0.0, P)
     assert s2 is not None and s2.incumbent == "a"
     s3, _ = decide("r", None, {"b": obs(0.0, None)}, 0.0, P)
@@ -364,8 +428,7 @@ def test_chosen_before_any_rtt_gives_way_at_once() -> None:
     the name-based choice is not an incumbent to protect."""
     s, _ = decide("ae-dubai", None, {"bom-1": obs(0.0, None), "dxb-1": obs(0.0, None)}, 0.0, P)
     assert s is not None and s.incumbent == "bom-1"
-    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.034), "dxb-1": obs(0.0, 0.0028)}, 5.0,
-                   P)
+    s, ch = decide("ae-dubai", s, {"bom-1": obs(0.0, 0.034), "dxb-1": obs(0.0, 0.0028)}, 5.0, P)
     assert ch is not None and ch.new == "dxb-1" and ch.reason == "incumbent_no_data"
     # Edges that never have an RTT (connect-only) keep their hysteresis among themselves.
     s, _ = decide("r", None, {"a": obs(0.01, None), "b": obs(0.01, None)}, 0.0, P)

@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 DOCS = ROOT / "docs" / "routing.md"
 
-needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None,
-                                      reason="prometheus not installed (Debian package)")
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="prometheus not installed (Debian package)"
+)
 pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="Linux only")]
 HOLD = 4.0
 
@@ -54,8 +55,16 @@ class Candidates:
     extra: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def set(self, region: str, edge: str, eligible: bool = True, reason: str = "ok",
-            ucb: str = "0.01", rtt: str = "0.005", connects: str = "180") -> None:
+    def set(
+        self,
+        region: str,
+        edge: str,
+        eligible: bool = True,
+        reason: str = "ok",
+        ucb: str = "0.01",
+        rtt: str = "0.005",
+        connects: str = "180",
+    ) -> None:
         with self.lock:
             self.edges[(region, edge)] = ("1" if eligible else "0", reason, ucb, rtt, connects)
 
@@ -68,10 +77,12 @@ class Candidates:
         with self.lock:
             for (region, edge), (el, reason, ucb, rtt, conn) in sorted(self.edges.items()):
                 lab = f'region="{region}",edge="{edge}"'
-                lines += [f'{promapi.ELIGIBLE}{{{lab},reason="{reason}"}} {el}',
-                          f"{promapi.MISS_UCB}{{{lab}}} {ucb}",
-                          f"{promapi.RTT_P95}{{{lab}}} {rtt}",
-                          f"{promapi.CONNECTS}{{{lab}}} {conn}"]
+                lines += [
+                    f'{promapi.ELIGIBLE}{{{lab},reason="{reason}"}} {el}',
+                    f"{promapi.MISS_UCB}{{{lab}}} {ucb}",
+                    f"{promapi.RTT_P95}{{{lab}}} {rtt}",
+                    f"{promapi.CONNECTS}{{{lab}}} {conn}",
+                ]
             lines += self.extra
         return "\n".join(lines) + "\n"
 
@@ -115,37 +126,80 @@ class Stack:
     def start_prometheus(self) -> PromAPI:
         self.prom_port = self.prom_port or free_port()
         cfg = self.tmp / "prometheus.yml"
-        cfg.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
-                       "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "candidates", "honor_labels": True,
-                                "static_configs": [{"targets": [self.exporter]}]}]}))
-        self.procs.start("prometheus", [
-            "prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={self.tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{self.prom_port}", "--log.level=warn"])
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {
+                        "scrape_interval": "1s",
+                        "scrape_timeout": "1s",
+                        "evaluation_interval": "1s",
+                    },
+                    "scrape_configs": [
+                        {
+                            "job_name": "candidates",
+                            "honor_labels": True,
+                            "static_configs": [{"targets": [self.exporter]}],
+                        }
+                    ],
+                }
+            )
+        )
+        self.procs.start(
+            "prometheus",
+            [
+                "prometheus",
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.prom_port}",
+                "--log.level=warn",
+            ],
+        )
         self.prom = PromAPI(f"http://127.0.0.1:{self.prom_port}")
         wait_for("Prometheus ready", self.prom.ready, 30, procs=self.procs)
         return self.prom
 
     def config(self, **policy: Any) -> Path:
         path = self.tmp / "route.yml"
-        path.write_text(yaml.safe_dump({
-            "prometheus": {"url": f"http://127.0.0.1:{self.prom_port}", "interval": "1s",
-                           "timeout": "2s"},
-            "policy": {"hold": f"{HOLD}s", **policy},
-            "map": {"state_file": str(self.tmp / "state" / "map.json"),
-                    "output_file": str(self.tmp / "out" / "map.json")}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "prometheus": {
+                        "url": f"http://127.0.0.1:{self.prom_port}",
+                        "interval": "1s",
+                        "timeout": "2s",
+                    },
+                    "policy": {"hold": f"{HOLD}s", **policy},
+                    "map": {
+                        "state_file": str(self.tmp / "state" / "map.json"),
+                        "output_file": str(self.tmp / "out" / "map.json"),
+                    },
+                }
+            )
+        )
         return path
 
     def start_route(self, name: str = "route") -> str:
         self.route_port = self.route_port or free_port()
-        self.procs.start(name, [sys.executable, "-m", "agent", "route",
-                                f"--config.file={self.config()}",
-                                f"--web.listen-address=127.0.0.1:{self.route_port}"],
-                         cwd=ROOT)
+        self.procs.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "route",
+                f"--config.file={self.config()}",
+                f"--web.listen-address=127.0.0.1:{self.route_port}",
+            ],
+            cwd=ROOT,
+        )
         base = f"http://127.0.0.1:{self.route_port}"
-        wait_for("route healthy", lambda: _get(base + "/-/healthy")[0] == 200, 20,
-                 interval=0.1, procs=self.procs)
+        wait_for(
+            "route healthy",
+            lambda: _get(base + "/-/healthy")[0] == 200,
+            20,
+            interval=0.1,
+            procs=self.procs,
+        )
         return base
 
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> int | None:
@@ -156,8 +210,7 @@ class Stack:
         return code
 
 
-def _get(url: str, headers: Mapping[str, str] | None = None
-         ) -> tuple[int, dict[str, str], bytes]:
+def _get(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=dict(headers or {}))
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
@@ -203,14 +256,27 @@ def test_map_etag_and_metrics(stack: Stack, candidates: tuple[Candidates, str]) 
     c.set("r2", "only", rtt="0.020")
     stack.start_prometheus()
     base = stack.start_route()
-    doc = wait_for("a map with both regions", lambda: (
-        d if (d := get_map(base)) and set(d["regions"]) == {"r1", "r2"}
-        and not d["stale"] else None), 30, procs=stack.procs)
-    assert order(doc, "r1") == [("fast", True, "ok"), ("slow", True, "ok"),
-                                ("bad", False, "over_budget")]
+    doc = wait_for(
+        "a map with both regions",
+        lambda: (
+            d
+            if (d := get_map(base)) and set(d["regions"]) == {"r1", "r2"} and not d["stale"]
+            else None
+        ),
+        30,
+        procs=stack.procs,
+    )
+    assert order(doc, "r1") == [
+        ("fast", True, "ok"),
+        ("slow", True, "ok"),
+        ("bad", False, "over_budget"),
+    ]
     assert doc["regions"]["r1"]["best"] == "fast"
     assert doc["regions"]["r1"]["edges"][0]["score"] == {
-        "miss_ucb": 0.01, "rtt_p95_ms": 5.0, "connects": 180.0}
+        "miss_ucb": 0.01,
+        "rtt_p95_ms": 5.0,
+        "connects": 180.0,
+    }
     code, h, _ = _get(base + "/v1/map")
     assert code == 200 and h["Cache-Control"] == "max-age=1"
     assert h["X-Edgeprobe-Map-Stale"] == "false" and int(h["X-Edgeprobe-Map-Age"]) <= 3
@@ -227,8 +293,12 @@ def test_map_etag_and_metrics(stack: Stack, candidates: tuple[Candidates, str]) 
     assert _get(base + "/v1/regions/nowhere")[0] == 404
     # A change (the slow edge's RTT) is a new ETag.
     c.set("r1", "slow", rtt="0.060")
-    wait_for("a new ETag", lambda: _get(base + "/v1/map", {"If-None-Match": etag})[0] == 200,
-             10, procs=stack.procs)
+    wait_for(
+        "a new ETag",
+        lambda: _get(base + "/v1/map", {"If-None-Match": etag})[0] == 200,
+        10,
+        procs=stack.procs,
+    )
     # Its own metrics, and the routing-layer output file (the same document).
     assert metric(base, "edgeprobe_route_best_edge", 'edge="fast",region="r1"') == 1
     assert metric(base, "edgeprobe_route_best_edge", 'edge="only",region="r2"') == 1
@@ -242,8 +312,9 @@ def test_map_etag_and_metrics(stack: Stack, candidates: tuple[Candidates, str]) 
 
 
 @needs_prometheus
-def test_malformed_results_are_dropped_and_counted(stack: Stack,
-                                                   candidates: tuple[Candidates, str]) -> None:
+def test_malformed_results_are_dropped_and_counted(
+    stack: Stack, candidates: tuple[Candidates, str]
+) -> None:
     c, _ = candidates
     c.set("r", "good", rtt="0.010")
     c.set("r", "fastest", rtt="0.001")
@@ -268,24 +339,34 @@ def test_malformed_results_are_dropped_and_counted(stack: Stack,
     assert [e for e, _, _ in order(doc, "r")][:3] == ["fastest", "good", "infrtt"]
     assert got["nanelig2"] == (False, "invalid_data") and got["dup"] == (False, "invalid_data")
     for reason in ("nan", "inf", "missing_label", "duplicate"):
-        assert metric(base, "edgeprobe_route_query_dropped_series_total",
-                      f'reason="{reason}"') >= 1, reason
+        assert (
+            metric(base, "edgeprobe_route_query_dropped_series_total", f'reason="{reason}"') >= 1
+        ), reason
 
 
 @needs_prometheus
 def test_prometheus_down_stale_then_restart_from_persisted(
-        stack: Stack, candidates: tuple[Candidates, str]) -> None:
+    stack: Stack, candidates: tuple[Candidates, str]
+) -> None:
     c, _ = candidates
     c.set("r", "a", rtt="0.005")
     c.set("r", "b", rtt="0.050")
     stack.start_prometheus()
     base = stack.start_route()
-    fresh = wait_for("a fresh map", lambda: (
-        d if (d := get_map(base)) and not d["stale"] else None), 30, procs=stack.procs)
+    fresh = wait_for(
+        "a fresh map",
+        lambda: d if (d := get_map(base)) and not d["stale"] else None,
+        30,
+        procs=stack.procs,
+    )
     # Prometheus dies: the map stays served, marked stale, its age growing.
     stack.stop("prometheus", signal.SIGKILL)
-    stale = wait_for("the map marked stale", lambda: (
-        d if (d := get_map(base)) and d["stale"] else None), 10, procs=stack.procs)
+    stale = wait_for(
+        "the map marked stale",
+        lambda: d if (d := get_map(base)) and d["stale"] else None,
+        10,
+        procs=stack.procs,
+    )
     assert stale["regions"] == fresh["regions"]
     time.sleep(2.2)
     code, h, _ = _get(base + "/v1/map")
@@ -305,8 +386,12 @@ def test_prometheus_down_stale_then_restart_from_persisted(
     assert _get(base + "/-/ready")[0] == 200
     # Prometheus back (same storage): fresh again, same decision.
     stack.start_prometheus()
-    back = wait_for("fresh again", lambda: (
-        d if (d := get_map(base)) and not d["stale"] else None), 30, procs=stack.procs)
+    back = wait_for(
+        "fresh again",
+        lambda: d if (d := get_map(base)) and not d["stale"] else None,
+        30,
+        procs=stack.procs,
+    )
     assert back["regions"]["r"]["best"] == "a"
 
 
@@ -318,18 +403,20 @@ def test_prometheus_slow_is_a_timeout(stack: Stack, candidates: tuple[Candidates
     c.set("r", "a")
     stack.start_prometheus()
     base = stack.start_route()
-    wait_for("a fresh map", lambda: (d := get_map(base)) and not d["stale"], 30,
-             procs=stack.procs)
+    wait_for("a fresh map", lambda: (d := get_map(base)) and not d["stale"], 30, procs=stack.procs)
     prom = next(p for p in stack.procs.items if p.name == "prometheus")
     prom.popen.send_signal(signal.SIGSTOP)
     try:
-        wait_for("stale after a timeout", lambda: (d := get_map(base)) and d["stale"], 15,
-                 procs=stack.procs)
+        wait_for(
+            "stale after a timeout",
+            lambda: (d := get_map(base)) and d["stale"],
+            15,
+            procs=stack.procs,
+        )
         assert metric(base, "edgeprobe_route_query_errors_total", 'reason="timeout"') >= 1
     finally:
         prom.popen.send_signal(signal.SIGCONT)
-    wait_for("fresh again", lambda: (d := get_map(base)) and not d["stale"], 30,
-             procs=stack.procs)
+    wait_for("fresh again", lambda: (d := get_map(base)) and not d["stale"], 30, procs=stack.procs)
 
 
 @needs_prometheus
@@ -339,55 +426,108 @@ def test_fail_fast_recover_after_hold(stack: Stack, candidates: tuple[Candidates
     c.set("r", "b", rtt="0.050")
     stack.start_prometheus()
     base = stack.start_route()
-    wait_for("a first", lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "a", 30,
-             procs=stack.procs)
+    wait_for(
+        "a first",
+        lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "a",
+        30,
+        procs=stack.procs,
+    )
     c.set("r", "a", eligible=False, reason="over_budget", rtt="0.300")
     t0 = time.monotonic()
-    wait_for("b first", lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "b", 15,
-             interval=0.2, procs=stack.procs)
+    wait_for(
+        "b first",
+        lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "b",
+        15,
+        interval=0.2,
+        procs=stack.procs,
+    )
     switched = time.monotonic() - t0
     c.set("r", "a", rtt="0.005")
     t1 = time.monotonic()
     # "a" becomes eligible within a scrape and a query; it must not come back before the hold.
-    wait_for("a eligible again", lambda: ("a", True, "ok") in order(get_map(base) or
-                                                                    {"regions": {"r": {
-                                                                        "edges": []}}}, "r"),
-             15, interval=0.2, procs=stack.procs)
-    assert get_map(base)["regions"]["r"]["best"] == "b"      # type: ignore[index]
-    wait_for("a first again", lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "a",
-             30, interval=0.2, procs=stack.procs)
+    wait_for(
+        "a eligible again",
+        lambda: ("a", True, "ok") in order(get_map(base) or {"regions": {"r": {"edges": []}}}, "r"),
+        15,
+        interval=0.2,
+        procs=stack.procs,
+    )
+    assert get_map(base)["regions"]["r"]["best"] == "b"  # type: ignore[index]
+    wait_for(
+        "a first again",
+        lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "a",
+        30,
+        interval=0.2,
+        procs=stack.procs,
+    )
     back = time.monotonic() - t1
     assert back >= HOLD, (switched, back)
-    assert metric(base, "edgeprobe_route_best_edge_changes_total",
-                  'reason="incumbent_ineligible"') == 1
-    assert metric(base, "edgeprobe_route_best_edge_changes_total",
-                  'reason="challenger_better"') == 1
+    assert (
+        metric(base, "edgeprobe_route_best_edge_changes_total", 'reason="incumbent_ineligible"')
+        == 1
+    )
+    assert (
+        metric(base, "edgeprobe_route_best_edge_changes_total", 'reason="challenger_better"') == 1
+    )
     # A region whose edges all vanish keeps its edges, ineligible, no_data.
     c.remove("r", "a")
     c.remove("r", "b")
     c.set("other", "x")
-    wait_for("r's edges no_data", lambda: (d := get_map(base)) and order(d, "r") == [
-        ("a", False, "no_data"), ("b", False, "no_data")], 15, procs=stack.procs)
+    wait_for(
+        "r's edges no_data",
+        lambda: (
+            (d := get_map(base))
+            and order(d, "r") == [("a", False, "no_data"), ("b", False, "no_data")]
+        ),
+        15,
+        procs=stack.procs,
+    )
 
 
 def test_bad_config_exits_non_zero(tmp_path: Path) -> None:
     cfg = tmp_path / "route.yml"
     cfg.write_text("prometheus:\n  url: http://127.0.0.1:1\npolicy:\n  hodl: 5m\n")
-    r = subprocess.run([sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
-                        "--web.listen-address=127.0.0.1:0"], capture_output=True, text=True,
-                       timeout=30, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "route",
+            f"--config.file={cfg}",
+            "--web.listen-address=127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert r.returncode == 1
     assert "policy.hodl: unknown key" in r.stderr and "(line 4)" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "agent", "route",
-                        f"--config.file={tmp_path / 'missing.yml'}"],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "route", f"--config.file={tmp_path / 'missing.yml'}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert r.returncode == 1 and "cannot read config file" in r.stderr
     web = tmp_path / "web.yml"
     web.write_text("basic_auth_user: {}\n")
     cfg.write_text("")
-    r = subprocess.run([sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
-                        f"--web.config.file={web}"], capture_output=True, text=True,
-                       timeout=30, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "route",
+            f"--config.file={cfg}",
+            f"--web.config.file={web}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert r.returncode == 1 and "web config error" in r.stderr
 
 
@@ -395,16 +535,32 @@ def test_no_map_yet_is_503_not_empty(tmp_path: Path) -> None:
     """No persisted map and no Prometheus: never an empty map, a 503 with Retry-After."""
     port = free_port()
     cfg = tmp_path / "route.yml"
-    cfg.write_text(yaml.safe_dump({
-        "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "interval": "1s"},
-        "map": {"state_file": str(tmp_path / "map.json")}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "interval": "1s"},
+                "map": {"state_file": str(tmp_path / "map.json")},
+            }
+        )
+    )
     procs = Procs(tmp_path)
     try:
-        procs.start("route", [sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
-                              f"--web.listen-address=127.0.0.1:{port}"], cwd=ROOT)
+        procs.start(
+            "route",
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "route",
+                f"--config.file={cfg}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            cwd=ROOT,
+        )
         base = f"http://127.0.0.1:{port}"
-        wait_for("healthy", lambda: _get(base + "/-/healthy")[0] == 200, 20, interval=0.1,
-                 procs=procs)
+        wait_for(
+            "healthy", lambda: _get(base + "/-/healthy")[0] == 200, 20, interval=0.1, procs=procs
+        )
         code, h, _ = _get(base + "/v1/map")
         assert code == 503 and h["Retry-After"] == "1"
         assert _get(base + "/-/ready")[0] == 503
@@ -446,8 +602,12 @@ def test_docs_client_example(stack: Stack, candidates: tuple[Candidates, str]) -
     wait_for("a map", lambda: get_map(base), 30, procs=stack.procs)
     script = stack.tmp / "client.py"
     script.write_text(docs_client_example())
-    r = subprocess.run([sys.executable, str(script), base, "id-jakarta"], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, str(script), base, "id-jakarta"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     # First fetch 200 and the first eligible edge; the second a 304 from the cached ETag.
@@ -460,34 +620,74 @@ def test_web_config_basic_auth(tmp_path: Path) -> None:
     import base64
 
     import bcrypt
+
     web = tmp_path / "web.yml"
-    web.write_text(yaml.safe_dump({"basic_auth_users": {
-        "signalling": bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()}}))
+    web.write_text(
+        yaml.safe_dump(
+            {
+                "basic_auth_users": {
+                    "signalling": bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+                }
+            }
+        )
+    )
     cfg = tmp_path / "route.yml"
-    cfg.write_text(yaml.safe_dump({
-        "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "interval": "1s"},
-        "map": {"state_file": str(tmp_path / "map.json")}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "prometheus": {"url": f"http://127.0.0.1:{free_port()}", "interval": "1s"},
+                "map": {"state_file": str(tmp_path / "map.json")},
+            }
+        )
+    )
     port = free_port()
     procs = Procs(tmp_path)
     try:
-        procs.start("route", [sys.executable, "-m", "agent", "route", f"--config.file={cfg}",
-                              f"--web.listen-address=127.0.0.1:{port}",
-                              f"--web.config.file={web}"], cwd=ROOT)
+        procs.start(
+            "route",
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "route",
+                f"--config.file={cfg}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--web.config.file={web}",
+            ],
+            cwd=ROOT,
+        )
         base = f"http://127.0.0.1:{port}"
         auth = {"Authorization": "Basic " + base64.b64encode(b"signalling:s3cret").decode()}
-        wait_for("healthy", lambda: _get(base + "/-/healthy", auth)[0] == 200, 20,
-                 interval=0.1, procs=procs)
+        wait_for(
+            "healthy",
+            lambda: _get(base + "/-/healthy", auth)[0] == 200,
+            20,
+            interval=0.1,
+            procs=procs,
+        )
         assert _get(base + "/v1/map")[0] == 401
         assert _get(base + "/metrics")[0] == 401
-        assert _get(base + "/v1/map", auth)[0] == 503          # authorized; no map yet
+        assert _get(base + "/v1/map", auth)[0] == 503  # authorized; no map yet
         assert _get(base + "/metrics", auth)[0] == 200
         # SIGHUP reloads the web config (and does not kill the process).
-        web.write_text(yaml.safe_dump({"basic_auth_users": {
-            "signalling": bcrypt.hashpw(b"n3w", bcrypt.gensalt(rounds=4)).decode()}}))
+        web.write_text(
+            yaml.safe_dump(
+                {
+                    "basic_auth_users": {
+                        "signalling": bcrypt.hashpw(b"n3w", bcrypt.gensalt(rounds=4)).decode()
+                    }
+                }
+            )
+        )
         procs.items[0].popen.send_signal(signal.SIGHUP)
         new = {"Authorization": "Basic " + base64.b64encode(b"signalling:n3w").decode()}
-        wait_for("the new password", lambda: _get(base + "/metrics", new)[0] == 200, 10,
-                 interval=0.1, procs=procs)
+        wait_for(
+            "the new password",
+            lambda: _get(base + "/metrics", new)[0] == 200,
+            10,
+            interval=0.1,
+            procs=procs,
+        )
         assert _get(base + "/metrics", auth)[0] == 401
     finally:
         procs.stop_all()

@@ -40,8 +40,10 @@ LAB_REGIONS = {"id-jakarta", "br-saopaulo", "ae-dubai"}
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(sys.platform != "linux", reason="Linux only"),
-    pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
-                       reason="scripts/run.sh runs .venv/bin/python (make bootstrap)"),
+    pytest.mark.skipif(
+        not (ROOT / ".venv" / "bin" / "python").exists(),
+        reason="scripts/run.sh runs .venv/bin/python (make bootstrap)",
+    ),
 ]
 
 
@@ -67,9 +69,14 @@ class MainJob:
         self.out = tmp / "out.txt"
         with self.out.open("wb") as f:
             self.popen = subprocess.Popen(
-                [str(RUN_SH)], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=ROOT,
-                env={**os.environ, "EDGEPROBE_RUN_DIR": str(self.run_dir), **env})
+                [str(RUN_SH)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=ROOT,
+                env={**os.environ, "EDGEPROBE_RUN_DIR": str(self.run_dir), **env},
+            )
 
     def text(self) -> str:
         return self.out.read_text(errors="replace")
@@ -77,9 +84,9 @@ class MainJob:
     def printed(self, pattern: str, timeout: float) -> re.Match[str]:
         def find() -> re.Match[str] | None:
             if self.popen.poll() is not None:
-                raise AssertionError(f"run.sh exited with {self.popen.returncode}:\n"
-                                     f"{self.text()}")
+                raise AssertionError(f"run.sh exited with {self.popen.returncode}:\n{self.text()}")
             return re.search(pattern, self.text())
+
         return wait_for(f"run.sh to print {pattern!r}", find, timeout)
 
     def stop(self, sig: signal.Signals, timeout: float) -> tuple[int, float]:
@@ -91,8 +98,9 @@ class MainJob:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(timeout=10)
-            raise AssertionError(f"run.sh did not exit within {timeout:g}s of {sig.name}:\n"
-                                 f"{self.text()}") from None
+            raise AssertionError(
+                f"run.sh did not exit within {timeout:g}s of {sig.name}:\n{self.text()}"
+            ) from None
         return code, time.monotonic() - t0
 
     def descendants(self) -> set[tuple[int, int]]:
@@ -106,7 +114,7 @@ class MainJob:
                     parent[int(d.name)] = st[0]
         found: set[int] = set()
         todo = [self.popen.pid]
-        for _ in range(len(parent) + 1):      # bounded: each PID is visited at most once
+        for _ in range(len(parent) + 1):  # bounded: each PID is visited at most once
             if not todo:
                 break
             pid = todo.pop()
@@ -135,7 +143,7 @@ class MainJob:
 def main_job_factory(tmp_path: Path) -> Iterator[list[MainJob]]:
     jobs: list[MainJob] = []
     yield jobs
-    for job in jobs:          # after a failure: the job's own SIGTERM path cleans up
+    for job in jobs:  # after a failure: the job's own SIGTERM path cleans up
         if job.popen.poll() is None:
             job.popen.send_signal(signal.SIGTERM)
             try:
@@ -149,6 +157,7 @@ def main_job_factory(tmp_path: Path) -> Iterator[list[MainJob]]:
 @pytest.mark.e2e
 def test_main_job_lab(tmp_path: Path, main_job_factory: list[MainJob]) -> None:
     from lab.topology import lab_available, leftovers
+
     ok, why = lab_available()
     if not ok:
         pytest.skip(f"the lab cannot run here: {why}")
@@ -163,8 +172,11 @@ def test_main_job_lab(tmp_path: Path, main_job_factory: list[MainJob]) -> None:
     assert api.ready()
     # Through the regional tier: `up` carries the region only via each regional server's
     # external label, and the best edge needs the agents' series remote-written.
-    wait_for("the best edge of all three regions on the central Prometheus", lambda: (
-        b if set(b := api.best_edges()) == LAB_REGIONS else None), 90)
+    wait_for(
+        "the best edge of all three regions on the central Prometheus",
+        lambda: b if set(b := api.best_edges()) == LAB_REGIONS else None,
+        90,
+    )
     up = {s["metric"].get("region") for s in api.query('up{job="edgeprobe"} == 1')}
     assert up == LAB_REGIONS
     # Native histograms end to end: scraped as protobuf, remote-written, stored native only.
@@ -172,10 +184,14 @@ def test_main_job_lab(tmp_path: Path, main_job_factory: list[MainJob]) -> None:
     assert {s["metric"]["region"] for s in rtt} == LAB_REGIONS
     assert all("histogram" in s for s in rtt) and not api.query("edgeprobe_rtt_seconds_bucket")
     # The route service's map: every region, and the same decision as Prometheus holds.
-    route = RouteAPI(job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map",
-                                 20).group(1))
-    wait_for("the map = region:edgeprobe_best_edge:info", lambda: (
-        set(route.best()) == LAB_REGIONS and route.best() == api.best_edges()), 30)
+    route = RouteAPI(
+        job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map", 20).group(1)
+    )
+    wait_for(
+        "the map = region:edgeprobe_best_edge:info",
+        lambda: set(route.best()) == LAB_REGIONS and route.best() == api.best_edges(),
+        30,
+    )
     # The script prints the map: per region the ordered edges with eligibility.
     job.printed(r"routing map \(edgeprobe route\)", 30)
     for region in LAB_REGIONS:
@@ -207,20 +223,30 @@ def test_main_job_loopback(tmp_path: Path, main_job_factory: list[MainJob]) -> N
     metrics = job.printed(r"Agent: (http://\S+/metrics)", 30).group(1)
     with urllib.request.urlopen(metrics, timeout=5) as r:
         body = r.read().decode()
-    assert 'edgeprobe_build_info{' in body and 'region="local-loopback"' in body
+    assert "edgeprobe_build_info{" in body and 'region="local-loopback"' in body
     if shutil.which("prometheus") is not None:
         api = PromAPI(job.printed(r"Prometheus \(single server[^:]*: (http://\S+)", 30).group(1))
         # One demo scrape interval (5 s) plus start-up.
-        wait_for("the single Prometheus to scrape the agent", lambda: api.query(
-            'up{job="edgeprobe"} == 1'), 30)
+        wait_for(
+            "the single Prometheus to scrape the agent",
+            lambda: api.query('up{job="edgeprobe"} == 1'),
+            30,
+        )
         # As shipped: native histograms on, so the RTT histogram is stored native only.
-        wait_for("a native RTT histogram", lambda: [
-            s for s in api.query("edgeprobe_rtt_seconds") if "histogram" in s], 30)
+        wait_for(
+            "a native RTT histogram",
+            lambda: [s for s in api.query("edgeprobe_rtt_seconds") if "histogram" in s],
+            30,
+        )
         assert not api.query("edgeprobe_rtt_seconds_bucket")
-        route = RouteAPI(job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map",
-                                     30).group(1))
-        wait_for("a routing map of the loopback region", lambda: set(route.best()) == {
-            "local-loopback"}, 60)
+        route = RouteAPI(
+            job.printed(r"Routing map \(edgeprobe route[^:]*: (http://\S+)/v1/map", 30).group(1)
+        )
+        wait_for(
+            "a routing map of the loopback region",
+            lambda: set(route.best()) == {"local-loopback"},
+            60,
+        )
     started = job.descendants()
     assert len(started) >= 1 + (shutil.which("prometheus") is not None)
     code, took = job.stop(signal.SIGTERM, 20)

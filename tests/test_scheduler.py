@@ -93,7 +93,7 @@ async def test_missed_ticks_are_skipped_not_queued() -> None:
     next_tick = rec.starts["a"][-1] + 1.0
     # The event loop stalls for 3.5 intervals: one late run, not back-to-back catch-up runs.
     await clock.jump(3.5)
-    due = int(clock.now() - next_tick) + 1   # ticks that fell inside the stall
+    due = int(clock.now() - next_tick) + 1  # ticks that fell inside the stall
     assert due in (3, 4)
     assert len(rec.starts["a"]) == n + 1
     assert sched.stats.skipped_ticks == due - 1
@@ -146,7 +146,7 @@ async def test_apply_diffs_targets() -> None:
     assert sched.entries[a.key] is entry_a and entry_a.slot == tick_a is not None
     _, removed, _ = sched.apply([c])
     assert {j.target.name for j in removed} == {"a", "b"}
-    assert entry_a.slot is None                  # its tick is disarmed
+    assert entry_a.slot is None  # its tick is disarmed
     await clock.advance(2.0)
     assert "a" not in rec.starts and "b" not in rec.starts
     await sched.stop(0)
@@ -260,10 +260,10 @@ async def test_callback_driven_run_rearms_on_completion_and_skips_missed_ticks()
     assert len(rec.starts["a"]) == 1
     phase = rec.starts["a"][0] % 1.0
     await clock.advance(3.5)
-    assert len(rec.starts["a"]) == 1       # the run is still open: no overlapping run
-    rec.finish_all()                       # ...it completes 3.5 intervals late
+    assert len(rec.starts["a"]) == 1  # the run is still open: no overlapping run
+    rec.finish_all()  # ...it completes 3.5 intervals late
     await clock.advance(0)
-    assert len(rec.starts["a"]) == 2       # one late run, not a catch-up burst
+    assert len(rec.starts["a"]) == 2  # one late run, not a catch-up burst
     assert sched.stats.skipped_ticks >= 2
     assert sched.stats.late_ticks >= 1
     rec.finish_all()
@@ -306,12 +306,12 @@ async def test_callback_driven_stop_waits_for_runs_then_abandons() -> None:
     done_a = rec.open.pop("a")[0]
     stopping = asyncio.ensure_future(sched.stop(0.2))
     await asyncio.sleep(0.01)
-    done_a(ProbeResult(success=True))       # finishes inside the grace: recorded
+    done_a(ProbeResult(success=True))  # finishes inside the grace: recorded
     await stopping
     assert [n for n, _ in rec.results] == ["a"]
-    assert rec.cancelled == ["b"]           # still open after the grace: abandoned
+    assert rec.cancelled == ["b"]  # still open after the grace: abandoned
     assert sched.task_count == 0
-    rec.finish_all()                        # a late callback records nothing
+    rec.finish_all()  # a late callback records nothing
     assert [n for n, _ in rec.results] == ["a"]
 
 

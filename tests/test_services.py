@@ -23,7 +23,8 @@ from lab.services import Services, split_hostport
 
 pytestmark = pytest.mark.skipif(
     not (Path("/usr/sbin/dnsmasq").exists() and Path("/usr/bin/turnserver").exists()),
-    reason="dnsmasq and coturn are installed by scripts/bootstrap.sh")
+    reason="dnsmasq and coturn are installed by scripts/bootstrap.sh",
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDR = f"127.0.{os.getpid() % 200 + 20}.{(os.getpid() + 7) % 250 + 2}"
@@ -36,13 +37,18 @@ def _port() -> int:
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if Path(f"/proc/{p}").exists()
-            and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    return [
+        p
+        for p in pids
+        if Path(f"/proc/{p}").exists()
+        and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()
+    ]
 
 
 def _listeners(port: int) -> set[str]:
-    out = subprocess.run(["ss", "-Hlun", f"sport = :{port}"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+        ["ss", "-Hlun", f"sport = :{port}"], capture_output=True, text=True, check=False
+    ).stdout
     return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
 
 
@@ -55,26 +61,35 @@ def test_split_hostport() -> None:
 
 def test_cli_ready_serves_and_stops_children(tmp_path: Path) -> None:
     dport, tport, eport = _port(), _port(), _port()
-    cfg = {"state_dir": str(tmp_path / "s"),
-           "udp_echo": [f"[::1]:{eport}"],
-           "dns": {"listen": [ADDR, "::1"], "port": dport,
-                   "records": {"edge.lab.test": [ADDR, "::1"]}},
-           "turn": {"listen": [ADDR], "port": tport, "realm": "lab.test",
-                    "users": {"u": "p"}}}
+    cfg = {
+        "state_dir": str(tmp_path / "s"),
+        "udp_echo": [f"[::1]:{eport}"],
+        "dns": {
+            "listen": [ADDR, "::1"],
+            "port": dport,
+            "records": {"edge.lab.test": [ADDR, "::1"]},
+        },
+        "turn": {"listen": [ADDR], "port": tport, "realm": "lab.test", "users": {"u": "p"}},
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "lab.services", "--config", str(path)],
-                            stdout=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.services", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"READY"
         # dnsmasq answers on both families and never forwards: unknown names are NXDOMAIN.
         for server in (ADDR, "::1"):
-            r = dns.query.udp(dns.message.make_query("edge.lab.test", "AAAA"), server,
-                              port=dport, timeout=2)
+            r = dns.query.udp(
+                dns.message.make_query("edge.lab.test", "AAAA"), server, port=dport, timeout=2
+            )
             assert [x.to_text() for rr in r.answer for x in rr] == ["::1"]
-        r = dns.query.udp(dns.message.make_query("other.lab.test", "A"), ADDR, port=dport,
-                          timeout=2)
+        r = dns.query.udp(
+            dns.message.make_query("other.lab.test", "A"), ADDR, port=dport, timeout=2
+        )
         assert r.rcode() == 3
         # Listening only where told.
         assert _listeners(dport) == {ADDR, "[::1]"}
@@ -89,8 +104,10 @@ def test_cli_ready_serves_and_stops_children(tmp_path: Path) -> None:
             s.settimeout(2)
             s.sendto(b"ping", ("::1", eport))
             assert s.recv(100) == b"ping"
-        children = [int((tmp_path / "s" / f).read_text().split()[0])
-                    for f in ("dnsmasq.pid", "turnserver.pid")]
+        children = [
+            int((tmp_path / "s" / f).read_text().split()[0])
+            for f in ("dnsmasq.pid", "turnserver.pid")
+        ]
         assert len(_pids_alive(children)) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -105,12 +122,16 @@ def test_cli_ready_serves_and_stops_children(tmp_path: Path) -> None:
 
 async def test_in_process_tls_and_http(tmp_path: Path) -> None:
     tls_port, http_port = _port(), _port()
-    cfg = {"state_dir": str(tmp_path), "tls": [f"{ADDR}:{tls_port}"],
-           "https": [f"{ADDR}:{http_port}"]}
+    cfg = {
+        "state_dir": str(tmp_path),
+        "tls": [f"{ADDR}:{tls_port}"],
+        "https": [f"{ADDR}:{http_port}"],
+    }
     async with Services(cfg) as s:
         ctx = ssl.create_default_context(cafile=str(s.ca_file))
-        r, w = await asyncio.open_connection(ADDR, tls_port, ssl=ctx,
-                                             server_hostname="edge.lab.test")
+        r, w = await asyncio.open_connection(
+            ADDR, tls_port, ssl=ctx, server_hostname="edge.lab.test"
+        )
         obj = w.get_extra_info("ssl_object")
         assert obj.version() == "TLSv1.3"
         w.close()

@@ -19,8 +19,12 @@ from agent.runtime.stats import (
 
 
 def packets() -> PacketStats:
-    return PacketStats(rtt=Histogram(dense_rtt_buckets()), ipdv=Histogram(IPDV_BUCKETS),
-                       bursts=Histogram(BURST_BUCKETS), window=Window(60))
+    return PacketStats(
+        rtt=Histogram(dense_rtt_buckets()),
+        ipdv=Histogram(IPDV_BUCKETS),
+        bursts=Histogram(BURST_BUCKETS),
+        window=Window(60),
+    )
 
 
 def test_rfc3550_jitter_by_hand() -> None:
@@ -57,7 +61,7 @@ def test_loss_bursts_rfc3357() -> None:
     assert p.burst == 2
     p.add([0.1], now=2)
     assert p.bursts.count == 3 and p.bursts.sum == 6
-    assert p.loss_periods == 3   # counted when each period begins
+    assert p.loss_periods == 3  # counted when each period begins
 
 
 def test_lean_series_count_loss_periods_without_the_histograms() -> None:

@@ -21,9 +21,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare (a network namespace with a veth pair)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("unshare") is None,
+        reason="needs root and unshare (a network namespace with a veth pair)",
+    ),
+]
 
 NETNS = r"""
 ip link set lo up
@@ -136,9 +140,26 @@ def test_thousand_failed_runs_leave_nothing_behind_and_leak_no_secret(tmp_path: 
     script = tmp_path / "netns.sh"
     script.write_text(NETNS)
     p = subprocess.run(
-        ["unshare", "-n", "sh", str(script), sys.executable, "-c", CHILD, str(tmp_path), token,
-         turn_pw, "1000"], capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+        [
+            "unshare",
+            "-n",
+            "sh",
+            str(script),
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp_path),
+            token,
+            turn_pw,
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["counts"] == 1000
@@ -153,4 +174,4 @@ def test_thousand_failed_runs_leave_nothing_behind_and_leak_no_secret(tmp_path: 
         assert secret not in out["log"]
         assert secret not in out["dump"]
         assert secret not in p.stderr
-    assert "DEBUG" in out["log"]   # the check above looked at real debug logging
+    assert "DEBUG" in out["log"]  # the check above looked at real debug logging

@@ -52,8 +52,7 @@ edges:
             gilbert: {{p: 0.01, r: 0.3, loss_bad: 1, loss_good: 0}}}}
 """
 
-RTT = {"zero": 0.0, "near": 0.040, "far": 0.120, "lossy": 0.030, "lossless": 0.030,
-       "media": 0.060}
+RTT = {"zero": 0.0, "near": 0.040, "far": 0.120, "lossy": 0.030, "lossless": 0.030, "media": 0.060}
 
 # Runs ``runs`` probes of one kind (``concurrency`` at a time); prints their results as JSON,
 # each with the CLOCK_MONOTONIC window it ran in (to select its ground truth).
@@ -95,10 +94,24 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield w
 
 
-def run_probes(w: Any, kind: str, edge: str, opts: dict[str, Any], runs: int = 1,
-               concurrency: int = 1, family: str = "ipv4") -> list[dict[str, Any]]:
-    arg = json.dumps({"kind": kind, "address": w.state.edges[edge][family], "opts": opts,
-                      "runs": runs, "concurrency": concurrency})
+def run_probes(
+    w: Any,
+    kind: str,
+    edge: str,
+    opts: dict[str, Any],
+    runs: int = 1,
+    concurrency: int = 1,
+    family: str = "ipv4",
+) -> list[dict[str, Any]]:
+    arg = json.dumps(
+        {
+            "kind": kind,
+            "address": w.state.edges[edge][family],
+            "opts": opts,
+            "runs": runs,
+            "concurrency": concurrency,
+        }
+    )
     p = w.run(REGION, [sys.executable, "-c", RUNNER, arg], timeout=300, cwd=str(ROOT))
     assert p.returncode == 0, p.stderr[-3000:]
     out: list[dict[str, Any]] = json.loads(p.stdout)
@@ -106,13 +119,23 @@ def run_probes(w: Any, kind: str, edge: str, opts: dict[str, Any], runs: int = 1
 
 
 def whip(w: Any, edge: str, **extra: Any) -> dict[str, Any]:
-    return {"port": w.state.ports["https"], "server_name": w.state.edges[edge]["dns"],
-            "ca_file": w.state.ca, "timeout": 5.0, **extra}
+    return {
+        "port": w.state.ports["https"],
+        "server_name": w.state.edges[edge]["dns"],
+        "ca_file": w.state.ca,
+        "timeout": 5.0,
+        **extra,
+    }
 
 
 def relay_opts(w: Any, **extra: Any) -> dict[str, Any]:
-    return {"port": w.state.ports["turn"], "username": w.turn_user,
-            "password_file": w.turn_pass_file, "peer_port": w.state.ports["udp_echo"], **extra}
+    return {
+        "port": w.state.ports["turn"],
+        "username": w.turn_user,
+        "password_file": w.turn_pass_file,
+        "peer_port": w.state.ports["udp_echo"],
+        **extra,
+    }
 
 
 # Round trips each phase needs on the probe's side (aiortc 1.16 as the answerer):
@@ -134,8 +157,9 @@ def relay_opts(w: Any, **extra: Any) -> dict[str, Any]:
 ROUND_TRIPS = {"gathering": 0, "signalling": 3, "ice": 1, "dtls": 1, "first_media": 4}
 
 
-def _collect(w: Any, edges: tuple[str, ...], batches: int, runs: int,
-             family: str = "ipv4") -> dict[str, list[dict[str, Any]]]:
+def _collect(
+    w: Any, edges: tuple[str, ...], batches: int, runs: int, family: str = "ipv4"
+) -> dict[str, list[dict[str, Any]]]:
     # Runs alternate between edges in small batches so that all see the same background load.
     out: dict[str, list[dict[str, Any]]] = {e: [] for e in edges}
     for _ in range(batches):
@@ -158,9 +182,11 @@ def test_every_phase_follows_the_applied_rtt(world: Any) -> None:
     """
     res = _collect(world, ("zero", "near", "far"), batches=3, runs=4)
     from lab import groundtruth
+
     mine = {world.state.edges[e]["ipv4"] for e in res}
-    prec = groundtruth.precision([r for r in world.records()
-                                  if r.src_ip in mine or r.dst_ip in mine])
+    prec = groundtruth.precision(
+        [r for r in world.records() if r.src_ip in mine or r.dst_ip in mine]
+    )
     lines = ["phase        rt  edge   applied   measured-zero   error"]
     problems = []
     for phase, k in ROUND_TRIPS.items():
@@ -171,11 +197,18 @@ def test_every_phase_follows_the_applied_rtt(world: Any) -> None:
             qe = statistics.quantiles(xs, n=4)
             want = k * RTT[edge]
             diff = statistics.median(xs) - statistics.median(zero)
-            tol = ((qz[2] - qz[0]) + (qe[2] - qe[0]) + statistics.median(zero)
-                   + 2 * max(k, 1) * prec.max_us / 1e6 + 0.001)
-            lines.append(f"{phase:12} {k}   {edge:5} {want * 1000:7.1f} ms "
-                         f"{diff * 1000:9.1f} ms {(diff - want) * 1000:+8.1f} ms "
-                         f"(tolerance {tol * 1000:.1f})")
+            tol = (
+                (qz[2] - qz[0])
+                + (qe[2] - qe[0])
+                + statistics.median(zero)
+                + 2 * max(k, 1) * prec.max_us / 1e6
+                + 0.001
+            )
+            lines.append(
+                f"{phase:12} {k}   {edge:5} {want * 1000:7.1f} ms "
+                f"{diff * 1000:9.1f} ms {(diff - want) * 1000:+8.1f} ms "
+                f"(tolerance {tol * 1000:.1f})"
+            )
             if abs(diff - want) > tol:
                 problems.append((phase, edge, diff, want, tol))
     print("\n" + "\n".join(lines))
@@ -188,19 +221,31 @@ def test_every_phase_follows_the_applied_rtt(world: Any) -> None:
 
 
 def test_ipv6_and_relay_only(world: Any) -> None:
-    v6 = run_probes(world, "webrtc", "near", whip(world, "near", ip_family="ipv6"),
-                    family="ipv6")[0]
+    v6 = run_probes(world, "webrtc", "near", whip(world, "near", ip_family="ipv6"), family="ipv6")[
+        0
+    ]
     assert v6["success"], v6
-    relayed = run_probes(world, "webrtc", "near", whip(
-        world, "near", relay_only=True, username=world.turn_user,
-        password_file=world.turn_pass_file))[0]
+    relayed = run_probes(
+        world,
+        "webrtc",
+        "near",
+        whip(
+            world,
+            "near",
+            relay_only=True,
+            username=world.turn_user,
+            password_file=world.turn_pass_file,
+        ),
+    )[0]
     assert relayed["success"], relayed
     assert relayed["info"] == {"relayed": "true"}
     # Gathering now includes the TURN Allocate (challenge and signed request): 2 round trips.
     assert relayed["phases"]["gathering"] >= 2 * RTT["near"] - 0.001
-    print(f"\nipv6 connect {v6['duration'] * 1000:.0f} ms; relay-only connect "
-          f"{relayed['duration'] * 1000:.0f} ms, phases "
-          + ", ".join(f"{k} {v * 1000:.0f}" for k, v in relayed["phases"].items()))
+    print(
+        f"\nipv6 connect {v6['duration'] * 1000:.0f} ms; relay-only connect "
+        f"{relayed['duration'] * 1000:.0f} ms, phases "
+        + ", ".join(f"{k} {v * 1000:.0f}" for k, v in relayed["phases"].items())
+    )
 
 
 def test_loss_raises_connect_time_and_miss_rate_as_modelled(world: Any) -> None:
@@ -227,37 +272,55 @@ def test_loss_raises_connect_time_and_miss_rate_as_modelled(world: Any) -> None:
     # Three at a time: more concurrent handshakes load the shared CPU enough to push lossless
     # connects towards the budget, which would measure the host, not the path.
     rs = run_probes(world, "webrtc", "lossy", whip(world, "lossy"), runs=n, concurrency=3)
-    ref = run_probes(world, "webrtc", "lossless", whip(world, "lossless"), runs=20,
-                     concurrency=3)
-    assert all(r["success"] and r["duration"] <= 0.6 for r in ref), \
-        [r["duration"] for r in ref]
+    ref = run_probes(world, "webrtc", "lossless", whip(world, "lossless"), runs=20, concurrency=3)
+    assert all(r["success"] and r["duration"] <= 0.6 for r in ref), [r["duration"] for r in ref]
     missed = sum(1 for r in rs if not r["duration"] <= 0.6)
     ok = [r["duration"] for r in rs if r["success"]]
     p = 0.02
     p_rt = 1 - (1 - p) ** 2
-    lo, hi = (model.miss_probability(loss=p_rt, mean_rtt=RTT["lossy"], sd_rtt=0.0,
-                                     budget=0.6, round_trips=9, fixed=0.05, exchanges=e)
-              for e in (6, 12))
+    lo, hi = (
+        model.miss_probability(
+            loss=p_rt,
+            mean_rtt=RTT["lossy"],
+            sd_rtt=0.0,
+            budget=0.6,
+            round_trips=9,
+            fixed=0.05,
+            exchanges=e,
+        )
+        for e in (6, 12)
+    )
     observed = missed / n
-    print(f"\nlossy: {missed}/{n} over budget ({observed:.1%}), model [{lo:.1%}, {hi:.1%}]; "
-          f"mean connect {statistics.mean(ok) * 1000:.0f} ms vs "
-          f"{statistics.mean(r['duration'] for r in ref) * 1000:.0f} ms lossless")
+    print(
+        f"\nlossy: {missed}/{n} over budget ({observed:.1%}), model [{lo:.1%}, {hi:.1%}]; "
+        f"mean connect {statistics.mean(ok) * 1000:.0f} ms vs "
+        f"{statistics.mean(r['duration'] for r in ref) * 1000:.0f} ms lossless"
+    )
     lines = ["phase        rt  applied  lossless median  lossy median  lossy p90"]
     for phase, k in ROUND_TRIPS.items():
         lossy_ph = sorted(r["phases"][phase] for r in rs if phase in r["phases"])
         ref_ph = [r["phases"][phase] for r in ref]
-        lines.append(f"{phase:12} {k}   {k * RTT['lossy'] * 1000:5.0f} ms "
-                     f"{statistics.median(ref_ph) * 1000:10.1f} ms "
-                     f"{statistics.median(lossy_ph) * 1000:10.1f} ms "
-                     f"{lossy_ph[int(0.9 * (len(lossy_ph) - 1))] * 1000:8.1f} ms")
+        lines.append(
+            f"{phase:12} {k}   {k * RTT['lossy'] * 1000:5.0f} ms "
+            f"{statistics.median(ref_ph) * 1000:10.1f} ms "
+            f"{statistics.median(lossy_ph) * 1000:10.1f} ms "
+            f"{lossy_ph[int(0.9 * (len(lossy_ph) - 1))] * 1000:8.1f} ms"
+        )
     print("\n".join(lines))
     assert lo - 3.29 * math.sqrt(lo * (1 - lo) / n) <= observed, (observed, lo, hi)
     assert observed <= hi + 3.29 * math.sqrt(hi * (1 - hi) / n), (observed, lo, hi)
     # Loss raises the connect time: a retransmission costs far more than the spread.
     assert statistics.mean(ok) > statistics.mean(r["duration"] for r in ref)
     reasons = {r["reason"] for r in rs if not r["success"]}
-    assert reasons <= {"signalling_timeout", "ice_timeout", "dtls_timeout", "media_timeout",
-                       "tcp_timeout", "tls_timeout", "signalling_error"}, reasons
+    assert reasons <= {
+        "signalling_timeout",
+        "ice_timeout",
+        "dtls_timeout",
+        "media_timeout",
+        "tcp_timeout",
+        "tls_timeout",
+        "signalling_error",
+    }, reasons
 
 
 def test_measured_and_modelled_connect_side_by_side(world: Any) -> None:
@@ -269,8 +332,9 @@ def test_measured_and_modelled_connect_side_by_side(world: Any) -> None:
     model = pytest.importorskip("agent.runtime.model")
     rows = []
     for edge in ("zero", "near", "far"):
-        stun = run_probes(world, "stun", edge, {"port": world.state.ports["turn"],
-                                                "packets": 10})[0]
+        stun = run_probes(world, "stun", edge, {"port": world.state.ports["turn"], "packets": 10})[
+            0
+        ]
         rtt = statistics.median(x for x in stun["rtts"] if x is not None)
         est = model.connect_estimate(rtt, round_trips=4.5, fixed=0.1)
         rs = run_probes(world, "webrtc", edge, whip(world, edge), runs=5)
@@ -293,17 +357,25 @@ def _truth_stream(w: Any, res: dict[str, Any], edge: str) -> list[float | None]:
     every delivered stream packet, so the down records after the three control answers are
     the echoes of the delivered up packets, in order."""
     from lab import groundtruth as gt
+
     addr = w.state.edges[edge]["ipv4"]
     t0, t1 = res["window"]
-    recs = [r for r in w.records() if t0 <= r.arrival_ns <= t1 + 2_000_000_000
-            and r.proto == 17 and addr in (r.src_ip, r.dst_ip)]
+    recs = [
+        r
+        for r in w.records()
+        if t0 <= r.arrival_ns <= t1 + 2_000_000_000
+        and r.proto == 17
+        and addr in (r.src_ip, r.dst_ip)
+    ]
     port = w.state.ports["turn"]
-    up = sorted((r for r in recs if r.direction == gt.UP and r.b == port),
-                key=lambda r: r.arrival_ns)
-    down = sorted((r for r in recs if r.direction == gt.DOWN and r.a == port),
-                  key=lambda r: r.arrival_ns)
+    up = sorted(
+        (r for r in recs if r.direction == gt.UP and r.b == port), key=lambda r: r.arrival_ns
+    )
+    down = sorted(
+        (r for r in recs if r.direction == gt.DOWN and r.a == port), key=lambda r: r.arrival_ns
+    )
     n = len(res["rtts"])
-    stream_up, stream_down = up[3:3 + n], iter(down[3:])
+    stream_up, stream_down = up[3 : 3 + n], iter(down[3:])
     out: list[float | None] = []
     for u in stream_up:
         if not u.delivered:
@@ -323,9 +395,10 @@ def test_relay_stream_against_the_ground_truth(world: Any) -> None:
     from lab_helpers import ipdv, rfc3550_jitter
 
     from probes.relay import RelayOptions
+
     n = RelayOptions().packets
     res = None
-    for _ in range(5):   # a lost control packet (Allocate, ChannelBind) fails the run
+    for _ in range(5):  # a lost control packet (Allocate, ChannelBind) fails the run
         r = run_probes(world, "relay", "media", relay_opts(world))[0]
         if r["success"] and len(r["rtts"]) == n:
             res = r
@@ -337,18 +410,21 @@ def test_relay_stream_against_the_ground_truth(world: Any) -> None:
     lost_m = [i for i, x in enumerate(meas) if x is None]
     lost_t = [i for i, x in enumerate(truth) if x is None]
     from lab import groundtruth as gt
+
     bursts_m = gt.burst_lengths(x is None for x in meas)
     bursts_t = gt.burst_lengths(x is None for x in truth)
     j_m, j_t = rfc3550_jitter(meas), rfc3550_jitter(truth)
     ipdv_m, ipdv_t = ipdv(meas), ipdv(truth)
     med_m = statistics.median(x for x in meas if x is not None)
     med_t = statistics.median(x for x in truth if x is not None)
-    print(f"\nrelay stream {n} packets: loss measured {len(lost_m) / n:.2%} truth "
-          f"{len(lost_t) / n:.2%}; bursts {bursts_m} vs {bursts_t}; jitter "
-          f"{j_m * 1000:.3f} vs {j_t * 1000:.3f} ms (error {(j_m - j_t) * 1e6:+.0f} µs); "
-          f"IPDV median {statistics.median(ipdv_m) * 1000:.3f} vs "
-          f"{statistics.median(ipdv_t) * 1000:.3f} ms; RTT median {med_m * 1000:.2f} vs "
-          f"{med_t * 1000:.2f} ms")
+    print(
+        f"\nrelay stream {n} packets: loss measured {len(lost_m) / n:.2%} truth "
+        f"{len(lost_t) / n:.2%}; bursts {bursts_m} vs {bursts_t}; jitter "
+        f"{j_m * 1000:.3f} vs {j_t * 1000:.3f} ms (error {(j_m - j_t) * 1e6:+.0f} µs); "
+        f"IPDV median {statistics.median(ipdv_m) * 1000:.3f} vs "
+        f"{statistics.median(ipdv_t) * 1000:.3f} ms; RTT median {med_m * 1000:.2f} vs "
+        f"{med_t * 1000:.2f} ms"
+    )
     assert lost_m == lost_t
     assert bursts_m == bursts_t
     assert med_t <= med_m <= med_t + 0.003
@@ -362,8 +438,12 @@ def test_relay_over_ipv6_and_bad_credentials(world: Any) -> None:
     r6 = run_probes(world, "relay", "near", relay_opts(world, packets=20), family="ipv6")[0]
     assert r6["success"] and all(x is not None for x in r6["rtts"]), r6
     assert min(x for x in r6["rtts"] if x is not None) >= RTT["near"]
-    bad = run_probes(world, "relay", "near", {**relay_opts(world, packets=5),
-                                              "password_file": "", "password": "wrong"})[0]
+    bad = run_probes(
+        world,
+        "relay",
+        "near",
+        {**relay_opts(world, packets=5), "password_file": "", "password": "wrong"},
+    )[0]
     assert bad["reason"] == "turn_auth_failed"
     assert "wrong" not in json.dumps(bad)
 
@@ -376,14 +456,19 @@ def test_make_run_agent_config_probes_webrtc_and_relay(world: Any) -> None:
     from agent.config import load as agent_config
     from lab.agentconf import agent_config as lab_agent_config
     from lab.agentconf import dump
+
     cfg = agent_config.loads(dump(lab_agent_config(world.state, REGION, services=True)))
     kinds = {(j.target.name, j.kind): j for j in cfg.jobs}
     for edge in world.state.paths[REGION]:
         assert (edge, "webrtc") in kinds and (edge, "relay") in kinds, edge
     for kind in ("webrtc", "relay"):
         opts = dataclasses.asdict(kinds[("near", kind)].options)
-        r = run_probes(world, kind, "near", {k: list(v) if isinstance(v, tuple) else v
-                                             for k, v in opts.items()})[0]
+        r = run_probes(
+            world,
+            kind,
+            "near",
+            {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
+        )[0]
         assert r["success"], (kind, r["reason"])
 
 
@@ -395,37 +480,61 @@ def test_a_running_agent_exports_webrtc_and_relay(world: Any, tmp_path: Path) ->
     import urllib.request
 
     import yaml
+
     edgeprobe = str(Path(sys.executable).parent / "edgeprobe")
     r = world.state.regions[REGION]
     pw = Path(world.turn_pass_file).read_text().strip()
-    cfg = {"agent": {"region": REGION}, "targets": [{
-        "name": "near", "address": world.state.edges["near"]["ipv4"], "probes": {
-            "webrtc": {**whip(world, "near"), "interval": "5s", "timeout": "2s"},
-            "relay": {**relay_opts(world, packets=50), "interval": "8s"}}}]}
+    cfg = {
+        "agent": {"region": REGION},
+        "targets": [
+            {
+                "name": "near",
+                "address": world.state.edges["near"]["ipv4"],
+                "probes": {
+                    "webrtc": {**whip(world, "near"), "interval": "5s", "timeout": "2s"},
+                    "relay": {**relay_opts(world, packets=50), "interval": "8s"},
+                },
+            }
+        ],
+    }
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with (tmp_path / "agent.log").open("wb") as log:
-        agent = subprocess.Popen(world.cmd(REGION, [
-            edgeprobe, "run", f"--config.file={path}",
-            f"--web.listen-address={r.mgmt_addr}:9799"]), stdout=log,
-            stderr=subprocess.STDOUT)
+        agent = subprocess.Popen(
+            world.cmd(
+                REGION,
+                [
+                    edgeprobe,
+                    "run",
+                    f"--config.file={path}",
+                    f"--web.listen-address={r.mgmt_addr}:9799",
+                ],
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             text = ""
             deadline = time.monotonic() + 30
-            want = ('edgeprobe_connect_duration_seconds_count{', 'probe="webrtc"',
-                    'edgeprobe_connect_phase_duration_seconds_count{', 'phase="first_media"',
-                    'edgeprobe_packets_sent_total{', 'probe="relay"',
-                    'edgeprobe_connect_estimate_seconds{')
+            want = (
+                "edgeprobe_connect_duration_seconds_count{",
+                'probe="webrtc"',
+                "edgeprobe_connect_phase_duration_seconds_count{",
+                'phase="first_media"',
+                "edgeprobe_packets_sent_total{",
+                'probe="relay"',
+                "edgeprobe_connect_estimate_seconds{",
+            )
             while time.monotonic() < deadline:
                 time.sleep(1.0)
                 try:
-                    with urllib.request.urlopen(f"http://{r.mgmt_addr}:9799/metrics",
-                                                timeout=2) as resp:
+                    with urllib.request.urlopen(
+                        f"http://{r.mgmt_addr}:9799/metrics", timeout=2
+                    ) as resp:
                         text = resp.read().decode()
                 except OSError:
                     continue
-                if all(w in text for w in want) and 'probe="relay"} 50' in text.replace(
-                        ".0", ""):
+                if all(w in text for w in want) and 'probe="relay"} 50' in text.replace(".0", ""):
                     break
             missing = [w for w in want if w not in text]
             assert missing == [], (missing, text[-2000:])

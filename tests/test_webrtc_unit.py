@@ -34,6 +34,7 @@ def test_registered_with_the_connect_families() -> None:
 def test_options_validation() -> None:
     def keys(o: Any) -> list[str]:
         return [e.split(":")[0] for e in o.validate()]
+
     assert keys(WebrtcOptions(dscp="EF")) == ["dscp"]
     assert keys(WebrtcOptions(source_address="192.0.2.1")) == ["source_address"]
     assert keys(WebrtcOptions(relay_only=True)) == ["relay_only"]
@@ -45,11 +46,14 @@ def test_options_validation() -> None:
     assert keys(RelayOptions(username="u", payload_size=1500)) == ["payload_size"]
     assert keys(RelayOptions(username="u", packets=250, spacing=0.2)) == ["interval"]
     assert "password" not in repr(RelayOptions(username="u", password="s3cret")).replace(
-        "password_file", "")
+        "password_file", ""
+    )
 
 
-SDP = ("v=0\r\na=mid:0\r\na=candidate:1 1 udp 1 192.0.2.1 5000 typ host\r\n"
-       "a=candidate:2 1 udp 1 2001:db8::1 5000 typ host\r\na=end-of-candidates\r\n")
+SDP = (
+    "v=0\r\na=mid:0\r\na=candidate:1 1 udp 1 192.0.2.1 5000 typ host\r\n"
+    "a=candidate:2 1 udp 1 2001:db8::1 5000 typ host\r\na=end-of-candidates\r\n"
+)
 
 
 def test_keep_candidates_filters_remote_candidates() -> None:
@@ -59,12 +63,14 @@ def test_keep_candidates_filters_remote_candidates() -> None:
     v6 = keep_candidates(SDP, "ipv6")
     assert "192.0.2.1" not in v6 and "2001:db8::1" in v6
     # Only the signalled address: a hostile answer cannot aim checks elsewhere.
-    only = keep_candidates(SDP + "a=candidate:3 1 udp 1 198.51.100.7 53 typ host\r\n",
-                           "auto", "2001:db8:0::1")
+    only = keep_candidates(
+        SDP + "a=candidate:3 1 udp 1 198.51.100.7 53 typ host\r\n", "auto", "2001:db8:0::1"
+    )
     assert "2001:db8::1" in only and "192.0.2.1" not in only and "198.51.100.7" not in only
     # mDNS names are dropped: the probe resolves no name an answer hands it.
     assert "x.local" not in keep_candidates(
-        "a=candidate:4 1 udp 1 x.local 5000 typ host\r\n", "auto")
+        "a=candidate:4 1 udp 1 x.local 5000 typ host\r\n", "auto"
+    )
 
 
 @pytest.fixture
@@ -76,9 +82,14 @@ async def servers() -> AsyncIterator[dict[str, Any]]:
         async def any_(req: web.Request) -> web.Response:
             seen[name].append((req.method, req.path, req.headers.get("Authorization", "")))
             if req.method == "POST":
-                return web.Response(status=201, text="<html/>", content_type="text/html",
-                                    headers={"Location": location})
+                return web.Response(
+                    status=201,
+                    text="<html/>",
+                    content_type="text/html",
+                    headers={"Location": location},
+                )
             return web.Response(status=200)
+
         a = web.Application()
         a.router.add_route("*", "/{tail:.*}", any_)
         return a
@@ -101,16 +112,26 @@ async def servers() -> AsyncIterator[dict[str, Any]]:
 
 
 async def test_location_on_another_origin_is_never_sent_the_token(
-        servers: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    servers: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The suite runs in a namespace with only loopback, and aioice gathers no loopback
     # candidates: give it one, so the offer is made and the signalling is what is tested.
     import aioice.ice
-    monkeypatch.setattr(aioice.ice, "get_host_addresses",
-                        lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else [])
+
+    monkeypatch.setattr(
+        aioice.ice,
+        "get_host_addresses",
+        lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else [],
+    )
     token = tmp_path / "token"
     token.write_text("t0ken-abc\n")
-    o = WebrtcOptions(scheme="http", port=servers["ports"]["whip"], timeout=2.0,
-                      token_file=str(token), first_media="none")
+    o = WebrtcOptions(
+        scheme="http",
+        port=servers["ports"]["whip"],
+        timeout=2.0,
+        token_file=str(token),
+        first_media="none",
+    )
     res = await PROBES["webrtc"].run(Target("e", "127.0.0.1"), o, ProbeContext())
     assert res.reason == "signalling_content_type"
     assert res.errors == {"teardown_failed": 1}
@@ -122,24 +143,35 @@ async def test_location_on_another_origin_is_never_sent_the_token(
 async def test_unreadable_secrets_are_bounded_reasons(tmp_path: Any) -> None:
     w = PROBES["webrtc"]
     o = WebrtcOptions(scheme="http", port=9, token_file=str(tmp_path / "missing"))
-    assert (await w.run(Target("e", "127.0.0.1"), o, ProbeContext())).reason == \
-        "token_unreadable"
-    o = WebrtcOptions(scheme="http", port=9, relay_only=True, username="u",
-                      password_file=str(tmp_path / "missing"))
-    assert (await w.run(Target("e", "127.0.0.1"), o, ProbeContext())).reason == \
-        "turn_credentials_unreadable"
+    assert (await w.run(Target("e", "127.0.0.1"), o, ProbeContext())).reason == "token_unreadable"
+    o = WebrtcOptions(
+        scheme="http",
+        port=9,
+        relay_only=True,
+        username="u",
+        password_file=str(tmp_path / "missing"),
+    )
+    assert (
+        await w.run(Target("e", "127.0.0.1"), o, ProbeContext())
+    ).reason == "turn_credentials_unreadable"
 
 
 def test_same_origin() -> None:
     url = URL("https://192.0.2.1:443/whip")
-    assert same_origin(url.join(URL("/whip/abc")), url, "edge.example.net") == \
-        URL("https://192.0.2.1:443/whip/abc")
+    assert same_origin(url.join(URL("/whip/abc")), url, "edge.example.net") == URL(
+        "https://192.0.2.1:443/whip/abc"
+    )
     # An absolute Location with the server's name is the same server: aimed at its address.
-    assert same_origin(URL("https://edge.example.net/whip/abc"), url, "edge.example.net") == \
-        URL("https://192.0.2.1/whip/abc")
-    for other in ("https://evil.example.net/whip/abc", "http://192.0.2.1/whip/abc",
-                  "https://192.0.2.1:8443/whip/abc"):
+    assert same_origin(URL("https://edge.example.net/whip/abc"), url, "edge.example.net") == URL(
+        "https://192.0.2.1/whip/abc"
+    )
+    for other in (
+        "https://evil.example.net/whip/abc",
+        "http://192.0.2.1/whip/abc",
+        "https://192.0.2.1:8443/whip/abc",
+    ):
         assert same_origin(URL(other), url, "edge.example.net") is None, other
     v6 = URL("https://[2001:db8::1]:443/whip")
-    assert same_origin(v6.join(URL("/whip/x")), v6, "edge.example.net") == \
-        URL("https://[2001:db8::1]:443/whip/x")
+    assert same_origin(v6.join(URL("/whip/x")), v6, "edge.example.net") == URL(
+        "https://[2001:db8::1]:443/whip/x"
+    )

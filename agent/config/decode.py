@@ -43,8 +43,18 @@ _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 _QUOTED_RE = re.compile(r"'((?:[^'\\]|\\.)*)'" r'|"((?:[^"\\]|\\.)*)"')
 # What such a fragment may show: a single character or escape, or a token name ('<stream end>').
 _SAFE_QUOTED_RE = re.compile(r"\\?.|<[a-z ]+>", re.DOTALL)
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-                   "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+    "y": 31536000.0,
+}
 
 
 class ConfigError(ValueError):
@@ -170,8 +180,9 @@ def _check_depth(text: str, source: str) -> None:
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
                     line = ev.start_mark.line + 1 if ev.start_mark is not None else None
-                    raise ConfigError(source, f"invalid YAML: nested deeper than "
-                                      f"{MAX_YAML_DEPTH} levels", line)
+                    raise ConfigError(
+                        source, f"invalid YAML: nested deeper than {MAX_YAML_DEPTH} levels", line
+                    )
             elif isinstance(ev, yaml.CollectionEndEvent):
                 depth -= 1
     finally:
@@ -182,6 +193,7 @@ def _unquote(problem: str) -> str:
     def hide(m: re.Match[str]) -> str:
         inner = m.group(1) if m.group(1) is not None else m.group(2)
         return m.group(0) if _SAFE_QUOTED_RE.fullmatch(inner) else "(not shown)"
+
     return _QUOTED_RE.sub(hide, problem)
 
 
@@ -239,7 +251,8 @@ def _type_name(tp: Any) -> str:
         return "duration"
     if isinstance(tp, type):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
-            tp.__name__, tp.__name__)
+            tp.__name__, tp.__name__
+        )
     return str(tp)
 
 
@@ -262,8 +275,9 @@ def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> A
         value = _scalar(node, path)
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(path, f"must be one of {', '.join(map(str, allowed))}; got "
-                              f"{value!r}", _line(node))
+            raise ConfigError(
+                path, f"must be one of {', '.join(map(str, allowed))}; got {value!r}", _line(node)
+            )
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return decode_dataclass(tp, node, path, depth)
@@ -324,8 +338,13 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
-def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int = 0,
-                     base: Mapping[str, Any] | None = None) -> T:
+def decode_dataclass(
+    cls: type[T],
+    node: yaml.Node,
+    path: str = "",
+    depth: int = 0,
+    base: Mapping[str, Any] | None = None,
+) -> T:
     """Decode a mapping node into dataclass ``cls``; unknown keys are errors. ``base`` supplies
     values for keys the node does not set (layered defaults)."""
     if not isinstance(node, yaml.MappingNode):
@@ -352,13 +371,22 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
             if not is_secret(fields[key]):
                 raise
             # Every message about a value may quote it (the YAML constructor's do).
-            raise ConfigError(sub, f"invalid value: expected {_type_name(hints[key])} (a "
-                              "secret: the value is not shown)", e.line) from None
+            raise ConfigError(
+                sub,
+                f"invalid value: expected {_type_name(hints[key])} (a "
+                "secret: the value is not shown)",
+                e.line,
+            ) from None
     for name, f in fields.items():
-        if f.init and name not in values and f.default is dataclasses.MISSING \
-                and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}.{name}" if path else name, "required key is missing",
-                              _line(node))
+        if (
+            f.init
+            and name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise ConfigError(
+                f"{path}.{name}" if path else name, "required key is missing", _line(node)
+            )
     secrets = [v for n, v in values.items() if is_secret(fields[n]) and isinstance(v, str) and v]
     try:
         obj = cls(**values)
@@ -372,8 +400,10 @@ def decode_dataclass(cls: type[T], node: yaml.Node, path: str = "", depth: int =
                 key, _, msg = problem.partition(": ")
                 problem = Problem(key, msg or problem)
             sub = f"{path}.{problem.key}" if path else problem.key
-            line = next((_line(k) for k, _ in node.value
-                         if getattr(k, "value", None) == problem.key), _line(node))
+            line = next(
+                (_line(k) for k, _ in node.value if getattr(k, "value", None) == problem.key),
+                _line(node),
+            )
             raise ConfigError(sub, _redact(problem.message, secrets), line)
     return obj
 

@@ -64,11 +64,12 @@ sys.exit(_decode_worker(sys.argv[1]))
 
 log = logging.getLogger("edgeprobe.config")
 
+
 @dataclass(frozen=True)
 class _RawTarget:
     name: str
     address: str
-    probes: Any = None           # list of kinds, or {kind: {option: value}}
+    probes: Any = None  # list of kinds, or {kind: {option: value}}
     labels: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,22 +87,28 @@ def loads(text: str, source: str = "<config>") -> Config:
     top = mapping_items(root, "")
     for key, (knode, _) in top.items():
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(key, f"unknown key (known keys: {', '.join(TOP_LEVEL_KEYS)})",
-                              line_of(knode))
+            raise ConfigError(
+                key, f"unknown key (known keys: {', '.join(TOP_LEVEL_KEYS)})", line_of(knode)
+            )
     if "agent" not in top:
         raise ConfigError("agent", "required key is missing", line_of(root))
     agent = decode_dataclass(AgentSection, top["agent"][1], "agent")
-    metrics = (decode_dataclass(MetricsSection, top["metrics"][1], "metrics")
-               if "metrics" in top else MetricsSection())
+    metrics = (
+        decode_dataclass(MetricsSection, top["metrics"][1], "metrics")
+        if "metrics" in top
+        else MetricsSection()
+    )
 
     defaults: dict[str, CommonOptions] = {k: kind.options() for k, kind in PROBES.items()}
     if "defaults" in top:
         for kname, (knode, vnode) in mapping_items(top["defaults"][1], "defaults").items():
             if kname not in PROBES:
-                raise ConfigError(f"defaults.{kname}", "unknown probe kind (known: "
-                                  f"{', '.join(sorted(PROBES))})", line_of(knode))
-            defaults[kname] = decode_dataclass(PROBES[kname].options, vnode,
-                                               f"defaults.{kname}")
+                raise ConfigError(
+                    f"defaults.{kname}",
+                    f"unknown probe kind (known: {', '.join(sorted(PROBES))})",
+                    line_of(knode),
+                )
+            defaults[kname] = decode_dataclass(PROBES[kname].options, vnode, f"defaults.{kname}")
 
     jobs: list[Job] = []
     targets_node = top.get("targets", (None, None))[1]
@@ -112,17 +119,31 @@ def loads(text: str, source: str = "<config>") -> Config:
         # is rejected at the cost of its parse, not of building every target.
         count = sum(_series_count(t) for t in targets_node.value)
         if count > agent.max_targets:
-            raise ConfigError("targets", f"{count} probe series exceed agent.max_targets "
-                              f"({agent.max_targets})", line_of(targets_node))
+            raise ConfigError(
+                "targets",
+                f"{count} probe series exceed agent.max_targets ({agent.max_targets})",
+                line_of(targets_node),
+            )
         names: dict[str, int] = {}
         for i, tnode in enumerate(targets_node.value):
             jobs += _decode_target(tnode, f"targets[{i}]", defaults, names)
     return Config(
-        agent=agent, metrics=metrics, jobs=tuple(jobs), source=source, defaults=defaults,
-        discovery=(decode_dataclass(DiscoveryConfig, top["discovery"][1], "discovery")
-                   if "discovery" in top else None),
-        probe_endpoint=(decode_dataclass(ProbeEndpointConfig, top["probe_endpoint"][1],
-                                         "probe_endpoint") if "probe_endpoint" in top else None))
+        agent=agent,
+        metrics=metrics,
+        jobs=tuple(jobs),
+        source=source,
+        defaults=defaults,
+        discovery=(
+            decode_dataclass(DiscoveryConfig, top["discovery"][1], "discovery")
+            if "discovery" in top
+            else None
+        ),
+        probe_endpoint=(
+            decode_dataclass(ProbeEndpointConfig, top["probe_endpoint"][1], "probe_endpoint")
+            if "probe_endpoint" in top
+            else None
+        ),
+    )
 
 
 def _precount_series(text: str) -> None:
@@ -146,8 +167,12 @@ def _precount_series(text: str) -> None:
             ev = loader.get_event()
             if isinstance(ev, yaml.CollectionEndEvent):
                 f = frames.pop()
-                if f.path is not None and len(f.path) == 3 and f.path[0] == "targets" \
-                        and f.path[2] == "probes":
+                if (
+                    f.path is not None
+                    and len(f.path) == 3
+                    and f.path[0] == "targets"
+                    and f.path[2] == "probes"
+                ):
                     total += (f.items // 2 if f.is_map else f.items) - 1
                 continue
             if not isinstance(ev, yaml.NodeEvent):
@@ -168,8 +193,13 @@ def _precount_series(text: str) -> None:
             elif path is not None and len(path) == 2 and path[0] == "targets":
                 total += 0 if alias else 1
                 exact = exact and not alias
-            elif path is not None and len(path) == 3 and path[0] == "targets" \
-                    and path[2] == "probes" and alias:
+            elif (
+                path is not None
+                and len(path) == 3
+                and path[0] == "targets"
+                and path[2] == "probes"
+                and alias
+            ):
                 total -= 1
                 exact = False
             if isinstance(ev, yaml.CollectionStartEvent):
@@ -179,18 +209,22 @@ def _precount_series(text: str) -> None:
     finally:
         loader.dispose()
     if 1 <= max_targets <= 1_000_000 and total > max_targets:
-        raise ConfigError("targets", f"{'' if exact else 'at least '}{total} probe series "
-                          f"exceed agent.max_targets ({max_targets})", targets_line)
+        raise ConfigError(
+            "targets",
+            f"{'' if exact else 'at least '}{total} probe series "
+            f"exceed agent.max_targets ({max_targets})",
+            targets_line,
+        )
 
 
 @dataclass(slots=True)
 class _Frame:
     """An open collection in the event stream."""
 
-    path: tuple[Any, ...] | None    # key path from the root; None inside a mapping key
+    path: tuple[Any, ...] | None  # key path from the root; None inside a mapping key
     is_map: bool
-    items: int = 0                  # nodes seen (a mapping's keys and values both count)
-    key: Any = None                 # a mapping's current key when it is a plain scalar
+    items: int = 0  # nodes seen (a mapping's keys and values both count)
+    key: Any = None  # a mapping's current key when it is a plain scalar
 
 
 def _event_path(frames: list[_Frame], ev: yaml.NodeEvent) -> tuple[Any, ...] | None:
@@ -214,25 +248,33 @@ def _series_count(node: yaml.Node) -> int:
     Exact for every entry that decodes: duplicate kinds are errors."""
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.value == "probes" \
-                    and isinstance(v, yaml.SequenceNode | yaml.MappingNode):
+            if (
+                isinstance(k, yaml.ScalarNode)
+                and k.value == "probes"
+                and isinstance(v, yaml.SequenceNode | yaml.MappingNode)
+            ):
                 return len(v.value)
     return 1
 
 
-def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions],
-                   names: dict[str, int]) -> list[Job]:
+def _decode_target(
+    node: yaml.Node, path: str, defaults: dict[str, CommonOptions], names: dict[str, int]
+) -> list[Job]:
     items = mapping_items(node, path)
     raw = decode_dataclass(_RawTarget, node, path)
     if not is_name(raw.name):
         raise ConfigError(f"{path}.name", f"must be {NAME_RULE}", line_of(items["name"][1]))
     if raw.name in names:
-        raise ConfigError(f"{path}.name", f"duplicate target name {raw.name!r} (first at "
-                          f"line {names[raw.name]})", line_of(items["name"][1]))
+        raise ConfigError(
+            f"{path}.name",
+            f"duplicate target name {raw.name!r} (first at line {names[raw.name]})",
+            line_of(items["name"][1]),
+        )
     names[raw.name] = line_of(items["name"][1])
     if not raw.address.strip() or len(raw.address) > 253 or any(c.isspace() for c in raw.address):
-        raise ConfigError(f"{path}.address", "must be an IP address or a hostname",
-                          line_of(items["address"][1]))
+        raise ConfigError(
+            f"{path}.address", "must be an IP address or a hostname", line_of(items["address"][1])
+        )
     for problem in check_labels(raw.labels, "labels"):
         raise ConfigError(f"{path}.{problem.key}", problem.message, line_of(items["labels"][1]))
     target = Target(name=raw.name, address=raw.address.strip(), labels=dict(raw.labels))
@@ -248,15 +290,19 @@ def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions
         for kname, (knode, vnode) in mapping_items(pnode, f"{path}.probes").items():
             kinds.append((kname, vnode, knode))
     else:
-        raise ConfigError(f"{path}.probes", "expected a list of probe kinds or a mapping of "
-                          "kind to options", line_of(pnode))
+        raise ConfigError(
+            f"{path}.probes",
+            "expected a list of probe kinds or a mapping of kind to options",
+            line_of(pnode),
+        )
     jobs = []
     seen: set[str] = set()
     for kname, opts_node, where in kinds:
         sub = f"{path}.probes.{kname}"
         if kname not in PROBES:
-            raise ConfigError(sub, f"unknown probe kind (known: {', '.join(sorted(PROBES))})",
-                              line_of(where))
+            raise ConfigError(
+                sub, f"unknown probe kind (known: {', '.join(sorted(PROBES))})", line_of(where)
+            )
         if kname in seen:
             raise ConfigError(sub, "probe kind listed twice", line_of(where))
         seen.add(kname)
@@ -264,8 +310,9 @@ def _decode_target(node: yaml.Node, path: str, defaults: dict[str, CommonOptions
         if opts_node is None:
             opts = base
         else:
-            opts = decode_dataclass(PROBES[kname].options, opts_node, sub,
-                                    base=fields_as_dict(base))
+            opts = decode_dataclass(
+                PROBES[kname].options, opts_node, sub, base=fields_as_dict(base)
+            )
         jobs.append(Job(target=target, kind=kname, options=opts))
     return jobs
 
@@ -281,14 +328,20 @@ async def load_isolated(path: str | Path, timeout: float = DECODE_TIMEOUT) -> Co
     would stall every probe, and in a thread it would hold the GIL the loop needs. Here the
     loop only reads the result and unpickles it in slices of ``_JOBS_PER_CHUNK`` jobs; the
     child runs at a lower CPU priority than the agent."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, (_PACKAGE_ROOT, os.environ.get("PYTHONPATH"))))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")))),
+    }
     # Not the loop's subprocess support: uvloop forks, which copies the page tables of the
     # whole agent on the loop (20-40 ms at 300 MB); Popen uses vfork (<1 ms). -P: the
     # working directory is not on the child's import path.
     proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-P", "-c", _WORKER, str(path)], stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        [sys.executable, "-P", "-c", _WORKER, str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         # The thread waits in read(2): it holds no GIL the loop needs.
         out, err = await asyncio.to_thread(proc.communicate, None, timeout)
@@ -297,14 +350,18 @@ async def load_isolated(path: str | Path, timeout: float = DECODE_TIMEOUT) -> Co
         await asyncio.to_thread(proc.communicate)
         raise ConfigError(str(path), f"decoding took longer than {timeout:g}s") from None
     except asyncio.CancelledError:
-        proc.kill()    # the thread still in communicate() reaps it
+        proc.kill()  # the thread still in communicate() reaps it
         raise
     if proc.returncode != 0 or not out:
         # A bug or a resource limit, not a config problem: the traceback is for the log.
-        log.error("the config decoder process failed", extra={
-            "exit_status": proc.returncode, "stderr": err[-4000:].decode(errors="replace")})
-        raise ConfigError(str(path), f"the config decoder process failed (exit status "
-                          f"{proc.returncode}); see the log")
+        log.error(
+            "the config decoder process failed",
+            extra={"exit_status": proc.returncode, "stderr": err[-4000:].decode(errors="replace")},
+        )
+        raise ConfigError(
+            str(path),
+            f"the config decoder process failed (exit status {proc.returncode}); see the log",
+        )
     outcome, payload = pickle.loads(out)
     if outcome == "error":
         raise ConfigError(*payload)
@@ -330,9 +387,16 @@ def _decode_worker(path: str) -> int:
         result = ("error", (e.path, e.message, e.line))
     else:
         jobs = cfg.jobs
-        result = ("ok", (pickle.dumps(dataclasses.replace(cfg, jobs=())),
-                         [pickle.dumps(jobs[i:i + _JOBS_PER_CHUNK])
-                          for i in range(0, len(jobs), _JOBS_PER_CHUNK)]))
+        result = (
+            "ok",
+            (
+                pickle.dumps(dataclasses.replace(cfg, jobs=())),
+                [
+                    pickle.dumps(jobs[i : i + _JOBS_PER_CHUNK])
+                    for i in range(0, len(jobs), _JOBS_PER_CHUNK)
+                ],
+            ),
+        )
     sys.stdout.buffer.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.buffer.flush()
     return 0

@@ -22,10 +22,38 @@ DEFAULT_MAX_TARGETS = 10000
 # quantiles; the classic ones only need to answer "within the budget" (exactly 0.6 is a bound)
 # and give a coarse shape to servers without native histograms, where histogram_quantile lands
 # within one bucket. Lean: 14 bounds (17 series per histogram).
-LEAN_RTT_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1,
-                                       0.15, 0.25, 0.4, 0.6, 1.0)
-LEAN_DURATION_BUCKETS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6,
-                                            0.75, 1.0, 2.0, 5.0)
+LEAN_RTT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.4,
+    0.6,
+    1.0,
+)
+LEAN_DURATION_BUCKETS: tuple[float, ...] = (
+    0.025,
+    0.05,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.75,
+    1.0,
+    2.0,
+    5.0,
+)
 
 
 # Dense: 0.5 ms … 5 s. Between 5 ms and 1 s, where edge RTTs live, boundaries are 3.9 % apart:
@@ -46,8 +74,35 @@ def dense_rtt_buckets() -> tuple[float, ...]:
 
 # Dense connect/phase durations: coarser than RTT, dense around the budget.
 DENSE_DURATION_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55,
-    0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.35,
+    0.4,
+    0.45,
+    0.5,
+    0.55,
+    0.6,
+    0.65,
+    0.7,
+    0.8,
+    0.9,
+    1.0,
+    1.25,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +169,10 @@ class MetricsSection:
 
     def validate(self) -> list[Problem]:
         errs: list[Problem] = []
-        for key, b in (("rtt_buckets", self.rtt_buckets),
-                       ("duration_buckets", self.duration_buckets)):
+        for key, b in (
+            ("rtt_buckets", self.rtt_buckets),
+            ("duration_buckets", self.duration_buckets),
+        ):
             if b and (list(b) != sorted(set(b)) or b[0] <= 0):
                 errs.append(Problem(key, "must be strictly increasing positive numbers"))
             if len(b) > 200:

@@ -23,8 +23,9 @@ _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 NAME_RULE = "1-63 characters of letters, digits, '_', '.', ':', '-'"
 
 # Labels the agent sets itself; a static or discovered label may not shadow them.
-RESERVED_LABELS = frozenset({"region", "edge", "probe", "reason", "phase", "le", "quantile",
-                             "hop", "job", "instance"})
+RESERVED_LABELS = frozenset(
+    {"region", "edge", "probe", "reason", "phase", "le", "quantile", "hop", "job", "instance"}
+)
 
 
 def is_label_name(s: object) -> bool:
@@ -106,17 +107,18 @@ def check_yaml_graph(root: yaml.Node) -> None:
     """Raise :class:`YAMLLimitError` unless ``root`` is at most :data:`MAX_YAML_DEPTH` deep,
     free of alias loops, and expands (every alias counted as a copy) to at most
     ``2 * distinct nodes + YAML_ALIAS_ALLOWANCE`` nodes. Linear in the distinct nodes."""
-    expanded: dict[int, int] = {}          # id(node) -> nodes under it, aliases expanded
-    total = 0                              # distinct nodes
-    reused: dict[int, tuple[yaml.Node, int]] = {}   # node reached again -> (node, times)
+    expanded: dict[int, int] = {}  # id(node) -> nodes under it, aliases expanded
+    total = 0  # distinct nodes
+    reused: dict[int, tuple[yaml.Node, int]] = {}  # node reached again -> (node, times)
     on_path: set[int] = set()
     stack: list[tuple[yaml.Node, Iterator[yaml.Node], list[int]]] = []
 
     def enter(node: yaml.Node) -> None:
         nonlocal total
         if len(stack) >= MAX_YAML_DEPTH:
-            raise YAMLLimitError(f"nested deeper than {MAX_YAML_DEPTH} levels",
-                                 node.start_mark.line + 1)
+            raise YAMLLimitError(
+                f"nested deeper than {MAX_YAML_DEPTH} levels", node.start_mark.line + 1
+            )
         total += 1
         on_path.add(id(node))
         stack.append((node, _children(node), [1]))
@@ -134,8 +136,9 @@ def check_yaml_graph(root: yaml.Node) -> None:
             continue
         cid = id(child)
         if cid in on_path:
-            raise YAMLLimitError("an alias refers to a node that contains it",
-                                 child.start_mark.line + 1)
+            raise YAMLLimitError(
+                "an alias refers to a node that contains it", child.start_mark.line + 1
+            )
         if cid in expanded:
             reused[cid] = (child, reused.get(cid, (child, 0))[1] + 1)
             size[0] += expanded[cid]
@@ -148,7 +151,10 @@ def check_yaml_graph(root: yaml.Node) -> None:
         raise YAMLLimitError(
             f"aliases expand the document to more than {limit:,} nodes (twice its "
             f"{total:,} plus {YAML_ALIAS_ALLOWANCE:,}); the line is that of the anchor whose "
-            "reuse costs most", worst.start_mark.line + 1, expands=True)
+            "reuse costs most",
+            worst.start_mark.line + 1,
+            expands=True,
+        )
 
 
 def load_yaml(text: str) -> object:

@@ -27,16 +27,16 @@ class FileSDConfig:
     max_file_bytes: int = 16 << 20
 
     def validate(self) -> list[Problem]:
-        errs = _common_errs(self.name, self.probes, self.max_targets, self.poll_interval,
-                            "poll_interval")
+        errs = _common_errs(
+            self.name, self.probes, self.max_targets, self.poll_interval, "poll_interval"
+        )
         if not self.files:
             errs.append(Problem("files", "at least one file or pattern is required"))
         for f in self.files:
             if not f.endswith(SD_FILE_SUFFIXES):
                 errs.append(Problem("files", f"{f!r} must end in .json, .yml or .yaml"))
             if glob.has_magic(os.path.dirname(f)):
-                errs.append(Problem("files",
-                                    f"{f!r}: patterns are only allowed in the file name"))
+                errs.append(Problem("files", f"{f!r}: patterns are only allowed in the file name"))
         if not 1 <= self.max_file_bytes <= 256 << 20:
             errs.append(Problem("max_file_bytes", "must be between 1 and 256 MiB"))
         return errs
@@ -60,8 +60,9 @@ class HttpSDConfig:
     basic_auth: BasicAuth | None = None
 
     def validate(self) -> list[Problem]:
-        errs = _common_errs(self.name, self.probes, self.max_targets, self.refresh_interval,
-                            "refresh_interval")
+        errs = _common_errs(
+            self.name, self.probes, self.max_targets, self.refresh_interval, "refresh_interval"
+        )
         # Whole string: a newline or control character after the host would reach the
         # request line.
         if not (re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", self.url) and self.url.isprintable()):
@@ -80,12 +81,13 @@ class DnsSDConfig:
     probes: tuple[str, ...] = ("icmp",)
     refresh_interval: Duration = Duration(30.0)
     timeout: Duration = Duration(5.0)
-    server: str = ""            # "ip" or "ip:port" / "[ip6]:port"; "" = the system's resolvers
+    server: str = ""  # "ip" or "ip:port" / "[ip6]:port"; "" = the system's resolvers
     max_targets: int = 10000
 
     def validate(self) -> list[Problem]:
-        errs = _common_errs(self.name, self.probes, self.max_targets, self.refresh_interval,
-                            "refresh_interval")
+        errs = _common_errs(
+            self.name, self.probes, self.max_targets, self.refresh_interval, "refresh_interval"
+        )
         if not self.names:
             errs.append(Problem("names", "at least one SRV name is required"))
         for n in self.names:
@@ -116,8 +118,9 @@ class DiscoveryConfig:
         return [*self.file_sd, *self.http_sd, *self.dns_sd]
 
 
-def _common_errs(name: str, probes: tuple[str, ...], max_targets: int, interval: float,
-                 interval_key: str) -> list[Problem]:
+def _common_errs(
+    name: str, probes: tuple[str, ...], max_targets: int, interval: float, interval_key: str
+) -> list[Problem]:
     from probes import PROBES
 
     errs: list[Problem] = []
@@ -127,8 +130,9 @@ def _common_errs(name: str, probes: tuple[str, ...], max_targets: int, interval:
         errs.append(Problem("probes", "at least one probe kind is required"))
     for p in probes:
         if p not in PROBES:
-            errs.append(Problem("probes", f"unknown probe kind {p!r} (known: "
-                                          f"{', '.join(sorted(PROBES))})"))
+            errs.append(
+                Problem("probes", f"unknown probe kind {p!r} (known: {', '.join(sorted(PROBES))})")
+            )
     if not 1 <= max_targets <= 1_000_000:
         errs.append(Problem("max_targets", "must be between 1 and 1000000"))
     if not 0.1 <= interval <= 86400:

@@ -32,8 +32,7 @@ class DnsSD(Source):
 
     async def _query(self, name: str) -> list[DiscoveredTarget]:
         try:
-            ans = await self.resolver.resolve(name, "SRV", lifetime=self.cfg.timeout,
-                                              search=False)
+            ans = await self.resolver.resolve(name, "SRV", lifetime=self.cfg.timeout, search=False)
         except dns.resolver.NXDOMAIN:
             raise SDError("nxdomain", f"{name}: no such name") from None
         except dns.resolver.NoAnswer:
@@ -48,16 +47,22 @@ class DnsSD(Source):
                 continue
             host = rr.target.to_text(omit_final_dot=True)
             if host in ("", "."):
-                continue   # RFC 2782: "." means the service is decidedly not available
-            out.append(DiscoveredTarget(Target(name=host, address=host, labels={}),
-                                        probes=self.cfg.probes, port=int(rr.port),
-                                        source=self.cfg.name))
+                continue  # RFC 2782: "." means the service is decidedly not available
+            out.append(
+                DiscoveredTarget(
+                    Target(name=host, address=host, labels={}),
+                    probes=self.cfg.probes,
+                    port=int(rr.port),
+                    source=self.cfg.name,
+                )
+            )
         return out
 
     async def refresh(self) -> list[DiscoveredTarget]:
         errors: list[SDError] = []
-        results = await asyncio.gather(*(self._query(n) for n in self.cfg.names),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._query(n) for n in self.cfg.names), return_exceptions=True
+        )
         for n, res in zip(self.cfg.names, results, strict=True):
             if isinstance(res, SDError):
                 errors.append(res)

@@ -27,8 +27,7 @@ class FileSD(Source):
         out: list[str] = []
         for pat in self.cfg.files:
             p = pat if os.path.isabs(pat) else str(self.base_dir / pat)
-            out += sorted(glob.glob(p)) if glob.has_magic(p) else [p] if os.path.exists(p) \
-                else []
+            out += sorted(glob.glob(p)) if glob.has_magic(p) else [p] if os.path.exists(p) else []
         return list(dict.fromkeys(out))
 
     async def refresh(self) -> list[DiscoveredTarget]:
@@ -59,8 +58,11 @@ class FileSD(Source):
         for p in paths:
             for t in self._last_good.get(p, []):
                 if t.target.name in seen:
-                    errors.append(SDError("invalid", f"{p}: duplicate target name "
-                                          f"{t.target.name!r} across files"))
+                    errors.append(
+                        SDError(
+                            "invalid", f"{p}: duplicate target name {t.target.name!r} across files"
+                        )
+                    )
                     continue
                 seen.add(t.target.name)
                 merged.append(t)

@@ -25,8 +25,20 @@ from probes.base import Target
 MAX_LABEL_VALUE = 1024
 
 # Bounded failure reasons (the `reason` label of edgeprobe_sd_refresh_failures_total).
-REASONS = ("io", "parse", "invalid", "too_large", "too_many", "timeout", "connect",
-           "http_status", "content_type", "nxdomain", "no_answer", "dns_error")
+REASONS = (
+    "io",
+    "parse",
+    "invalid",
+    "too_large",
+    "too_many",
+    "timeout",
+    "connect",
+    "http_status",
+    "content_type",
+    "nxdomain",
+    "no_answer",
+    "dns_error",
+)
 
 
 class SDError(Exception):
@@ -38,13 +50,11 @@ class SDError(Exception):
         self.reason = reason
 
 
-
-
 @dataclass(frozen=True)
 class DiscoveredTarget:
     target: Target
     probes: tuple[str, ...]
-    port: int | None = None      # from "host:port"; for kinds with a `port` option
+    port: int | None = None  # from "host:port"; for kinds with a `port` option
     source: str = ""
 
 
@@ -57,8 +67,9 @@ def split_host_port(raw: str) -> tuple[str, int | None]:
     return host.rstrip("."), port
 
 
-def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
-                 max_targets: int) -> list[DiscoveredTarget]:
+def parse_groups(
+    data: object, source: str, default_probes: tuple[str, ...], max_targets: int
+) -> list[DiscoveredTarget]:
     """Validate Prometheus SD target groups. Raises SDError("invalid"/"too_many")."""
     from probes import PROBES
 
@@ -72,8 +83,9 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
             raise SDError("invalid", f"{where}: expected a mapping")
         unknown = set(group) - {"targets", "labels"}
         if unknown:
-            raise SDError("invalid", f"{where}: unknown key(s) "
-                          + ", ".join(sorted(map(str, unknown))[:5]))
+            raise SDError(
+                "invalid", f"{where}: unknown key(s) " + ", ".join(sorted(map(str, unknown))[:5])
+            )
         targets = group.get("targets") or []
         raw_labels = group.get("labels") or {}
         if not isinstance(targets, list) or not isinstance(raw_labels, dict):
@@ -95,8 +107,9 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
                 probes = tuple(p.strip() for p in val.split(",") if p.strip())
                 bad = [p for p in probes if p not in PROBES]
                 if bad or not probes:
-                    raise SDError("invalid", f"{where}: __probes__: unknown kind(s) "
-                                  + ", ".join(bad[:5]))
+                    raise SDError(
+                        "invalid", f"{where}: __probes__: unknown kind(s) " + ", ".join(bad[:5])
+                    )
             elif k.startswith("__"):
                 continue
             elif k in RESERVED_LABELS:
@@ -114,13 +127,22 @@ def parse_groups(data: object, source: str, default_probes: tuple[str, ...],
                 raise SDError("invalid", f"{where}: targets[{ti}]: {e}") from None
             name = edge or host
             if not is_name(name):
-                raise SDError("invalid", f"{where}: targets[{ti}]: edge name {name[:70]!r} is "
-                              f"not {NAME_RULE} (set __edge__)")
+                raise SDError(
+                    "invalid",
+                    f"{where}: targets[{ti}]: edge name {name[:70]!r} is "
+                    f"not {NAME_RULE} (set __edge__)",
+                )
             if name in names:
                 raise SDError("invalid", f"{where}: duplicate target name {name!r}")
             names.add(name)
-            out.append(DiscoveredTarget(Target(name=name, address=host, labels=dict(labels)),
-                                        probes=probes, port=port, source=source))
+            out.append(
+                DiscoveredTarget(
+                    Target(name=name, address=host, labels=dict(labels)),
+                    probes=probes,
+                    port=port,
+                    source=source,
+                )
+            )
             if len(out) > max_targets:
                 raise SDError("too_many", f"more than {max_targets} targets")
     return out
@@ -144,8 +166,9 @@ def decode_sd_text(text: str, yaml_format: bool) -> object:
         raise SDError("parse", "nested too deeply") from None
 
 
-def merge_targets(lists: Iterable[list[DiscoveredTarget]],
-                  taken: Mapping[str, Any] | None = None) -> list[DiscoveredTarget]:
+def merge_targets(
+    lists: Iterable[list[DiscoveredTarget]], taken: Mapping[str, Any] | None = None
+) -> list[DiscoveredTarget]:
     """Concatenate, skipping names in ``taken`` (e.g. static targets) or already seen."""
     seen: set[str] = set(taken or ())
     out: list[DiscoveredTarget] = []

@@ -38,18 +38,26 @@ class HttpSD(Source):
     async def refresh(self) -> list[DiscoveredTarget]:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers={"User-Agent": "edgeprobe", "Accept": "application/json"})
-        headers = {"X-Prometheus-Refresh-Interval-Seconds": f"{self.cfg.refresh_interval:g}",
-                   **self._auth_header()}
+                headers={"User-Agent": "edgeprobe", "Accept": "application/json"}
+            )
+        headers = {
+            "X-Prometheus-Refresh-Interval-Seconds": f"{self.cfg.refresh_interval:g}",
+            **self._auth_header(),
+        }
         try:
             async with self._session.get(
-                    self.cfg.url, headers=headers, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=self.cfg.timeout)) as r:
+                self.cfg.url,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            ) as r:
                 if r.status != 200:
                     raise SDError("http_status", f"HTTP status {r.status}")
                 if r.content_type != "application/json":
-                    raise SDError("content_type", f"content type {r.content_type[:60]!r}, "
-                                  "expected application/json")
+                    raise SDError(
+                        "content_type",
+                        f"content type {r.content_type[:60]!r}, expected application/json",
+                    )
                 body = await self._read_body(r)
         except TimeoutError:
             raise SDError("timeout", f"no answer within {self.cfg.timeout:g}s") from None
@@ -68,8 +76,11 @@ class HttpSD(Source):
         ``read(n)`` returns what has arrived so far, not n bytes: read until the end."""
         limit = self.cfg.max_bytes
         too_large = SDError("too_large", f"body larger than {limit} bytes")
-        if r.content_length is not None and r.content_length > limit \
-                and "Content-Encoding" not in r.headers:
+        if (
+            r.content_length is not None
+            and r.content_length > limit
+            and "Content-Encoding" not in r.headers
+        ):
             raise too_large
         body = bytearray()
         async for chunk in r.content.iter_chunked(64 << 10):

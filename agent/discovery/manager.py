@@ -53,9 +53,14 @@ class Discovery:
     ``await start()`` does one refresh of every source before returning, so the agent starts
     with its dynamic targets in place; then each source refreshes in its own task."""
 
-    def __init__(self, cfg: DiscoveryConfig, on_change: OnChange, *,
-                 base_dir: Path = Path("."), wall_clock: Callable[[], float] = time.time
-                 ) -> None:
+    def __init__(
+        self,
+        cfg: DiscoveryConfig,
+        on_change: OnChange,
+        *,
+        base_dir: Path = Path("."),
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg = cfg
         self.on_change = on_change
         self._wall = wall_clock
@@ -71,8 +76,9 @@ class Discovery:
 
     async def start(self) -> None:
         await asyncio.gather(*(self.refresh(s) for s in self.sources))
-        self._tasks = [asyncio.create_task(self._loop(s), name=f"sd:{s.state.name}")
-                       for s in self.sources]
+        self._tasks = [
+            asyncio.create_task(self._loop(s), name=f"sd:{s.state.name}") for s in self.sources
+        ]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -111,8 +117,10 @@ class Discovery:
         if errors:
             msg = "; ".join(str(err) for err in errors)[:1000]
             if not st.successful or msg != st.last_error:
-                log.warning("target source refresh failed, keeping the last good targets",
-                            extra={"source": st.name, "kind": st.kind, "error": msg})
+                log.warning(
+                    "target source refresh failed, keeping the last good targets",
+                    extra={"source": st.name, "kind": st.kind, "error": msg},
+                )
             st.successful = False
             st.last_error = msg
         else:
@@ -131,16 +139,24 @@ class Discovery:
         return self.collect()
 
     def collect(self) -> Iterable[Metric]:
-        ok = GaugeMetricFamily("edgeprobe_sd_last_refresh_successful",
-                               "Whether the last refresh of a target source succeeded",
-                               labels=["source"])
-        n = GaugeMetricFamily("edgeprobe_sd_targets", "Targets a source currently provides",
-                              labels=["source"])
-        ts = GaugeMetricFamily("edgeprobe_sd_last_refresh_success_timestamp_seconds",
-                               "Unix time of the last successful refresh", labels=["source"])
-        fails = CounterMetricFamily("edgeprobe_sd_refresh_failures",
-                                    "Failed refreshes of a target source by reason",
-                                    labels=["source", "reason"])
+        ok = GaugeMetricFamily(
+            "edgeprobe_sd_last_refresh_successful",
+            "Whether the last refresh of a target source succeeded",
+            labels=["source"],
+        )
+        n = GaugeMetricFamily(
+            "edgeprobe_sd_targets", "Targets a source currently provides", labels=["source"]
+        )
+        ts = GaugeMetricFamily(
+            "edgeprobe_sd_last_refresh_success_timestamp_seconds",
+            "Unix time of the last successful refresh",
+            labels=["source"],
+        )
+        fails = CounterMetricFamily(
+            "edgeprobe_sd_refresh_failures",
+            "Failed refreshes of a target source by reason",
+            labels=["source", "reason"],
+        )
         for s in self.sources:
             st = s.state
             ok.add_metric([st.name], 1.0 if st.successful else 0.0)

@@ -10,12 +10,12 @@ from agent.discovery.groups import REASONS, DiscoveredTarget, SDError
 @dataclass
 class SourceState:
     name: str
-    kind: str                                   # file_sd | http_sd | dns_sd
+    kind: str  # file_sd | http_sd | dns_sd
     successful: bool = False
     targets: list[DiscoveredTarget] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
-    last_success_time: float = 0.0              # wall clock, for the timestamp metric only
-    last_error: str = ""                        # for logs and /config, never a label
+    last_success_time: float = 0.0  # wall clock, for the timestamp metric only
+    last_error: str = ""  # for logs and /config, never a label
 
 
 class Source:
@@ -43,8 +43,9 @@ class Partial(Exception):
         self.errors = errors
 
 
-def outcome(merged: list[DiscoveredTarget], errors: list[SDError],
-            max_targets: int) -> list[DiscoveredTarget]:
+def outcome(
+    merged: list[DiscoveredTarget], errors: list[SDError], max_targets: int
+) -> list[DiscoveredTarget]:
     """The merged list of a source made of parts (files, DNS names): an error when it is too
     long, :class:`Partial` when some part failed (its last good targets are in ``merged``)."""
     if len(merged) > max_targets:

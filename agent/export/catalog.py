@@ -24,12 +24,44 @@ Buckets = Literal["", "rtt", "duration", "phase", "ipdv", "burst", "scheduler"]
 # labels follow them.
 SERIES_LABELS: tuple[str, ...] = ("region", "edge", "probe")
 QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
-IPDV_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075,
-                                   0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                                   0.5, 1.0)
+IPDV_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+)
 BURST_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
-SCHEDULER_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                                        0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SCHEDULER_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 
 
 # Which series of a kind export a family: (kind, full detail) -> bool.
@@ -49,9 +81,9 @@ class Family:
     type: MetricType
     help: str
     scope: Scope = "series"
-    labels: tuple[str, ...] = ()          # beyond the scope's own labels
+    labels: tuple[str, ...] = ()  # beyond the scope's own labels
     buckets: Buckets = ""
-    when: When = _every                   # series scope: which kinds, at which detail
+    when: When = _every  # series scope: which kinds, at which detail
 
     @property
     def sample_name(self) -> str:
@@ -93,114 +125,278 @@ def _hops(kind: ProbeKind[Any], full: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------- per series
-PROBE_SUCCESS = Family("edgeprobe_probe_success", "gauge",
-                       "Whether the last run of this probe succeeded.")
+PROBE_SUCCESS = Family(
+    "edgeprobe_probe_success", "gauge", "Whether the last run of this probe succeeded."
+)
 PROBE_RUNS = Family("edgeprobe_probe_runs", "counter", "Probe runs that finished.")
-PROBE_ERRORS = Family("edgeprobe_probe_errors", "counter",
-                      "Probe runs or packets that failed, by bounded reason (a reason's series "
-                      "appears with its first error unless metrics.detail is full).",
-                      labels=("reason",))
+PROBE_ERRORS = Family(
+    "edgeprobe_probe_errors",
+    "counter",
+    "Probe runs or packets that failed, by bounded reason (a reason's series "
+    "appears with its first error unless metrics.detail is full).",
+    labels=("reason",),
+)
 CONNECT_DURATION = Family(
-    "edgeprobe_connect_duration_seconds", "histogram",
+    "edgeprobe_connect_duration_seconds",
+    "histogram",
     "Duration of a full RTC connect; a failed connect is observed as +Inf.",
-    buckets="duration", when=_connect)
-PROBE_DURATION = Family("edgeprobe_probe_duration_seconds", "histogram",
-                        "Duration of one probe run.", buckets="duration", when=_run_duration)
-PROBE_PHASES = Family("edgeprobe_probe_phase_duration_seconds", "histogram",
-                      "Duration of one phase of a probe run.", labels=("phase",),
-                      buckets="phase", when=_probe_phases)
-CONNECT_PHASES = Family("edgeprobe_connect_phase_duration_seconds", "histogram",
-                        "Duration of one phase of a connect.", labels=("phase",),
-                        buckets="phase", when=_connect_phases)
-PROBE_INFO = Family("edgeprobe_probe_info", "gauge",
-                    "Facts of the last run (TLS version, mapped address family...), value 1.",
-                    labels=("<the kind's facts>",), when=_info)
-HOP_RTT = Family("edgeprobe_hop_rtt_seconds", "gauge",
-                 "Median RTT to each hop in the last path run (NaN when the hop did not "
-                 "answer).", labels=("hop",), when=_hops)
-HOP_SENT = Family("edgeprobe_hop_packets_sent", "counter", "Packets sent towards each hop.",
-                  labels=("hop",), when=_hops)
-HOP_LOST = Family("edgeprobe_hop_packets_lost", "counter", "Packets to each hop not answered.",
-                  labels=("hop",), when=_hops)
-RTT = Family("edgeprobe_rtt_seconds", "histogram", "Round-trip time of answered packets.",
-             buckets="rtt", when=_packet)
-PACKETS_SENT = Family("edgeprobe_packets_sent", "counter",
-                      "Packets whose fate is known (answered, or timed out).", when=_packet)
-PACKETS_LOST = Family("edgeprobe_packets_lost", "counter",
-                      "Packets not answered within their timeout.", when=_packet)
-LOSS_PERIODS = Family("edgeprobe_loss_periods", "counter",
-                      "Runs of consecutive lost packets begun (RFC 3357 loss periods); "
-                      "lost / loss_periods is the mean burst length.", when=_packet)
-JITTER = Family("edgeprobe_jitter_seconds", "gauge",
-                "RFC 3550 interarrival jitter estimator (gain 1/16) over consecutive round-trip "
-                "times (round-trip based, not one-way).", when=_packet)
-RTT_RECENT = Family("edgeprobe_rtt_recent_seconds", "summary",
-                    "RTT quantiles over the sliding window (exact, per edge).", when=_packet)
-CONNECT_ESTIMATE = Family("edgeprobe_connect_estimate_seconds", "gauge",
-                          "Lossless connect time predicted from the window's median RTT: "
-                          "n*RTT + fixed.", when=_packet)
-MISS_PROBABILITY = Family("edgeprobe_connect_budget_miss_probability", "gauge",
-                          "Model probability that a connect misses the budget: "
-                          "1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).", when=_packet)
-IPDV = Family("edgeprobe_ipdv_seconds", "histogram",
-              "|RTT(i) - RTT(i-1)| of consecutive answered packets.", buckets="ipdv",
-              when=_packet_full)
-LOSS_BURSTS = Family("edgeprobe_loss_burst_length", "histogram",
-                     "Lengths of runs of consecutive lost packets (RFC 3357 loss periods).",
-                     buckets="burst", when=_packet_full)
-LOSS_UPPER95 = Family("edgeprobe_loss_ratio_upper95", "gauge",
-                      "95 % Wilson upper bound of the loss ratio over the sliding window (1 with "
-                      "no data).", when=_packet_full)
-WINDOW_PACKETS = Family("edgeprobe_window_packets", "gauge", "Packets inside the sliding window.",
-                        when=_packet_full)
-R_FACTOR = Family("edgeprobe_r_factor", "gauge",
-                  "Simplified E-model R factor (not ITU-T G.107 proper).", when=_packet_full)
-MOS = Family("edgeprobe_mos_estimate", "gauge",
-             "MOS estimated from the simplified E-model R factor (G.107 Annex B mapping).",
-             when=_packet_full)
+    buckets="duration",
+    when=_connect,
+)
+PROBE_DURATION = Family(
+    "edgeprobe_probe_duration_seconds",
+    "histogram",
+    "Duration of one probe run.",
+    buckets="duration",
+    when=_run_duration,
+)
+PROBE_PHASES = Family(
+    "edgeprobe_probe_phase_duration_seconds",
+    "histogram",
+    "Duration of one phase of a probe run.",
+    labels=("phase",),
+    buckets="phase",
+    when=_probe_phases,
+)
+CONNECT_PHASES = Family(
+    "edgeprobe_connect_phase_duration_seconds",
+    "histogram",
+    "Duration of one phase of a connect.",
+    labels=("phase",),
+    buckets="phase",
+    when=_connect_phases,
+)
+PROBE_INFO = Family(
+    "edgeprobe_probe_info",
+    "gauge",
+    "Facts of the last run (TLS version, mapped address family...), value 1.",
+    labels=("<the kind's facts>",),
+    when=_info,
+)
+HOP_RTT = Family(
+    "edgeprobe_hop_rtt_seconds",
+    "gauge",
+    "Median RTT to each hop in the last path run (NaN when the hop did not answer).",
+    labels=("hop",),
+    when=_hops,
+)
+HOP_SENT = Family(
+    "edgeprobe_hop_packets_sent",
+    "counter",
+    "Packets sent towards each hop.",
+    labels=("hop",),
+    when=_hops,
+)
+HOP_LOST = Family(
+    "edgeprobe_hop_packets_lost",
+    "counter",
+    "Packets to each hop not answered.",
+    labels=("hop",),
+    when=_hops,
+)
+RTT = Family(
+    "edgeprobe_rtt_seconds",
+    "histogram",
+    "Round-trip time of answered packets.",
+    buckets="rtt",
+    when=_packet,
+)
+PACKETS_SENT = Family(
+    "edgeprobe_packets_sent",
+    "counter",
+    "Packets whose fate is known (answered, or timed out).",
+    when=_packet,
+)
+PACKETS_LOST = Family(
+    "edgeprobe_packets_lost", "counter", "Packets not answered within their timeout.", when=_packet
+)
+LOSS_PERIODS = Family(
+    "edgeprobe_loss_periods",
+    "counter",
+    "Runs of consecutive lost packets begun (RFC 3357 loss periods); "
+    "lost / loss_periods is the mean burst length.",
+    when=_packet,
+)
+JITTER = Family(
+    "edgeprobe_jitter_seconds",
+    "gauge",
+    "RFC 3550 interarrival jitter estimator (gain 1/16) over consecutive round-trip "
+    "times (round-trip based, not one-way).",
+    when=_packet,
+)
+RTT_RECENT = Family(
+    "edgeprobe_rtt_recent_seconds",
+    "summary",
+    "RTT quantiles over the sliding window (exact, per edge).",
+    when=_packet,
+)
+CONNECT_ESTIMATE = Family(
+    "edgeprobe_connect_estimate_seconds",
+    "gauge",
+    "Lossless connect time predicted from the window's median RTT: n*RTT + fixed.",
+    when=_packet,
+)
+MISS_PROBABILITY = Family(
+    "edgeprobe_connect_budget_miss_probability",
+    "gauge",
+    "Model probability that a connect misses the budget: "
+    "1-(1-p)^E * Phi((B-fixed-n*mu)/(sigma*sqrt(n))).",
+    when=_packet,
+)
+IPDV = Family(
+    "edgeprobe_ipdv_seconds",
+    "histogram",
+    "|RTT(i) - RTT(i-1)| of consecutive answered packets.",
+    buckets="ipdv",
+    when=_packet_full,
+)
+LOSS_BURSTS = Family(
+    "edgeprobe_loss_burst_length",
+    "histogram",
+    "Lengths of runs of consecutive lost packets (RFC 3357 loss periods).",
+    buckets="burst",
+    when=_packet_full,
+)
+LOSS_UPPER95 = Family(
+    "edgeprobe_loss_ratio_upper95",
+    "gauge",
+    "95 % Wilson upper bound of the loss ratio over the sliding window (1 with no data).",
+    when=_packet_full,
+)
+WINDOW_PACKETS = Family(
+    "edgeprobe_window_packets", "gauge", "Packets inside the sliding window.", when=_packet_full
+)
+R_FACTOR = Family(
+    "edgeprobe_r_factor",
+    "gauge",
+    "Simplified E-model R factor (not ITU-T G.107 proper).",
+    when=_packet_full,
+)
+MOS = Family(
+    "edgeprobe_mos_estimate",
+    "gauge",
+    "MOS estimated from the simplified E-model R factor (G.107 Annex B mapping).",
+    when=_packet_full,
+)
 
 # ---------------------------------------------------------------------------- the agent
-TARGETS = Family("edgeprobe_targets", "gauge", "Configured probe series, by kind.",
-                 scope="agent", labels=("probe",))
-BUDGET = Family("edgeprobe_connect_budget_seconds", "gauge", "The configured connect budget.",
-                scope="agent")
-STRAY = Family("edgeprobe_stray_packets", "counter",
-               "Replies that matched nothing in flight: foreign, late, wrong source, malformed, "
-               "bad checksum or payload.", scope="agent", labels=("probe", "reason"))
-LATE_TICKS = Family("edgeprobe_scheduler_late_ticks", "counter",
-                    "Runs that started later than the late-tick threshold.", scope="agent")
-SKIPPED_TICKS = Family("edgeprobe_scheduler_skipped_ticks", "counter",
-                       "Ticks skipped because the previous run or the event loop overran them "
-                       "(never queued).", scope="agent")
-EXCEPTIONS = Family("edgeprobe_probe_exceptions", "counter",
-                    "Probe runs that raised (a bug; logged).", scope="agent")
-LATENESS = Family("edgeprobe_scheduler_lateness_seconds", "histogram",
-                  "How late runs started, against their scheduled tick.", scope="agent",
-                  buckets="scheduler")
-LOOP_LAG = Family("edgeprobe_event_loop_lag_seconds", "histogram",
-                  "Event-loop lag: how late a periodic timer fired.", scope="agent",
-                  buckets="scheduler")
-RELOAD_OK = Family("edgeprobe_config_last_reload_successful", "gauge",
-                   "Whether the last config reload succeeded.", scope="agent")
-RELOAD_TIME = Family("edgeprobe_config_last_reload_success_timestamp_seconds", "gauge",
-                     "Unix time of the last successful config load.", scope="agent")
-BUILD_INFO = Family("edgeprobe_build_info", "gauge", "Build and runtime facts, value 1.",
-                    scope="agent", labels=("version", "python", "icmp_mode"))
+TARGETS = Family(
+    "edgeprobe_targets",
+    "gauge",
+    "Configured probe series, by kind.",
+    scope="agent",
+    labels=("probe",),
+)
+BUDGET = Family(
+    "edgeprobe_connect_budget_seconds", "gauge", "The configured connect budget.", scope="agent"
+)
+STRAY = Family(
+    "edgeprobe_stray_packets",
+    "counter",
+    "Replies that matched nothing in flight: foreign, late, wrong source, malformed, "
+    "bad checksum or payload.",
+    scope="agent",
+    labels=("probe", "reason"),
+)
+LATE_TICKS = Family(
+    "edgeprobe_scheduler_late_ticks",
+    "counter",
+    "Runs that started later than the late-tick threshold.",
+    scope="agent",
+)
+SKIPPED_TICKS = Family(
+    "edgeprobe_scheduler_skipped_ticks",
+    "counter",
+    "Ticks skipped because the previous run or the event loop overran them (never queued).",
+    scope="agent",
+)
+EXCEPTIONS = Family(
+    "edgeprobe_probe_exceptions",
+    "counter",
+    "Probe runs that raised (a bug; logged).",
+    scope="agent",
+)
+LATENESS = Family(
+    "edgeprobe_scheduler_lateness_seconds",
+    "histogram",
+    "How late runs started, against their scheduled tick.",
+    scope="agent",
+    buckets="scheduler",
+)
+LOOP_LAG = Family(
+    "edgeprobe_event_loop_lag_seconds",
+    "histogram",
+    "Event-loop lag: how late a periodic timer fired.",
+    scope="agent",
+    buckets="scheduler",
+)
+RELOAD_OK = Family(
+    "edgeprobe_config_last_reload_successful",
+    "gauge",
+    "Whether the last config reload succeeded.",
+    scope="agent",
+)
+RELOAD_TIME = Family(
+    "edgeprobe_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful config load.",
+    scope="agent",
+)
+BUILD_INFO = Family(
+    "edgeprobe_build_info",
+    "gauge",
+    "Build and runtime facts, value 1.",
+    scope="agent",
+    labels=("version", "python", "icmp_mode"),
+)
 
 SERIES: tuple[Family, ...] = (
-    PROBE_SUCCESS, PROBE_RUNS, PROBE_ERRORS, CONNECT_DURATION, PROBE_DURATION, PROBE_PHASES,
-    CONNECT_PHASES, PROBE_INFO, HOP_RTT, HOP_SENT, HOP_LOST, RTT, PACKETS_SENT, PACKETS_LOST,
-    LOSS_PERIODS, JITTER, RTT_RECENT, CONNECT_ESTIMATE, MISS_PROBABILITY, IPDV, LOSS_BURSTS,
-    LOSS_UPPER95, WINDOW_PACKETS, R_FACTOR, MOS)
+    PROBE_SUCCESS,
+    PROBE_RUNS,
+    PROBE_ERRORS,
+    CONNECT_DURATION,
+    PROBE_DURATION,
+    PROBE_PHASES,
+    CONNECT_PHASES,
+    PROBE_INFO,
+    HOP_RTT,
+    HOP_SENT,
+    HOP_LOST,
+    RTT,
+    PACKETS_SENT,
+    PACKETS_LOST,
+    LOSS_PERIODS,
+    JITTER,
+    RTT_RECENT,
+    CONNECT_ESTIMATE,
+    MISS_PROBABILITY,
+    IPDV,
+    LOSS_BURSTS,
+    LOSS_UPPER95,
+    WINDOW_PACKETS,
+    R_FACTOR,
+    MOS,
+)
 AGENT: tuple[Family, ...] = (
-    TARGETS, BUDGET, STRAY, LATE_TICKS, SKIPPED_TICKS, EXCEPTIONS, LATENESS, LOOP_LAG, RELOAD_OK,
-    RELOAD_TIME, BUILD_INFO)
+    TARGETS,
+    BUDGET,
+    STRAY,
+    LATE_TICKS,
+    SKIPPED_TICKS,
+    EXCEPTIONS,
+    LATENESS,
+    LOOP_LAG,
+    RELOAD_OK,
+    RELOAD_TIME,
+    BUILD_INFO,
+)
 
 
 def kind_gauge(kind: ProbeKind[Any], name: str) -> Family:
     """A gauge a kind declares itself (``ProbeKind.gauges``): the one extension point."""
-    return Family(f"edgeprobe_{name}", "gauge", kind.gauges[name],
-                  when=lambda k, full: name in k.gauges)
+    return Family(
+        f"edgeprobe_{name}", "gauge", kind.gauges[name], when=lambda k, full: name in k.gauges
+    )
 
 
 def for_kind(kind: ProbeKind[Any], full: bool) -> list[Family]:
@@ -212,15 +408,28 @@ def for_kind(kind: ProbeKind[Any], full: bool) -> list[Family]:
 # and where the server keeps native histograms (a histogram is one series there). A test holds
 # the catalog to these and counts a live agent's series against what the catalog computes.
 BUDGETS: dict[str, tuple[int, int]] = {
-    "icmp": (30, 15), "udp": (30, 15),
-    "stun": (32, 16), "tcp": (25, 10), "tls": (30, 10), "http": (40, 15), "dns": (25, 10),
-    "turn": (30, 10), "path": (25, 10), "connect": (40, 15), "webrtc": (40, 15),
+    "icmp": (30, 15),
+    "udp": (30, 15),
+    "stun": (32, 16),
+    "tcp": (25, 10),
+    "tls": (30, 10),
+    "http": (40, 15),
+    "dns": (25, 10),
+    "turn": (30, 10),
+    "path": (25, 10),
+    "connect": (40, 15),
+    "webrtc": (40, 15),
     "relay": (45, 20),
 }
 
 
-def series_per_target(kind: ProbeKind[Any], bucket_counts: Mapping[str, int], full: bool = False,
-                      native: bool = False, hops: int = 0) -> int:
+def series_per_target(
+    kind: ProbeKind[Any],
+    bucket_counts: Mapping[str, int],
+    full: bool = False,
+    native: bool = False,
+    hops: int = 0,
+) -> int:
     """Series one target of ``kind`` costs before its first error: with ``bucket_counts``
     classic bounds per bucket set, ``native`` where the server keeps only the native histogram
     (one series each), ``hops`` hops for the per-hop families. Agent and target labels add
@@ -229,9 +438,9 @@ def series_per_target(kind: ProbeKind[Any], bucket_counts: Mapping[str, int], fu
     for f in for_kind(kind, full):
         per = 1
         if f.type == "histogram" and not native:
-            per = bucket_counts[f.buckets] + 3          # +Inf, _count, _sum
+            per = bucket_counts[f.buckets] + 3  # +Inf, _count, _sum
         elif f.type == "summary":
-            per = len(QUANTILES) + 2                     # _count, _sum
+            per = len(QUANTILES) + 2  # _count, _sum
         if "reason" in f.labels:
             per *= len(kind.all_reasons) if full else 0
         if "phase" in f.labels:
@@ -243,8 +452,11 @@ def series_per_target(kind: ProbeKind[Any], bucket_counts: Mapping[str, int], fu
 
 
 def fixed_bucket_counts() -> dict[str, int]:
-    return {"ipdv": len(IPDV_BUCKETS), "burst": len(BURST_BUCKETS),
-            "scheduler": len(SCHEDULER_BUCKETS)}
+    return {
+        "ipdv": len(IPDV_BUCKETS),
+        "burst": len(BURST_BUCKETS),
+        "scheduler": len(SCHEDULER_BUCKETS),
+    }
 
 
 def bucket_counts(rtt: int, durations: int, phases: int) -> dict[str, int]:
@@ -286,8 +498,10 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
         by = "every kind" if len(kinds) == len(probes) else ", ".join(kinds)
         if not any(f.when(k, False) for k in probes.values()):
             by += " (*full only*)"
-        out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
-                   f"{f.buckets or '-'} | {by} | {_cell(f.help)} |")
+        out.append(
+            f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
+            f"{f.buckets or '-'} | {by} | {_cell(f.help)} |"
+        )
     # A gauge several kinds declare (connect_over_budget) is one family: one row.
     gauges: dict[str, tuple[Family, list[str]]] = {}
     for kind in probes.values():
@@ -298,10 +512,13 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
         out.append(f"| `{f.name}` | gauge | - | - | {', '.join(kinds)} | {_cell(f.help)} |")
     out += ["", "## The agent itself", "", "| family | type | labels | help |", "|---|---|---|---|"]
     for f in AGENT:
-        out.append(f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | "
-                   f"{_cell(f.help)} |")
+        out.append(
+            f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | {_cell(f.help)} |"
+        )
     out += [
-        "", "## Series per target", "",
+        "",
+        "## Series per target",
+        "",
         "What one target costs per kind before its first error (each error reason adds one "
         "series from its first error). *lean* is the default: classic bounds "
         f"RTT {lean_n['rtt']}, durations {lean_n['duration']}, phases {lean_n['phase']}; "
@@ -309,17 +526,21 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
         "histograms keeps it; *dense* is `metrics.classic_buckets: dense` (RTT "
         f"{dense_n['rtt']}, durations {dense_n['duration']}); *full* adds "
         "`metrics.detail: full`. `path` adds 3 per hop. The budget is what a test holds the "
-        "lean figures to.", "",
+        "lean figures to.",
+        "",
         "| kind | lean (text) | lean (native) | budget (text / native) | dense | dense, full |",
-        "|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|",
+    ]
     for kind in probes.values():
         text = series_per_target(kind, lean_n)
         native = series_per_target(kind, lean_n, native=True)
         budget = BUDGETS.get(kind.name)
         b = f"{budget[0]} / {budget[1]}" if budget else "-"
-        out.append(f"| {kind.name} | {text} | {native} | {b} | "
-                   f"{series_per_target(kind, dense_n)} | "
-                   f"{series_per_target(kind, dense_n, full=True)} |")
+        out.append(
+            f"| {kind.name} | {text} | {native} | {b} | "
+            f"{series_per_target(kind, dense_n)} | "
+            f"{series_per_target(kind, dense_n, full=True)} |"
+        )
     return "\n".join(out) + "\n"
 
 

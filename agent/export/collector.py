@@ -92,13 +92,20 @@ class _Sink:
         """Declare ``spec``'s family (once; later calls are cheap) and hand it back."""
         raise NotImplementedError
 
-    def sample(self, spec: Family, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+    def sample(
+        self,
+        spec: Family,
+        labels: _Labels,
+        value: float,
+        extra: tuple[str, str] | None = None,
+        suffix: str = "",
+    ) -> None:
         """One sample of ``spec``; ``suffix`` for a summary's _count and _sum."""
         raise NotImplementedError
 
-    def hist(self, spec: Family, labels: _Labels, h: Histogram,
-             extra: tuple[str, str] | None = None) -> None:
+    def hist(
+        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
+    ) -> None:
         raise NotImplementedError
 
 
@@ -115,15 +122,27 @@ class _MetricSink(_Sink):
             self.fams[spec.name] = _metric(spec)
         return spec
 
-    def sample(self, spec: Family, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+    def sample(
+        self,
+        spec: Family,
+        labels: _Labels,
+        value: float,
+        extra: tuple[str, str] | None = None,
+        suffix: str = "",
+    ) -> None:
         d = labels.extra(*extra)[0] if extra else labels.d
         self.fams[spec.name].add_sample(spec.sample_name + suffix, d, value)
 
-    def hist(self, spec: Family, labels: _Labels, h: Histogram,
-             extra: tuple[str, str] | None = None) -> None:
-        _add_hist(self.fams[spec.name], spec.name,
-                  labels.extra(*extra)[0] if extra else labels.d, h, self.native)
+    def hist(
+        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
+    ) -> None:
+        _add_hist(
+            self.fams[spec.name],
+            spec.name,
+            labels.extra(*extra)[0] if extra else labels.d,
+            h,
+            self.native,
+        )
 
 
 class _ProtoSink(_Sink):
@@ -148,8 +167,14 @@ class _ProtoSink(_Sink):
             m.label.add(name=extra[0], value=extra[1])
         return m
 
-    def sample(self, spec: Family, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+    def sample(
+        self,
+        spec: Family,
+        labels: _Labels,
+        value: float,
+        extra: tuple[str, str] | None = None,
+        suffix: str = "",
+    ) -> None:
         if spec.type == "summary":
             cur = self._open.get(spec.name)
             if cur is None or cur[0] is not labels:
@@ -168,11 +193,13 @@ class _ProtoSink(_Sink):
         else:
             m.gauge.value = value
 
-    def hist(self, spec: Family, labels: _Labels, h: Histogram,
-             extra: tuple[str, str] | None = None) -> None:
+    def hist(
+        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
+    ) -> None:
         native = h.native.sample(sum(h.counts), h.sum) if h.native is not None else None
-        protobuf.fill_histogram(self._metric(spec, labels, extra).histogram, h.bounds, h.counts,
-                                h.sum, native)
+        protobuf.fill_histogram(
+            self._metric(spec, labels, extra).histogram, h.bounds, h.counts, h.sum, native
+        )
 
 
 class _TextSink(_Sink):
@@ -189,8 +216,10 @@ class _TextSink(_Sink):
         # family -> columns: kind, sample name (or pre-rendered line), rendered label set,
         # value (or histogram), extra label. Strings, not _Labels: no container per series
         # stays behind for the collector to traverse.
-        self.fams: dict[str, tuple[list[int], list[str], list[str | None], list[Any],
-                                   list[tuple[str, str] | None]]] = {}
+        self.fams: dict[
+            str,
+            tuple[list[int], list[str], list[str | None], list[Any], list[tuple[str, str] | None]],
+        ] = {}
         self.heads: dict[str, str] = {}
         self._extras: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -207,8 +236,15 @@ class _TextSink(_Sink):
             self.heads[name] = f"# HELP {hname} {doc}\n# TYPE {hname} {typ}\n"
             self.fams[name] = ([], [], [], [], [])
 
-    def _add(self, fam: str, kind: int, name: str, labels: _Labels | None, value: Any,
-             extra: tuple[str, str] | None) -> None:
+    def _add(
+        self,
+        fam: str,
+        kind: int,
+        name: str,
+        labels: _Labels | None,
+        value: Any,
+        extra: tuple[str, str] | None,
+    ) -> None:
         cols = self.fams[fam]
         cols[0].append(kind)
         cols[1].append(name)
@@ -217,12 +253,19 @@ class _TextSink(_Sink):
         # The same few (name, value) pairs recur in every series: keep one of each.
         cols[4].append(None if extra is None else self._extras.setdefault(extra, extra))
 
-    def sample(self, spec: Family, labels: _Labels, value: float,
-               extra: tuple[str, str] | None = None, suffix: str = "") -> None:
+    def sample(
+        self,
+        spec: Family,
+        labels: _Labels,
+        value: float,
+        extra: tuple[str, str] | None = None,
+        suffix: str = "",
+    ) -> None:
         self._add(spec.name, self.SAMPLE, spec.sample_name + suffix, labels, value, extra)
 
-    def hist(self, spec: Family, labels: _Labels, h: Histogram,
-             extra: tuple[str, str] | None = None) -> None:
+    def hist(
+        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
+    ) -> None:
         self._add(spec.name, self.HIST, spec.name, labels, h, extra)
 
     def line(self, fam: str, text: str) -> None:
@@ -244,14 +287,16 @@ class _TextSink(_Sink):
                 else:
                     ls = labels
                 if kind == self.SAMPLE:
-                    out.append(f"{name}{{{ls}}} {_fmt(value)}\n" if ls else
-                               f"{name} {_fmt(value)}\n")
+                    out.append(
+                        f"{name}{{{ls}}} {_fmt(value)}\n" if ls else f"{name} {_fmt(value)}\n"
+                    )
                 else:
                     h: Histogram = value
                     les = les_of.get(h.bounds)
                     if les is None:
                         les = les_of[h.bounds] = [f'le="{_le(b)}"' for b in h.bounds] + [
-                            'le="+Inf"']
+                            'le="+Inf"'
+                        ]
                     head = f"{fam}_bucket{{{ls}," if ls else f"{fam}_bucket{{"
                     acc = 0
                     for le, c in zip(les, h.counts, strict=True):
@@ -275,7 +320,7 @@ class CollectorState:
     round_trips: float
     fixed: float
     exchanges: int
-    full: bool = False      # metrics.detail: full
+    full: bool = False  # metrics.detail: full
     series: dict[tuple[str, str], SeriesView] = field(default_factory=dict)
     self_stats: SelfStats = field(default_factory=SelfStats)
 
@@ -283,9 +328,13 @@ class CollectorState:
         return ["region", "edge", "probe", *sorted(self.agent_labels), *self.target_label_keys]
 
     def _values(self, v: SeriesView) -> list[str]:
-        return [self.region, v.edge, v.kind, *(self.agent_labels[k] for k in
-                sorted(self.agent_labels)), *(v.labels.get(k, "") for k in
-                self.target_label_keys)]
+        return [
+            self.region,
+            v.edge,
+            v.kind,
+            *(self.agent_labels[k] for k in sorted(self.agent_labels)),
+            *(v.labels.get(k, "") for k in self.target_label_keys),
+        ]
 
     def collect(self) -> Iterator[Metric]:
         sink = _MetricSink()
@@ -305,8 +354,12 @@ class CollectorState:
         for m in self._self_metrics():
             sink.head(m.name, m.documentation, m.type)
             for smp in m.samples:
-                sink.line(m.name, f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
-                          if smp.labels else f"{smp.name} {_fmt(smp.value)}\n")
+                sink.line(
+                    m.name,
+                    f"{smp.name}{{{_Labels(smp.labels).s}}} {_fmt(smp.value)}\n"
+                    if smp.labels
+                    else f"{smp.name} {_fmt(smp.value)}\n",
+                )
         yield from sink.chunks()
 
     def render_protobuf(self) -> Iterator[bytes]:
@@ -356,8 +409,11 @@ class CollectorState:
                 for phase, h in list(s.phases.items()):
                     sink.hist(phases, base, h, ("phase", phase))
             for gname, gval in list(s.gauges.items()):
-                spec = C.kind_gauge(kind, gname) if gname in kind.gauges else \
-                    Family(f"edgeprobe_{gname}", "gauge", gname)
+                spec = (
+                    C.kind_gauge(kind, gname)
+                    if gname in kind.gauges
+                    else Family(f"edgeprobe_{gname}", "gauge", gname)
+                )
                 smp(fam(spec), base, gval)
             if s.info:
                 smp(fam(C.PROBE_INFO), _Labels({**base.d, **s.info}), 1.0)
@@ -391,8 +447,15 @@ class CollectorState:
             if self.full:
                 smp(fam(C.LOSS_UPPER95), base, model.wilson_interval(lost_n, n)[1])
                 smp(fam(C.WINDOW_PACKETS), base, n)
-            pred = model.predict(answered, lost_n, p.jitter, self.budget, self.round_trips,
-                                 self.fixed, self.exchanges)
+            pred = model.predict(
+                answered,
+                lost_n,
+                p.jitter,
+                self.budget,
+                self.round_trips,
+                self.fixed,
+                self.exchanges,
+            )
             if pred is None:
                 continue
             smp(fam(C.CONNECT_ESTIMATE), base, pred.estimate)
@@ -413,14 +476,21 @@ class CollectorState:
         ss = self.self_stats
         region = {"region": self.region}
         m = _metric(C.STRAY)
-        counts = {(k, r): 0 for k in {v.kind for v in list(self.series.values())}
-                  if k in PROBES for r in PROBES[k].stray_reasons}
+        counts = {
+            (k, r): 0
+            for k in {v.kind for v in list(self.series.values())}
+            if k in PROBES
+            for r in PROBES[k].stray_reasons
+        }
         counts.update(ss.stray_counts)
         for (probe, reason), n in sorted(counts.items()):
             m.add_sample(C.STRAY.sample_name, {**region, "probe": probe, "reason": reason}, n)
         yield m
-        for spec, val in ((C.LATE_TICKS, ss.late_ticks), (C.SKIPPED_TICKS, ss.skipped_ticks),
-                          (C.EXCEPTIONS, ss.run_exceptions)):
+        for spec, val in (
+            (C.LATE_TICKS, ss.late_ticks),
+            (C.SKIPPED_TICKS, ss.skipped_ticks),
+            (C.EXCEPTIONS, ss.run_exceptions),
+        ):
             c = _metric(spec)
             c.add_sample(spec.sample_name, region, val)
             yield c
@@ -434,8 +504,11 @@ class CollectorState:
             yield g
         b = _metric(C.BUILD_INFO)
         facts = {"version": VERSION, "python": platform.python_version()}
-        b.add_sample(C.BUILD_INFO.name, {**region, **{
-            k: facts.get(k) or ss.info.get(k, "none") for k in C.BUILD_INFO.labels}}, 1.0)
+        b.add_sample(
+            C.BUILD_INFO.name,
+            {**region, **{k: facts.get(k) or ss.info.get(k, "none") for k in C.BUILD_INFO.labels}},
+            1.0,
+        )
         yield b
 
 
@@ -448,11 +521,13 @@ def _le(bound: float) -> str:
     return s
 
 
-def _add_hist(m: Metric, name: str, labels: dict[str, str], h: Histogram,
-              native: bool = False) -> None:
+def _add_hist(
+    m: Metric, name: str, labels: dict[str, str], h: Histogram, native: bool = False
+) -> None:
     if native and h.native is not None:
-        m.samples.append(Sample(name, labels, 0.0, None, None,
-                                h.native.sample(count=sum(h.counts), total=h.sum)))
+        m.samples.append(
+            Sample(name, labels, 0.0, None, None, h.native.sample(count=sum(h.counts), total=h.sum))
+        )
     acc = 0
     for bound, c in zip(h.bounds, h.counts, strict=False):
         acc += c

@@ -55,9 +55,12 @@ class NativeBuckets:
 
     __slots__ = ("counts", "max_buckets", "schema", "zero_count", "zero_threshold")
 
-    def __init__(self, schema: int = DEFAULT_SCHEMA,
-                 zero_threshold: float = DEFAULT_ZERO_THRESHOLD,
-                 max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
+    def __init__(
+        self,
+        schema: int = DEFAULT_SCHEMA,
+        zero_threshold: float = DEFAULT_ZERO_THRESHOLD,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> None:
         if not MIN_SCHEMA <= schema <= MAX_SCHEMA:
             raise ValueError(f"schema must be in {MIN_SCHEMA}..{MAX_SCHEMA}")
         self.schema = schema
@@ -115,6 +118,12 @@ class NativeBuckets:
         else:
             # An empty native histogram still needs one no-op span, or it reads as classic.
             spans.append(BucketSpan(0, 0))
-        return NativeSample(count_value=count, sum_value=total, schema=self.schema,
-                            zero_threshold=self.zero_threshold, zero_count=self.zero_count,
-                            pos_spans=spans, pos_deltas=deltas)
+        return NativeSample(
+            count_value=count,
+            sum_value=total,
+            schema=self.schema,
+            zero_threshold=self.zero_threshold,
+            zero_count=self.zero_count,
+            pos_spans=spans,
+            pos_deltas=deltas,
+        )

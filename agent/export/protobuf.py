@@ -16,8 +16,9 @@ from prometheus_client.samples import Sample
 
 from agent.export import metrics_pb2 as pb
 
-CONTENT_TYPE = ("application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; "
-                "encoding=delimited")
+CONTENT_TYPE = (
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited"
+)
 _PROTO = "application/vnd.google.protobuf"
 
 
@@ -32,8 +33,11 @@ def accepts_protobuf(accept: str) -> bool:
         if fields[0].lower() != _PROTO:
             continue
         params = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
-        if (params.get("proto") == "io.prometheus.client.MetricFamily"
-                and params.get("encoding") == "delimited" and params.get("q") != "0"):
+        if (
+            params.get("proto") == "io.prometheus.client.MetricFamily"
+            and params.get("encoding") == "delimited"
+            and params.get("q") != "0"
+        ):
             return True
     return False
 
@@ -63,8 +67,9 @@ def label_bytes(labels: dict[str, str]) -> bytes:
     """A Metric holding just these label pairs, serialized: merged into each sample's Metric
     (protobuf merges concatenated messages), so a series' labels are built once, not per
     sample. Sorted by name, as Prometheus' own clients send them."""
-    out: bytes = pb.Metric(label=[pb.LabelPair(name=k, value=labels[k])
-                                  for k in sorted(labels)]).SerializeToString()
+    out: bytes = pb.Metric(
+        label=[pb.LabelPair(name=k, value=labels[k]) for k in sorted(labels)]
+    ).SerializeToString()
     return out
 
 
@@ -73,8 +78,13 @@ def family(name: str, help_text: str, kind: str) -> pb.MetricFamily:
     return pb.MetricFamily(name=name, help=help_text, type=_TYPES.get(kind, pb.UNTYPED))
 
 
-def fill_histogram(h: pb.Histogram, bounds: Sequence[float], counts: Sequence[int],
-                   total: float, native: NativeSample | None) -> None:
+def fill_histogram(
+    h: pb.Histogram,
+    bounds: Sequence[float],
+    counts: Sequence[int],
+    total: float,
+    native: NativeSample | None,
+) -> None:
     """Classic buckets from per-bucket ``counts`` (the last one +Inf), and the native ones."""
     acc = 0
     for bound, n in zip(bounds, counts, strict=False):

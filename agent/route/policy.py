@@ -112,23 +112,31 @@ def _incomplete(e: EdgeEntry) -> bool:
     return e.miss_ucb is None or e.rtt_p95 is None
 
 
-def _entries(prev: RegionState | None, obs: Mapping[str, EdgeObs], now: float,
-             p: PolicySection) -> list[EdgeEntry]:
+def _entries(
+    prev: RegionState | None, obs: Mapping[str, EdgeObs], now: float, p: PolicySection
+) -> list[EdgeEntry]:
     old = prev.by_name if prev is not None else {}
     out: list[EdgeEntry] = []
     for name, o in obs.items():
         eligible = bool(o.eligible)
         was = old.get(name)
-        since = was.since if was is not None and (was.eligible, was.reason) == \
-            (eligible, o.reason) else now
-        out.append(EdgeEntry(name, eligible, o.reason, o.miss_ucb, o.rtt_p95, o.connects,
-                             since, now))
+        since = (
+            was.since
+            if was is not None and (was.eligible, was.reason) == (eligible, o.reason)
+            else now
+        )
+        out.append(
+            EdgeEntry(name, eligible, o.reason, o.miss_ucb, o.rtt_p95, o.connects, since, now)
+        )
     gone = [e for n, e in old.items() if n not in obs]
     for e in gone:
         if now - e.last_seen > p.forget_after:
             continue
-        out.append(e if (e.eligible, e.reason) == (False, NO_DATA)
-                   else replace(e, eligible=False, reason=NO_DATA, since=now))
+        out.append(
+            e
+            if (e.eligible, e.reason) == (False, NO_DATA)
+            else replace(e, eligible=False, reason=NO_DATA, since=now)
+        )
     if not out and gone:
         # Never drop a region that had edges: keep its first choice.
         assert prev is not None
@@ -137,8 +145,9 @@ def _entries(prev: RegionState | None, obs: Mapping[str, EdgeObs], now: float,
     return out
 
 
-def decide(region: str, prev: RegionState | None, obs: Mapping[str, EdgeObs], now: float,
-           p: PolicySection) -> tuple[RegionState | None, Change | None]:
+def decide(
+    region: str, prev: RegionState | None, obs: Mapping[str, EdgeObs], now: float, p: PolicySection
+) -> tuple[RegionState | None, Change | None]:
     """The region's next state from its previous one and the rules' current view. None when
     the region has never had an edge."""
     entries = _entries(prev, obs, now, p)
@@ -166,16 +175,20 @@ def decide(region: str, prev: RegionState | None, obs: Mapping[str, EdgeObs], no
         incomplete = complete_rival and (_incomplete(inc) or _incomplete(was))
         if not inc.eligible or not was.eligible or incomplete:
             if ranked and ranked[0].edge != inc.edge:
-                reason = "incumbent_no_data" if inc.reason == NO_DATA \
-                    or (inc.eligible and was.eligible) else "incumbent_ineligible"
+                reason = (
+                    "incumbent_no_data"
+                    if inc.reason == NO_DATA or (inc.eligible and was.eligible)
+                    else "incumbent_ineligible"
+                )
                 first = ranked[0].edge
                 change = Change(region, inc.edge, first, reason)
         else:
             for c in ranked:
                 if c.edge != inc.edge and beats(c, inc, p):
                     challengers[c.edge] = prev.challengers.get(c.edge, now)
-            ready = [c for c in ranked if c.edge in challengers
-                     and now - challengers[c.edge] >= p.hold]
+            ready = [
+                c for c in ranked if c.edge in challengers and now - challengers[c.edge] >= p.hold
+            ]
             if ready:
                 first = ready[0].edge
                 change = Change(region, inc.edge, first, "challenger_better")

@@ -54,8 +54,11 @@ class Vector:
 def parse_vector(data: Any, lo: float = -math.inf, hi: float = math.inf) -> Vector:
     """``data`` of a successful /api/v1/query answer -> Vector. Values outside [lo, hi] are
     dropped as out_of_range."""
-    if not isinstance(data, dict) or data.get("resultType") != "vector" \
-            or not isinstance(data.get("result"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("resultType") != "vector"
+        or not isinstance(data.get("result"), list)
+    ):
         raise QueryError("bad_response", "expected an instant vector")
     out = Vector()
     seen: Counter[Key] = Counter()
@@ -72,7 +75,7 @@ def parse_vector(data: Any, lo: float = -math.inf, hi: float = math.inf) -> Vect
         key = (region, edge)
         seen[key] += 1
         try:
-            v = float(value[1])                           # type: ignore[index]
+            v = float(value[1])  # type: ignore[index]
         except (TypeError, ValueError, IndexError):
             out.dropped["bad_value"] += 1
             out.invalid.add(key)
@@ -108,8 +111,9 @@ class PromClient:
     async def query(self, expr: str, lo: float = -math.inf, hi: float = math.inf) -> Vector:
         try:
             async with asyncio.timeout(self.timeout):
-                async with self.session.post(self.url, data={"query": expr},
-                                             allow_redirects=False) as r:
+                async with self.session.post(
+                    self.url, data={"query": expr}, allow_redirects=False
+                ) as r:
                     if r.content_length is not None and r.content_length > MAX_RESPONSE_BYTES:
                         raise QueryError("bad_response", "response too large")
                     raw = await r.content.read(MAX_RESPONSE_BYTES + 1)
@@ -125,8 +129,9 @@ class PromClient:
         try:
             body = json.loads(raw)
         except ValueError:
-            raise QueryError("http_status" if status != 200 else "bad_response",
-                             f"HTTP {status}, not JSON") from None
+            raise QueryError(
+                "http_status" if status != 200 else "bad_response", f"HTTP {status}, not JSON"
+            ) from None
         if not isinstance(body, dict):
             raise QueryError("bad_response", "not a JSON object")
         if body.get("status") != "success":

@@ -34,9 +34,12 @@ def build_app(svc: RouteService, middlewares: Sequence[Any] = ()) -> web.Applica
 
     def headers(etag: str) -> dict[str, str]:
         age = store.age(time.monotonic())
-        return {"ETag": etag, "Cache-Control": f"max-age={max_age}",
-                AGE_HEADER: "" if age is None else str(math.floor(age)),
-                STALE_HEADER: "true" if store.stale else "false"}
+        return {
+            "ETag": etag,
+            "Cache-Control": f"max-age={max_age}",
+            AGE_HEADER: "" if age is None else str(math.floor(age)),
+            STALE_HEADER: "true" if store.stale else "false",
+        }
 
     def answer(request: web.Request, body: bytes, etag: str) -> web.Response:
         h = headers(etag)
@@ -47,8 +50,11 @@ def build_app(svc: RouteService, middlewares: Sequence[Any] = ()) -> web.Applica
 
     def not_ready() -> web.Response:
         # Never an empty map: no map yet is a 503 the client retries, not {} to route by.
-        return web.Response(status=503, text="No routing map yet: no persisted map and no "
-                            "successful query.\n", headers={"Retry-After": str(max_age)})
+        return web.Response(
+            status=503,
+            text="No routing map yet: no persisted map and no successful query.\n",
+            headers={"Retry-After": str(max_age)},
+        )
 
     async def full_map(request: web.Request) -> web.Response:
         if not store.ready:
@@ -64,8 +70,9 @@ def build_app(svc: RouteService, middlewares: Sequence[Any] = ()) -> web.Applica
         return answer(request, *got)
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(svc.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(svc.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def index(_: web.Request) -> web.Response:
         return web.Response(text=INDEX, content_type="text/html")

@@ -34,12 +34,14 @@ def _reason(labels: dict[str, str]) -> str:
     return r if 0 < len(r) <= 40 and set(r) <= _REASON_OK else policy.INVALID_DATA
 
 
-def observations(elig: Vector, ucb: Vector, rtt: Vector, connects: Vector
-                 ) -> dict[str, dict[str, EdgeObs]]:
+def observations(
+    elig: Vector, ucb: Vector, rtt: Vector, connects: Vector
+) -> dict[str, dict[str, EdgeObs]]:
     """region -> edge -> what the rules say. An edge is known when any of the four series
     names it; without a valid eligibility sample it is ineligible (no_data or invalid_data)."""
-    keys = set(elig.values) | elig.invalid | set(ucb.values) | set(rtt.values) \
-        | set(connects.values)
+    keys = (
+        set(elig.values) | elig.invalid | set(ucb.values) | set(rtt.values) | set(connects.values)
+    )
     out: dict[str, dict[str, EdgeObs]] = {}
     for key in sorted(keys):
         region, edge = key
@@ -47,6 +49,7 @@ def observations(elig: Vector, ucb: Vector, rtt: Vector, connects: Vector
         def val(v: Vector, key: tuple[str, str] = key) -> float | None:
             x = v.values.get(key)
             return x[0] if x is not None else None
+
         e = elig.values.get(key)
         if e is not None:
             eligible: bool | None = e[0] >= 1
@@ -57,8 +60,9 @@ def observations(elig: Vector, ucb: Vector, rtt: Vector, connects: Vector
             eligible, reason = None, policy.INVALID_DATA
         else:
             eligible, reason = None, NO_DATA
-        out.setdefault(region, {})[edge] = EdgeObs(eligible, reason, val(ucb), val(rtt),
-                                                   val(connects))
+        out.setdefault(region, {})[edge] = EdgeObs(
+            eligible, reason, val(ucb), val(rtt), val(connects)
+        )
     return out
 
 
@@ -68,22 +72,40 @@ class RouteService:
         self.store = store or MapStore()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.decisions = Counter("edgeprobe_route_decisions", "Query cycles that produced a "
-                                 "decision (the map was recomputed from fresh data)",
-                                 registry=r)
-        self.changes = Counter("edgeprobe_route_best_edge_changes", "Changes of a region's "
-                               "first choice, by reason", ["reason"], registry=r)
-        self.query_errors = Counter("edgeprobe_route_query_errors", "Failed query cycles, by "
-                                    "reason (the map was kept and marked stale)", ["reason"],
-                                    registry=r)
-        self.dropped = Counter("edgeprobe_route_query_dropped_series", "Series of a query "
-                               "result that were dropped, by reason", ["reason"], registry=r)
-        self.persist_errors = Counter("edgeprobe_route_persist_errors", "Failed writes of the "
-                                      "state or output file", registry=r)
-        self.duration = Histogram("edgeprobe_route_query_duration_seconds", "Duration of a "
-                                  "query cycle (the four instant queries, in parallel)",
-                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                                           10, 30), registry=r)
+        self.decisions = Counter(
+            "edgeprobe_route_decisions",
+            "Query cycles that produced a decision (the map was recomputed from fresh data)",
+            registry=r,
+        )
+        self.changes = Counter(
+            "edgeprobe_route_best_edge_changes",
+            "Changes of a region's first choice, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.query_errors = Counter(
+            "edgeprobe_route_query_errors",
+            "Failed query cycles, by reason (the map was kept and marked stale)",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "edgeprobe_route_query_dropped_series",
+            "Series of a query result that were dropped, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.persist_errors = Counter(
+            "edgeprobe_route_persist_errors",
+            "Failed writes of the state or output file",
+            registry=r,
+        )
+        self.duration = Histogram(
+            "edgeprobe_route_query_duration_seconds",
+            "Duration of a query cycle (the four instant queries, in parallel)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
         for reason in policy.CHANGE_REASONS:
             self.changes.labels(reason)
         for reason in promapi.ERROR_REASONS:
@@ -98,26 +120,35 @@ class RouteService:
     def load_state(self) -> None:
         path = Path(self.cfg.map.state_file)
         if not path.exists():
-            log.info("no persisted map; serving nothing until the first query",
-                     extra={"state_file": str(path)})
+            log.info(
+                "no persisted map; serving nothing until the first query",
+                extra={"state_file": str(path)},
+            )
             return
         try:
             self.store.load(path, time.monotonic())
         except (OSError, ValueError, TypeError, KeyError) as e:
-            log.error("persisted map unreadable; starting without it",
-                      extra={"state_file": str(path), "error": str(e)})
+            log.error(
+                "persisted map unreadable; starting without it",
+                extra={"state_file": str(path), "error": str(e)},
+            )
             return
-        log.info("serving the persisted map until the first query completes",
-                 extra={"regions": len(self.store.states), "generation": self.store.generation})
+        log.info(
+            "serving the persisted map until the first query completes",
+            extra={"regions": len(self.store.states), "generation": self.store.generation},
+        )
 
     # -- one cycle --------------------------------------------------------------------------
     async def run_once(self, client: PromClient) -> bool:
         t0 = time.monotonic()
         try:
             got = await asyncio.gather(
-                client.query(promapi.ELIGIBLE, 0, 1), client.query(promapi.MISS_UCB, 0, 1),
+                client.query(promapi.ELIGIBLE, 0, 1),
+                client.query(promapi.MISS_UCB, 0, 1),
                 client.query(promapi.RTT_P95, 0, math.inf),
-                client.query(promapi.CONNECTS, 0, math.inf), return_exceptions=True)
+                client.query(promapi.CONNECTS, 0, math.inf),
+                return_exceptions=True,
+            )
             # One failed query fails the cycle: a decision on part of the data is not made.
             for g in got:
                 if isinstance(g, BaseException):
@@ -134,8 +165,9 @@ class RouteService:
             self.duration.observe(time.monotonic() - t0)
             self.query_errors.labels(e.reason).inc()
             if str(e) != self.last_error:
-                log.warning("query failed; serving the last good map, stale",
-                            extra={"error": str(e)})
+                log.warning(
+                    "query failed; serving the last good map, stale", extra={"error": str(e)}
+                )
             self.last_error = str(e)
             if self.store.set_stale(True):
                 self._write_output()
@@ -149,16 +181,23 @@ class RouteService:
         states: dict[str, RegionState] = {}
         p = self.cfg.policy
         for region in sorted(set(obs) | set(self.store.states)):
-            st, change = policy.decide(region, self.store.states.get(region),
-                                       obs.get(region, {}), now, p)
+            st, change = policy.decide(
+                region, self.store.states.get(region), obs.get(region, {}), now, p
+            )
             if st is None:
                 continue
             states[region] = st
             if change is not None:
                 self.changes.labels(change.reason).inc()
-                log.info("first choice changed", extra={
-                    "region": region, "old": change.old or "", "new": change.new,
-                    "reason": change.reason})
+                log.info(
+                    "first choice changed",
+                    extra={
+                        "region": region,
+                        "old": change.old or "",
+                        "new": change.new,
+                        "reason": change.reason,
+                    },
+                )
         self.decisions.inc()
         self.store.refreshed = now
         if states and self.store.update(states, stale=False):
@@ -194,13 +233,13 @@ class RouteService:
             while not stop.is_set():
                 try:
                     await self.run_once(client)
-                except Exception:           # a bug must not stop the map from being served
+                except Exception:  # a bug must not stop the map from being served
                     log.exception("query cycle failed unexpectedly")
                     self.query_errors.labels("bad_response").inc()
                     self.store.set_stale(True)
                 next_at += pc.interval
                 now = time.monotonic()
-                if next_at < now:         # a slow cycle: skip the missed ticks, keep cadence
+                if next_at < now:  # a slow cycle: skip the missed ticks, keep cadence
                     next_at = now + pc.interval - (now - next_at) % pc.interval
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), next_at - now)
@@ -217,26 +256,40 @@ class _MapCollector:
 
     def collect(self) -> Iterable[Metric]:
         store = self.svc.store
-        best = GaugeMetricFamily("edgeprobe_route_best_edge", "1 for each region's first "
-                                 "choice in the served map", labels=["region", "edge"])
-        elig = GaugeMetricFamily("edgeprobe_route_eligible_edges", "Eligible edges per "
-                                 "region in the served map", labels=["region"])
+        best = GaugeMetricFamily(
+            "edgeprobe_route_best_edge",
+            "1 for each region's first choice in the served map",
+            labels=["region", "edge"],
+        )
+        elig = GaugeMetricFamily(
+            "edgeprobe_route_eligible_edges",
+            "Eligible edges per region in the served map",
+            labels=["region"],
+        )
         for region, st in sorted(store.states.items()):
             best.add_metric([region, st.incumbent], 1.0)
             elig.add_metric([region], float(sum(e.eligible for e in st.edges)))
         yield best
         yield elig
-        g = GaugeMetricFamily("edgeprobe_route_map_stale", "1 when the served map is stale "
-                              "(the last query cycle failed, or not yet run since start)")
+        g = GaugeMetricFamily(
+            "edgeprobe_route_map_stale",
+            "1 when the served map is stale "
+            "(the last query cycle failed, or not yet run since start)",
+        )
         g.add_metric([], float(store.stale) if store.ready else 1.0)
         yield g
         age = store.age(time.monotonic())
-        g = GaugeMetricFamily("edgeprobe_route_map_age_seconds", "Seconds since the served "
-                              "map's data was last refreshed by a successful query (NaN: no "
-                              "map)")
+        g = GaugeMetricFamily(
+            "edgeprobe_route_map_age_seconds",
+            "Seconds since the served "
+            "map's data was last refreshed by a successful query (NaN: no "
+            "map)",
+        )
         g.add_metric([], math.nan if age is None else age)
         yield g
-        g = GaugeMetricFamily("edgeprobe_route_map_generation", "Generation of the served "
-                              "map (counts content changes)")
+        g = GaugeMetricFamily(
+            "edgeprobe_route_map_generation",
+            "Generation of the served map (counts content changes)",
+        )
         g.add_metric([], float(store.generation))
         yield g

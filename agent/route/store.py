@@ -66,7 +66,9 @@ class Clock:
 
 def _edge_doc(e: EdgeEntry, clock: Clock) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "edge": e.edge, "eligible": e.eligible, "reason": e.reason,
+        "edge": e.edge,
+        "eligible": e.eligible,
+        "reason": e.reason,
         "score": {
             "miss_ucb": None if e.miss_ucb is None else round(e.miss_ucb, 3),
             "rtt_p95_ms": _sig(None if e.rtt_p95 is None else e.rtt_p95 * 1000),
@@ -81,14 +83,17 @@ def _edge_doc(e: EdgeEntry, clock: Clock) -> dict[str, Any]:
 
 def render(states: Mapping[str, RegionState], clock: Clock) -> dict[str, Any]:
     """The map's regions: per region the first choice and the ordered list."""
-    return {region: {"best": st.incumbent,
-                     "best_since": _iso(clock.wall(st.incumbent_since)),
-                     "edges": [_edge_doc(e, clock) for e in st.edges]}
-            for region, st in sorted(states.items())}
+    return {
+        region: {
+            "best": st.incumbent,
+            "best_since": _iso(clock.wall(st.incumbent_since)),
+            "edges": [_edge_doc(e, clock) for e in st.edges],
+        }
+        for region, st in sorted(states.items())
+    }
 
 
-def parse_regions(regions: Any, clock: Clock, seen: float | None = None
-                  ) -> dict[str, RegionState]:
+def parse_regions(regions: Any, clock: Clock, seen: float | None = None) -> dict[str, RegionState]:
     """Rebuild the policy state from a map's regions (a persisted map). ``seen``: when the
     edges with data were last seen (the save); their ``since`` if None. Raises ValueError."""
     if not isinstance(regions, dict):
@@ -99,28 +104,46 @@ def parse_regions(regions: Any, clock: Clock, seen: float | None = None
             raise ValueError(f"regions.{region}: expected an object with edges")
         entries = []
         for e in r["edges"]:
-            if not isinstance(e, dict) or not isinstance(e.get("edge"), str) \
-                    or not isinstance(e.get("eligible"), bool) \
-                    or not isinstance(e.get("reason"), str):
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("edge"), str)
+                or not isinstance(e.get("eligible"), bool)
+                or not isinstance(e.get("reason"), str)
+            ):
                 raise ValueError(f"regions.{region}.edges: bad entry")
             sc = e.get("score") or {}
             since = clock.mono(_parse_iso(e["since"]))
-            last = clock.mono(_parse_iso(e["last_seen"])) if "last_seen" in e \
-                else since if seen is None else max(since, seen)
+            last = (
+                clock.mono(_parse_iso(e["last_seen"]))
+                if "last_seen" in e
+                else since
+                if seen is None
+                else max(since, seen)
+            )
 
             def num(k: str, sc: Any = sc) -> float | None:
                 v = sc.get(k) if isinstance(sc, dict) else None
-                return float(v) if isinstance(v, int | float) and not isinstance(v, bool) \
-                    else None
+                return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
             rtt = num("rtt_p95_ms")
-            entries.append(EdgeEntry(e["edge"], e["eligible"], e["reason"], num("miss_ucb"),
-                                     None if rtt is None else rtt / 1000, num("connects"),
-                                     since, last))
+            entries.append(
+                EdgeEntry(
+                    e["edge"],
+                    e["eligible"],
+                    e["reason"],
+                    num("miss_ucb"),
+                    None if rtt is None else rtt / 1000,
+                    num("connects"),
+                    since,
+                    last,
+                )
+            )
         best = r.get("best")
         if best not in {x.edge for x in entries}:
             raise ValueError(f"regions.{region}.best: not one of its edges")
-        out[str(region)] = RegionState(tuple(entries), str(best),
-                                       clock.mono(_parse_iso(r.get("best_since"))))
+        out[str(region)] = RegionState(
+            tuple(entries), str(best), clock.mono(_parse_iso(r.get("best_since")))
+        )
     return out
 
 
@@ -175,12 +198,16 @@ class MapStore:
             self.states = dict(states)
             return False
         if not regions:
-            return False                         # never replace a map by an empty one
+            return False  # never replace a map by an empty one
         self.states = dict(states)
         self.stale = stale
         self.generation += 1
-        self.doc = {"schema": SCHEMA, "generation": self.generation, "stale": stale,
-                    "regions": regions}
+        self.doc = {
+            "schema": SCHEMA,
+            "generation": self.generation,
+            "stale": stale,
+            "regions": regions,
+        }
         self.body = json.dumps(self.doc, indent=1, sort_keys=False).encode() + b"\n"
         self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
         return True
@@ -194,8 +221,19 @@ class MapStore:
         r = self.doc.get("regions", {}).get(region)
         if r is None:
             return None
-        body = json.dumps({"schema": SCHEMA, "generation": self.generation,
-                           "stale": self.stale, "region": region, **r}, indent=1).encode() + b"\n"
+        body = (
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "generation": self.generation,
+                    "stale": self.stale,
+                    "region": region,
+                    **r,
+                },
+                indent=1,
+            ).encode()
+            + b"\n"
+        )
         return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
     # -- persistence ------------------------------------------------------------------------
@@ -219,8 +257,11 @@ class MapStore:
             raise ValueError(f"schema {doc.get('schema')!r}, expected {SCHEMA!r}")
         saved_at = saved.get("saved_at")
         # Across a restart only the wall clock spans the gap: the one place it sets an age.
-        self.refreshed = now - max(0.0, time.time() - float(saved_at)) \
-            if isinstance(saved_at, int | float) and math.isfinite(saved_at) else now
+        self.refreshed = (
+            now - max(0.0, time.time() - float(saved_at))
+            if isinstance(saved_at, int | float) and math.isfinite(saved_at)
+            else now
+        )
         states = parse_regions(doc.get("regions"), self.clock, self.refreshed)
         if not states:
             raise ValueError("the persisted map has no regions")

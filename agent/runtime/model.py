@@ -44,7 +44,7 @@ def normal_cdf(x: float) -> float:
 
 @dataclass(frozen=True)
 class Prediction:
-    estimate: float          # lossless connect seconds (n * median RTT + fixed)
+    estimate: float  # lossless connect seconds (n * median RTT + fixed)
     miss_probability: float
     r_factor: float
     mos: float
@@ -54,8 +54,15 @@ def connect_estimate(rtt: float, round_trips: float, fixed: float) -> float:
     return round_trips * rtt + fixed
 
 
-def miss_probability(loss: float, mean_rtt: float, sd_rtt: float, budget: float,
-                     round_trips: float, fixed: float, exchanges: int) -> float:
+def miss_probability(
+    loss: float,
+    mean_rtt: float,
+    sd_rtt: float,
+    budget: float,
+    round_trips: float,
+    fixed: float,
+    exchanges: int,
+) -> float:
     loss = min(max(loss, 0.0), 1.0)
     p_lossless_ok = (1 - loss) ** exchanges
     slack = budget - fixed - round_trips * mean_rtt
@@ -86,8 +93,15 @@ def mos(r: float) -> float:
     return 1 + 0.035 * r + 7e-6 * r * (r - 60) * (100 - r)
 
 
-def predict(answered: Sequence[float], lost: int, jitter: float, budget: float,
-            round_trips: float, fixed: float, exchanges: int) -> Prediction | None:
+def predict(
+    answered: Sequence[float],
+    lost: int,
+    jitter: float,
+    budget: float,
+    round_trips: float,
+    fixed: float,
+    exchanges: int,
+) -> Prediction | None:
     """Budget prediction from a window of sorted answered RTTs and a lost count."""
     n = len(answered) + lost
     if n == 0:
@@ -97,10 +111,15 @@ def predict(answered: Sequence[float], lost: int, jitter: float, budget: float,
         return Prediction(math.inf, 1.0, 0.0, 1.0)
     median = quantile(answered, 0.5)
     mean = sum(answered) / len(answered)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in answered) / (len(answered) - 1)) \
-        if len(answered) > 1 else 0.0
+    sd = (
+        math.sqrt(sum((x - mean) ** 2 for x in answered) / (len(answered) - 1))
+        if len(answered) > 1
+        else 0.0
+    )
     r = r_factor(mean, jitter, loss)
     return Prediction(
         estimate=connect_estimate(median, round_trips, fixed),
         miss_probability=miss_probability(loss, mean, sd, budget, round_trips, fixed, exchanges),
-        r_factor=r, mos=mos(r))
+        r_factor=r,
+        mos=mos(r),
+    )

@@ -82,19 +82,29 @@ def stagger(key: tuple[str, str]) -> float:
 
 
 class _Entry:
-    __slots__ = ("done", "extra", "handle", "in_run", "job", "running", "runs", "slot", "task",
-                 "tick")
+    __slots__ = (
+        "done",
+        "extra",
+        "handle",
+        "in_run",
+        "job",
+        "running",
+        "runs",
+        "slot",
+        "task",
+        "tick",
+    )
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.in_run = False                   # a run (of a tick or triggered) is in flight
+        self.in_run = False  # a run (of a tick or triggered) is in flight
         self.runs = 0
-        self.extra: asyncio.Task[None] | None = None   # a triggered out-of-band run
-        self.slot: float | None = None        # when the timer of its next tick fires
-        self.tick = 0.0                       # its scheduled time
-        self.running = False                  # the run of a tick is in flight...
+        self.extra: asyncio.Task[None] | None = None  # a triggered out-of-band run
+        self.slot: float | None = None  # when the timer of its next tick fires
+        self.tick = 0.0  # its scheduled time
+        self.running = False  # the run of a tick is in flight...
         self.handle: RunHandle | None = None  # ...in callback form, and how to abandon it
-        self.task: asyncio.Task[None] | None = None   # ...or as a task
+        self.task: asyncio.Task[None] | None = None  # ...or as a task
         self.done: Done | None = None
 
 
@@ -123,8 +133,9 @@ class Scheduler:
         """Bring the running tasks in line with ``jobs``: (added, removed, changed)."""
         wanted = {j.key: j for j in jobs}
         rate = sum(1.0 / j.options.interval for j in wanted.values())
-        self.slot = next((s for s in reversed(self.SLOTS) if rate * s <= self.RUNS_PER_SLOT),
-                         self.SLOTS[0])
+        self.slot = next(
+            (s for s in reversed(self.SLOTS) if rate * s <= self.RUNS_PER_SLOT), self.SLOTS[0]
+        )
         added: list[Job] = []
         removed: list[Job] = []
         changed: list[Job] = []
@@ -158,7 +169,7 @@ class Scheduler:
 
     def _cancel(self, e: _Entry) -> None:
         # An abandoned run records nothing: a packet in flight is neither sent nor lost.
-        e.slot = None    # a queued tick is skipped when its slot fires
+        e.slot = None  # a queued tick is skipped when its slot fires
         self._abandon(e)
         for t in (e.task, e.extra):
             if t is not None:
@@ -186,7 +197,7 @@ class Scheduler:
                 idx = math.ceil(q)
                 e.tick = idx * self.slot
             else:
-                idx = -1   # an interval of no whole slots: a timer at its own exact time
+                idx = -1  # an interval of no whole slots: a timer at its own exact time
         when = idx * self.slot if idx >= 0 else e.tick
         e.slot = when
         queued = self._slots.get(when)
@@ -237,7 +248,7 @@ class Scheduler:
             self._done(e, ProbeResult.failure("exception", 0.0))
             return
         if not e.running:
-            return     # completed synchronously (e.g. the send failed)
+            return  # completed synchronously (e.g. the send failed)
         if handle is not None:
             e.handle = handle
             return
@@ -245,7 +256,8 @@ class Scheduler:
         # It must be over before the next tick; kinds finish earlier by themselves
         # (validated: run_time <= interval), so this deadline is only a safety net.
         e.task = asyncio.get_running_loop().create_task(
-            self._run_task(e, tick + interval - now), name=f"probe:{job.key}")
+            self._run_task(e, tick + interval - now), name=f"probe:{job.key}"
+        )
 
     async def _run_task(self, e: _Entry, budget: float) -> None:
         result = await self._run(e.job, budget)
@@ -254,7 +266,7 @@ class Scheduler:
 
     def _done(self, e: _Entry, result: ProbeResult | None) -> None:
         if not e.running:
-            return     # abandoned
+            return  # abandoned
         e.running = e.in_run = False
         e.handle = None
         self._running -= 1
@@ -263,11 +275,12 @@ class Scheduler:
             try:
                 self.runner.record(e.job, result)
             except Exception:
-                log.exception("recording a result failed",
-                              extra={"edge": e.job.target.name, "probe": e.job.kind})
+                log.exception(
+                    "recording a result failed",
+                    extra={"edge": e.job.target.name, "probe": e.job.kind},
+                )
         if self.stopping:
-            if self._running == 0 and self._drained is not None \
-                    and not self._drained.done():
+            if self._running == 0 and self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
             return
         e.tick += e.job.options.interval
@@ -324,27 +337,31 @@ class Scheduler:
             e.slot = None
             if e.extra is not None and not e.extra.done():
                 tasks.append(e.extra)
-        if self._running:    # runs of ticks: waited for through _drained
+        if self._running:  # runs of ticks: waited for through _drained
             self._drained = asyncio.get_running_loop().create_future()
             tasks.append(self._drained)
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace)
             for e in self.entries.values():
-                self._abandon(e)   # runs still in flight after the grace: nothing recorded
+                self._abandon(e)  # runs still in flight after the grace: nothing recorded
             for t in pending:
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
-        run_tasks = [e.task for e in self.entries.values()
-                     if e.task is not None and not e.task.done()]
+        run_tasks = [
+            e.task for e in self.entries.values() if e.task is not None and not e.task.done()
+        ]
         if run_tasks:
             await asyncio.gather(*run_tasks, return_exceptions=True)
 
     @property
     def task_count(self) -> int:
         """Series with a live driver: an armed tick, or a run in flight."""
-        return sum(1 for e in self.entries.values() if (e.task is not None and not e.task.done())
-                   or e.slot is not None or e.running)
+        return sum(
+            1
+            for e in self.entries.values()
+            if (e.task is not None and not e.task.done()) or e.slot is not None or e.running
+        )
 
 
 async def loop_lag_monitor(stats: SelfStats, period: float = 0.25) -> None:

@@ -122,10 +122,10 @@ class PacketStats:
     bursts: Histogram | None = None
     sent: int = 0
     lost: int = 0
-    loss_periods: int = 0   # RFC 3357 loss periods begun: lost / loss_periods is the mean burst
+    loss_periods: int = 0  # RFC 3357 loss periods begun: lost / loss_periods is the mean burst
     jitter: float = 0.0
     last_rtt: float | None = None
-    burst: int = 0          # length of the loss run in progress
+    burst: int = 0  # length of the loss run in progress
 
     def add(self, rtts: Sequence[float | None], now: float) -> None:
         for r in rtts:
@@ -186,8 +186,9 @@ class SeriesStats:
         for phase, secs in result.phases.items():
             h = self.phases.get(phase)
             if h is None:
-                h = self.phases[phase] = Histogram(self.phase_bounds,
-                                                   self.duration.native is not None)
+                h = self.phases[phase] = Histogram(
+                    self.phase_bounds, self.duration.native is not None
+                )
             h.observe(secs)
         self.gauges.update(result.gauges)
         if result.info:
@@ -220,15 +221,17 @@ class SeriesShape:
     full: bool = False
 
 
-def new_series(packet_based: bool, phases: Iterable[str], reasons: Iterable[str],
-               shape: SeriesShape) -> SeriesStats:
+def new_series(
+    packet_based: bool, phases: Iterable[str], reasons: Iterable[str], shape: SeriesShape
+) -> SeriesStats:
     """A series with its label sets pre-created, so it is exported before the first result
     (error reasons too with the full detail; otherwise each appears with its first error)."""
     native = shape.native
     s = SeriesStats(duration=Histogram(shape.durations, native), phase_bounds=shape.phases)
     if packet_based:
-        s.packets = PacketStats(rtt=Histogram(shape.rtt, native),
-                                window=Window(shape.window_seconds))
+        s.packets = PacketStats(
+            rtt=Histogram(shape.rtt, native), window=Window(shape.window_seconds)
+        )
         if shape.full:
             s.packets.ipdv = Histogram(IPDV_BUCKETS)
             s.packets.bursts = Histogram(BURST_BUCKETS)

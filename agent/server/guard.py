@@ -82,20 +82,39 @@ class ReloadableContext(ssl.SSLContext):
 
     current: ssl.SSLContext
 
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                 server_side: bool = False, server_hostname: str | bytes | None = None,
-                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        return self.current.wrap_bio(incoming, outgoing, server_side=server_side,
-                                     server_hostname=server_hostname, session=session)
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return self.current.wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
 
-    def wrap_socket(self, sock: socket.socket, server_side: bool = False,
-                    do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
-                    server_hostname: str | bytes | None = None,
-                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-        return self.current.wrap_socket(sock, server_side=server_side,
-                                        do_handshake_on_connect=do_handshake_on_connect,
-                                        suppress_ragged_eofs=suppress_ragged_eofs,
-                                        server_hostname=server_hostname, session=session)
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return self.current.wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=server_hostname,
+            session=session,
+        )
 
 
 class _Busy(Exception):
@@ -114,12 +133,19 @@ class WebGuard:
 
     ``WebGuard(None)`` is a no-op guard (no ``--web.config.file``)."""
 
-    def __init__(self, path: str | Path | None, *, clock: Callable[[], float] = time.monotonic,
-                 bcrypt_workers: int = 2, bcrypt_queue: int = 4) -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        bcrypt_workers: int = 2,
+        bcrypt_queue: int = 4,
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self._clock = clock
-        self.config, tls = (load_with_tls(self.path) if self.path is not None
-                            else (WebConfig(), None))
+        self.config, tls = (
+            load_with_tls(self.path) if self.path is not None else (WebConfig(), None)
+        )
         self._ssl: ReloadableContext | None = None
         # The contexts whose handshakes satisfy the client policy in force: a connection made
         # under any other one is closed at its next request (see _stale).
@@ -131,9 +157,10 @@ class WebGuard:
             self._admitted.add(self._ssl.current)
         self._cache = _AuthCache()
         self._bcrypt_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=bcrypt_workers, thread_name_prefix="edgeprobe-bcrypt")
+            max_workers=bcrypt_workers, thread_name_prefix="edgeprobe-bcrypt"
+        )
         self._bcrypt_limit = bcrypt_workers + bcrypt_queue
-        self._bcrypt_pending = 0    # submitted to the pool and not finished (or cancelled)
+        self._bcrypt_pending = 0  # submitted to the pool and not finished (or cancelled)
         self.bcrypt_shed_total = 0
         self._bucket = TokenBucket(float(self.config.rate_limit.burst), clock())
 
@@ -191,12 +218,16 @@ class WebGuard:
             try:
                 authorized = not cfg.basic_auth_users or await self._authorized(request, cfg)
             except _Busy:
-                resp = web.Response(status=503, text="Service Unavailable\n",
-                                    headers={"Retry-After": "1"})
+                resp = web.Response(
+                    status=503, text="Service Unavailable\n", headers={"Retry-After": "1"}
+                )
             else:
                 if not authorized:
-                    resp = web.Response(status=401, text="Unauthorized\n",
-                                        headers={"WWW-Authenticate": 'Basic realm="edgeprobe"'})
+                    resp = web.Response(
+                        status=401,
+                        text="Unauthorized\n",
+                        headers={"WWW-Authenticate": 'Basic realm="edgeprobe"'},
+                    )
                 else:
                     try:
                         resp = await handler(request)
@@ -252,10 +283,11 @@ class WebGuard:
         loop = asyncio.get_running_loop()
         fut = self._bcrypt_pool.submit(_checkpw, password, hashed)
         self._bcrypt_pending += 1
+
         # Released when the thread is done (or the queued check is cancelled), not when this
         # coroutine stops waiting: a cancelled request must not free a slot still computing.
         def release(_: object) -> None:
-            with contextlib.suppress(RuntimeError):     # the loop is closed: nothing to count
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
                 loop.call_soon_threadsafe(self._bcrypt_done)
 
         fut.add_done_callback(release)

@@ -43,8 +43,9 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-def build_app(agent: Agent, middlewares: Sequence[Any] = (),
-              routes: Iterable[web.RouteDef] = ()) -> web.Application:
+def build_app(
+    agent: Agent, middlewares: Sequence[Any] = (), routes: Iterable[web.RouteDef] = ()
+) -> web.Application:
     """The web application. ``middlewares`` (e.g. basic auth) and extra ``routes`` (e.g. /probe)
     are the extension point for optional features."""
     app = web.Application(middlewares=list(middlewares))
@@ -64,7 +65,7 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
         else:
             chunks, ctype = agent.render_metrics(), CONTENT_TYPE_LATEST
         first = b""
-        for first in chunks:    # reading the state: no bytes yet, so errors can still be a 500
+        for first in chunks:  # reading the state: no bytes yet, so errors can still be a 500
             if first:
                 break
             await asyncio.sleep(0)
@@ -92,8 +93,11 @@ def build_app(agent: Agent, middlewares: Sequence[Any] = (),
         # guard, see cli) lets no one else reach this handler. Read before the reload, which
         # may change the guard's config.
         guard = agent.web_guard
-        authenticated = guard is not None and bool(guard.config.basic_auth_users) \
+        authenticated = (
+            guard is not None
+            and bool(guard.config.basic_auth_users)
             and "Authorization" in request.headers
+        )
         ok, err = await agent.reload()
         if ok:
             return web.Response(text="Reloaded.\n")
@@ -119,8 +123,8 @@ class WebLimits:
     connection that never completes a header until its keep-alive timeout (an hour in 3.14,
     never in older versions), so a few slowloris clients could hold sockets indefinitely."""
 
-    read_header_timeout: float = 10.0   # from accept (TLS handshake included) or first byte
-    idle_timeout: float = 75.0          # between requests on a keep-alive connection
+    read_header_timeout: float = 10.0  # from accept (TLS handshake included) or first byte
+    idle_timeout: float = 75.0  # between requests on a keep-alive connection
     max_connections: int = 512
 
     def problems(self) -> list[str]:
@@ -142,8 +146,8 @@ FD_RESERVE_MARGIN = 32
 # path sends every TTL of every round from a socket of its own; connect holds its signalling
 # TCP/TLS socket, a STUN and a TURN socket; ICMP shares the engines' sockets (the margin).
 _RUN_FDS = {"icmp": 0, "connect": 3}
-_PROBE_REQUEST_FDS = 3      # a /probe request in flight: its module's run, at most connect's
-_ACCEPT_BATCH = 16          # accepts per wake-up, so the probes' callbacks are not held up
+_PROBE_REQUEST_FDS = 3  # a /probe request in flight: its module's run, at most connect's
+_ACCEPT_BATCH = 16  # accepts per wake-up, so the probes' callbacks are not held up
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -185,8 +189,9 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
         if isinstance(exc, HttpProcessingError):
-            self.logger.debug("malformed HTTP request",
-                              extra={"status": exc.code, "error": type(exc).__name__})
+            self.logger.debug(
+                "malformed HTTP request", extra={"status": exc.code, "error": type(exc).__name__}
+            )
             return
         self.logger.log(level, msg, *args, **kwargs)
 
@@ -220,7 +225,7 @@ class _Conn(asyncio.Protocol):
         self.handler.data_received(data)
 
     def eof_received(self) -> None:
-        self.handler.eof_received()     # falsy: the transport closes itself
+        self.handler.eof_received()  # falsy: the transport closes itself
 
     def pause_writing(self) -> None:
         self.handler.pause_writing()
@@ -240,8 +245,7 @@ class _Conn(asyncio.Protocol):
         self.state = "busy"
 
     def idle(self) -> None:
-        if self.state == "busy" and self.transport is not None \
-                and not self.transport.is_closing():
+        if self.state == "busy" and self.transport is not None and not self.transport.is_closing():
             self._wait("idle", self.site.loop.time() + self.site.limits.idle_timeout)
 
     def abort(self) -> None:
@@ -249,7 +253,7 @@ class _Conn(asyncio.Protocol):
         peer's close_notify, which a hostile peer never sends)."""
         self._forget()
         if self.transport is not None:
-            self.transport.abort()   # type: ignore[attr-defined]
+            self.transport.abort()  # type: ignore[attr-defined]
 
     def release(self) -> None:
         if not self.released:
@@ -259,7 +263,7 @@ class _Conn(asyncio.Protocol):
     def _wait(self, state: str, deadline: float) -> None:
         self._forget()
         self.state = state
-        self.site.waiting[self] = None      # the oldest waiting connection is evicted first
+        self.site.waiting[self] = None  # the oldest waiting connection is evicted first
         self.timer = self.site.loop.call_at(deadline, self._expire)
 
     def _forget(self) -> None:
@@ -281,9 +285,16 @@ class _GuardedSite(web.BaseSite):
     evicts the connection that has waited longest for a request (idle or slowloris); if all
     are handling a request, the new connection is closed at accept."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 ssl_context: ssl.SSLContext | None, limits: WebLimits,
-                 reserve: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        limits: WebLimits,
+        reserve: Callable[[], int],
+    ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self.host, self.port = host, port
         self.limits = limits
@@ -294,7 +305,7 @@ class _GuardedSite(web.BaseSite):
         self.waiting: MutableMapping[_Conn, None] = collections.OrderedDict()
         self.closing: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.open = 0           # accepted sockets not closed yet (handshaking, live, closing)
+        self.open = 0  # accepted sockets not closed yet (handshaking, live, closing)
         self.base_fds = 0
         self.paused = False
         self.resume_timer: asyncio.TimerHandle | None = None
@@ -313,8 +324,9 @@ class _GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        infos = await self.loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
-                                            flags=socket.AI_PASSIVE)
+        infos = await self.loop.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         try:
             for fam, typ, proto, _, addr in dict.fromkeys(infos):
                 s = socket.socket(fam, typ, proto)
@@ -359,7 +371,7 @@ class _GuardedSite(web.BaseSite):
         for _ in range(_ACCEPT_BATCH):
             full = self.open >= self.limit()
             if full and self._evict():
-                self._pause(1.0)    # until the evicted connection's socket is closed
+                self._pause(1.0)  # until the evicted connection's socket is closed
                 return
             try:
                 sock, _ = listener.accept()
@@ -367,11 +379,13 @@ class _GuardedSite(web.BaseSite):
                 return
             except OSError as e:
                 if e.errno in _OUT_OF_FDS:
-                    log.warning("cannot accept web connections: out of file descriptors",
-                                extra={"open_connections": self.open})
+                    log.warning(
+                        "cannot accept web connections: out of file descriptors",
+                        extra={"open_connections": self.open},
+                    )
                     self._pause(0.5)
                     return
-                continue        # the client gave up before the accept (ECONNABORTED)
+                continue  # the client gave up before the accept (ECONNABORTED)
             if full:
                 # Every connection is handling a request: none can be evicted.
                 sock.close()
@@ -399,9 +413,14 @@ class _GuardedSite(web.BaseSite):
         now = self.loop.time()
         if now - self.last_full_log >= 60:
             self.last_full_log = now
-            log.warning("web connection limit reached", extra={
-                "limit": self.limit(), "action": action,
-                "hint": "--web.max-connections, RLIMIT_NOFILE (ulimit -n)"})
+            log.warning(
+                "web connection limit reached",
+                extra={
+                    "limit": self.limit(),
+                    "action": action,
+                    "hint": "--web.max-connections, RLIMIT_NOFILE (ulimit -n)",
+                },
+            )
 
     async def _connect(self, sock: socket.socket) -> None:
         server = self._runner.server
@@ -412,8 +431,11 @@ class _GuardedSite(web.BaseSite):
                 await self.loop.connect_accepted_socket(lambda: conn, sock)
             else:
                 await self.loop.connect_accepted_socket(
-                    lambda: conn, sock, ssl=self._ssl_context,
-                    ssl_handshake_timeout=self.limits.read_header_timeout)
+                    lambda: conn,
+                    sock,
+                    ssl=self._ssl_context,
+                    ssl_handshake_timeout=self.limits.read_header_timeout,
+                )
         except BaseException as e:
             # The loop closed (or never took) the socket; closing a socket it detached is
             # a no-op.
@@ -423,8 +445,9 @@ class _GuardedSite(web.BaseSite):
                 raise
             if not isinstance(e, Exception):
                 raise
-            log.debug("web connection failed before its first request",
-                      extra={"error": type(e).__name__})
+            log.debug(
+                "web connection failed before its first request", extra={"error": type(e).__name__}
+            )
 
     def _pause(self, retry: float) -> None:
         if not self.paused:
@@ -453,19 +476,27 @@ class _GuardedSite(web.BaseSite):
         self.listeners.clear()
 
 
-async def serve(app: web.Application, listen: str, ssl_context: ssl.SSLContext | None = None,
-                limits: WebLimits | None = None,
-                reserve: Callable[[], int] = lambda: 0) -> web.AppRunner:
+async def serve(
+    app: web.Application,
+    listen: str,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: WebLimits | None = None,
+    reserve: Callable[[], int] = lambda: 0,
+) -> web.AppRunner:
     """Serve ``app`` on ``listen`` within ``limits``; ``reserve`` is the number of file
     descriptors the probes need (see ProbeFdReserve)."""
     limits = limits or WebLimits()
     host, port = parse_listen(listen)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
-                           keepalive_timeout=limits.idle_timeout,
-                           logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        keepalive_timeout=limits.idle_timeout,
+        logger=_ServerLog(logging.getLogger("aiohttp.server"), {}),
+    )
     await runner.setup()
-    site = _GuardedSite(runner, host, port, ssl_context=ssl_context, limits=limits,
-                        reserve=reserve)
+    site = _GuardedSite(runner, host, port, ssl_context=ssl_context, limits=limits, reserve=reserve)
     server = runner.server
     assert server is not None
     make_request, handle = server.request_factory, server.request_handler
@@ -490,11 +521,17 @@ async def serve(app: web.Application, listen: str, ssl_context: ssl.SSLContext |
         await runner.cleanup()
         raise
     cap = site.limit()
-    log.info("listening", extra={"address": f"{host}:{port}", "tls": ssl_context is not None,
-                                 "max_connections": cap})
+    log.info(
+        "listening",
+        extra={"address": f"{host}:{port}", "tls": ssl_context is not None, "max_connections": cap},
+    )
     if cap < limits.max_connections:
-        log.warning("RLIMIT_NOFILE leaves the web server fewer connections than "
-                    "--web.max-connections; the rest is kept for the probes",
-                    extra={"max_connections": cap, "rlimit_nofile":
-                           resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
+        log.warning(
+            "RLIMIT_NOFILE leaves the web server fewer connections than "
+            "--web.max-connections; the rest is kept for the probes",
+            extra={
+                "max_connections": cap,
+                "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            },
+        )
     return runner

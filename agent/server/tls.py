@@ -21,8 +21,10 @@ from agent.server.webconfig import (
     parse_web_config,
 )
 
-_PEM_CERT_RE = re.compile(r"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----[A-Za-z0-9+/=\s]+"
-                          r"-----END \1?CERTIFICATE-----")
+_PEM_CERT_RE = re.compile(
+    r"-----BEGIN (TRUSTED |X509 )?CERTIFICATE-----[A-Za-z0-9+/=\s]+"
+    r"-----END \1?CERTIFICATE-----"
+)
 
 
 def server_context(cfg: WebConfig) -> tuple[ssl.SSLContext, Hashable] | None:
@@ -33,9 +35,11 @@ def server_context(cfg: WebConfig) -> tuple[ssl.SSLContext, Hashable] | None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client_cas = _configure(cfg, ctx)
-    policy = dataclasses.replace(cfg.tls, cert_file="", key_file="", cert="", key="",
-                                 client_ca_file="", client_ca="")
+    policy = dataclasses.replace(
+        cfg.tls, cert_file="", key_file="", cert="", key="", client_ca_file="", client_ca=""
+    )
     return ctx, (policy, client_cas)
+
 
 def _configure(cfg: WebConfig, ctx: ssl.SSLContext) -> str:
     """Load certificates and policy into a fresh ``ctx``; returns the client CAs loaded.
@@ -56,8 +60,9 @@ def _configure(cfg: WebConfig, ctx: ssl.SSLContext) -> str:
         _load_cert_chain(ctx, _path(cfg, t.cert_file), t.cert, _path(cfg, t.key_file), t.key)
     except (OSError, ssl.SSLError) as e:
         # The OpenSSL message names no key material; errno text names the file at most.
-        raise WebConfigError(f"tls_server_config: cannot load certificate/key: "
-                             f"{_describe(e)}") from None
+        raise WebConfigError(
+            f"tls_server_config: cannot load certificate/key: {_describe(e)}"
+        ) from None
     ctx.verify_mode = CLIENT_AUTH_TYPES[t.client_auth_type]
     if not (t.client_ca_file or t.client_ca):
         return ""
@@ -66,17 +71,16 @@ def _configure(cfg: WebConfig, ctx: ssl.SSLContext) -> str:
     try:
         text = t.client_ca or _path(cfg, t.client_ca_file).read_bytes().decode("latin-1")
     except OSError as e:
-        raise WebConfigError(f"tls_server_config: cannot load client CA: "
-                             f"{_describe(e)}") from None
+        raise WebConfigError(f"tls_server_config: cannot load client CA: {_describe(e)}") from None
     pem = "\n".join(m.group(0) for m in _PEM_CERT_RE.finditer(text))
     if not pem:
         raise WebConfigError("tls_server_config: no PEM certificate in the client CA")
     try:
         ctx.load_verify_locations(cadata=pem)
     except ssl.SSLError as e:
-        raise WebConfigError(f"tls_server_config: cannot load client CA: "
-                             f"{_describe(e)}") from None
+        raise WebConfigError(f"tls_server_config: cannot load client CA: {_describe(e)}") from None
     return pem
+
 
 def _path(cfg: WebConfig, p: str) -> Path:
     return cfg.base_dir / p if p and not Path(p).is_absolute() else Path(p)
@@ -85,12 +89,12 @@ def _path(cfg: WebConfig, p: str) -> Path:
 def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
-    return type(e).__name__ + (f": {e.reason}" if isinstance(e, ssl.SSLError) and e.reason
-                               else "")
+    return type(e).__name__ + (f": {e.reason}" if isinstance(e, ssl.SSLError) and e.reason else "")
 
 
-def _load_cert_chain(ctx: ssl.SSLContext, cert_file: Path, cert: str, key_file: Path,
-                     key: str) -> None:
+def _load_cert_chain(
+    ctx: ssl.SSLContext, cert_file: Path, cert: str, key_file: Path, key: str
+) -> None:
     if cert_file.name and key_file.name:
         ctx.load_cert_chain(str(cert_file), str(key_file))
         return
@@ -98,8 +102,10 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert_file: Path, cert: str, key_file: 
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgeprobe-tls-") as d:
-        cpath, kpath = str(cert_file) if cert_file.name else f"{d}/c.pem", \
-            str(key_file) if key_file.name else f"{d}/k.pem"
+        cpath, kpath = (
+            str(cert_file) if cert_file.name else f"{d}/c.pem",
+            str(key_file) if key_file.name else f"{d}/k.pem",
+        )
         if not cert_file.name:
             Path(cpath).write_text(cert)
         if not key_file.name:

@@ -115,8 +115,9 @@ def parse_duration(value: object, where: str) -> float:
         seconds = decode.parse_duration(value)
     except ValueError as e:
         if isinstance(value, str):
-            raise WebConfigError(f"{where}: invalid duration {value[:40]!r} (e.g. 500ms, "
-                                 "1m30s)") from None
+            raise WebConfigError(
+                f"{where}: invalid duration {value[:40]!r} (e.g. 500ms, 1m30s)"
+            ) from None
         raise WebConfigError(f"{where}: {e}") from None
     if seconds >= 1e9:
         raise WebConfigError(f"{where}: duration out of range")
@@ -148,7 +149,7 @@ class HTTPServerConfig:
 
 @dataclass(frozen=True)
 class RateLimit:
-    interval: float = 0.0     # seconds between two requests; 0 disables the limiter
+    interval: float = 0.0  # seconds between two requests; 0 disables the limiter
     burst: int = 0
 
 
@@ -184,8 +185,7 @@ def _mapping(value: object, where: str) -> dict[str, Any]:
 def _check_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for k in d:
         if k not in allowed:
-            raise WebConfigError(f"{where}: unknown key {k[:60]!r}; allowed: "
-                                 + ", ".join(allowed))
+            raise WebConfigError(f"{where}: unknown key {k[:60]!r}; allowed: " + ", ".join(allowed))
 
 
 def _str(value: object, where: str) -> str:
@@ -210,31 +210,54 @@ def _str_list(value: object, where: str) -> tuple[str, ...]:
 
 def _choice(value: str, choices: Mapping[str, object] | tuple[str, ...], where: str) -> str:
     if value not in choices:
-        raise WebConfigError(f"{where}: unknown value {value[:60]!r}; one of "
-                             + ", ".join(choices))
+        raise WebConfigError(f"{where}: unknown value {value[:60]!r}; one of " + ", ".join(choices))
     return value
 
 
-_TLS_KEYS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type",
-             "client_ca_file", "client_allowed_sans", "min_version", "max_version",
-             "cipher_suites", "prefer_server_cipher_suites", "curve_preferences")
+_TLS_KEYS = (
+    "cert",
+    "key",
+    "client_ca",
+    "cert_file",
+    "key_file",
+    "client_auth_type",
+    "client_ca_file",
+    "client_allowed_sans",
+    "min_version",
+    "max_version",
+    "cipher_suites",
+    "prefer_server_cipher_suites",
+    "curve_preferences",
+)
 
 
 def _decode_tls(raw: object) -> TLSServerConfig:
     w = "tls_server_config"
     d = _mapping(raw, w)
     _check_keys(d, _TLS_KEYS, w)
-    s = {k: _str(d[k], f"{w}.{k}") for k in ("cert", "key", "client_ca", "cert_file",
-                                              "key_file", "client_auth_type",
-                                              "client_ca_file", "min_version", "max_version")
-         if d.get(k) is not None}
+    s = {
+        k: _str(d[k], f"{w}.{k}")
+        for k in (
+            "cert",
+            "key",
+            "client_ca",
+            "cert_file",
+            "key_file",
+            "client_auth_type",
+            "client_ca_file",
+            "min_version",
+            "max_version",
+        )
+        if d.get(k) is not None
+    }
     t = TLSServerConfig(
         **s,
         client_allowed_sans=_str_list(d.get("client_allowed_sans"), f"{w}.client_allowed_sans"),
         cipher_suites=_str_list(d.get("cipher_suites"), f"{w}.cipher_suites"),
         curve_preferences=_str_list(d.get("curve_preferences"), f"{w}.curve_preferences"),
-        prefer_server_cipher_suites=_bool(d.get("prefer_server_cipher_suites", True),
-                                          f"{w}.prefer_server_cipher_suites"),
+        prefer_server_cipher_suites=_bool(
+            d.get("prefer_server_cipher_suites", True), f"{w}.prefer_server_cipher_suites"
+        ),
     )
     if bool(t.cert) == bool(t.cert_file):
         raise WebConfigError(f"{w}: exactly one of cert_file and cert is required")
@@ -245,13 +268,15 @@ def _decode_tls(raw: object) -> TLSServerConfig:
     if t.client_auth_type in UNSUPPORTED_CLIENT_AUTH:
         raise WebConfigError(
             f"{w}.client_auth_type: {t.client_auth_type} accepts unverified client "
-            "certificates and is not supported; use RequireAndVerifyClientCert")
+            "certificates and is not supported; use RequireAndVerifyClientCert"
+        )
     _choice(t.client_auth_type, CLIENT_AUTH_TYPES, f"{w}.client_auth_type")
     if t.client_auth_type != "NoClientCert" and not (t.client_ca or t.client_ca_file):
         raise WebConfigError(f"{w}: client_auth_type {t.client_auth_type} needs client_ca_file")
     if t.client_allowed_sans and t.client_auth_type != "RequireAndVerifyClientCert":
-        raise WebConfigError(f"{w}.client_allowed_sans: needs client_auth_type "
-                             "RequireAndVerifyClientCert")
+        raise WebConfigError(
+            f"{w}.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert"
+        )
     _choice(t.min_version, TLS_VERSIONS, f"{w}.min_version")
     _choice(t.max_version, TLS_VERSIONS, f"{w}.max_version")
     if TLS_VERSIONS[t.min_version] > TLS_VERSIONS[t.max_version]:
@@ -294,17 +319,22 @@ def _decode_users(raw: object) -> dict[str, bytes]:
         # Never echo the value, not even its cost: it is a secret even when malformed.
         where = f"{w}.{user[:60]!r}"
         if not isinstance(h, str):
-            raise WebConfigError(f"{where}: expected a bcrypt hash string, got "
-                                 f"{type(h).__name__}")
+            raise WebConfigError(f"{where}: expected a bcrypt hash string, got {type(h).__name__}")
         m = _BCRYPT_RE.fullmatch(h)
         if m is None:
-            raise WebConfigError(f"{where}: not a bcrypt hash ($2a$/$2b$/$2y$, two-digit cost, "
-                                 "53 characters, nothing around it)")
+            raise WebConfigError(
+                f"{where}: not a bcrypt hash ($2a$/$2b$/$2y$, two-digit cost, "
+                "53 characters, nothing around it)"
+            )
         if not BCRYPT_MIN_COST <= int(m.group(1)) <= BCRYPT_MAX_COST:
-            raise WebConfigError(f"{where}: bcrypt cost outside {BCRYPT_MIN_COST}.."
-                                 f"{BCRYPT_MAX_COST} (every login would take too long)")
-        if (_BCRYPT_ALPHABET.index(m.group(2)[-1]) % 16
-                or _BCRYPT_ALPHABET.index(m.group(3)[-1]) % 4):
+            raise WebConfigError(
+                f"{where}: bcrypt cost outside {BCRYPT_MIN_COST}.."
+                f"{BCRYPT_MAX_COST} (every login would take too long)"
+            )
+        if (
+            _BCRYPT_ALPHABET.index(m.group(2)[-1]) % 16
+            or _BCRYPT_ALPHABET.index(m.group(3)[-1]) % 4
+        ):
             raise WebConfigError(f"{where}: not a canonical bcrypt hash; it can never match")
         users[user] = h.encode()
     return users
@@ -322,8 +352,9 @@ def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
     if not users:
         return b""
     salt = bcrypt.gensalt(max(bcrypt_cost(h) for h in users.values()))
-    digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(30)) \
-        + secrets.choice(_BCRYPT_ALPHABET[::4])
+    digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(30)) + secrets.choice(
+        _BCRYPT_ALPHABET[::4]
+    )
     return salt + digest.encode()
 
 
@@ -377,7 +408,7 @@ def _node_path(root: yaml.Node, target: yaml.Node) -> str:
         if node is target:
             return path or "<document>"
         if id(node) in seen:
-            continue    # an alias may point back up the tree
+            continue  # an alias may point back up the tree
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
@@ -396,7 +427,7 @@ def _load_yaml(text: str, source: str) -> object:
     loader: _Loader | None = None
     root: yaml.Node | None = None
     try:
-        loader = _Loader(text)     # the reader already refuses control characters
+        loader = _Loader(text)  # the reader already refuses control characters
         root = loader.get_single_node()
         return loader.construct_document(root) if root is not None else None
     except _BadNode as e:
@@ -408,8 +439,7 @@ def _load_yaml(text: str, source: str) -> object:
         # str(e) would quote the offending line, which may hold a key or a hash.
         mark = e.problem_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise WebConfigError(f"{source}{at}: invalid YAML: {_one_line(str(e.problem))}"
-                             ) from None
+        raise WebConfigError(f"{source}{at}: invalid YAML: {_one_line(str(e.problem))}") from None
     except (yaml.YAMLError, RecursionError) as e:
         raise WebConfigError(f"{source}: invalid YAML ({type(e).__name__})") from None
     finally:
@@ -417,17 +447,21 @@ def _load_yaml(text: str, source: str) -> object:
             loader.dispose()
 
 
-def parse_web_config(text: str, base_dir: Path = Path("."), source: str = "<web config>"
-                     ) -> WebConfig:
+def parse_web_config(
+    text: str, base_dir: Path = Path("."), source: str = "<web config>"
+) -> WebConfig:
     """Decode and validate a web config (without touching certificate files)."""
     raw = _load_yaml(text, source) if text.strip() else {}
     d = _mapping(raw, source)
-    _check_keys(d, ("tls_server_config", "http_server_config", "basic_auth_users",
-                    "rate_limit"), source)
+    _check_keys(
+        d, ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"), source
+    )
     if "tls_server_config" in d and not d["tls_server_config"]:
         # The toolkit serves plain HTTP here; someone who wrote the key meant TLS.
-        raise WebConfigError("tls_server_config: empty; set cert_file and key_file, or remove "
-                             "tls_server_config to serve plain HTTP")
+        raise WebConfigError(
+            "tls_server_config: empty; set cert_file and key_file, or remove "
+            "tls_server_config to serve plain HTTP"
+        )
     users = _decode_users(d.get("basic_auth_users"))
     return WebConfig(
         tls=_decode_tls(d["tls_server_config"]) if "tls_server_config" in d else None,

@@ -26,8 +26,9 @@ VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 def net_raw_xattr() -> bytes:
     # magic_etc, then {permitted, inheritable} for capability words 0 (caps 0-31) and 1.
     # Effective too, so the agent needs no capset call of its own.
-    return struct.pack("<5I", VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE,
-                       1 << CAP_NET_RAW, 0, 0, 0)
+    return struct.pack(
+        "<5I", VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE, 1 << CAP_NET_RAW, 0, 0, 0
+    )
 
 
 def give_venv_net_raw(venv: Path) -> Path:

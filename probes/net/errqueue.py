@@ -16,10 +16,10 @@ from dataclasses import dataclass
 IP_RECVERR: int = getattr(socket, "IP_RECVERR", 11)
 IPV6_RECVERR: int = getattr(socket, "IPV6_RECVERR", 25)
 MSG_ERRQUEUE: int = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-ORIGIN_ICMP = 2                            # SO_EE_ORIGIN_ICMP
-ORIGIN_ICMP6 = 3                           # SO_EE_ORIGIN_ICMP6
+ORIGIN_ICMP = 2  # SO_EE_ORIGIN_ICMP
+ORIGIN_ICMP6 = 3  # SO_EE_ORIGIN_ICMP6
 
-_EE = struct.Struct("=IBBBBII")            # struct sock_extended_err
+_EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
 _RECVERR = ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR))
 
 
@@ -28,10 +28,10 @@ class IcmpError:
     """One ICMP error the kernel matched to the socket's traffic."""
 
     errno: int
-    origin: int                            # ORIGIN_ICMP or ORIGIN_ICMP6
+    origin: int  # ORIGIN_ICMP or ORIGIN_ICMP6
     type: int
     code: int
-    offender: str                          # the address that sent the error; "" if unknown
+    offender: str  # the address that sent the error; "" if unknown
 
     @property
     def time_exceeded(self) -> bool:
@@ -56,14 +56,14 @@ def parse(level: int, ctype: int, data: bytes) -> IcmpError | None:
     ee_errno, origin, itype, code, _pad, _info, _data = _EE.unpack_from(data)
     if origin not in (ORIGIN_ICMP, ORIGIN_ICMP6):
         return None
-    return IcmpError(ee_errno, origin, itype, code, _address(data[_EE.size:]))
+    return IcmpError(ee_errno, origin, itype, code, _address(data[_EE.size :]))
 
 
 def _address(raw: bytes) -> str:
     """The address in a ``sockaddr_in`` / ``sockaddr_in6`` as the kernel wrote it."""
     if len(raw) < 2:
         return ""
-    family = int.from_bytes(raw[:2], sys.byteorder)   # sa_family_t, host byte order
+    family = int.from_bytes(raw[:2], sys.byteorder)  # sa_family_t, host byte order
     try:
         if family == socket.AF_INET6 and len(raw) >= 24:
             return socket.inet_ntop(socket.AF_INET6, raw[8:24])

@@ -48,14 +48,21 @@ SOL_RAW = 255
 ICMP_FILTER = 1
 ICMP6_FILTER = 1
 
-_TS = struct.Struct("@qq")                 # struct timespec on 64-bit Linux
+_TS = struct.Struct("@qq")  # struct timespec on 64-bit Linux
 _IDSEQ = struct.Struct("!HH")
 _HDR = struct.Struct("!BBHHH")
 
 Mode = Literal["privileged", "unprivileged"]
 # Why a reply is not counted as one (edgeprobe_stray_packets_total{probe="icmp",reason}).
-STRAY_REASONS = ("foreign", "late", "unmatched", "wrong_source", "bad_checksum", "bad_payload",
-                 "malformed")
+STRAY_REASONS = (
+    "foreign",
+    "late",
+    "unmatched",
+    "wrong_source",
+    "bad_checksum",
+    "bad_payload",
+    "malformed",
+)
 TOKEN_LEN = 8
 SEQ_SPACE = 1 << 16
 # Seconds a finished run's sequence numbers are remembered, to tell "late" from "unknown".
@@ -65,6 +72,7 @@ DEADLINE_SLOT = 0.001
 # At most this many queue entries are handled per deadline wake-up (bounded loop stalls).
 DEADLINE_BATCH = 500
 
+
 @dataclass
 class PingOutcome:
     """Per-packet outcome of one train, in send order."""
@@ -73,7 +81,7 @@ class PingOutcome:
     ids: list[int]
     errors: list[str | None]
     responders: list[str | None]
-    error_rtts: list[float | None]   # RTT of the ICMP error (e.g. TTL exceeded) per packet
+    error_rtts: list[float | None]  # RTT of the ICMP error (e.g. TTL exceeded) per packet
 
     @property
     def error_counts(self) -> dict[str, int]:
@@ -89,11 +97,31 @@ class Train:
     train's deadline passed (``abandoned`` when the engine closed under it); never after
     ``cancel``."""
 
-    __slots__ = ("abandoned", "engine", "error_rtts", "errors", "finished", "ids", "left",
-                 "number", "on_done", "payload", "responders", "rtts", "timeout_ns", "timers")
+    __slots__ = (
+        "abandoned",
+        "engine",
+        "error_rtts",
+        "errors",
+        "finished",
+        "ids",
+        "left",
+        "number",
+        "on_done",
+        "payload",
+        "responders",
+        "rtts",
+        "timeout_ns",
+        "timers",
+    )
 
-    def __init__(self, n: int, timeout_ns: int, on_done: Callable[[Train], None],
-                 payload: bytes = b"", engine: IcmpEngine | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        timeout_ns: int,
+        on_done: Callable[[Train], None],
+        payload: bytes = b"",
+        engine: IcmpEngine | None = None,
+    ) -> None:
         self.payload = payload
         self.rtts: list[float | None] = [None] * n
         self.errors: list[str | None] = [None] * n
@@ -106,7 +134,7 @@ class Train:
         self.engine = engine
         self.finished = False
         self.abandoned = False
-        self.number = 0   # in the engine's deadline queue
+        self.number = 0  # in the engine's deadline queue
         self.timers: list[asyncio.TimerHandle] | None = None
 
     def settle(self, idx: int) -> None:
@@ -138,7 +166,7 @@ class _Slot:
 
 @dataclass
 class EngineStats:
-    clock_fallbacks: int = 0    # kernel timestamp unusable (missing, or wall clock stepped)
+    clock_fallbacks: int = 0  # kernel timestamp unusable (missing, or wall clock stepped)
     received: int = 0
 
 
@@ -210,12 +238,14 @@ class IcmpEngine:
                 words = [0xFFFFFFFF] * 8
                 for t in keep:
                     words[t >> 5] &= ~(1 << (t & 31))
-                self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER,
-                                     struct.pack("=8I", *words))
+                self.sock.setsockopt(
+                    socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("=8I", *words)
+                )
             else:
                 keep_mask = (1 << 0) | (1 << 3) | (1 << 11)
-                self.sock.setsockopt(SOL_RAW, ICMP_FILTER,
-                                     struct.pack("=I", ~keep_mask & 0xFFFFFFFF))
+                self.sock.setsockopt(
+                    SOL_RAW, ICMP_FILTER, struct.pack("=I", ~keep_mask & 0xFFFFFFFF)
+                )
         except OSError as e:  # pragma: no cover - filter is an optimisation only
             log.debug("icmp filter not installed: %s", e)
 
@@ -257,8 +287,10 @@ class IcmpEngine:
             pattern = (self.token + bytes(range(0x20, 0x7F))) * (size // 100 + 1)
             data = pattern[:size]
             padded = data + b"\x00" if size % 2 else data
-            p = self._payloads[size] = (data, sum(struct.unpack(f"!{size // 2 + size % 2}H",
-                                                                  padded)))
+            p = self._payloads[size] = (
+                data,
+                sum(struct.unpack(f"!{size // 2 + size % 2}H", padded)),
+            )
         return p
 
     def _packet(self, seq: int, payload: bytes, psum: int) -> bytes:
@@ -284,17 +316,23 @@ class IcmpEngine:
         if cmsgs is None:
             cmsgs = []
             if tos:
-                cmsgs.append((socket.IPPROTO_IPV6, socket.IPV6_TCLASS, struct.pack("=i", tos))
-                             if self.v6 else (socket.IPPROTO_IP, socket.IP_TOS, bytes([tos])))
+                cmsgs.append(
+                    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, struct.pack("=i", tos))
+                    if self.v6
+                    else (socket.IPPROTO_IP, socket.IP_TOS, bytes([tos]))
+                )
             if ttl is not None and ttl != 64:
-                cmsgs.append((socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT, struct.pack("=i", ttl))
-                             if self.v6 else (socket.IPPROTO_IP, socket.IP_TTL,
-                                              struct.pack("=i", ttl)))
+                cmsgs.append(
+                    (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT, struct.pack("=i", ttl))
+                    if self.v6
+                    else (socket.IPPROTO_IP, socket.IP_TTL, struct.pack("=i", ttl))
+                )
             self._cmsgs[key] = cmsgs
         return cmsgs
 
-    def _send(self, run: Train, idx: int, dest: str, psum: int,
-              cmsgs: list[tuple[int, int, bytes]]) -> None:
+    def _send(
+        self, run: Train, idx: int, dest: str, psum: int, cmsgs: list[tuple[int, int, bytes]]
+    ) -> None:
         if run.finished:
             return  # the run was abandoned (cancelled) before this packet's turn
         seq = self._next_seq()
@@ -312,26 +350,45 @@ class IcmpEngine:
             else:
                 self.sock.sendto(pkt, addr)
         except OSError as e:
-            run.errors[idx] = "unreachable" if e.errno in (
-                errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL) else "send_error"
+            run.errors[idx] = (
+                "unreachable"
+                if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
+                else "send_error"
+            )
             run.settle(idx)
             return
         self._pending[seq] = _Slot(run, idx, dest, t_mono, t_real)
         run.ids[idx] = seq
 
-    def start(self, dest: str, count: int, spacing: float, timeout: float, payload_size: int,
-              tos: int, ttl: int | None, on_done: Callable[[Train], None]) -> Train:
+    def start(
+        self,
+        dest: str,
+        count: int,
+        spacing: float,
+        timeout: float,
+        payload_size: int,
+        tos: int,
+        ttl: int | None,
+        on_done: Callable[[Train], None],
+    ) -> Train:
         """Send the first of ``count`` echo requests now and the rest ``spacing`` seconds
         apart; ``on_done(run)`` is called (from the event loop, possibly before this returns)
         once every packet has its reply, error or timeout. ``run.cancel()`` abandons it."""
         lit = literal(dest)
         dest = lit.address if lit is not None else dest  # replies name the canonical form
-        return self.start_canonical(dest, count, spacing, timeout, payload_size, tos, ttl,
-                                    on_done)
+        return self.start_canonical(dest, count, spacing, timeout, payload_size, tos, ttl, on_done)
 
-    def start_canonical(self, dest: str, count: int, spacing: float, timeout: float,
-                        payload_size: int, tos: int, ttl: int | None,
-                        on_done: Callable[[Train], None]) -> Train:
+    def start_canonical(
+        self,
+        dest: str,
+        count: int,
+        spacing: float,
+        timeout: float,
+        payload_size: int,
+        tos: int,
+        ttl: int | None,
+        on_done: Callable[[Train], None],
+    ) -> Train:
         """``start`` for a ``dest`` already in canonical form (as ``literal`` gives it): the
         callback form of the kind has it at hand, and parsing it again per run costs CPU."""
         loop = self._loop
@@ -344,14 +401,24 @@ class IcmpEngine:
         t0 = loop.time()
         self._send(run, 0, dest, psum, cmsgs)
         if count > 1:
-            run.timers = [loop.call_at(t0 + i * spacing, self._send, run, i, dest, psum, cmsgs)
-                          for i in range(1, count)]
+            run.timers = [
+                loop.call_at(t0 + i * spacing, self._send, run, i, dest, psum, cmsgs)
+                for i in range(1, count)
+            ]
         if not run.finished:
             self._add_deadline(run, t0 + (count - 1) * spacing + timeout)
         return run
 
-    async def ping(self, dest: str, count: int = 1, spacing: float = 0.02, timeout: float = 1.0,
-                   payload_size: int = 56, tos: int = 0, ttl: int | None = None) -> PingOutcome:
+    async def ping(
+        self,
+        dest: str,
+        count: int = 1,
+        spacing: float = 0.02,
+        timeout: float = 1.0,
+        payload_size: int = 56,
+        tos: int = 0,
+        ttl: int | None = None,
+    ) -> PingOutcome:
         """Send ``count`` echo requests ``spacing`` seconds apart and wait for each one's
         reply or its timeout. Cancelling abandons the train without settling anything."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -410,7 +477,7 @@ class IcmpEngine:
         while heap and (heap[0][1] not in unfinished or heap[0][0] <= now):
             budget -= 1
             if budget < 0:
-                self._arm(now)   # more next loop iteration: the probes' timers go first
+                self._arm(now)  # more next loop iteration: the probes' timers go first
                 return
             run = unfinished.get(heapq.heappop(heap)[1])
             if run is not None and not run.finished:
@@ -515,8 +582,9 @@ class IcmpEngine:
         # queued ICMP error sets the socket error, which the recv above reports. Trains that
         # reach their deadline read the queue once more (_on_deadline).
 
-    def _handle(self, data: bytes, anc: list[tuple[int, int, bytes]], src: str,
-                rx_mono: int) -> None:
+    def _handle(
+        self, data: bytes, anc: list[tuple[int, int, bytes]], src: str, rx_mono: int
+    ) -> None:
         if self.v6 or self.mode == "unprivileged":
             icmp = data
         else:
@@ -569,7 +637,7 @@ class IcmpEngine:
                 if len(inner) < 20:
                     self.counters.stray("icmp", "malformed")
                     return
-                inner = inner[(inner[0] & 0x0F) * 4:]
+                inner = inner[(inner[0] & 0x0F) * 4 :]
             else:
                 inner = inner[40:]
             if len(inner) < 8 or inner[0] != self._echo_type:
@@ -582,8 +650,9 @@ class IcmpEngine:
             return
         # echo requests (our own, on loopback) and anything else: not ours to count
 
-    def _settle_error(self, seq: int, reason: str, src: str, rx_mono: int,
-                      anc: list[tuple[int, int, bytes]]) -> None:
+    def _settle_error(
+        self, seq: int, reason: str, src: str, rx_mono: int, anc: list[tuple[int, int, bytes]]
+    ) -> None:
         slot = self._pending.pop(seq, None)
         if slot is None:
             self.counters.stray("icmp", "late" if seq in self._expired else "unmatched")
@@ -614,8 +683,13 @@ class IcmpEngine:
             _t, _c, _cs, ident, seq = _HDR.unpack_from(data)
             if ident != self.ident and self.mode == "privileged":
                 continue
-            self._settle_error(seq, "ttl_exceeded" if err.time_exceeded else "unreachable",
-                               err.offender, rx_mono, anc)
+            self._settle_error(
+                seq,
+                "ttl_exceeded" if err.time_exceeded else "unreachable",
+                err.offender,
+                rx_mono,
+                anc,
+            )
 
     def _rtt_ns(self, slot: _Slot, anc: list[tuple[int, int, bytes]], rx_mono: int) -> int:
         user = rx_mono - slot.t_mono
@@ -678,8 +752,7 @@ class IcmpEngines:
         if eng is not None or family in self.failures:
             return eng
         tried: list[str] = []
-        order: list[Mode] = (["unprivileged", "privileged"] if self.mode == "auto"
-                             else [self.mode])
+        order: list[Mode] = ["unprivileged", "privileged"] if self.mode == "auto" else [self.mode]
         for m in order:
             try:
                 eng = IcmpEngine(family, m, self.counters)
@@ -694,8 +767,11 @@ class IcmpEngines:
             self.engines[family] = eng
             return eng
         self.failures[family] = "; ".join(tried)
-        log.error("icmp %s socket unavailable: %s",
-                  "ipv6" if family == socket.AF_INET6 else "ipv4", self.failures[family])
+        log.error(
+            "icmp %s socket unavailable: %s",
+            "ipv6" if family == socket.AF_INET6 else "ipv4",
+            self.failures[family],
+        )
         return None
 
     def describe(self) -> str:
@@ -715,6 +791,8 @@ def _why(e: Exception, mode: Mode) -> str:
                 rng = f.read().split()
         except OSError:
             rng = []
-        return (f"net.ipv4.ping_group_range is {' '.join(rng) or 'unknown'}, which excludes "
-                f"group {os.getgid()}")
+        return (
+            f"net.ipv4.ping_group_range is {' '.join(rng) or 'unknown'}, which excludes "
+            f"group {os.getgid()}"
+        )
     return "raw sockets need CAP_NET_RAW" if "ermission" in str(e) else str(e)

@@ -39,13 +39,17 @@ def literal(host: str) -> ResolvedAddress | None:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return None
-    return ResolvedAddress(str(ip) + pct + zone,
-                           socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+    return ResolvedAddress(
+        str(ip) + pct + zone, socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    )
 
 
 def _pick(infos: list[tuple[int, str]], family: IpFamily) -> ResolvedAddress | None:
-    want = {"ipv4": (socket.AF_INET,), "ipv6": (socket.AF_INET6,),
-            "auto": (socket.AF_INET, socket.AF_INET6)}[family]
+    want = {
+        "ipv4": (socket.AF_INET,),
+        "ipv6": (socket.AF_INET6,),
+        "auto": (socket.AF_INET, socket.AF_INET6),
+    }[family]
     for fam in want:
         for f, addr in infos:
             if f == fam:
@@ -56,7 +60,7 @@ def _pick(infos: list[tuple[int, str]], family: IpFamily) -> ResolvedAddress | N
 @dataclass
 class _Entry:
     infos: list[tuple[int, str]]
-    fetched: float          # monotonic seconds of the last successful lookup
+    fetched: float  # monotonic seconds of the last successful lookup
     failed_since: float | None = None
 
 
@@ -122,8 +126,9 @@ class Resolver:
     async def resolve(self, host: str, family: IpFamily = "auto") -> ResolvedAddress:
         lit = literal(host)
         if lit is not None:
-            if (family == "ipv4" and lit.family != socket.AF_INET) or \
-                    (family == "ipv6" and lit.family != socket.AF_INET6):
+            if (family == "ipv4" and lit.family != socket.AF_INET) or (
+                family == "ipv6" and lit.family != socket.AF_INET6
+            ):
                 raise ResolveError("resolve_empty")
             return lit
         now = time.monotonic()
@@ -151,7 +156,7 @@ class Resolver:
         """What ``resolve`` would return without a lookup or an error, else None."""
         lit = literal(host)
         if lit is not None:
-            ok = (family == "auto" or (family == "ipv6") == (lit.family == socket.AF_INET6))
+            ok = family == "auto" or (family == "ipv6") == (lit.family == socket.AF_INET6)
             return lit if ok else None
         entry = self._cache.get(host)
         if entry is None or time.monotonic() - entry.fetched >= self.ttl:

@@ -52,8 +52,7 @@ async def resolve(host: str, opts: CommonOptions, ctx: ProbeContext) -> Endpoint
 
 def check_ports(opts: CommonOptions, *keys: str) -> list[str]:
     """Validation shared by the kinds that take ports: each must be a real port number."""
-    return [f"{k}: must be between 1 and 65535" for k in keys
-            if not 1 <= getattr(opts, k) <= 65535]
+    return [f"{k}: must be between 1 and 65535" for k in keys if not 1 <= getattr(opts, k) <= 65535]
 
 
 def check_source(opts: CommonOptions) -> list[str]:
@@ -107,8 +106,13 @@ def os_error_reason(e: OSError, prefix: str) -> str:
     """Map a connect/send error to ``<prefix>_refused|_unreachable|_timeout|_error``."""
     if isinstance(e, ConnectionRefusedError) or e.errno == errno.ECONNREFUSED:
         return f"{prefix}_refused"
-    if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
-                   errno.ENETDOWN, errno.EHOSTDOWN):
+    if e.errno in (
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EADDRNOTAVAIL,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+    ):
         return f"{prefix}_unreachable"
     if isinstance(e, TimeoutError) or e.errno == errno.ETIMEDOUT:
         return f"{prefix}_timeout"

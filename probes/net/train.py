@@ -24,21 +24,28 @@ Matcher = Callable[[bytes], "int | str"]
 @dataclass
 class TrainResult:
     rtts: list[float | None]
-    refused: int = 0                       # ICMP port unreachable seen on the socket
+    refused: int = 0  # ICMP port unreachable seen on the socket
     duplicates: int = 0
     reordered: int = 0
     strays: dict[str, int] = field(default_factory=dict)
 
 
-async def run_train(sock: socket.socket, packets: list[bytes], spacing: float, timeout: float,
-                    match: Matcher, kind: str, ctx: ProbeContext,
-                    max_inflight: int = 10) -> TrainResult:
+async def run_train(
+    sock: socket.socket,
+    packets: list[bytes],
+    spacing: float,
+    timeout: float,
+    match: Matcher,
+    kind: str,
+    ctx: ProbeContext,
+    max_inflight: int = 10,
+) -> TrainResult:
     loop = asyncio.get_running_loop()
     n = len(packets)
     sent_ns: list[int | None] = [None] * n
     rtts: list[float | None] = [None] * n
     res = TrainResult(rtts)
-    highest = -1                           # highest index answered so far (reordering)
+    highest = -1  # highest index answered so far (reordering)
     changed = asyncio.Event()
     timeout_ns = int(timeout * 1e9)
 
@@ -48,7 +55,7 @@ async def run_train(sock: socket.socket, packets: list[bytes], spacing: float, t
 
     def readable() -> None:
         nonlocal highest
-        for _ in range(256):               # bounded per wake-up; the loop calls again
+        for _ in range(256):  # bounded per wake-up; the loop calls again
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, InterruptedError):
@@ -83,8 +90,11 @@ async def run_train(sock: socket.socket, packets: list[bytes], spacing: float, t
             changed.set()
 
     def inflight(now: int) -> int:
-        return sum(1 for i in range(n) if sent_ns[i] is not None and rtts[i] is None
-                   and now - (sent_ns[i] or 0) <= timeout_ns)
+        return sum(
+            1
+            for i in range(n)
+            if sent_ns[i] is not None and rtts[i] is None and now - (sent_ns[i] or 0) <= timeout_ns
+        )
 
     loop.add_reader(sock.fileno(), readable)
     try:
@@ -110,15 +120,13 @@ async def run_train(sock: socket.socket, packets: list[bytes], spacing: float, t
             except OSError:
                 pass  # counted as a loss, like a drop on the wire
         last = max(s for s in sent_ns if s is not None)
-        await wait_answered(changed, lambda: all(r is not None for r in rtts),
-                            last + timeout_ns)
+        await wait_answered(changed, lambda: all(r is not None for r in rtts), last + timeout_ns)
     finally:
         loop.remove_reader(sock.fileno())
     return res
 
 
-async def wait_answered(changed: asyncio.Event, answered: Callable[[], bool],
-                        end_ns: int) -> None:
+async def wait_answered(changed: asyncio.Event, answered: Callable[[], bool], end_ns: int) -> None:
     """Wait until ``answered()`` holds or ``time.perf_counter_ns()`` reaches ``end_ns`` (the
     last packet's timeout), checking each time the reader sets ``changed``."""
     while not answered():

@@ -20,10 +20,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Most specific first: the first matching range names the category.
 SPECIAL_RANGES: tuple[tuple[str, str], ...] = (
-    ("metadata", "169.254.169.254/32"),      # AWS, GCP, Azure, OpenStack, ...
-    ("metadata", "169.254.170.2/32"),        # AWS ECS task metadata
-    ("metadata", "100.100.100.200/32"),      # Alibaba Cloud
-    ("metadata", "fd00:ec2::254/128"),       # AWS IMDS over IPv6
+    ("metadata", "169.254.169.254/32"),  # AWS, GCP, Azure, OpenStack, ...
+    ("metadata", "169.254.170.2/32"),  # AWS ECS task metadata
+    ("metadata", "100.100.100.200/32"),  # Alibaba Cloud
+    ("metadata", "fd00:ec2::254/128"),  # AWS IMDS over IPv6
     ("unspecified", "0.0.0.0/8"),
     ("unspecified", "::/128"),
     ("loopback", "127.0.0.0/8"),
@@ -34,8 +34,8 @@ SPECIAL_RANGES: tuple[tuple[str, str], ...] = (
     ("private", "172.16.0.0/12"),
     ("private", "192.168.0.0/16"),
     ("private", "fc00::/7"),
-    ("private", "fec0::/10"),                # deprecated site-local
-    ("private", "64:ff9b:1::/48"),           # local-use NAT64
+    ("private", "fec0::/10"),  # deprecated site-local
+    ("private", "64:ff9b:1::/48"),  # local-use NAT64
     ("cgnat", "100.64.0.0/10"),
     ("multicast", "224.0.0.0/4"),
     ("multicast", "ff00::/8"),
@@ -44,16 +44,17 @@ SPECIAL_RANGES: tuple[tuple[str, str], ...] = (
     ("documentation", "203.0.113.0/24"),
     ("documentation", "2001:db8::/32"),
     ("documentation", "3fff::/20"),
-    ("reserved", "192.0.0.0/24"),            # IETF protocol assignments
-    ("reserved", "198.18.0.0/15"),           # benchmarking
-    ("reserved", "240.0.0.0/4"),             # includes 255.255.255.255
-    ("reserved", "100::/64"),                # discard-only
-    ("reserved", "2001::/23"),               # IETF protocol assignments, incl. Teredo
-    ("reserved", "::/96"),                   # IPv4-compatible (deprecated)
+    ("reserved", "192.0.0.0/24"),  # IETF protocol assignments
+    ("reserved", "198.18.0.0/15"),  # benchmarking
+    ("reserved", "240.0.0.0/4"),  # includes 255.255.255.255
+    ("reserved", "100::/64"),  # discard-only
+    ("reserved", "2001::/23"),  # IETF protocol assignments, incl. Teredo
+    ("reserved", "::/96"),  # IPv4-compatible (deprecated)
 )
 CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(c for c, _ in SPECIAL_RANGES))
 _RANGES: tuple[tuple[str, IPNetwork], ...] = tuple(
-    (c, ipaddress.ip_network(n)) for c, n in SPECIAL_RANGES)
+    (c, ipaddress.ip_network(n)) for c, n in SPECIAL_RANGES
+)
 # An allowlist entry shorter than this (per IP version) needs allow_wide_cidrs: a /16 is
 # already 65,536 addresses, far more than any edge fleet's own ranges.
 WIDE_PREFIX: Mapping[int, int] = {4: 16, 6: 48}
@@ -89,17 +90,17 @@ class ProbeEndpointConfig:
     """The ``probe_endpoint`` config section (decoded strictly by agent.config.decode)."""
 
     enabled: bool = False
-    allow_names: tuple[str, ...] = ()              # "edge-sg-1.example.net", "*.example.net"
-    allow_cidrs: tuple[str, ...] = ()              # "198.51.100.0/24", "2001:db8::/32"
-    allow_special: tuple[str, ...] = ()            # categories from CATEGORIES
-    allow_wide_cidrs: bool = False                 # opt-in for CIDRs wider than WIDE_PREFIX
-    rate: float = 1.0                              # requests per second per client
+    allow_names: tuple[str, ...] = ()  # "edge-sg-1.example.net", "*.example.net"
+    allow_cidrs: tuple[str, ...] = ()  # "198.51.100.0/24", "2001:db8::/32"
+    allow_special: tuple[str, ...] = ()  # categories from CATEGORIES
+    allow_wide_cidrs: bool = False  # opt-in for CIDRs wider than WIDE_PREFIX
+    rate: float = 1.0  # requests per second per client
     burst: int = 5
-    max_clients: int = 4096                        # bucket table size (memory bound)
-    max_concurrent: int = 16                       # probes in flight, all clients together
-    timeout: Duration = Duration(10.0)             # upper bound for one request
-    timeout_offset: Duration = Duration(0.5)       # kept free of the scrape timeout (blackbox)
-    resolve_timeout: Duration = Duration(5.0)      # one name lookup (within the request's)
+    max_clients: int = 4096  # bucket table size (memory bound)
+    max_concurrent: int = 16  # probes in flight, all clients together
+    timeout: Duration = Duration(10.0)  # upper bound for one request
+    timeout_offset: Duration = Duration(0.5)  # kept free of the scrape timeout (blackbox)
+    resolve_timeout: Duration = Duration(5.0)  # one name lookup (within the request's)
 
     @cached_property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -113,8 +114,11 @@ class ProbeEndpointConfig:
         errs: list[Problem] = []
         for c in self.allow_special:
             if c not in CATEGORIES:
-                errs.append(Problem("allow_special", f"unknown category {c!r}; one of "
-                                    + ", ".join(CATEGORIES)))
+                errs.append(
+                    Problem(
+                        "allow_special", f"unknown category {c!r}; one of " + ", ".join(CATEGORIES)
+                    )
+                )
         for n in self.allow_names:
             bare = n[2:] if n.startswith("*.") else n
             if not bare or "*" in bare or not is_host_name(bare):
@@ -126,9 +130,14 @@ class ProbeEndpointConfig:
                 errs.append(Problem("allow_cidrs", str(e)))
                 continue
             if net.prefixlen < WIDE_PREFIX[net.version] and not self.allow_wide_cidrs:
-                errs.append(Problem("allow_cidrs", f"{c} is wider than /{WIDE_PREFIX[4]} (IPv4) "
-                                    f"or /{WIDE_PREFIX[6]} (IPv6); set allow_wide_cidrs: true "
-                                    "to allow it"))
+                errs.append(
+                    Problem(
+                        "allow_cidrs",
+                        f"{c} is wider than /{WIDE_PREFIX[4]} (IPv4) "
+                        f"or /{WIDE_PREFIX[6]} (IPv6); set allow_wide_cidrs: true "
+                        "to allow it",
+                    )
+                )
         if not (self.rate > 0 and math.isfinite(self.rate)):
             errs.append(Problem("rate", "must be > 0"))
         if not 1 <= self.burst <= 10_000:
@@ -144,8 +153,9 @@ class ProbeEndpointConfig:
         if not 0 < self.resolve_timeout <= 300:
             errs.append(Problem("resolve_timeout", "must be > 0 and <= 300s"))
         if self.enabled and not (self.allow_names or self.allow_cidrs):
-            errs.append(Problem("allow_names",
-                                "an enabled /probe needs allow_names or allow_cidrs"))
+            errs.append(
+                Problem("allow_names", "an enabled /probe needs allow_names or allow_cidrs")
+            )
         return errs
 
 

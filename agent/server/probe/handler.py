@@ -63,39 +63,64 @@ log = logging.getLogger("edgeprobe.probe_endpoint")
 class ProbeEndpointStats:
     """Counts for the agent's own /metrics (bounded labels: outcome only)."""
 
-    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("ok", "invalid", "unknown_module", "credentials", "allowlist", "special",
-         "rate_limited", "busy"), 0))
+    requests: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "ok",
+                "invalid",
+                "unknown_module",
+                "credentials",
+                "allowlist",
+                "special",
+                "rate_limited",
+                "busy",
+            ),
+            0,
+        )
+    )
 
 
 class ProbeEndpoint:
-    def __init__(self, cfg: ProbeEndpointConfig, probes: Mapping[str, ProbeKind[Any]],
-                 modules: ModuleLookup, ctx: ProbeContext, *,
-                 resolver: Resolver | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: ProbeEndpointConfig,
+        probes: Mapping[str, ProbeKind[Any]],
+        modules: ModuleLookup,
+        ctx: ProbeContext,
+        *,
+        resolver: Resolver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self.probes = probes
         self.modules = modules
         self.ctx = ctx
-        self.resolver: Resolver = resolver if resolver is not None else DnsResolver(
-            cfg.max_concurrent, float(cfg.resolve_timeout))
+        self.resolver: Resolver = (
+            resolver
+            if resolver is not None
+            else DnsResolver(cfg.max_concurrent, float(cfg.resolve_timeout))
+        )
         self.policy = TargetPolicy(cfg)
         self.limiter = ClientLimiter(cfg.rate, cfg.burst, cfg.max_clients, clock)
         self.in_flight = 0
         self.stats = ProbeEndpointStats()
         if cfg.wide_networks:
-            log.warning("/probe allows wide address ranges (allow_wide_cidrs): any host in "
-                        "them may be probed through this agent",
-                        extra={"cidrs": ",".join(str(n) for n in cfg.wide_networks)})
+            log.warning(
+                "/probe allows wide address ranges (allow_wide_cidrs): any host in "
+                "them may be probed through this agent",
+                extra={"cidrs": ",".join(str(n) for n in cfg.wide_networks)},
+            )
 
     def describe(self) -> Iterable[Metric]:
         return self.collect()
 
     def collect(self) -> Iterable[Metric]:
         """Register the endpoint on the agent's registry for request counts by outcome."""
-        c = CounterMetricFamily("edgeprobe_probe_endpoint_requests",
-                                "Requests to /probe by outcome (ok or the refusal reason)",
-                                labels=["outcome"])
+        c = CounterMetricFamily(
+            "edgeprobe_probe_endpoint_requests",
+            "Requests to /probe by outcome (ok or the refusal reason)",
+            labels=["outcome"],
+        )
         for outcome, n in self.stats.requests.items():
             c.add_metric([outcome], n)
         yield c
@@ -106,8 +131,11 @@ class ProbeEndpoint:
         except Refused as r:
             self.stats.requests[r.why] += 1
             log.debug("probe refused", extra={"why": r.why, "remote": request.remote or ""})
-            headers = {"Retry-After": str(max(1, math.ceil(1 / self.cfg.rate)))} \
-                if r.status == 429 else None
+            headers = (
+                {"Retry-After": str(max(1, math.ceil(1 / self.cfg.rate)))}
+                if r.status == 429
+                else None
+            )
             return web.Response(status=r.status, text=r.message + "\n", headers=headers)
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -148,8 +176,9 @@ class ProbeEndpoint:
             try:
                 scrape = float(header)
             except ValueError:
-                raise Refused(400, "invalid X-Prometheus-Scrape-Timeout-Seconds",
-                              "invalid") from None
+                raise Refused(
+                    400, "invalid X-Prometheus-Scrape-Timeout-Seconds", "invalid"
+                ) from None
             if not (math.isfinite(scrape) and scrape > 0):
                 raise Refused(400, "invalid X-Prometheus-Scrape-Timeout-Seconds", "invalid")
             # Leave the offset for the response to travel back; never go below half the
@@ -157,23 +186,36 @@ class ProbeEndpoint:
             limit = min(limit, max(scrape - self.cfg.timeout_offset, scrape / 2))
         return limit
 
-    async def _run(self, kind: ProbeKind[Any], opts: CommonOptions, raw_target: str,
-                   host: str, literal: IPAddress | None, port: int | None, path: str | None,
-                   deadline: float) -> web.Response:
+    async def _run(
+        self,
+        kind: ProbeKind[Any],
+        opts: CommonOptions,
+        raw_target: str,
+        host: str,
+        literal: IPAddress | None,
+        port: int | None,
+        path: str | None,
+        deadline: float,
+    ) -> web.Response:
         start = time.perf_counter()
         registry = CollectorRegistry(auto_describe=True)
         g_success = Gauge("probe_success", "Whether the probe succeeded", registry=registry)
-        g_duration = Gauge("probe_duration_seconds", "Seconds the probe took",
-                           registry=registry)
-        g_dns = Gauge("probe_dns_lookup_time_seconds", "Seconds the name resolution took",
-                      registry=registry)
-        g_proto = Gauge("probe_ip_protocol", "IP protocol version of the probed address",
-                        registry=registry)
-        g_hash = Gauge("probe_ip_addr_hash", "CRC32 of the probed address (changes on flips)",
-                       registry=registry)
+        g_duration = Gauge("probe_duration_seconds", "Seconds the probe took", registry=registry)
+        g_dns = Gauge(
+            "probe_dns_lookup_time_seconds", "Seconds the name resolution took", registry=registry
+        )
+        g_proto = Gauge(
+            "probe_ip_protocol", "IP protocol version of the probed address", registry=registry
+        )
+        g_hash = Gauge(
+            "probe_ip_addr_hash",
+            "CRC32 of the probed address (changes on flips)",
+            registry=registry,
+        )
 
-        family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(opts.ip_family,
-                                                                        socket.AF_UNSPEC)
+        family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(
+            opts.ip_family, socket.AF_UNSPEC
+        )
         result: ProbeResult
         addr: IPAddress | None = None
         if literal is not None:
@@ -214,12 +256,12 @@ class ProbeEndpoint:
         g_duration.set(time.perf_counter() - start)
         _export_result(registry, kind, result)
         self.stats.requests["ok"] += 1
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
 
-def _fit(opts: CommonOptions, deadline: float, port: int | None, path: str | None
-         ) -> CommonOptions:
+def _fit(opts: CommonOptions, deadline: float, port: int | None, path: str | None) -> CommonOptions:
     """The module's options with the target's port/path, and a timeout that fits the deadline."""
     names = {f.name for f in dataclasses.fields(opts)}
     changes: dict[str, Any] = {}
@@ -237,27 +279,28 @@ def _export_result(registry: CollectorRegistry, kind: ProbeKind[Any], r: ProbeRe
     if kind.packet_based or r.rtts:
         answered = [x for x in r.rtts if x is not None]
         Gauge("probe_packets_sent", "Packets sent", registry=registry).set(len(r.rtts))
-        Gauge("probe_packets_received", "Packets answered", registry=registry).set(
-            len(answered))
-        rtt = Gauge("probe_rtt_seconds", "Round-trip times of this run", ["stat"],
-                    registry=registry)
+        Gauge("probe_packets_received", "Packets answered", registry=registry).set(len(answered))
+        rtt = Gauge(
+            "probe_rtt_seconds", "Round-trip times of this run", ["stat"], registry=registry
+        )
         if answered:
             mean = sum(answered) / len(answered)
             rtt.labels("min").set(min(answered))
             rtt.labels("mean").set(mean)
             rtt.labels("max").set(max(answered))
     if r.phases or kind.phases:
-        ph = Gauge("probe_phase_duration_seconds", "Seconds per phase", ["phase"],
-                   registry=registry)
+        ph = Gauge(
+            "probe_phase_duration_seconds", "Seconds per phase", ["phase"], registry=registry
+        )
         for name in dict.fromkeys((*kind.phases, *r.phases)):
             ph.labels(name).set(r.phases.get(name, 0.0))
-    fail = Gauge("probe_failed_due_to", "1 for the reason the probe failed", ["reason"],
-                 registry=registry)
+    fail = Gauge(
+        "probe_failed_due_to", "1 for the reason the probe failed", ["reason"], registry=registry
+    )
     for reason in kind.all_reasons:
         fail.labels(reason).set(1 if (not r.success and r.reason == reason) else 0)
     if r.errors:
-        errs = Gauge("probe_errors", "Per-packet errors of this run", ["reason"],
-                     registry=registry)
+        errs = Gauge("probe_errors", "Per-packet errors of this run", ["reason"], registry=registry)
         for reason, n in r.errors.items():
             if reason in kind.all_reasons or reason in ("stray", "malformed"):
                 errs.labels(reason).set(n)
@@ -266,13 +309,15 @@ def _export_result(registry: CollectorRegistry, kind: ProbeKind[Any], r: ProbeRe
             Gauge(f"edgeprobe_{name}", kind.gauges[name], registry=registry).set(value)
     if r.info:
         keys = sorted(r.info)
-        Gauge("edgeprobe_probe_info", "Facts about the probed endpoint", keys,
-              registry=registry).labels(*(r.info[k] for k in keys)).set(1)
+        Gauge(
+            "edgeprobe_probe_info", "Facts about the probed endpoint", keys, registry=registry
+        ).labels(*(r.info[k] for k in keys)).set(1)
 
 
 def mount(app: web.Application, endpoint: Callable[[], ProbeEndpoint | None]) -> None:
     """Route ``GET /probe`` to ``endpoint()``, looked up per request (a reload may enable,
     disable or reconfigure it); 404 while it is None."""
+
     async def probe(request: web.Request) -> web.Response:
         ep = endpoint()
         if ep is None:
@@ -282,9 +327,14 @@ def mount(app: web.Application, endpoint: Callable[[], ProbeEndpoint | None]) ->
     app.router.add_get("/probe", probe)
 
 
-def add_probe_route(app: web.Application, cfg: ProbeEndpointConfig,
-                    probes: Mapping[str, ProbeKind[Any]], modules: ModuleLookup,
-                    ctx: ProbeContext, **kw: Any) -> ProbeEndpoint | None:
+def add_probe_route(
+    app: web.Application,
+    cfg: ProbeEndpointConfig,
+    probes: Mapping[str, ProbeKind[Any]],
+    modules: ModuleLookup,
+    ctx: ProbeContext,
+    **kw: Any,
+) -> ProbeEndpoint | None:
     """Mount ``GET /probe`` with a fixed endpoint when ``cfg.enabled``; returns the endpoint
     (for its stats)."""
     if not cfg.enabled:
@@ -297,9 +347,10 @@ def add_probe_route(app: web.Application, cfg: ProbeEndpointConfig,
     return ep
 
 
-def modules_from_defaults(defaults: Mapping[str, CommonOptions],
-                          extra: Mapping[str, tuple[str, CommonOptions]] | None = None
-                          ) -> ModuleLookup:
+def modules_from_defaults(
+    defaults: Mapping[str, CommonOptions],
+    extra: Mapping[str, tuple[str, CommonOptions]] | None = None,
+) -> ModuleLookup:
     """A lookup where each probe kind is a module of its own name (``module=icmp``) with the
     agent's defaults, plus named modules (``module=tcp_443``)."""
     table: dict[str, tuple[str, CommonOptions]] = {k: (k, v) for k, v in defaults.items()}

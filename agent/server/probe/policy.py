@@ -20,15 +20,30 @@ from probes.base import CommonOptions
 # Request headers that carry no secret. Any other header counts as a credential: a token can
 # hide under any name (X-Api-Key, X-Edge-Pass, ...), so the list says what is safe, not what
 # is not.
-HARMLESS_HEADERS = frozenset({
-    "accept", "accept-charset", "accept-encoding", "accept-language", "cache-control",
-    "connection", "content-type", "dnt", "host", "origin", "pragma", "referer", "user-agent",
-    "x-requested-with"})
+HARMLESS_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "connection",
+        "content-type",
+        "dnt",
+        "host",
+        "origin",
+        "pragma",
+        "referer",
+        "user-agent",
+        "x-requested-with",
+    }
+)
 # Option fields that hold a credential when set (passwords, password files, TURN usernames,
 # tokens, client certificates and keys). Matched by name, so a new field named like one is
 # covered without being listed here.
 _CREDENTIAL_FIELD = re.compile(
-    r"pass|secret|token|bearer|credential|auth|username|cookie|(^|_)cert($|_)|(^|_)key($|_)")
+    r"pass|secret|token|bearer|credential|auth|username|cookie|(^|_)cert($|_)|(^|_)key($|_)"
+)
 
 
 def credential_fields(opts: CommonOptions) -> list[str]:
@@ -127,7 +142,11 @@ class TargetPolicy:
         # A CIDR the operator wrote inside the special range is an explicit allowance of it.
         v4 = embedded_ipv4(addr)
         probe_addr: IPAddress = v4 if v4 is not None and rng.version == 4 else addr
-        if any(n.version == rng.version and n.subnet_of(rng)  # type: ignore[arg-type]
-               and probe_addr in n for n in self.cfg.networks):
+        if any(
+            n.version == rng.version
+            and n.subnet_of(rng)  # type: ignore[arg-type]
+            and probe_addr in n
+            for n in self.cfg.networks
+        ):
             return
         raise Refused(403, f"target refused: {cat.replace('_', '-')} address", "special")

@@ -71,8 +71,14 @@ class DnsResolver:
     ``port`` is the DNS servers' port (53; tests use another).
     """
 
-    def __init__(self, limit: int, timeout: float, hosts: Path = Path("/etc/hosts"),
-                 resolv_conf: Path = Path("/etc/resolv.conf"), port: int = 53) -> None:
+    def __init__(
+        self,
+        limit: int,
+        timeout: float,
+        hosts: Path = Path("/etc/hosts"),
+        resolv_conf: Path = Path("/etc/resolv.conf"),
+        port: int = 53,
+    ) -> None:
         self.limit = limit
         self.timeout = timeout
         self.hosts_path = hosts
@@ -93,8 +99,9 @@ class DnsResolver:
             self.in_flight -= 1
 
     async def _resolve(self, host: str, family: int) -> list[str]:
-        want: tuple[int, ...] = (4,) if family == socket.AF_INET else \
-            (6,) if family == socket.AF_INET6 else (4, 6)
+        want: tuple[int, ...] = (
+            (4,) if family == socket.AF_INET else (6,) if family == socket.AF_INET6 else (4, 6)
+        )
         known = self._hosts_table().get(host.lower().rstrip("."), [])
         # IPv4 first, as the agent's own resolver prefers it for ip_family "auto".
         found = [a for v in want for a in known if ipaddress.ip_address(a).version == v]
@@ -104,23 +111,25 @@ class DnsResolver:
         if res is None:
             raise OSError("no DNS server configured")
         rdtypes = [{4: dns.rdatatype.A, 6: dns.rdatatype.AAAA}[v] for v in want]
-        answers = await asyncio.gather(*(self._query(res, host, t) for t in rdtypes),
-                                       return_exceptions=True)
+        answers = await asyncio.gather(
+            *(self._query(res, host, t) for t in rdtypes), return_exceptions=True
+        )
         out: list[str] = []
         for a in answers:
             if isinstance(a, list):
                 out += a
-            elif not isinstance(a, (dns.exception.DNSException, OSError, UnicodeError,
-                                    ValueError)):
+            elif not isinstance(a, (dns.exception.DNSException, OSError, UnicodeError, ValueError)):
                 raise a
         if not out:
             raise OSError("name did not resolve")
         return out
 
-    async def _query(self, res: dns.asyncresolver.Resolver, host: str,
-                     rdtype: dns.rdatatype.RdataType) -> list[str]:
-        ans = await res.resolve(host, rdtype, search=False, raise_on_no_answer=False,
-                                lifetime=self.timeout)
+    async def _query(
+        self, res: dns.asyncresolver.Resolver, host: str, rdtype: dns.rdatatype.RdataType
+    ) -> list[str]:
+        ans = await res.resolve(
+            host, rdtype, search=False, raise_on_no_answer=False, lifetime=self.timeout
+        )
         if ans.rrset is None:
             return []
         return [r.address for r in ans.rrset if r.rdtype == rdtype]
@@ -144,8 +153,10 @@ class DnsResolver:
                 res = dns.asyncresolver.Resolver(filename=os.fspath(self.resolv_conf))
                 res.port = self.port
             except (dns.exception.DNSException, OSError, ValueError):
-                log.warning("/probe: no usable DNS configuration, names resolve only from "
-                            "the hosts file", extra={"file": os.fspath(self.resolv_conf)})
+                log.warning(
+                    "/probe: no usable DNS configuration, names resolve only from the hosts file",
+                    extra={"file": os.fspath(self.resolv_conf)},
+                )
                 res = None
             self._dns = (key, res)
         return self._dns[1]
