@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.config.model import Config, Job
 from agent.discovery.groups import DiscoveredTarget, merge_targets
 from agent.discovery.manager import Discovery
+from agent.export import catalog as C
 from agent.export import protobuf
 from agent.export.collector import AgentCollector, CollectorState, SeriesView
 from agent.runtime.scheduler import Done, Scheduler, loop_lag_monitor
@@ -391,10 +392,7 @@ class _FeatureCollector:
         a = self.agent
         if a.discovery is not None:
             yield from a.discovery.collect()
-            g = GaugeMetricFamily(
-                "edgeprobe_sd_dropped_series",
-                "Discovered probe series not run: over agent.max_targets",
-            )
+            g = C.metric_family(C.SD_DROPPED)
             g.add_metric([], float(a.discovered_dropped))
             yield g
         if a.probe_endpoint is not None:

@@ -125,3 +125,25 @@ async def test_a_live_icmp_target_costs_what_the_catalog_says(tmp_path: Path) ->
     m = agent.config.metrics
     counts = catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases))
     assert series_by_kind(text)["icmp"] == catalog.series_per_target(PROBES["icmp"], counts)
+
+
+def test_no_module_declares_a_family_of_its_own() -> None:
+    """Every family name written in the agent's code outside the catalog is one the catalog
+    declares (a name passed to a metric constructor inline would be a second list). The route
+    service is a program of its own with its own registry (agent/route/service.py)."""
+    import re
+
+    declared = set(catalog.walk_names()) | {
+        f"edgeprobe_{g}" for k in PROBES.values() for g in k.gauges
+    }
+    pattern = re.compile(r"""["'](edgeprobe_[a-z0-9_]+|probe_[a-z0-9_]+)["']""")
+    undeclared: dict[str, set[str]] = {}
+    config_keys = {"probe_endpoint"}
+    for path in (ROOT / "agent").rglob("*.py"):
+        if path.name in ("catalog.py", "metrics_pb2.py") or "route" in path.parts:
+            continue
+        for name in pattern.findall(path.read_text()):
+            base = name.removesuffix("_total")
+            if base not in declared and name not in config_keys:
+                undeclared.setdefault(str(path.relative_to(ROOT)), set()).add(name)
+    assert undeclared == {}

@@ -7,7 +7,7 @@ evaluation intervals, and the route service at its default 15 s query interval.
 2. Degrading the best edge of id-jakarta (150 ms each way: every connect misses the budget)
    moves the region's first choice within the documented time; the time is measured (from
    the lab's change to the first map that shows it).
-3. Restoring it brings it back only after the hold time.
+3. Restoring it brings it back only after the hold time (the full run: EDGEPROBE_SLOW_LAB=1).
 4. Killing the central Prometheus leaves the map served, marked stale, with its age.
 5. Restarting the route service serves the same map at once.
 
@@ -45,6 +45,13 @@ RULES = ROOT / "deploy" / "prometheus" / "rules"
 REGIONS = ("id-jakarta", "br-saopaulo", "ae-dubai")
 VICTIM_REGION = "id-jakarta"
 HOLD = 60.0
+# The full run (EDGEPROBE_SLOW_LAB=1, ~15 min) fills the fast path's 5-minute window before the
+# degradation, as in production, and measures the restore (step 3). The default run, in `make
+# test`, waits 3 minutes (the measured switch can only be sooner, and the 2-minute bound is an
+# upper bound) and leaves step 3 to tests/test_route_service.py, which shows the hold against a
+# real Prometheus; it takes ~6 minutes instead of ~15.
+SLOW = os.environ.get("EDGEPROBE_SLOW_LAB") == "1"
+STEADY_S = 300.0 if SLOW else 180.0
 PRODUCTION_ROUTE = Timing(route_hold=f"{HOLD:g}s")  # 15 s everywhere, as shipped
 ROUTE_GROUP = "edgeprobe-route-candidates"
 
@@ -161,7 +168,7 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
                 interval=2,
                 procs=procs,
             )
-            time.sleep(max(0.0, 300 - (time.monotonic() - t_up)))
+            time.sleep(max(0.0, STEADY_S - (time.monotonic() - t_up)))
             assert route.best() == best, "the first choice changed on stationary data"
 
             # 2. Degrade: the first choice moves within the documented time (2 minutes).
@@ -193,38 +200,9 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
             figures["degrade_to_prometheus_s"] = time.monotonic() - t0
             assert figures["degrade_to_map_s"] <= 120, figures
 
-            # 3. Restore (with the route windows shortened, see the docstring): back only
-            # after the hold, counted from when the map shows it eligible again.
-            write_rules(rules, slow_burn_off=True, short_windows=True)
             central_proc = next(p for p in procs.items if p.name == "prometheus-central")
-            central_proc.popen.send_signal(signal.SIGHUP)
-            world.set_path(
-                VICTIM_REGION,
-                victim,
-                up={"delay": orig["up"]["delay"]},
-                down={"delay": orig["down"]["delay"]},
-            )
-            t1 = time.monotonic()
-            wait_for(
-                f"{victim} eligible again",
-                lambda: (e := entry(route, VICTIM_REGION, victim)) is not None and e["eligible"],
-                600,
-                interval=1,
-                procs=procs,
-            )
-            t_eligible = time.monotonic()
-            assert first(route, VICTIM_REGION) == new
-            wait_for(
-                f"{victim} first again",
-                lambda: first(route, VICTIM_REGION) == victim,
-                600,
-                interval=1,
-                procs=procs,
-            )
-            figures["eligible_to_back_s"] = time.monotonic() - t_eligible
-            figures["restore_to_back_s"] = time.monotonic() - t1
-            # The route acts on its own 15 s cycle; the polls above add up to a second.
-            assert figures["eligible_to_back_s"] >= HOLD - 2, figures
+            if SLOW:
+                restore(world, rules, central_proc, route, victim, orig, new, figures, procs)
 
             # 4. Central Prometheus killed: the map stays served, stale, aging.
             fresh = route.map()
@@ -261,3 +239,48 @@ def test_route_in_the_lab(tmp_path: Path) -> None:
         finally:
             procs.stop_all()
             print("route lab figures:", {k: round(v, 1) for k, v in figures.items()})
+
+
+def restore(
+    world: Any,
+    rules: Path,
+    central_proc: Any,
+    route: RouteAPI,
+    victim: str,
+    orig: dict[str, Any],
+    new: str | None,
+    figures: dict[str, float],
+    procs: Procs,
+) -> None:
+    """Step 3 (the full run only)."""
+    # 3. Restore (with the route windows shortened, see the docstring): back only
+    # after the hold, counted from when the map shows it eligible again.
+    write_rules(rules, slow_burn_off=True, short_windows=True)
+    central_proc.popen.send_signal(signal.SIGHUP)
+    world.set_path(
+        VICTIM_REGION,
+        victim,
+        up={"delay": orig["up"]["delay"]},
+        down={"delay": orig["down"]["delay"]},
+    )
+    t1 = time.monotonic()
+    wait_for(
+        f"{victim} eligible again",
+        lambda: (e := entry(route, VICTIM_REGION, victim)) is not None and e["eligible"],
+        600,
+        interval=1,
+        procs=procs,
+    )
+    t_eligible = time.monotonic()
+    assert first(route, VICTIM_REGION) == new
+    wait_for(
+        f"{victim} first again",
+        lambda: first(route, VICTIM_REGION) == victim,
+        600,
+        interval=1,
+        procs=procs,
+    )
+    figures["eligible_to_back_s"] = time.monotonic() - t_eligible
+    figures["restore_to_back_s"] = time.monotonic() - t1
+    # The route acts on its own 15 s cycle; the polls above add up to a second.
+    assert figures["eligible_to_back_s"] >= HOLD - 2, figures

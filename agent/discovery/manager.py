@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from agent.discovery.config import DiscoveryConfig, FileSDConfig, HttpSDConfig
 from agent.discovery.dns_sd import DnsSD
@@ -40,6 +40,7 @@ from agent.discovery.file_sd import FileSD
 from agent.discovery.groups import DiscoveredTarget, SDError, merge_targets
 from agent.discovery.http_sd import HttpSD
 from agent.discovery.source import Partial, Source
+from agent.export import catalog as C
 
 log = logging.getLogger("edgeprobe.discovery")
 
@@ -139,23 +140,8 @@ class Discovery:
         return self.collect()
 
     def collect(self) -> Iterable[Metric]:
-        ok = GaugeMetricFamily(
-            "edgeprobe_sd_last_refresh_successful",
-            "Whether the last refresh of a target source succeeded",
-            labels=["source"],
-        )
-        n = GaugeMetricFamily(
-            "edgeprobe_sd_targets", "Targets a source currently provides", labels=["source"]
-        )
-        ts = GaugeMetricFamily(
-            "edgeprobe_sd_last_refresh_success_timestamp_seconds",
-            "Unix time of the last successful refresh",
-            labels=["source"],
-        )
-        fails = CounterMetricFamily(
-            "edgeprobe_sd_refresh_failures",
-            "Failed refreshes of a target source by reason",
-            labels=["source", "reason"],
+        ok, n, ts, fails = (
+            C.metric_family(f) for f in (C.SD_OK, C.SD_TARGETS, C.SD_SUCCESS_TIME, C.SD_FAILURES)
         )
         for s in self.sources:
             st = s.state

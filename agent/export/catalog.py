@@ -13,10 +13,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from probes.base import ProbeKind
 
 MetricType = Literal["counter", "gauge", "histogram", "summary"]
-Scope = Literal["series", "agent", "discovery", "probe_endpoint"]
+# series: per target and kind; agent: the agent itself; discovery and probe_endpoint: the
+# optional features, on the agent's /metrics; probe: the response of one /probe request, with
+# blackbox_exporter's names so its dashboards and relabelling work unchanged.
+Scope = Literal["series", "agent", "discovery", "probe_endpoint", "probe"]
 # Histogram bucket sets: configured ones (metrics.rtt_buckets, metrics.duration_buckets) or fixed.
 Buckets = Literal["", "rtt", "duration", "phase", "ipdv", "burst", "scheduler"]
 
@@ -377,6 +382,91 @@ SERIES: tuple[Family, ...] = (
     R_FACTOR,
     MOS,
 )
+# ---------------------------------------------------------------------------- optional features
+SD_OK = Family(
+    "edgeprobe_sd_last_refresh_successful",
+    "gauge",
+    "Whether the last refresh of a target source succeeded.",
+    scope="discovery",
+    labels=("source",),
+)
+SD_TARGETS = Family(
+    "edgeprobe_sd_targets",
+    "gauge",
+    "Targets a source currently provides.",
+    scope="discovery",
+    labels=("source",),
+)
+SD_SUCCESS_TIME = Family(
+    "edgeprobe_sd_last_refresh_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful refresh.",
+    scope="discovery",
+    labels=("source",),
+)
+SD_FAILURES = Family(
+    "edgeprobe_sd_refresh_failures",
+    "counter",
+    "Failed refreshes of a target source by reason.",
+    scope="discovery",
+    labels=("source", "reason"),
+)
+SD_DROPPED = Family(
+    "edgeprobe_sd_dropped_series",
+    "gauge",
+    "Discovered probe series not run: over agent.max_targets.",
+    scope="discovery",
+)
+PE_REQUESTS = Family(
+    "edgeprobe_probe_endpoint_requests",
+    "counter",
+    "Requests to /probe by outcome (ok or the refusal reason).",
+    scope="probe_endpoint",
+    labels=("outcome",),
+)
+
+# ---------------------------------------------------------------------------- a /probe response
+P_SUCCESS = Family("probe_success", "gauge", "Whether the probe succeeded.", scope="probe")
+P_DURATION = Family("probe_duration_seconds", "gauge", "Seconds the probe took.", scope="probe")
+P_DNS = Family(
+    "probe_dns_lookup_time_seconds", "gauge", "Seconds the name resolution took.", scope="probe"
+)
+P_IP_PROTOCOL = Family(
+    "probe_ip_protocol", "gauge", "IP protocol version of the probed address.", scope="probe"
+)
+P_IP_HASH = Family(
+    "probe_ip_addr_hash", "gauge", "CRC32 of the probed address (changes on flips).", scope="probe"
+)
+P_SENT = Family("probe_packets_sent", "gauge", "Packets sent.", scope="probe")
+P_RECEIVED = Family("probe_packets_received", "gauge", "Packets answered.", scope="probe")
+P_RTT = Family(
+    "probe_rtt_seconds",
+    "gauge",
+    "Round-trip times of this run (min, mean, max).",
+    scope="probe",
+    labels=("stat",),
+)
+P_PHASES = Family(
+    "probe_phase_duration_seconds", "gauge", "Seconds per phase.", scope="probe", labels=("phase",)
+)
+P_FAILED = Family(
+    "probe_failed_due_to",
+    "gauge",
+    "1 for the reason the probe failed.",
+    scope="probe",
+    labels=("reason",),
+)
+P_ERRORS = Family(
+    "probe_errors", "gauge", "Per-packet errors of this run.", scope="probe", labels=("reason",)
+)
+P_INFO = Family(
+    "edgeprobe_probe_info",
+    "gauge",
+    "Facts about the probed endpoint.",
+    scope="probe",
+    labels=("<the kind's facts>",),
+)
+
 AGENT: tuple[Family, ...] = (
     TARGETS,
     BUDGET,
@@ -390,6 +480,35 @@ AGENT: tuple[Family, ...] = (
     RELOAD_TIME,
     BUILD_INFO,
 )
+FEATURES: tuple[Family, ...] = (
+    SD_OK,
+    SD_TARGETS,
+    SD_SUCCESS_TIME,
+    SD_FAILURES,
+    SD_DROPPED,
+    PE_REQUESTS,
+)
+PROBE_RESPONSE: tuple[Family, ...] = (
+    P_SUCCESS,
+    P_DURATION,
+    P_DNS,
+    P_IP_PROTOCOL,
+    P_IP_HASH,
+    P_SENT,
+    P_RECEIVED,
+    P_RTT,
+    P_PHASES,
+    P_FAILED,
+    P_ERRORS,
+    P_INFO,
+)
+
+
+def metric_family(spec: Family) -> GaugeMetricFamily | CounterMetricFamily:
+    """An empty family of ``spec`` with its labels, for a collector to fill at scrape time."""
+    if spec.type == "counter":
+        return CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+    return GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
 
 
 def kind_gauge(kind: ProbeKind[Any], name: str) -> Family:
@@ -510,11 +629,16 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
             gauges.setdefault(f.name, (f, []))[1].append(kind.name)
     for f, kinds in gauges.values():
         out.append(f"| `{f.name}` | gauge | - | - | {', '.join(kinds)} | {_cell(f.help)} |")
-    out += ["", "## The agent itself", "", "| family | type | labels | help |", "|---|---|---|---|"]
-    for f in AGENT:
-        out.append(
-            f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | {_cell(f.help)} |"
-        )
+    for title, fams in (
+        ("The agent itself", AGENT),
+        ("Optional features (discovery, /probe)", FEATURES),
+        ("A /probe response (blackbox_exporter's names, on the response only)", PROBE_RESPONSE),
+    ):
+        out += ["", f"## {title}", "", "| family | type | labels | help |", "|---|---|---|---|"]
+        for f in fams:
+            out.append(
+                f"| `{f.sample_name}` | {f.type} | {', '.join(f.labels) or '-'} | {_cell(f.help)} |"
+            )
     out += [
         "",
         "## Series per target",
@@ -546,7 +670,7 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
 
 def walk_names() -> Iterator[str]:
     """Every family name the catalog declares."""
-    for f in (*SERIES, *AGENT):
+    for f in (*SERIES, *AGENT, *FEATURES, *PROBE_RESPONSE):
         yield f.name
 
 

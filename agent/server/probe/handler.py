@@ -41,15 +41,16 @@ import math
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent.export import catalog as C
 from agent.server.probe.config import IPAddress, ProbeEndpointConfig
 from agent.server.probe.policy import Refused, TargetPolicy, _ip, credential_fields, parse_target
 from agent.server.probe.resolver import DnsResolver, ModuleLookup, Resolver
@@ -116,11 +117,7 @@ class ProbeEndpoint:
 
     def collect(self) -> Iterable[Metric]:
         """Register the endpoint on the agent's registry for request counts by outcome."""
-        c = CounterMetricFamily(
-            "edgeprobe_probe_endpoint_requests",
-            "Requests to /probe by outcome (ok or the refusal reason)",
-            labels=["outcome"],
-        )
+        c = C.metric_family(C.PE_REQUESTS)
         for outcome, n in self.stats.requests.items():
             c.add_metric([outcome], n)
         yield c
@@ -199,18 +196,9 @@ class ProbeEndpoint:
     ) -> web.Response:
         start = time.perf_counter()
         registry = CollectorRegistry(auto_describe=True)
-        g_success = Gauge("probe_success", "Whether the probe succeeded", registry=registry)
-        g_duration = Gauge("probe_duration_seconds", "Seconds the probe took", registry=registry)
-        g_dns = Gauge(
-            "probe_dns_lookup_time_seconds", "Seconds the name resolution took", registry=registry
-        )
-        g_proto = Gauge(
-            "probe_ip_protocol", "IP protocol version of the probed address", registry=registry
-        )
-        g_hash = Gauge(
-            "probe_ip_addr_hash",
-            "CRC32 of the probed address (changes on flips)",
-            registry=registry,
+        g_success, g_duration, g_dns, g_proto, g_hash = (
+            _gauge(registry, f)
+            for f in (C.P_SUCCESS, C.P_DURATION, C.P_DNS, C.P_IP_PROTOCOL, C.P_IP_HASH)
         )
 
         family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(
@@ -275,43 +263,40 @@ def _fit(opts: CommonOptions, deadline: float, port: int | None, path: str | Non
     return dataclasses.replace(opts, **changes) if changes else opts
 
 
+def _gauge(registry: CollectorRegistry, spec: C.Family, labels: Sequence[str] = ()) -> Gauge:
+    """A gauge of the response, named and described by the catalog."""
+    return Gauge(spec.name, spec.help, list(labels or spec.labels), registry=registry)
+
+
 def _export_result(registry: CollectorRegistry, kind: ProbeKind[Any], r: ProbeResult) -> None:
     if kind.packet_based or r.rtts:
         answered = [x for x in r.rtts if x is not None]
-        Gauge("probe_packets_sent", "Packets sent", registry=registry).set(len(r.rtts))
-        Gauge("probe_packets_received", "Packets answered", registry=registry).set(len(answered))
-        rtt = Gauge(
-            "probe_rtt_seconds", "Round-trip times of this run", ["stat"], registry=registry
-        )
+        _gauge(registry, C.P_SENT).set(len(r.rtts))
+        _gauge(registry, C.P_RECEIVED).set(len(answered))
+        rtt = _gauge(registry, C.P_RTT)
         if answered:
             mean = sum(answered) / len(answered)
             rtt.labels("min").set(min(answered))
             rtt.labels("mean").set(mean)
             rtt.labels("max").set(max(answered))
     if r.phases or kind.phases:
-        ph = Gauge(
-            "probe_phase_duration_seconds", "Seconds per phase", ["phase"], registry=registry
-        )
+        ph = _gauge(registry, C.P_PHASES)
         for name in dict.fromkeys((*kind.phases, *r.phases)):
             ph.labels(name).set(r.phases.get(name, 0.0))
-    fail = Gauge(
-        "probe_failed_due_to", "1 for the reason the probe failed", ["reason"], registry=registry
-    )
+    fail = _gauge(registry, C.P_FAILED)
     for reason in kind.all_reasons:
         fail.labels(reason).set(1 if (not r.success and r.reason == reason) else 0)
     if r.errors:
-        errs = Gauge("probe_errors", "Per-packet errors of this run", ["reason"], registry=registry)
+        errs = _gauge(registry, C.P_ERRORS)
         for reason, n in r.errors.items():
             if reason in kind.all_reasons or reason in ("stray", "malformed"):
                 errs.labels(reason).set(n)
     for name, value in r.gauges.items():
         if name in kind.gauges:
-            Gauge(f"edgeprobe_{name}", kind.gauges[name], registry=registry).set(value)
+            _gauge(registry, C.kind_gauge(kind, name)).set(value)
     if r.info:
         keys = sorted(r.info)
-        Gauge(
-            "edgeprobe_probe_info", "Facts about the probed endpoint", keys, registry=registry
-        ).labels(*(r.info[k] for k in keys)).set(1)
+        _gauge(registry, C.P_INFO, keys).labels(*(r.info[k] for k in keys)).set(1)
 
 
 def mount(app: web.Application, endpoint: Callable[[], ProbeEndpoint | None]) -> None:
