@@ -541,7 +541,7 @@ def test_two_tier_lab(tmp_path: Path) -> None:
                 }
                 # The real client too, for the dashboards' measured-vs-model panels: a WebRTC
                 # connect to the good edges' WHIP answerers (a few RTTs of a few ms each).
-                webrtc = {"interval": "5s", "port": 443, "ca_file": world.state.ca}
+                webrtc = {"interval": "10s", "port": 443, "ca_file": world.state.ca}
                 cfg = agent_config(
                     tmp_path / f"agent-{region}.yml",
                     region,
