@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -24,6 +24,9 @@ from agent.config.decode import ConfigError, parse_duration
 from agent.config.model import ModelConfig
 from agent.runtime import model
 from agent.runtime.stats import jitter_of, quantile
+
+if TYPE_CHECKING:
+    from agent.server.http import WebLimits
 
 log = logging.getLogger("edgeprobe")
 DEFAULT_LISTEN = ":9798"
@@ -230,16 +233,11 @@ async def _run(args: argparse.Namespace) -> int:
 
     from agent.app import Agent
     from agent.server.guard import WebGuard
-    from agent.server.http import ProbeFdReserve, WebLimits, build_app, serve
+    from agent.server.http import ProbeFdReserve, build_app, serve
     from agent.server.webconfig import WebConfigError
 
-    limits = WebLimits(
-        read_header_timeout=args.read_header_timeout,
-        idle_timeout=args.idle_timeout,
-        max_connections=args.max_connections,
-    )
-    if limits.problems():
-        print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+    limits = _web_limits(args)
+    if limits is None:
         return 2
     try:
         cfg = cfgmod.load(args.config_file)
@@ -328,16 +326,11 @@ async def _route(args: argparse.Namespace) -> int:
     from agent.route.server import build_app as build_route_app
     from agent.route.service import RouteService
     from agent.server.guard import WebGuard
-    from agent.server.http import WebLimits, serve
+    from agent.server.http import serve
     from agent.server.webconfig import WebConfigError
 
-    limits = WebLimits(
-        read_header_timeout=args.read_header_timeout,
-        idle_timeout=args.idle_timeout,
-        max_connections=args.max_connections,
-    )
-    if limits.problems():
-        print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+    limits = _web_limits(args)
+    if limits is None:
         return 2
     try:
         cfg = settings.load(args.config_file) if args.config_file else settings.RouteConfig()
@@ -547,3 +540,19 @@ def render_table(rows: list[dict[str, Any]], budget: float) -> str:
         "budget; ≤LOSS%95 = 95 % Wilson upper bound."
     )
     return "\n".join(out)
+
+
+def _web_limits(args: argparse.Namespace) -> WebLimits | None:
+    """The web server's limits from the command line (``run`` and ``route`` share them); None,
+    after saying why, when they are invalid."""
+    from agent.server.http import WebLimits
+
+    limits = WebLimits(
+        read_header_timeout=args.read_header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+    )
+    if limits.problems():
+        print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+        return None
+    return limits
