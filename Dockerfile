@@ -2,6 +2,7 @@
 #
 # edgeprobe agent image.
 #
+#   make image                                       # the build below, labelled with agent.VERSION
 #   docker build -t edgeprobe .                      # default: unprivileged ICMP (ping_group_range)
 #   docker build -t edgeprobe:netraw --target netraw .   # CAP_NET_RAW as a file capability
 #
@@ -44,7 +45,8 @@ RUN python -m venv /opt/edgeprobe \
  && /opt/edgeprobe/bin/pip install --only-binary=:all: --no-binary=edgeprobe /src
 
 FROM ${PYTHON_IMAGE} AS base
-ARG VERSION=0.1.0
+# The version is said once, in agent/__init__.py; `make image` passes it (and the commit) here.
+ARG VERSION=unknown
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="edgeprobe" \
       org.opencontainers.image.description="Probes RTC edge nodes (ICMP, TCP, TLS, HTTP, DNS, UDP/STUN) and exports to Prometheus" \

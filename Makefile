@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test docs lint unit bootstrap bench bench-quick lab-up lab-down clean proto
+.PHONY: run test docs lint unit bootstrap bench bench-quick lab-up lab-down clean proto image
 
 run:
 	@scripts/bootstrap.sh run
@@ -44,3 +44,9 @@ clean:
 # The protobuf exposition messages, compiled from agent/export/metrics.proto (commit both).
 proto:
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. agent/export/metrics.proto
+
+# The image, labelled with the one version (agent.VERSION) and the commit it was built from.
+image:
+	docker build -t edgeprobe:$$(python3 -c 'import agent; print(agent.VERSION)') \
+	  --build-arg VERSION="$$(python3 -c 'import agent; print(agent.VERSION)')" \
+	  --build-arg REVISION="$$(git rev-parse HEAD)" .

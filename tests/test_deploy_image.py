@@ -163,6 +163,19 @@ def _dockerignore_allows(patterns: list[str], path: str) -> bool:
     return allowed
 
 
+def test_the_version_is_said_once() -> None:
+    """The image's version label comes from agent.VERSION through `make image`, not a literal."""
+    import agent
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert agent.VERSION not in dockerfile
+    assert re.search(r"^ARG VERSION(=unknown)?$", dockerfile, re.M)
+    dry = subprocess.run(
+        ["make", "-s", "-n", "image"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "--build-arg VERSION=" in dry and "agent.VERSION" in dry
+
+
 def test_dockerignore_admits_every_copy_source(stages: list[Stage]) -> None:
     patterns = [
         ln.strip()
