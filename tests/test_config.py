@@ -4,10 +4,11 @@ its exact message (key path and line)."""
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass, field
 
 import pytest
 
-from agent.config.decode import ConfigError
+from agent.config.decode import ConfigError, Problem, compose, decode_dataclass
 from agent.config.load import loads
 
 MINIMAL = """
@@ -143,6 +144,34 @@ def test_bad_config_exact_message(text: str, message: str) -> None:
     assert str(e.value) == message
 
 
+@dataclass(frozen=True)
+class _Section:
+    bad: str = ""  # the key validate() finds fault with
+    users: dict[str, bytes] = field(default_factory=dict)
+    ciphers: tuple[str, ...] = ()
+
+    def validate(self) -> list[Problem]:
+        return [Problem(self.bad, "wrong")]
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "line"),
+    [
+        ("users.bob", "s.users.bob", 5),
+        ("ciphers[1]", "s.ciphers[1]", 8),
+        ("users.nobody", "s.users.nobody", 3),  # not in the document: the nearest key's line
+        ("", "s", 2),  # the section itself
+    ],
+)
+def test_a_validate_problem_names_the_line_of_a_nested_key(key: str, path: str, line: int) -> None:
+    text = f"s:\n  bad: '{key}'\n  users:\n    alice: a\n    bob: b\n  ciphers:\n    - x\n    - y\n"
+    root = compose(text)
+    assert root is not None
+    with pytest.raises(ConfigError) as e:
+        decode_dataclass(_Section, root.value[0][1], "s")
+    assert (e.value.path, e.value.message, e.value.line) == (path, "wrong", line)
+
+
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     deep = "agent: {region: x, labels: " + "[" * 5000 + "]" * 5000 + "}\n"
     with pytest.raises(ConfigError):
@@ -178,11 +207,12 @@ def test_one_duration_grammar(text: str, seconds: float) -> None:
     """The config, the web config and the lab read durations with one grammar (Prometheus's,
     plus single fractional or sub-millisecond terms)."""
     from agent.config.decode import parse_duration
-    from agent.server.webconfig import parse_duration as web_duration
+    from agent.server.webconfig import parse_web_config
     from lab.impair import parse_duration as lab_duration
 
     assert parse_duration(text) == pytest.approx(seconds)
-    assert web_duration(text, "k") == pytest.approx(seconds)
+    web = parse_web_config(f"rate_limit: {{interval: {text}, burst: 1}}")
+    assert web.rate_limit.interval == pytest.approx(seconds)
     assert lab_duration(text, "k") == pytest.approx(seconds)
 
 

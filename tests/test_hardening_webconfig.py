@@ -236,8 +236,11 @@ async def test_reload_rotates_certs_and_keeps_old_on_error(pki: Pki, serve: Serv
 @pytest.mark.parametrize(
     ("doc", "match"),
     [
-        ({"basic_auth_user": {"a": HASH}}, "unknown key 'basic_auth_user'"),
-        ({"tls_server_config": {**TLS, "min_versoin": "TLS12"}}, "unknown key 'min_versoin'"),
+        ({"basic_auth_user": {"a": HASH}}, "basic_auth_user: unknown key"),
+        (
+            {"tls_server_config": {**TLS, "min_versoin": "TLS12"}},
+            "tls_server_config.min_versoin: unknown key",
+        ),
         ({"tls_server_config": {"cert_file": "server.crt"}}, "key_file"),
         ({"tls_server_config": {**TLS, "min_version": "TLS9"}}, "min_version"),
         ({"tls_server_config": {**TLS, "min_version": "TLS13", "max_version": "TLS12"}}, "above"),
@@ -256,7 +259,10 @@ async def test_reload_rotates_certs_and_keeps_old_on_error(pki: Pki, serve: Serv
         ({"basic_auth_users": ["prom"]}, "expected a mapping"),
         ({"http_server_config": {"headers": {"X-Frame-Options": "allow"}}}, "deny"),
         ({"http_server_config": {"headers": {"Server": "x"}}}, "unknown key"),
-        ({"rate_limit": {"interval": "1 second", "burst": 1}}, "invalid duration"),
+        (
+            {"rate_limit": {"interval": "1 second", "burst": 1}},
+            "rate_limit.interval: expected a duration",
+        ),
         ({"rate_limit": {"interval": "1s"}}, "burst"),
     ],
 )
@@ -264,6 +270,49 @@ def test_strict_errors(pki: Pki, doc: dict[str, object], match: str) -> None:
     with pytest.raises(WebConfigError, match=match) as e:
         load_web_config(write_cfg(pki, doc))
     assert "plaintext-password" not in str(e.value) and HASH not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (
+            "tls_server_config:\n  cert_file: a\n  key_file: b\n  cipher_suites:\n"
+            "    - TLS_RSA_WITH_AES_128_CBC_SHA\n    - TLS_NULL\n",
+            "web.yml:6: tls_server_config.cipher_suites[1]: unknown value 'TLS_NULL'",
+        ),
+        (
+            "tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: TLS9\n",
+            "web.yml:4: tls_server_config.min_version: unknown value 'TLS9'",
+        ),
+        (
+            "http_server_config:\n  headers:\n    X-Frame-Options: allow\n",
+            "web.yml:3: http_server_config.headers.X-Frame-Options: one of deny, sameorigin",
+        ),
+        ("rate_limit:\n  interval: 1s\n  burst: 0\n", "web.yml:3: rate_limit.burst: must be >= 1"),
+        (
+            f"basic_auth_users:\n  ops: {HASH}\n  prom: $2b$03${HASH[7:]}\n",
+            "web.yml:3: basic_auth_users.prom: bcrypt cost outside 4..14",
+        ),
+        ("tls_server_config:\n", "web.yml:1: tls_server_config: empty"),
+    ],
+)
+def test_validation_errors_name_key_and_line(text: str, where: str) -> None:
+    with pytest.raises(WebConfigError) as e:
+        parse_web_config(text, source="web.yml")
+    assert str(e.value).startswith(where), str(e.value)
+    assert HASH[7:29] not in str(e.value)
+
+
+def test_null_values_mean_unset_as_in_the_toolkit() -> None:
+    cfg = parse_web_config(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  client_ca_file:\n  cipher_suites:\n"
+        "http_server_config:\n  headers:\n    X-Frame-Options:\n"
+        "basic_auth_users:\nrate_limit:\n"
+    )
+    assert cfg.tls_server_config is not None
+    assert (cfg.tls_server_config.client_ca_file, cfg.tls_server_config.cipher_suites) == ("", ())
+    assert cfg.http_server_config.response_headers == {} and cfg.basic_auth_users == {}
 
 
 def test_yaml_error_does_not_quote_the_file(pki: Pki) -> None:

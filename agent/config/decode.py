@@ -249,6 +249,13 @@ def _scalar(node: yaml.Node, path: str) -> Any:
 def _type_name(tp: Any) -> str:
     if tp is Duration:
         return "duration"
+    if tp is bytes:
+        return "string"
+    origin = get_origin(tp)
+    if origin in (dict, Mapping):
+        return "a mapping"
+    if origin in (list, tuple):
+        return "a list"
     if isinstance(tp, type):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
             tp.__name__, tp.__name__
@@ -258,7 +265,8 @@ def _type_name(tp: Any) -> str:
 
 def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> Any:
     """Decode ``node`` as type ``tp``. Supports dataclasses, Literal, Optional/unions with None,
-    list[X], tuple[X, ...], dict[str, X], Mapping[str, X], str, int, float, bool, Duration."""
+    list[X], tuple[X, ...], dict[str, X], Mapping[str, X], str, bytes (a string, kept as its
+    UTF-8 bytes), int, float, bool, Duration."""
     if depth > MAX_DEPTH:
         raise ConfigError(path, "nested too deeply", _line(node) if node else None)
     if node is None:
@@ -328,6 +336,10 @@ def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> A
         if isinstance(value, bool | dict | list) or value is None:
             raise ConfigError(path, f"expected a string, got {value!r}", _line(node))
         return str(value)
+    if tp is bytes:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {type(value).__name__}", _line(node))
+        return value.encode()
     raise TypeError(f"unsupported type {tp!r} at {path}")
 
 
@@ -346,7 +358,13 @@ def decode_dataclass(
     base: Mapping[str, Any] | None = None,
 ) -> T:
     """Decode a mapping node into dataclass ``cls``; unknown keys are errors. ``base`` supplies
-    values for keys the node does not set (layered defaults)."""
+    values for keys the node does not set (layered defaults).
+
+    After building it, the decoder calls the instance's ``validate()`` if it has one: each
+    :class:`Problem` it returns is raised with its key's path and line (a key may reach into the
+    section: ``users.alice``, ``ciphers[2]``; an empty key is the section itself). A class with
+    ``NULL_IS_UNSET = True`` reads an explicit null (``key:``) as "not set", as Go's YAML
+    decoding does for the file formats borrowed from Prometheus."""
     if not isinstance(node, yaml.MappingNode):
         if is_null(node):
             node = yaml.MappingNode("tag:yaml.org,2002:map", [], node.start_mark, node.end_mark)
@@ -354,6 +372,7 @@ def decode_dataclass(
             raise ConfigError(path, "expected a mapping", _line(node))
     hints = _hints(cast(Any, cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    null_is_unset = bool(getattr(cls, "NULL_IS_UNSET", False))
     values: dict[str, Any] = dict(base or {})
     seen: set[str] = set()
     for k, v in node.value:
@@ -365,16 +384,19 @@ def decode_dataclass(
         if key in seen:
             raise ConfigError(sub, "duplicate key", _line(k))
         seen.add(key)
+        if null_is_unset and is_null(v):
+            continue
         try:
             values[key] = decode(hints[key], v, sub, depth + 1)
         except ConfigError as e:
             if not is_secret(fields[key]):
                 raise
-            # Every message about a value may quote it (the YAML constructor's do).
+            # Every message about a value may quote it (the YAML constructor's do). The path
+            # may go below the key (a user name in a map of hashes): it names keys only.
+            tp = hints[key] if e.path == sub else (get_args(hints[key]) or (str,))[-1]
             raise ConfigError(
-                sub,
-                f"invalid value: expected {_type_name(hints[key])} (a "
-                "secret: the value is not shown)",
+                e.path,
+                f"invalid value: expected {_type_name(tp)} (a secret: the value is not shown)",
                 e.line,
             ) from None
     for name, f in fields.items():
@@ -387,7 +409,7 @@ def decode_dataclass(
             raise ConfigError(
                 f"{path}.{name}" if path else name, "required key is missing", _line(node)
             )
-    secrets = [v for n, v in values.items() if is_secret(fields[n]) and isinstance(v, str) and v]
+    secrets = _secret_values(values, fields)
     try:
         obj = cls(**values)
     except (TypeError, ValueError) as e:
@@ -399,13 +421,51 @@ def decode_dataclass(
                 # The probe kinds' options still say "key: message".
                 key, _, msg = problem.partition(": ")
                 problem = Problem(key, msg or problem)
-            sub = f"{path}.{problem.key}" if path else problem.key
-            line = next(
-                (_line(k) for k, _ in node.value if getattr(k, "value", None) == problem.key),
-                _line(node),
-            )
+            sub = f"{path}.{problem.key}" if path and problem.key else path or problem.key
+            line = _key_line(node, problem.key)
             raise ConfigError(sub, _redact(problem.message, secrets), line)
     return obj
+
+
+# One step of a key path: a mapping key, or a list index in brackets.
+_KEY_STEP_RE = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
+def _key_line(node: yaml.MappingNode, key: str) -> int:
+    """The line of ``key`` (``users.alice``, ``ciphers[2]``) below ``node``, or of as much of
+    it as the document has."""
+    line = _line(node)
+    at: yaml.Node = node
+    for step in _KEY_STEP_RE.findall(key):
+        if isinstance(at, yaml.MappingNode):
+            hit = next((kv for kv in at.value if getattr(kv[0], "value", None) == step), None)
+            if hit is None:
+                break
+            line, at = _line(hit[0]), hit[1]
+        elif isinstance(at, yaml.SequenceNode) and step[0] == "[":
+            i = int(step[1:-1])
+            if i >= len(at.value):
+                break
+            at = at.value[i]
+            line = _line(at)
+        else:
+            break
+    return line
+
+
+def _secret_values(
+    values: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[Any]]
+) -> list[str]:
+    """The texts of the secret fields among ``values`` (a map's values too), for _redact."""
+    out: list[str] = []
+    for name, v in values.items():
+        if not is_secret(fields[name]):
+            continue
+        for item in v.values() if isinstance(v, Mapping) else (v,):
+            text = item.decode(errors="replace") if isinstance(item, bytes) else item
+            if isinstance(text, str) and text:
+                out.append(text)
+    return out
 
 
 def _redact(message: str, secrets: list[str]) -> str:

@@ -181,7 +181,7 @@ class WebGuard:
         if self.path is None:
             return
         new, tls = load_with_tls(self.path)
-        if (new.tls is None) != (self.config.tls is None):
+        if (new.tls_server_config is None) != (self.config.tls_server_config is None):
             raise WebConfigError(f"{self.path}: turning TLS on or off needs a restart")
         if self._ssl is not None and tls is not None:
             ctx, policy = tls
@@ -233,7 +233,7 @@ class WebGuard:
                         resp = await handler(request)
                     except web.HTTPException as e:
                         resp = e
-        for k, v in cfg.http.headers.items():
+        for k, v in cfg.http_server_config.response_headers.items():
             resp.headers.setdefault(k, v)
         return resp
 
@@ -250,14 +250,15 @@ class WebGuard:
 
     @staticmethod
     def _sans_ok(request: web.Request, cfg: WebConfig) -> bool:
-        if cfg.tls is None or not cfg.tls.client_allowed_sans:
+        tls = cfg.tls_server_config
+        if tls is None or not tls.client_allowed_sans:
             return True
         transport = request.transport
         cert = transport.get_extra_info("peercert") if transport is not None else None
         if not cert:
             return False
         sans = {v for _, v in cert.get("subjectAltName", ())}
-        return bool(sans & set(cfg.tls.client_allowed_sans))
+        return bool(sans & set(tls.client_allowed_sans))
 
     async def _authorized(self, request: web.Request, cfg: WebConfig) -> bool:
         """Raises _Busy when the check would have to wait beyond the bounded queue."""

@@ -31,12 +31,18 @@ def server_context(cfg: WebConfig) -> tuple[ssl.SSLContext, Hashable] | None:
     """A new server context and its client policy: everything that decides which clients
     a handshake admits (all of tls_server_config but the server's own certificate and key,
     with the client CAs by content)."""
-    if cfg.tls is None:
+    if cfg.tls_server_config is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client_cas = _configure(cfg, ctx)
     policy = dataclasses.replace(
-        cfg.tls, cert_file="", key_file="", cert="", key="", client_ca_file="", client_ca=""
+        cfg.tls_server_config,
+        cert_file="",
+        key_file="",
+        cert="",
+        key="",
+        client_ca_file="",
+        client_ca="",
     )
     return ctx, (policy, client_cas)
 
@@ -44,7 +50,7 @@ def server_context(cfg: WebConfig) -> tuple[ssl.SSLContext, Hashable] | None:
 def _configure(cfg: WebConfig, ctx: ssl.SSLContext) -> str:
     """Load certificates and policy into a fresh ``ctx``; returns the client CAs loaded.
     Only ever on a new context: OpenSSL can add CAs to a context but not remove them."""
-    t = cfg.tls
+    t = cfg.tls_server_config
     assert t is not None
     ctx.minimum_version = TLS_VERSIONS[t.min_version]
     ctx.maximum_version = TLS_VERSIONS[t.max_version]

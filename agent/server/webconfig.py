@@ -35,12 +35,13 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import bcrypt
-import yaml
 
 from agent.config import decode
+from agent.config.decode import Duration, Problem
+from probes.base import SECRET, secret_field
 
 log = logging.getLogger("edgeprobe.web")
 
@@ -109,27 +110,20 @@ class WebConfigError(ValueError):
     """A web config file that cannot be used. The message never contains a secret."""
 
 
-def parse_duration(value: object, where: str) -> float:
-    """:func:`agent.config.decode.parse_duration`, below a billion seconds, as a WebConfigError."""
-    try:
-        seconds = decode.parse_duration(value)
-    except ValueError as e:
-        if isinstance(value, str):
-            raise WebConfigError(
-                f"{where}: invalid duration {value[:40]!r} (e.g. 500ms, 1m30s)"
-            ) from None
-        raise WebConfigError(f"{where}: {e}") from None
-    if seconds >= 1e9:
-        raise WebConfigError(f"{where}: duration out of range")
-    return seconds
+def _choices(value: str, choices: Mapping[str, object], key: str) -> list[Problem]:
+    if value in choices:
+        return []
+    return [Problem(key, f"unknown value {value[:60]!r}; one of " + ", ".join(choices))]
 
 
 @dataclass(frozen=True)
 class TLSServerConfig:
+    NULL_IS_UNSET: ClassVar[bool] = True
+
     cert_file: str = ""
     key_file: str = ""
     cert: str = field(default="", repr=False)
-    key: str = field(default="", repr=False)
+    key: str = secret_field()
     client_ca: str = field(default="", repr=False)
     client_ca_file: str = ""
     client_auth_type: str = "NoClientCert"
@@ -140,208 +134,149 @@ class TLSServerConfig:
     prefer_server_cipher_suites: bool = True
     curve_preferences: tuple[str, ...] = ()
 
+    def validate(self) -> list[Problem]:
+        if self == TLSServerConfig():
+            # The toolkit serves plain HTTP here; someone who wrote the key meant TLS.
+            return [Problem("", _EMPTY_TLS)]
+        errs: list[Problem] = []
+        if bool(self.cert) == bool(self.cert_file):
+            errs.append(Problem("cert_file", "exactly one of cert_file and cert is required"))
+        if bool(self.key) == bool(self.key_file):
+            errs.append(Problem("key_file", "exactly one of key_file and key is required"))
+        if self.client_ca and self.client_ca_file:
+            errs.append(Problem("client_ca_file", "at most one of client_ca_file and client_ca"))
+        auth = self.client_auth_type
+        if auth in UNSUPPORTED_CLIENT_AUTH:
+            errs.append(
+                Problem(
+                    "client_auth_type",
+                    f"{auth} accepts unverified client certificates and is not supported; "
+                    "use RequireAndVerifyClientCert",
+                )
+            )
+        else:
+            errs += _choices(auth, CLIENT_AUTH_TYPES, "client_auth_type")
+        if auth != "NoClientCert" and not (self.client_ca or self.client_ca_file):
+            errs.append(Problem("client_auth_type", f"{auth} needs client_ca_file"))
+        if self.client_allowed_sans and auth != "RequireAndVerifyClientCert":
+            errs.append(
+                Problem("client_allowed_sans", "needs client_auth_type RequireAndVerifyClientCert")
+            )
+        versions = _choices(self.min_version, TLS_VERSIONS, "min_version") + _choices(
+            self.max_version, TLS_VERSIONS, "max_version"
+        )
+        if not versions and TLS_VERSIONS[self.min_version] > TLS_VERSIONS[self.max_version]:
+            versions.append(Problem("min_version", "min_version is above max_version"))
+        errs += versions
+        for i, c in enumerate(self.cipher_suites):
+            errs += _choices(c, CIPHER_SUITES, f"cipher_suites[{i}]")
+        for i, c in enumerate(self.curve_preferences):
+            errs += _choices(c, CURVES, f"curve_preferences[{i}]")
+        return errs
+
+
+_EMPTY_TLS = "empty; set cert_file and key_file, or remove tls_server_config to serve plain HTTP"
+
 
 @dataclass(frozen=True)
 class HTTPServerConfig:
-    http2: bool = True
-    headers: Mapping[str, str] = field(default_factory=dict)
+    NULL_IS_UNSET: ClassVar[bool] = True
+
+    http2: bool = True  # accepted and ignored: aiohttp serves HTTP/1.1 only
+    headers: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        """The headers to add to every response (an empty or null value sets none)."""
+        return {k: v for k, v in self.headers.items() if v}
+
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
+        for k, v in self.headers.items():
+            key = f"headers.{k[:60]}"
+            if k not in HEADERS:
+                errs.append(Problem(key, "unknown key (known keys: " + ", ".join(HEADERS) + ")"))
+                continue
+            allowed = HEADERS[k]
+            if v and allowed is not None and v.lower() not in allowed:
+                errs.append(Problem(key, "one of " + ", ".join(allowed)))
+            if v and ("\n" in v or "\r" in v):
+                errs.append(Problem(key, "must be a single line"))
+        return errs
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    interval: float = 0.0  # seconds between two requests; 0 disables the limiter
+    NULL_IS_UNSET: ClassVar[bool] = True
+
+    interval: Duration = Duration(0.0)  # between two requests; 0 disables the limiter
     burst: int = 0
+
+    def validate(self) -> list[Problem]:
+        if self.interval >= 1e9:
+            return [Problem("interval", "duration out of range")]
+        if not 0 <= self.burst <= 1_000_000:
+            return [Problem("burst", "expected an integer between 0 and 1000000")]
+        if self.interval > 0 and self.burst < 1:
+            return [Problem("burst", "must be >= 1 when interval is set")]
+        return []
 
 
 @dataclass(frozen=True)
-class WebConfig:
-    tls: TLSServerConfig | None = None
-    http: HTTPServerConfig = field(default_factory=HTTPServerConfig)
-    # user -> bcrypt hash. repr=False: a hash is a secret too (offline cracking).
-    basic_auth_users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+class WebConfigFile:
+    """What the file says, under the exporter-toolkit's key names."""
+
+    NULL_IS_UNSET: ClassVar[bool] = True
+
+    tls_server_config: TLSServerConfig | None = None
+    http_server_config: HTTPServerConfig = field(default_factory=HTTPServerConfig)
+    # user -> bcrypt hash. A secret: a hash can be cracked offline.
+    basic_auth_users: Mapping[str, bytes] = field(
+        default_factory=dict, repr=False, metadata={SECRET: True}
+    )
     rate_limit: RateLimit = field(default_factory=RateLimit)
-    base_dir: Path = Path(".")
+
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
+        for user, hashed in self.basic_auth_users.items():
+            # Never echo the value, not even its cost: it is a secret even when malformed.
+            key = f"basic_auth_users.{user[:60]}"
+            if not user or ":" in user:
+                errs.append(Problem(key, "a user name must be non-empty and contain no ':'"))
+            elif (problem := _bcrypt_problem(hashed)) is not None:
+                errs.append(Problem(key, problem))
+        return errs
+
+
+def _bcrypt_problem(hashed: bytes) -> str | None:
+    m = _BCRYPT_RE.fullmatch(hashed.decode(errors="replace"))
+    if m is None:
+        return (
+            "not a bcrypt hash ($2a$/$2b$/$2y$, two-digit cost, 53 characters, nothing around it)"
+        )
+    if not BCRYPT_MIN_COST <= int(m.group(1)) <= BCRYPT_MAX_COST:
+        return (
+            f"bcrypt cost outside {BCRYPT_MIN_COST}..{BCRYPT_MAX_COST} "
+            "(every login would take too long)"
+        )
+    if _BCRYPT_ALPHABET.index(m.group(2)[-1]) % 16 or _BCRYPT_ALPHABET.index(m.group(3)[-1]) % 4:
+        return "not a canonical bcrypt hash; it can never match"
+    return None
+
+
+@dataclass(frozen=True)
+class WebConfig(WebConfigFile):
+    """The file's sections, and what the agent derives from them."""
+
+    base_dir: Path = Path(".")  # relative file names are relative to the web config file
     # Checked for a user name that is not configured, so that "no such user" costs as much
     # bcrypt work as "wrong password" (no user enumeration by timing). Its cost is the highest
     # among the configured hashes; it matches no password.
     dummy_hash: bytes = field(default=b"", repr=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# Strict decoding
-
-
-def _mapping(value: object, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise WebConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    for k in value:
-        if not isinstance(k, str):
-            raise WebConfigError(f"{where}: keys must be strings")
-    return value
-
-
-def _check_keys(d: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for k in d:
-        if k not in allowed:
-            raise WebConfigError(f"{where}: unknown key {k[:60]!r}; allowed: " + ", ".join(allowed))
-
-
-def _str(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise WebConfigError(f"{where}: expected a string, got {type(value).__name__}")
-    return value
-
-
-def _bool(value: object, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise WebConfigError(f"{where}: expected true or false, got {type(value).__name__}")
-    return value
-
-
-def _str_list(value: object, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise WebConfigError(f"{where}: expected a list, got {type(value).__name__}")
-    return tuple(_str(v, f"{where}[{i}]") for i, v in enumerate(value))
-
-
-def _choice(value: str, choices: Mapping[str, object] | tuple[str, ...], where: str) -> str:
-    if value not in choices:
-        raise WebConfigError(f"{where}: unknown value {value[:60]!r}; one of " + ", ".join(choices))
-    return value
-
-
-_TLS_KEYS = (
-    "cert",
-    "key",
-    "client_ca",
-    "cert_file",
-    "key_file",
-    "client_auth_type",
-    "client_ca_file",
-    "client_allowed_sans",
-    "min_version",
-    "max_version",
-    "cipher_suites",
-    "prefer_server_cipher_suites",
-    "curve_preferences",
-)
-
-
-def _decode_tls(raw: object) -> TLSServerConfig:
-    w = "tls_server_config"
-    d = _mapping(raw, w)
-    _check_keys(d, _TLS_KEYS, w)
-    s = {
-        k: _str(d[k], f"{w}.{k}")
-        for k in (
-            "cert",
-            "key",
-            "client_ca",
-            "cert_file",
-            "key_file",
-            "client_auth_type",
-            "client_ca_file",
-            "min_version",
-            "max_version",
-        )
-        if d.get(k) is not None
-    }
-    t = TLSServerConfig(
-        **s,
-        client_allowed_sans=_str_list(d.get("client_allowed_sans"), f"{w}.client_allowed_sans"),
-        cipher_suites=_str_list(d.get("cipher_suites"), f"{w}.cipher_suites"),
-        curve_preferences=_str_list(d.get("curve_preferences"), f"{w}.curve_preferences"),
-        prefer_server_cipher_suites=_bool(
-            d.get("prefer_server_cipher_suites", True), f"{w}.prefer_server_cipher_suites"
-        ),
-    )
-    if bool(t.cert) == bool(t.cert_file):
-        raise WebConfigError(f"{w}: exactly one of cert_file and cert is required")
-    if bool(t.key) == bool(t.key_file):
-        raise WebConfigError(f"{w}: exactly one of key_file and key is required")
-    if t.client_ca and t.client_ca_file:
-        raise WebConfigError(f"{w}: at most one of client_ca_file and client_ca")
-    if t.client_auth_type in UNSUPPORTED_CLIENT_AUTH:
-        raise WebConfigError(
-            f"{w}.client_auth_type: {t.client_auth_type} accepts unverified client "
-            "certificates and is not supported; use RequireAndVerifyClientCert"
-        )
-    _choice(t.client_auth_type, CLIENT_AUTH_TYPES, f"{w}.client_auth_type")
-    if t.client_auth_type != "NoClientCert" and not (t.client_ca or t.client_ca_file):
-        raise WebConfigError(f"{w}: client_auth_type {t.client_auth_type} needs client_ca_file")
-    if t.client_allowed_sans and t.client_auth_type != "RequireAndVerifyClientCert":
-        raise WebConfigError(
-            f"{w}.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert"
-        )
-    _choice(t.min_version, TLS_VERSIONS, f"{w}.min_version")
-    _choice(t.max_version, TLS_VERSIONS, f"{w}.max_version")
-    if TLS_VERSIONS[t.min_version] > TLS_VERSIONS[t.max_version]:
-        raise WebConfigError(f"{w}: min_version is above max_version")
-    for i, c in enumerate(t.cipher_suites):
-        _choice(c, CIPHER_SUITES, f"{w}.cipher_suites[{i}]")
-    for i, c in enumerate(t.curve_preferences):
-        _choice(c, CURVES, f"{w}.curve_preferences[{i}]")
-    return t
-
-
-def _decode_http(raw: object) -> HTTPServerConfig:
-    w = "http_server_config"
-    d = _mapping(raw, w)
-    _check_keys(d, ("http2", "headers"), w)
-    headers: dict[str, str] = {}
-    hd = _mapping(d.get("headers"), f"{w}.headers")
-    _check_keys(hd, tuple(HEADERS), f"{w}.headers")
-    for k, v in hd.items():
-        if v is None:
-            continue
-        val = _str(v, f"{w}.headers.{k}")
-        allowed = HEADERS[k]
-        if allowed is not None and val.lower() not in allowed:
-            raise WebConfigError(f"{w}.headers.{k}: one of " + ", ".join(allowed))
-        if "\n" in val or "\r" in val:
-            raise WebConfigError(f"{w}.headers.{k}: must be a single line")
-        if val:
-            headers[k] = val
-    return HTTPServerConfig(http2=_bool(d.get("http2", True), f"{w}.http2"), headers=headers)
-
-
-def _decode_users(raw: object) -> dict[str, bytes]:
-    w = "basic_auth_users"
-    d = _mapping(raw, w)
-    users: dict[str, bytes] = {}
-    for user, h in d.items():
-        if not user or ":" in user:
-            raise WebConfigError(f"{w}: a user name must be non-empty and contain no ':'")
-        # Never echo the value, not even its cost: it is a secret even when malformed.
-        where = f"{w}.{user[:60]!r}"
-        if not isinstance(h, str):
-            raise WebConfigError(f"{where}: expected a bcrypt hash string, got {type(h).__name__}")
-        m = _BCRYPT_RE.fullmatch(h)
-        if m is None:
-            raise WebConfigError(
-                f"{where}: not a bcrypt hash ($2a$/$2b$/$2y$, two-digit cost, "
-                "53 characters, nothing around it)"
-            )
-        if not BCRYPT_MIN_COST <= int(m.group(1)) <= BCRYPT_MAX_COST:
-            raise WebConfigError(
-                f"{where}: bcrypt cost outside {BCRYPT_MIN_COST}.."
-                f"{BCRYPT_MAX_COST} (every login would take too long)"
-            )
-        if (
-            _BCRYPT_ALPHABET.index(m.group(2)[-1]) % 16
-            or _BCRYPT_ALPHABET.index(m.group(3)[-1]) % 4
-        ):
-            raise WebConfigError(f"{where}: not a canonical bcrypt hash; it can never match")
-        users[user] = h.encode()
-    return users
-
-
 def bcrypt_cost(hashed: bytes) -> int:
-    """The cost of a hash that passed :func:`_decode_users`."""
+    """The cost of a hash that passed :meth:`WebConfigFile.validate`."""
     return int(hashed[4:6])
 
 
@@ -358,116 +293,28 @@ def _dummy_hash(users: Mapping[str, bytes]) -> bytes:
     return salt + digest.encode()
 
 
-def _decode_rate_limit(raw: object) -> RateLimit:
-    w = "rate_limit"
-    d = _mapping(raw, w)
-    _check_keys(d, ("interval", "burst"), w)
-    interval = parse_duration(d.get("interval", 0), f"{w}.interval")
-    burst = d.get("burst", 0)
-    if isinstance(burst, bool) or not isinstance(burst, int) or not 0 <= burst <= 1_000_000:
-        raise WebConfigError(f"{w}.burst: expected an integer between 0 and 1000000")
-    if interval > 0 and burst < 1:
-        raise WebConfigError(f"{w}.burst: must be >= 1 when interval is set")
-    return RateLimit(interval=interval, burst=burst)
-
-
-class _BadNode(yaml.MarkedYAMLError):
-    """A node that could not be constructed, e.g. ``!!int $2b$12$...``; keeps the node so that
-    the error can name its key."""
-
-    def __init__(self, node: yaml.Node, problem: str, mark: yaml.Mark | None) -> None:
-        super().__init__(problem=problem, problem_mark=mark or node.start_mark)
-        self.node = node
-
-
-class _Loader(yaml.SafeLoader):
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        # deep: build collections here, not later in construct_document, so that a failure is
-        # caught below with its node (a self-referencing alias then becomes an error too).
-        try:
-            return super().construct_object(node, deep=True)
-        except _BadNode:
-            raise
-        except Exception as e:
-            if isinstance(e, yaml.MarkedYAMLError) and not isinstance(node, yaml.ScalarNode):
-                raise _BadNode(node, str(e.problem), e.problem_mark) from None
-            if isinstance(e, yaml.YAMLError) and not isinstance(e, yaml.MarkedYAMLError):
-                raise
-            # A scalar that its tag cannot decode. The exception text quotes the value
-            # (int("$2b$12$..."), or its length for !!binary): keep where it is, not what.
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")[:40]
-            raise _BadNode(node, f"the value cannot be decoded as {tag}", None) from None
-
-
-def _node_path(root: yaml.Node, target: yaml.Node) -> str:
-    """``basic_auth_users.prom``: the keys leading to ``target`` (names, never values)."""
-    stack: list[tuple[yaml.Node, str]] = [(root, "")]
-    seen: set[int] = set()
-    while stack:
-        node, path = stack.pop()
-        if node is target:
-            return path or "<document>"
-        if id(node) in seen:
-            continue  # an alias may point back up the tree
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                name = k.value[:60] if isinstance(k, yaml.ScalarNode) else "?"
-                stack.append((v, f"{path}.{name}" if path else name))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node.value))
-    return "<document>"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _load_yaml(text: str, source: str) -> object:
-    loader: _Loader | None = None
-    root: yaml.Node | None = None
-    try:
-        loader = _Loader(text)  # the reader already refuses control characters
-        root = loader.get_single_node()
-        return loader.construct_document(root) if root is not None else None
-    except _BadNode as e:
-        m = e.problem_mark
-        at = f":{m.line + 1}:{m.column + 1}" if m is not None else ""
-        where = _node_path(root, e.node) if root is not None else "<document>"
-        raise WebConfigError(f"{source}{at}: {where!r}: {_one_line(str(e.problem))}") from None
-    except yaml.MarkedYAMLError as e:
-        # str(e) would quote the offending line, which may hold a key or a hash.
-        mark = e.problem_mark
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise WebConfigError(f"{source}{at}: invalid YAML: {_one_line(str(e.problem))}") from None
-    except (yaml.YAMLError, RecursionError) as e:
-        raise WebConfigError(f"{source}: invalid YAML ({type(e).__name__})") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
 def parse_web_config(
     text: str, base_dir: Path = Path("."), source: str = "<web config>"
 ) -> WebConfig:
     """Decode and validate a web config (without touching certificate files)."""
-    raw = _load_yaml(text, source) if text.strip() else {}
-    d = _mapping(raw, source)
-    _check_keys(
-        d, ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"), source
-    )
-    if "tls_server_config" in d and not d["tls_server_config"]:
-        # The toolkit serves plain HTTP here; someone who wrote the key meant TLS.
-        raise WebConfigError(
-            "tls_server_config: empty; set cert_file and key_file, or remove "
-            "tls_server_config to serve plain HTTP"
-        )
-    users = _decode_users(d.get("basic_auth_users"))
+    try:
+        root = decode.compose(text, source)
+        if root is None or decode.is_null(root):
+            return WebConfig(base_dir=base_dir)
+        file = decode.decode_dataclass(WebConfigFile, root)
+        if file.tls_server_config is None:
+            # ``tls_server_config:`` with nothing under it: as for an empty mapping.
+            present = decode.mapping_items(root, "").get("tls_server_config")
+            if present is not None:
+                raise decode.ConfigError(
+                    "tls_server_config", _EMPTY_TLS, decode.line_of(present[0])
+                )
+    except decode.ConfigError as e:
+        at = f"{source}:{e.line}" if e.line is not None else source
+        key = "" if e.path == source else f"{e.path}: "
+        raise WebConfigError(f"{at}: {key}{e.message}") from None
     return WebConfig(
-        tls=_decode_tls(d["tls_server_config"]) if "tls_server_config" in d else None,
-        http=_decode_http(d.get("http_server_config")),
-        basic_auth_users=users,
-        rate_limit=_decode_rate_limit(d.get("rate_limit")),
+        **decode.fields_as_dict(file),
         base_dir=base_dir,
-        dummy_hash=_dummy_hash(users),
+        dummy_hash=_dummy_hash(file.basic_auth_users),
     )
