@@ -1,50 +1,43 @@
 """Per-path impairment: what the forwarder does to one direction of one (region, edge) path.
 
-An :class:`Impairment` is plain data (decoded strictly from profile YAML or a control
-command). A :class:`DirState` is the live state of one direction: its RNG, its
-Gilbert-Elliott state and the last release time (for order-preserving jitter).
+An :class:`Impairment` is plain data, decoded strictly by :mod:`agent.config.decode` from
+profile YAML or a control command. A :class:`DirState` is the live state of one direction: its
+RNG, its Gilbert-Elliott state and the last release time (for order-preserving jitter).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+import yaml
+
 from agent.config import decode
+from agent.config.decode import Duration
 
 JitterDist = Literal["none", "uniform", "normal", "exponential", "pareto"]
-JITTER_DISTS: tuple[str, ...] = ("none", "uniform", "normal", "exponential", "pareto")
 
 
-class ImpairError(ValueError):
-    """A bad impairment or profile value; the message starts with the key path."""
+class Ratio(float):
+    """A ratio 0..1, decoded from a number or a percentage like '2%'."""
 
-
-def parse_duration(value: Any, key: str) -> float:
-    """:func:`agent.config.decode.parse_duration` (``"12ms"``, ``"1.5s"``, ``"250us"``,
-    ``"1m30s"`` or a bare number of seconds) as an ImpairError."""
-    try:
-        return decode.parse_duration(value)
-    except ValueError as e:
-        raise ImpairError(f"{key}: {e}") from None
-
-
-def parse_ratio(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ImpairError(f"{key}: expected a ratio 0..1 or a percentage like '2%'")
-    if isinstance(value, str):
-        s = value.strip()
-        try:
-            v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
-        except ValueError:
-            raise ImpairError(f"{key}: expected a ratio 0..1 or '2%', got {value!r}") from None
-    else:
-        v = float(value)
-    if not 0.0 <= v <= 1.0:
-        raise ImpairError(f"{key}: must be between 0 and 1 (or 0% and 100%), got {value!r}")
-    return v
+    @classmethod
+    def from_config(cls, value: object) -> Ratio:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("expected a ratio 0..1 or a percentage like '2%'")
+        if isinstance(value, str):
+            s = value.strip()
+            try:
+                v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+            except ValueError:
+                raise ValueError(f"expected a ratio 0..1 or '2%', got {value!r}") from None
+        else:
+            v = float(value)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be between 0 and 1 (or 0% and 100%), got {value!r}")
+        return cls(v)
 
 
 @dataclass(frozen=True)
@@ -55,10 +48,10 @@ class Gilbert:
     ``loss_good`` 0 the mean loss is p/(p+r) and the mean burst length 1/r.
     """
 
-    p: float
-    r: float
-    loss_bad: float = 1.0
-    loss_good: float = 0.0
+    p: Ratio
+    r: Ratio
+    loss_bad: Ratio = Ratio(1.0)
+    loss_good: Ratio = Ratio(0.0)
 
     @property
     def mean_loss(self) -> float:
@@ -70,11 +63,11 @@ class Gilbert:
 class Impairment:
     """One direction of a path. Durations in seconds, ratios 0..1."""
 
-    delay: float = 0.0  # base one-way delay
-    jitter: float = 0.0  # scale of the jitter distribution
+    delay: Duration = Duration(0.0)  # base one-way delay
+    jitter: Duration = Duration(0.0)  # scale of the jitter distribution
     jitter_dist: JitterDist = "normal"
     reorder: bool = False  # False: releases keep arrival order on this path
-    loss: float = 0.0  # independent random loss
+    loss: Ratio = Ratio(0.0)  # independent random loss
     gilbert: Gilbert | None = None  # bursty loss, on top of ``loss``
 
     def nominal_loss(self) -> float:
@@ -82,79 +75,69 @@ class Impairment:
         return 1 - (1 - self.loss) * (1 - g)
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["gilbert"] = None if self.gilbert is None else vars(self.gilbert).copy()
+        """Plain JSON values (no float subclasses), e.g. for the forwarder's spec."""
+        d = _plain(self)
+        d["gilbert"] = None if self.gilbert is None else _plain(self.gilbert)
         return d
 
 
-_IMPAIR_KEYS = {"delay", "jitter", "jitter_dist", "reorder", "loss", "gilbert"}
+def _plain(obj: Impairment | Gilbert) -> dict[str, Any]:
+    return {
+        f.name: float(v) if isinstance(v := getattr(obj, f.name), float) else v for f in fields(obj)
+    }
 
 
-def update_impairment(base: Impairment, raw: Mapping[str, Any], key: str) -> Impairment:
-    """``base`` with the fields given in ``raw`` replaced (strict: unknown keys fail)."""
-    unknown = set(raw) - _IMPAIR_KEYS
-    if unknown:
-        raise ImpairError(
-            f"{key}: unknown field(s) {sorted(unknown)}; known: {sorted(_IMPAIR_KEYS)}"
-        )
-    kw: dict[str, Any] = {}
-    if "delay" in raw:
-        kw["delay"] = parse_duration(raw["delay"], f"{key}.delay")
-    if "jitter" in raw:
-        kw["jitter"] = parse_duration(raw["jitter"], f"{key}.jitter")
-    if "jitter_dist" in raw:
-        if raw["jitter_dist"] not in JITTER_DISTS:
-            raise ImpairError(f"{key}.jitter_dist: one of {list(JITTER_DISTS)}")
-        kw["jitter_dist"] = raw["jitter_dist"]
-    if "reorder" in raw:
-        if not isinstance(raw["reorder"], bool):
-            raise ImpairError(f"{key}.reorder: expected true or false")
-        kw["reorder"] = raw["reorder"]
-    if "loss" in raw:
-        kw["loss"] = parse_ratio(raw["loss"], f"{key}.loss")
-    if "gilbert" in raw:
-        g = raw["gilbert"]
-        if g is None:
-            kw["gilbert"] = None
-        elif isinstance(g, Mapping):
-            gk = f"{key}.gilbert"
-            bad = set(g) - {"p", "r", "loss_bad", "loss_good"}
-            if bad or "p" not in g or "r" not in g:
-                raise ImpairError(f"{gk}: needs p and r, optional loss_bad, loss_good")
-            kw["gilbert"] = Gilbert(
-                p=parse_ratio(g["p"], f"{gk}.p"),
-                r=parse_ratio(g["r"], f"{gk}.r"),
-                loss_bad=parse_ratio(g.get("loss_bad", 1.0), f"{gk}.loss_bad"),
-                loss_good=parse_ratio(g.get("loss_good", 0.0), f"{gk}.loss_good"),
-            )
-        else:
-            raise ImpairError(f"{key}.gilbert: expected a map with p and r")
-    return replace(base, **kw)
+# The keys of a path spec that are not impairment fields: one direction's overrides.
+_DIRECTIONS = ("up", "down")
+
+
+def _split(node: yaml.Node, key: str) -> tuple[yaml.MappingNode, dict[str, yaml.Node]]:
+    """A path spec's fields common to both directions (as a mapping node) and its ``up:`` and
+    ``down:`` parts."""
+    items = decode.mapping_items(node, key) if not decode.is_null(node) else {}
+    common = [kv for name, kv in items.items() if name not in _DIRECTIONS]
+    start, end = node.start_mark, node.end_mark
+    sides = {name: items[name][1] for name in _DIRECTIONS if name in items}
+    return yaml.MappingNode("tag:yaml.org,2002:map", common, start, end), sides
 
 
 def split_directions(
-    raw: Mapping[str, Any],
+    raw: Mapping[str, Any] | yaml.Node,
     key: str,
     base: tuple[Impairment, Impairment] = (Impairment(), Impairment()),
-    extra_keys: frozenset[str] = frozenset(),
 ) -> tuple[Impairment, Impairment]:
-    """Decode a path spec: common fields apply to both directions, ``up:``/``down:`` override.
+    """Decode a path spec onto ``base``: common fields apply to both directions, ``up:`` and
+    ``down:`` override; fields not given keep ``base``'s values. Raises ConfigError.
 
     ``up`` is agent -> edge, ``down`` edge -> agent.
     """
-    common = {k: v for k, v in raw.items() if k not in {"up", "down"} | extra_keys}
-    up = update_impairment(base[0], common, key)
-    down = update_impairment(base[1], common, key)
-    for name in ("up", "down"):
-        if name in raw:
-            sub = raw[name]
-            if not isinstance(sub, Mapping):
-                raise ImpairError(f"{key}.{name}: expected a map")
-            if name == "up":
-                up = update_impairment(up, sub, f"{key}.up")
-            else:
-                down = update_impairment(down, sub, f"{key}.down")
-    return up, down
+    node = raw if isinstance(raw, yaml.Node) else decode.node_of(dict(raw))
+    common, sides = _split(node, key)
+    out: list[Impairment] = []
+    for name, b in zip(_DIRECTIONS, base, strict=True):
+        imp = decode.decode_dataclass(Impairment, common, key, base=decode.fields_as_dict(b))
+        if name in sides:
+            imp = decode.decode_dataclass(
+                Impairment, sides[name], f"{key}.{name}", base=decode.fields_as_dict(imp)
+            )
+        out.append(imp)
+    return out[0], out[1]
+
+
+def change_json(node: yaml.Node, key: str) -> dict[str, Any]:
+    """A partial path spec (a scheduled change), checked now and reduced to the keys it sets
+    with plain numbers: what the forwarder's control command takes."""
+
+    def given(part: yaml.Node, where: str) -> dict[str, Any]:
+        values = decode.decode_dataclass(Impairment, part, where).to_json()
+        names = decode.mapping_items(part, where) if isinstance(part, yaml.MappingNode) else {}
+        return {n: values[n] for n in names}
+
+    common, sides = _split(node, key)
+    out = given(common, key)
+    for name, part in sides.items():
+        out[name] = given(part, f"{key}.{name}")
+    return out
 
 
 class DirState:
@@ -189,7 +172,7 @@ class DirState:
     def delay_ns(self) -> int:
         """One sample of the one-way delay, never negative."""
         imp = self.imp
-        d = imp.delay
+        d: float = imp.delay
         j = imp.jitter
         if j > 0:
             dist = imp.jitter_dist

@@ -14,29 +14,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config.rules import load_yaml
-from lab.impair import (
-    ImpairError,
-    Impairment,
-    parse_duration,
-    parse_ratio,
-    split_directions,
-    update_impairment,
+import yaml
+
+from agent.config.decode import (
+    ConfigError,
+    Duration,
+    Problem,
+    compose,
+    decode_dataclass,
+    line_of,
+    mapping_items,
+    node_of,
 )
+from lab.impair import Impairment, Ratio, change_json, split_directions
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DEFAULT_PROFILES = ("id-jakarta", "br-saopaulo", "ae-dubai")
 EDGE_NET4 = ipaddress.ip_network("198.18.0.0/16")  # RFC 2544 benchmarking range
 EDGE_NET6 = ipaddress.ip_network("2001:db8:e::/48")  # RFC 3849 documentation range
 DNS_SUFFIX = ".lab.test"  # RFC 6761
+MAX_HOPS = 30
 
 
 @dataclass(frozen=True)
 class Hop:
     name: str
-    delay: float  # one-way delay added by the link up to this router, seconds
-    loss: float = 0.0  # loss of every packet crossing this router, both directions
-    icmp_loss: float = 0.0  # extra loss of this router's own Time Exceeded replies
+    delay: Duration = Duration(0.0)  # one-way delay added by the link up to this router
+    loss: Ratio = Ratio(0.0)  # loss of every packet crossing this router, both directions
+    icmp_loss: Ratio = Ratio(0.0)  # extra loss of this router's own Time Exceeded replies
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class PathSpec:
 class Change:
     at: float
     edge: str
-    set: Mapping[str, Any]
+    set: Mapping[str, Any]  # the keys of a path spec it sets, as the forwarder takes them
 
 
 @dataclass(frozen=True)
@@ -87,127 +92,116 @@ class Profile:
     file: str = ""
 
 
-def _need(d: Mapping[str, Any], k: str, key: str, typ: type | tuple[type, ...]) -> Any:
-    if k not in d:
-        raise ImpairError(f"{key}.{k}: required")
-    v = d[k]
-    if not isinstance(v, typ):
-        raise ImpairError(f"{key}.{k}: wrong type {type(v).__name__}")
-    return v
+# What a profile file says; decode_profile turns it into a Profile.
 
 
-def _check_keys(d: Mapping[str, Any], allowed: set[str], key: str) -> None:
-    bad = set(d) - allowed
-    if bad:
-        raise ImpairError(f"{key}: unknown field(s) {sorted(bad)}; known: {sorted(allowed)}")
+@dataclass(frozen=True)
+class _EdgeEntry:
+    name: str
+    ipv4: str
+    ipv6: str
+    dns: str = ""  # default: the name under DNS_SUFFIX
+    prefixes: tuple[str, ...] = ()
+    tier: str = ""
+    note: str = ""
+    path: Any = None  # a path spec (lab.impair.split_directions), decoded with the hops
+    hops: tuple[Hop, ...] = ()
 
-
-def decode_profile(raw: Any, file: str = "") -> Profile:
-    key = file or "profile"
-    if not isinstance(raw, Mapping):
-        raise ImpairError(f"{key}: expected a map")
-    _check_keys(raw, {"region", "description", "source", "edges", "schedule"}, key)
-    region = _need(raw, "region", key, str)
-    if not region or not all(c.isalnum() or c == "-" for c in region) or len(region) > 20:
-        raise ImpairError(f"{key}.region: letters, digits and '-', at most 20 characters")
-    edges: list[Edge] = []
-    paths: list[PathSpec] = []
-    for i, e in enumerate(_need(raw, "edges", key, list)):
-        ek = f"{key}.edges[{i}]"
-        if not isinstance(e, Mapping):
-            raise ImpairError(f"{ek}: expected a map")
-        _check_keys(
-            e, {"name", "tier", "ipv4", "ipv6", "dns", "prefixes", "path", "hops", "note"}, ek
-        )
-        name = _need(e, "name", ek, str)
-        v4 = ipaddress.ip_address(_need(e, "ipv4", ek, str))
-        v6 = ipaddress.ip_address(_need(e, "ipv6", ek, str))
-        if v4 not in EDGE_NET4 or v6 not in EDGE_NET6:
-            raise ImpairError(f"{ek}: edge addresses must be in {EDGE_NET4} and {EDGE_NET6}")
-        dns = e.get("dns", f"{name}{DNS_SUFFIX}")
-        if not str(dns).endswith(DNS_SUFFIX):
-            raise ImpairError(f"{ek}.dns: must end in {DNS_SUFFIX}")
-        pfx = tuple(str(p) for p in e.get("prefixes", []))
-        for p in pfx:
-            net = ipaddress.ip_network(p)
-            inside = (
-                net.subnet_of(EDGE_NET4)  # type: ignore[arg-type]
-                if net.version == 4
-                else net.subnet_of(EDGE_NET6)  # type: ignore[arg-type]
-            )
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
+        for key, net in (("ipv4", EDGE_NET4), ("ipv6", EDGE_NET6)):
+            try:
+                inside = ipaddress.ip_address(getattr(self, key)) in net
+            except ValueError:
+                inside = False
             if not inside:
-                raise ImpairError(f"{ek}.prefixes: {p} outside the lab's edge ranges")
-        edges.append(Edge(name, str(v4), str(v6), str(dns), pfx))
-        up, down = split_directions(e.get("path", {}), f"{ek}.path")
-        hops: list[Hop] = []
-        for j, h in enumerate(e.get("hops", [])):
-            hk = f"{ek}.hops[{j}]"
-            if not isinstance(h, Mapping):
-                raise ImpairError(f"{hk}: expected a map")
-            _check_keys(h, {"name", "delay", "loss", "icmp_loss"}, hk)
-            hops.append(
-                Hop(
-                    name=_need(h, "name", hk, str),
-                    delay=parse_duration(h.get("delay", 0), f"{hk}.delay"),
-                    loss=parse_ratio(h.get("loss", 0), f"{hk}.loss"),
-                    icmp_loss=parse_ratio(h.get("icmp_loss", 0), f"{hk}.icmp_loss"),
+                errs.append(Problem(key, f"edge addresses must be in {EDGE_NET4} and {EDGE_NET6}"))
+        if self.dns and not self.dns.endswith(DNS_SUFFIX):
+            errs.append(Problem("dns", f"must end in {DNS_SUFFIX}"))
+        for i, p in enumerate(self.prefixes):
+            try:
+                net = ipaddress.ip_network(p)
+                ok = net.subnet_of(EDGE_NET4 if net.version == 4 else EDGE_NET6)  # type: ignore[arg-type]
+            except ValueError:
+                ok = False
+            if not ok:
+                errs.append(Problem(f"prefixes[{i}]", f"{p} outside the lab's edge ranges"))
+        if len(self.hops) > MAX_HOPS:
+            errs.append(Problem("hops", f"at most {MAX_HOPS}"))
+        return errs
+
+
+@dataclass(frozen=True)
+class _ChangeEntry:
+    at: Duration
+    edge: str
+    set: Any  # a partial path spec (lab.impair.change_json)
+
+
+@dataclass(frozen=True)
+class _ProfileFile:
+    region: str
+    edges: tuple[_EdgeEntry, ...]
+    description: str = ""
+    source: str = ""
+    schedule: tuple[_ChangeEntry, ...] = ()
+
+    def validate(self) -> list[Problem]:
+        errs: list[Problem] = []
+        r = self.region
+        if not r or not all(c.isalnum() or c == "-" for c in r) or len(r) > 20:
+            errs.append(Problem("region", "letters, digits and '-', at most 20 characters"))
+        names = [e.name for e in self.edges]
+        errs += [
+            Problem(f"edges[{i}].name", f"edge name {n!r} used twice")
+            for i, n in enumerate(names)
+            if n in names[:i]
+        ]
+        errs += [
+            Problem(f"schedule[{i}].edge", f"{c.edge!r} is not an edge of this profile")
+            for i, c in enumerate(self.schedule)
+            if c.edge not in names
+        ]
+        return errs
+
+
+def decode_profile(raw: Mapping[str, Any] | yaml.Node, file: str = "") -> Profile:
+    """A profile from its YAML node (errors name the key and line) or from plain data.
+    Raises ConfigError."""
+    node = raw if isinstance(raw, yaml.Node) else node_of(dict(raw))
+    try:
+        spec = decode_dataclass(_ProfileFile, node)
+        edges_node = mapping_items(node, "")["edges"][1]
+        edges: list[Edge] = []
+        paths: list[PathSpec] = []
+        for i, e in enumerate(spec.edges):
+            ek = f"edges[{i}]"
+            edges.append(Edge(e.name, e.ipv4, e.ipv6, e.dns or f"{e.name}{DNS_SUFFIX}", e.prefixes))
+            path = e.path if e.path is not None else node_of({})
+            up, down = split_directions(path, f"{ek}.path")
+            if e.hops and sum(h.delay for h in e.hops) > min(up.delay, down.delay) + 1e-9:
+                hops_node = mapping_items(edges_node.value[i], ek)["hops"][0]
+                raise ConfigError(
+                    f"{ek}.hops",
+                    "the hops' delays add up to more than the path's one-way delay",
+                    line_of(hops_node),
                 )
-            )
-        if len(hops) > 30:
-            raise ImpairError(f"{ek}.hops: at most 30")
-        if hops and sum(h.delay for h in hops) > min(up.delay, down.delay) + 1e-9:
-            raise ImpairError(
-                f"{ek}.hops: the hops' delays add up to more than the path's one-way delay"
-            )
-        paths.append(
-            PathSpec(name, str(e.get("tier", "")), up, down, tuple(hops), str(e.get("note", "")))
+            paths.append(PathSpec(e.name, e.tier, up, down, e.hops, e.note))
+        schedule = tuple(
+            Change(c.at, c.edge, change_json(c.set, f"schedule[{i}].set"))
+            for i, c in enumerate(spec.schedule)
         )
-    names = [e.name for e in edges]
-    if len(set(names)) != len(names):
-        raise ImpairError(f"{key}.edges: duplicate edge names")
-    sched: list[Change] = []
-    for i, c in enumerate(raw.get("schedule", []) or []):
-        ck = f"{key}.schedule[{i}]"
-        if not isinstance(c, Mapping):
-            raise ImpairError(f"{ck}: expected a map")
-        _check_keys(c, {"at", "edge", "set"}, ck)
-        edge = _need(c, "edge", ck, str)
-        if edge not in names:
-            raise ImpairError(f"{ck}.edge: {edge!r} is not an edge of this profile")
-        change = _need(c, "set", ck, Mapping)
-        split_directions(change, f"{ck}.set")  # validate now, not at t=60 s
-        sched.append(
-            Change(
-                parse_duration(_need(c, "at", ck, (int, float, str)), f"{ck}.at"),
-                edge,
-                _jsonable(change, f"{ck}.set"),
-            )
-        )
+    except ConfigError as e:
+        raise e.in_file(file) if file else e from None
     return Profile(
-        region=region,
-        description=str(raw.get("description", "")),
-        source=str(raw.get("source", "")),
+        region=spec.region,
+        description=spec.description,
+        source=spec.source,
         edges=tuple(edges),
         paths=tuple(paths),
-        schedule=tuple(sched),
+        schedule=schedule,
         file=file,
     )
-
-
-def _jsonable(change: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """A change with durations turned into seconds, so the forwarder gets plain numbers."""
-    out: dict[str, Any] = {}
-    for k, v in change.items():
-        if k in ("up", "down") and isinstance(v, Mapping):
-            out[k] = _jsonable(v, f"{key}.{k}")
-        elif k in ("delay", "jitter"):
-            out[k] = parse_duration(v, f"{key}.{k}")
-        elif k == "loss":
-            out[k] = parse_ratio(v, f"{key}.{k}")
-        else:
-            out[k] = v
-    update_impairment(Impairment(), {k: v for k, v in out.items() if k not in ("up", "down")}, key)
-    return out
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -215,7 +209,10 @@ def load_profile(name_or_path: str) -> Profile:
     p = Path(name_or_path)
     if not p.suffix:
         p = PROFILE_DIR / f"{name_or_path}.yaml"
-    return decode_profile(load_yaml(p.read_text()), str(p))
+    root = compose(p.read_text(), str(p))
+    if root is None:
+        raise ConfigError("region", "required key is missing (the profile is empty)", source=str(p))
+    return decode_profile(root, str(p))
 
 
 def merge_edges(profiles: Sequence[Profile]) -> dict[str, Edge]:
@@ -225,15 +222,17 @@ def merge_edges(profiles: Sequence[Profile]) -> dict[str, Edge]:
         for e in prof.edges:
             old = out.get(e.name)
             if old is not None and (old.ipv4, old.ipv6, old.dns) != (e.ipv4, e.ipv6, e.dns):
-                raise ImpairError(
-                    f"{prof.file}: edge {e.name!r} has other addresses than in another profile"
-                )
+                raise ConfigError(
+                    "edges", f"edge {e.name!r} has other addresses than in another profile"
+                ).in_file(prof.file)
             out.setdefault(e.name, e)
     addrs: dict[str, str] = {}
     for e in out.values():
         for a in (e.ipv4, e.ipv6):
             if addrs.setdefault(a, e.name) != e.name:
-                raise ImpairError(f"address {a} is used by edges {addrs[a]!r} and {e.name!r}")
+                raise ConfigError(
+                    "edges", f"address {a} is used by edges {addrs[a]!r} and {e.name!r}"
+                )
     return out
 
 

@@ -208,12 +208,12 @@ def test_one_duration_grammar(text: str, seconds: float) -> None:
     plus single fractional or sub-millisecond terms)."""
     from agent.config.decode import parse_duration
     from agent.server.webconfig import parse_web_config
-    from lab.impair import parse_duration as lab_duration
+    from lab.impair import split_directions
 
     assert parse_duration(text) == pytest.approx(seconds)
     web = parse_web_config(f"rate_limit: {{interval: {text}, burst: 1}}")
     assert web.rate_limit.interval == pytest.approx(seconds)
-    assert lab_duration(text, "k") == pytest.approx(seconds)
+    assert split_directions({"delay": text}, "k")[0].delay == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", ["30s1m", "1s1s", "1.5m30s", "soon", "", "1x", "-1s"])

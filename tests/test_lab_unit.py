@@ -5,26 +5,30 @@ from __future__ import annotations
 import ipaddress
 import math
 import struct
+from pathlib import Path
 
 import pytest
 from lab_helpers import ipdv, rfc3550_jitter, wilson
 
+from agent.config.decode import ConfigError
 from lab import groundtruth as gt
 from lab import packet
-from lab.impair import DirState, Gilbert, ImpairError, Impairment, parse_duration, split_directions
+from lab.impair import DirState, Gilbert, Impairment, split_directions
 from lab.spec import DEFAULT_PROFILES, decode_profile, load_profile, merge_edges
 
 
 def test_durations_and_ratios() -> None:
-    assert parse_duration("20ms", "k") == pytest.approx(0.02)
-    assert parse_duration("250us", "k") == pytest.approx(250e-6)
-    assert parse_duration(1.5, "k") == 1.5
-    with pytest.raises(ImpairError, match="k: expected a duration"):
-        parse_duration("soon", "k")
+    for text, seconds in (("20ms", 0.02), ("250us", 250e-6), (1.5, 1.5)):
+        assert split_directions({"delay": text}, "k")[0].delay == pytest.approx(seconds)
+    with pytest.raises(ConfigError, match=r"k\.delay: expected a duration"):
+        split_directions({"delay": "soon"}, "k")
     up, down = split_directions({"delay": "10ms", "loss": "2%", "down": {"delay": "30ms"}}, "p")
     assert (up.delay, down.delay, up.loss, down.loss) == pytest.approx((0.01, 0.03, 0.02, 0.02))
-    with pytest.raises(ImpairError, match=r"p: unknown field\(s\) \['dealy'\]"):
+    with pytest.raises(ConfigError, match=r"p.dealy: unknown key") as e:
         split_directions({"dealy": "10ms"}, "p")
+    assert e.value.line is None  # plain data, not a file: no line to name
+    with pytest.raises(ConfigError, match=r"p.up.loss: must be between 0 and 1"):
+        split_directions({"up": {"loss": "120%"}}, "p")
 
 
 def test_gilbert_matches_its_closed_form() -> None:
@@ -132,11 +136,11 @@ def test_profiles_are_strict() -> None:
         "edges": [{"name": "a", "ipv4": "198.18.9.9", "ipv6": "2001:db8:e:99::1", "path": {}}],
     }
     decode_profile(base)
-    with pytest.raises(ImpairError, match="edge addresses must be in"):
+    with pytest.raises(ConfigError, match=r"edges\[0\].ipv4: edge addresses must be in"):
         decode_profile({**base, "edges": [{**base["edges"][0], "ipv4": "10.0.0.1"}]})  # type: ignore[dict-item]
-    with pytest.raises(ImpairError, match=r"schedule\[0\].edge"):
+    with pytest.raises(ConfigError, match=r"schedule\[0\].edge"):
         decode_profile({**base, "schedule": [{"at": "1s", "edge": "zz", "set": {}}]})
-    with pytest.raises(ImpairError, match="hops' delays add up"):
+    with pytest.raises(ConfigError, match="hops' delays add up"):
         decode_profile(
             {
                 **base,
@@ -149,6 +153,29 @@ def test_profiles_are_strict() -> None:
                 ],
             }
         )
+
+
+def test_a_profile_error_names_file_line_and_key(tmp_path: Path) -> None:
+    p = tmp_path / "xx-test.yaml"
+    p.write_text(
+        "region: xx-test\n"
+        "edges:\n"
+        "  - name: a\n"
+        "    ipv4: 198.18.9.9\n"
+        "    ipv6: 2001:db8:e:99::1\n"
+        "    path: {delay: 10ms}\n"
+        "    hops:\n"
+        "      - {name: h1, delay: 1ms}\n"
+        "      - {name: h2, delay: 1ms, icmp_loss: 150%}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_profile(str(p))
+    assert str(e.value).startswith(f"{p}:9: edges[0].hops[1].icmp_loss: must be between 0 and 1")
+    p.write_text(p.read_text().replace("path: {delay: 10ms}", "path: {delay: 1ms}"))
+    p.write_text(p.read_text().replace("150%", "1%"))
+    with pytest.raises(ConfigError) as e:
+        load_profile(str(p))
+    assert str(e.value).startswith(f"{p}:7: edges[0].hops: the hops' delays add up")
 
 
 def test_wilson_and_jitter_helpers() -> None:

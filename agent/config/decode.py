@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import re
 import types
@@ -58,14 +59,28 @@ _DURATION_UNITS = {
 
 
 class ConfigError(ValueError):
-    """A config problem, phrased for the operator."""
+    """A config problem, phrased for the operator: the key path, the message and the line.
+    With ``source`` (the file, for messages read away from it) it reads
+    ``source:line: key: message``."""
 
-    def __init__(self, path: str, message: str, line: int | None = None) -> None:
+    def __init__(self, path: str, message: str, line: int | None = None, source: str = "") -> None:
         self.path = path
         self.message = message
         self.line = line
-        where = f" (line {line})" if line is not None else ""
-        super().__init__(f"{path or '<root>'}: {message}{where}")
+        self.source = source
+        if source:
+            at = f"{source}:{line}" if line is not None else source
+            key = f"{path}: " if path and path != source else ""
+            text = f"{at}: {key}{message}"
+        else:
+            text = f"{path or '<root>'}: {message}" + (
+                f" (line {line})" if line is not None else ""
+            )
+        super().__init__(text)
+
+    def in_file(self, source: str) -> ConfigError:
+        """This error, naming the file it is about."""
+        return ConfigError(self.path, self.message, self.line, source)
 
 
 class Problem(NamedTuple):
@@ -81,6 +96,10 @@ class Problem(NamedTuple):
 
 class Duration(float):
     """Seconds. Decoded from a number or a string like '500ms', '1s', '2m'."""
+
+    @classmethod
+    def from_config(cls, value: object) -> Duration:
+        return cls(parse_duration(value))
 
 
 def parse_duration(value: object) -> float:
@@ -197,11 +216,18 @@ def _unquote(problem: str) -> str:
     return _QUOTED_RE.sub(hide, problem)
 
 
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
+def _line(node: yaml.Node) -> int | None:
+    # None for a node built from data rather than read from a file (node_of).
+    return int(node.start_mark.line) + 1 if node.start_mark is not None else None
 
 
 line_of = _line
+
+
+def node_of(data: object) -> yaml.Node:
+    """Plain data (JSON types, from a control message or from code) as a node tree, to be
+    decoded like a file's; its errors name the key and no line."""
+    return yaml.SafeDumper(io.StringIO(), sort_keys=False).represent_data(data)
 
 
 def is_null(node: yaml.Node) -> bool:
@@ -266,7 +292,9 @@ def _type_name(tp: Any) -> str:
 def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> Any:
     """Decode ``node`` as type ``tp``. Supports dataclasses, Literal, Optional/unions with None,
     list[X], tuple[X, ...], dict[str, X], Mapping[str, X], str, bytes (a string, kept as its
-    UTF-8 bytes), int, float, bool, Duration."""
+    UTF-8 bytes), int, float (a string is a duration), bool, and a type that parses a single
+    value itself with a ``from_config(value)`` classmethod (Duration; ValueError is the
+    error)."""
     if depth > MAX_DEPTH:
         raise ConfigError(path, "nested too deeply", _line(node) if node else None)
     if node is None:
@@ -313,9 +341,12 @@ def decode(tp: Any, node: yaml.Node | None, path: str = "", depth: int = 0) -> A
     if tp is Any:
         return _scalar(node, path) if isinstance(node, yaml.ScalarNode) else node
     value = _scalar(node, path)
-    if tp is Duration or (tp is float and isinstance(value, str)):
+    parse = getattr(tp, "from_config", None)
+    if parse is None and tp is float and isinstance(value, str):
+        parse = parse_duration
+    if parse is not None:
         try:
-            return parse_duration(value)
+            return parse(value)
         except ValueError as e:
             raise ConfigError(path, str(e), _line(node)) from None
     if tp is bool:
@@ -431,7 +462,7 @@ def decode_dataclass(
 _KEY_STEP_RE = re.compile(r"[^.\[\]]+|\[\d+\]")
 
 
-def _key_line(node: yaml.MappingNode, key: str) -> int:
+def _key_line(node: yaml.MappingNode, key: str) -> int | None:
     """The line of ``key`` (``users.alice``, ``ciphers[2]``) below ``node``, or of as much of
     it as the document has."""
     line = _line(node)

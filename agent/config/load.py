@@ -124,7 +124,7 @@ def loads(text: str, source: str = "<config>") -> Config:
                 f"{count} probe series exceed agent.max_targets ({agent.max_targets})",
                 line_of(targets_node),
             )
-        names: dict[str, int] = {}
+        names: dict[str, int | None] = {}
         for i, tnode in enumerate(targets_node.value):
             jobs += _decode_target(tnode, f"targets[{i}]", defaults, names)
     return Config(
@@ -258,7 +258,7 @@ def _series_count(node: yaml.Node) -> int:
 
 
 def _decode_target(
-    node: yaml.Node, path: str, defaults: dict[str, CommonOptions], names: dict[str, int]
+    node: yaml.Node, path: str, defaults: dict[str, CommonOptions], names: dict[str, int | None]
 ) -> list[Job]:
     items = mapping_items(node, path)
     raw = decode_dataclass(_RawTarget, node, path)

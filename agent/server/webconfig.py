@@ -310,9 +310,7 @@ def parse_web_config(
                     "tls_server_config", _EMPTY_TLS, decode.line_of(present[0])
                 )
     except decode.ConfigError as e:
-        at = f"{source}:{e.line}" if e.line is not None else source
-        key = "" if e.path == source else f"{e.path}: "
-        raise WebConfigError(f"{at}: {key}{e.message}") from None
+        raise WebConfigError(str(e.in_file(source))) from None
     return WebConfig(
         **decode.fields_as_dict(file),
         base_dir=base_dir,
