@@ -17,9 +17,12 @@ IpFamily = Literal["auto", "ipv4", "ipv6"]
 SECRET = "secret"
 
 
-def secret_field(default: str = "") -> Any:
+def secret_field(default: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
     """A config field holding a credential (or where one is to be found): its value never
-    appears in a repr, a config error or a log line. The config decoder reads the mark."""
+    appears in a repr, a config error or a log line. The config decoder reads the mark.
+    ``factory`` makes the default, for a field holding several (a map of users to hashes)."""
+    if factory is not None:
+        return field(default_factory=factory, repr=False, metadata={SECRET: True})
     return field(default=default, repr=False, metadata={SECRET: True})
 
 

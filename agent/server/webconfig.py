@@ -4,9 +4,10 @@ The file format is the Prometheus exporter-toolkit one (``docs/web-configuration
 prometheus/exporter-toolkit), so a Prometheus scrape config with ``basic_auth`` and
 ``tls_config`` that works against node_exporter works unchanged against edgeprobe.
 
-Decoding is strict: an unknown key is an error (a typo such as ``basic_auth_user`` must not
-silently disable authentication). Secrets (``tls_server_config.key``, the bcrypt hashes) never
-appear in an error message, a ``repr`` or a log line.
+The sections are dataclasses that :mod:`agent.config.decode` decodes strictly: an unknown key is
+an error (a typo such as ``basic_auth_user`` must not silently disable authentication), and an
+error names the file, the line and the key. Secrets (``tls_server_config.key``, the bcrypt
+hashes) never appear in an error message, a ``repr`` or a log line.
 
 Differences from the Go implementation, all documented in docs/operations/security.md:
 
@@ -41,7 +42,7 @@ import bcrypt
 
 from agent.config import decode
 from agent.config.decode import Duration, Problem
-from probes.base import SECRET, secret_field
+from probes.base import secret_field
 
 log = logging.getLogger("edgeprobe.web")
 
@@ -231,9 +232,7 @@ class WebConfigFile:
     tls_server_config: TLSServerConfig | None = None
     http_server_config: HTTPServerConfig = field(default_factory=HTTPServerConfig)
     # user -> bcrypt hash. A secret: a hash can be cracked offline.
-    basic_auth_users: Mapping[str, bytes] = field(
-        default_factory=dict, repr=False, metadata={SECRET: True}
-    )
+    basic_auth_users: Mapping[str, bytes] = secret_field(factory=dict)
     rate_limit: RateLimit = field(default_factory=RateLimit)
 
     def validate(self) -> list[Problem]:
