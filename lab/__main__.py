@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from agent.config.decode import ConfigError
 from lab import groundtruth as gt
 from lab.spec import DEFAULT_PROFILES, available_profiles
 from lab.topology import LabError, World, cleanup_stale, iter_states
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a))
-    except LabError as e:
+    except (LabError, ConfigError) as e:
+        # A bad profile is the operator's input: one line naming file, line and key.
         print(f"lab: {e}", file=sys.stderr)
         return 1
 

@@ -178,6 +178,18 @@ def test_a_profile_error_names_file_line_and_key(tmp_path: Path) -> None:
     assert str(e.value).startswith(f"{p}:7: edges[0].hops: the hops' delays add up")
 
 
+def test_lab_command_reports_a_bad_profile_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lab.__main__ import main
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("edges:\n  - name: x\n    bogus: 1\n")
+    assert main(["up", "--profile", str(p)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lab: {p}:3: edges[0].bogus: unknown key") and err.count("\n") == 1
+
+
 def test_wilson_and_jitter_helpers() -> None:
     lo, hi = wilson(0, 100, 1.96)
     assert lo == 0 and hi == pytest.approx(0.037, abs=0.001)  # reference table value
