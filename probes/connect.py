@@ -29,37 +29,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 from probes import dns as dnsprobe
-from probes.base import (
-    CommonOptions,
-    ProbeContext,
-    ProbeKind,
-    ProbeResult,
-    Target,
-    secret_field,
-)
+from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target, secret_field
 from probes.net.resolve import Resolver, literal
 from probes.net.sockets import (
     RESOLVE_REASONS,
     SOCKET_REASONS,
     Endpoint,
     ProbeFailed,
-    check_ports,
+    SocketOptions,
     check_secret,
-    check_source,
     os_reasons,
-    read_secret,
     resolve,
 )
 from probes.stun import binding_train
 from probes.tcp import connect as tcp_connect
 from probes.tls import TLS_REASONS, handshake, make_context
-from probes.turn import TURN_REASONS, allocate
+from probes.turn import TURN_REASONS, open_allocation, read_password
 
 PHASES: tuple[str, ...] = ("dns", "tcp", "tls", "stun", "turn")
 
 
 @dataclass(frozen=True)
-class ConnectOptions(CommonOptions):
+class ConnectOptions(SocketOptions):
     interval: float = 15.0
     timeout: float = 2.0  # per phase
     signalling_port: int = 443
@@ -76,20 +67,20 @@ class ConnectOptions(CommonOptions):
     password: str = secret_field()
     password_file: str = secret_field()
 
+    port_options = ("signalling_port", "dns_port", "stun_port")  # turn_port may be 0
+
     def run_time(self) -> float:
         return self.timeout * (len(PHASES) if self.turn else len(PHASES) - 1)
 
-    def validate(self) -> list[str]:
-        errs = super().validate()
-        errs += check_ports(self, "signalling_port", "dns_port", "stun_port")
+    def check(self) -> list[str]:
+        errs: list[str] = []
         if not 0 <= self.turn_port <= 65535:
             errs.append("turn_port: must be between 0 and 65535")
         if self.dns_server and literal(self.dns_server) is None:
             errs.append("dns_server: must be an IP address")
         if self.turn and not self.username:
             errs.append("username: required when turn is true")
-        errs += check_secret(self.password, self.password_file)
-        return errs + check_source(self)
+        return errs + check_secret(self.password, self.password_file)
 
 
 async def _dns_phase(target: Target, opts: ConnectOptions, ctx: ProbeContext) -> Endpoint:
@@ -130,12 +121,7 @@ async def run(target: Target, opts: ConnectOptions, ctx: ProbeContext) -> ProbeR
         return now
 
     try:
-        user, password = opts.username, ""
-        if opts.turn:
-            try:
-                password = read_secret(opts.password, opts.password_file)
-            except OSError:
-                raise ProbeFailed("turn_credentials_unreadable") from None
+        password = read_password(opts.password, opts.password_file) if opts.turn else ""
         sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, opts.min_tls_version)
         t = time.perf_counter_ns()
         ep = await _dns_phase(target, opts, ctx)
@@ -154,9 +140,11 @@ async def run(target: Target, opts: ConnectOptions, ctx: ProbeContext) -> ProbeR
         t = lap("stun", t)
         info["mapped_family"] = family
         if opts.turn:
-            await allocate(
-                ep, opts.turn_port or opts.stun_port, opts, user, password, opts.timeout, ctx
+            turn_port = opts.turn_port or opts.stun_port
+            a = await open_allocation(
+                ep, turn_port, opts, opts.username, password, opts.timeout, ctx
             )
+            await a.release()
             t = lap("turn", t)
     except ProbeFailed as e:
         # Phases that completed are still reported: they say where the time went.

@@ -21,12 +21,10 @@ import dns.rdatatype
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
+    NET_REASONS,
     Endpoint,
     ProbeFailed,
-    check_ports,
-    check_source,
+    SocketOptions,
     make_socket,
     resolve,
 )
@@ -45,7 +43,7 @@ DNS_REASONS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class DnsOptions(CommonOptions):
+class DnsOptions(SocketOptions):
     query_name: str = ""
     record_type: str = "A"
     server: str = ""  # IP of the server to ask; "" = the target's address
@@ -54,8 +52,8 @@ class DnsOptions(CommonOptions):
     expect_answer: tuple[str, ...] = ()  # every one must be in the answer (any order)
     recursion_desired: bool = True
 
-    def validate(self) -> list[str]:
-        errs = super().validate()
+    def check(self) -> list[str]:
+        errs: list[str] = []
         if not self.query_name:
             errs.append("query_name: required")
         try:
@@ -64,8 +62,7 @@ class DnsOptions(CommonOptions):
             errs.append(f"record_type: unknown type {self.record_type!r}")
         if self.expect_rcode.upper() not in _RCODES:
             errs.append("expect_rcode: one of " + ", ".join(_RCODES))
-        errs += check_ports(self, "port")
-        return errs + check_source(self)
+        return errs
 
 
 @dataclass
@@ -185,7 +182,7 @@ async def run(target: Target, opts: DnsOptions, ctx: ProbeContext) -> ProbeResul
     )
 
 
-REASONS: tuple[str, ...] = (*DNS_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (*DNS_REASONS, *NET_REASONS)
 
 KIND = ProbeKind(
     name="dns",

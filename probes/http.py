@@ -23,18 +23,17 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
     RESOLVE_REASONS,
     ProbeFailed,
-    check_source,
+    SocketOptions,
     os_error_reason,
-    os_reasons,
     resolve,
     set_tos,
 )
-from probes.tls import TLS_REASONS, _ssl_reason, make_context
+from probes.tls import HANDSHAKE_REASONS, _ssl_reason, make_context
 
 HTTP_REASONS: tuple[str, ...] = (
     "http_timeout",
@@ -48,7 +47,7 @@ HTTP_REASONS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class HttpOptions(CommonOptions):
+class HttpOptions(SocketOptions):
     timeout: float = 5.0
     interval: float = 15.0
     scheme: Literal["http", "https"] = "https"
@@ -63,8 +62,10 @@ class HttpOptions(CommonOptions):
     insecure_skip_verify: bool = False
     headers: tuple[str, ...] = field(default=())  # "Name: value" lines
 
-    def validate(self) -> list[str]:
-        errs = super().validate()
+    port_options = ()  # 0 is the scheme's port
+
+    def check(self) -> list[str]:
+        errs: list[str] = []
         if not 0 <= self.port <= 65535:
             errs.append("port: must be between 0 and 65535")
         if not self.path.startswith("/"):
@@ -75,7 +76,7 @@ class HttpOptions(CommonOptions):
             errs.append("max_body_bytes: must be between 1 and 64 MiB")
         if any(":" not in h for h in self.headers):
             errs.append("headers: each must be 'Name: value'")
-        return errs + check_source(self)
+        return errs
 
 
 class _Stamps(SimpleNamespace):
@@ -265,13 +266,7 @@ def _phases(st: _Stamps, socks: list[_TimedSocket], tls: bool) -> dict[str, floa
     return {k: v for k, v in out.items() if v is not None}
 
 
-REASONS: tuple[str, ...] = (
-    *os_reasons("tcp"),
-    *TLS_REASONS,
-    "tls_config",
-    *HTTP_REASONS,
-    *RESOLVE_REASONS,
-)
+REASONS: tuple[str, ...] = (*HANDSHAKE_REASONS, *HTTP_REASONS, *RESOLVE_REASONS)
 
 KIND = ProbeKind(
     name="http",

@@ -27,15 +27,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-from probes.base import CommonOptions, HopResult, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import HopResult, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net import errqueue
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
+    NET_REASONS,
     Endpoint,
     ProbeFailed,
-    check_source,
+    SocketOptions,
     make_socket,
     resolve,
 )
@@ -48,7 +47,7 @@ MAX_HOPS_LIMIT = 32
 
 
 @dataclass(frozen=True)
-class PathOptions(CommonOptions):
+class PathOptions(SocketOptions):
     interval: float = 60.0
     timeout: float = 2.0
     packets: int = 3  # rounds: probes per hop
@@ -60,15 +59,17 @@ class PathOptions(CommonOptions):
     def run_time(self) -> float:
         return self.packets * self.max_hops * self.spacing + self.timeout
 
-    def validate(self) -> list[str]:
-        errs = super().validate()
+    port_options = ()  # a range from ``port`` up, checked below
+
+    def check(self) -> list[str]:
+        errs: list[str] = []
         if not 1 <= self.max_hops <= MAX_HOPS_LIMIT:
             errs.append(f"max_hops: must be between 1 and {MAX_HOPS_LIMIT}")
         if self.packets > 10:
             errs.append("packets: must be <= 10 for the path probe")
         if not 1 <= self.port <= 65535 - MAX_HOPS_LIMIT * 10:
             errs.append("port: out of range")
-        return errs + check_source(self)
+        return errs
 
 
 @dataclass
@@ -237,7 +238,7 @@ async def run(target: Target, opts: PathOptions, ctx: ProbeContext) -> ProbeResu
     )
 
 
-REASONS: tuple[str, ...] = ("path_incomplete", *RESOLVE_REASONS, *SOCKET_REASONS)
+REASONS: tuple[str, ...] = ("path_incomplete", *NET_REASONS)
 
 KIND = ProbeKind(
     name="path",

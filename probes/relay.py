@@ -20,7 +20,6 @@ logged, exported or put in a reason.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -29,15 +28,13 @@ from aioice import stun
 
 from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
-from probes.net.sockets import RESOLVE_REASONS, SOCKET_REASONS, ProbeFailed, resolve
-from probes.net.train import run_train
-from probes.turn import TURN_REASONS, TurnOptions, credentials, open_allocation
+from probes.net.sockets import NET_REASONS, ProbeFailed
+from probes.net.train import Stamp, run_train
+from probes.turn import TURN_REASONS, TurnOptions, open_target
 
 CHANNEL = 0x4000  # the first channel number (RFC 8656 §12)
 _CHANNEL_HEADER = struct.Struct("!HH")  # channel number, length
 _MAGIC = b"EPRL"
-_HEADER = struct.Struct("!4s8sI")  # magic, run nonce, sequence number
-MIN_PAYLOAD = _HEADER.size
 
 
 @dataclass(frozen=True)
@@ -59,8 +56,7 @@ class RelayOptions(TurnOptions):
         errs = super().validate()
         if not 1 <= self.peer_port <= 65535:
             errs.append("peer_port: must be between 1 and 65535")
-        if self.payload_size < MIN_PAYLOAD:
-            errs.append(f"payload_size: must be >= {MIN_PAYLOAD} (magic, nonce, sequence)")
+        errs += Stamp.check_size(self.payload_size)
         if self.payload_size > 1200:
             errs.append(
                 "payload_size: must be <= 1200 (a media packet, under the path MTU "
@@ -73,29 +69,24 @@ class RelayOptions(TurnOptions):
 
 async def run(target: Target, opts: RelayOptions, ctx: ProbeContext) -> ProbeResult:
     t0 = time.perf_counter_ns()
-    nonce = os.urandom(8)
-    pad = b"\0" * (opts.payload_size - MIN_PAYLOAD)
-    payloads = [_HEADER.pack(_MAGIC, nonce, i) + pad for i in range(opts.packets)]
+    stamp = Stamp(_MAGIC)
+    payloads = stamp.payloads(opts.packets, opts.payload_size)
     frames = [_CHANNEL_HEADER.pack(CHANNEL, len(p)) + p for p in payloads]
 
     def match(data: bytes) -> int | str:
-        if len(data) < _CHANNEL_HEADER.size + MIN_PAYLOAD:
+        if len(data) < _CHANNEL_HEADER.size + Stamp.HEADER.size:
             return "malformed"  # also the server's STUN messages (a Refresh answer...)
         channel, length = _CHANNEL_HEADER.unpack_from(data)
         if channel != CHANNEL or length != opts.payload_size:
             return "foreign"
-        magic, n, seq = _HEADER.unpack_from(data, _CHANNEL_HEADER.size)
-        if magic != _MAGIC or n != nonce:
-            return "foreign"
-        if seq >= len(frames) or data[: len(frames[seq])] != frames[seq]:
+        seq = stamp.match(data, _CHANNEL_HEADER.size)
+        if isinstance(seq, int) and (seq >= len(frames) or data[: len(frames[seq])] != frames[seq]):
             return "corrupt"
-        return int(seq)
+        return seq
 
     phases: dict[str, float] = {}
     try:
-        user, password = credentials(opts)
-        ep = await resolve(target.address, opts, ctx)
-        a = await open_allocation(ep, opts.port, opts, user, password, opts.timeout, ctx)
+        a = await open_target(target, opts, ctx)
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
     phases = {"challenge": a.allocation.challenge, "allocate": a.allocation.allocate}
@@ -107,8 +98,6 @@ async def run(target: Target, opts: RelayOptions, ctx: ProbeContext) -> ProbeRes
         resp = await a.request(
             stun.Method.CHANNEL_BIND,
             {"CHANNEL-NUMBER": CHANNEL, "XOR-PEER-ADDRESS": (peer, opts.peer_port)},
-            opts.timeout,
-            ctx,
         )
         if resp.message_class != stun.Class.RESPONSE:
             raise ProbeFailed("relay_bind_failed")
@@ -124,17 +113,13 @@ async def run(target: Target, opts: RelayOptions, ctx: ProbeContext) -> ProbeRes
             info={"relayed_family": a.allocation.relayed_family},
         )
     finally:
-        await a.release(min(opts.timeout, 0.5), ctx)
-    errors = {k: v for k, v in (("reordered", res.reordered), ("duplicate", res.duplicates)) if v}
-    answered = sum(r is not None for r in res.rtts)
-    return ProbeResult(
-        success=answered > 0,
-        reason="ok" if answered else "relay_timeout",
-        duration=(time.perf_counter_ns() - t0) / 1e9,
-        rtts=res.rtts,
-        packet_ids=list(range(opts.packets)),
+        await a.release()
+    # The kind declares no relay_refused: a stream nothing answered is relay_timeout.
+    return res.probe_result(
+        (time.perf_counter_ns() - t0) / 1e9,
+        "relay",
+        count_refused=False,
         phases=phases,
-        errors=errors,
         info={"relayed_family": a.allocation.relayed_family},
     )
 
@@ -146,8 +131,7 @@ REASONS: tuple[str, ...] = (
     "relay_timeout",
     "reordered",
     "duplicate",
-    *RESOLVE_REASONS,
-    *SOCKET_REASONS,
+    *NET_REASONS,
 )
 
 KIND = ProbeKind(

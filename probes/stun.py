@@ -22,12 +22,10 @@ from aioice import stun
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
+    NET_REASONS,
     Endpoint,
     ProbeFailed,
-    check_ports,
-    check_source,
+    SocketOptions,
     make_socket,
     resolve,
 )
@@ -38,15 +36,10 @@ MAX_INFLIGHT = 10  # RFC 8489 §6.2: at most 10 outstanding to one server
 
 
 @dataclass(frozen=True)
-class StunOptions(CommonOptions):
+class StunOptions(SocketOptions):
     interval: float = 5.0
     port: int = 3478
     packets: int = 10
-
-    def validate(self) -> list[str]:
-        errs = super().validate()
-        errs += check_ports(self, "port")
-        return errs + check_source(self)
 
 
 def binding_request() -> stun.Message:
@@ -131,25 +124,10 @@ async def run(target: Target, opts: StunOptions, ctx: ProbeContext) -> ProbeResu
         )
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
-    errors = {
-        k: v
-        for k, v in (
-            ("stun_refused", res.refused),
-            ("reordered", res.reordered),
-            ("duplicate", res.duplicates),
-            ("error_response", res.strays.get("error_response", 0)),
-        )
-        if v
-    }
-    answered = sum(r is not None for r in res.rtts)
-    reason = "ok" if answered else ("stun_refused" if res.refused else "stun_timeout")
-    return ProbeResult(
-        success=answered > 0,
-        reason=reason,
-        duration=(time.perf_counter_ns() - t0) / 1e9,
-        rtts=res.rtts,
-        packet_ids=list(range(opts.packets)),
-        errors=errors,
+    return res.probe_result(
+        (time.perf_counter_ns() - t0) / 1e9,
+        "stun",
+        stray_errors=("error_response",),
         info={"mapped_family": family},
     )
 
@@ -161,8 +139,7 @@ REASONS: tuple[str, ...] = (
     "reordered",
     "duplicate",
     "error_response",
-    *RESOLVE_REASONS,
-    *SOCKET_REASONS,
+    *NET_REASONS,
 )
 
 KIND = ProbeKind(

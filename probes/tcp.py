@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
+    NET_REASONS,
     Endpoint,
     ProbeFailed,
-    check_ports,
-    check_source,
+    SocketOptions,
     make_socket,
     os_error_reason,
     os_reasons,
@@ -29,13 +27,8 @@ from probes.net.sockets import (
 
 
 @dataclass(frozen=True)
-class TcpOptions(CommonOptions):
+class TcpOptions(SocketOptions):
     port: int = 443
-
-    def validate(self) -> list[str]:
-        errs = super().validate()
-        errs += check_ports(self, "port")
-        return errs + check_source(self)
 
 
 async def connect(
@@ -81,7 +74,7 @@ async def run(target: Target, opts: TcpOptions, ctx: ProbeContext) -> ProbeResul
     )
 
 
-REASONS: tuple[str, ...] = (*os_reasons("tcp"), *RESOLVE_REASONS, *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (*os_reasons("tcp"), *NET_REASONS)
 
 KIND = ProbeKind(
     name="tcp",

@@ -14,17 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
-from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
-    ProbeFailed,
-    check_ports,
-    check_source,
-    os_reasons,
-    resolve,
-)
+from probes.net.sockets import NET_REASONS, ProbeFailed, SocketOptions, os_reasons, resolve
 from probes.tcp import connect
 
 TlsVersion = Literal["TLS1.2", "TLS1.3"]
@@ -42,21 +34,18 @@ TLS_REASONS: tuple[str, ...] = (
     "tls_handshake_failed",
     "tls_reset",
 )
+# What a TCP connect, then a TLS handshake with a context built from the options, can report.
+HANDSHAKE_REASONS: tuple[str, ...] = (*os_reasons("tcp"), *TLS_REASONS, "tls_config")
 
 
 @dataclass(frozen=True)
-class TlsOptions(CommonOptions):
+class TlsOptions(SocketOptions):
     port: int = 443
     server_name: str = ""  # SNI and the name verified; "" = the target's address
     ca_file: str = ""  # PEM bundle to trust instead of the system store
     insecure_skip_verify: bool = False
     min_version: TlsVersion = "TLS1.2"
     alpn: tuple[str, ...] = ()
-
-    def validate(self) -> list[str]:
-        errs = super().validate()
-        errs += check_ports(self, "port")
-        return errs + check_source(self)
 
 
 def make_context(
@@ -159,13 +148,7 @@ async def run(target: Target, opts: TlsOptions, ctx: ProbeContext) -> ProbeResul
     )
 
 
-REASONS: tuple[str, ...] = (
-    *os_reasons("tcp"),
-    *TLS_REASONS,
-    "tls_config",
-    *RESOLVE_REASONS,
-    *SOCKET_REASONS,
-)
+REASONS: tuple[str, ...] = (*HANDSHAKE_REASONS, *NET_REASONS)
 
 KIND = ProbeKind(
     name="tls",

@@ -23,23 +23,14 @@ from dataclasses import dataclass
 from aioice import stun
 from aioice.turn import make_integrity_key
 
-from probes.base import (
-    CommonOptions,
-    ProbeContext,
-    ProbeKind,
-    ProbeResult,
-    Target,
-    secret_field,
-)
+from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target, secret_field
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
+    NET_REASONS,
     Endpoint,
     ProbeFailed,
-    check_ports,
+    SocketOptions,
     check_secret,
-    check_source,
     make_socket,
     read_secret,
     resolve,
@@ -62,20 +53,18 @@ TURN_REASONS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
-class TurnOptions(CommonOptions):
+class TurnOptions(SocketOptions):
     interval: float = 10.0
     port: int = 3478
     username: str = ""
     password: str = secret_field()
     password_file: str = secret_field()
 
-    def validate(self) -> list[str]:
-        errs = super().validate()
-        errs += check_ports(self, "port")
-        errs += check_secret(self.password, self.password_file)
+    def check(self) -> list[str]:
+        errs = check_secret(self.password, self.password_file)
         if not self.username:
             errs.append("username: required")
-        return errs + check_source(self)
+        return errs
 
 
 @dataclass
@@ -180,10 +169,10 @@ class OpenAllocation:
     key: bytes
     relayed: tuple[str, int] | None
     allocation: Allocation
+    timeout: float  # per exchange
+    ctx: ProbeContext
 
-    async def request(
-        self, method: stun.Method, attributes: dict[str, object], timeout: float, ctx: ProbeContext
-    ) -> stun.Message:
+    async def request(self, method: stun.Method, attributes: dict[str, object]) -> stun.Message:
         """One signed request on the allocation (a 438 Stale Nonce gets one retry)."""
         resp, _, self.nonce = await _signed(
             self.sock,
@@ -193,15 +182,24 @@ class OpenAllocation:
             self.realm,
             self.nonce,
             self.key,
-            timeout,
-            ctx,
+            self.timeout,
+            self.ctx,
         )
         return resp
 
-    async def release(self, timeout: float, ctx: ProbeContext) -> None:
-        """Refresh with LIFETIME 0, then close the socket."""
+    async def release(self) -> None:
+        """Refresh with LIFETIME 0, then close the socket. The wait for the answer is short:
+        without one the allocation expires by itself, and the run's outcome is known."""
         try:
-            await _release(self.sock, self.username, self.realm, self.nonce, self.key, timeout, ctx)
+            await _release(
+                self.sock,
+                self.username,
+                self.realm,
+                self.nonce,
+                self.key,
+                min(self.timeout, 0.5),
+                self.ctx,
+            )
         finally:
             self.sock.close()
 
@@ -266,25 +264,12 @@ async def open_allocation(
             key,
             (str(relayed[0]), int(relayed[1])) if relayed else None,
             Allocation(challenge, took, family),
+            timeout,
+            ctx,
         )
     except BaseException:
         sock.close()
         raise
-
-
-async def allocate(
-    ep: Endpoint,
-    port: int,
-    opts: CommonOptions,
-    username: str,
-    password: str,
-    timeout: float,
-    ctx: ProbeContext,
-) -> Allocation:
-    """One authenticated Allocate, released afterwards. Raises ProbeFailed(turn_*)."""
-    a = await open_allocation(ep, port, opts, username, password, timeout, ctx)
-    await a.release(min(timeout, 0.5), ctx)
-    return a.allocation
 
 
 async def _release(
@@ -313,33 +298,41 @@ async def _release(
         await _exchange(sock, req, timeout, ctx)
 
 
-def credentials(opts: TurnOptions) -> tuple[str, str]:
+def read_password(password: str, password_file: str) -> str:
+    """The TURN password from the option or its file. Raises
+    ProbeFailed(turn_credentials_unreadable)."""
     try:
-        password = read_secret(opts.password, opts.password_file)
+        return read_secret(password, password_file)
     except OSError:
         raise ProbeFailed("turn_credentials_unreadable") from None
+
+
+async def open_target(target: Target, opts: TurnOptions, ctx: ProbeContext) -> OpenAllocation:
+    """An authenticated Allocate on the target with the options' credentials, kept: the caller
+    must ``release()`` it. Raises ProbeFailed(turn_*, resolve_*, source_*)."""
+    password = read_password(opts.password, opts.password_file)
     if not opts.username or not password:
         raise ProbeFailed("turn_no_credentials")
-    return opts.username, password
+    ep = await resolve(target.address, opts, ctx)
+    return await open_allocation(ep, opts.port, opts, opts.username, password, opts.timeout, ctx)
 
 
 async def run(target: Target, opts: TurnOptions, ctx: ProbeContext) -> ProbeResult:
     t0 = time.perf_counter_ns()
     try:
-        user, password = credentials(opts)
-        ep = await resolve(target.address, opts, ctx)
-        a = await allocate(ep, opts.port, opts, user, password, opts.timeout, ctx)
+        a = await open_target(target, opts, ctx)
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
+    await a.release()
     return ProbeResult(
         success=True,
         duration=(time.perf_counter_ns() - t0) / 1e9,
-        phases={"challenge": a.challenge, "allocate": a.allocate},
-        info={"relayed_family": a.relayed_family},
+        phases={"challenge": a.allocation.challenge, "allocate": a.allocation.allocate},
+        info={"relayed_family": a.allocation.relayed_family},
     )
 
 
-REASONS: tuple[str, ...] = (*TURN_REASONS, *RESOLVE_REASONS, *SOCKET_REASONS)
+REASONS: tuple[str, ...] = (*TURN_REASONS, *NET_REASONS)
 
 KIND = ProbeKind(
     name="turn",

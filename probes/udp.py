@@ -7,62 +7,43 @@ answers, and replies that come back out of order are counted as ``reordered``.
 
 from __future__ import annotations
 
-import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
-from probes.net.sockets import (
-    RESOLVE_REASONS,
-    SOCKET_REASONS,
-    ProbeFailed,
-    check_ports,
-    check_source,
-    make_socket,
-    resolve,
-)
-from probes.net.train import run_train
+from probes.net.sockets import NET_REASONS, ProbeFailed, SocketOptions, make_socket, resolve
+from probes.net.train import Stamp, run_train
 
 _MAGIC = b"EPRB"
-_HEADER = struct.Struct("!4s8sI")  # magic, run nonce, sequence number
-MIN_PAYLOAD = _HEADER.size
 
 
 @dataclass(frozen=True)
-class UdpOptions(CommonOptions):
+class UdpOptions(SocketOptions):
     interval: float = 5.0
     port: int = 7
     packets: int = 10
     max_inflight: int = 10
 
-    def validate(self) -> list[str]:
-        errs = super().validate()
-        errs += check_ports(self, "port")
-        if self.payload_size < MIN_PAYLOAD:
-            errs.append(f"payload_size: must be >= {MIN_PAYLOAD} (magic, nonce, sequence)")
+    def check(self) -> list[str]:
+        errs: list[str] = []
+        errs += Stamp.check_size(self.payload_size)
         if not 1 <= self.max_inflight <= 1000:
             errs.append("max_inflight: must be between 1 and 1000")
-        return errs + check_source(self)
+        return errs
 
 
 async def run(target: Target, opts: UdpOptions, ctx: ProbeContext) -> ProbeResult:
     t0 = time.perf_counter_ns()
-    nonce = os.urandom(8)
-    pad = b"\0" * max(opts.payload_size - MIN_PAYLOAD, 0)
-    packets = [_HEADER.pack(_MAGIC, nonce, i) + pad for i in range(opts.packets)]
+    stamp = Stamp(_MAGIC)
+    packets = stamp.payloads(opts.packets, opts.payload_size)
 
     def match(data: bytes) -> int | str:
-        if len(data) < MIN_PAYLOAD:
-            return "malformed"
-        magic, n, seq = _HEADER.unpack_from(data)
-        if magic != _MAGIC or n != nonce:
-            return "foreign"
-        if seq >= len(packets) or data != packets[seq]:
+        seq = stamp.match(data)
+        if isinstance(seq, int) and (seq >= len(packets) or data != packets[seq]):
             return "corrupt"
-        return int(seq)
+        return seq
 
     try:
         ep = await resolve(target.address, opts, ctx)
@@ -79,25 +60,7 @@ async def run(target: Target, opts: UdpOptions, ctx: ProbeContext) -> ProbeResul
         )
     finally:
         sock.close()
-    errors = {
-        k: v
-        for k, v in (
-            ("udp_refused", res.refused),
-            ("reordered", res.reordered),
-            ("duplicate", res.duplicates),
-        )
-        if v
-    }
-    answered = sum(r is not None for r in res.rtts)
-    reason = "ok" if answered else ("udp_refused" if res.refused else "udp_timeout")
-    return ProbeResult(
-        success=answered > 0,
-        reason=reason,
-        duration=(time.perf_counter_ns() - t0) / 1e9,
-        rtts=res.rtts,
-        packet_ids=list(range(opts.packets)),
-        errors=errors,
-    )
+    return res.probe_result((time.perf_counter_ns() - t0) / 1e9, "udp")
 
 
 REASONS: tuple[str, ...] = (
@@ -106,8 +69,7 @@ REASONS: tuple[str, ...] = (
     "udp_unreachable",
     "reordered",
     "duplicate",
-    *RESOLVE_REASONS,
-    *SOCKET_REASONS,
+    *NET_REASONS,
 )
 
 KIND = ProbeKind(

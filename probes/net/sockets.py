@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import ClassVar
 
 from probes.base import CommonOptions, Failed, ProbeContext
 from probes.net.resolve import ResolvedAddress, ResolveError, Resolver, literal
@@ -69,6 +70,27 @@ def check_source(opts: CommonOptions) -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class SocketOptions(CommonOptions):
+    """Options of a kind that opens its own sockets with :func:`make_socket`: every option named
+    in ``port_options`` must be a port number, and ``source_address`` an IP literal of the
+    probed family. A kind adds the checks of its own options in ``check``."""
+
+    port_options: ClassVar[tuple[str, ...]] = ("port",)
+
+    def validate(self) -> list[str]:
+        return (
+            super().validate()
+            + check_ports(self, *self.port_options)
+            + self.check()
+            + check_source(self)
+        )
+
+    def check(self) -> list[str]:
+        """Problems with the options the kind adds, each as 'key: message'."""
+        return []
+
+
 def set_tos(sock: socket.socket, family: int, tos: int) -> None:
     """DSCP marking: IP_TOS for IPv4, IPV6_TCLASS for IPv6 (same byte layout)."""
     if not tos:
@@ -100,6 +122,8 @@ def make_socket(ep: Endpoint, kind: int, opts: CommonOptions) -> socket.socket:
 
 
 SOCKET_REASONS: tuple[str, ...] = ("source_bind_failed", "source_family_mismatch")
+# What a kind that resolves with ``resolve`` and opens sockets with ``make_socket`` can report.
+NET_REASONS: tuple[str, ...] = (*RESOLVE_REASONS, *SOCKET_REASONS)
 
 
 def os_error_reason(e: OSError, prefix: str) -> str:

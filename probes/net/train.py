@@ -1,21 +1,24 @@
 """A paced train of request/response datagrams over one connected UDP socket.
 
-Shared by the ``udp`` echo and ``stun`` kinds. Each packet is sent once (no retransmission: a
-miss is a loss, RFC 7680), ``spacing`` apart, with at most ``max_inflight`` unanswered packets
-outstanding (RFC 8489 §6.2 allows 10 to one server). A packet is lost when no matching reply
-arrived within ``timeout`` of its own send time; a reply after that is ``late``. Receive times
-are taken when the datagram is read, with the monotonic clock.
+Shared by the ``udp`` echo, ``stun`` and ``relay`` kinds. Each packet is sent once (no
+retransmission: a miss is a loss, RFC 7680), ``spacing`` apart, with at most ``max_inflight``
+unanswered packets outstanding (RFC 8489 §6.2 allows 10 to one server). A packet is lost when
+no matching reply arrived within ``timeout`` of its own send time; a reply after that is
+``late``. Receive times are taken when the datagram is read, with the monotonic clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from probes.base import ProbeContext
+from probes.base import ProbeContext, ProbeResult
 
 # match(data) -> the packet's index in the train, or a bounded stray reason.
 Matcher = Callable[[bytes], "int | str"]
@@ -28,6 +31,70 @@ class TrainResult:
     duplicates: int = 0
     reordered: int = 0
     strays: dict[str, int] = field(default_factory=dict)
+
+    def probe_result(
+        self,
+        duration: float,
+        prefix: str,
+        *,
+        count_refused: bool = True,
+        stray_errors: tuple[str, ...] = (),
+        **fields: Any,
+    ) -> ProbeResult:
+        """The run's result: a success when any packet was answered; otherwise
+        ``<prefix>_refused`` when the port was unreachable (if ``count_refused``), else
+        ``<prefix>_timeout``. ``errors`` counts the refusals, reordered and duplicate replies,
+        and the strays named in ``stray_errors``; ``fields`` go to the result as they are."""
+        refused = self.refused if count_refused else 0
+        counts = (
+            *(((f"{prefix}_refused", refused),) if count_refused else ()),
+            ("reordered", self.reordered),
+            ("duplicate", self.duplicates),
+            *((k, self.strays.get(k, 0)) for k in stray_errors),
+        )
+        answered = sum(r is not None for r in self.rtts)
+        return ProbeResult(
+            success=answered > 0,
+            reason="ok" if answered else (f"{prefix}_refused" if refused else f"{prefix}_timeout"),
+            duration=duration,
+            rtts=self.rtts,
+            packet_ids=list(range(len(self.rtts))),
+            errors={k: v for k, v in counts if v},
+            **fields,
+        )
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What the packets of one run carry so that a reply matches exactly one of them: a magic
+    naming the kind, a random nonce per run, and the packet's sequence number."""
+
+    magic: bytes  # 4 bytes
+    nonce: bytes = field(default_factory=lambda: os.urandom(8))
+
+    HEADER: ClassVar[struct.Struct] = struct.Struct("!4s8sI")  # magic, run nonce, sequence number
+
+    @classmethod
+    def check_size(cls, payload_size: int) -> list[str]:
+        """The payload must hold the header."""
+        if payload_size < cls.HEADER.size:
+            return [f"payload_size: must be >= {cls.HEADER.size} (magic, nonce, sequence)"]
+        return []
+
+    def payloads(self, count: int, size: int) -> list[bytes]:
+        """``count`` payloads of ``size`` bytes (at least the header), zero-padded."""
+        pad = b"\0" * max(size - self.HEADER.size, 0)
+        return [self.HEADER.pack(self.magic, self.nonce, i) + pad for i in range(count)]
+
+    def match(self, data: bytes, offset: int = 0) -> int | str:
+        """The sequence number in the payload at ``offset``, or the bounded stray reason
+        ``malformed`` (too short) or ``foreign`` (another kind's or another run's)."""
+        if len(data) < offset + self.HEADER.size:
+            return "malformed"
+        magic, nonce, seq = self.HEADER.unpack_from(data, offset)
+        if magic != self.magic or nonce != self.nonce:
+            return "foreign"
+        return int(seq)
 
 
 async def run_train(
