@@ -360,7 +360,7 @@ class IcmpEngine:
         self._pending[seq] = _Slot(run, idx, dest, t_mono, t_real)
         run.ids[idx] = seq
 
-    def start(
+    def start_canonical(
         self,
         dest: str,
         count: int,
@@ -373,24 +373,11 @@ class IcmpEngine:
     ) -> Train:
         """Send the first of ``count`` echo requests now and the rest ``spacing`` seconds
         apart; ``on_done(run)`` is called (from the event loop, possibly before this returns)
-        once every packet has its reply, error or timeout. ``run.cancel()`` abandons it."""
-        lit = literal(dest)
-        dest = lit.address if lit is not None else dest  # replies name the canonical form
-        return self.start_canonical(dest, count, spacing, timeout, payload_size, tos, ttl, on_done)
+        once every packet has its reply, error or timeout. ``run.cancel()`` abandons it.
 
-    def start_canonical(
-        self,
-        dest: str,
-        count: int,
-        spacing: float,
-        timeout: float,
-        payload_size: int,
-        tos: int,
-        ttl: int | None,
-        on_done: Callable[[Train], None],
-    ) -> Train:
-        """``start`` for a ``dest`` already in canonical form (as ``literal`` gives it): the
-        callback form of the kind has it at hand, and parsing it again per run costs CPU."""
+        ``dest`` must be in canonical form (as ``literal`` gives it), since replies name that
+        form: the callback form of the kind has it at hand, and parsing it again per run costs
+        CPU."""
         loop = self._loop
         if loop is None:
             loop = asyncio.get_running_loop()
@@ -432,7 +419,9 @@ class IcmpEngine:
             else:
                 done.set_result(None)
 
-        run = self.start(dest, count, spacing, timeout, payload_size, tos, ttl, finished)
+        lit = literal(dest)
+        dest = lit.address if lit is not None else dest  # replies name the canonical form
+        run = self.start_canonical(dest, count, spacing, timeout, payload_size, tos, ttl, finished)
         try:
             await done
         finally:
