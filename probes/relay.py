@@ -28,8 +28,8 @@ from aioice import stun
 
 from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
-from probes.net.sockets import NET_REASONS, ProbeFailed
-from probes.net.train import Stamp, run_train
+from probes.net.sockets import NET_REASONS, ProbeFailed, check_ports
+from probes.net.train import Stamp, check_max_inflight, run_train
 from probes.turn import TURN_REASONS, TurnOptions, open_target
 
 CHANNEL = 0x4000  # the first channel number (RFC 8656 §12)
@@ -53,18 +53,14 @@ class RelayOptions(TurnOptions):
         return 4 * self.timeout + super().run_time()
 
     def validate(self) -> list[str]:
-        errs = super().validate()
-        if not 1 <= self.peer_port <= 65535:
-            errs.append("peer_port: must be between 1 and 65535")
+        errs = super().validate() + check_ports(self, "peer_port")
         errs += Stamp.check_size(self.payload_size)
         if self.payload_size > 1200:
             errs.append(
                 "payload_size: must be <= 1200 (a media packet, under the path MTU "
                 "with the ChannelData and IP headers)"
             )
-        if not 1 <= self.max_inflight <= 1000:
-            errs.append("max_inflight: must be between 1 and 1000")
-        return errs
+        return errs + check_max_inflight(self.max_inflight)
 
 
 async def run(target: Target, opts: RelayOptions, ctx: ProbeContext) -> ProbeResult:

@@ -12,7 +12,6 @@ cookie check (it does not check it), the transaction ID match, and the method/cl
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from probes.net.sockets import (
     Endpoint,
     ProbeFailed,
     SocketOptions,
-    make_socket,
+    connected_udp,
     resolve,
 )
 from probes.net.train import TrainResult, run_train
@@ -101,12 +100,8 @@ async def binding_train(
             mapped["family"] = _family_of(msg)
         return idx
 
-    sock = make_socket(ep, socket.SOCK_DGRAM, opts)
+    sock = connected_udp(ep, port, opts, "stun_unreachable")
     try:
-        try:
-            sock.connect(ep.sockaddr(port))  # the kernel then drops datagrams from elsewhere
-        except OSError:
-            raise ProbeFailed("stun_unreachable") from None
         res = await run_train(
             sock, [bytes(m) for m in requests], spacing, timeout, match, "stun", ctx, MAX_INFLIGHT
         )

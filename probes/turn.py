@@ -31,7 +31,7 @@ from probes.net.sockets import (
     ProbeFailed,
     SocketOptions,
     check_secret,
-    make_socket,
+    connected_udp,
     read_secret,
     resolve,
 )
@@ -118,44 +118,54 @@ def _error_reason(code: int | None) -> str:
     return "turn_error"
 
 
-async def _signed(
-    sock: socket.socket,
-    method: stun.Method,
-    attributes: dict[str, object],
-    username: str,
-    realm: str,
-    nonce: bytes,
-    key: bytes,
-    timeout: float,
-    ctx: ProbeContext,
-) -> tuple[stun.Message, float, bytes]:
-    """A request signed with MESSAGE-INTEGRITY: (response, seconds, the nonce now valid). A 438
-    Stale Nonce gets one retry with the fresh nonce, and both exchanges are timed."""
-    took = 0.0
-    for _ in range(2):
+@dataclass
+class _LongTermAuth:
+    """The long-term credential of one allocation (RFC 8489 §9.2) and the nonce valid now."""
+
+    username: str
+    realm: str
+    nonce: bytes
+    key: bytes  # MD5(username:realm:password)
+
+    def message(self, method: stun.Method, attributes: dict[str, object]) -> stun.Message:
         req = stun.Message(
             method,
             stun.Class.REQUEST,
             attributes={
                 **attributes,
                 "SOFTWARE": SOFTWARE,
-                "USERNAME": username,
-                "REALM": realm,
-                "NONCE": nonce,
+                "USERNAME": self.username,
+                "REALM": self.realm,
+                "NONCE": self.nonce,
             },
         )
-        req.add_message_integrity(key)
-        resp, t = await _exchange(sock, req, timeout, ctx)
+        req.add_message_integrity(self.key)
+        return req
+
+
+async def _signed(
+    sock: socket.socket,
+    auth: _LongTermAuth,
+    method: stun.Method,
+    attributes: dict[str, object],
+    timeout: float,
+    ctx: ProbeContext,
+) -> tuple[stun.Message, float]:
+    """A request signed with MESSAGE-INTEGRITY: (response, seconds). A 438 Stale Nonce gets one
+    retry with the fresh nonce, which ``auth`` keeps, and both exchanges are timed."""
+    took = 0.0
+    for _ in range(2):
+        resp, t = await _exchange(sock, auth.message(method, attributes), timeout, ctx)
         took += t
         if (
             resp.message_class == stun.Class.ERROR
             and resp.error_code == 438
             and "NONCE" in resp.attributes
         ):
-            nonce = resp.attributes["NONCE"]
+            auth.nonce = resp.attributes["NONCE"]
             continue
         break
-    return resp, took, nonce
+    return resp, took
 
 
 @dataclass
@@ -163,10 +173,7 @@ class OpenAllocation:
     """An allocation still held on the server, with what later requests need to sign."""
 
     sock: socket.socket
-    username: str
-    realm: str
-    nonce: bytes
-    key: bytes
+    auth: _LongTermAuth
     relayed: tuple[str, int] | None
     allocation: Allocation
     timeout: float  # per exchange
@@ -174,32 +181,16 @@ class OpenAllocation:
 
     async def request(self, method: stun.Method, attributes: dict[str, object]) -> stun.Message:
         """One signed request on the allocation (a 438 Stale Nonce gets one retry)."""
-        resp, _, self.nonce = await _signed(
-            self.sock,
-            method,
-            attributes,
-            self.username,
-            self.realm,
-            self.nonce,
-            self.key,
-            self.timeout,
-            self.ctx,
-        )
+        resp, _ = await _signed(self.sock, self.auth, method, attributes, self.timeout, self.ctx)
         return resp
 
     async def release(self) -> None:
         """Refresh with LIFETIME 0, then close the socket. The wait for the answer is short:
-        without one the allocation expires by itself, and the run's outcome is known."""
+        without one the allocation expires by itself, and it is not this run's outcome."""
         try:
-            await _release(
-                self.sock,
-                self.username,
-                self.realm,
-                self.nonce,
-                self.key,
-                min(self.timeout, 0.5),
-                self.ctx,
-            )
+            req = self.auth.message(stun.Method.REFRESH, {"LIFETIME": 0})
+            with contextlib.suppress(ProbeFailed):
+                await _exchange(self.sock, req, min(self.timeout, 0.5), self.ctx)
         finally:
             self.sock.close()
 
@@ -215,12 +206,8 @@ async def open_allocation(
 ) -> OpenAllocation:
     """One authenticated Allocate, kept: the caller must ``release()`` it. Raises
     ProbeFailed(turn_*), with the socket closed."""
-    sock = make_socket(ep, socket.SOCK_DGRAM, opts)
+    sock = connected_udp(ep, port, opts, "turn_unreachable")
     try:
-        try:
-            sock.connect(ep.sockaddr(port))
-        except OSError:
-            raise ProbeFailed("turn_unreachable") from None
         req = stun.Message(
             stun.Method.ALLOCATE,
             stun.Class.REQUEST,
@@ -237,31 +224,21 @@ async def open_allocation(
             # A server that allocates without auth is misconfigured for this probe.
             raise ProbeFailed(_error_reason(resp.error_code))
         realm = str(resp.attributes["REALM"])
-        nonce = resp.attributes["NONCE"]
         key = make_integrity_key(username, realm, password)
-        resp, took, nonce = await _signed(
-            sock,
-            stun.Method.ALLOCATE,
-            {"REQUESTED-TRANSPORT": UDP_TRANSPORT},
-            username,
-            realm,
-            nonce,
-            key,
-            timeout,
-            ctx,
+        auth = _LongTermAuth(username, realm, resp.attributes["NONCE"], key)
+        resp, took = await _signed(
+            sock, auth, stun.Method.ALLOCATE, {"REQUESTED-TRANSPORT": UDP_TRANSPORT}, timeout, ctx
         )
         if resp.message_class != stun.Class.RESPONSE:
             raise ProbeFailed(_error_reason(resp.error_code))
         if not resp.check_message_integrity(key):
             raise ProbeFailed("turn_bad_integrity")
+        auth.nonce = resp.attributes.get("NONCE", auth.nonce)
         relayed = resp.attributes.get("XOR-RELAYED-ADDRESS")
         family = "none" if not relayed else ("ipv6" if ":" in str(relayed[0]) else "ipv4")
         return OpenAllocation(
             sock,
-            username,
-            realm,
-            resp.attributes.get("NONCE", nonce),
-            key,
+            auth,
             (str(relayed[0]), int(relayed[1])) if relayed else None,
             Allocation(challenge, took, family),
             timeout,
@@ -270,32 +247,6 @@ async def open_allocation(
     except BaseException:
         sock.close()
         raise
-
-
-async def _release(
-    sock: socket.socket,
-    username: str,
-    realm: str,
-    nonce: bytes,
-    key: bytes,
-    timeout: float,
-    ctx: ProbeContext,
-) -> None:
-    req = stun.Message(
-        stun.Method.REFRESH,
-        stun.Class.REQUEST,
-        attributes={
-            "LIFETIME": 0,
-            "SOFTWARE": SOFTWARE,
-            "USERNAME": username,
-            "REALM": realm,
-            "NONCE": nonce,
-        },
-    )
-    req.add_message_integrity(key)
-    # Without an answer the allocation expires by itself; not this run's outcome.
-    with contextlib.suppress(ProbeFailed):
-        await _exchange(sock, req, timeout, ctx)
 
 
 def read_password(password: str, password_file: str) -> str:

@@ -7,14 +7,13 @@ answers, and replies that come back out of order are counted as ``reordered``.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 
 from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
-from probes.net.sockets import NET_REASONS, ProbeFailed, SocketOptions, make_socket, resolve
-from probes.net.train import Stamp, run_train
+from probes.net.sockets import NET_REASONS, ProbeFailed, SocketOptions, connected_udp, resolve
+from probes.net.train import Stamp, check_max_inflight, run_train
 
 _MAGIC = b"EPRB"
 
@@ -27,11 +26,7 @@ class UdpOptions(SocketOptions):
     max_inflight: int = 10
 
     def check(self) -> list[str]:
-        errs: list[str] = []
-        errs += Stamp.check_size(self.payload_size)
-        if not 1 <= self.max_inflight <= 1000:
-            errs.append("max_inflight: must be between 1 and 1000")
-        return errs
+        return Stamp.check_size(self.payload_size) + check_max_inflight(self.max_inflight)
 
 
 async def run(target: Target, opts: UdpOptions, ctx: ProbeContext) -> ProbeResult:
@@ -47,14 +42,10 @@ async def run(target: Target, opts: UdpOptions, ctx: ProbeContext) -> ProbeResul
 
     try:
         ep = await resolve(target.address, opts, ctx)
-        sock = make_socket(ep, socket.SOCK_DGRAM, opts)
+        sock = connected_udp(ep, opts.port, opts, "udp_unreachable")
     except ProbeFailed as e:
         return ProbeResult.failure(e.reason, (time.perf_counter_ns() - t0) / 1e9)
     try:
-        try:
-            sock.connect(ep.sockaddr(opts.port))
-        except OSError:
-            return ProbeResult.failure("udp_unreachable", (time.perf_counter_ns() - t0) / 1e9)
         res = await run_train(
             sock, packets, opts.spacing, opts.timeout, match, "udp", ctx, opts.max_inflight
         )

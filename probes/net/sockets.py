@@ -121,6 +121,19 @@ def make_socket(ep: Endpoint, kind: int, opts: CommonOptions) -> socket.socket:
     return sock
 
 
+def connected_udp(ep: Endpoint, port: int, opts: CommonOptions, unreachable: str) -> socket.socket:
+    """A :func:`make_socket` UDP socket connected to ``ep``'s ``port``: the kernel then drops
+    datagrams from elsewhere and reports the port's ICMP errors on it. Raises
+    ProbeFailed(``unreachable``), with the socket closed, when the kernel cannot connect it."""
+    sock = make_socket(ep, socket.SOCK_DGRAM, opts)
+    try:
+        sock.connect(ep.sockaddr(port))
+    except OSError:
+        sock.close()
+        raise ProbeFailed(unreachable) from None
+    return sock
+
+
 SOCKET_REASONS: tuple[str, ...] = ("source_bind_failed", "source_family_mismatch")
 # What a kind that resolves with ``resolve`` and opens sockets with ``make_socket`` can report.
 NET_REASONS: tuple[str, ...] = (*RESOLVE_REASONS, *SOCKET_REASONS)

@@ -97,6 +97,13 @@ class Stamp:
         return int(seq)
 
 
+def check_max_inflight(max_inflight: int) -> list[str]:
+    """The rule for a kind that lets its options bound the packets outstanding."""
+    if not 1 <= max_inflight <= 1000:
+        return ["max_inflight: must be between 1 and 1000"]
+    return []
+
+
 async def run_train(
     sock: socket.socket,
     packets: list[bytes],
