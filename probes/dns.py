@@ -25,6 +25,7 @@ from probes.net.sockets import (
     Endpoint,
     ProbeFailed,
     SocketOptions,
+    check_ports,
     make_socket,
     resolve,
 )
@@ -52,6 +53,8 @@ class DnsOptions(SocketOptions):
     expect_answer: tuple[str, ...] = ()  # every one must be in the answer (any order)
     recursion_desired: bool = True
 
+    port_options = ()  # checked in ``check``, after what to ask
+
     def check(self) -> list[str]:
         errs: list[str] = []
         if not self.query_name:
@@ -62,7 +65,7 @@ class DnsOptions(SocketOptions):
             errs.append(f"record_type: unknown type {self.record_type!r}")
         if self.expect_rcode.upper() not in _RCODES:
             errs.append("expect_rcode: one of " + ", ".join(_RCODES))
-        return errs
+        return errs + check_ports(self, "port")
 
 
 @dataclass
