@@ -1,6 +1,7 @@
-"""Malformed STUN, DNS, TURN and HTTP responses from fake servers on loopback: counted, never a
-valid reply, never a crash. Each fake server answers every request with a burst of bad packets
-first and (where the case says so) the right answer last, so the probe must skip the bad ones.
+"""Malformed STUN, UDP echo, DNS, TURN and HTTP responses from fake servers on loopback: counted,
+never a valid reply, never a crash. Each fake server answers every request with a burst of bad
+packets first and (where the case says so) the right answer last, so the probe must skip the bad
+ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from aioice import stun as codec
 
 from probes import dns as dnsprobe
-from probes import http, stun, turn
+from probes import http, stun, turn, udp
 from probes.base import ProbeContext, Target
 
 Reply = Callable[[bytes], list[bytes]]
@@ -136,6 +137,44 @@ async def test_stun_only_garbage_is_loss(udp_fake: Callable[[Reply], asyncio.Fut
     )
     assert (res.success, res.reason, res.rtts) == (False, "stun_timeout", [None] * 3)
     assert sum(rec.counts.values()) >= 3 * 8
+
+
+def _bad_echo(req: bytes) -> list[bytes]:
+    # The probe's payload is magic (4), run nonce (8), sequence (4), then padding.
+    other_run = req[:4] + bytes(8) + req[12:]
+    other_kind = b"XXXX" + req[4:]
+    corrupt = req[:-1] + bytes([req[-1] ^ 0xFF])
+    return [req[:10], other_run, other_kind, corrupt, req, req]
+
+
+async def test_udp_echo_strays_counted_and_skipped(
+    udp_fake: Callable[[Reply], asyncio.Future[int]],
+) -> None:
+    port = await udp_fake(_bad_echo)
+    rec = Recorder()
+    res = await udp.run(
+        Target("f", "127.0.0.1"),
+        udp.UdpOptions(port=port, packets=5, spacing=0.01, timeout=0.5, payload_size=32),
+        ProbeContext(counters=rec),
+    )
+    assert (res.success, res.reason) == (True, "ok"), res
+    assert all(r is not None for r in res.rtts) and res.packet_ids == list(range(5))
+    got = {r: n for (k, r), n in rec.counts.items() if k == "udp"}
+    assert got == {"malformed": 5, "foreign": 10, "corrupt": 5, "duplicate": 5}, got
+    assert res.errors == {"duplicate": 5}, res.errors
+
+
+async def test_udp_echo_only_strays_is_loss(
+    udp_fake: Callable[[Reply], asyncio.Future[int]],
+) -> None:
+    port = await udp_fake(lambda req: _bad_echo(req)[:-2])
+    rec = Recorder()
+    res = await udp.run(
+        Target("f", "127.0.0.1"),
+        udp.UdpOptions(port=port, packets=3, timeout=0.2),
+        ProbeContext(counters=rec),
+    )
+    assert (res.success, res.reason, res.rtts, res.errors) == (False, "udp_timeout", [None] * 3, {})
 
 
 def _bad_dns(req: bytes) -> list[bytes]:
