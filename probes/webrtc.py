@@ -54,6 +54,7 @@ from probes.net.sockets import (
     resolve,
 )
 from probes.tls import TLS_REASONS, _ssl_reason, make_context
+from probes.turn import read_password
 
 PHASES: tuple[str, ...] = ("gathering", "signalling", "ice", "dtls", "first_media")
 ECHO_BYTES = 32
@@ -315,10 +316,7 @@ async def _connect(r: _Run, target: Target, ctx: ProbeContext) -> None:
     ep = await resolve(target.address, opts, ctx)
     servers: list[Any] = []
     if opts.relay_only:
-        try:
-            password = read_secret("", opts.password_file)
-        except OSError:
-            raise ProbeFailed("turn_credentials_unreadable") from None
+        password = read_password("", opts.password_file)
         servers = [
             RTCIceServer(
                 urls=_turn_url(opts, ep.address), username=opts.username, credential=password
