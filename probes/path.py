@@ -59,7 +59,7 @@ class PathOptions(SocketOptions):
     def run_time(self) -> float:
         return self.packets * self.max_hops * self.spacing + self.timeout
 
-    port_options = ()  # a range from ``port`` up, checked below
+    port_options = ()  # a range from ``port`` up, checked in ``check``
 
     def check(self) -> list[str]:
         errs: list[str] = []

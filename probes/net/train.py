@@ -46,12 +46,10 @@ class TrainResult:
         ``<prefix>_timeout``. ``errors`` counts the refusals, reordered and duplicate replies,
         and the strays named in ``stray_errors``; ``fields`` go to the result as they are."""
         refused = self.refused if count_refused else 0
-        counts = (
-            *(((f"{prefix}_refused", refused),) if count_refused else ()),
-            ("reordered", self.reordered),
-            ("duplicate", self.duplicates),
-            *((k, self.strays.get(k, 0)) for k in stray_errors),
-        )
+        counts = [("reordered", self.reordered), ("duplicate", self.duplicates)]
+        if count_refused:
+            counts.insert(0, (f"{prefix}_refused", refused))
+        counts += [(k, self.strays.get(k, 0)) for k in stray_errors]
         answered = sum(r is not None for r in self.rtts)
         return ProbeResult(
             success=answered > 0,
