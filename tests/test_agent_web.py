@@ -156,9 +156,12 @@ async def test_metrics_parse_and_pass_promtool(running: tuple[Agent, str, Path])
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
     async with aiohttp.ClientSession() as s:
-        for path, code in (("/-/healthy", 200), ("/-/ready", 200), ("/", 200)):
+        for path, body in (("/-/healthy", "Healthy.\n"), ("/-/ready", "Ready.\n")):
             async with s.get(url + path) as r:
-                assert r.status == code
+                assert (r.status, await r.text()) == (200, body)
+        async with s.get(url + "/") as r:
+            assert r.status == 200 and r.content_type == "text/html"
+            assert "<h1>edgeprobe</h1>" in await r.text()
 
 
 async def test_reload_keeps_series_continuous(running: tuple[Agent, str, Path]) -> None:

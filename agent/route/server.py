@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.route.service import RouteService
+from agent.server.http import add_status_routes
 
 INDEX = """<html><head><title>edgeprobe route</title></head><body><h1>edgeprobe route</h1>
 <p><a href="/v1/map">Map</a> &middot; <a href="/metrics">Metrics</a> &middot;
@@ -74,21 +75,8 @@ def build_app(svc: RouteService, middlewares: Sequence[Any] = ()) -> web.Applica
             body=generate_latest(svc.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    async def index(_: web.Request) -> web.Response:
-        return web.Response(text=INDEX, content_type="text/html")
-
-    async def healthy(_: web.Request) -> web.Response:
-        return web.Response(text="Healthy.\n")
-
-    async def ready(_: web.Request) -> web.Response:
-        if store.ready:
-            return web.Response(text="Ready.\n")
-        return web.Response(status=503, text="Not ready: no routing map yet.\n")
-
-    app.router.add_get("/", index)
+    add_status_routes(app, INDEX, lambda: store.ready, "Not ready: no routing map yet.\n")
     app.router.add_get("/v1/map", full_map)
     app.router.add_get("/v1/regions/{region}", one_region)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/-/healthy", healthy)
-    app.router.add_get("/-/ready", ready)
     return app

@@ -43,15 +43,35 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
+def add_status_routes(
+    app: web.Application, index: str, ready: Callable[[], bool], not_ready: str = "Not ready.\n"
+) -> None:
+    """The pages every edgeprobe server has: ``/`` (the ``index`` page), ``/-/healthy`` (200
+    while the process answers) and ``/-/ready`` (200 when ``ready()``, else 503 with
+    ``not_ready``)."""
+
+    async def index_page(_: web.Request) -> web.Response:
+        return web.Response(text=index, content_type="text/html")
+
+    async def healthy(_: web.Request) -> web.Response:
+        return web.Response(text="Healthy.\n")
+
+    async def readiness(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="Ready.\n")
+        return web.Response(status=503, text=not_ready)
+
+    app.router.add_get("/", index_page)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", readiness)
+
+
 def build_app(
     agent: Agent, middlewares: Sequence[Any] = (), routes: Iterable[web.RouteDef] = ()
 ) -> web.Application:
     """The web application. ``middlewares`` (e.g. basic auth) and extra ``routes`` (e.g. /probe)
     are the extension point for optional features."""
     app = web.Application(middlewares=list(middlewares))
-
-    async def index(_: web.Request) -> web.Response:
-        return web.Response(text=INDEX, content_type="text/html")
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         # Rendered on the event loop in slices of a few ms, yielding to the probes' timers
@@ -79,14 +99,6 @@ def build_app(
         await resp.write_eof()
         return resp
 
-    async def healthy(_: web.Request) -> web.Response:
-        return web.Response(text="Healthy.\n")
-
-    async def ready(_: web.Request) -> web.Response:
-        if agent.ready:
-            return web.Response(text="Ready.\n")
-        return web.Response(status=503, text="Not ready.\n")
-
     async def reload(request: web.Request) -> web.Response:
         # The error (key and line, never a secret value) is for callers who proved who they
         # are: with basic_auth_users set, the guard's middleware (installed with the agent's
@@ -104,10 +116,8 @@ def build_app(
         detail = f": {err}" if authenticated else "; see the agent's log"
         return web.Response(status=500, text=f"Reload failed, running config kept{detail}\n")
 
-    app.router.add_get("/", index)
+    add_status_routes(app, INDEX, lambda: agent.ready)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/-/healthy", healthy)
-    app.router.add_get("/-/ready", ready)
     app.router.add_post("/-/reload", reload)
 
     probe_handler.mount(app, lambda: agent.probe_endpoint)
