@@ -185,3 +185,10 @@ def wait_for(
 def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as r:
         return bool(r.status == 200)
+
+
+def wait_http_ok(
+    what: str, url: str, procs: Procs, timeout: float = 30, interval: float = 0.5
+) -> None:
+    """``wait_for`` ``url`` to answer 200, checking that ``procs`` are still alive."""
+    wait_for(what, lambda: http_ok(url), timeout, interval=interval, procs=procs)

@@ -31,12 +31,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lab.procs import Procs, free_port, http_ok, port_or_free, wait_for
+from lab.procs import Procs, free_port, port_or_free, wait_for, wait_http_ok
 from lab.prom import PromAPI, RouteAPI
 from lab.promconfig import (
     DEMO,
@@ -153,6 +152,16 @@ def start_route(
     (its map may still be empty: /v1/map answers 503 until the first decision)."""
     port = port or free_port()
     cfg = route_config(workdir / "route.yml", prometheus, workdir, timing, **policy)
+    api = launch_route(procs, cfg, port, name)
+    wait_http_ok("edgeprobe route healthy", api.base + "/-/healthy", procs, interval=0.2)
+    return api
+
+
+def launch_route(
+    procs: Procs, config: Path, port: int, name: str, flags: Sequence[str] = ()
+) -> RouteAPI:
+    """Start ``edgeprobe route`` with ``config`` and the command-line ``flags`` on
+    127.0.0.1:``port``; returns at once, before it answers."""
     procs.start(
         name,
         [
@@ -160,20 +169,13 @@ def start_route(
             "-m",
             "agent",
             "route",
-            f"--config.file={cfg}",
+            f"--config.file={config}",
             f"--web.listen-address=127.0.0.1:{port}",
+            *flags,
         ],
         cwd=ROOT,
     )
-    api = RouteAPI(f"http://127.0.0.1:{port}")
-    wait_for(
-        "edgeprobe route healthy",
-        partial(http_ok, api.base + "/-/healthy"),
-        30,
-        interval=0.2,
-        procs=procs,
-    )
-    return api
+    return RouteAPI(f"http://127.0.0.1:{port}")
 
 
 def alertmanager_binary() -> str | None:
@@ -285,12 +287,7 @@ class Supervisor:
                 "--log.level=warn",
             ],
         )
-        wait_for(
-            "Alertmanager ready",
-            lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
-            30,
-            procs=self.procs,
-        )
+        wait_http_ok("Alertmanager ready", f"http://127.0.0.1:{port}/-/ready", self.procs)
         return f"127.0.0.1:{port}"
 
     def _start_agent(self, name: str, config: Path, listen: str, netns: str | None = None) -> str:
@@ -322,12 +319,7 @@ class Supervisor:
             agents[region] = f"{info.mgmt_addr}:{AGENT_PORT}"
             self._start_agent(f"agent-{region}", cfg, agents[region], netns=info.ns)
         for region, addr in agents.items():
-            wait_for(
-                f"agent {region} ready",
-                partial(http_ok, f"http://{addr}/-/ready"),
-                30,
-                procs=self.procs,
-            )
+            wait_http_ok(f"agent {region} ready", f"http://{addr}/-/ready", self.procs)
         am = self._alertmanager()
         port = port_or_free(self.want_central_port)
         route_port = port_or_free(ROUTE_PORT)
@@ -345,11 +337,8 @@ class Supervisor:
             for r, a in agents.items()
         }
         for r, p in regional.items():
-            wait_for(
-                f"regional Prometheus {r} ready",
-                partial(http_ok, f"http://127.0.0.1:{p}/-/ready"),
-                30,
-                procs=self.procs,
+            wait_http_ok(
+                f"regional Prometheus {r} ready", f"http://127.0.0.1:{p}/-/ready", self.procs
             )
         self.route = start_route(self.procs, self.prom_dir, self.central, self.timing, route_port)
         self.say(self._lab_help(st.run_id, agents, regional, am))
@@ -361,7 +350,7 @@ class Supervisor:
         port = port_or_free(AGENT_PORT)
         agent = f"127.0.0.1:{port}"
         self._start_agent("agent-loopback", LOOPBACK_CONFIG, agent)
-        wait_for("agent ready", lambda: http_ok(f"http://{agent}/-/ready"), 30, procs=self.procs)
+        wait_http_ok("agent ready", f"http://{agent}/-/ready", self.procs)
         lines = [
             "",
             f"Agent: http://{agent}/metrics   (log {self._rel(self.logs)}/agent-loopback.log)",

@@ -33,6 +33,7 @@ import yaml
 from agent.route import promapi
 from lab.procs import Procs, free_port, wait_for
 from lab.prom import PromAPI
+from lab.stack import launch_route
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"
@@ -180,19 +181,7 @@ class Stack:
 
     def start_route(self, name: str = "route") -> str:
         self.route_port = self.route_port or free_port()
-        self.procs.start(
-            name,
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "route",
-                f"--config.file={self.config()}",
-                f"--web.listen-address=127.0.0.1:{self.route_port}",
-            ],
-            cwd=ROOT,
-        )
-        base = f"http://127.0.0.1:{self.route_port}"
+        base = launch_route(self.procs, self.config(), self.route_port, name).base
         wait_for(
             "route healthy",
             lambda: _get(base + "/-/healthy")[0] == 200,
@@ -545,25 +534,19 @@ def test_no_map_yet_is_503_not_empty(tmp_path: Path) -> None:
     )
     procs = Procs(tmp_path)
     try:
-        procs.start(
-            "route",
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "route",
-                f"--config.file={cfg}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            cwd=ROOT,
-        )
-        base = f"http://127.0.0.1:{port}"
+        base = launch_route(procs, cfg, port, "route").base
         wait_for(
             "healthy", lambda: _get(base + "/-/healthy")[0] == 200, 20, interval=0.1, procs=procs
         )
         code, h, _ = _get(base + "/v1/map")
         assert code == 503 and h["Retry-After"] == "1"
-        assert _get(base + "/-/ready")[0] == 503
+        code, _, body = _get(base + "/-/ready")
+        assert (code, body) == (503, b"Not ready: no routing map yet.\n")
+        code, _, body = _get(base + "/-/healthy")
+        assert (code, body) == (200, b"Healthy.\n")
+        code, h, body = _get(base + "/")
+        assert code == 200 and h["Content-Type"].startswith("text/html")
+        assert b"<h1>edgeprobe route</h1>" in body
     finally:
         procs.stop_all()
 
@@ -643,20 +626,7 @@ def test_web_config_basic_auth(tmp_path: Path) -> None:
     port = free_port()
     procs = Procs(tmp_path)
     try:
-        procs.start(
-            "route",
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "route",
-                f"--config.file={cfg}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                f"--web.config.file={web}",
-            ],
-            cwd=ROOT,
-        )
-        base = f"http://127.0.0.1:{port}"
+        base = launch_route(procs, cfg, port, "route", [f"--web.config.file={web}"]).base
         auth = {"Authorization": "Basic " + base64.b64encode(b"signalling:s3cret").decode()}
         wait_for(
             "healthy",
