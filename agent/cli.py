@@ -12,9 +12,9 @@ import math
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 
@@ -26,7 +26,12 @@ from agent.runtime import model
 from agent.runtime.stats import jitter_of, quantile
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from agent.server.guard import WebGuard
     from agent.server.http import WebLimits
+
+CfgT = TypeVar("CfgT")
 
 log = logging.getLogger("edgeprobe")
 DEFAULT_LISTEN = ":9798"
@@ -49,7 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgeprobe {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def web_limit_flags(sp: argparse.ArgumentParser) -> None:
+    def web_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--web.config.file",
+            dest="web_config_file",
+            default=None,
+            metavar="PATH",
+            help="TLS and basic auth, in the Prometheus exporter-toolkit format",
+        )
         sp.add_argument(
             "--web.read-header-timeout",
             dest="read_header_timeout",
@@ -117,14 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also reload when the config file changes (polled)",
     )
-    r.add_argument(
-        "--web.config.file",
-        dest="web_config_file",
-        default=None,
-        metavar="PATH",
-        help="TLS and basic auth, in the Prometheus exporter-toolkit format",
-    )
-    web_limit_flags(r)
+    web_flags(r)
     log_flags(r)
 
     c = sub.add_parser(
@@ -181,14 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help=f"address to serve on (default {DEFAULT_ROUTE_LISTEN})",
     )
-    ro.add_argument(
-        "--web.config.file",
-        dest="web_config_file",
-        default=None,
-        metavar="PATH",
-        help="TLS and basic auth, in the Prometheus exporter-toolkit format",
-    )
-    web_limit_flags(ro)
+    web_flags(ro)
     log_flags(ro)
     return p
 
@@ -225,44 +223,21 @@ async def _run(args: argparse.Namespace) -> int:
     # Signal handlers first, before anything can answer (a /-/healthy answer may be what
     # makes a config reloader send SIGHUP).
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = _stop_on_signals()
     hups = HupReloads()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hups.request)
 
     from agent.app import Agent
-    from agent.server.guard import WebGuard
-    from agent.server.http import ProbeFdReserve, build_app, serve
-    from agent.server.webconfig import WebConfigError
+    from agent.server.http import ProbeFdReserve, build_app
 
-    limits = _web_limits(args)
-    if limits is None:
-        return 2
-    try:
-        cfg = cfgmod.load(args.config_file)
-    except ConfigError as e:
-        log.error("invalid config", extra={"error": str(e)})
-        print(f"edgeprobe: config error: {e}", file=sys.stderr)
-        return 1
-    try:
-        guard = WebGuard(args.web_config_file)
-    except WebConfigError as e:
-        log.error("invalid web config", extra={"error": str(e)})
-        print(f"edgeprobe: web config error: {e}", file=sys.stderr)
-        return 1
+    setup = _web_setup(args, lambda: cfgmod.load(args.config_file))
+    if isinstance(setup, int):
+        return setup
+    cfg, guard, limits = setup
     agent = Agent(cfg, Path(args.config_file), web_guard=guard)
     app = build_app(agent, middlewares=guard.middlewares())
-    try:
-        runner = await serve(
-            app,
-            args.listen,
-            ssl_context=guard.ssl_context,
-            limits=limits,
-            reserve=ProbeFdReserve(agent),
-        )
-    except (OSError, ValueError) as e:
-        print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
+    runner = await _listen(args, app, guard, limits, ProbeFdReserve(agent))
+    if runner is None:
         return 1
     await agent.start()
     hups.start(agent)
@@ -318,32 +293,20 @@ class HupReloads:
 
 async def _route(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stop = _stop_on_signals()
 
     from agent.route import settings
     from agent.route.server import build_app as build_route_app
     from agent.route.service import RouteService
-    from agent.server.guard import WebGuard
-    from agent.server.http import serve
     from agent.server.webconfig import WebConfigError
 
-    limits = _web_limits(args)
-    if limits is None:
-        return 2
-    try:
-        cfg = settings.load(args.config_file) if args.config_file else settings.RouteConfig()
-    except ConfigError as e:
-        log.error("invalid config", extra={"error": str(e)})
-        print(f"edgeprobe: config error: {e}", file=sys.stderr)
-        return 1
-    try:
-        guard = WebGuard(args.web_config_file)
-    except WebConfigError as e:
-        log.error("invalid web config", extra={"error": str(e)})
-        print(f"edgeprobe: web config error: {e}", file=sys.stderr)
-        return 1
+    setup = _web_setup(
+        args,
+        lambda: settings.load(args.config_file) if args.config_file else settings.RouteConfig(),
+    )
+    if isinstance(setup, int):
+        return setup
+    cfg, guard, limits = setup
 
     def reload_web() -> None:
         try:
@@ -356,10 +319,8 @@ async def _route(args: argparse.Namespace) -> int:
     svc = RouteService(cfg)
     svc.load_state()  # served before the first query completes
     app = build_route_app(svc, middlewares=guard.middlewares())
-    try:
-        runner = await serve(app, args.listen, ssl_context=guard.ssl_context, limits=limits)
-    except (OSError, ValueError) as e:
-        print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
+    runner = await _listen(args, app, guard, limits)
+    if runner is None:
         return 1
     log.info(
         "route started", extra={"prometheus": cfg.prometheus.url, "state_file": cfg.map.state_file}
@@ -542,10 +503,24 @@ def render_table(rows: list[dict[str, Any]], budget: float) -> str:
     return "\n".join(out)
 
 
-def _web_limits(args: argparse.Namespace) -> WebLimits | None:
-    """The web server's limits from the command line (``run`` and ``route`` share them); None,
-    after saying why, when they are invalid."""
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM and SIGINT set."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    return stop
+
+
+def _web_setup(
+    args: argparse.Namespace, load_config: Callable[[], CfgT]
+) -> tuple[CfgT, WebGuard, WebLimits] | int:
+    """What ``run`` and ``route`` read before they serve: the config (``load_config``), the web
+    config (``--web.config.file``) and the web server's limits; or, after saying why, the exit
+    code (2 for invalid flags, 1 for an invalid config or web config)."""
+    from agent.server.guard import WebGuard
     from agent.server.http import WebLimits
+    from agent.server.webconfig import WebConfigError
 
     limits = WebLimits(
         read_header_timeout=args.read_header_timeout,
@@ -554,5 +529,38 @@ def _web_limits(args: argparse.Namespace) -> WebLimits | None:
     )
     if limits.problems():
         print(f"edgeprobe: {limits.problems()[0]}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config()
+    except ConfigError as e:
+        log.error("invalid config", extra={"error": str(e)})
+        print(f"edgeprobe: config error: {e}", file=sys.stderr)
+        return 1
+    try:
+        guard = WebGuard(args.web_config_file)
+    except WebConfigError as e:
+        log.error("invalid web config", extra={"error": str(e)})
+        print(f"edgeprobe: web config error: {e}", file=sys.stderr)
+        return 1
+    return cfg, guard, limits
+
+
+async def _listen(
+    args: argparse.Namespace,
+    app: web.Application,
+    guard: WebGuard,
+    limits: WebLimits,
+    reserve: Callable[[], int] = lambda: 0,
+) -> web.AppRunner | None:
+    """``app`` served on ``--web.listen-address`` with the web config's TLS, within ``limits``
+    (``reserve``: the file descriptors the probes need, see ``serve``); None, after saying
+    why, when it cannot listen."""
+    from agent.server.http import serve
+
+    try:
+        return await serve(
+            app, args.listen, ssl_context=guard.ssl_context, limits=limits, reserve=reserve
+        )
+    except (OSError, ValueError) as e:
+        print(f"edgeprobe: cannot listen on {args.listen}: {e}", file=sys.stderr)
         return None
-    return limits

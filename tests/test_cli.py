@@ -114,3 +114,26 @@ def test_run_serves_reloads_on_sighup_and_exits_zero_on_sigterm(tmp_path: Path) 
     err = proc.stderr.read() if proc.stderr else ""
     assert '"msg": "config reload failed; keeping the running config"' in err
     assert '"icmp_mode"' in err
+
+
+@pytest.mark.parametrize("cmd", ["run", "route"])
+def test_run_and_route_refuse_to_start_alike(cmd: str, tmp_path: Path) -> None:
+    """`run` and `route` read their flags, config and web config the same way: each refusal
+    has its exit code and one line on stderr, before anything listens."""
+    good = tmp_path / "good.yml"
+    good.write_text((ROOT / "examples/loopback.yaml").read_text() if cmd == "run" else "")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("agent: {region: x}\ntargets: 7\n" if cmd == "run" else "policy: {hold: x}\n")
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users: 7\n")
+    port = f"--web.listen-address=127.0.0.1:{_free_port()}"
+    cases = [
+        ([f"--config.file={good}", port, "--web.max-connections=0"], 2, "--web.max-connections"),
+        ([f"--config.file={bad}", port], 1, "edgeprobe: config error: "),
+        ([f"--config.file={good}", port, f"--web.config.file={web}"], 1, "web config error: "),
+        ([f"--config.file={good}", "--web.listen-address=nowhere"], 1, "cannot listen on nowhere"),
+    ]
+    for flags, code, said in cases:
+        res = ep(cmd, *flags, timeout=30)
+        assert (res.returncode, said in res.stderr) == (code, True), (flags, res.stderr)
+        assert "Traceback" not in res.stderr
