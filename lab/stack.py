@@ -74,20 +74,16 @@ def start_central(
     cfg = central_config(
         workdir / "central.yml", rules_dir, f"127.0.0.1:{port}", timing, alertmanager, route
     )
-    procs.start(
+    api = launch_prometheus(
+        procs,
         name,
-        [
-            "prometheus",
-            f"--config.file={cfg}",
-            f"--storage.tsdb.path={workdir / 'central-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--web.enable-remote-write-receiver",
-            NATIVE_HISTOGRAMS,
-            "--storage.tsdb.retention.time=1h",
-            "--log.level=warn",
-        ],
+        cfg,
+        port,
+        f"--storage.tsdb.path={workdir / 'central-data'}",
+        "--web.enable-remote-write-receiver",
+        NATIVE_HISTOGRAMS,
+        "--storage.tsdb.retention.time=1h",
     )
-    api = PromAPI(f"http://127.0.0.1:{port}")
     wait_for("central Prometheus ready", api.ready, 30, procs=procs)
     return api
 
@@ -105,20 +101,33 @@ def start_regional(
     rcfg = regional_config(
         workdir / f"regional-{region}.yml", region, agents, f"{central.base}/api/v1/write", timing
     )
-    procs.start(
+    launch_prometheus(
+        procs,
         f"prometheus-agent-{region}",
-        [
-            "prometheus",
-            "--enable-feature=agent",
-            NATIVE_HISTOGRAMS,
-            f"--config.file={rcfg}",
-            f"--storage.agent.path={workdir / f'agent-data-{region}'}",
-            f"--web.listen-address=127.0.0.1:{rport}",
-            "--storage.remote.flush-deadline=5s",
-            "--log.level=warn",
-        ],
+        rcfg,
+        rport,
+        "--enable-feature=agent",
+        NATIVE_HISTOGRAMS,
+        f"--storage.agent.path={workdir / f'agent-data-{region}'}",
+        "--storage.remote.flush-deadline=5s",
     )
     return rport
+
+
+def launch_prometheus(procs: Procs, name: str, config: Path, port: int, *flags: str) -> PromAPI:
+    """Start Debian's ``prometheus`` with ``config`` on 127.0.0.1:``port`` and the other
+    ``flags`` (storage, features); returns at once, before it is ready."""
+    procs.start(
+        name,
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+            *flags,
+        ],
+    )
+    return PromAPI(f"http://127.0.0.1:{port}")
 
 
 @contextlib.contextmanager
@@ -373,18 +382,14 @@ class Supervisor:
             am,
             route=f"127.0.0.1:{route_port}",
         )
-        self.procs.start(
+        self.central = launch_prometheus(
+            self.procs,
             "prometheus",
-            [
-                "prometheus",
-                NATIVE_HISTOGRAMS,
-                f"--config.file={cfg}",
-                f"--storage.tsdb.path={self.prom_dir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
+            cfg,
+            port,
+            NATIVE_HISTOGRAMS,
+            f"--storage.tsdb.path={self.prom_dir / 'data'}",
         )
-        self.central = PromAPI(f"http://127.0.0.1:{port}")
         wait_for("Prometheus ready", self.central.ready, 30, procs=self.procs)
         self.route = start_route(self.procs, self.prom_dir, self.central, self.timing, route_port)
         lines += [

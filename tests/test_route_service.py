@@ -33,7 +33,7 @@ import yaml
 from agent.route import promapi
 from lab.procs import Procs, free_port, wait_for
 from lab.prom import PromAPI
-from lab.stack import launch_route
+from lab.stack import launch_prometheus, launch_route
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules"
@@ -145,17 +145,13 @@ class Stack:
                 }
             )
         )
-        self.procs.start(
+        self.prom = launch_prometheus(
+            self.procs,
             "prometheus",
-            [
-                "prometheus",
-                f"--config.file={cfg}",
-                f"--storage.tsdb.path={self.tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.prom_port}",
-                "--log.level=warn",
-            ],
+            cfg,
+            self.prom_port,
+            f"--storage.tsdb.path={self.tmp / 'data'}",
         )
-        self.prom = PromAPI(f"http://127.0.0.1:{self.prom_port}")
         wait_for("Prometheus ready", self.prom.ready, 30, procs=self.procs)
         return self.prom
 
