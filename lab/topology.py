@@ -479,27 +479,11 @@ class World:
         }
         cfg_path = sdir / "forwarder.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
-        # stdout and stderr go to files, never pipes: a detached child must not die of
-        # SIGPIPE after `python -m lab up` has exited.
-        with open(sdir / "forwarder.out", "wb") as out, open(sdir / "forwarder.log", "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "lab.forwarder",
-                    str(cfg_path),
-                    f"edgeprobe-lab-{st.run_id}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=log,
-                start_new_session=detach,
-                cwd=str(Path(__file__).resolve().parent.parent),
-            )
-        self._procs.append(proc)
+        argv = [sys.executable, "-m", "lab.forwarder", str(cfg_path), f"edgeprobe-lab-{st.run_id}"]
+        proc = self._spawn("forwarder", argv, new_session=detach)
         st.forwarder_pid, st.forwarder_start = proc.pid, _pid_start(proc.pid)
         st.save(_registry_path(st.run_id))
-        self._wait_ready(proc, "forwarder", sdir / "forwarder.out", sdir / "forwarder.log", 15.0)
+        self._wait_ready(proc, "forwarder", "forwarder", 15.0)
         # The TUN devices are now in their namespaces: address and route them.
         _batch(
             [
@@ -538,9 +522,30 @@ class World:
         st.save(sdir / "state.json")
         st.save(_registry_path(st.run_id))
 
+    def _spawn(self, name: str, argv: Sequence[str], new_session: bool) -> subprocess.Popen[bytes]:
+        """Start a child of the world from the repository root, its stdout (where it says
+        READY) in ``name``.out and its stderr in ``name``.log of the state directory."""
+        sdir = Path(self.state.state_dir)
+        # Files, never pipes: a detached child must not die of SIGPIPE after
+        # `python -m lab up` has exited.
+        with open(sdir / f"{name}.out", "wb") as out, open(sdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=log,
+                start_new_session=new_session,
+                cwd=str(Path(__file__).resolve().parent.parent),
+            )
+        self._procs.append(proc)
+        return proc
+
     def _wait_ready(
-        self, proc: subprocess.Popen[bytes], what: str, out: Path, log: Path, timeout: float
+        self, proc: subprocess.Popen[bytes], name: str, what: str, timeout: float
     ) -> None:
+        """Wait for the READY of ``_spawn``'s child ``name``."""
+        sdir = Path(self.state.state_dir)
+        out, log = sdir / f"{name}.out", sdir / f"{name}.log"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -581,29 +586,11 @@ class World:
         (sdir / "services").mkdir(exist_ok=True)
         cfg_path = sdir / "services.json"
         cfg_path.write_text(json.dumps(cfg, indent=1))
-        with open(sdir / "services.out", "wb") as out, open(sdir / "services.log", "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    st.edge_ns,
-                    sys.executable,
-                    "-m",
-                    "lab.services",
-                    "--config",
-                    str(cfg_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=log,
-                start_new_session=True,
-                cwd=str(Path(__file__).resolve().parent.parent),
-            )
-        self._procs.append(proc)
+        argv = [sys.executable, "-m", "lab.services", "--config", str(cfg_path)]
+        proc = self._spawn("services", ["ip", "netns", "exec", st.edge_ns, *argv], new_session=True)
         st.services_pid, st.services_start = proc.pid, _pid_start(proc.pid)
         st.save(_registry_path(st.run_id))
-        self._wait_ready(proc, "edge services", sdir / "services.out", sdir / "services.log", 30.0)
+        self._wait_ready(proc, "services", "edge services", 30.0)
         st.ca = str(sdir / "services" / "ca.pem")
 
     # -- use ------------------------------------------------------------------------------
