@@ -222,6 +222,14 @@ def _fin(x: float) -> float | None:
     return x if isinstance(x, float | int) and math.isfinite(x) else None
 
 
+def _error_ms(e: analysis.ErrorStats) -> dict[str, float | None]:
+    return {
+        "median_ms": _fin(e.median_ms),
+        "p99_ms": _fin(e.p99_ms),
+        "abs_p99_ms": _fin(e.abs_p99_ms),
+    }
+
+
 def analyse(raw: Raw, w: Workload, truth: analysis.Truth | None) -> dict[str, Any]:
     window_s = (raw.window_ns[1] - raw.window_ns[0]) / 1e9
     out: dict[str, Any] = {
@@ -246,28 +254,13 @@ def analyse(raw: Raw, w: Workload, truth: analysis.Truth | None) -> dict[str, An
     if m is None:
         return out
     e = analysis.error_stats(analysis.per_target_errors(m.per_target_median, truth))
-    out["rtt_error"] = {
-        "basis": "per-target median",
-        "n_targets": e.n,
-        "median_ms": _fin(e.median_ms),
-        "p99_ms": _fin(e.p99_ms),
-        "abs_p99_ms": _fin(e.abs_p99_ms),
-    }
+    out["rtt_error"] = {"basis": "per-target median", "n_targets": e.n, **_error_ms(e)}
     if m.per_packet:
         pp = analysis.error_stats(analysis.per_packet_errors(m.per_packet, truth))
-        out["rtt_error_per_packet"] = {
-            "n_packets": pp.n,
-            "median_ms": _fin(pp.median_ms),
-            "p99_ms": _fin(pp.p99_ms),
-            "abs_p99_ms": _fin(pp.abs_p99_ms),
-        }
+        out["rtt_error_per_packet"] = {"n_packets": pp.n, **_error_ms(pp)}
     if m.default_bucket_median:
         d = analysis.error_stats(analysis.per_target_errors(m.default_bucket_median, truth))
-        out["rtt_error_default_buckets"] = {
-            "median_ms": _fin(d.median_ms),
-            "p99_ms": _fin(d.p99_ms),
-            "abs_p99_ms": _fin(d.abs_p99_ms),
-        }
+        out["rtt_error_default_buckets"] = _error_ms(d)
     true_loss = truth.lost / truth.sent if truth is not None and truth.sent else 0.0
     out["loss"] = {
         "measured": _fin(m.loss),
