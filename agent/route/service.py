@@ -66,6 +66,14 @@ def observations(
     return out
 
 
+def _by_reason(name: str, doc: str, reasons: Iterable[str], registry: CollectorRegistry) -> Counter:
+    """A counter by bounded reason, every reason's series created at 0 up front."""
+    c = Counter(name, doc, ["reason"], registry=registry)
+    for reason in reasons:
+        c.labels(reason)
+    return c
+
+
 class RouteService:
     def __init__(self, cfg: RouteConfig, store: MapStore | None = None) -> None:
         self.cfg = cfg
@@ -77,23 +85,23 @@ class RouteService:
             "Query cycles that produced a decision (the map was recomputed from fresh data)",
             registry=r,
         )
-        self.changes = Counter(
+        self.changes = _by_reason(
             "edgeprobe_route_best_edge_changes",
             "Changes of a region's first choice, by reason",
-            ["reason"],
-            registry=r,
+            policy.CHANGE_REASONS,
+            r,
         )
-        self.query_errors = Counter(
+        self.query_errors = _by_reason(
             "edgeprobe_route_query_errors",
             "Failed query cycles, by reason (the map was kept and marked stale)",
-            ["reason"],
-            registry=r,
+            promapi.ERROR_REASONS,
+            r,
         )
-        self.dropped = Counter(
+        self.dropped = _by_reason(
             "edgeprobe_route_query_dropped_series",
             "Series of a query result that were dropped, by reason",
-            ["reason"],
-            registry=r,
+            promapi.DROP_REASONS,
+            r,
         )
         self.persist_errors = Counter(
             "edgeprobe_route_persist_errors",
@@ -106,12 +114,6 @@ class RouteService:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        for reason in policy.CHANGE_REASONS:
-            self.changes.labels(reason)
-        for reason in promapi.ERROR_REASONS:
-            self.query_errors.labels(reason)
-        for reason in promapi.DROP_REASONS:
-            self.dropped.labels(reason)
         r.register(_MapCollector(self))
         self.last_error = ""
         self._session: aiohttp.ClientSession | None = None
