@@ -425,47 +425,25 @@ PE_REQUESTS = Family(
     labels=("outcome",),
 )
 
+
 # ---------------------------------------------------------------------------- a /probe response
-P_SUCCESS = Family("probe_success", "gauge", "Whether the probe succeeded.", scope="probe")
-P_DURATION = Family("probe_duration_seconds", "gauge", "Seconds the probe took.", scope="probe")
-P_DNS = Family(
-    "probe_dns_lookup_time_seconds", "gauge", "Seconds the name resolution took.", scope="probe"
-)
-P_IP_PROTOCOL = Family(
-    "probe_ip_protocol", "gauge", "IP protocol version of the probed address.", scope="probe"
-)
-P_IP_HASH = Family(
-    "probe_ip_addr_hash", "gauge", "CRC32 of the probed address (changes on flips).", scope="probe"
-)
-P_SENT = Family("probe_packets_sent", "gauge", "Packets sent.", scope="probe")
-P_RECEIVED = Family("probe_packets_received", "gauge", "Packets answered.", scope="probe")
-P_RTT = Family(
-    "probe_rtt_seconds",
-    "gauge",
-    "Round-trip times of this run (min, mean, max).",
-    scope="probe",
-    labels=("stat",),
-)
-P_PHASES = Family(
-    "probe_phase_duration_seconds", "gauge", "Seconds per phase.", scope="probe", labels=("phase",)
-)
-P_FAILED = Family(
-    "probe_failed_due_to",
-    "gauge",
-    "1 for the reason the probe failed.",
-    scope="probe",
-    labels=("reason",),
-)
-P_ERRORS = Family(
-    "probe_errors", "gauge", "Per-packet errors of this run.", scope="probe", labels=("reason",)
-)
-P_INFO = Family(
-    "edgeprobe_probe_info",
-    "gauge",
-    "Facts about the probed endpoint.",
-    scope="probe",
-    labels=("<the kind's facts>",),
-)
+def _response(name: str, doc: str, *labels: str) -> Family:
+    """A family of a /probe response: a gauge, as blackbox_exporter's are."""
+    return Family(name, "gauge", doc, scope="probe", labels=labels)
+
+
+P_SUCCESS = _response("probe_success", "Whether the probe succeeded.")
+P_DURATION = _response("probe_duration_seconds", "Seconds the probe took.")
+P_DNS = _response("probe_dns_lookup_time_seconds", "Seconds the name resolution took.")
+P_IP_PROTOCOL = _response("probe_ip_protocol", "IP protocol version of the probed address.")
+P_IP_HASH = _response("probe_ip_addr_hash", "CRC32 of the probed address (changes on flips).")
+P_SENT = _response("probe_packets_sent", "Packets sent.")
+P_RECEIVED = _response("probe_packets_received", "Packets answered.")
+P_RTT = _response("probe_rtt_seconds", "Round-trip times of this run (min, mean, max).", "stat")
+P_PHASES = _response("probe_phase_duration_seconds", "Seconds per phase.", "phase")
+P_FAILED = _response("probe_failed_due_to", "1 for the reason the probe failed.", "reason")
+P_ERRORS = _response("probe_errors", "Per-packet errors of this run.", "reason")
+P_INFO = _response("edgeprobe_probe_info", "Facts about the probed endpoint.", "<the kind's facts>")
 
 AGENT: tuple[Family, ...] = (
     TARGETS,
