@@ -21,39 +21,20 @@ DEFAULT_MAX_TARGETS = 10000
 # Classic buckets. With native histograms (the protobuf format), the native buckets give the
 # quantiles; the classic ones only need to answer "within the budget" (exactly 0.6 is a bound)
 # and give a coarse shape to servers without native histograms, where histogram_quantile lands
-# within one bucket. Lean: 14 bounds (17 series per histogram).
+# within one bucket. Lean: 14 bounds (17 series per histogram). A row per decade of seconds.
+# fmt: off
 LEAN_RTT_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.02,
-    0.035,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.25,
-    0.4,
-    0.6,
+    0.001, 0.0025, 0.005,
+    0.01, 0.02, 0.035, 0.05, 0.075,
+    0.1, 0.15, 0.25, 0.4, 0.6,
     1.0,
 )
 LEAN_DURATION_BUCKETS: tuple[float, ...] = (
-    0.025,
-    0.05,
-    0.1,
-    0.15,
-    0.2,
-    0.25,
-    0.3,
-    0.4,
-    0.5,
-    0.6,
-    0.75,
-    1.0,
-    2.0,
-    5.0,
+    0.025, 0.05,
+    0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75,
+    1.0, 2.0, 5.0,
 )
+# fmt: on
 
 
 # Dense: 0.5 ms … 5 s. Between 5 ms and 1 s, where edge RTTs live, boundaries are 3.9 % apart:
@@ -73,36 +54,15 @@ def dense_rtt_buckets() -> tuple[float, ...]:
 
 
 # Dense connect/phase durations: coarser than RTT, dense around the budget.
+# fmt: off
 DENSE_DURATION_BUCKETS: tuple[float, ...] = (
     0.005,
-    0.01,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.25,
-    0.3,
-    0.35,
-    0.4,
-    0.45,
-    0.5,
-    0.55,
-    0.6,
-    0.65,
-    0.7,
-    0.8,
-    0.9,
-    1.0,
-    1.25,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
+    0.01, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9,
+    1.0, 1.25, 1.5, 2.0, 3.0, 5.0,
     10.0,
 )
+# fmt: on
 
 
 @dataclass(frozen=True)

@@ -29,45 +29,24 @@ Buckets = Literal["", "rtt", "duration", "phase", "ipdv", "burst", "scheduler"]
 # labels follow them.
 SERIES_LABELS: tuple[str, ...] = ("region", "edge", "probe")
 QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
+# Bucket bounds in seconds (burst lengths in packets), a row per decade.
+# fmt: off
 IPDV_BUCKETS: tuple[float, ...] = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5,
     1.0,
 )
 BURST_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50, 100)
 SCHEDULER_BUCKETS: tuple[float, ...] = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5,
     1.0,
 )
-
+# fmt: on
 
 # Which series of a kind export a family: (kind, full detail) -> bool.
 When = Callable[[ProbeKind[Any], bool], bool]
