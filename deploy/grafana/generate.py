@@ -15,12 +15,6 @@ from typing import Any
 OUT = Path(__file__).resolve().parent / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
-# Compliance colours: red under 95 %, orange under the 99 % SLO, green at or above it.
-COMPLIANCE_STEPS = [
-    {"color": "red", "value": None},
-    {"color": "orange", "value": 0.95},
-    {"color": "green", "value": 0.99},
-]
 SEL = 'region=~"$region", edge=~"$edge"'
 
 
@@ -89,6 +83,61 @@ def panel(
         else:
             p[k] = v
     return p
+
+
+def table(
+    pid: int,
+    title: str,
+    grid: tuple[int, int, int, int],
+    expr: str,
+    description: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A table panel of one instant query: a row per series."""
+    targets = [target(expr, instant=True, fmt="table")]
+    return panel(pid, title, "table", grid, targets, description, **extra)
+
+
+def by_edge(rule: str, sel: str, what: str = "", ref: str = "A") -> dict[str, Any]:
+    """A series the rules record per region and edge (``region_edge:rule``), one line each,
+    its legend ``what`` region / edge."""
+    legend = "{{region}} / {{edge}}"
+    return target(f"region_edge:{rule}{{{sel}}}", f"{what} {legend}" if what else legend, ref=ref)
+
+
+def fixed_colour(colour: str) -> dict[str, Any]:
+    return {"color": {"mode": "fixed", "fixedColor": colour}}
+
+
+def thresholds(*steps: tuple[str, float | None]) -> dict[str, Any]:
+    """Absolute thresholds: (colour, from value) pairs, the first from None."""
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
+
+
+def yes_no(no: str, yes: str) -> list[dict[str, Any]]:
+    """Value mappings of a 0/1 series: 0 shows ``no`` in red, 1 ``yes`` in green."""
+    return [
+        {
+            "type": "value",
+            "options": {"0": {"text": no, "color": "red"}, "1": {"text": yes, "color": "green"}},
+        }
+    ]
+
+
+def organize(
+    *hide: str, order: tuple[str, ...] = (), rename: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """A table's "organize" transformation: hide fields, put ``order`` first, rename."""
+    options: dict[str, Any] = {"excludeByName": dict.fromkeys(hide, True)}
+    if order:
+        options["indexByName"] = {f: i for i, f in enumerate(order)}
+    if rename:
+        options["renameByName"] = rename
+    return [{"id": "organize", "options": options}]
+
+
+# Compliance colours: red under 95 %, orange under the 99 % SLO, green at or above it.
+COMPLIANCE = thresholds(("red", None), ("orange", 0.95), ("green", 0.99))
 
 
 def variable(name: str, query: str, label: str, multi: bool = True) -> dict[str, Any]:
@@ -215,7 +264,7 @@ def overview() -> dict[str, Any]:
             ],
             "Per region, how many edges had at least the SLO target (default 99 %) of connects "
             "within the 600 ms budget over the last hour.",
-            defaults={"color": {"mode": "fixed", "fixedColor": "green"}},
+            defaults=fixed_colour("green"),
         ),
         panel(
             2,
@@ -231,40 +280,24 @@ def overview() -> dict[str, Any]:
                 )
             ],
             "Per region, how many edges fell short of the SLO target over the last hour.",
-            defaults={"color": {"mode": "fixed", "fixedColor": "red"}},
+            defaults=fixed_colour("red"),
         ),
-        panel(
+        table(
             3,
             "Best edge per region",
-            "table",
             (16, 0, 8, 6),
-            [target(f"region:edgeprobe_best_edge:info{{{r}}}", instant=True, fmt="table")],
+            f"region:edgeprobe_best_edge:info{{{r}}}",
             "edgeprobe route's first choice per region (region:edgeprobe_best_edge:info, "
             "relayed from its scrape): the edge signalling services send clients to. It "
             "changes when the incumbent turns ineligible, or a challenger stays significantly "
             "better for the hold time. Empty: the route service is not scraped.",
-            transformations=[
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True, "Value": True, "__name__": True},
-                        "indexByName": {"region": 0, "edge": 1},
-                    },
-                }
-            ],
+            transformations=organize("Time", "Value", "__name__", order=("region", "edge")),
         ),
-        panel(
+        table(
             4,
             "Connects within budget: region x edge (1h)",
-            "table",
             (0, 6, 24, 8),
-            [
-                target(
-                    f"region_edge:edgeprobe_connect_within_budget:ratio_rate1h{{{r}}}",
-                    instant=True,
-                    fmt="table",
-                )
-            ],
+            f"region_edge:edgeprobe_connect_within_budget:ratio_rate1h{{{r}}}",
             "Fraction of connects within 600 ms over the last hour, one row per region and one "
             "column per edge, coloured against the SLO: green at or above 99 %, orange above "
             "95 %, red below. Measured by the connect probe where an edge has one, else the "
@@ -272,7 +305,7 @@ def overview() -> dict[str, Any]:
             unit="percentunit",
             defaults={
                 "decimals": 2,
-                "thresholds": {"mode": "absolute", "steps": COMPLIANCE_STEPS},
+                "thresholds": COMPLIANCE,
                 "custom": {"cellOptions": {"type": "color-background"}},
             },
             transformations=[
@@ -288,10 +321,7 @@ def overview() -> dict[str, Any]:
             "timeseries",
             (0, 14, 12, 9),
             [
-                target(
-                    f"region_edge:edgeprobe_connect_within_budget:ratio_rate5m{{{r}}}",
-                    "{{region}} / {{edge}}",
-                ),
+                by_edge("edgeprobe_connect_within_budget:ratio_rate5m", r),
                 target("edgeprobe:connect_budget_slo:target", "SLO target", ref="B"),
             ],
             "The SLI over 5 minutes per edge, with the SLO target.",
@@ -303,92 +333,44 @@ def overview() -> dict[str, Any]:
             "Error-budget burn rate (1h)",
             "timeseries",
             (12, 14, 12, 9),
-            [
-                target(
-                    f"region_edge:edgeprobe_connect_budget:burnrate1h{{{r}}}",
-                    "{{region}} / {{edge}}",
-                )
-            ],
+            [by_edge("edgeprobe_connect_budget:burnrate1h", r)],
             "How many times faster than the SLO allows each edge spends its error budget. "
             "Pages at 14.4 (1h and 5m), 6 (6h and 30m); tickets at 1 (3d and 6h).",
             defaults={
-                "thresholds": {
-                    "mode": "absolute",
-                    "steps": [
-                        {"color": "green", "value": None},
-                        {"color": "orange", "value": 1},
-                        {"color": "red", "value": 14.4},
-                    ],
-                },
+                "thresholds": thresholds(("green", None), ("orange", 1), ("red", 14.4)),
                 "custom": {
                     "thresholdsStyle": {"mode": "line"},
                     "scaleDistribution": {"type": "log", "log": 10},
                 },
             },
         ),
-        panel(
+        table(
             7,
             "Firing edgeprobe alerts",
-            "table",
             (0, 23, 24, 7),
-            [
-                target(
-                    f'ALERTS{{alertname=~"Edgeprobe.*", alertstate="firing", {r}}}',
-                    instant=True,
-                    fmt="table",
-                )
-            ],
+            f'ALERTS{{alertname=~"Edgeprobe.*", alertstate="firing", {r}}}',
             "Alerts the rules fire now; docs/operations/alerts.md says what each means and "
             "what to do.",
-            transformations=[
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {
-                            "Time": True,
-                            "Value": True,
-                            "__name__": True,
-                            "alertstate": True,
-                        }
-                    },
-                }
-            ],
+            transformations=organize("Time", "Value", "__name__", "alertstate"),
         ),
-        panel(
+        table(
             8,
             "Route candidates: eligibility and reason",
-            "table",
             (0, 30, 12, 9),
-            [
-                target(
-                    f"region_edge:edgeprobe_route_eligible:info{{{r}}}", instant=True, fmt="table"
-                )
-            ],
+            f"region_edge:edgeprobe_route_eligible:info{{{r}}}",
             "Per region and edge, whether edgeprobe route may choose the edge (1) and why not "
             "(0): over_budget (the 5m or 1h lower bound of its miss ratio proves a breach), "
             "agent_down, no_data, too_few_samples. docs/routing-policy.md.",
             defaults={
-                "mappings": [
-                    {
-                        "type": "value",
-                        "options": {
-                            "0": {"text": "no", "color": "red"},
-                            "1": {"text": "eligible", "color": "green"},
-                        },
-                    }
-                ],
+                "mappings": yes_no("no", "eligible"),
                 "custom": {"cellOptions": {"type": "color-text"}},
             },
-            transformations=[
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True, "__name__": True},
-                        "indexByName": {"region": 0, "edge": 1, "Value": 2, "reason": 3},
-                        "renameByName": {"Value": "eligible"},
-                    },
-                }
-            ],
+            transformations=organize(
+                "Time",
+                "__name__",
+                order=("region", "edge", "Value", "reason"),
+                rename={"Value": "eligible"},
+            ),
         ),
         panel(
             9,
@@ -396,9 +378,7 @@ def overview() -> dict[str, Any]:
             "timeseries",
             (12, 30, 12, 9),
             [
-                target(
-                    f"region_edge:edgeprobe_route_miss_ucb:ratio1h{{{r}}}", "{{region}} / {{edge}}"
-                ),
+                by_edge("edgeprobe_route_miss_ucb:ratio1h", r),
                 target("edgeprobe:connect_budget_slo:error_budget", "error budget", ref="B"),
             ],
             "The Wilson upper bound of each edge's connect budget-miss ratio over 1h (the "
@@ -416,7 +396,7 @@ def overview() -> dict[str, Any]:
             "One lane per region and edge: filled while edgeprobe route sends the region's "
             "clients to that edge first. A change of lane is a switch.",
             options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8},
-            defaults={"color": {"mode": "fixed", "fixedColor": "green"}},
+            defaults=fixed_colour("green"),
         ),
     ]
     return dashboard(
@@ -465,20 +445,9 @@ def edge_detail() -> dict[str, Any]:
             "timeseries",
             (0, 9, 12, 8),
             [
-                target(
-                    f"region_edge:edgeprobe_rtt_seconds:p50_5m{{{SEL}}}",
-                    "p50 {{region}} / {{edge}}",
-                ),
-                target(
-                    f"region_edge:edgeprobe_rtt_seconds:p95_5m{{{SEL}}}",
-                    "p95 {{region}} / {{edge}}",
-                    ref="B",
-                ),
-                target(
-                    f"region_edge:edgeprobe_rtt_seconds:p99_5m{{{SEL}}}",
-                    "p99 {{region}} / {{edge}}",
-                    ref="C",
-                ),
+                by_edge("edgeprobe_rtt_seconds:p50_5m", SEL, "p50"),
+                by_edge("edgeprobe_rtt_seconds:p95_5m", SEL, "p95", ref="B"),
+                by_edge("edgeprobe_rtt_seconds:p99_5m", SEL, "p99", ref="C"),
             ],
             "Quantiles of the RTT histogram over 5 minutes: within ~1 % of the true value "
             "from native histograms, within one classic bucket otherwise (2 % with "
@@ -490,12 +459,7 @@ def edge_detail() -> dict[str, Any]:
             "Loss (round trip)",
             "timeseries",
             (12, 9, 12, 8),
-            [
-                target(
-                    f"region_edge:edgeprobe_packets_lost:ratio_rate5m{{{SEL}}}",
-                    "loss {{region}} / {{edge}}",
-                )
-            ],
+            [by_edge("edgeprobe_packets_lost:ratio_rate5m", SEL, "loss")],
             "Round-trip loss from the sent/lost counters over 5 minutes.",
             unit="percentunit",
         ),
@@ -504,12 +468,7 @@ def edge_detail() -> dict[str, Any]:
             "Jitter (RFC 3550, round trip)",
             "timeseries",
             (0, 17, 8, 8),
-            [
-                target(
-                    f"region_edge:edgeprobe_jitter_seconds:max_avg5m{{{SEL}}}",
-                    "{{region}} / {{edge}}",
-                )
-            ],
+            [by_edge("edgeprobe_jitter_seconds:max_avg5m", SEL)],
             "RFC 3550 interarrival-jitter estimator over consecutive RTTs, averaged over 5m; "
             "the worst probe of the edge.",
             unit="s",
@@ -529,10 +488,7 @@ def edge_detail() -> dict[str, Any]:
                     "fillOpacity": 60,
                     "thresholdsStyle": {"mode": "line"},
                 },
-                "thresholds": {
-                    "mode": "absolute",
-                    "steps": [{"color": "green", "value": None}, {"color": "red", "value": 0.6}],
-                },
+                "thresholds": thresholds(("green", None), ("red", 0.6)),
             },
         ),
         panel(
@@ -557,10 +513,7 @@ def edge_detail() -> dict[str, Any]:
             "timeseries",
             (0, 25, 12, 8),
             [
-                target(
-                    f"region_edge:edgeprobe_connect_budget_miss_probability:max_avg5m{{{SEL}}}",
-                    "{{region}} / {{edge}}",
-                ),
+                by_edge("edgeprobe_connect_budget_miss_probability:max_avg5m", SEL),
                 target(
                     f"max by (region, edge) (edgeprobe_connect_estimate_seconds{{{SEL}}})",
                     "estimate (s) {{region}} / {{edge}}",
@@ -576,12 +529,7 @@ def edge_detail() -> dict[str, Any]:
             "Connects within budget (5m)",
             "timeseries",
             (12, 25, 12, 8),
-            [
-                target(
-                    f"region_edge:edgeprobe_connect_within_budget:ratio_rate5m{{{SEL}}}",
-                    "{{region}} / {{edge}}",
-                )
-            ],
+            [by_edge("edgeprobe_connect_within_budget:ratio_rate5m", SEL)],
             "The SLI: measured by the connect probe where present, else the model.",
             unit="percentunit",
             defaults={"min": 0, "max": 1},
@@ -592,20 +540,9 @@ def edge_detail() -> dict[str, Any]:
             "timeseries",
             (0, 33, 24, 8),
             [
-                target(
-                    f"region_edge:edgeprobe_route_miss_lcb:ratio5m{{{SEL}}}",
-                    "lower bound 5m {{region}} / {{edge}}",
-                ),
-                target(
-                    f"region_edge:edgeprobe_route_miss_lcb:ratio1h{{{SEL}}}",
-                    "lower bound 1h {{region}} / {{edge}}",
-                    ref="B",
-                ),
-                target(
-                    f"region_edge:edgeprobe_route_miss_ucb:ratio1h{{{SEL}}}",
-                    "upper bound 1h {{region}} / {{edge}}",
-                    ref="C",
-                ),
+                by_edge("edgeprobe_route_miss_lcb:ratio5m", SEL, "lower bound 5m"),
+                by_edge("edgeprobe_route_miss_lcb:ratio1h", SEL, "lower bound 1h", ref="B"),
+                by_edge("edgeprobe_route_miss_ucb:ratio1h", SEL, "upper bound 1h", ref="C"),
                 target(
                     "edgeprobe:route_policy:fast_burn * on () "
                     "edgeprobe:connect_budget_slo:error_budget",
@@ -632,15 +569,8 @@ def edge_detail() -> dict[str, Any]:
             "timeseries",
             (0, 41, 12, 8),
             [
-                target(
-                    f"region_edge:edgeprobe_webrtc_connect_seconds:p50_30m{{{SEL}}}",
-                    "measured p50 {{region}} / {{edge}}",
-                ),
-                target(
-                    f"region_edge:edgeprobe_connect_estimate_seconds:max_avg30m{{{SEL}}}",
-                    "model {{region}} / {{edge}}",
-                    ref="B",
-                ),
+                by_edge("edgeprobe_webrtc_connect_seconds:p50_30m", SEL, "measured p50"),
+                by_edge("edgeprobe_connect_estimate_seconds:max_avg30m", SEL, "model", ref="B"),
             ],
             "The median of real WebRTC connects (the webrtc probe: WHIP, ICE, DTLS, first "
             "media) next to the budget model's lossless estimate n x RTT + fixed. Where they "
@@ -653,14 +583,9 @@ def edge_detail() -> dict[str, Any]:
             "timeseries",
             (12, 41, 12, 8),
             [
-                target(
-                    f"region_edge:edgeprobe_webrtc_connect_miss:ratio30m{{{SEL}}}",
-                    "measured {{region}} / {{edge}}",
-                ),
-                target(
-                    f"region_edge:edgeprobe_connect_budget_miss_probability:max_avg30m{{{SEL}}}",
-                    "model {{region}} / {{edge}}",
-                    ref="B",
+                by_edge("edgeprobe_webrtc_connect_miss:ratio30m", SEL, "measured"),
+                by_edge(
+                    "edgeprobe_connect_budget_miss_probability:max_avg30m", SEL, "model", ref="B"
                 ),
             ],
             "The share of webrtc connects over 600 ms next to the model's miss probability.",
@@ -694,17 +619,7 @@ def agent_health() -> dict[str, Any]:
                 )
             ],
             "1 when Prometheus scraped the agent successfully.",
-            defaults={
-                "mappings": [
-                    {
-                        "type": "value",
-                        "options": {
-                            "0": {"text": "down", "color": "red"},
-                            "1": {"text": "up", "color": "green"},
-                        },
-                    }
-                ]
-            },
+            defaults={"mappings": yes_no("down", "up")},
         ),
         panel(
             2,
@@ -816,19 +731,13 @@ def agent_health() -> dict[str, Any]:
             "Failed runs and per-packet errors by bounded reason.",
             unit="ops",
         ),
-        panel(
+        table(
             8,
             "Build",
-            "table",
             (0, 22, 24, 5),
-            [target(f"edgeprobe_build_info{{{r}}}", instant=True, fmt="table")],
+            f"edgeprobe_build_info{{{r}}}",
             "Agent version, Python version and ICMP socket mode.",
-            transformations=[
-                {
-                    "id": "organize",
-                    "options": {"excludeByName": {"Time": True, "Value": True, "__name__": True}},
-                }
-            ],
+            transformations=organize("Time", "Value", "__name__"),
         ),
     ]
     return dashboard(
