@@ -11,7 +11,7 @@ import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
@@ -63,6 +63,17 @@ def _fmt(v: float) -> str:
     return repr(v)
 
 
+_Extra = tuple[str, str] | None  # a (name, value) label beyond the series' own
+
+
+class _Summary(NamedTuple):
+    """A summary's samples for one label set: its quantiles, _count and _sum."""
+
+    quantiles: list[tuple[float, float]]  # (quantile, value)
+    sample_count: int
+    sample_sum: float
+
+
 class _Labels:
     """A label set as a dict (for Metric objects), pre-rendered text (for the fast path) and,
     when asked for, serialized label pairs (for the protobuf sink)."""
@@ -92,20 +103,14 @@ class _Sink:
         """Declare ``spec``'s family (once; later calls are cheap) and hand it back."""
         raise NotImplementedError
 
-    def sample(
-        self,
-        spec: Family,
-        labels: _Labels,
-        value: float,
-        extra: tuple[str, str] | None = None,
-        suffix: str = "",
-    ) -> None:
-        """One sample of ``spec``; ``suffix`` for a summary's _count and _sum."""
+    def sample(self, spec: Family, labels: _Labels, value: float, extra: _Extra = None) -> None:
+        """One sample of a counter or gauge; ``extra``: a label beyond the series' own."""
         raise NotImplementedError
 
-    def hist(
-        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
-    ) -> None:
+    def hist(self, spec: Family, labels: _Labels, h: Histogram, extra: _Extra = None) -> None:
+        raise NotImplementedError
+
+    def summary(self, spec: Family, labels: _Labels, s: _Summary) -> None:
         raise NotImplementedError
 
 
@@ -122,27 +127,20 @@ class _MetricSink(_Sink):
             self.fams[spec.name] = _metric(spec)
         return spec
 
-    def sample(
-        self,
-        spec: Family,
-        labels: _Labels,
-        value: float,
-        extra: tuple[str, str] | None = None,
-        suffix: str = "",
-    ) -> None:
+    def sample(self, spec: Family, labels: _Labels, value: float, extra: _Extra = None) -> None:
         d = labels.extra(*extra)[0] if extra else labels.d
-        self.fams[spec.name].add_sample(spec.sample_name + suffix, d, value)
+        self.fams[spec.name].add_sample(spec.sample_name, d, value)
 
-    def hist(
-        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
-    ) -> None:
-        _add_hist(
-            self.fams[spec.name],
-            spec.name,
-            labels.extra(*extra)[0] if extra else labels.d,
-            h,
-            self.native,
-        )
+    def hist(self, spec: Family, labels: _Labels, h: Histogram, extra: _Extra = None) -> None:
+        d = labels.extra(*extra)[0] if extra else labels.d
+        _add_hist(self.fams[spec.name], spec.name, d, h, self.native)
+
+    def summary(self, spec: Family, labels: _Labels, s: _Summary) -> None:
+        m, name = self.fams[spec.name], spec.sample_name
+        for q, v in s.quantiles:
+            m.add_sample(name, labels.extra("quantile", str(q))[0], v)
+        m.add_sample(name + "_count", labels.d, s.sample_count)
+        m.add_sample(name + "_sum", labels.d, s.sample_sum)
 
 
 class _ProtoSink(_Sink):
@@ -151,51 +149,34 @@ class _ProtoSink(_Sink):
 
     def __init__(self) -> None:
         self.fams: dict[str, pb.MetricFamily] = {}
-        # The summary message being filled per family: its quantiles, _count and _sum arrive
-        # as consecutive samples of one label set.
-        self._open: dict[str, tuple[_Labels, pb.Metric]] = {}
 
     def family(self, spec: Family) -> Family:
         if spec.name not in self.fams:
             self.fams[spec.name] = protobuf.family(spec.sample_name, spec.help, spec.type)
         return spec
 
-    def _metric(self, spec: Family, labels: _Labels, extra: tuple[str, str] | None) -> pb.Metric:
+    def _metric(self, spec: Family, labels: _Labels, extra: _Extra) -> pb.Metric:
         m: pb.Metric = self.fams[spec.name].metric.add()
         m.MergeFromString(labels.pb())
         if extra is not None:
             m.label.add(name=extra[0], value=extra[1])
         return m
 
-    def sample(
-        self,
-        spec: Family,
-        labels: _Labels,
-        value: float,
-        extra: tuple[str, str] | None = None,
-        suffix: str = "",
-    ) -> None:
-        if spec.type == "summary":
-            cur = self._open.get(spec.name)
-            if cur is None or cur[0] is not labels:
-                cur = self._open[spec.name] = (labels, self._metric(spec, labels, None))
-            m = cur[1]
-            if suffix == "_count":
-                m.summary.sample_count = int(value)
-            elif suffix == "_sum":
-                m.summary.sample_sum = value
-            elif extra is not None:
-                m.summary.quantile.add(quantile=float(extra[1]), value=value)
-            return
+    def sample(self, spec: Family, labels: _Labels, value: float, extra: _Extra = None) -> None:
         m = self._metric(spec, labels, extra)
         if spec.type == "counter":
             m.counter.value = value
         else:
             m.gauge.value = value
 
-    def hist(
-        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
-    ) -> None:
+    def summary(self, spec: Family, labels: _Labels, s: _Summary) -> None:
+        m = self._metric(spec, labels, None)
+        for q, v in s.quantiles:
+            m.summary.quantile.add(quantile=q, value=v)
+        m.summary.sample_count = s.sample_count
+        m.summary.sample_sum = s.sample_sum
+
+    def hist(self, spec: Family, labels: _Labels, h: Histogram, extra: _Extra = None) -> None:
         native = h.native.sample(sum(h.counts), h.sum) if h.native is not None else None
         protobuf.fill_histogram(
             self._metric(spec, labels, extra).histogram, h.bounds, h.counts, h.sum, native
@@ -243,7 +224,7 @@ class _TextSink(_Sink):
         name: str,
         labels: _Labels | None,
         value: Any,
-        extra: tuple[str, str] | None,
+        extra: _Extra,
     ) -> None:
         cols = self.fams[fam]
         cols[0].append(kind)
@@ -253,20 +234,18 @@ class _TextSink(_Sink):
         # The same few (name, value) pairs recur in every series: keep one of each.
         cols[4].append(None if extra is None else self._extras.setdefault(extra, extra))
 
-    def sample(
-        self,
-        spec: Family,
-        labels: _Labels,
-        value: float,
-        extra: tuple[str, str] | None = None,
-        suffix: str = "",
-    ) -> None:
-        self._add(spec.name, self.SAMPLE, spec.sample_name + suffix, labels, value, extra)
+    def sample(self, spec: Family, labels: _Labels, value: float, extra: _Extra = None) -> None:
+        self._add(spec.name, self.SAMPLE, spec.sample_name, labels, value, extra)
 
-    def hist(
-        self, spec: Family, labels: _Labels, h: Histogram, extra: tuple[str, str] | None = None
-    ) -> None:
+    def hist(self, spec: Family, labels: _Labels, h: Histogram, extra: _Extra = None) -> None:
         self._add(spec.name, self.HIST, spec.name, labels, h, extra)
+
+    def summary(self, spec: Family, labels: _Labels, s: _Summary) -> None:
+        fam, name = spec.name, spec.sample_name
+        for q, v in s.quantiles:
+            self._add(fam, self.SAMPLE, name, labels, v, ("quantile", str(q)))
+        self._add(fam, self.SAMPLE, name + "_count", labels, s.sample_count, None)
+        self._add(fam, self.SAMPLE, name + "_sum", labels, s.sample_sum, None)
 
     def line(self, fam: str, text: str) -> None:
         self._add(fam, self.LINE, text, None, None, None)
@@ -438,11 +417,9 @@ class CollectorState:
             if p.bursts is not None and C.LOSS_BURSTS.name in has:
                 sink.hist(fam(C.LOSS_BURSTS), base, p.bursts)
             answered, lost_n = p.window.snapshot(now)
-            recent = fam(C.RTT_RECENT)
-            for q in C.QUANTILES:
-                smp(recent, base, quantile(answered, q), ("quantile", str(q)))
-            smp(recent, base, len(answered), suffix="_count")
-            smp(recent, base, float(sum(answered)), suffix="_sum")
+            qs = [(q, quantile(answered, q)) for q in C.QUANTILES]
+            recent = _Summary(qs, len(answered), float(sum(answered)))
+            sink.summary(fam(C.RTT_RECENT), base, recent)
             n = len(answered) + lost_n
             if self.full:
                 smp(fam(C.LOSS_UPPER95), base, model.wilson_interval(lost_n, n)[1])
