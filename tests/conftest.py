@@ -5,9 +5,10 @@ they start (the lab and the bench are not installed with the agent; ``python -m 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parents[1])
+from tests.helpers import ROOT
 
-if ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))
+if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))
+    )

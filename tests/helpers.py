@@ -1,4 +1,4 @@
-"""Test helpers: a fake clock for the scheduler, network-namespace helpers."""
+"""Test helpers: the checkout's root, a fake clock for the scheduler, network-namespace helpers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+# The checkout: where the tests run the agent, the lab and the bench from, and read the files
+# they check (docs, deploy, rules).
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _FakeTimer:

@@ -1,4 +1,4 @@
-"""pytest helpers for tests that go through the lab.
+"""pytest helpers for tests that go through the lab, and what a lab path should do to a connect.
 
 ``from lab_helpers import lab_world, requires_lab`` in a test module; set ``LAB_PROFILES`` /
 ``LAB_SERVICES`` module globals to choose the world. The fixture is module-scoped (a world
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -57,3 +58,51 @@ def rfc3550_jitter(rtts: Sequence[float | None]) -> float:
 def ipdv(rtts: Sequence[float | None]) -> list[float]:
     """|RTT(i) - RTT(i-1)| for consecutive sequence numbers that were both answered."""
     return [abs(b - a) for a, b in itertools.pairwise(rtts) if a is not None and b is not None]
+
+
+def expected_miss(path: Mapping[str, Any]) -> tuple[float, float]:
+    """(model miss probability, RTT) for a lab path, from its configured impairment, with the
+    agent's own model and default parameters (cold connect: 7.5 round trips, 100 ms fixed,
+    4 exchanges, 600 ms budget)."""
+    from agent.config.model import ModelConfig
+    from agent.runtime.model import miss_probability
+
+    up, down = path["up"], path["down"]
+    rtt = float(up["delay"] + down["delay"])
+    sd = math.hypot(up.get("jitter", 0.0), down.get("jitter", 0.0))
+
+    def loss(d: Mapping[str, Any]) -> float:
+        g = d.get("gilbert")
+        burst = float(g["p"] / (g["p"] + g["r"]) * g.get("loss_bad", 1.0)) if g else 0.0
+        return 1 - (1 - float(d.get("loss", 0.0))) * (1 - burst)
+
+    p_rt = 1 - (1 - loss(up)) * (1 - loss(down))
+    m = ModelConfig()
+    return miss_probability(p_rt, rtt, sd, 0.6, m.round_trips, float(m.fixed), m.exchanges), rtt
+
+
+def classify(
+    paths: Mapping[str, Mapping[str, Any]],
+) -> tuple[set[tuple[str, str]], set[tuple[str, str]], dict[str, str]]:
+    """(bad, good, best per region). Bad: the model misses more than 50 % of connects, far over
+    the fast-burn line (14.4 % at a 99 % SLO). Good: under 0.5 %, half the error budget, where
+    no burn-rate alert can fire. Between the two an edge is marginal and not asserted either
+    way. Best: among the good edges the lowest configured RTT."""
+    bad: set[tuple[str, str]] = set()
+    good: set[tuple[str, str]] = set()
+    best: dict[str, str] = {}
+    for region, edges in paths.items():
+        rtts: dict[str, float] = {}
+        for edge, path in edges.items():
+            miss, rtt = expected_miss(path)
+            if miss > 0.5:
+                bad.add((region, edge))
+            elif miss < 0.005:
+                good.add((region, edge))
+                rtts[edge] = rtt
+        ranked = sorted(rtts, key=rtts.__getitem__)
+        # Only assert a best edge that is clearly best: 2 ms of RTT apart at least, far above
+        # the ~4 % bucket resolution of the p95 at these RTTs.
+        if len(ranked) == 1 or (ranked and rtts[ranked[1]] - rtts[ranked[0]] > 0.002):
+            best[region] = ranked[0]
+    return bad, good, best

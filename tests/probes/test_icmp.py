@@ -1,0 +1,388 @@
+"""ICMP over real sockets: loopback in this namespace, plus fresh network namespaces for the
+unprivileged mode, for loss and for unreachable routes. Nothing leaves the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from agent.runtime.selfstats import SelfStats
+from probes.base import ProbeContext, ProbeResult, Target
+from probes.icmp import IcmpOptions, run
+from probes.net.icmp import IcmpEngine, IcmpEngines, _checksum
+from tests.helpers import ROOT, can_netns, in_netns, netns
+
+EDGEPROBE = [sys.executable, "-m", "agent"]
+needs_root = pytest.mark.skipif(not can_netns(), reason="needs root and ip netns")
+
+
+@needs_root
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+async def test_privileged_loopback_no_loss(addr: str) -> None:
+    stats = SelfStats()
+    engines = IcmpEngines(mode="privileged", counters=stats)
+    try:
+        ctx = ProbeContext.with_resources(engines)
+        res = await run(
+            Target("lo", addr), IcmpOptions(packets=20, spacing=0.005, timeout=0.5), ctx
+        )
+    finally:
+        engines.close()
+    assert res.success and res.reason == "ok"
+    assert len(res.rtts) == 20 and all(r is not None for r in res.rtts)
+    assert all(0 < r < 0.05 for r in res.rtts if r is not None)
+    assert len(set(res.packet_ids)) == 20
+    assert stats.stray_counts.get(("icmp", "unmatched"), 0) == 0
+
+
+@needs_root
+async def test_callback_form_delivers_results_and_cancel_abandons() -> None:
+    from probes.icmp import start
+    from probes.net.resolve import Resolver
+
+    engines = IcmpEngines(mode="privileged")
+    ctx = ProbeContext.with_resources(engines, Resolver())
+    loop = asyncio.get_running_loop()
+    results: dict[str, asyncio.Future[object]] = {}
+    try:
+        for addr in ("127.0.0.1", "127.0.0.2", "::1"):
+            fut = results[addr] = loop.create_future()
+            h = start(
+                Target("lo", addr),
+                IcmpOptions(packets=3, spacing=0.005, timeout=0.5),
+                ctx,
+                fut.set_result,
+            )
+            assert h is not None
+        # A name needs a lookup first: the callback form declines, the async form runs.
+        assert start(Target("n", "localhost"), IcmpOptions(), ctx, lambda r: None) is None
+        # A literal of the other family is the async form's resolve_empty.
+        assert start(Target("f", "::1"), IcmpOptions(ip_family="ipv4"), ctx, lambda r: None) is None
+        got = [await asyncio.wait_for(f, 2) for f in results.values()]
+        for r in got:
+            assert isinstance(r, ProbeResult) and r.success and len(r.rtts) == 3
+            assert all(x is not None for x in r.rtts)
+        eng = engines.engines[socket.AF_INET]
+        abandoned: list[object] = []
+        h = start(
+            Target("lo", "127.0.0.1"), IcmpOptions(packets=5, spacing=0.05), ctx, abandoned.append
+        )
+        assert h is not None
+        h.cancel()
+        await asyncio.sleep(0.3)
+        assert abandoned == [] and eng.in_flight == 0
+    finally:
+        engines.close()
+
+
+@needs_root
+@pytest.mark.parametrize("tool", ["ping", "fping"])
+async def test_concurrent_pinger_replies_are_stray_not_counted(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+    cmd = (
+        ["ping", "-q", "-i", "0.002", "-c", "400", "127.0.0.1"]
+        if tool == "ping"
+        else ["fping", "-q", "-p", "2", "-c", "400", "127.0.0.1"]
+    )
+    other = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stats = SelfStats()
+    engines = IcmpEngines(mode="privileged", counters=stats)
+    try:
+        await asyncio.sleep(0.1)
+        res = await run(
+            Target("lo", "127.0.0.1"),
+            IcmpOptions(packets=100, spacing=0.005, interval=2.0, timeout=0.5),
+            ProbeContext.with_resources(engines),
+        )
+    finally:
+        engines.close()
+        other.wait(timeout=10)
+    assert len(res.rtts) == 100 and all(r is not None for r in res.rtts)
+    # The raw socket saw the other pinger's replies and counted them as foreign strays.
+    assert stats.stray_counts.get(("icmp", "foreign"), 0) > 0
+
+
+def _engine_for_unit() -> tuple[IcmpEngine, SelfStats]:
+    stats = SelfStats()
+    return IcmpEngine(socket.AF_INET, "privileged", stats), stats
+
+
+def _reply(
+    ident: int, seq: int, payload: bytes, src_ip: str = "127.0.0.1", corrupt: bool = False
+) -> bytes:
+    hdr = struct.pack("!BBHHH", 0, 0, 0, ident, seq)
+    csum = _checksum(hdr + payload)
+    if corrupt:
+        csum ^= 0x5555
+    icmp = struct.pack("!BBHHH", 0, 0, csum, ident, seq) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(icmp),
+        0,
+        0,
+        64,
+        1,
+        0,
+        socket.inet_aton(src_ip),
+        socket.inet_aton("127.0.0.1"),
+    )
+    return ip + icmp
+
+
+@needs_root
+async def test_spoofed_and_malformed_replies_are_stray() -> None:
+    eng, stats = _engine_for_unit()
+    try:
+        loop = asyncio.get_running_loop()
+        eng.attach(loop)
+        # Freeze a train in flight against an address that never answers in this test: we
+        # feed forged replies straight into the receive path.
+        done: list[object] = []
+        from probes.net.icmp import Train, _Slot
+
+        payload = eng._payload(56)[0]
+        r = Train(1, int(1e9), done.append, payload, eng)
+        eng._pending[7] = _Slot(r, 0, "127.0.0.9", 0, 0)
+        eng._handle(_reply(eng.ident ^ 1, 7, payload), [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload, corrupt=True), [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.8", 1)
+        eng._handle(_reply(eng.ident, 7, b"X" * 56), [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 8, payload), [], "127.0.0.9", 1)
+        eng._handle(b"\x45\x00", [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload)[:24], [], "127.0.0.9", 1)
+        eng._handle(_reply(eng.ident, 7, payload[:5]), [], "127.0.0.9", 1)
+        assert r.rtts == [None] and not done
+        assert stats.stray_counts == {
+            ("icmp", "foreign"): 1,
+            ("icmp", "bad_checksum"): 1,
+            ("icmp", "wrong_source"): 1,
+            ("icmp", "bad_payload"): 2,
+            ("icmp", "unmatched"): 1,
+            ("icmp", "malformed"): 2,
+        }
+        # The genuine reply is accepted once; its duplicate is a stray ("late").
+        eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
+        eng._handle(_reply(eng.ident, 7, payload), [], "127.0.0.9", 10**6)
+        assert r.rtts[0] is not None and done == [r]
+        assert stats.stray_counts[("icmp", "late")] == 1
+    finally:
+        eng.close()
+
+
+def _probe_json(ns: str, *args: str, user: str | None = None) -> list[dict[str, object]]:
+    cmd = [*EDGEPROBE, "probe", "--json", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    out = subprocess.run(
+        in_netns(ns, *cmd),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode in (0, 3), out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+@needs_root
+def test_unprivileged_mode_as_nobody_in_a_namespace() -> None:
+    with netns() as ns:
+        subprocess.run(
+            in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"), check=True
+        )
+        rows = _probe_json(
+            ns,
+            "-c",
+            "5",
+            "--spacing",
+            "10ms",
+            "--icmp-mode",
+            "unprivileged",
+            "127.0.0.1",
+            "::1",
+            user="65534",
+        )
+        for row in rows:
+            assert row["lost"] == 0 and row["verdict"] == "PASS", row
+
+
+@needs_root
+def test_unprivileged_refused_is_explained() -> None:
+    with netns() as ns:
+        subprocess.run(in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=1 0"), check=True)
+        out = subprocess.run(
+            in_netns(
+                ns, *EDGEPROBE, "probe", "-c", "1", "--icmp-mode", "unprivileged", "127.0.0.1"
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert out.returncode == 3
+        assert "FAIL (socket_unavailable)" in out.stdout
+        assert "ping_group_range is 1 0" in out.stderr
+
+
+@needs_root
+def test_loss_and_unreachable_in_a_namespace() -> None:
+    with netns() as ns:
+        # Drop every echo request to 127.0.0.9 inside the namespace: pure loss.
+        subprocess.run(
+            in_netns(
+                ns,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "echo-request",
+                "-d",
+                "127.0.0.9",
+                "-j",
+                "DROP",
+            ),
+            check=True,
+        )
+        rows = _probe_json(
+            ns,
+            "-c",
+            "4",
+            "--spacing",
+            "10ms",
+            "--timeout",
+            "200ms",
+            "127.0.0.9",
+            "198.18.0.1",
+            "127.0.0.1",
+        )
+        by_host = {r["host"]: r for r in rows}
+        assert by_host["127.0.0.9"]["lost"] == 4
+        assert by_host["127.0.0.9"]["reason"] == "timeout"
+        # No route at all in the namespace: refused locally, nothing is sent anywhere.
+        assert by_host["198.18.0.1"]["reason"] == "unreachable"
+        assert by_host["127.0.0.1"]["lost"] == 0
+
+
+@needs_root
+async def test_a_reply_queued_when_its_deadline_fires_is_not_a_loss() -> None:
+    """When the loop is busy, a train's deadline timer can run before the socket's readable
+    callback, with the reply already waiting in the kernel. The deadline handler reads the
+    queue first and judges the reply by its kernel timestamp. Simulated exactly: the engine's
+    reader is detached, so the reply is still queued when the 50 ms deadline fires."""
+    from probes.icmp import start
+
+    engines = IcmpEngines(mode="privileged")
+    try:
+        eng = engines.get(socket.AF_INET)
+        assert eng is not None
+        loop = asyncio.get_running_loop()
+        eng.attach(loop)
+        loop.remove_reader(eng.sock.fileno())
+        done: asyncio.Future[ProbeResult | None] = loop.create_future()
+        h = start(
+            Target("lo", "127.0.0.1"),
+            IcmpOptions(packets=1, timeout=0.05),
+            ProbeContext.with_resources(engines),
+            done.set_result,
+        )
+        assert h is not None
+        res = await asyncio.wait_for(done, 2.0)
+    finally:
+        engines.close()
+    assert res is not None and res.success and res.rtts[0] is not None, res
+    assert res.rtts[0] < 0.05
+
+
+@needs_root
+async def test_an_engine_closed_under_a_run_abandons_it_without_ending_the_loop() -> None:
+    """A reload that changes icmp_mode closes the engines under in-flight runs: the awaiting
+    probe gets RunAbandoned (the scheduler records nothing), never a CancelledError that
+    would end the scheduler's task for that target."""
+    from probes.base import RunAbandoned
+
+    engines = IcmpEngines(mode="privileged")
+    ctx = ProbeContext.with_resources(engines)
+    # A train of five over 0.8 s: the engine closes after the first packet.
+    t = asyncio.ensure_future(
+        run(Target("lo", "127.0.0.1"), IcmpOptions(packets=5, spacing=0.2, timeout=1.0), ctx)
+    )
+    await asyncio.sleep(0.05)
+    engines.close()
+    with pytest.raises(RunAbandoned):
+        await t
+    assert not t.cancelled()
+
+
+LATE_SEND = r"""
+import asyncio, json, time, uvloop
+from probes.base import ProbeContext, Target
+from probes.icmp import IcmpOptions, start
+from probes.net.icmp import IcmpEngines
+async def main():
+    engines = IcmpEngines(mode="privileged")
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    out = {}
+    out["start"] = time.monotonic()
+    start(Target("e", "127.0.0.9"), IcmpOptions(packets=2, spacing=0.01, timeout=0.3),
+          ProbeContext.with_resources(engines), done.set_result)
+    # The loop is busy for 150 ms right after the first packet: the second leaves ~140 ms
+    # late, at ~0.15 s instead of 0.01 s.
+    loop.call_soon(time.sleep, 0.15)
+    res = await done
+    out["ended_after"] = time.monotonic() - out["start"]
+    out["reason"] = res.reason
+    engines.close()
+    print(json.dumps(out))
+uvloop.run(main())
+"""
+
+
+@needs_root
+def test_a_train_sent_late_times_out_from_when_it_really_left() -> None:
+    """A packet the busy loop sent late gets its whole timeout from its real send time; timed
+    from the plan, the train would end at 0.31 s, and a reply to the late packet arriving
+    200 ms after it left would count as a loss."""
+    with netns() as ns:
+        subprocess.run(
+            in_netns(
+                ns,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "echo-request",
+                "-d",
+                "127.0.0.9",
+                "-j",
+                "DROP",
+            ),
+            check=True,
+        )
+        p = subprocess.run(
+            in_netns(ns, sys.executable, "-c", LATE_SEND),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["reason"] == "timeout", out
+    assert out["ended_after"] >= 0.15 + 0.3 - 0.002, out
