@@ -9,7 +9,7 @@ Two users:
   at, reports the best edges and alerts as they change, and on SIGINT/SIGTERM stops
   everything it started (by PID) and removes its state. Without root it runs the loopback
   agent and a single Prometheus instead.
-* tests/test_e2e_prometheus.py and tests/test_run_main_job.py: the ``start_*`` functions here,
+* tests/e2e/test_two_tier.py and tests/e2e/test_main_job.py: the ``start_*`` functions here,
   with the process supervisor (``lab.procs``: ``Procs``, ``wait_for``), the servers' clients
   (``lab.prom``: ``PromAPI``, ``RouteAPI``) and the config renderers (``lab.promconfig``).
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 # The window of the route candidates in the recording rules (group edgeprobe-route-candidates
-# in deploy/prometheus/rules/edgeprobe-recording.yml); tests/test_route_service.py checks that
+# in deploy/prometheus/rules/edgeprobe-recording.yml); tests/e2e/test_route_service.py checks that
 # every name below is recorded by a rule there.
 WINDOW = "1h"
 CONNECTS = f"region_edge:edgeprobe_route_connects:increase{WINDOW}"

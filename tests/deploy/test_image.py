@@ -205,7 +205,7 @@ def test_dockerignore_admits_every_copy_source(stages: list[Stage]) -> None:
             rel = f.relative_to(ROOT).as_posix()
             assert _dockerignore_allows(patterns, rel), f".dockerignore excludes {rel}"
     # And keeps out what must not be sent to the daemon.
-    for rel in (".venv/bin/python", ".git/HEAD", "tests/test_deploy_image.py"):
+    for rel in (".venv/bin/python", ".git/HEAD", "tests/deploy/test_image.py"):
         assert not _dockerignore_allows(patterns, rel), rel
 
 

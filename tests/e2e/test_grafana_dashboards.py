@@ -9,7 +9,7 @@
 * Structure: ids, grid, datasources, variables, descriptions.
 * PromQL: every panel's expression parses (``promtool check rules`` on a throw-away rule file)
   and names only metrics the agent exports or the rules record. The end-to-end test
-  (test_e2e_prometheus.py) runs every one against a live central Prometheus.
+  (tests/e2e/test_two_tier.py) runs every one against a live central Prometheus.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Two tests share one harness:
 Every Prometheus runs with native histograms, as shipped: the regional servers scrape the
 protobuf format and remote-write native histograms, the central one stores them (and no classic
 buckets), so the rules and panels run their native form here; promtool's unit tests and
-tests/test_histogram_forms.py cover the classic one.
+tests/e2e/test_histogram_forms.py cover the classic one.
 
 The test-only overlay (``overlay_rules``, ``regional_config``, ``central_config``) starts from
 the shipped files in deploy/prometheus/ and changes only timings: 1 s scrape and evaluation
@@ -335,7 +335,7 @@ def _lab() -> Any:
 
 # The agent measures at its socket; the lab's truth is the delay the forwarder imposed. The
 # difference (TUN device, veths, the agent's wake-up) is ~0.1 ms here, in the agent's exact
-# window median too; tests/test_lab_accuracy.py bounds it at 0.5 ms. It is 2-5 % of a 2-4 ms
+# window median too; tests/lab/test_accuracy.py bounds it at 0.5 ms. It is 2-5 % of a 2-4 ms
 # metro path, so there the bound is this offset rather than 2 %.
 MEASUREMENT_OFFSET = 0.00025
 ACCURACY_WINDOW = "60s"

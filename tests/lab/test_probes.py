@@ -33,7 +33,7 @@ REGION = "rtc-probe-test"
 PROFILE = f"""
 region: {REGION}
 description: RTC probe tests
-source: tests/test_probe_lab.py
+source: tests/lab/test_probes.py
 edges:
   - {{name: zero, ipv4: 198.18.20.1, ipv6: "2001:db8:e:20::1", path: {{delay: 0ms}}}}
   - {{name: clean, ipv4: 198.18.21.1, ipv6: "2001:db8:e:21::1", path: {{delay: 20ms}}}}

@@ -49,7 +49,7 @@ HOLD = 60.0
 # The full run (EDGEPROBE_SLOW_LAB=1, ~15 min) fills the fast path's 5-minute window before the
 # degradation, as in production, and measures the restore (step 3). The default run, in `make
 # test`, waits 3 minutes (the measured switch can only be sooner, and the 2-minute bound is an
-# upper bound) and leaves step 3 to tests/test_route_service.py, which shows the hold against a
+# upper bound) and leaves step 3 to tests/e2e/test_route_service.py, which shows the hold against a
 # real Prometheus; it takes ~6 minutes instead of ~15.
 SLOW = os.environ.get("EDGEPROBE_SLOW_LAB") == "1"
 STEADY_S = 300.0 if SLOW else 180.0

@@ -72,7 +72,7 @@ def _profile() -> str:
     lines = [
         f"region: {REGION}",
         "description: soak test",
-        "source: tests/test_hardening_soak.py",
+        "source: tests/lab/test_soak.py",
         "edges:",
     ]
     for i, n in enumerate(STABLE + FLAP + INV):

@@ -38,7 +38,7 @@ REGION = "webrtc-test"
 PROFILE = f"""
 region: {REGION}
 description: webrtc and relay probe tests
-source: tests/test_webrtc_lab.py
+source: tests/lab/test_webrtc.py
 edges:
   - {{name: zero, ipv4: 198.18.30.1, ipv6: "2001:db8:e:30::1", path: {{delay: 0ms}}}}
   - {{name: near, ipv4: 198.18.31.1, ipv6: "2001:db8:e:31::1", path: {{delay: 20ms}}}}
