@@ -1,34 +1,20 @@
-"""pytest helpers for tests that go through the lab, and what a lab path should do to a connect.
-
-``from lab_helpers import lab_world, requires_lab`` in a test module; set ``LAB_PROFILES`` /
-``LAB_SERVICES`` module globals to choose the world. The fixture is module-scoped (a world
-takes ~0.3 s without services, ~1.5 s with) and always tears down, also after a failure.
-"""
+"""What tests of the lab share: ``requires_lab``, reference implementations of jitter, IPDV and
+the Wilson bound, and what the budget model expects of a lab path. The ``lab_world`` fixture is
+in ``tests/lab/conftest.py``."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from lab.spec import DEFAULT_PROFILES
-from lab.topology import World, lab_available
+from lab.topology import lab_available
 
-_OK, _WHY = lab_available()
-requires_lab = pytest.mark.skipif(not _OK, reason=f"lab unavailable: {_WHY}")
-
-
-@pytest.fixture(scope="module")
-def lab_world(request: pytest.FixtureRequest) -> Iterator[World]:
-    if not _OK:
-        pytest.skip(f"lab unavailable: {_WHY}")
-    profiles = getattr(request.module, "LAB_PROFILES", DEFAULT_PROFILES)
-    services = getattr(request.module, "LAB_SERVICES", False)
-    with World.up(profiles=profiles, services=services) as world:
-        yield world
+LAB_OK, LAB_WHY = lab_available()
+requires_lab = pytest.mark.skipif(not LAB_OK, reason=f"lab unavailable: {LAB_WHY}")
 
 
 def wilson(k: int, n: int, z: float) -> tuple[float, float]:

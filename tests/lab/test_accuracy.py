@@ -24,11 +24,10 @@ from lab import World
 from lab import groundtruth as gt
 from lab.agentconf import agent_config
 from lab.spec import decode_profile
-from tests.lab_helpers import ipdv, lab_world, requires_lab, rfc3550_jitter, wilson
+from tests.lab_helpers import ipdv, requires_lab, rfc3550_jitter, wilson
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, requires_lab]
 LAB_PROFILES = ["id-jakarta", "br-saopaulo", "ae-dubai"]
-__all__ = ["lab_world"]
 
 N = 400  # echoes per edge: 4 s at 10 ms spacing, all edges of a region at once
 SPACING = "10ms"

@@ -15,11 +15,10 @@ from lab import World
 from lab import groundtruth as gt
 from lab.spec import decode_profile, load_profile
 from lab.topology import leftovers
-from tests.lab_helpers import lab_world, requires_lab
+from tests.lab_helpers import requires_lab
 
 pytestmark = [pytest.mark.lab, requires_lab]
 LAB_PROFILES = ["id-jakarta", "ae-dubai"]
-__all__ = ["lab_world"]
 
 
 def _rtts(out: str) -> list[float]:
