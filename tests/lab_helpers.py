@@ -1,20 +1,94 @@
-"""What tests of the lab share: ``requires_lab``, reference implementations of jitter, IPDV and
-the Wilson bound, and what the budget model expects of a lab path. The ``lab_world`` fixture is
-in ``tests/lab/conftest.py``."""
+"""What tests of the lab share: ``requires_lab``, a world built from a profile of the test's own,
+probe runs inside a region, reference implementations of jitter, IPDV and the Wilson bound, and
+what the budget model expects of a lab path. The ``lab_world`` fixture is in
+``tests/lab/conftest.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab.topology import lab_available
+from lab.topology import World, lab_available
+from tests.helpers import ROOT
 
 LAB_OK, LAB_WHY = lab_available()
 requires_lab = pytest.mark.skipif(not LAB_OK, reason=f"lab unavailable: {LAB_WHY}")
+
+
+def skip_without_lab() -> None:
+    """Skips the calling test or fixture when this machine cannot build a lab."""
+    if not LAB_OK:
+        pytest.skip(f"lab unavailable: {LAB_WHY}")
+
+
+@contextlib.contextmanager
+def profile_world(tmp: Path, profile: str, *, services: bool, seed: int) -> Iterator[World]:
+    """A world of the one region ``profile`` (a profile's YAML text) describes, its state under
+    ``tmp``; always torn down."""
+    skip_without_lab()
+    prof = tmp / "profile.yaml"
+    prof.write_text(profile)
+    with World.up([str(prof)], state_dir=tmp / "state", services=services, seed=seed) as w:
+        yield w
+
+
+# Runs ``runs`` probes of one kind (``concurrency`` at a time) in a region's namespace; prints
+# their results as JSON, each with the CLOCK_MONOTONIC window it ran in (to select its ground
+# truth).
+PROBE_RUNNER = r"""
+import asyncio, dataclasses, json, sys, time
+from probes import PROBES
+from probes.base import ProbeContext, Target
+a = json.loads(sys.argv[1])
+k = PROBES[a["kind"]]
+opts = k.options(**{n: tuple(v) if isinstance(v, list) else v for n, v in a["opts"].items()})
+assert not opts.validate(), opts.validate()
+async def main():
+    sem = asyncio.Semaphore(a.get("concurrency", 1))
+    async def one():
+        async with sem:
+            t0 = time.monotonic_ns()
+            r = dataclasses.asdict(await k.run(Target("e", a["address"]), opts,
+                                               ProbeContext(budget=0.6)))
+            r["window"] = [t0, time.monotonic_ns()]
+            return r
+    return await asyncio.gather(*(one() for _ in range(a.get("runs", 1))))
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def run_probes(
+    w: World,
+    kind: str,
+    edge: str,
+    opts: dict[str, Any],
+    runs: int = 1,
+    concurrency: int = 1,
+    family: str = "ipv4",
+) -> list[dict[str, Any]]:
+    """``runs`` results of ``kind`` against ``edge`` from the world's one region."""
+    (region,) = w.state.regions
+    arg = json.dumps(
+        {
+            "kind": kind,
+            "address": w.state.edges[edge][family],
+            "opts": opts,
+            "runs": runs,
+            "concurrency": concurrency,
+        }
+    )
+    p = w.run(region, [sys.executable, "-c", PROBE_RUNNER, arg], timeout=300, cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    out: list[dict[str, Any]] = json.loads(p.stdout)
+    return out
 
 
 def wilson(k: int, n: int, z: float) -> tuple[float, float]:

@@ -53,8 +53,9 @@ from lab import promconfig, stack
 from lab.procs import Procs, free_port, wait_for
 from lab.prom import PromAPI, RouteAPI
 from lab.promconfig import Timing
+from lab.topology import World
 from tests.helpers import ROOT
-from tests.lab_helpers import classify
+from tests.lab_helpers import classify, skip_without_lab
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
@@ -322,17 +323,6 @@ DEGRADE_REGION = "id-jakarta"
 DEGRADE_DELAY = "150ms"
 
 
-def _lab() -> Any:
-    try:
-        import lab
-    except ImportError as e:
-        pytest.skip(f"the lab is not importable: {e}")
-    ok, why = lab.lab_available()
-    if not ok:
-        pytest.skip(f"the lab cannot run here: {why}")
-    return lab
-
-
 # The agent measures at its socket; the lab's truth is the delay the forwarder imposed. The
 # difference (TUN device, veths, the agent's wake-up) is ~0.1 ms here, in the agent's exact
 # window median too; tests/lab/test_accuracy.py bounds it at 0.5 ms. It is 2-5 % of a 2-4 ms
@@ -465,10 +455,10 @@ def check_accuracy(api: PromAPI, world: Any) -> None:
 @pytest.mark.lab
 @pytest.mark.slow
 def test_two_tier_lab(tmp_path: Path) -> None:
-    lab = _lab()
+    skip_without_lab()
     t_start = time.monotonic()
     procs = Procs(tmp_path)
-    with lab.World.up(profiles=list(LAB_REGIONS), state_dir=tmp_path / "lab") as world:
+    with World.up(profiles=list(LAB_REGIONS), state_dir=tmp_path / "lab") as world:
         try:
             paths = world.state.paths
             bad, good, best = classify(paths)

@@ -10,13 +10,12 @@ import pytest
 
 from lab.spec import DEFAULT_PROFILES
 from lab.topology import World
-from tests.lab_helpers import LAB_OK, LAB_WHY
+from tests.lab_helpers import skip_without_lab
 
 
 @pytest.fixture(scope="module")
 def lab_world(request: pytest.FixtureRequest) -> Iterator[World]:
-    if not LAB_OK:
-        pytest.skip(f"lab unavailable: {LAB_WHY}")
+    skip_without_lab()
     profiles = getattr(request.module, "LAB_PROFILES", DEFAULT_PROFILES)
     services = getattr(request.module, "LAB_SERVICES", False)
     with World.up(profiles=profiles, services=services) as world:

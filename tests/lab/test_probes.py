@@ -14,20 +14,17 @@ code path is the real one; nothing leaves the world's namespaces.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.lab_helpers import profile_world, run_probes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-lab = pytest.importorskip("lab")
 REGION = "rtc-probe-test"
 
 PROFILE = f"""
@@ -56,64 +53,15 @@ edges:
   - {{name: loss5, ipv4: 198.18.24.1, ipv6: "2001:db8:e:24::1", path: {{delay: 70ms, loss: 5%}}}}
 """
 
-# Runs ``runs`` probes of one kind (``concurrency`` at a time) and prints their results as JSON.
-RUNNER = r"""
-import asyncio, dataclasses, json, sys
-from probes import PROBES
-from probes.base import ProbeContext, Target
-a = json.loads(sys.argv[1])
-k = PROBES[a["kind"]]
-opts = k.options(**{n: tuple(v) if isinstance(v, list) else v for n, v in a["opts"].items()})
-assert not opts.validate() or a.get("no_validate"), opts.validate()
-async def main():
-    sem = asyncio.Semaphore(a.get("concurrency", 1))
-    async def one():
-        async with sem:
-            return dataclasses.asdict(await k.run(Target("e", a["address"]), opts,
-                                                  ProbeContext(budget=0.6)))
-    return await asyncio.gather(*(one() for _ in range(a.get("runs", 1))))
-print(json.dumps(asyncio.run(main())))
-"""
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    ok, why = lab.lab_available()
-    if not ok:
-        pytest.skip(why)
-    d = tmp_path_factory.mktemp("rtc-lab")
-    prof = d / f"{REGION}.yaml"
-    prof.write_text(PROFILE)
-    with lab.World.up([str(prof)], state_dir=d / "state", services=True, seed=7) as w:
+    with profile_world(tmp_path_factory.mktemp("rtc-lab"), PROFILE, services=True, seed=7) as w:
         # Linux rate-limits the destination's Port Unreachable replies (6 burst, then 1/s per
         # peer); the path probe must see every one, so lift the limit in the edge namespace.
         for key in ("net.ipv4.icmp_ratelimit", "net.ipv6.icmp.ratelimit"):
             w.run("edge", ["sysctl", "-qw", f"{key}=0"], check=True)
         yield w
-
-
-def run_probes(
-    w: Any,
-    kind: str,
-    edge: str,
-    opts: dict[str, Any],
-    runs: int = 1,
-    concurrency: int = 1,
-    family: str = "ipv4",
-) -> list[dict[str, Any]]:
-    arg = json.dumps(
-        {
-            "kind": kind,
-            "address": w.state.edges[edge][family],
-            "opts": opts,
-            "runs": runs,
-            "concurrency": concurrency,
-        }
-    )
-    p = w.run(REGION, [sys.executable, "-c", RUNNER, arg], timeout=120, cwd=str(ROOT))
-    assert p.returncode == 0, p.stderr[-3000:]
-    out: list[dict[str, Any]] = json.loads(p.stdout)
-    return out
 
 
 def _services(w: Any) -> dict[str, Any]:

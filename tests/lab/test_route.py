@@ -39,8 +39,9 @@ from lab import stack
 from lab.procs import Procs, free_port, http_ok, wait_for
 from lab.prom import PromAPI, RouteAPI
 from lab.promconfig import Timing
+from lab.topology import World
 from tests.helpers import ROOT
-from tests.lab_helpers import classify
+from tests.lab_helpers import classify, skip_without_lab
 
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 REGIONS = ("id-jakarta", "br-saopaulo", "ae-dubai")
@@ -77,15 +78,6 @@ def write_rules(dst: Path, slow_burn_off: bool, short_windows: bool) -> None:
         (dst / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _lab() -> Any:
-    import lab
-
-    ok, why = lab.lab_available()
-    if not ok:
-        pytest.skip(f"the lab cannot run here: {why}")
-    return lab
-
-
 def first(route: RouteAPI, region: str) -> str | None:
     return route.best().get(region)
 
@@ -99,14 +91,14 @@ def entry(route: RouteAPI, region: str, edge: str) -> dict[str, Any] | None:
 
 
 def test_route_in_the_lab(tmp_path: Path) -> None:
-    lab = _lab()
+    skip_without_lab()
     from lab.agentconf import agent_config, dump
 
     if not RULES.joinpath("edgeprobe-recording.yml").read_text().count(ROUTE_GROUP):
         pytest.skip("the rules' edgeprobe-route-candidates group is not on this branch yet")
     figures: dict[str, float] = {}
     procs = Procs(tmp_path)
-    with lab.World.up(profiles=list(REGIONS), state_dir=tmp_path / "lab") as world:
+    with World.up(profiles=list(REGIONS), state_dir=tmp_path / "lab") as world:
         try:
             st = world.state
             _, _, best = classify(st.paths)

@@ -54,6 +54,7 @@ from agent.server.guard import WebGuard
 from agent.server.http import build_app, serve
 from probes.net.icmp import IcmpEngines
 from tests.helpers import ROOT
+from tests.lab_helpers import profile_world
 
 pytestmark = [pytest.mark.slow, pytest.mark.lab]
 
@@ -353,14 +354,9 @@ print(sent)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    lab = pytest.importorskip("lab")
-    ok, why = lab.lab_available()
-    if not ok:
-        pytest.skip(why)
-    d = tmp_path_factory.mktemp("soak-lab")
-    prof = d / f"{REGION}.yaml"
-    prof.write_text(_profile())
-    with lab.World.up([str(prof)], state_dir=d / "state", services=False, seed=5) as w:
+    with profile_world(
+        tmp_path_factory.mktemp("soak-lab"), _profile(), services=False, seed=5
+    ) as w:
         yield w
 
 

@@ -28,11 +28,10 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.lab_helpers import profile_world, run_probes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-lab = pytest.importorskip("lab")
 REGION = "webrtc-test"
 
 PROFILE = f"""
@@ -55,68 +54,16 @@ edges:
 
 RTT = {"zero": 0.0, "near": 0.040, "far": 0.120, "lossy": 0.030, "lossless": 0.030, "media": 0.060}
 
-# Runs ``runs`` probes of one kind (``concurrency`` at a time); prints their results as JSON,
-# each with the CLOCK_MONOTONIC window it ran in (to select its ground truth).
-RUNNER = r"""
-import asyncio, dataclasses, json, sys, time
-from probes import PROBES
-from probes.base import ProbeContext, Target
-a = json.loads(sys.argv[1])
-k = PROBES[a["kind"]]
-opts = k.options(**a["opts"])
-assert not opts.validate(), opts.validate()
-async def main():
-    sem = asyncio.Semaphore(a.get("concurrency", 1))
-    async def one():
-        async with sem:
-            t0 = time.monotonic_ns()
-            r = dataclasses.asdict(await k.run(Target("e", a["address"]), opts,
-                                               ProbeContext(budget=0.6)))
-            r["window"] = [t0, time.monotonic_ns()]
-            return r
-    return await asyncio.gather(*(one() for _ in range(a.get("runs", 1))))
-print(json.dumps(asyncio.run(main())))
-"""
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    ok, why = lab.lab_available()
-    if not ok:
-        pytest.skip(why)
     d = tmp_path_factory.mktemp("webrtc-lab")
-    prof = d / f"{REGION}.yaml"
-    prof.write_text(PROFILE)
-    with lab.World.up([str(prof)], state_dir=d / "state", services=True, seed=11) as w:
+    with profile_world(d, PROFILE, services=True, seed=11) as w:
         secret = d / "turn.pass"
         user, pw = next(iter(w.state.turn_users.items()))
         secret.write_text(pw + "\n")
         w.turn_user, w.turn_pass_file = user, str(secret)
         yield w
-
-
-def run_probes(
-    w: Any,
-    kind: str,
-    edge: str,
-    opts: dict[str, Any],
-    runs: int = 1,
-    concurrency: int = 1,
-    family: str = "ipv4",
-) -> list[dict[str, Any]]:
-    arg = json.dumps(
-        {
-            "kind": kind,
-            "address": w.state.edges[edge][family],
-            "opts": opts,
-            "runs": runs,
-            "concurrency": concurrency,
-        }
-    )
-    p = w.run(REGION, [sys.executable, "-c", RUNNER, arg], timeout=300, cwd=str(ROOT))
-    assert p.returncode == 0, p.stderr[-3000:]
-    out: list[dict[str, Any]] = json.loads(p.stdout)
-    return out
 
 
 def whip(w: Any, edge: str, **extra: Any) -> dict[str, Any]:
