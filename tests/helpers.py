@@ -1,4 +1,5 @@
-"""Test helpers: the checkout's root, a fake clock for the scheduler, network-namespace helpers."""
+"""Test helpers: the checkout's root, the agent as a child process, a fake clock for the
+scheduler, network-namespace helpers."""
 
 from __future__ import annotations
 
@@ -8,14 +9,101 @@ import heapq
 import itertools
 import os
 import shutil
+import signal
+import ssl
 import subprocess
-from collections.abc import Callable, Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+
+from lab.procs import free_port
 
 # The checkout: where the tests run the agent, the lab and the bench from, and read the files
 # they check (docs, deploy, rules).
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout``; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+@dataclass
+class AgentProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def agent_process(
+    tmp: Path,
+    config: str,
+    flags: tuple[str, ...] = (),
+    preexec: Callable[[], None] | None = None,
+    scheme: str = "http",
+) -> Iterator[AgentProcess]:
+    """``python -m agent run`` on ``config`` (written to ``tmp/edgeprobe.yml``), listening on a
+    free loopback port, its output in ``tmp/agent.log``; stopped on exit."""
+    cfg = tmp / "edgeprobe.yml"
+    cfg.write_text(config)
+    port = free_port()
+    log = tmp / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                f"--config.file={cfg}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                *flags,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+        )
+    try:
+        yield AgentProcess(proc, f"{scheme}://127.0.0.1:{port}", log)
+    finally:
+        stop(proc)
+
+
+async def wait_ready(
+    c: AgentProcess,
+    timeout: float = 20.0,
+    headers: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Until the agent answers ``/-/ready`` with 200 (with ``headers`` and ``tls`` when its web
+    config asks for them); fails if it exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
+        while True:
+            assert c.proc.poll() is None, f"agent exited {c.proc.returncode}:\n{c.text()}"
+            assert time.monotonic() < deadline, f"agent not ready:\n{c.text()}"
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with s.get(c.url + "/-/ready", headers=headers, ssl=tls or True) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
 
 
 class _FakeTimer:

@@ -6,7 +6,6 @@ over HTTP) without a change to the agent."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from agent.app import Agent
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.server.http import build_app, serve
+from lab.procs import free_port
 from probes import PROBES
 from probes.base import (
     CommonOptions,
@@ -124,12 +124,6 @@ def toy_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     # The one line a new kind adds to probes/__init__.py.
     monkeypatch.setitem(PROBES, "toy", TOY)
     monkeypatch.setitem(PROBES, "toywatch", WATCH)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_config_decodes_the_toy_options(toy_kinds: None) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import math
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from prometheus_client.samples import Sample
 from agent.export import metrics_pb2 as pb
 from agent.export.native import NativeBuckets, bucket_key
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
+from lab.procs import free_port
 from tests.helpers import ROOT
 
 PROTO = ROOT / "agent" / "export" / "metrics.proto"
@@ -186,12 +186,6 @@ def exact_quantile(values: list[float], q: float) -> float:
     pos = q * (len(s) - 1)
     lo = math.floor(pos)
     return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (pos - lo)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +24,8 @@ from agent.app import Agent
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.server.http import build_app, serve
-from tests.helpers import ROOT
+from lab.procs import free_port
+from tests.helpers import ROOT, agent_process, wait_ready
 
 SECRET = "Hunter2Secret"
 
@@ -165,12 +164,6 @@ def test_check_config_never_prints_a_secret(tmp_path: Path) -> None:
         assert "(line " in res.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 GOOD = "agent: {region: r}\ntargets:\n  - {name: t, address: 127.0.0.1, probes: [tcp]}\n"
 
 
@@ -215,49 +208,19 @@ async def test_unauthenticated_reload_gets_no_details(
 async def test_authenticated_reload_gets_key_and_line_but_no_secret(tmp_path: Path) -> None:
     hashed = bcrypt.hashpw(b"admin-pw", bcrypt.gensalt(4)).decode()
     (tmp_path / "web.yml").write_text(yaml.safe_dump({"basic_auth_users": {"admin": hashed}}))
-    cfg = tmp_path / "edgeprobe.yml"
-    cfg.write_text(GOOD)
-    port = free_port()
-    log = (tmp_path / "agent.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            f"--config.file={cfg}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--web.config.file={tmp_path / 'web.yml'}",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": aiohttp.encode_basic_auth("admin", "admin-pw")}
-    try:
+    with agent_process(tmp_path, GOOD, (f"--web.config.file={tmp_path / 'web.yml'}",)) as c:
+        await wait_ready(c, headers=auth)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-            deadline = time.monotonic() + 20
-            while True:
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with s.get(url + "/-/ready", headers=auth) as r:
-                        if r.status == 200:
-                            break
-                assert proc.poll() is None and time.monotonic() < deadline, "no agent"
-                await asyncio.sleep(0.2)
-            cfg.write_text(doc(PLACES[0][0], f"!!float {SECRET}"))
-            async with s.post(url + "/-/reload") as r:
+            (tmp_path / "edgeprobe.yml").write_text(doc(PLACES[0][0], f"!!float {SECRET}"))
+            async with s.post(c.url + "/-/reload") as r:
                 assert r.status == 401
-            async with s.post(url + "/-/reload", headers=auth) as r:
+            async with s.post(c.url + "/-/reload", headers=auth) as r:
                 body = await r.text()
             assert r.status == 500
             assert "defaults.turn.password" in body and "(line 5)" in body, body
             assert_no_secret(body)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-    assert_no_secret((tmp_path / "agent.log").read_text())
+    assert_no_secret(c.text())
 
 
 # -- size limits before the decode, decoding off the event loop ------------------------------

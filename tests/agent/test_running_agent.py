@@ -30,16 +30,11 @@ from agent.app import Agent
 from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.server.http import build_app, serve
+from lab.procs import free_port
 from probes.net.resolve import Resolver
-from tests.helpers import ROOT
+from tests.helpers import ROOT, agent_process, wait_ready
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse(text: str) -> Metrics:
@@ -267,41 +262,19 @@ def make_pki(tmp: Path) -> tuple[trustme.CA, str]:
 
 async def test_cli_tls_basic_auth_and_sigterm(tmp_path: Path) -> None:
     ca, hashed = make_pki(tmp_path)
-    cfg = tmp_path / "edgeprobe.yml"
-    cfg.write_text(HEAD + "targets:\n  - {name: e1, address: 127.0.0.1}\n")
-    port = free_port()
-    log = (tmp_path / "agent.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            f"--config.file={cfg}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--web.config.file={tmp_path / 'web.yml'}",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    url = f"https://127.0.0.1:{port}/metrics"
     good = {"Authorization": aiohttp.encode_basic_auth("prometheus", "scrape-pw")}
     bad = {"Authorization": aiohttp.encode_basic_auth("prometheus", "nope")}
-    try:
+    with agent_process(
+        tmp_path,
+        HEAD + "targets:\n  - {name: e1, address: 127.0.0.1}\n",
+        (f"--web.config.file={tmp_path / 'web.yml'}",),
+        scheme="https",
+    ) as c:
+        await wait_ready(c, 15, headers=good, tls=ctx)
+        url = c.url + "/metrics"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    async with s.get(url, ssl=ctx, headers=good) as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, "agent did not start"
-                await asyncio.sleep(0.2)
             await asyncio.sleep(1.0)
             async with s.get(url, ssl=ctx, headers=good) as r:
                 text = await r.text()
@@ -315,15 +288,10 @@ async def test_cli_tls_basic_auth_and_sigterm(tmp_path: Path) -> None:
                 async with s.get(url.replace("https", "http"), headers=good) as r:
                     pass
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.to_thread(proc.wait, 10)
+        c.proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(c.proc.wait, 10)
         assert rc == 0 and time.monotonic() - t0 < 5.0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-    logs = (tmp_path / "agent.log").read_text()
+    logs = c.text()
     assert hashed not in logs and "scrape-pw" not in logs
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from agent.app import Agent
 from agent.config import load as cfgmod
 from agent.runtime.scheduler import stagger
 from agent.server.http import build_app, serve
+from lab.procs import free_port
 
 pytestmark = pytest.mark.skipif(not shutil.which("ip"), reason="linux only")
 
@@ -29,12 +29,6 @@ defaults:
 targets:
 {targets}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write(path: Path, names: list[str], interval: str = "500ms", extra: str = "") -> None:

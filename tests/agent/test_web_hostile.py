@@ -11,10 +11,8 @@ import resource
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +21,9 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT
+from tests.helpers import agent_process, wait_ready
 
 HEADER_TIMEOUT = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def nofile(n: int) -> Callable[[], None]:
@@ -39,65 +31,6 @@ def nofile(n: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
     return apply
-
-
-@dataclass
-class Child:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def child(
-    tmp: Path, config: str, flags: tuple[str, ...] = (), preexec: Callable[[], None] | None = None
-) -> Iterator[Child]:
-    cfg = tmp / "edgeprobe.yml"
-    cfg.write_text(config)
-    port = free_port()
-    log = tmp / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                f"--config.file={cfg}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                *flags,
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec,
-        )
-    try:
-        yield Child(proc, f"http://127.0.0.1:{port}", log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-async def wait_ready(c: Child, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as s:
-        while True:
-            assert c.proc.poll() is None, f"agent exited {c.proc.returncode}:\n{c.text()}"
-            assert time.monotonic() < deadline, f"agent not ready:\n{c.text()}"
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with s.get(c.url + "/-/ready") as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.1)
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -199,7 +132,7 @@ async def test_held_connections_leave_scrapes_and_probes_alone(tmp_path: Path) -
     the agent closes each slowloris connection, by eviction or at the header timeout."""
     n = 30
     async with tcp_target() as port:
-        with child(
+        with agent_process(
             tmp_path,
             TCP_CONFIG.format(port=port),
             (f"--web.read-header-timeout={HEADER_TIMEOUT}s", "--web.idle-timeout=60s"),
@@ -256,7 +189,7 @@ async def test_header_and_idle_timeouts(tmp_path: Path) -> None:
     passed, not before; a kept-alive connection idle after its request is closed once the
     idle timeout has passed, not before."""
     idle_timeout = 4.0
-    with child(
+    with agent_process(
         tmp_path,
         SMALL_CONFIG,
         (f"--web.read-header-timeout={HEADER_TIMEOUT}s", f"--web.idle-timeout={idle_timeout}s"),
@@ -309,7 +242,7 @@ async def test_tls_handshake_counts_against_the_header_timeout(tmp_path: Path) -
     )
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    with child(
+    with agent_process(
         tmp_path,
         SMALL_CONFIG,
         (
@@ -363,7 +296,7 @@ targets:
 async def test_sighup_from_spawn_is_never_a_death(tmp_path: Path) -> None:
     """SIGHUP every 5 ms from the moment the agent's own code starts importing until it
     serves, and a little beyond: it survives, serves, and reloads."""
-    with child(tmp_path, SMALL_CONFIG) as c:
+    with agent_process(tmp_path, SMALL_CONFIG) as c:
         maps = Path(f"/proc/{c.proc.pid}/maps")
         sent = 0
         deadline = time.monotonic() + 20
@@ -412,7 +345,7 @@ MALFORMED = [
 async def test_malformed_requests_log_no_error(tmp_path: Path) -> None:
     """Malformed requests are answered 4xx (or closed) and logged at debug, one line each:
     no ERROR line and no traceback at any level."""
-    with child(tmp_path, SMALL_CONFIG, ("--log.level=debug",)) as c:
+    with agent_process(tmp_path, SMALL_CONFIG, ("--log.level=debug",)) as c:
         await wait_ready(c)
         host, port = c.url.removeprefix("http://").split(":")
         for raw in MALFORMED:

@@ -7,7 +7,6 @@ import collections
 import contextlib
 import logging
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -32,7 +31,7 @@ from hypothesis import strategies as st
 from agent.server.guard import WebGuard
 from agent.server.tls import load_web_config, server_context
 from agent.server.webconfig import WebConfigError, parse_web_config
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop
 
 PASSWORD = "s3cret-pw"
 # Cost 4 is bcrypt's minimum: the test exercises the code path, not the work factor.
@@ -920,12 +919,7 @@ async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
         ):
             samples = [float(v) for _, v in (await r.json())["data"]["result"][0]["values"]]
     finally:
-        prom.send_signal(signal.SIGTERM)
-        try:
-            prom.wait(10)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait(5)
+        stop(prom)
         await runner.cleanup()
     assert len(set(ports[:before])) == 1  # one kept-alive connection
     assert set(ports[before:]).isdisjoint(ports[:before])  # a new one after the reload

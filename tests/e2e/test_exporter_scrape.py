@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ import pytest
 import trustme
 import yaml
 
+from lab.procs import free_port
 from tests.helpers import ROOT
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_prometheus_scrapes_tls_basic_auth_and_probe(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from agent.config.model import LEAN_DURATION_BUCKETS, LEAN_RTT_BUCKETS
 from agent.export import catalog
 from agent.export.native import NativeBuckets
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
+from lab.procs import free_port
 from tests.helpers import ROOT
 
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
@@ -275,12 +275,6 @@ class _Fixed(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self.fams
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import pytest
 
 from lab.procs import http_ok, wait_for
 from lab.prom import PromAPI, RouteAPI
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop
 
 RUN_SH = ROOT / "scripts" / "run.sh"
 LAB_REGIONS = {"id-jakarta", "br-saopaulo", "ae-dubai"}
@@ -144,13 +144,7 @@ def main_job_factory(tmp_path: Path) -> Iterator[list[MainJob]]:
     jobs: list[MainJob] = []
     yield jobs
     for job in jobs:  # after a failure: the job's own SIGTERM path cleans up
-        if job.popen.poll() is None:
-            job.popen.send_signal(signal.SIGTERM)
-            try:
-                job.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                job.popen.kill()
-                job.popen.wait(timeout=10)
+        stop(job.popen, 30)
 
 
 @pytest.mark.lab
