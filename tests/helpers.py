@@ -1,5 +1,5 @@
-"""Test helpers: the checkout's root, the agent as a child process, a fake clock for the
-scheduler, network-namespace helpers."""
+"""Test helpers: the checkout's root, the agent and Prometheus as child processes, a fake clock
+for the scheduler, network-namespace helpers."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from lab.procs import free_port
+from lab.promconfig import NATIVE_HISTOGRAMS
 
 # The checkout: where the tests run the agent, the lab and the bench from, and read the files
 # they check (docs, deploy, rules).
@@ -104,6 +105,53 @@ async def wait_ready(
                     if r.status == 200:
                         return
             await asyncio.sleep(0.1)
+
+
+@dataclass
+class Prometheus:
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path, config: str) -> Iterator[Prometheus]:
+    """Debian's ``prometheus`` with native histograms, as shipped, on ``config`` (the text of a
+    prometheus.yml), on a free loopback port, its storage and log under ``tmp``; stopped on
+    exit."""
+    cfg = tmp / "prometheus.yml"
+    cfg.write_text(config)
+    port = free_port()
+    log = tmp / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                NATIVE_HISTOGRAMS,
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield Prometheus(proc, f"http://127.0.0.1:{port}", log)
+    finally:
+        stop(proc, 20)
+
+
+async def query(s: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
+    """An instant query's result vector; fails unless the server says success."""
+    async with s.get(f"{base}/api/v1/query", params={"query": expr}) as r:
+        data = await r.json()
+    assert data["status"] == "success", (expr, data)
+    result: list[dict[str, Any]] = data["data"]["result"]
+    return result
 
 
 class _FakeTimer:

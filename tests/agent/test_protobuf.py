@@ -27,7 +27,7 @@ from agent.export import metrics_pb2 as pb
 from agent.export.native import NativeBuckets, bucket_key
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
 from lab.procs import free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, prometheus, query
 
 PROTO = ROOT / "agent" / "export" / "metrics.proto"
 
@@ -210,12 +210,14 @@ async def exporter() -> AsyncIterator[tuple[int, list[str]]]:
     await runner.cleanup()
 
 
-async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
-    async with session.get(f"{base}/api/v1/query", params={"query": expr}) as r:
-        data = await r.json()
-    assert data["status"] == "success", data
-    result: list[dict[str, Any]] = data["data"]["result"]
-    return result
+def scraping(port: int) -> str:
+    """A prometheus.yml that scrapes 127.0.0.1:``port`` every second."""
+    return f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: agent
+    static_configs: [{{targets: ['127.0.0.1:{port}']}}]
+"""
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
@@ -223,28 +225,8 @@ async def test_prometheus_scrapes_native_histograms(
     exporter: tuple[int, list[str]], tmp_path: Path
 ) -> None:
     port, accepts = exporter
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-scrape_configs:
-  - job_name: agent
-    static_configs: [{{targets: ['127.0.0.1:{port}']}}]
-""")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={cfg}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--enable-feature=native-histograms",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{prom_port}"
-    try:
+    with prometheus(tmp_path, scraping(port)) as prom:
+        base = prom.base
         async with aiohttp.ClientSession() as s:
             medians: list[dict[str, Any]] = []
             for _ in range(60):  # bounded: 30 s
@@ -271,13 +253,6 @@ scrape_configs:
                 edge = series["metric"]["edge"]
                 want = sum(v <= 0.1 for v in paths()[edge]) / len(paths()[edge])
                 assert abs(float(series["value"][1]) - want) < 0.02, (edge, series, want)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 AGENT_CONFIG = """
@@ -307,82 +282,58 @@ async def test_agent_serves_native_histograms_to_prometheus(tmp_path: Path) -> N
     port = free_port()
     runner = await serve(build_app(agent), f"127.0.0.1:{port}")
     await agent.start()
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-scrape_configs:
-  - job_name: agent
-    static_configs: [{{targets: ['127.0.0.1:{port}']}}]
-""")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={cfg}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--enable-feature=native-histograms",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{prom_port}"
     try:
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert r.headers["Content-Type"].startswith("text/plain")
-                assert "edgeprobe_rtt_seconds_bucket" in await r.text()
-            async with s.get(
-                f"http://127.0.0.1:{port}/metrics", headers={"Accept": CONTENT_TYPE}
-            ) as r:
-                assert r.headers["Content-Type"] == CONTENT_TYPE
-                names = {f.name for f in _decode(await r.read())}
-            assert {
-                "edgeprobe_rtt_seconds",
-                "edgeprobe_packets_sent_total",
-                "edgeprobe_scheduler_lateness_seconds",
-            } <= names
-            await asyncio.sleep(6)  # ~90 packets per edge, all inside the 60 s window
-            both: list[dict[str, Any]] = []
-            for _ in range(40):  # bounded: 20 s
-                both = await query(
-                    s,
-                    base,
-                    """
-                  histogram_quantile(0.5, edgeprobe_rtt_seconds)
-                  / on (edge) edgeprobe_rtt_recent_seconds{quantile="0.5"}""",
-                )
-                if len(both) == 2:
-                    break
-                await asyncio.sleep(0.5)
-            assert len(both) == 2, both
-            for series in both:
-                ratio = float(series["value"][1])
-                print(f"native/exact median {series['metric']['edge']}: {ratio:.4f}")
-                assert abs(ratio - 1) < 0.02, series
-            within = await query(s, base, "histogram_fraction(0, 0.6, edgeprobe_rtt_seconds)")
-            assert [float(x["value"][1]) for x in within] == [1.0, 1.0]
-            # What one target costs the server: the catalog's native figure, counted in the TSDB.
-            from agent.export import catalog
-            from probes import PROBES
+        with prometheus(tmp_path, scraping(port)) as prom:
+            base = prom.base
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    assert r.headers["Content-Type"].startswith("text/plain")
+                    assert "edgeprobe_rtt_seconds_bucket" in await r.text()
+                async with s.get(
+                    f"http://127.0.0.1:{port}/metrics", headers={"Accept": CONTENT_TYPE}
+                ) as r:
+                    assert r.headers["Content-Type"] == CONTENT_TYPE
+                    names = {f.name for f in _decode(await r.read())}
+                assert {
+                    "edgeprobe_rtt_seconds",
+                    "edgeprobe_packets_sent_total",
+                    "edgeprobe_scheduler_lateness_seconds",
+                } <= names
+                await asyncio.sleep(6)  # ~90 packets per edge, all inside the 60 s window
+                both: list[dict[str, Any]] = []
+                for _ in range(40):  # bounded: 20 s
+                    both = await query(
+                        s,
+                        base,
+                        """
+                      histogram_quantile(0.5, edgeprobe_rtt_seconds)
+                      / on (edge) edgeprobe_rtt_recent_seconds{quantile="0.5"}""",
+                    )
+                    if len(both) == 2:
+                        break
+                    await asyncio.sleep(0.5)
+                assert len(both) == 2, both
+                for series in both:
+                    ratio = float(series["value"][1])
+                    print(f"native/exact median {series['metric']['edge']}: {ratio:.4f}")
+                    assert abs(ratio - 1) < 0.02, series
+                within = await query(s, base, "histogram_fraction(0, 0.6, edgeprobe_rtt_seconds)")
+                assert [float(x["value"][1]) for x in within] == [1.0, 1.0]
+                # What one target costs the server: the catalog's native figure, counted in the
+                # TSDB.
+                from agent.export import catalog
+                from probes import PROBES
 
-            m = agent.config.metrics
-            want = catalog.series_per_target(
-                PROBES["icmp"],
-                catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases)),
-                native=True,
-            )
-            stored = await query(
-                s, base, 'count by (edge) ({__name__=~"edgeprobe_.+", probe="icmp", edge!=""})'
-            )
-            assert sorted(int(x["value"][1]) for x in stored) == [want, want]
+                m = agent.config.metrics
+                want = catalog.series_per_target(
+                    PROBES["icmp"],
+                    catalog.bucket_counts(len(m.rtt), len(m.durations), len(m.phases)),
+                    native=True,
+                )
+                stored = await query(
+                    s, base, 'count by (edge) ({__name__=~"edgeprobe_.+", probe="icmp", edge!=""})'
+                )
+                assert sorted(int(x["value"][1]) for x in stored) == [want, want]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         await agent.stop(1.0)
         await runner.cleanup()

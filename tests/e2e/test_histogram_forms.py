@@ -22,7 +22,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from agent.export import catalog
 from agent.export.native import NativeBuckets
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
 from lab.procs import free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, prometheus, query
 
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 PROMETHEUSRULE = ROOT / "deploy" / "kubernetes" / "cluster" / "prometheusrule.yaml"
@@ -317,14 +316,6 @@ async def exporters() -> AsyncIterator[dict[str, tuple[int, list[str]]]]:
         await runner.cleanup()
 
 
-async def query(s: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:
-    async with s.get(f"{base}/api/v1/query", params={"query": expr}) as r:
-        data = await r.json()
-    assert data["status"] == "success", (expr, data)
-    result: list[dict[str, Any]] = data["data"]["result"]
-    return result
-
-
 def by_region(result: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for srs in result:
@@ -345,23 +336,19 @@ def classic_bucket(bounds: Sequence[float], v: float) -> tuple[float, float]:
 async def test_rules_and_dashboards_in_both_modes(
     exporters: dict[str, tuple[int, list[str]]], tmp_path: Path
 ) -> None:
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(p) for p in RULE_FILES],
-                "scrape_configs": [
-                    {
-                        "job_name": "edgeprobe",
-                        "static_configs": [
-                            {"targets": [f"127.0.0.1:{port}" for port, _ in exporters.values()]}
-                        ],
-                    }
-                ],
-            }
-        )
+    config = yaml.safe_dump(
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(p) for p in RULE_FILES],
+            "scrape_configs": [
+                {
+                    "job_name": "edgeprobe",
+                    "static_configs": [
+                        {"targets": [f"127.0.0.1:{port}" for port, _ in exporters.values()]}
+                    ],
+                }
+            ],
+        }
     )
     recorded = {
         r["record"]: r["expr"]
@@ -381,23 +368,9 @@ async def test_rules_and_dashboards_in_both_modes(
     # The alerts that read a histogram, each with its scenario below.
     assert {a for a, e in alerts.items() if histogram_reads(e)} == {"EdgeprobeTargetNoData"}
 
-    log = tmp_path / "prometheus.log"
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={cfg}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-                "--enable-feature=native-histograms",
-                "--log.level=warn",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{prom_port}"
     regions = {NATIVE_REGION, CLASSIC_REGION}
-    try:
+    with prometheus(tmp_path, config) as prom:
+        base = prom.base
         async with aiohttp.ClientSession() as s:
             missing: list[str] = reading
             for _ in range(80):  # bounded: 40 s
@@ -412,7 +385,7 @@ async def test_rules_and_dashboards_in_both_modes(
                     continue
                 if not missing:
                     break
-            assert proc.poll() is None, log.read_text()
+            assert prom.proc.poll() is None, prom.text()
             assert not missing, f"no data for both regions: {missing}"
             # The two paths are what they claim: only native series in rn, only classic in rc.
             assert accepts_protobuf(exporters[NATIVE_REGION][1][-1])
@@ -494,10 +467,3 @@ async def test_rules_and_dashboards_in_both_modes(
             )
             got = {srs["metric"]["phase"]: value(srs) for srs in phases}
             assert got == pytest.approx({p: sum(v) / len(v) for p, v in PHASES.items()})
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
