@@ -236,27 +236,16 @@ def test_unprivileged_refused_is_explained() -> None:
         assert "ping_group_range is 1 0" in out.stderr
 
 
+def drop_echoes_to(ns: str, address: str) -> None:
+    """Every echo request to ``address`` inside namespace ``ns`` is dropped."""
+    rule = f"-A INPUT -p icmp --icmp-type echo-request -d {address} -j DROP"
+    subprocess.run(in_netns(ns, "iptables", *rule.split()), check=True)
+
+
 @needs_root
 def test_loss_and_unreachable_in_a_namespace() -> None:
     with netns() as ns:
-        # Drop every echo request to 127.0.0.9 inside the namespace: pure loss.
-        subprocess.run(
-            in_netns(
-                ns,
-                "iptables",
-                "-A",
-                "INPUT",
-                "-p",
-                "icmp",
-                "--icmp-type",
-                "echo-request",
-                "-d",
-                "127.0.0.9",
-                "-j",
-                "DROP",
-            ),
-            check=True,
-        )
+        drop_echoes_to(ns, "127.0.0.9")  # pure loss
         rows = _probe_json(
             ns,
             "-c",
@@ -358,23 +347,7 @@ def test_a_train_sent_late_times_out_from_when_it_really_left() -> None:
     from the plan, the train would end at 0.31 s, and a reply to the late packet arriving
     200 ms after it left would count as a loss."""
     with netns() as ns:
-        subprocess.run(
-            in_netns(
-                ns,
-                "iptables",
-                "-A",
-                "INPUT",
-                "-p",
-                "icmp",
-                "--icmp-type",
-                "echo-request",
-                "-d",
-                "127.0.0.9",
-                "-j",
-                "DROP",
-            ),
-            check=True,
-        )
+        drop_echoes_to(ns, "127.0.0.9")
         p = subprocess.run(
             in_netns(ns, sys.executable, "-c", LATE_SEND),
             capture_output=True,
