@@ -29,6 +29,11 @@ from lab.promconfig import NATIVE_HISTOGRAMS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def dev_tool(name: str) -> str | None:
+    """A dev dependency's executable: the one in this Python's virtualenv, else from PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
 def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
     """SIGTERM, then SIGKILL if ``proc`` has not exited within ``timeout``; its exit code."""
     if proc.poll() is None:

