@@ -8,6 +8,7 @@ import contextlib
 import heapq
 import itertools
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -27,6 +28,27 @@ from lab.promconfig import NATIVE_HISTOGRAMS
 # The checkout: where the tests run the agent, the lab and the bench from, and read the files
 # they check (docs, deploy, rules).
 ROOT = Path(__file__).resolve().parents[1]
+# The shipped rule files and dashboards, which several groups check or load.
+RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+# What the tests put in for a dashboard's variables when they run its queries.
+DASHBOARD_VARIABLES = {
+    "region": ".*",
+    "edge": ".*",
+    "instance": ".*",
+    "probe": ".*",
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "5m",
+}
+
+
+def substitute(expr: str, **values: str) -> str:
+    """A dashboard query with its variables (``$edge``, ``${edge}``) replaced: ``values``
+    first, then ``DASHBOARD_VARIABLES``."""
+    for var, value in {**DASHBOARD_VARIABLES, **values}.items():
+        expr = re.sub(rf"\${var}\b", value, expr.replace(f"${{{var}}}", value))
+    return expr
 
 
 def dev_tool(name: str) -> str | None:

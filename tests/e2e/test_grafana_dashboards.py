@@ -26,20 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import DASHBOARDS, ROOT, RULE_FILES, substitute
 
 GRAFANA = ROOT / "deploy" / "grafana"
-DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
-RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
-VARIABLE_VALUES = {
-    "region": ".*",
-    "edge": ".*",
-    "instance": ".*",
-    "probe": ".*",
-    "__rate_interval": "1m",
-    "__interval": "15s",
-    "__range": "5m",
-}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -53,13 +42,6 @@ def panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(p)
         out.extend(p.get("panels", []))
     return out
-
-
-def substitute(expr: str) -> str:
-    for var, value in VARIABLE_VALUES.items():
-        expr = expr.replace(f"${{{var}}}", value)
-        expr = re.sub(rf"\${var}\b", value, expr)
-    return expr
 
 
 def test_three_dashboards() -> None:
@@ -196,7 +178,7 @@ def test_exprs_use_known_series() -> None:
     exported = set(re.findall(r"`(edgeprobe_[a-z0-9_]+)", reference))
     recorded = {
         r["record"]
-        for p in RULES
+        for p in RULE_FILES
         for g in yaml.safe_load(p.read_text())["groups"]
         for r in g["rules"]
         if "record" in r

@@ -41,20 +41,10 @@ from agent.export import catalog
 from agent.export.native import NativeBuckets
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
 from lab.procs import free_port
-from tests.helpers import ROOT, prometheus, query
+from tests.helpers import DASHBOARDS, ROOT, RULE_FILES, prometheus, query, substitute
 
-RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 PROMETHEUSRULE = ROOT / "deploy" / "kubernetes" / "cluster" / "prometheusrule.yaml"
-DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 HISTOGRAMS = frozenset(f.name for f in (*catalog.SERIES, *catalog.AGENT) if f.type == "histogram")
-DASHBOARD_VARS = {
-    "edge": ".*",
-    "instance": ".*",
-    "probe": ".*",
-    "__rate_interval": "1m",
-    "__interval": "15s",
-    "__range": "5m",
-}
 
 
 # -- static: both forms, native first ---------------------------------------------------------
@@ -451,19 +441,17 @@ async def test_rules_and_dashboards_in_both_modes(
                 if not histogram_reads(expr):
                     continue
                 for region in sorted(regions):
-                    e = expr
-                    for var, v in {**DASHBOARD_VARS, "region": region}.items():
-                        e = re.sub(rf"\${var}\b", v, e.replace(f"${{{var}}}", v))
+                    e = substitute(expr, region=region)
                     if not await query(s, base, e):
                         empty.append(f"{where} [{region}]: {e}")
             assert not empty, "\n".join(empty)
             phases = await query(
                 s,
                 base,
-                next(e for w, e in dashboard_exprs() if w.endswith("Connect phases (stacked)"))
-                .replace("$__rate_interval", "1m")
-                .replace("$region", NATIVE_REGION)
-                .replace("$edge", ".*"),
+                substitute(
+                    next(e for w, e in dashboard_exprs() if w.endswith("Connect phases (stacked)")),
+                    region=NATIVE_REGION,
+                ),
             )
             got = {srs["metric"]["phase"]: value(srs) for srs in phases}
             assert got == pytest.approx({p: sum(v) / len(v) for p, v in PHASES.items()})

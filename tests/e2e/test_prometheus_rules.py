@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, RULE_FILES
 
 PROM = ROOT / "deploy" / "prometheus"
-RULES = sorted((PROM / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 
@@ -49,17 +48,17 @@ def load(path: Path) -> Any:
 
 
 def all_rules() -> list[dict[str, Any]]:
-    return [r for p in RULES for g in load(p)["groups"] for r in g["rules"]]
+    return [r for p in RULE_FILES for g in load(p)["groups"] for r in g["rules"]]
 
 
 def test_rule_files_exist() -> None:
-    assert [p.name for p in RULES] == ["edgeprobe-alerts.yml", "edgeprobe-recording.yml"]
+    assert [p.name for p in RULE_FILES] == ["edgeprobe-alerts.yml", "edgeprobe-recording.yml"]
     assert len(RULE_TESTS) >= 3
 
 
 @needs_promtool
 def test_promtool_check_rules() -> None:
-    r = run("promtool", "check", "rules", "--lint-fatal", *RULES)
+    r = run("promtool", "check", "rules", "--lint-fatal", *RULE_FILES)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -105,7 +104,7 @@ def test_server_configs_give_the_native_histogram_command_line(name: str) -> Non
 
 def test_every_rule_is_a_standard_rule() -> None:
     """Plain rule files (the PrometheusRule is generated from them): known keys only."""
-    for path in RULES:
+    for path in RULE_FILES:
         doc = load(path)
         assert set(doc) == {"groups"}, path
         for g in doc["groups"]:
@@ -123,7 +122,7 @@ def test_recording_rule_names_follow_the_convention() -> None:
 def test_slo_target_is_set_in_one_place() -> None:
     targets = [r for r in all_rules() if r.get("record") == "edgeprobe:connect_budget_slo:target"]
     assert len(targets) == 1 and targets[0]["expr"] == "vector(0.99)"
-    text = "".join(p.read_text() for p in RULES)
+    text = "".join(p.read_text() for p in RULE_FILES)
     # No other literal 0.99 in an expression: every burn rate reads the target series.
     exprs = " ".join(
         r["expr"]
@@ -551,7 +550,7 @@ def test_route_candidates_on_six_noisy_hours(tmp_path: Path) -> None:
     """Stationary noise (rare misses, young series, exact ties) changes no eligibility and keeps
     the ranking inputs in order; real degradations and stopped agents are caught in time."""
     doc = {
-        "rule_files": [str(p) for p in RULES if p.name == "edgeprobe-recording.yml"],
+        "rule_files": [str(p) for p in RULE_FILES if p.name == "edgeprobe-recording.yml"],
         "evaluation_interval": f"{STEP}s",
         "group_eval_order": [
             "edgeprobe-packets",
