@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from lab.procs import free_port
 from lab.promconfig import NATIVE_HISTOGRAMS
@@ -31,6 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # The shipped rule files and dashboards, which several groups check or load.
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+
+
+def shipped_rules() -> list[dict[str, Any]]:
+    """Every rule (recording and alerting) of the shipped rule files, in file order."""
+    return [
+        r for p in RULE_FILES for g in yaml.safe_load(p.read_text())["groups"] for r in g["rules"]
+    ]
+
+
 # What the tests put in for a dashboard's variables when they run its queries.
 DASHBOARD_VARIABLES = {
     "region": ".*",

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import DASHBOARDS, ROOT, RULE_FILES, substitute
+from tests.helpers import DASHBOARDS, ROOT, shipped_rules, substitute
 
 GRAFANA = ROOT / "deploy" / "grafana"
 
@@ -176,13 +176,7 @@ def test_exprs_use_known_series() -> None:
     # The metrics reference is the list of what the agent exports.
     reference = (ROOT / "docs" / "metrics.md").read_text()
     exported = set(re.findall(r"`(edgeprobe_[a-z0-9_]+)", reference))
-    recorded = {
-        r["record"]
-        for p in RULE_FILES
-        for g in yaml.safe_load(p.read_text())["groups"]
-        for r in g["rules"]
-        if "record" in r
-    }
+    recorded = {r["record"] for r in shipped_rules() if "record" in r}
     known = exported | recorded | {"up", "ALERTS"}
     for where, expr in all_exprs():
         stripped = re.sub(r'"[^"]*"', '""', expr)  # label values are not names

@@ -41,7 +41,7 @@ from agent.export import catalog
 from agent.export.native import NativeBuckets
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
 from lab.procs import free_port
-from tests.helpers import DASHBOARDS, ROOT, RULE_FILES, prometheus, query, substitute
+from tests.helpers import DASHBOARDS, ROOT, RULE_FILES, prometheus, query, shipped_rules, substitute
 
 PROMETHEUSRULE = ROOT / "deploy" / "kubernetes" / "cluster" / "prometheusrule.yaml"
 HISTOGRAMS = frozenset(f.name for f in (*catalog.SERIES, *catalog.AGENT) if f.type == "histogram")
@@ -340,21 +340,9 @@ async def test_rules_and_dashboards_in_both_modes(
             ],
         }
     )
-    recorded = {
-        r["record"]: r["expr"]
-        for p in RULE_FILES
-        for g in yaml.safe_load(p.read_text())["groups"]
-        for r in g["rules"]
-        if "record" in r
-    }
+    recorded = {r["record"]: r["expr"] for r in shipped_rules() if "record" in r}
     reading = sorted(n for n, e in recorded.items() if histogram_reads(e))
-    alerts = {
-        r["alert"]: r["expr"]
-        for p in RULE_FILES
-        for g in yaml.safe_load(p.read_text())["groups"]
-        for r in g["rules"]
-        if "alert" in r
-    }
+    alerts = {r["alert"]: r["expr"] for r in shipped_rules() if "alert" in r}
     # The alerts that read a histogram, each with its scenario below.
     assert {a for a, e in alerts.items() if histogram_reads(e)} == {"EdgeprobeTargetNoData"}
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import ROOT, RULE_FILES
+from tests.helpers import ROOT, RULE_FILES, shipped_rules
 
 PROM = ROOT / "deploy" / "prometheus"
 RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
@@ -45,10 +45,6 @@ def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
 def load(path: Path) -> Any:
     with path.open() as f:
         return yaml.safe_load(f)
-
-
-def all_rules() -> list[dict[str, Any]]:
-    return [r for p in RULE_FILES for g in load(p)["groups"] for r in g["rules"]]
 
 
 def test_rule_files_exist() -> None:
@@ -114,19 +110,21 @@ def test_every_rule_is_a_standard_rule() -> None:
 
 
 def test_recording_rule_names_follow_the_convention() -> None:
-    for r in all_rules():
+    for r in shipped_rules():
         if "record" in r:
             assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", r["record"]), r["record"]
 
 
 def test_slo_target_is_set_in_one_place() -> None:
-    targets = [r for r in all_rules() if r.get("record") == "edgeprobe:connect_budget_slo:target"]
+    targets = [
+        r for r in shipped_rules() if r.get("record") == "edgeprobe:connect_budget_slo:target"
+    ]
     assert len(targets) == 1 and targets[0]["expr"] == "vector(0.99)"
     text = "".join(p.read_text() for p in RULE_FILES)
     # No other literal 0.99 in an expression: every burn rate reads the target series.
     exprs = " ".join(
         r["expr"]
-        for r in all_rules()
+        for r in shipped_rules()
         if "record" not in r or r["record"] != "edgeprobe:connect_budget_slo:target"
     )
     assert not re.search(r"(?<!histogram_quantile\()0\.99\b", exprs)
@@ -134,7 +132,7 @@ def test_slo_target_is_set_in_one_place() -> None:
 
 
 def test_within_budget_uses_the_0_6_bucket() -> None:
-    for r in all_rules():
+    for r in shipped_rules():
         if r.get("record", "").startswith("region_edge:edgeprobe_connect_within_budget:"):
             # Native (histogram_fraction up to the budget), then the classic 0.6 bucket.
             assert "histogram_fraction(0, 0.6, " in r["expr"]
@@ -143,7 +141,7 @@ def test_within_budget_uses_the_0_6_bucket() -> None:
 
 
 def test_burn_rate_windows_follow_the_sre_workbook() -> None:
-    alerts = {r["alert"]: r for r in all_rules() if "alert" in r}
+    alerts = {r["alert"]: r for r in shipped_rules() if "alert" in r}
     expect = {
         "EdgeprobeConnectBudgetBurnFast": ("1h", "5m", "14.4", "page"),
         "EdgeprobeConnectBudgetBurnMedium": ("6h", "30m", "6", "page"),
@@ -158,7 +156,7 @@ def test_burn_rate_windows_follow_the_sre_workbook() -> None:
 
 
 def test_every_alert_has_a_runbook_style_description() -> None:
-    alerts = [r for r in all_rules() if "alert" in r]
+    alerts = [r for r in shipped_rules() if "alert" in r]
     assert {a["alert"] for a in alerts} >= {
         "EdgeprobeConnectBudgetBurnFast",
         "EdgeprobeConnectBudgetBurnMedium",
