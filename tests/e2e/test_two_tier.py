@@ -656,6 +656,19 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
     keys = sorted(f"{r}/{e}" for r, e in ratio)
     palette = plt.get_cmap("tab20")
 
+    def threshold(ax: Any, y: float, label_y: float, label: str, colour: str) -> None:
+        """A dashed line at ``y`` with ``label`` right-aligned at ``label_y``."""
+        ax.axhline(y, color=colour, ls="--", lw=1)
+        ax.text(
+            0.99,
+            label_y,
+            label,
+            fontsize=7,
+            color=colour,
+            ha="right",
+            transform=ax.get_yaxis_transform(),
+        )
+
     def colour_of(key: str) -> Any:
         return palette(keys.index(key) % 20 if key in keys else 19)
 
@@ -696,15 +709,8 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
         ys = [float(v[1]) * 1000 for v in srs["values"]]
         key = f"{srs['metric']['region']}/{srs['metric']['edge']}"
         ax.plot(xs, ys, label=key, lw=1.2, color=colour_of(key))
-    ax.axhline(1000 * (0.6 - 0.1) / 7.5, color="grey", ls="--", lw=1)
-    ax.text(
-        0.99,
-        1000 * (0.6 - 0.1) / 7.5 * 1.05,
-        "cold-connect RTT ceiling (67 ms)",
-        fontsize=7,
-        ha="right",
-        transform=ax.get_yaxis_transform(),
-    )
+    ceiling = 1000 * (0.6 - 0.1) / 7.5
+    threshold(ax, ceiling, ceiling * 1.05, "cold-connect RTT ceiling (67 ms)", "grey")
     ax.set_yscale("log")
     ax.set_xlabel("seconds into the test")
     ax.set_ylabel("RTT p95 (ms)")
@@ -717,16 +723,7 @@ def render_figure(api: PromAPI, out: Path, since: float) -> None:
         ys = [max(float(v[1]), 0.01) for v in srs["values"]]
         key = f"{srs['metric']['region']}/{srs['metric']['edge']}"
         ax.plot(xs, ys, lw=1.2, color=colour_of(key))
-    ax.axhline(14.4, color="red", ls="--", lw=1)
-    ax.text(
-        0.99,
-        16,
-        "page: 14.4x (with the 1h window)",
-        fontsize=7,
-        color="red",
-        ha="right",
-        transform=ax.get_yaxis_transform(),
-    )
+    threshold(ax, 14.4, 16, "page: 14.4x (with the 1h window)", "red")
     ax.set_yscale("log")
     ax.set_xlabel("seconds into the test")
     ax.set_ylabel("error-budget burn rate (5m)")
