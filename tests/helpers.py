@@ -61,6 +61,17 @@ def substitute(expr: str, **values: str) -> str:
     return expr
 
 
+# The edgeprobe command as a test runs it: this Python, from the checkout.
+EDGEPROBE = (sys.executable, "-m", "agent")
+
+
+def edgeprobe(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``edgeprobe *args`` to completion, its output captured as text."""
+    return subprocess.run(
+        [*EDGEPROBE, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
 def dev_tool(name: str) -> str | None:
     """A dev dependency's executable: the one in this Python's virtualenv, else from PATH."""
     return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
@@ -79,7 +90,9 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
 
 
 @dataclass
-class AgentProcess:
+class Server:
+    """A server a test started as a child process: its process, base URL and log."""
+
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
@@ -89,43 +102,44 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
+def server(
+    argv: list[str],
+    url: str,
+    log: Path,
+    preexec: Callable[[], None] | None = None,
+    stop_timeout: float = 10.0,
+) -> Iterator[Server]:
+    """``argv`` started from the checkout, its output in ``log``; stopped on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
+        )
+    try:
+        yield Server(proc, url, log)
+    finally:
+        stop(proc, stop_timeout)
+
+
+@contextlib.contextmanager
 def agent_process(
     tmp: Path,
     config: str,
     flags: tuple[str, ...] = (),
     preexec: Callable[[], None] | None = None,
     scheme: str = "http",
-) -> Iterator[AgentProcess]:
-    """``python -m agent run`` on ``config`` (written to ``tmp/edgeprobe.yml``), listening on a
-    free loopback port, its output in ``tmp/agent.log``; stopped on exit."""
+) -> Iterator[Server]:
+    """``edgeprobe run`` on ``config`` (written to ``tmp/edgeprobe.yml``), listening on a free
+    loopback port, its output in ``tmp/agent.log``."""
     cfg = tmp / "edgeprobe.yml"
     cfg.write_text(config)
-    port = free_port()
-    log = tmp / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                f"--config.file={cfg}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                *flags,
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec,
-        )
-    try:
-        yield AgentProcess(proc, f"{scheme}://127.0.0.1:{port}", log)
-    finally:
-        stop(proc)
+    listen = f"127.0.0.1:{free_port()}"
+    argv = [*EDGEPROBE, "run", f"--config.file={cfg}", f"--web.listen-address={listen}", *flags]
+    with server(argv, f"{scheme}://{listen}", tmp / "agent.log", preexec) as s:
+        yield s
 
 
 async def wait_ready(
-    c: AgentProcess,
+    c: Server,
     timeout: float = 20.0,
     headers: Mapping[str, str] | None = None,
     tls: ssl.SSLContext | None = None,
@@ -144,42 +158,23 @@ async def wait_ready(
             await asyncio.sleep(0.1)
 
 
-@dataclass
-class Prometheus:
-    proc: subprocess.Popen[bytes]
-    base: str
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 @contextlib.contextmanager
-def prometheus(tmp: Path, config: str) -> Iterator[Prometheus]:
+def prometheus(tmp: Path, config: str) -> Iterator[Server]:
     """Debian's ``prometheus`` with native histograms, as shipped, on ``config`` (the text of a
-    prometheus.yml), on a free loopback port, its storage and log under ``tmp``; stopped on
-    exit."""
+    prometheus.yml), on a free loopback port, its storage and log under ``tmp``."""
     cfg = tmp / "prometheus.yml"
     cfg.write_text(config)
-    port = free_port()
-    log = tmp / "prometheus.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={cfg}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                NATIVE_HISTOGRAMS,
-                "--log.level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield Prometheus(proc, f"http://127.0.0.1:{port}", log)
-    finally:
-        stop(proc, 20)
+    listen = f"127.0.0.1:{free_port()}"
+    argv = [
+        "prometheus",
+        f"--config.file={cfg}",
+        f"--storage.tsdb.path={tmp / 'data'}",
+        f"--web.listen-address={listen}",
+        NATIVE_HISTOGRAMS,
+        "--log.level=warn",
+    ]
+    with server(argv, f"http://{listen}", tmp / "prometheus.log", stop_timeout=20) as s:
+        yield s
 
 
 async def query(s: aiohttp.ClientSession, base: str, expr: str) -> list[dict[str, Any]]:

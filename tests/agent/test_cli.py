@@ -5,42 +5,35 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
-
-EP = [sys.executable, "-m", "agent"]
-
-
-def ep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+from tests.helpers import EDGEPROBE, ROOT, edgeprobe
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["check-config"], ["probe"]])
 def test_help_everywhere(cmd: list[str]) -> None:
-    res = ep(*cmd, "--help")
+    res = edgeprobe(*cmd, "--help")
     assert res.returncode == 0 and "usage: edgeprobe" in res.stdout
 
 
 def test_check_config(tmp_path: Path) -> None:
-    ok = ep("check-config", str(ROOT / "examples/loopback.yaml"))
+    ok = edgeprobe("check-config", str(ROOT / "examples/loopback.yaml"))
     assert ok.returncode == 0 and "OK (3 probe series" in ok.stdout
     bad = tmp_path / "bad.yml"
     bad.write_text("agent:\n  region: x\n  colour: blue\n")
-    res = ep("check-config", str(bad))
+    res = edgeprobe("check-config", str(bad))
     assert res.returncode == 1
     assert "agent.colour: unknown key" in res.stderr and "(line 3)" in res.stderr
-    missing = ep("check-config", str(tmp_path / "nope.yml"))
+    missing = edgeprobe("check-config", str(tmp_path / "nope.yml"))
     assert missing.returncode == 1 and "cannot read config file" in missing.stderr
 
 
 def test_probe_table_and_verdict() -> None:
-    res = ep("probe", "-c", "5", "--spacing", "10ms", "127.0.0.1", "::1")
+    res = edgeprobe("probe", "-c", "5", "--spacing", "10ms", "127.0.0.1", "::1")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split()[:4] == ["HOST", "SENT", "LOST", "LOSS%"]
@@ -49,7 +42,7 @@ def test_probe_table_and_verdict() -> None:
 
 
 def test_probe_unresolvable_name_is_a_reason_not_a_crash() -> None:
-    res = ep("probe", "-c", "1", "no-such-edge.invalid", "127.0.0.1")
+    res = edgeprobe("probe", "-c", "1", "no-such-edge.invalid", "127.0.0.1")
     assert res.returncode == 3
     assert "FAIL (resolve_failed)" in res.stdout
     assert "Traceback" not in res.stderr
@@ -73,7 +66,7 @@ def test_run_serves_reloads_on_sighup_and_exits_zero_on_sigterm(tmp_path: Path) 
     port = _free_port()
     proc = subprocess.Popen(
         [
-            *EP,
+            *EDGEPROBE,
             "run",
             f"--config.file={cfg}",
             f"--web.listen-address=127.0.0.1:{port}",

@@ -226,7 +226,7 @@ async def test_prometheus_scrapes_native_histograms(
 ) -> None:
     port, accepts = exporter
     with prometheus(tmp_path, scraping(port)) as prom:
-        base = prom.base
+        base = prom.url
         async with aiohttp.ClientSession() as s:
             medians: list[dict[str, Any]] = []
             for _ in range(60):  # bounded: 30 s
@@ -284,7 +284,7 @@ async def test_agent_serves_native_histograms_to_prometheus(tmp_path: Path) -> N
     await agent.start()
     try:
         with prometheus(tmp_path, scraping(port)) as prom:
-            base = prom.base
+            base = prom.url
             async with aiohttp.ClientSession() as s:
                 async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
                     assert r.headers["Content-Type"].startswith("text/plain")

@@ -8,9 +8,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from agent.config import load as cfgmod
 from agent.config.decode import ConfigError
 from agent.server.http import build_app, serve
 from lab.procs import free_port
-from tests.helpers import ROOT, agent_process, wait_ready
+from tests.helpers import agent_process, edgeprobe, wait_ready
 
 SECRET = "Hunter2Secret"
 
@@ -150,14 +147,7 @@ def test_check_config_never_prints_a_secret(tmp_path: Path) -> None:
     for i, text in enumerate(cases):
         p = tmp_path / f"c{i}.yml"
         p.write_text(text)
-        res = subprocess.run(
-            [sys.executable, "-m", "agent", "check-config", str(p)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        res = edgeprobe("check-config", str(p))
         assert res.returncode == 1 and "config error" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr, res.stderr
         assert_no_secret(res.stdout + res.stderr)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import ssl
@@ -32,7 +31,7 @@ from agent.config.decode import ConfigError
 from agent.server.http import build_app, serve
 from lab.procs import free_port
 from probes.net.resolve import Resolver
-from tests.helpers import ROOT, agent_process, wait_ready
+from tests.helpers import ROOT, agent_process, edgeprobe, wait_ready
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -395,14 +394,7 @@ def test_hostile_config_documents(text: str, tmp_path: Path) -> None:
         cfgmod.loads(text)
     p = tmp_path / "bad.yml"
     p.write_text(text, errors="surrogateescape")
-    res = subprocess.run(
-        [sys.executable, "-m", "agent", "check-config", str(p)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    res = edgeprobe("check-config", str(p))
     assert res.returncode == 1 and "config error" in res.stderr
     assert "Traceback" not in res.stderr
 

@@ -348,7 +348,7 @@ async def test_rules_and_dashboards_in_both_modes(
 
     regions = {NATIVE_REGION, CLASSIC_REGION}
     with prometheus(tmp_path, config) as prom:
-        base = prom.base
+        base = prom.url
         async with aiohttp.ClientSession() as s:
             missing: list[str] = reading
             for _ in range(80):  # bounded: 40 s

@@ -17,9 +17,8 @@ from agent.runtime.selfstats import SelfStats
 from probes.base import ProbeContext, ProbeResult, Target
 from probes.icmp import IcmpOptions, run
 from probes.net.icmp import IcmpEngine, IcmpEngines, _checksum
-from tests.helpers import ROOT, can_netns, in_netns, netns
+from tests.helpers import EDGEPROBE, ROOT, can_netns, in_netns, netns
 
-EDGEPROBE = [sys.executable, "-m", "agent"]
 needs_root = pytest.mark.skipif(not can_netns(), reason="needs root and ip netns")
 
 
