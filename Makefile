@@ -1,5 +1,6 @@
 # Two commands matter: `make run` (the main job) and `make test` (the whole suite; .ci/run calls it).
 # `make docs` builds the documentation site (docs/, mkdocs.yml) into site/, failing on any warning.
+# `make unit` runs tests/unit only: no root, no namespaces, seconds.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,6 +14,10 @@ run:
 test:
 	@scripts/bootstrap.sh test
 	@scripts/test.sh
+
+unit:
+	@scripts/bootstrap.sh test
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 docs:
 	@scripts/bootstrap.sh test
