@@ -128,6 +128,6 @@ def test_run_and_route_refuse_to_start_alike(cmd: str, tmp_path: Path) -> None:
         ([f"--config.file={good}", "--web.listen-address=nowhere"], 1, "cannot listen on nowhere"),
     ]
     for flags, code, said in cases:
-        res = ep(cmd, *flags, timeout=30)
+        res = edgeprobe(cmd, *flags, timeout=30)
         assert (res.returncode, said in res.stderr) == (code, True), (flags, res.stderr)
         assert "Traceback" not in res.stderr
