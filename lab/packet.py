@@ -93,6 +93,17 @@ def age(pkt: bytearray, hops: int) -> None:
         pkt[7] -= hops
 
 
+def ipv4(
+    src: bytes, dst: bytes, proto: int, payload: bytes, ttl: int = 64, ident: int = 0
+) -> bytes:
+    """An IPv4 packet (20-byte header, no options, checksummed) carrying ``payload``."""
+    hdr = bytearray(
+        struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0, ttl, proto, 0, src, dst)
+    )
+    struct.pack_into("!H", hdr, 10, checksum(hdr))
+    return bytes(hdr) + payload
+
+
 def time_exceeded(pkt: bytes, router: bytes, ttl: int = 64) -> bytes:
     """ICMP Time Exceeded (in transit) from ``router`` back to the sender of ``pkt``."""
     if pkt[0] >> 4 == 4:
@@ -101,23 +112,7 @@ def time_exceeded(pkt: bytes, router: bytes, ttl: int = 64) -> bytes:
         quote = pkt[: max(ihl + 8, 576 - 28)]
         icmp = bytearray(struct.pack("!BBHI", ICMP4_TIME_EXCEEDED, 0, 0, 0) + quote)
         struct.pack_into("!H", icmp, 2, checksum(icmp))
-        hdr = bytearray(
-            struct.pack(
-                "!BBHHHBBH4s4s",
-                0x45,
-                0,
-                20 + len(icmp),
-                0,
-                0,
-                ttl,
-                PROTO_ICMP,
-                0,
-                router,
-                pkt[12:16],
-            )
-        )
-        struct.pack_into("!H", hdr, 10, checksum(hdr))
-        return bytes(hdr + icmp)
+        return ipv4(router, pkt[12:16], PROTO_ICMP, bytes(icmp), ttl)
     # RFC 4443 §2.4(c): as much of the invoking packet as fits in the minimum MTU (1280).
     quote6 = pkt[: 1280 - 48]
     icmp = bytearray(struct.pack("!BBHI", ICMP6_TIME_EXCEEDED, 0, 0, 0) + quote6)

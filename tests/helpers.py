@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from lab.procs import free_port
 from lab.promconfig import NATIVE_HISTOGRAMS
@@ -32,6 +33,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # The shipped rule files and dashboards, which several groups check or load.
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+
+
+async def serve_app(
+    app: web.Application, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1 at a port the kernel picks; the caller cleans the runner up."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    return runner, server.sockets[0].getsockname()[1]
 
 
 def shipped_rules() -> list[dict[str, Any]]:

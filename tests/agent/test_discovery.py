@@ -45,6 +45,7 @@ from agent.discovery.groups import (
 from agent.discovery.http_sd import HttpSD
 from agent.discovery.manager import Discovery
 from probes.base import Target
+from tests.helpers import serve_app
 
 
 @dataclass
@@ -204,11 +205,7 @@ async def http_sd() -> AsyncIterator[tuple[str, HttpState]]:
 
     app = web.Application()
     app.router.add_get("/sd", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     yield f"http://127.0.0.1:{port}/sd", state
     await runner.cleanup()
 

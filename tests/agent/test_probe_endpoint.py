@@ -44,7 +44,7 @@ from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Tar
 from probes.connect import ConnectOptions as ConnectKindOptions
 from probes.http import HttpOptions
 from probes.turn import TurnOptions
-from tests.helpers import ROOT
+from tests.helpers import ROOT, serve_app
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,8 @@ async def make_env() -> AsyncIterator[MakeEnv]:
             clock=lambda: clock[0],
         )
         assert ep is not None
-        runner = web.AppRunner(app)
-        await runner.setup()
+        runner, port = await serve_app(app)
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return Env(f"http://127.0.0.1:{port}/probe", rec, ep, resolver, clock)
 
     yield make
@@ -519,11 +515,7 @@ async def listener() -> AsyncIterator[Listener]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app)
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: _Sink(datagrams), local_addr=("127.0.0.1", 0)
     )
@@ -571,11 +563,8 @@ async def test_credentials_never_reach_a_client_chosen_target(
         ProbeContext(),
     )
     assert ep is not None
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/probe"  # type: ignore
+    runner, port = await serve_app(app)
+    url = f"http://127.0.0.1:{port}/probe"
     http_target = f"http://127.0.0.1:{listener.http_port}/steal"
     udp_target = f"127.0.0.1:{listener.udp_port}"
     try:

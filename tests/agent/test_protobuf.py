@@ -27,7 +27,7 @@ from agent.export import metrics_pb2 as pb
 from agent.export.native import NativeBuckets, bucket_key
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
 from lab.procs import free_port
-from tests.helpers import ROOT, prometheus, query
+from tests.helpers import ROOT, prometheus, query, serve_app
 
 PROTO = ROOT / "agent" / "export" / "metrics.proto"
 
@@ -202,10 +202,7 @@ async def exporter() -> AsyncIterator[tuple[int, list[str]]]:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     yield port, accepts
     await runner.cleanup()
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from agent.server.guard import WebGuard
 from agent.server.tls import load_web_config, server_context
 from agent.server.webconfig import WebConfigError, parse_web_config
-from tests.helpers import ROOT, stop
+from tests.helpers import ROOT, serve_app, stop
 
 PASSWORD = "s3cret-pw"
 # Cost 4 is bcrypt's minimum: the test exercises the code path, not the work factor.
@@ -91,12 +91,8 @@ async def serve() -> AsyncIterator[Serve]:
 
         app = web.Application(middlewares=guard.middlewares())
         app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app)
-        await runner.setup()
+        runner, port = await serve_app(app, guard.ssl_context)
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=guard.ssl_context)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         scheme = "https" if guard.ssl_context else "http"
         return f"{scheme}://127.0.0.1:{port}/metrics"
 
@@ -859,11 +855,7 @@ async def test_prometheus_scrapes_on_through_a_policy_change(pki: Pki) -> None:
 
     app = web.Application(middlewares=guard.middlewares())
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=guard.ssl_context)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_app(app, guard.ssl_context)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         prom_port = sock.getsockname()[1]

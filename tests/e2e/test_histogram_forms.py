@@ -40,8 +40,16 @@ from agent.config.model import LEAN_DURATION_BUCKETS, LEAN_RTT_BUCKETS
 from agent.export import catalog
 from agent.export.native import NativeBuckets
 from agent.export.protobuf import CONTENT_TYPE, accepts_protobuf, encode
-from lab.procs import free_port
-from tests.helpers import DASHBOARDS, ROOT, RULE_FILES, prometheus, query, shipped_rules, substitute
+from tests.helpers import (
+    DASHBOARDS,
+    ROOT,
+    RULE_FILES,
+    prometheus,
+    query,
+    serve_app,
+    shipped_rules,
+    substitute,
+)
 
 PROMETHEUSRULE = ROOT / "deploy" / "kubernetes" / "cluster" / "prometheusrule.yaml"
 HISTOGRAMS = frozenset(f.name for f in (*catalog.SERIES, *catalog.AGENT) if f.type == "histogram")
@@ -295,10 +303,7 @@ async def exporters() -> AsyncIterator[dict[str, tuple[int, list[str]]]]:
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve_app(app)
         runners.append(runner)
         out[region] = (port, seen)
     yield out

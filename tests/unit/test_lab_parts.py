@@ -62,23 +62,7 @@ def test_jitter_distributions_are_non_negative(dist: str) -> None:
 def _echo4(ttl: int = 64) -> bytes:
     icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x1234, 7) + b"x" * 16)
     struct.pack_into("!H", icmp, 2, packet.checksum(icmp))
-    hdr = bytearray(
-        struct.pack(
-            "!BBHHHBBH4s4s",
-            0x45,
-            0,
-            20 + len(icmp),
-            1,
-            0,
-            ttl,
-            1,
-            0,
-            bytes([198, 19, 1, 2]),
-            bytes([198, 18, 2, 1]),
-        )
-    )
-    struct.pack_into("!H", hdr, 10, packet.checksum(hdr))
-    return bytes(hdr + icmp)
+    return packet.ipv4(bytes([198, 19, 1, 2]), bytes([198, 18, 2, 1]), 1, bytes(icmp), ttl, 1)
 
 
 def test_parse_age_and_time_exceeded_v4() -> None:
