@@ -152,7 +152,7 @@ def test_the_text_page_has_the_window_quantiles_without_count_or_sum() -> None:
     """The window summary's _count and _sum are the cumulative ones (a summary's are
     counters), which the text page already carries as edgeprobe_rtt_seconds_count and _sum:
     it leaves them out of the summary (the protobuf exposition, whose Summary message has
-    the fields, fills them: tests/test_protobuf_exposition.py)."""
+    the fields, fills them: tests/agent/test_protobuf.py)."""
     text, _ = render("lean", "lean")
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     recent = fams["edgeprobe_rtt_recent_seconds"]
