@@ -53,7 +53,9 @@ def config_text(n: int) -> str:
 
 def filled_agent(n: int, observations: int = 60, seed: int = 14) -> Agent:
     """An agent with N targets whose histograms, counters and windows hold ``observations``
-    RTTs each (a minute at one probe a second), spread like a real path's."""
+    RTTs each (a minute at one probe a second), spread like a real path's and in whole
+    nanoseconds as the ICMP engine records them (``rtt_ns / 1e9``: a value's text is as long
+    as a real one's)."""
     cfg = cfgmod.loads(config_text(n))
     agent = Agent(cfg)
     agent.state.series = agent._views_for(cfg, None, True)
@@ -61,7 +63,7 @@ def filled_agent(n: int, observations: int = 60, seed: int = 14) -> Agent:
     for job in cfg.jobs:
         base = rnd.uniform(0.005, 0.25)
         rtts: list[float | None] = [
-            None if rnd.random() < 0.01 else base * math.exp(rnd.gauss(0, 0.05))
+            None if rnd.random() < 0.01 else round(base * math.exp(rnd.gauss(0, 0.05)) * 1e9) / 1e9
             for _ in range(observations)
         ]
         agent._record(job, ProbeResult(success=True, rtts=rtts))

@@ -173,10 +173,12 @@ class Exchange:
 
     @property
     def rtt_ns(self) -> int | None:
-        """True round trip the lab imposed: request delay + reply delay (None if lost)."""
+        """True round trip through the lab (None if lost): from the request entering it to the
+        reply leaving it, so the two delays plus the edge's turnaround (the request's write
+        into the edge's TUN device, the edge kernel's echo, the reply's way back into it)."""
         if self.lost or not self.request.delivered or self.reply is None:
             return None
-        return self.request.delay_ns + self.reply.delay_ns
+        return self.reply.actual_ns - self.request.arrival_ns
 
 
 def echo_exchanges(

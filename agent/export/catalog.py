@@ -208,10 +208,16 @@ JITTER = Family(
     "times (round-trip based, not one-way).",
     when=_packet,
 )
+# Quantiles over the sliding window; _count and _sum as a summary defines them (cumulative,
+# like client_golang's: the window's would go down as packets leave it). The text page leaves
+# them out (a summary MAY omit them): there they would repeat edgeprobe_rtt_seconds_count and
+# _sum value for value, ~170 bytes a target. A protobuf Summary message has fields for them,
+# which the protobuf exposition fills.
 RTT_RECENT = Family(
     "edgeprobe_rtt_recent_seconds",
     "summary",
-    "RTT quantiles over the sliding window (exact, per edge).",
+    "RTT quantiles over the sliding window (exact, per edge); _count and _sum "
+    "(protobuf only) are edgeprobe_rtt_seconds' cumulative ones.",
     when=_packet,
 )
 CONNECT_ESTIMATE = Family(
@@ -516,7 +522,7 @@ def series_per_target(
         if f.type == "histogram" and not native:
             per = bucket_counts[f.buckets] + 3  # +Inf, _count, _sum
         elif f.type == "summary":
-            per = len(QUANTILES) + 2  # _count, _sum
+            per = len(QUANTILES) + (2 if native else 0)  # _count, _sum: protobuf only
         if "reason" in f.labels:
             per *= len(kind.all_reasons) if full else 0
         if "phase" in f.labels:

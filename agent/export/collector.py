@@ -67,7 +67,8 @@ _Extra = tuple[str, str] | None  # a (name, value) label beyond the series' own
 
 
 class _Summary(NamedTuple):
-    """A summary's samples for one label set: its quantiles, _count and _sum."""
+    """A summary's samples for one label set: its quantiles and its cumulative _count and
+    _sum, which only the protobuf Summary carries (see catalog.RTT_RECENT)."""
 
     quantiles: list[tuple[float, float]]  # (quantile, value)
     sample_count: int
@@ -139,8 +140,6 @@ class _MetricSink(_Sink):
         m, name = self.fams[spec.name], spec.sample_name
         for q, v in s.quantiles:
             m.add_sample(name, labels.extra("quantile", str(q))[0], v)
-        m.add_sample(name + "_count", labels.d, s.sample_count)
-        m.add_sample(name + "_sum", labels.d, s.sample_sum)
 
 
 class _ProtoSink(_Sink):
@@ -244,8 +243,6 @@ class _TextSink(_Sink):
         fam, name = spec.name, spec.sample_name
         for q, v in s.quantiles:
             self._add(fam, self.SAMPLE, name, labels, v, ("quantile", str(q)))
-        self._add(fam, self.SAMPLE, name + "_count", labels, s.sample_count, None)
-        self._add(fam, self.SAMPLE, name + "_sum", labels, s.sample_sum, None)
 
     def line(self, fam: str, text: str) -> None:
         self._add(fam, self.LINE, text, None, None, None)
@@ -418,7 +415,7 @@ class CollectorState:
                 sink.hist(fam(C.LOSS_BURSTS), base, p.bursts)
             answered, lost_n = p.window.snapshot(now)
             qs = [(q, quantile(answered, q)) for q in C.QUANTILES]
-            recent = _Summary(qs, len(answered), float(sum(answered)))
+            recent = _Summary(qs, sum(p.rtt.counts), p.rtt.sum)
             sink.summary(fam(C.RTT_RECENT), base, recent)
             n = len(answered) + lost_n
             if self.full:

@@ -334,3 +334,28 @@ async def test_agent_serves_native_histograms_to_prometheus(tmp_path: Path) -> N
     finally:
         await agent.stop(1.0)
         await runner.cleanup()
+
+
+def test_the_window_summary_carries_the_cumulative_count_and_sum() -> None:
+    """A summary's _count and _sum are counters: the window summary's Summary message has the
+    RTT histogram's cumulative count and sum (the window's own would go down as packets leave
+    it), and its quantiles are the window's."""
+    import time
+
+    from bench.export import filled_agent
+
+    agent = filled_agent(2)
+    # A minute of results has left the window; two newer packets are all it holds.
+    for v in agent.state.series.values():
+        assert v.stats.packets is not None
+        v.stats.packets.window.prune(time.monotonic() + 3600)
+        v.stats.packets.window.add(time.monotonic(), [0.02, 0.03])
+    fams = {f.name: f for f in _decode(b"".join(agent.render_metrics_protobuf()))}
+    recent, rtt = fams["edgeprobe_rtt_recent_seconds"], fams["edgeprobe_rtt_seconds"]
+    assert recent.type == pb.SUMMARY and len(recent.metric) == len(rtt.metric) == 2
+    for r, h in zip(recent.metric, rtt.metric, strict=True):
+        assert list(r.label) == list(h.label)
+        assert r.summary.sample_count == h.histogram.sample_count > 0
+        assert r.summary.sample_sum == h.histogram.sample_sum
+        assert [q.quantile for q in r.summary.quantile] == [0.5, 0.95, 0.99]
+        assert r.summary.quantile[0].value == pytest.approx(0.025)  # the window's median

@@ -323,12 +323,14 @@ DEGRADE_REGION = "id-jakarta"
 DEGRADE_DELAY = "150ms"
 
 
-# The agent measures at its socket; the lab's truth is the delay the forwarder imposed. The
-# difference (TUN device, veths, the agent's wake-up) is ~0.1 ms here, in the agent's exact
-# window median too; tests/lab/test_accuracy.py bounds it at 0.5 ms. It is 2-5 % of a 2-4 ms
-# metro path, so there the bound is this offset rather than 2 %.
-MEASUREMENT_OFFSET = 0.00025
 ACCURACY_WINDOW = "60s"
+# The lab's truth runs from the kernel's stamp of the request entering the lab to the reply's
+# release. What the agent adds to it is its send system call, from its send stamp to the
+# packet entering the TUN device: 10-40 µs at the median on this VM (a kernel transmit stamp
+# instead reads 0 +/- 2 µs against the truth), up to 2 % of the 2 ms metro path. So the
+# native median is held to 2 %, or to schema 6's bucket width (1.09 %) plus this offset where
+# that is more (paths under ~5 ms).
+SEND_CALL = 0.00005
 
 
 @dataclass(frozen=True)
@@ -418,8 +420,8 @@ def median_accuracy(api: PromAPI, world: Any) -> dict[tuple[str, str], PathAccur
 def check_accuracy(api: PromAPI, world: Any) -> None:
     """The median of the native RTT histogram, through remote write to the central server,
     within 2 % of the lab's truth on every path (near, far, jittery, lossy; on metro paths
-    within the measurement offset); the classic layout's within one bucket; the exact
-    recent-window summary still there."""
+    within a bucket plus the agent's send call); the classic layout's within one bucket; the
+    exact recent-window summary still there."""
     # The regional servers scrape the protobuf format and the central one keeps native
     # histograms only: this is the native path.
     rtt = api.query('edgeprobe_rtt_seconds{probe="icmp"}')
@@ -439,7 +441,8 @@ def check_accuracy(api: PromAPI, world: Any) -> None:
         # Step 1 leaves 20-40 s of data: 100-200 packets a path, fewer on the lossy ones. The
         # median of the same packets is compared, so a few dozen suffice.
         assert a.packets >= 50, (region, edge, a)
-        assert abs(a.native - a.truth) <= max(0.02 * a.truth, MEASUREMENT_OFFSET), (region, edge, a)
+        tol = max(0.02 * a.truth, 0.0109 * a.truth + SEND_CALL)
+        assert abs(a.native - a.truth) <= tol, (region, edge, a)
         lo, hi = a.bucket
         assert abs(a.classic - a.truth) <= hi - lo, (region, edge, a)
     recent = api.query('edgeprobe_rtt_recent_seconds{probe="icmp"}')

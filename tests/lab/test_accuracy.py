@@ -113,14 +113,20 @@ def test_rtt_median_and_p95(paired: dict[tuple[str, str], Any]) -> None:
         n = len(t)
         assert n > N // 2, (region, edge)
         # Median: the agent's RTT of a packet is the lab's RTT plus a small positive overhead
-        # o_i (two TUN hops, the edge kernel's echo turnaround, socket wake-up): a_i = t_i+o_i.
-        # For the same packets median(a) - median(t) then lies within [min o, max o]; with
-        # o_i of ~0.05-0.3 ms here, the 0.5 ms bound holds for any sample size.
-        assert abs(statistics.median(a) - statistics.median(t)) < 0.0005, (region, edge)
+        # o_i: a_i = t_i + o_i. The truth runs from the kernel's stamp of the request entering
+        # the lab to the reply's release, so o_i is what lies outside it: the agent's send
+        # call up to the TUN device and the reply's write up to the socket's kernel stamp,
+        # ~10-20 µs here (the forwarder's read time as the arrival would add its wake-up and
+        # the TUN queue wait, ~50-120 µs).
+        # For the same packets median(a) - median(t) then lies within [min o, max o]: within
+        # 0.5 ms on every path and 2 % on the nearest (2 ms RTT: 40 µs), with room for a
+        # loaded machine.
+        mt, ma = statistics.median(t), statistics.median(a)
+        assert abs(ma - mt) <= min(0.0005, 0.02 * mt), (region, edge, ma, mt)
         # p95: the ground truth's own sampling noise. A distribution-free 99 % confidence
         # interval for the p95 of n samples runs between the order statistics of rank
         # n*0.95 -/+ 2.576*sqrt(n*0.95*0.05) (normal approximation to the binomial). Its
-        # half-width, plus the same 0.5 ms overhead allowance, is the tolerance.
+        # half-width, plus 0.5 ms for the overhead's tail (CPU contention), is the tolerance.
         ts = sorted(t)
         half = 2.576 * math.sqrt(n * 0.95 * 0.05)
         lo = ts[max(0, math.floor(n * 0.95 - half) - 1)]
