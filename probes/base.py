@@ -269,8 +269,17 @@ StartFn = Callable[
     [Target, OptT, ProbeContext, Callable[[ProbeResult | None], None]], RunHandle | None
 ]
 
+# A socket could not be had: the process or the host is out of file descriptors (EMFILE,
+# ENFILE) or of socket memory (ENOBUFS, ENOMEM). The agent's own condition, not the target's.
+SOCKET_EXHAUSTED = "socket_exhausted"
 # Reasons every kind may produce, beyond its own.
-COMMON_REASONS: tuple[str, ...] = ("resolve_failed", "resolve_empty", "deadline", "exception")
+COMMON_REASONS: tuple[str, ...] = (
+    "resolve_failed",
+    "resolve_empty",
+    "deadline",
+    "exception",
+    SOCKET_EXHAUSTED,
+)
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,7 @@ REASONS: tuple[str, ...] = (
     "stun_refused",
     "stun_unreachable",
     *TURN_REASONS,
+    "tls_config",
     *SOCKET_REASONS,
 )
 

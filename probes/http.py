@@ -23,12 +23,13 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import SOCKET_EXHAUSTED, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
     RESOLVE_REASONS,
     ProbeFailed,
     SocketOptions,
+    exhausted,
     os_error_reason,
     resolve,
     set_tos,
@@ -163,8 +164,8 @@ async def run(target: Target, opts: HttpOptions, ctx: ProbeContext) -> ProbeResu
     if opts.scheme == "https":
         try:
             sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, "TLS1.2")
-        except (OSError, ssl.SSLError):
-            return ProbeResult.failure("tls_config")
+        except ProbeFailed as e:
+            return ProbeResult.failure(e.reason)
     family = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}.get(opts.ip_family, socket.AF_UNSPEC)
     connector = aiohttp.TCPConnector(
         force_close=True,
@@ -205,7 +206,7 @@ async def run(target: Target, opts: HttpOptions, ctx: ProbeContext) -> ProbeResu
     except aiohttp.ClientConnectorSSLError:
         reason = "tls_handshake_failed"
     except aiohttp.ClientConnectorError as e:
-        reason = os_error_reason(e.os_error, "tcp")
+        reason = SOCKET_EXHAUSTED if exhausted(e.os_error) else os_error_reason(e.os_error, "tcp")
         if isinstance(e.os_error, ProbeFailed):
             reason = e.os_error.reason
     except TimeoutError:

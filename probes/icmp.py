@@ -22,6 +22,7 @@ from probes.base import (
 )
 from probes.net.icmp import STRAY_REASONS, IcmpEngines, Train
 from probes.net.resolve import ResolveError, Resolver, literal
+from probes.net.sockets import ProbeFailed
 
 REASONS = ("timeout", "unreachable", "ttl_exceeded", "send_error", "socket_unavailable", "overload")
 
@@ -59,7 +60,10 @@ async def run(target: Target, opts: IcmpOptions, ctx: ProbeContext) -> ProbeResu
         return ProbeResult.failure(resolved, time.monotonic() - t0)
     address, family = resolved
     engines = ctx.resources.get(IcmpEngines)
-    engine = engines.get(family) if engines is not None else None
+    try:
+        engine = engines.get(family) if engines is not None else None
+    except ProbeFailed as e:
+        return ProbeResult.failure(e.reason, time.monotonic() - t0)
     if engine is None:
         return ProbeResult.failure("socket_unavailable", time.monotonic() - t0)
     out = await engine.ping(
@@ -87,7 +91,10 @@ def start(
         resolved.family == socket.AF_INET6
     ):
         return None
-    engine = engines.get(resolved.family)
+    try:
+        engine = engines.get(resolved.family)
+    except ProbeFailed:
+        return None  # run tries again and reports it
     if engine is None:
         return None
     t0 = time.monotonic()

@@ -14,9 +14,16 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from probes.base import ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import SOCKET_EXHAUSTED, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.net.resolve import Resolver
-from probes.net.sockets import NET_REASONS, ProbeFailed, SocketOptions, os_reasons, resolve
+from probes.net.sockets import (
+    NET_REASONS,
+    ProbeFailed,
+    SocketOptions,
+    exhausted,
+    os_reasons,
+    resolve,
+)
 from probes.tcp import connect
 
 TlsVersion = Literal["TLS1.2", "TLS1.3"]
@@ -51,7 +58,13 @@ class TlsOptions(SocketOptions):
 def make_context(
     ca_file: str, insecure: bool, min_version: str, alpn: tuple[str, ...] = ()
 ) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file or None)
+    """A client context trusting ``ca_file`` (or the system store). Raises
+    ProbeFailed(tls_config), or ProbeFailed(socket_exhausted) when the trust store cannot
+    be read for want of file descriptors."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ProbeFailed(SOCKET_EXHAUSTED if exhausted(e) else "tls_config") from None
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -127,9 +140,6 @@ async def run(target: Target, opts: TlsOptions, ctx: ProbeContext) -> ProbeResul
     t0 = time.perf_counter_ns()
     try:
         sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, opts.min_version, opts.alpn)
-    except (OSError, ssl.SSLError):
-        return ProbeResult.failure("tls_config")
-    try:
         ep = await resolve(target.address, opts, ctx)
         sock, tcp_took = await connect(ep, opts.port, opts, opts.timeout)
         transport, tls_took, info, not_after = await handshake(

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from aioice import stun
 from aioice.turn import make_integrity_key
 
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target, secret_field
+from probes.base import (
+    SOCKET_EXHAUSTED,
+    CommonOptions,
+    ProbeContext,
+    ProbeKind,
+    ProbeResult,
+    Target,
+    secret_field,
+)
 from probes.net.resolve import Resolver
 from probes.net.sockets import (
     NET_REASONS,
@@ -32,6 +40,7 @@ from probes.net.sockets import (
     SocketOptions,
     check_secret,
     connected_udp,
+    exhausted,
     read_secret,
     resolve,
 )
@@ -251,11 +260,13 @@ async def open_allocation(
 
 def read_password(password: str, password_file: str) -> str:
     """The TURN password from the option or its file. Raises
-    ProbeFailed(turn_credentials_unreadable)."""
+    ProbeFailed(turn_credentials_unreadable), or (socket_exhausted) when out of descriptors."""
     try:
         return read_secret(password, password_file)
-    except OSError:
-        raise ProbeFailed("turn_credentials_unreadable") from None
+    except OSError as e:
+        raise ProbeFailed(
+            SOCKET_EXHAUSTED if exhausted(e) else "turn_credentials_unreadable"
+        ) from None
 
 
 async def open_target(target: Target, opts: TurnOptions, ctx: ProbeContext) -> OpenAllocation:

@@ -42,14 +42,23 @@ import aiohttp
 from yarl import URL
 
 from probes import connect
-from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
+from probes.base import (
+    SOCKET_EXHAUSTED,
+    CommonOptions,
+    ProbeContext,
+    ProbeKind,
+    ProbeResult,
+    Target,
+)
 from probes.net.resolve import Resolver, literal
 from probes.net.sockets import (
     RESOLVE_REASONS,
     ProbeFailed,
     check_ports,
+    exhausted,
     os_error_reason,
     os_reasons,
+    out_of_sockets,
     read_secret,
     resolve,
 )
@@ -251,10 +260,7 @@ async def _signal(r: _Run, target: Target, ep_address: str, offer: str, token: s
     url = URL(f"{opts.scheme}://{host}:{port}{opts.path}")
     sslctx: ssl.SSLContext | bool = False
     if opts.scheme == "https":
-        try:
-            sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, "TLS1.2")
-        except (OSError, ssl.SSLError):
-            raise ProbeFailed("tls_config") from None
+        sslctx = make_context(opts.ca_file, opts.insecure_skip_verify, "TLS1.2")
     bracketed = f"[{name}]" if ":" in name else name
     default_port = port == (443 if opts.scheme == "https" else 80)
     r.headers = {"Host": bracketed if default_port else f"{bracketed}:{port}"}
@@ -298,6 +304,8 @@ async def _signal(r: _Run, target: Target, ep_address: str, offer: str, token: s
     except aiohttp.ClientConnectorSSLError:
         raise ProbeFailed("tls_handshake_failed") from None
     except aiohttp.ClientConnectorError as e:
+        if exhausted(e.os_error):
+            raise ProbeFailed(SOCKET_EXHAUSTED) from None
         raise ProbeFailed(os_error_reason(e.os_error, "tcp")) from None
     except (aiohttp.ServerDisconnectedError, ConnectionResetError):
         raise ProbeFailed("signalling_reset") from None
@@ -311,8 +319,8 @@ async def _connect(r: _Run, target: Target, ctx: ProbeContext) -> None:
     opts = r.opts
     try:
         token = read_secret("", opts.token_file) if opts.token_file else ""
-    except OSError:
-        raise ProbeFailed("token_unreadable") from None
+    except OSError as e:
+        raise ProbeFailed(SOCKET_EXHAUSTED if exhausted(e) else "token_unreadable") from None
     ep = await resolve(target.address, opts, ctx)
     servers: list[Any] = []
     if opts.relay_only:
@@ -328,7 +336,9 @@ async def _connect(r: _Run, target: Target, ctx: ProbeContext) -> None:
     await pc.setLocalDescription(await pc.createOffer())
     offer = str(pc.localDescription.sdp)
     if "a=candidate:" not in offer:
-        raise ProbeFailed("gather_failed")  # relay_only: no relayed candidate (TURN failed)
+        # No candidate: aioice skips an address it cannot open a socket on; otherwise (with
+        # relay_only) no relayed candidate, the TURN server failed.
+        raise ProbeFailed(SOCKET_EXHAUSTED if out_of_sockets() else "gather_failed")
     t = r.lap("gathering", t)
     r.stage = "signalling"
     answer = await _signal(r, target, ep.address, offer, token)
@@ -357,8 +367,12 @@ async def _connect(r: _Run, target: Target, ctx: ProbeContext) -> None:
 async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeResult:
     # aiortc is imported on first use, not with the probe registry (it is heavy, and only this
     # kind needs it), and before the clock starts: the first connect must not time an import.
-    import aiortc  # noqa: F401
-
+    try:
+        import aiortc  # noqa: F401
+    except OSError as e:  # reading its files takes descriptors too
+        if not exhausted(e):
+            raise
+        return _failure(SOCKET_EXHAUSTED, {}, {})
     t0 = time.perf_counter_ns()
     r = _Run(opts)
     reason = "ok"
@@ -370,8 +384,12 @@ async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeRe
             reason = e.reason
         except TimeoutError:
             reason = f"{r.stage}_timeout"
-        except OSError:  # a socket aiortc opens itself (gathering, ICE, DTLS)
-            reason = {"gathering": "gather_failed", "ice": "ice_failed"}.get(r.stage, "dtls_failed")
+        except OSError as e:  # a socket aiortc opens itself (gathering, ICE, DTLS)
+            reason = (
+                SOCKET_EXHAUSTED
+                if exhausted(e)
+                else {"gathering": "gather_failed", "ice": "ice_failed"}.get(r.stage, "dtls_failed")
+            )
         duration = (time.perf_counter_ns() - t0) / 1e9
     finally:
         # Also when the run is cancelled (a reload removed the target, shutdown): the peer's
@@ -379,13 +397,7 @@ async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeRe
         await r.close(ctx)
     errors = {"teardown_failed": 1} if r.teardown_failed else {}
     if reason != "ok":
-        return ProbeResult.failure(
-            reason,
-            float("inf"),
-            phases=r.phases,
-            errors=errors,
-            gauges={"connect_over_budget": 1.0},
-        )
+        return _failure(reason, r.phases, errors)
     return ProbeResult(
         success=True,
         duration=duration,
@@ -393,6 +405,13 @@ async def run(target: Target, opts: WebrtcOptions, ctx: ProbeContext) -> ProbeRe
         errors=errors,
         info={"relayed": "true" if opts.relay_only else "false"},
         gauges={"connect_over_budget": float(duration > ctx.budget)},
+    )
+
+
+def _failure(reason: str, phases: dict[str, float], errors: dict[str, int]) -> ProbeResult:
+    """A connect that did not happen: over any budget (see the module's doc)."""
+    return ProbeResult.failure(
+        reason, float("inf"), phases=phases, errors=errors, gauges={"connect_over_budget": 1.0}
     )
 
 

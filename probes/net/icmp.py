@@ -35,9 +35,10 @@ from typing import Any, Literal, Self
 from icmplib import ICMPv4Socket, ICMPv6Socket
 from icmplib.exceptions import ICMPLibError
 
-from probes.base import Counters, NullCounters, RunAbandoned
+from probes.base import SOCKET_EXHAUSTED, Counters, NullCounters, RunAbandoned
 from probes.net import errqueue
 from probes.net.resolve import literal
+from probes.net.sockets import ProbeFailed, exhausted
 
 log = logging.getLogger("edgeprobe.icmp")
 
@@ -731,12 +732,22 @@ class IcmpEngines:
     def open(self) -> None:
         """Open both families' sockets, so start-up logs which mode each got and why."""
         for fam in (socket.AF_INET, socket.AF_INET6):
-            self.get(fam)
+            try:
+                self.get(fam)
+            except ProbeFailed:
+                log.warning(
+                    "icmp %s socket: out of file descriptors or socket memory; "
+                    "the next run tries again",
+                    "ipv6" if fam == socket.AF_INET6 else "ipv4",
+                )
 
     def info(self) -> Mapping[str, str]:
         return {"icmp_mode": self.describe()}
 
     def get(self, family: int) -> IcmpEngine | None:
+        """The engine of ``family``; None when no mode can open its socket (remembered, and
+        logged once). Raises ProbeFailed(socket_exhausted), remembering nothing, when the
+        descriptors or the socket memory ran out: that passes, a mode's privileges do not."""
         eng = self.engines.get(family)
         if eng is not None or family in self.failures:
             return eng
@@ -746,6 +757,8 @@ class IcmpEngines:
             try:
                 eng = IcmpEngine(family, m, self.counters)
             except (ICMPLibError, OSError) as e:
+                if exhausted(e):
+                    raise ProbeFailed(SOCKET_EXHAUSTED) from None
                 tried.append(f"{m}: {_why(e, m)}")
                 continue
             fam = "ipv6" if family == socket.AF_INET6 else "ipv4"

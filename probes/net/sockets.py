@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import ClassVar
 
-from probes.base import CommonOptions, Failed, ProbeContext
+from probes.base import SOCKET_EXHAUSTED, CommonOptions, Failed, ProbeContext
 from probes.net.resolve import ResolvedAddress, ResolveError, Resolver, literal
 
 # Reasons the helpers below can produce; kinds include them in their declared vocabulary.
@@ -101,9 +101,40 @@ def set_tos(sock: socket.socket, family: int, tos: int) -> None:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
 
 
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def exhausted(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it was raised from (libraries wrap ``socket()``'s error in
+    their own), says the process or the host is out of descriptors or socket memory."""
+    for _ in range(4):  # a wrapper of a wrapper at most; never an unbounded walk
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in _EXHAUSTED_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def out_of_sockets() -> bool:
+    """Whether a socket cannot be had right now, for a library that skips what it cannot
+    open instead of raising (aioice's candidate gathering)."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+    except OSError as e:
+        return exhausted(e)
+    return False
+
+
 def make_socket(ep: Endpoint, kind: int, opts: CommonOptions) -> socket.socket:
-    """A non-blocking socket of ``ep``'s family, DSCP-marked and bound to the source address."""
-    sock = socket.socket(ep.family, kind)
+    """A non-blocking socket of ``ep``'s family, DSCP-marked and bound to the source address.
+    Raises ProbeFailed(socket_exhausted) when there are no descriptors or buffers for it."""
+    try:
+        sock = socket.socket(ep.family, kind)
+    except OSError as e:
+        if exhausted(e):
+            raise ProbeFailed(SOCKET_EXHAUSTED) from None
+        raise
     try:
         sock.setblocking(False)
         set_tos(sock, ep.family, opts.tos)

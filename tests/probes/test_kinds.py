@@ -8,20 +8,24 @@ real ones (coturn, dnsmasq, TLS/HTTP servers) started by ``lab.services`` in a c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import math
 import os
+import resource
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lab.services import ServicesProcess
-from probes import PROBES, connect, dns, http, path, stun, tcp, tls, turn, udp
+from probes import PROBES, connect, dns, http, icmp, path, relay, stun, tcp, tls, turn, udp, webrtc
 from probes.base import ProbeContext, ProbeResult, Target
+from probes.net.icmp import IcmpEngines
 from probes.net.sockets import Endpoint, ProbeFailed, make_socket
 
 pytestmark = pytest.mark.skipif(
@@ -544,3 +548,83 @@ async def test_connect_failures_are_over_budget(lab: dict[str, Any]) -> None:
         assert math.isinf(res.duration) and res.gauges["connect_over_budget"] == 1
         assert list(res.phases) == phases
         assert_valid("connect", res)
+
+
+# -- out of file descriptors ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def out_of_fds(spare: int = 64) -> Iterator[int]:
+    """This process at its RLIMIT_NOFILE: the soft limit lowered to a little above the
+    descriptors open now, then every free one held (/dev/null), so the next socket() fails
+    with EMFILE. Yields how many were held; all are closed and the limit restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, top + spare), hard))
+    held: list[int] = []
+    try:
+        for _ in range(top + spare):  # bounded: never more than the lowered limit
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
+        with pytest.raises(OSError) as e:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+        assert e.value.errno == errno.EMFILE
+        yield len(held)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_every_kind_reports_socket_exhausted_and_recovers(lab: dict[str, Any]) -> None:
+    """With the process out of descriptors, every kind returns ``socket_exhausted`` (a bounded
+    reason it declares) instead of raising; with descriptors free again, the same runs work."""
+    p, ca = lab["ports"], lab["ca"]
+    icmp_ctx = ProbeContext.with_resources(IcmpEngines(mode="privileged"), counters=Recorder())
+    turn_opts = turn.TurnOptions(port=p["turn"], username="probe", password="s3cret-lab")
+    runs: dict[str, Callable[[], Awaitable[ProbeResult]]] = {
+        # The ICMP engine opens its shared socket on first use: here, while out of fds.
+        "icmp": lambda: icmp.run(t(), icmp.IcmpOptions(packets=2, timeout=0.5), icmp_ctx),
+        "tcp": lambda: tcp.run(t(), tcp.TcpOptions(port=p["tcp"]), ctx()),
+        "tls": lambda: tls.run(
+            t(), tls.TlsOptions(port=p["tls"], server_name=NAME, ca_file=ca), ctx()
+        ),
+        "http": lambda: http.run(t(), http.HttpOptions(scheme="http", port=p["http"]), ctx()),
+        "dns": lambda: dns.run(t(), dns.DnsOptions(port=p["dns"], query_name=NAME), ctx()),
+        "udp": lambda: udp.run(t(), udp.UdpOptions(port=p["udp_echo"], packets=3), ctx()),
+        "stun": lambda: stun.run(t(), stun.StunOptions(port=p["turn"], packets=2), ctx()),
+        "turn": lambda: turn.run(t(), turn_opts, ctx()),
+        "path": lambda: path.run(t(), path.PathOptions(max_hops=2, packets=1, timeout=0.5), ctx()),
+        "connect": lambda: connect.run(t(NAME), _connect_opts(lab), ctx()),
+        # Nothing listens on "closed": once it has sockets, the run ends at signalling.
+        "webrtc": lambda: webrtc.run(
+            t(), webrtc.WebrtcOptions(scheme="http", port=p["closed"], timeout=2.0), ctx()
+        ),
+        "relay": lambda: relay.run(
+            t(),
+            relay.RelayOptions(
+                port=p["turn"], username="probe", password="s3cret-lab", packets=2, timeout=0.5
+            ),
+            ctx(),
+        ),
+    }
+    assert set(runs) == set(PROBES)
+    exhausted: dict[str, str] = {}
+    with out_of_fds():
+        for kind, run in runs.items():
+            res = await run()
+            exhausted[kind] = res.reason
+            assert_valid(kind, res)
+            assert not res.success
+    assert exhausted == {k: "socket_exhausted" for k in runs}
+    after = {kind: await run() for kind, run in runs.items()}
+    try:
+        assert {k: r.reason for k, r in after.items() if r.reason == "socket_exhausted"} == {}
+        # Those with a server in the lab that answers them work again (the ICMP engine too).
+        works = ("icmp", "tcp", "tls", "http", "dns", "udp", "stun", "turn", "path", "connect")
+        assert {k: after[k].reason for k in works if not after[k].success} == {}
+    finally:
+        icmp_ctx.resources.close()
