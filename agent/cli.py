@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import resource
 import signal
 import socket
 import sys
@@ -202,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.path}: OK ({len(cfg.jobs)} probe series, region {cfg.agent.region})")
         return 0
     logs.setup(args.log_format, args.log_level)
+    if args.command in ("run", "route"):
+        raise_fd_limit()
     if args.command == "route":
         return uvloop.run(_route(args))
     if args.command == "run":
@@ -501,6 +504,42 @@ def render_table(rows: list[dict[str, Any]], budget: float) -> str:
         "budget; ≤LOSS%95 = 95 % Wilson upper bound."
     )
     return "\n".join(out)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as the Go runtime does for Go exporters.
+    The usual soft default (1024) dates from select(), which nothing here uses, and every probe
+    run and web connection holds descriptors. Before anything listens: the web server's
+    connection cap reads the limit. Logged once, raised or not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if hard == resource.RLIM_INFINITY:
+        # Linux refuses a soft limit above fs.nr_open, and "unlimited" is above it.
+        try:
+            want = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            want = soft
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as e:
+            log.warning(
+                "could not raise the soft file descriptor limit",
+                extra={"soft": soft, "hard": _limit(hard), "error": str(e)},
+            )
+            return
+    log.info(
+        "file descriptor limit",
+        extra={
+            "soft": _limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+            "hard": _limit(hard),
+            "was": _limit(soft),
+        },
+    )
+
+
+def _limit(n: int) -> int | str:
+    return "unlimited" if n == resource.RLIM_INFINITY else n
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import resource
 import signal
 import socket
 import subprocess
@@ -131,3 +133,66 @@ def test_run_and_route_refuse_to_start_alike(cmd: str, tmp_path: Path) -> None:
         res = edgeprobe(cmd, *flags, timeout=30)
         assert (res.returncode, said in res.stderr) == (code, True), (flags, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of ``pid``, as the kernel reports it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no Max open files line")
+
+
+@pytest.mark.parametrize("cmd", ["run", "route"])
+def test_run_and_route_raise_the_soft_fd_limit_to_the_hard_one(cmd: str, tmp_path: Path) -> None:
+    """Started with soft 256 < hard 4096, the process runs with 4096 (as a Go exporter would),
+    says so once, and the web server's connection cap is computed from the raised limit."""
+    cfg = tmp_path / "c.yml"
+    if cmd == "run":
+        cfg.write_text((ROOT / "examples/loopback.yaml").read_text())
+    else:  # a Prometheus that is not there, on loopback
+        cfg.write_text(f"prometheus: {{url: 'http://127.0.0.1:{_free_port()}'}}\n")
+    port = _free_port()
+    hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    assert hard > 512  # else nothing to show
+
+    def low_soft() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = subprocess.Popen(
+        [
+            *EDGEPROBE,
+            cmd,
+            f"--config.file={cfg}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.format=json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=low_soft,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _get(f"http://127.0.0.1:{port}/-/healthy")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "did not start"
+                time.sleep(0.1)
+        assert _nofile(proc.pid) == (hard, hard)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [json.loads(x) for x in (proc.stderr.read() if proc.stderr else "").splitlines()]
+    said = [x for x in lines if x["msg"] == "file descriptor limit"]
+    assert [(x["soft"], x["hard"], x["was"]) for x in said] == [(hard, hard, 256)]
+    listening = [x for x in lines if x["msg"] == "listening"]
+    assert [x["max_connections"] for x in listening] == [512]
+    assert not [x for x in lines if x["msg"].startswith("RLIMIT_NOFILE leaves")]
