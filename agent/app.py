@@ -397,3 +397,5 @@ class _FeatureCollector:
             yield g
         if a.probe_endpoint is not None:
             yield from a.probe_endpoint.collect()
+        if a.web_guard is not None:
+            yield from a.web_guard.collect()

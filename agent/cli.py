@@ -320,6 +320,7 @@ async def _route(args: argparse.Namespace) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, reload_web)
     svc = RouteService(cfg)
+    svc.registry.register(guard)
     svc.load_state()  # served before the first query completes
     app = build_route_app(svc, middlewares=guard.middlewares())
     runner = await _listen(args, app, guard, limits)

@@ -19,9 +19,10 @@ from probes.base import ProbeKind
 
 MetricType = Literal["counter", "gauge", "histogram", "summary"]
 # series: per target and kind; agent: the agent itself; discovery and probe_endpoint: the
-# optional features, on the agent's /metrics; probe: the response of one /probe request, with
+# optional features, on the agent's /metrics; web: the web server's (its --web.config.file),
+# on /metrics of the agent and of route; probe: the response of one /probe request, with
 # blackbox_exporter's names so its dashboards and relabelling work unchanged.
-Scope = Literal["series", "agent", "discovery", "probe_endpoint", "probe"]
+Scope = Literal["series", "agent", "discovery", "probe_endpoint", "web", "probe"]
 # Histogram bucket sets: configured ones (metrics.rtt_buckets, metrics.duration_buckets) or fixed.
 Buckets = Literal["", "rtt", "duration", "phase", "ipdv", "burst", "scheduler"]
 
@@ -409,6 +410,13 @@ PE_REQUESTS = Family(
     scope="probe_endpoint",
     labels=("outcome",),
 )
+WEB_AUTH_SHED = Family(
+    "edgeprobe_web_basic_auth_shed",
+    "counter",
+    "Basic-auth logins answered 503 (Retry-After) because every bcrypt worker was busy and "
+    "the queue was full.",
+    scope="web",
+)
 
 
 # ---------------------------------------------------------------------------- a /probe response
@@ -450,6 +458,7 @@ FEATURES: tuple[Family, ...] = (
     SD_FAILURES,
     SD_DROPPED,
     PE_REQUESTS,
+    WEB_AUTH_SHED,
 )
 PROBE_RESPONSE: tuple[Family, ...] = (
     P_SUCCESS,
@@ -595,7 +604,7 @@ def markdown(probes: Mapping[str, ProbeKind[Any]]) -> str:
         out.append(f"| `{f.name}` | gauge | - | - | {', '.join(kinds)} | {_cell(f.help)} |")
     for title, fams in (
         ("The agent itself", AGENT),
-        ("Optional features (discovery, /probe)", FEATURES),
+        ("Optional features (discovery, /probe) and the web server", FEATURES),
         ("A /probe response (blackbox_exporter's names, on the response only)", PROBE_RESPONSE),
     ):
         out += ["", f"## {title}", "", "| family | type | labels | help |", "|---|---|---|---|"]

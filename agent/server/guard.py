@@ -17,13 +17,15 @@ import ssl
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from agent.export import catalog as C
 from agent.server.ratelimit import TokenBucket
 from agent.server.tls import load_with_tls
 from agent.server.webconfig import RateLimit, WebConfig, WebConfigError
@@ -136,6 +138,12 @@ class WebGuard:
         self._bcrypt_pending = 0  # submitted to the pool and not finished (or cancelled)
         self.bcrypt_shed_total = 0
         self._bucket = TokenBucket(float(self.config.rate_limit.burst), clock())
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        """The guard's self-metrics, for the agent's and route's registries."""
+        c = C.metric_family(C.WEB_AUTH_SHED)
+        c.add_metric([], self.bcrypt_shed_total)
+        yield c
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -147,7 +147,8 @@ def _nofile(pid: int) -> tuple[int, int]:
 @pytest.mark.parametrize("cmd", ["run", "route"])
 def test_run_and_route_raise_the_soft_fd_limit_to_the_hard_one(cmd: str, tmp_path: Path) -> None:
     """Started with soft 256 < hard 4096, the process runs with 4096 (as a Go exporter would),
-    says so once, and the web server's connection cap is computed from the raised limit."""
+    says so once, and the web server's connection cap is computed from the raised limit (256
+    would have capped it below the default 512)."""
     cfg = tmp_path / "c.yml"
     if cmd == "run":
         cfg.write_text((ROOT / "examples/loopback.yaml").read_text())
@@ -184,6 +185,9 @@ def test_run_and_route_raise_the_soft_fd_limit_to_the_hard_one(cmd: str, tmp_pat
                 assert proc.poll() is None and time.monotonic() < deadline, "did not start"
                 time.sleep(0.1)
         assert _nofile(proc.pid) == (hard, hard)
+        # Both export the web server's self-metrics.
+        metrics = _get(f"http://127.0.0.1:{port}/metrics").splitlines()
+        assert "edgeprobe_web_basic_auth_shed_total 0.0" in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

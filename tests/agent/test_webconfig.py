@@ -28,6 +28,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.app import Agent
+from agent.config import load as cfgmod
 from agent.server.guard import WebGuard
 from agent.server.tls import load_web_config, server_context
 from agent.server.webconfig import WebConfigError, parse_web_config
@@ -745,6 +747,10 @@ async def test_bcrypt_work_is_bounded_and_a_flood_is_shed_with_503(
     assert statuses[503] >= 1 and statuses[401] >= 1, statuses
     assert all(ra == "1" for status, ra in results if status == 503)
     assert guard.bcrypt_shed_total == statuses[503]
+    # Exported with the agent's self-metrics (and route's, the same collector).
+    agent = Agent(cfgmod.loads("agent: {region: r}\ntargets: []\n"), web_guard=guard)
+    text = b"".join(agent.render_metrics()).decode()
+    assert f"edgeprobe_web_basic_auth_shed_total {float(statuses[503])}" in text.splitlines()
     assert peak[0] <= 2  # never more than the worker threads
     assert cached[0] == 200  # a verified scraper is never shed
     # Nothing is left counted as pending: an uncached valid login works right after.
