@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import itertools
 import os
 import re
+import resource
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -277,3 +280,32 @@ def can_netns() -> bool:
 
 
 _ns_counter = itertools.count()
+
+
+@contextlib.contextmanager
+def out_of_fds(spare: int = 64) -> Iterator[int]:
+    """This process at its RLIMIT_NOFILE: the soft limit lowered to a little above the
+    descriptors open now, then every free one held (/dev/null), so the next socket() fails
+    with EMFILE. Yields how many were held; all are closed and the limit restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, top + spare), hard))
+    held: list[int] = []
+    try:
+        for _ in range(top + spare):  # bounded: never more than the lowered limit
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+        except OSError as e:
+            assert e.errno == errno.EMFILE
+        else:
+            raise AssertionError("a socket could still be opened")
+        yield len(held)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -31,7 +31,7 @@ from agent.config.decode import ConfigError
 from agent.server.http import build_app, serve
 from lab.procs import free_port
 from probes.net.resolve import Resolver
-from tests.helpers import ROOT, agent_process, edgeprobe, wait_ready
+from tests.helpers import ROOT, agent_process, edgeprobe, out_of_fds, wait_ready
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -429,3 +429,40 @@ async def test_secrets_stay_out_of_logs_metrics_and_errors(
         assert secret not in repr(agent.config)
     assert secret not in text
     assert secret not in caplog.text
+
+
+async def test_out_of_fds_is_a_reason_and_the_agent_recovers(tmp_path: Path) -> None:
+    """While the process is out of descriptors, the tcp series fails with socket_exhausted
+    (no exception counted), the ICMP series goes on over the engine's open socket, the
+    agent keeps ticking; once they are free the tcp series succeeds again."""
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = tmp_path / "edgeprobe.yml"
+    cfg.write_text(
+        HEAD + "  tcp: {interval: 200ms, timeout: 150ms}\ntargets:\n"
+        f"  - {{name: lo, address: 127.0.0.1, probes: {{icmp: {{}}, tcp: {{port: {port}}}}}}}\n"
+    )
+
+    def m(name: str, kind: str, **labels: str) -> float:
+        try:
+            return sample(local(agent), name, edge="lo", probe=kind, **labels)
+        except KeyError:
+            return 0.0
+
+    try:
+        async with running(cfg) as (agent, _):
+            await wait_for(lambda: m("edgeprobe_probe_success", "tcp") == 1)
+            with out_of_fds():
+                runs = m("edgeprobe_probe_runs_total", "tcp")
+                icmp_sent = m("edgeprobe_packets_sent_total", "icmp")
+                exhausted = {"reason": "socket_exhausted"}
+                await wait_for(lambda: m("edgeprobe_probe_errors_total", "tcp", **exhausted) >= 3)
+                assert m("edgeprobe_probe_success", "tcp") == 0
+                assert m("edgeprobe_probe_runs_total", "tcp") >= runs + 3
+                await wait_for(lambda: m("edgeprobe_packets_sent_total", "icmp") > icmp_sent)
+            assert sample(local(agent), "edgeprobe_probe_exceptions_total") == 0
+            await wait_for(lambda: m("edgeprobe_probe_success", "tcp") == 1)
+            assert m("edgeprobe_probe_success", "icmp") == 1
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -8,12 +8,9 @@ real ones (coturn, dnsmasq, TLS/HTTP servers) started by ``lab.services`` in a c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
 import math
 import os
-import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +24,7 @@ from probes import PROBES, connect, dns, http, icmp, path, relay, stun, tcp, tls
 from probes.base import ProbeContext, ProbeResult, Target
 from probes.net.icmp import IcmpEngines
 from probes.net.sockets import Endpoint, ProbeFailed, make_socket
+from tests.helpers import out_of_fds
 
 pytestmark = pytest.mark.skipif(
     not (Path("/usr/sbin/dnsmasq").exists() and Path("/usr/bin/turnserver").exists()),
@@ -551,32 +549,6 @@ async def test_connect_failures_are_over_budget(lab: dict[str, Any]) -> None:
 
 
 # -- out of file descriptors ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def out_of_fds(spare: int = 64) -> Iterator[int]:
-    """This process at its RLIMIT_NOFILE: the soft limit lowered to a little above the
-    descriptors open now, then every free one held (/dev/null), so the next socket() fails
-    with EMFILE. Yields how many were held; all are closed and the limit restored after."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, top + spare), hard))
-    held: list[int] = []
-    try:
-        for _ in range(top + spare):  # bounded: never more than the lowered limit
-            try:
-                held.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError as e:
-                assert e.errno == errno.EMFILE
-                break
-        with pytest.raises(OSError) as e:
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
-        assert e.value.errno == errno.EMFILE
-        yield len(held)
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_every_kind_reports_socket_exhausted_and_recovers(lab: dict[str, Any]) -> None:
