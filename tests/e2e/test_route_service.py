@@ -211,6 +211,17 @@ def get_map(base: str) -> dict[str, Any] | None:
     return json.loads(body) if code == 200 else None
 
 
+def wait_best(stack: Stack, base: str, region: str, edge: str, timeout: float) -> None:
+    """Wait until the route's map names ``edge`` best in ``region``."""
+    wait_for(
+        f"{edge} first in {region}",
+        lambda: (d := get_map(base)) is not None and d["regions"][region]["best"] == edge,
+        timeout,
+        interval=0.2,
+        procs=stack.procs,
+    )
+
+
 def order(doc: Mapping[str, Any], region: str) -> list[tuple[str, bool, str]]:
     return [(e["edge"], e["eligible"], e["reason"]) for e in doc["regions"][region]["edges"]]
 
@@ -411,21 +422,10 @@ def test_fail_fast_recover_after_hold(stack: Stack, candidates: tuple[Candidates
     c.set("r", "b", rtt="0.050")
     stack.start_prometheus()
     base = stack.start_route()
-    wait_for(
-        "a first",
-        lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "a",
-        30,
-        procs=stack.procs,
-    )
+    wait_best(stack, base, "r", "a", 30)
     c.set("r", "a", eligible=False, reason="over_budget", rtt="0.300")
     t0 = time.monotonic()
-    wait_for(
-        "b first",
-        lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "b",
-        15,
-        interval=0.2,
-        procs=stack.procs,
-    )
+    wait_best(stack, base, "r", "b", 15)
     switched = time.monotonic() - t0
     c.set("r", "a", rtt="0.005")
     t1 = time.monotonic()
@@ -438,13 +438,7 @@ def test_fail_fast_recover_after_hold(stack: Stack, candidates: tuple[Candidates
         procs=stack.procs,
     )
     assert get_map(base)["regions"]["r"]["best"] == "b"  # type: ignore[index]
-    wait_for(
-        "a first again",
-        lambda: (d := get_map(base)) and d["regions"]["r"]["best"] == "a",
-        30,
-        interval=0.2,
-        procs=stack.procs,
-    )
+    wait_best(stack, base, "r", "a", 30)
     back = time.monotonic() - t1
     assert back >= HOLD, (switched, back)
     assert (
