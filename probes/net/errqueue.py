@@ -2,7 +2,8 @@
 
 With the option set, the kernel queues each ICMP error about the socket's traffic as a
 ``struct sock_extended_err`` ancillary message followed by the offender's address, readable
-with ``MSG_ERRQUEUE``: no raw socket and no parsing of quoted headers is needed.
+with ``MSG_ERRQUEUE``: no raw socket and no parsing of quoted headers is needed. The same queue
+carries the kernel's transmit timestamps (``SO_TIMESTAMPING``), each named by its send's key.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ IPV6_RECVERR: int = getattr(socket, "IPV6_RECVERR", 25)
 MSG_ERRQUEUE: int = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 ORIGIN_ICMP = 2  # SO_EE_ORIGIN_ICMP
 ORIGIN_ICMP6 = 3  # SO_EE_ORIGIN_ICMP6
+ORIGIN_TIMESTAMPING = 4  # SO_EE_ORIGIN_TIMESTAMPING
+TSTAMP_SND = 0  # SCM_TSTAMP_SND: the driver took the packet
 
 _EE = struct.Struct("=IBBBBII")  # struct sock_extended_err
 _RECVERR = ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR))
@@ -57,6 +60,15 @@ def parse(level: int, ctype: int, data: bytes) -> IcmpError | None:
     if origin not in (ORIGIN_ICMP, ORIGIN_ICMP6):
         return None
     return IcmpError(ee_errno, origin, itype, code, _address(data[_EE.size :]))
+
+
+def tx_key(level: int, ctype: int, data: bytes) -> int | None:
+    """The key (``SOF_TIMESTAMPING_OPT_ID``) of the sent packet whose transmit timestamp this
+    ancillary message announces, or None when it announces something else."""
+    if (level, ctype) not in _RECVERR or len(data) < _EE.size:
+        return None
+    _errno, origin, _type, _code, _pad, info, key = _EE.unpack_from(data)
+    return int(key) if origin == ORIGIN_TIMESTAMPING and info == TSTAMP_SND else None
 
 
 def _address(raw: bytes) -> str:

@@ -8,8 +8,10 @@ the rest here:
 
 * one socket per family serves every target; replies are demultiplexed by (identifier, sequence);
   the identifier is random per agent run so two agents behind one SNAT don't collide;
-* send time is read immediately around ``sendmsg``; receive time comes from the kernel
-  (SO_TIMESTAMPNS ancillary data), so event-loop lag does not inflate RTT;
+* both ends are the kernel's: the send time is its transmit stamp (SO_TIMESTAMPING, read from
+  the error queue, keyed per send), the receive time its arrival stamp (SO_TIMESTAMPNS), so
+  neither the send call nor event-loop lag inflates RTT; where no transmit stamp comes (a device
+  that does not stamp, a full queue), the time read just before the send call stands in;
 * a reply that matches nothing in flight, comes from the wrong source, fails its checksum or its
   payload token, or arrives after its timeout, is counted as stray and never as a reply.
 """
@@ -45,6 +47,16 @@ log = logging.getLogger("edgeprobe.icmp")
 # Linux constants Python's socket module does not export.
 SO_TIMESTAMPNS = 35
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+SO_TIMESTAMPING = 37
+SCM_TIMESTAMPING = SO_TIMESTAMPING
+# SOF_TIMESTAMPING_*: the driver's software transmit stamp, reported, keyed by a per-socket count
+# of sends (OPT_ID) and without a copy of the packet (OPT_TSONLY); OPT_RX_FILTER (Linux 6.8)
+# keeps the reports off received packets, which carry SO_TIMESTAMPNS already.
+TX_STAMPING = (1 << 1) | (1 << 4) | (1 << 7) | (1 << 11)
+TS_OPT_ID = 1 << 7
+TS_OPT_RX_FILTER = 1 << 17
+# Replies without a transmit stamp after which an engine that never got one stops asking.
+TX_STAMP_TRIAL = 100
 SOL_RAW = 255
 ICMP_FILTER = 1
 ICMP6_FILTER = 1
@@ -155,20 +167,24 @@ class Train:
 
 
 class _Slot:
-    __slots__ = ("dest", "idx", "run", "t_mono", "t_real")
+    __slots__ = ("dest", "idx", "key", "run", "t_mono", "t_real", "t_tx")
 
     def __init__(self, run: Train, idx: int, dest: str, t_mono: int, t_real: int) -> None:
         self.run = run
         self.idx = idx
         self.dest = dest
         self.t_mono = t_mono
-        self.t_real = t_real
+        self.t_real = t_real  # CLOCK_REALTIME just before the send call
+        self.t_tx = 0  # the kernel's transmit stamp (CLOCK_REALTIME); 0 until it is read
+        self.key = -1  # the send's transmit-stamp key; -1 without one
 
 
 @dataclass
 class EngineStats:
     clock_fallbacks: int = 0  # kernel timestamp unusable (missing, or wall clock stepped)
     received: int = 0
+    tx_stamps: int = 0  # kernel transmit stamps read
+    tx_fallbacks: int = 0  # RTTs timed from the pre-send stamp for want of a transmit stamp
 
 
 def _open(family: int, mode: Mode) -> socket.socket:
@@ -206,6 +222,13 @@ class IcmpEngine:
             self._install_filter()
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         errqueue.enable(self.sock, self.v6)
+        # The kernel's next transmit-stamp key (its count of sends); None: no transmit stamps.
+        self._tx_key: int | None = None
+        self._tx_flags = 0
+        # Sends whose transmit stamp has not been read yet, by key.
+        self._by_key: dict[int, _Slot] = {}
+        self._draining = False
+        self._enable_tx_stamps()
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.token = secrets.token_bytes(TOKEN_LEN)
@@ -250,6 +273,41 @@ class IcmpEngine:
         except OSError as e:  # pragma: no cover - filter is an optimisation only
             log.debug("icmp filter not installed: %s", e)
 
+    def _enable_tx_stamps(self) -> None:
+        for flags in (TX_STAMPING | TS_OPT_RX_FILTER, TX_STAMPING):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, flags)
+            except OSError:
+                continue
+            self._tx_flags = flags
+            self._tx_key = 0
+            return
+        log.debug("icmp: no kernel transmit timestamps; send times are read before the send")
+
+    def _restart_keys(self) -> None:
+        """Restart the kernel's key count at 0: a failed send may or may not have used a key
+        (the kernel counts a send once it builds the packet), so ours is no longer known.
+        Setting OPT_ID afresh restarts it; sends in flight keep their pre-send stamps."""
+        self._by_key.clear()
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, self._tx_flags & ~TS_OPT_ID)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, self._tx_flags)
+        except OSError:
+            self._tx_key = None
+            return
+        self._tx_key = 0
+
+    def _stop_tx_stamps(self) -> None:
+        log.info(
+            "icmp: the kernel gave no transmit timestamp for %d replies (the device does not "
+            "stamp?); send times are read before the send",
+            TX_STAMP_TRIAL,
+        )
+        self._tx_key = None
+        self._by_key.clear()
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, 0)
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is None:
             self._loop = loop
@@ -268,6 +326,7 @@ class IcmpEngine:
         self._deadlines.clear()
         self._unfinished.clear()
         self._pending.clear()
+        self._by_key.clear()
         for r in runs.values():
             if not r.finished:
                 # The owner learns that the train was abandoned; nothing of it is settled.
@@ -351,6 +410,8 @@ class IcmpEngine:
             else:
                 self.sock.sendto(pkt, addr)
         except OSError as e:
+            if self._tx_key is not None:
+                self._restart_keys()
             run.errors[idx] = (
                 "unreachable"
                 if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
@@ -358,8 +419,17 @@ class IcmpEngine:
             )
             run.settle(idx)
             return
-        self._pending[seq] = _Slot(run, idx, dest, t_mono, t_real)
+        slot = self._pending[seq] = _Slot(run, idx, dest, t_mono, t_real)
         run.ids[idx] = seq
+        key = self._tx_key
+        if key is not None:
+            slot.key = key
+            self._tx_key = (key + 1) & 0xFFFFFFFF
+            self._by_key[key] = slot
+            # A device without a queue stamps the packet inside the send call: reading it now
+            # keeps the error queue empty (no wake-up for it). One read, not a drain: whatever
+            # else is queued wakes the reader.
+            self._drain_errqueue(1)
 
     def start_canonical(
         self,
@@ -542,6 +612,8 @@ class IcmpEngine:
             slot = self._pending.get(seq)
             if slot is not None and slot.run is run:
                 del self._pending[seq]
+                if slot.key >= 0:
+                    self._by_key.pop(slot.key, None)
                 expired[seq] = now
                 if run.rtts[idx] is None and run.errors[idx] is None:
                     run.errors[idx] = "timeout"
@@ -556,10 +628,14 @@ class IcmpEngine:
     # -------------------------------------------------------------- receiving
     def _on_readable(self) -> None:
         recv = self.sock.recvmsg
-        for _ in range(10000):  # bounded so one flood cannot starve the loop
+        for i in range(10000):  # bounded so one flood cannot starve the loop
             try:
                 data, anc, _flags, addr = recv(2048, 64)
             except (BlockingIOError, InterruptedError):
+                if i == 0:
+                    # Woken with nothing to read: the error queue holds something (a transmit
+                    # stamp not read after its send, or an ICMP error); it wakes us until read.
+                    self._drain_errqueue()
                 break
             except OSError:
                 # A pending ICMP error is reported on the next recv; read the error queue.
@@ -655,15 +731,26 @@ class IcmpEngine:
         self._remember(seq, rx_mono)
         run.settle(slot.idx)
 
-    def _drain_errqueue(self) -> None:
-        # Unprivileged sockets receive ICMP errors only through the error queue (IP_RECVERR).
-        for _ in range(1000):
+    def _drain_errqueue(self, limit: int = 1000) -> None:
+        # Unprivileged sockets receive ICMP errors only through the error queue (IP_RECVERR);
+        # every socket receives its transmit stamps there.
+        if self._draining:
+            return  # called again while settling one of the messages read below
+        self._draining = True
+        try:
+            self._read_errqueue(limit)
+        finally:
+            self._draining = False
+
+    def _read_errqueue(self, limit: int) -> None:
+        for _ in range(limit):
             try:
                 data, anc, _flags, _addr = self.sock.recvmsg(512, 512, errqueue.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
+            except OSError:  # empty (BlockingIOError) or failing: nothing more to read now
                 return
-            except OSError:
-                return
+            if not data:
+                self._tx_stamp(anc)  # OPT_TSONLY: a transmit stamp comes without the packet
+                continue
             rx_mono = time.monotonic_ns()
             err: errqueue.IcmpError | None = None
             for level, ctype, cdata in anc:
@@ -681,18 +768,61 @@ class IcmpEngine:
                 anc,
             )
 
+    def _tx_stamp(self, anc: list[tuple[int, int, bytes]]) -> None:
+        key: int | None = None
+        stamp = 0
+        for level, ctype, cdata in anc:
+            if level == socket.SOL_SOCKET and ctype == SCM_TIMESTAMPING:
+                if len(cdata) >= 16:
+                    sec, nsec = _TS.unpack_from(cdata)  # the first of three: the software one
+                    stamp = sec * 1_000_000_000 + nsec
+            else:
+                key = errqueue.tx_key(level, ctype, cdata) if key is None else key
+        if key is None or not stamp:
+            return
+        slot = self._by_key.pop(key, None)
+        if slot is not None:
+            slot.t_tx = stamp
+            self.stats.tx_stamps += 1
+
+    def _sent_ns(self, slot: _Slot) -> int:
+        """The kernel's transmit stamp of the slot's request (CLOCK_REALTIME), 0 without one."""
+        if not slot.t_tx and slot.key >= 0:
+            if slot.key in self._by_key:
+                self._drain_errqueue()  # queued behind a device queue, or not read yet
+                self._by_key.pop(slot.key, None)
+            if not slot.t_tx:
+                self.stats.tx_fallbacks += 1
+                if (
+                    not self.stats.tx_stamps
+                    and self.stats.tx_fallbacks >= TX_STAMP_TRIAL
+                    and self._tx_key is not None
+                ):
+                    self._stop_tx_stamps()
+        return slot.t_tx
+
     def _rtt_ns(self, slot: _Slot, anc: list[tuple[int, int, bytes]], rx_mono: int) -> int:
         user = rx_mono - slot.t_mono
         for level, ctype, cdata in anc:
             if level == socket.SOL_SOCKET and ctype == SCM_TIMESTAMPNS and len(cdata) >= 16:
                 sec, nsec = _TS.unpack_from(cdata)
-                kern: int = sec * 1_000_000_000 + nsec - slot.t_real
+                rx: int = sec * 1_000_000_000 + nsec
+                kern = rx - slot.t_real
                 # The kernel stamped the packet before we read it, so a kernel RTT above the
                 # user-space one (plus slew allowance) means the wall clock stepped meanwhile.
                 if 0 <= kern <= user + 100_000:
+                    tx = self._sent_ns(slot)
+                    # The transmit stamp falls between the pre-send stamp and the arrival;
+                    # one outside (a key count gone wrong) is not this request's.
+                    if slot.t_real <= tx <= rx:
+                        return rx - tx
+                    if tx:
+                        self.stats.tx_fallbacks += 1
                     return kern
                 break
         self.stats.clock_fallbacks += 1
+        if slot.key >= 0 and not slot.t_tx:
+            self._by_key.pop(slot.key, None)
         return user
 
 
