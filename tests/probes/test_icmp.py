@@ -4,18 +4,21 @@ unprivileged mode, for loss and for unreachable routes. Nothing leaves the machi
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from agent.runtime.selfstats import SelfStats
 from probes.base import ProbeContext, ProbeResult, Target
 from probes.icmp import IcmpOptions, run
+from probes.net import errqueue
 from probes.net.icmp import IcmpEngine, IcmpEngines, _checksum
 from tests.helpers import EDGEPROBE, ROOT, can_netns, in_netns, netns
 
@@ -235,6 +238,47 @@ def test_unprivileged_refused_is_explained() -> None:
         assert "ping_group_range is 1 0" in out.stderr
 
 
+def _tx_stamp_msg(key: int, t_ns: int) -> list[tuple[int, int, bytes]]:
+    """What the error queue holds for one transmit stamp: the extended error naming the
+    send's key, and the three timestamps (software first)."""
+    ee = struct.pack("=IBBBBII", errno.ENOMSG, 4, 0, 0, 0, 0, key)
+    ts = struct.pack("=qq", *divmod(t_ns, 10**9)) + bytes(32)
+    return [(socket.IPPROTO_IP, errqueue.IP_RECVERR, ee), (socket.SOL_SOCKET, 37, ts)]
+
+
+@needs_root
+async def test_a_missing_or_implausible_transmit_stamp_falls_back_per_packet() -> None:
+    """Three requests sent at T (pre-send stamp), answered at T + 2 ms (kernel arrival): the
+    first's transmit stamp (T + 40 us) counts; the second's lies before its send call (a key
+    count gone wrong) and the third's never came: both are timed from T, counted as
+    fallbacks, and no reply is lost. A stamp naming no send in flight changes nothing."""
+    from probes.net.icmp import Train, _Slot
+
+    eng, stats = _engine_for_unit()
+    try:
+        payload = eng._payload(56)[0]
+        done: list[object] = []
+        r = Train(3, int(1e9), done.append, payload, eng)
+        t_real = 1_700_000_000 * 10**9
+        for idx in range(3):
+            slot = eng._pending[7 + idx] = _Slot(r, idx, "127.0.0.9", 0, t_real)
+            slot.key = idx
+            eng._by_key[idx] = slot
+        eng._tx_stamp(_tx_stamp_msg(0, t_real + 40_000))
+        eng._tx_stamp(_tx_stamp_msg(5, t_real + 1_000))
+        eng._tx_stamp(_tx_stamp_msg(1, t_real - 1_000))
+        arrival = struct.pack("=qq", *divmod(t_real + 2_000_000, 10**9))
+        anc = [(socket.SOL_SOCKET, 35, arrival)]
+        for seq in (7, 8, 9):
+            eng._handle(_reply(eng.ident, seq, payload), anc, "127.0.0.9", 3_000_000)
+        assert done == [r]
+        assert r.rtts == [pytest.approx(0.00196), pytest.approx(0.002), pytest.approx(0.002)]
+        assert (eng.stats.tx_stamps, eng.stats.tx_fallbacks) == (2, 2)
+        assert eng._by_key == {} and stats.stray_counts == {}
+    finally:
+        eng.close()
+
+
 def drop_echoes_to(ns: str, address: str) -> None:
     """Every echo request to ``address`` inside namespace ``ns`` is dropped."""
     rule = f"-A INPUT -p icmp --icmp-type echo-request -d {address} -j DROP"
@@ -358,3 +402,99 @@ def test_a_train_sent_late_times_out_from_when_it_really_left() -> None:
     out = json.loads(p.stdout)
     assert out["reason"] == "timeout", out
     assert out["ended_after"] >= 0.15 + 0.3 - 0.002, out
+
+
+TX_STAMPS = r"""
+import asyncio, json, socket, sys
+from probes.net.icmp import IcmpEngine
+async def main():
+    targets = json.loads(sys.argv[1])
+    size = int(sys.argv[2])
+    out = []
+    for mode in ("privileged", "unprivileged"):
+        for fam, dst, refused in targets:
+            eng = IcmpEngine(fam, mode)
+            try:
+                errors = []
+                if refused:
+                    errors = (await eng.ping(refused, count=2, spacing=0.001, timeout=0.2)).errors
+                res = await eng.ping(dst, count=5, spacing=0.001, timeout=2.0, payload_size=size)
+                out.append({"mode": mode, "dst": dst, "rtts": res.rtts, "refused": errors,
+                            "stamps": eng.stats.tx_stamps, "fallbacks": eng.stats.tx_fallbacks})
+            finally:
+                eng.close()
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def _tx_stamps(
+    ns: str, targets: list[tuple[int, str, str]], size: int = 56
+) -> list[dict[str, Any]]:
+    subprocess.run(
+        in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"), check=True
+    )
+    p = subprocess.run(
+        in_netns(ns, sys.executable, "-c", TX_STAMPS, json.dumps(targets), str(size)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr
+    rows: list[dict[str, Any]] = json.loads(p.stdout)
+    return rows
+
+
+@needs_root
+def test_rtt_runs_from_the_kernels_transmit_stamp_not_the_send_call() -> None:
+    """A request held in the sender's own queue is not on the network yet. The agent's
+    namespace shapes its veth to 1 Mbit/s (tbf, burst 1600 bytes), so five 1,400-byte echoes
+    sent 1 ms apart leave about 11.5 ms after each other: the fifth waits ~45 ms between the
+    send call and the device. Timed from the send call (as before), the RTTs grow to ~45 ms;
+    from the kernel's transmit stamp they are the veth round trip, well under 5 ms. Both
+    modes, both families; the stamps come after the send call returned (read on wake-up)."""
+    with netns() as ns, netns("eppeer") as peer:
+        ip = ["ip", "-n", ns]
+        subprocess.run(
+            [*ip, "link", "add", "a0", "type", "veth", "peer", "b0", "netns", peer], check=True
+        )
+        for n, dev, v4, v6 in (
+            (ns, "a0", "198.18.0.1", "2001:db8:e::1"),
+            (peer, "b0", "198.18.0.2", "2001:db8:e::2"),
+        ):
+            subprocess.run(["ip", "-n", n, "addr", "add", f"{v4}/30", "dev", dev], check=True)
+            subprocess.run(
+                ["ip", "-n", n, "addr", "add", f"{v6}/64", "dev", dev, "nodad"], check=True
+            )
+            subprocess.run(["ip", "-n", n, "link", "set", dev, "up"], check=True)
+        shape = "qdisc add dev a0 root tbf rate 1mbit burst 1600 limit 100000"
+        subprocess.run(["tc", "-n", ns, *shape.split()], check=True)
+        rows = _tx_stamps(
+            ns,
+            [(socket.AF_INET, "198.18.0.2", ""), (socket.AF_INET6, "2001:db8:e::2", "")],
+            size=1400,
+        )
+    assert len(rows) == 4
+    for row in rows:
+        rtts = row["rtts"]
+        assert all(r is not None for r in rtts), row
+        assert max(rtts) < 0.005, row
+        assert row["stamps"] == 5 and row["fallbacks"] == 0, row
+
+
+@needs_root
+def test_a_send_refused_after_the_kernel_counted_it_does_not_shift_the_stamps() -> None:
+    """The kernel keys transmit stamps by its count of sends. A send that netfilter drops
+    (EPERM) was counted but never stamped; the engine restarts the count, so the stamps of the
+    sends after it still find their requests (none falls back to the pre-send time)."""
+    with netns() as ns:
+        subprocess.run(
+            in_netns(ns, "iptables", "-A", "OUTPUT", "-d", "127.0.0.7", "-j", "DROP"), check=True
+        )
+        rows = _tx_stamps(ns, [(socket.AF_INET, "127.0.0.1", "127.0.0.7")])
+    assert len(rows) == 2
+    for row in rows:
+        assert row["refused"] == ["send_error", "send_error"], row
+        assert all(r is not None for r in row["rtts"]), row
+        assert row["stamps"] == 5 and row["fallbacks"] == 0, row
