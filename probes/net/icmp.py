@@ -429,7 +429,7 @@ class IcmpEngine:
             # A device without a queue stamps the packet inside the send call: reading it now
             # keeps the error queue empty (no wake-up for it). One read, not a drain: whatever
             # else is queued wakes the reader.
-            self._drain_errqueue(1)
+            self._read_errqueue(1)
 
     def start_canonical(
         self,
@@ -772,12 +772,12 @@ class IcmpEngine:
         key: int | None = None
         stamp = 0
         for level, ctype, cdata in anc:
-            if level == socket.SOL_SOCKET and ctype == SCM_TIMESTAMPING:
+            if ctype == SCM_TIMESTAMPING and level == socket.SOL_SOCKET:
                 if len(cdata) >= 16:
                     sec, nsec = _TS.unpack_from(cdata)  # the first of three: the software one
                     stamp = sec * 1_000_000_000 + nsec
-            else:
-                key = errqueue.tx_key(level, ctype, cdata) if key is None else key
+            elif key is None:
+                key = errqueue.tx_key(level, ctype, cdata)
         if key is None or not stamp:
             return
         slot = self._by_key.pop(key, None)
@@ -811,7 +811,7 @@ class IcmpEngine:
                 # The kernel stamped the packet before we read it, so a kernel RTT above the
                 # user-space one (plus slew allowance) means the wall clock stepped meanwhile.
                 if 0 <= kern <= user + 100_000:
-                    tx = self._sent_ns(slot)
+                    tx = slot.t_tx or self._sent_ns(slot)
                     # The transmit stamp falls between the pre-send stamp and the arrival;
                     # one outside (a key count gone wrong) is not this request's.
                     if slot.t_real <= tx <= rx:
