@@ -772,8 +772,9 @@ class IcmpEngine:
         key: int | None = None
         stamp = 0
         for level, ctype, cdata in anc:
-            if ctype == SCM_TIMESTAMPING and level == socket.SOL_SOCKET:
-                if len(cdata) >= 16:
+            if level == socket.SOL_SOCKET:
+                # SCM_TIMESTAMPING, and SCM_TIMESTAMPNS (the same stamp: SO_TIMESTAMPNS is on)
+                if ctype == SCM_TIMESTAMPING and len(cdata) >= 16:
                     sec, nsec = _TS.unpack_from(cdata)  # the first of three: the software one
                     stamp = sec * 1_000_000_000 + nsec
             elif key is None:

@@ -324,13 +324,6 @@ DEGRADE_DELAY = "150ms"
 
 
 ACCURACY_WINDOW = "60s"
-# The lab's truth runs from the kernel's stamp of the request entering the lab to the reply's
-# release. What the agent adds to it is its send system call, from its send stamp to the
-# packet entering the TUN device: 10-40 µs at the median on this VM (a kernel transmit stamp
-# instead reads 0 +/- 2 µs against the truth), up to 2 % of the 2 ms metro path. So the
-# native median is held to 2 %, or to schema 6's bucket width (1.09 %) plus this offset where
-# that is more (paths under ~5 ms).
-SEND_CALL = 0.00005
 
 
 @dataclass(frozen=True)
@@ -419,9 +412,9 @@ def median_accuracy(api: PromAPI, world: Any) -> dict[tuple[str, str], PathAccur
 
 def check_accuracy(api: PromAPI, world: Any) -> None:
     """The median of the native RTT histogram, through remote write to the central server,
-    within 2 % of the lab's truth on every path (near, far, jittery, lossy; on metro paths
-    within a bucket plus the agent's send call); the classic layout's within one bucket; the
-    exact recent-window summary still there."""
+    within 2 % of the lab's truth on every path (metro, near, far, jittery, lossy: both ends
+    of the agent's RTT are kernel stamps, as are the truth's); the classic layout's within one
+    bucket; the exact recent-window summary still there."""
     # The regional servers scrape the protobuf format and the central one keeps native
     # histograms only: this is the native path.
     rtt = api.query('edgeprobe_rtt_seconds{probe="icmp"}')
@@ -441,8 +434,7 @@ def check_accuracy(api: PromAPI, world: Any) -> None:
         # Step 1 leaves 20-40 s of data: 100-200 packets a path, fewer on the lossy ones. The
         # median of the same packets is compared, so a few dozen suffice.
         assert a.packets >= 50, (region, edge, a)
-        tol = max(0.02 * a.truth, 0.0109 * a.truth + SEND_CALL)
-        assert abs(a.native - a.truth) <= tol, (region, edge, a)
+        assert abs(a.native - a.truth) <= 0.02 * a.truth, (region, edge, a)
         lo, hi = a.bucket
         assert abs(a.classic - a.truth) <= hi - lo, (region, edge, a)
     recent = api.query('edgeprobe_rtt_recent_seconds{probe="icmp"}')
