@@ -402,23 +402,31 @@ class IcmpEngine:
             return
         pkt = self._packet(seq, run.payload, psum)
         addr = (dest, 0)
-        t_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        t_mono = time.monotonic_ns()
-        try:
-            if cmsgs:
-                self.sock.sendmsg([pkt], cmsgs, 0, addr)
-            else:
-                self.sock.sendto(pkt, addr)
-        except OSError as e:
-            if self._tx_key is not None:
-                self._restart_keys()
-            run.errors[idx] = (
-                "unreachable"
-                if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
-                else "send_error"
-            )
-            run.settle(idx)
-            return
+        # With IP_RECVERR the kernel also leaves an ICMP error about an earlier packet, of any
+        # target, as the socket's pending error, and the next send returns (and clears) it
+        # instead of sending. The error's owner learns of it from the error queue; this packet
+        # was not sent, so it gets one more try: only an error that comes twice is its own.
+        for attempt in (0, 1):
+            t_real = time.clock_gettime_ns(time.CLOCK_REALTIME)
+            t_mono = time.monotonic_ns()
+            try:
+                if cmsgs:
+                    self.sock.sendmsg([pkt], cmsgs, 0, addr)
+                else:
+                    self.sock.sendto(pkt, addr)
+                break
+            except OSError as e:
+                if self._tx_key is not None:
+                    self._restart_keys()
+                if attempt == 0:
+                    continue
+                run.errors[idx] = (
+                    "unreachable"
+                    if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL)
+                    else "send_error"
+                )
+                run.settle(idx)
+                return
         slot = self._pending[seq] = _Slot(run, idx, dest, t_mono, t_real)
         run.ids[idx] = seq
         key = self._tx_key

@@ -513,3 +513,73 @@ def test_a_send_refused_after_the_kernel_counted_it_does_not_shift_the_stamps() 
         assert row["refused"] == ["send_error", "send_error"], row
         assert all(r is not None for r in row["rtts"]), row
         assert row["stamps"] == 5 and row["fallbacks"] == 0, row
+
+
+ERRORS_AND_ANSWERS = r"""
+import asyncio, json
+from probes.net.icmp import IcmpEngine
+async def main():
+    out = {}
+    for mode in ("privileged", "unprivileged"):
+        eng = IcmpEngine(2, mode)
+        try:
+            bad, good = await asyncio.gather(
+                eng.ping("198.18.9.9", count=100, spacing=0.005, timeout=0.5),
+                eng.ping("198.18.0.2", count=100, spacing=0.005, timeout=0.5),
+            )
+            out[mode] = {"bad": bad.errors, "good": good.errors, "good_rtts": good.rtts}
+        finally:
+            eng.close()
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+@needs_root
+def test_an_icmp_error_about_one_target_is_not_another_targets_loss() -> None:
+    """With IP_RECVERR the kernel keeps an ICMP error about a request also as the socket's
+    pending error, which the next send on the shared socket returns instead of sending, whatever
+    that send's target. A router rejects every echo to one destination while another target
+    answers on the same engine: the answering target loses nothing (before: 50 of its 100
+    packets were marked unreachable and never sent, in the unprivileged mode) and the rejected
+    one's packets are all unreachable or timed out, never answered."""
+    with netns() as ns, netns("eprouter") as router:
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "a0", "type", "veth", "peer", "b0", "netns", router],
+            check=True,
+        )
+        for n, dev, v4 in ((ns, "a0", "198.18.0.1"), (router, "b0", "198.18.0.2")):
+            subprocess.run(["ip", "-n", n, "addr", "add", f"{v4}/30", "dev", dev], check=True)
+            subprocess.run(["ip", "-n", n, "link", "set", dev, "up"], check=True)
+        # The router has a route onward (a veth pair of its own), so the echo reaches its FORWARD
+        # chain, which rejects it: one ICMP error per request, not rate-limited like a
+        # routing failure's.
+        onward = (
+            "link add c0 type veth peer c1",
+            "link set c0 up",
+            "route add 198.18.9.0/24 dev c0",
+        )
+        for cmd in onward:
+            subprocess.run(["ip", "-n", router, *cmd.split()], check=True)
+        subprocess.run(["ip", "-n", ns, "route", "add", "198.18.9.0/24", "via", "198.18.0.2"])
+        sysctls = ("net.ipv4.ip_forward=1", "net.ipv4.icmp_ratemask=0")
+        subprocess.run(in_netns(router, "sysctl", "-qw", *sysctls), check=True)
+        reject = ("-d", "198.18.9.9", "-j", "REJECT", "--reject-with", "icmp-host-unreachable")
+        subprocess.run(in_netns(router, "iptables", "-A", "FORWARD", *reject), check=True)
+        subprocess.run(
+            in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"), check=True
+        )
+        p = subprocess.run(
+            in_netns(ns, sys.executable, "-c", ERRORS_AND_ANSWERS),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    for mode, row in out.items():
+        assert all(e is None for e in row["good"]), (mode, row["good"])
+        assert all(r is not None for r in row["good_rtts"]), mode
+        assert row["bad"].count("unreachable") >= 50, (mode, row["bad"])
+        assert set(row["bad"]) <= {"unreachable", "timeout"}, (mode, row["bad"])
