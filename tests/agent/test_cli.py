@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import resource
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.procs import free_port
 from tests.helpers import EDGEPROBE, ROOT, edgeprobe
 
 
@@ -50,12 +50,6 @@ def test_probe_unresolvable_name_is_a_reason_not_a_crash() -> None:
     assert "Traceback" not in res.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         body: bytes = r.read()
@@ -65,7 +59,7 @@ def _get(url: str) -> str:
 def test_run_serves_reloads_on_sighup_and_exits_zero_on_sigterm(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yml"
     cfg.write_text((ROOT / "examples/loopback.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             *EDGEPROBE,
@@ -122,7 +116,7 @@ def test_run_and_route_refuse_to_start_alike(cmd: str, tmp_path: Path) -> None:
     bad.write_text("agent: {region: x}\ntargets: 7\n" if cmd == "run" else "policy: {hold: x}\n")
     web = tmp_path / "web.yml"
     web.write_text("basic_auth_users: 7\n")
-    port = f"--web.listen-address=127.0.0.1:{_free_port()}"
+    port = f"--web.listen-address=127.0.0.1:{free_port()}"
     cases = [
         ([f"--config.file={good}", port, "--web.max-connections=0"], 2, "--web.max-connections"),
         ([f"--config.file={bad}", port], 1, "edgeprobe: config error: "),
@@ -153,8 +147,8 @@ def test_run_and_route_raise_the_soft_fd_limit_to_the_hard_one(cmd: str, tmp_pat
     if cmd == "run":
         cfg.write_text((ROOT / "examples/loopback.yaml").read_text())
     else:  # a Prometheus that is not there, on loopback
-        cfg.write_text(f"prometheus: {{url: 'http://127.0.0.1:{_free_port()}'}}\n")
-    port = _free_port()
+        cfg.write_text(f"prometheus: {{url: 'http://127.0.0.1:{free_port()}'}}\n")
+    port = free_port()
     hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     assert hard > 512  # else nothing to show
 

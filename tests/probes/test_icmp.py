@@ -443,21 +443,27 @@ asyncio.run(main())
 """
 
 
-def _tx_stamps(
-    ns: str, targets: list[tuple[int, str, str]], size: int = 56
-) -> list[dict[str, Any]]:
+def _in_ns(ns: str, script: str, *args: str) -> Any:
+    """Run ``script`` in ``ns`` from the checkout, with unprivileged ICMP allowed there (both
+    modes are exercised); its JSON output."""
     subprocess.run(
         in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"), check=True
     )
     p = subprocess.run(
-        in_netns(ns, sys.executable, "-c", TX_STAMPS, json.dumps(targets), str(size)),
+        in_netns(ns, sys.executable, "-c", script, *args),
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
     )
     assert p.returncode == 0, p.stderr
-    rows: list[dict[str, Any]] = json.loads(p.stdout)
+    return json.loads(p.stdout)
+
+
+def _tx_stamps(
+    ns: str, targets: list[tuple[int, str, str]], size: int = 56
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _in_ns(ns, TX_STAMPS, json.dumps(targets), str(size))
     return rows
 
 
@@ -566,18 +572,7 @@ def test_an_icmp_error_about_one_target_is_not_another_targets_loss() -> None:
         subprocess.run(in_netns(router, "sysctl", "-qw", *sysctls), check=True)
         reject = ("-d", "198.18.9.9", "-j", "REJECT", "--reject-with", "icmp-host-unreachable")
         subprocess.run(in_netns(router, "iptables", "-A", "FORWARD", *reject), check=True)
-        subprocess.run(
-            in_netns(ns, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"), check=True
-        )
-        p = subprocess.run(
-            in_netns(ns, sys.executable, "-c", ERRORS_AND_ANSWERS),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+        out = _in_ns(ns, ERRORS_AND_ANSWERS)
     for mode, row in out.items():
         assert all(e is None for e in row["good"]), (mode, row["good"])
         assert all(r is not None for r in row["good_rtts"]), mode
