@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +84,8 @@ class KernelStamps:
 
     def __init__(self, ns: str, ifname: str) -> None:
         self._prog = ctypes.create_string_buffer(_outgoing_only())
-        self.sock = _in_netns(ns, lambda: self._open(ifname))
+        with inside(ns):
+            self.sock = self._open(ifname)
         self.pending: dict[bytes, deque[int]] = {}
         self.n_pending = 0
 
@@ -145,23 +146,24 @@ class KernelStamps:
         self.sock.close()
 
 
-def _in_netns(ns: str, fn: Callable[[], socket.socket]) -> socket.socket:
-    """``fn()`` run in the named network namespace (a socket stays in the namespace it was
-    created in); this thread returns to its own namespace after."""
+@contextlib.contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run this thread inside the named network namespace (a socket opened meanwhile stays in
+    it); back in its own namespace after."""
     libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        there = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if libc.setns(target, CLONE_NEWNET) != 0:
+            if libc.setns(there, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), f"setns {ns}")
             try:
-                return fn()
+                yield
             finally:
                 if libc.setns(own, CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns back")
         finally:
-            os.close(target)
+            os.close(there)
     finally:
         os.close(own)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import ipaddress
 import json
@@ -39,6 +38,7 @@ from agent.server.probe.handler import ProbeEndpoint, add_probe_route, modules_f
 from agent.server.probe.policy import Refused, TargetPolicy, credential_fields, parse_target
 from agent.server.probe.resolver import DnsResolver
 from agent.server.ratelimit import ClientLimiter
+from lab.forwarder import inside
 from probes import PROBES
 from probes.base import CommonOptions, ProbeContext, ProbeKind, ProbeResult, Target
 from probes.connect import ConnectOptions as ConnectKindOptions
@@ -810,7 +810,6 @@ async def main():
 asyncio.run(main())
 """
 
-CLONE_NEWNET = 0x40000000
 DNS_ADDR, DNS_DELAY = "127.0.0.53", 4.0
 AGENT_PORT = 9115
 OWN_NAMES = [f"own-{i}.own.test" for i in range(4)]
@@ -832,25 +831,6 @@ def netns() -> Iterator[str]:
     finally:
         shutil.rmtree(etc, ignore_errors=True)
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
-@contextlib.contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """Run this thread inside ``ns`` (sockets opened meanwhile stay in it)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(there, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(there)
 
 
 def stop(p: subprocess.Popen[bytes]) -> bytes:
