@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,28 @@ T = TypeVar("T")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now, for a server started next. Taken below the kernel's
+    ephemeral range: a port from that range (what binding port 0 gives) can be taken by any
+    outbound connection, a probe's or a scrape's, before the server binds it."""
+    lo = _ephemeral_low()
+    for port in random.sample(range(1024, lo), min(200, lo - 1024)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        any_port: int = s.getsockname()[1]
+        return any_port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_or_free(port: int, host: str = "127.0.0.1") -> int:
